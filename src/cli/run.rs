@@ -1,0 +1,85 @@
+//! `lrtune run spec.json`: the whole job in this process, with a progress bar on stderr and
+//! the recommendation on stdout.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{read_input, report, Outcome};
+use crate::engine::{self, Event, JobOutput, JobSpec, Limits};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The job spec (JSON), or - for standard input.
+    pub spec: String,
+    /// Print the full result as JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<Outcome> {
+    let output = run_spec_file(&args.spec, args.quiet)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&output.result)?);
+    } else {
+        print!("{}", report::summary(&output.result));
+    }
+    Ok(Outcome::Ok)
+}
+
+/// Parses, validates and runs a spec file locally (shared with `check`).
+pub fn run_spec_file(path: &str, quiet: bool) -> anyhow::Result<JobOutput> {
+    let text = read_input(path)?;
+    let spec =
+        JobSpec::from_json(&text).map_err(|error| anyhow::anyhow!("invalid spec: {error}"))?;
+    run_spec(&spec, quiet)
+}
+
+pub fn run_spec(spec: &JobSpec, quiet: bool) -> anyhow::Result<JobOutput> {
+    let limits = Limits::default();
+    spec.validate(&limits)
+        .map_err(|error| anyhow::anyhow!("invalid spec: {error}"))?;
+    let loaded = engine::load_local_data(spec).map_err(engine_error)?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let bar = progress_bar(quiet);
+    let mut observer = |event: Event| match event {
+        Event::Stage(stage) => bar.set_message(stage),
+        Event::Progress { done, total } => {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+        Event::Point(_) | Event::SweepRun(_) => {}
+    };
+    let output =
+        engine::run_job(spec, loaded, &limits, &cancel, &mut observer).map_err(engine_error);
+    bar.finish_and_clear();
+    output.context("running the job")
+}
+
+fn engine_error(error: engine::EngineError) -> anyhow::Error {
+    match error {
+        engine::EngineError::Spec(spec) => anyhow::anyhow!("invalid spec: {spec}"),
+        other => anyhow::anyhow!(other),
+    }
+}
+
+fn progress_bar(quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:>10} [{bar:40}] {pos}/{len} steps ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar
+}

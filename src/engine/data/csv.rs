@@ -1,0 +1,337 @@
+//! CSV with a header row: every cell a finite number, one column the target. Errors carry the
+//! file's line number and the column name so a user can go straight to the bad cell.
+
+use super::{number_label, targets_from_values, DataError, Dataset, Features, Task};
+
+/// Reads a CSV file with a header row. `target` names the target column (default: the last
+/// column); `task` None detects classification (integer targets with at most 50 distinct
+/// values, remapped to 0..k in sorted order) or regression.
+pub fn read_csv(
+    bytes: &[u8],
+    target: Option<&str>,
+    task: Option<Task>,
+) -> Result<Dataset, DataError> {
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
+    let mut reader = ::csv::ReaderBuilder::new()
+        .has_headers(true)
+        // Ragged rows are reported by us, with the row number and the counts.
+        .flexible(true)
+        .trim(::csv::Trim::All)
+        .from_reader(bytes);
+
+    let header = reader
+        .headers()
+        .map_err(|e| DataError::invalid("csv", format!("unreadable header row: {e}")))?;
+    let columns: Vec<String> = header
+        .iter()
+        .enumerate()
+        .map(|(index, name)| {
+            if name.is_empty() {
+                format!("(unnamed column {})", index + 1)
+            } else {
+                name.to_string()
+            }
+        })
+        .collect();
+    if columns.is_empty() || (columns.len() == 1 && header.get(0) == Some("")) {
+        return Err(DataError::invalid(
+            "csv",
+            "the file is empty; a header row is required",
+        ));
+    }
+    if columns.len() < 2 {
+        return Err(DataError::invalid(
+            "csv",
+            format!(
+                "only one column (\"{}\"); at least one feature column and a target column are needed",
+                columns[0]
+            ),
+        ));
+    }
+    if let Some(duplicate) = columns
+        .iter()
+        .enumerate()
+        .find(|(index, name)| columns[..*index].contains(name))
+        .map(|(_, name)| name)
+    {
+        return Err(DataError::invalid(
+            "csv",
+            format!("the header names column \"{duplicate}\" twice"),
+        ));
+    }
+    let target_index = match target {
+        None => columns.len() - 1,
+        Some(name) => columns
+            .iter()
+            .position(|c| c == name.trim())
+            .ok_or_else(|| {
+                let available: Vec<String> = columns.iter().map(|c| format!("\"{c}\"")).collect();
+                DataError::invalid(
+                    "csv",
+                    format!(
+                        "no column named \"{name}\"; the columns are {}",
+                        available.join(", ")
+                    ),
+                )
+            })?,
+    };
+
+    let feature_count = columns.len() - 1;
+    let mut features = Vec::new();
+    let mut target_values = Vec::new();
+    // Line numbers of the data rows, to name the row of a bad target found later.
+    let mut lines = Vec::new();
+    let mut record = ::csv::StringRecord::new();
+    loop {
+        match reader.read_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(error) => {
+                let row = error.position().map_or(0, |p| p.line() as usize);
+                return Err(DataError::Csv {
+                    row,
+                    column: String::new(),
+                    message: format!("unreadable row: {error}"),
+                });
+            }
+        }
+        let row = record.position().map_or(0, |p| p.line() as usize);
+        if record.len() != columns.len() {
+            return Err(DataError::Csv {
+                row,
+                column: String::new(),
+                message: format!(
+                    "expected {} cells (one per header column), found {}",
+                    columns.len(),
+                    record.len()
+                ),
+            });
+        }
+        for (index, cell) in record.iter().enumerate() {
+            let value = parse_cell(cell).map_err(|message| DataError::Csv {
+                row,
+                column: columns[index].clone(),
+                message,
+            })?;
+            if index == target_index {
+                target_values.push(value);
+            } else {
+                features.push(value as f32);
+            }
+        }
+        lines.push(row);
+    }
+
+    if lines.len() < 2 {
+        return Err(DataError::invalid(
+            "csv",
+            format!("found {} data rows; at least 2 are needed", lines.len()),
+        ));
+    }
+    let targets = targets_from_values(&target_values, task, "csv", |index| DataError::Csv {
+        row: lines[index],
+        column: columns[target_index].clone(),
+        message: format!(
+            "{} is not a class label (an integer)",
+            number_label(target_values[index])
+        ),
+    })?;
+    Ok(Dataset {
+        features: Features::Dense {
+            values: features,
+            sample_shape: vec![feature_count],
+        },
+        targets,
+    })
+}
+
+/// A finite number that also fits an f32 (features are stored as f32).
+fn parse_cell(cell: &str) -> Result<f64, String> {
+    if cell.is_empty() {
+        return Err("empty cell; every cell must be a number".to_string());
+    }
+    let value: f64 = cell
+        .parse()
+        .map_err(|_| format!("\"{cell}\" is not a number"))?;
+    if !value.is_finite() {
+        return Err(format!("\"{cell}\" is not a finite number"));
+    }
+    if !(value as f32).is_finite() {
+        return Err(format!("\"{cell}\" is too large for a 32-bit float"));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::data::Targets;
+
+    fn error_text(csv: &str) -> String {
+        read_csv(csv.as_bytes(), None, None)
+            .expect_err("the file is invalid")
+            .to_string()
+    }
+
+    #[test]
+    fn a_classification_file_is_read_with_labels_remapped_in_sorted_order() {
+        let data = read_csv(
+            b"a,b,label\n1,2,10\n3.5,-4,-1\n5,6e1,10\n0,0,3\n",
+            None,
+            None,
+        )
+        .expect("valid csv");
+        assert_eq!(
+            data.features,
+            Features::Dense {
+                values: vec![1.0, 2.0, 3.5, -4.0, 5.0, 60.0, 0.0, 0.0],
+                sample_shape: vec![2],
+            }
+        );
+        // Sorted distinct values -1, 3, 10 become classes 0, 1, 2.
+        assert_eq!(
+            data.targets,
+            Targets::Classes {
+                labels: vec![2, 0, 2, 1],
+                classes: 3,
+            }
+        );
+        assert_eq!(data.task(), Task::Classification);
+    }
+
+    #[test]
+    fn a_fractional_target_is_detected_as_regression() {
+        let data = read_csv(b"x,y\n1,0.5\n2,1.5\n", None, None).expect("valid csv");
+        assert_eq!(
+            data.targets,
+            Targets::Values {
+                values: vec![0.5, 1.5],
+                dims: 1,
+            }
+        );
+    }
+
+    #[test]
+    fn an_integer_target_with_more_than_50_values_is_detected_as_regression() {
+        let mut text = String::from("x,y\n");
+        for i in 0..51 {
+            text.push_str(&format!("{i},{}\n", i * 2));
+        }
+        let data = read_csv(text.as_bytes(), None, None).expect("valid csv");
+        assert_eq!(data.task(), Task::Regression);
+        let text_50: String = text.lines().take(51).map(|l| format!("{l}\n")).collect();
+        let data = read_csv(text_50.as_bytes(), None, None).expect("valid csv");
+        assert_eq!(data.output_dim(), 50);
+    }
+
+    #[test]
+    fn an_explicit_task_overrides_detection() {
+        let data = read_csv(b"x,y\n1,0\n2,1\n", None, Some(Task::Regression)).expect("valid csv");
+        assert_eq!(
+            data.targets,
+            Targets::Values {
+                values: vec![0.0, 1.0],
+                dims: 1,
+            }
+        );
+        let error = read_csv(b"x,y\n1,0\n2,1.5\n", None, Some(Task::Classification)).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "row 3, column \"y\": 1.5 is not a class label (an integer)"
+        );
+        let error = read_csv(b"x,y\n1,0\n2,1\n", None, Some(Task::LanguageModel)).unwrap_err();
+        assert!(
+            matches!(error, DataError::Invalid { ref part, .. } if part == "csv"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_target_column_can_be_named_anywhere() {
+        let data =
+            read_csv(b"a,target,b\n1,0,2\n3,1,4\n", Some("target"), None).expect("valid csv");
+        assert_eq!(
+            data.features,
+            Features::Dense {
+                values: vec![1.0, 2.0, 3.0, 4.0],
+                sample_shape: vec![2],
+            }
+        );
+        assert_eq!(data.output_dim(), 2);
+    }
+
+    #[test]
+    fn a_bom_crlf_line_ends_and_spaces_around_cells_are_accepted() {
+        let data = read_csv(
+            b"\xef\xbb\xbf x , y \r\n 1 , 2.5\r\n3,4.5\r\n",
+            Some("x"),
+            None,
+        )
+        .expect("valid csv");
+        assert_eq!(
+            data.features,
+            Features::Dense {
+                values: vec![2.5, 4.5],
+                sample_shape: vec![1],
+            }
+        );
+        assert_eq!(data.output_dim(), 2);
+    }
+
+    #[test]
+    fn a_ragged_row_names_the_row_and_the_counts() {
+        assert_eq!(
+            error_text("a,b,c\n1,2,3\n1,2\n"),
+            "row 3: expected 3 cells (one per header column), found 2"
+        );
+        assert_eq!(
+            error_text("a,b,c\n1,2,3\n4,5,6\n1,2,3,4\n"),
+            "row 4: expected 3 cells (one per header column), found 4"
+        );
+    }
+
+    #[test]
+    fn a_bad_cell_names_its_row_and_column() {
+        assert_eq!(
+            error_text("x1,x2,x3,y\n1,2,3,0\n1,2,3,1\n1,2,3,0\n1,2,abc,1\n"),
+            "row 5, column \"x3\": \"abc\" is not a number"
+        );
+        assert_eq!(
+            error_text("x,y\n1,0\nNaN,1\n"),
+            "row 3, column \"x\": \"NaN\" is not a finite number"
+        );
+        assert_eq!(
+            error_text("x,y\n1,inf\n2,1\n"),
+            "row 2, column \"y\": \"inf\" is not a finite number"
+        );
+        assert_eq!(
+            error_text("x,y\n1,0\n,1\n"),
+            "row 3, column \"x\": empty cell; every cell must be a number"
+        );
+        assert_eq!(
+            error_text("x,y\n1e39,0\n2,1\n"),
+            "row 2, column \"x\": \"1e39\" is too large for a 32-bit float"
+        );
+    }
+
+    #[test]
+    fn an_unknown_target_lists_the_columns() {
+        let error = read_csv(b"a,b\n1,2\n3,4\n", Some("label"), None).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "csv: no column named \"label\"; the columns are \"a\", \"b\""
+        );
+    }
+
+    #[test]
+    fn too_little_data_is_rejected() {
+        assert_eq!(
+            error_text("x,y\n1,2\n"),
+            "csv: found 1 data rows; at least 2 are needed"
+        );
+        assert!(error_text("y\n1\n2\n").contains("at least one feature column"));
+        assert!(error_text("").contains("header row is required"));
+        assert!(error_text("x,x\n1,2\n3,4\n").contains("twice"));
+        assert!(error_text("x,y\n1,5\n2,5\n").contains("single class"));
+    }
+}

@@ -1,0 +1,186 @@
+//! From a spec's `data` to the training and validation splits the job runs on: loading the
+//! built-in sets and local files, reading uploaded bytes, resolving the task, splitting,
+//! normalising, and checking that the batch size fits.
+
+use std::path::Path;
+
+use super::data::{self, DataError, Dataset, DatasetInfo, Standardizer, Task};
+use super::spec::{Builtin, JobSpec, Normalize, SpecError};
+use super::EngineError;
+
+/// Rows generated for a generator builtin when `samples` is not given.
+pub const DEFAULT_SAMPLES: usize = 4096;
+
+/// A job's data before splitting.
+#[derive(Debug, Clone)]
+pub struct LoadedData {
+    pub train: Dataset,
+    pub validation: Option<Dataset>,
+}
+
+/// The file formats a dataset can come in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Csv,
+    Text,
+}
+
+/// Loads what a spec names without a server: a builtin, or local files for `lrtune run`.
+/// Uploaded datasets (`dataset_id`) are the service's to load.
+pub fn load_local_data(spec: &JobSpec) -> Result<LoadedData, EngineError> {
+    let data = &spec.data;
+    if let Some(builtin) = data.builtin {
+        let samples = data.samples.unwrap_or(DEFAULT_SAMPLES);
+        let train = match builtin {
+            Builtin::Mnist10k => data::mnist10k(),
+            Builtin::Spirals => data::spirals(samples, spec.seed),
+            Builtin::Blobs => data::blobs(samples, spec.seed),
+            Builtin::Sine => data::sine(samples, spec.seed),
+        };
+        return Ok(LoadedData {
+            train,
+            validation: None,
+        });
+    }
+    if let Some(path) = &data.path {
+        let train = read_file(path, "data.path", spec)?;
+        let validation = match &data.validation_path {
+            Some(path) => Some(read_file(path, "data.validation_path", spec)?),
+            None => None,
+        };
+        return Ok(LoadedData { train, validation });
+    }
+    Err(SpecError::new(
+        "data.dataset_id",
+        "uploaded datasets live on a server: use `lrtune submit`, or give data.path for a local file",
+    )
+    .into())
+}
+
+fn read_file(path: &str, field: &str, spec: &JobSpec) -> Result<Dataset, EngineError> {
+    let format = match Path::new(path).extension().and_then(|ext| ext.to_str()) {
+        Some(ext) if ext.eq_ignore_ascii_case("csv") => Format::Csv,
+        Some(ext) if ext.eq_ignore_ascii_case("txt") || ext.eq_ignore_ascii_case("text") => {
+            Format::Text
+        }
+        _ => {
+            return Err(SpecError::new(
+                field,
+                format!("{path}: give a .csv (tabular) or .txt (character language model) file"),
+            )
+            .into())
+        }
+    };
+    let bytes = std::fs::read(path)
+        .map_err(|error| SpecError::new(field, format!("cannot read {path}: {error}")))?;
+    read_bytes(format, &bytes, spec.data.target.as_deref(), spec).map_err(|error| match error {
+        EngineError::Data(data) => SpecError::new(field, format!("{path}: {data}")).into(),
+        other => other,
+    })
+}
+
+/// Parses a dataset's bytes the way the spec asks (target column, task, context).
+pub fn read_bytes(
+    format: Format,
+    bytes: &[u8],
+    target: Option<&str>,
+    spec: &JobSpec,
+) -> Result<Dataset, EngineError> {
+    Ok(match format {
+        Format::Csv => data::read_csv(bytes, target, spec.task.fixed())?,
+        Format::Text => {
+            let context = spec.model.context().ok_or_else(|| {
+                SpecError::new(
+                    "model.arch",
+                    "text data trains a character language model: use arch \"transformer\"",
+                )
+            })?;
+            data::read_text(bytes, context)?
+        }
+    })
+}
+
+/// The splits a job trains and validates on, normalised, with what they hold.
+pub struct Prepared {
+    pub train: Dataset,
+    pub validation: Dataset,
+    pub info: DatasetInfo,
+}
+
+pub fn prepare(spec: &JobSpec, loaded: LoadedData) -> Result<Prepared, EngineError> {
+    let task = loaded.train.task();
+    if let Some(wanted) = spec.task.fixed() {
+        if wanted != task {
+            return Err(SpecError::new(
+                "task",
+                format!(
+                    "the data is a {} task, not {}: use \"auto\"",
+                    task_name(task),
+                    task_name(wanted)
+                ),
+            )
+            .into());
+        }
+    }
+    let (mut train, mut validation) = match loaded.validation {
+        Some(validation) => {
+            check_compatible(&loaded.train, &validation)?;
+            (loaded.train, validation)
+        }
+        None => data::train_validation_split(&loaded.train, spec.validation_fraction, spec.seed)?,
+    };
+    if spec.batch_size > train.rows() {
+        return Err(SpecError::new(
+            "batch_size",
+            format!(
+                "{} is more than the {} training rows: use at most {}",
+                spec.batch_size,
+                train.rows(),
+                train.rows()
+            ),
+        )
+        .into());
+    }
+    if spec.normalize == Normalize::Standard {
+        if let Some(standardizer) = Standardizer::fit(&train) {
+            standardizer.apply(&mut train);
+            standardizer.apply(&mut validation);
+        }
+    }
+    let info = train.info();
+    Ok(Prepared {
+        train,
+        validation,
+        info,
+    })
+}
+
+fn check_compatible(train: &Dataset, validation: &Dataset) -> Result<(), EngineError> {
+    if train.task() != validation.task()
+        || train.sample_shape() != validation.sample_shape()
+        || train.output_dim() < validation.output_dim()
+    {
+        return Err(DataError::Invalid {
+            part: "validation".to_string(),
+            message: format!(
+                "the validation set ({:?}, shape {:?}, {} outputs) does not match the training set ({:?}, shape {:?}, {} outputs)",
+                validation.task(),
+                validation.sample_shape(),
+                validation.output_dim(),
+                train.task(),
+                train.sample_shape(),
+                train.output_dim()
+            ),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+pub fn task_name(task: Task) -> &'static str {
+    match task {
+        Task::Classification => "classification",
+        Task::Regression => "regression",
+        Task::LanguageModel => "language_model",
+    }
+}

@@ -1,0 +1,127 @@
+//! Leslie Smith's learning-rate range test (DESIGN section 3): one step per point while the
+//! learning rate grows, fastai's smoothing, a stop on divergence, and the model and optimizer
+//! put back exactly as they were afterwards.
+
+use serde::{Deserialize, Serialize};
+
+use super::model::Model;
+use super::optim::Optimizer;
+use super::rng::Rng;
+use super::spec::{RangeLoss, RangeTestSpec};
+use super::suggest::Smoother;
+use super::train::{evaluate, train_step, BatchOrder, DeviceData};
+use super::{Control, EngineError, Event};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    pub step: usize,
+    pub lr: f64,
+    pub loss: f64,
+    pub smoothed: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RangeTestCurve {
+    pub points: Vec<CurvePoint>,
+    pub stopped_early: bool,
+    /// Why it stopped before the last step, in words.
+    pub stop_reason: Option<String>,
+}
+
+pub struct RangeTestInputs<'a> {
+    pub model: &'a Model,
+    pub optimizer: &'a mut Optimizer,
+    pub train: &'a DeviceData,
+    pub validation: &'a DeviceData,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+pub fn run_range_test(
+    inputs: RangeTestInputs<'_>,
+    spec: &RangeTestSpec,
+    control: &mut Control<'_>,
+) -> Result<RangeTestCurve, EngineError> {
+    let RangeTestInputs {
+        model,
+        optimizer,
+        train,
+        validation,
+        batch_size,
+        seed,
+    } = inputs;
+    let saved_weights = model.snapshot()?;
+    let saved_optimizer = optimizer.state().clone();
+    let outcome = range_test_steps(
+        model, optimizer, train, validation, batch_size, seed, spec, control,
+    );
+    // Put everything back whatever happened, so nothing leaks into the sweep.
+    model.restore(&saved_weights)?;
+    optimizer.restore(&saved_optimizer);
+    outcome
+}
+
+#[allow(clippy::too_many_arguments)]
+fn range_test_steps(
+    model: &Model,
+    optimizer: &mut Optimizer,
+    train: &DeviceData,
+    validation: &DeviceData,
+    batch_size: usize,
+    seed: u64,
+    spec: &RangeTestSpec,
+    control: &mut Control<'_>,
+) -> Result<RangeTestCurve, EngineError> {
+    let mut order = BatchOrder::new(train.rows, batch_size, seed);
+    let mut dropout_rng = Rng::derive(seed, 0xd50);
+    let momentum = optimizer.default_momentum();
+    let mut smoother = Smoother::new(spec.smoothing);
+    let mut best_smoothed = f64::INFINITY;
+    let mut points = Vec::with_capacity(spec.steps);
+    let mut stop_reason = None;
+    for step in 0..spec.steps {
+        control.check_cancel()?;
+        let lr = spec.lr_at(step);
+        let batch_loss = train_step(
+            model,
+            optimizer,
+            train,
+            order.next_batch(),
+            lr,
+            momentum,
+            &mut dropout_rng,
+        )?;
+        let loss = match spec.loss {
+            RangeLoss::Train => batch_loss,
+            RangeLoss::Validation if batch_loss.is_finite() => evaluate(model, validation)?.loss,
+            RangeLoss::Validation => batch_loss,
+        };
+        let smoothed = smoother.push(loss);
+        let point = CurvePoint {
+            step,
+            lr,
+            loss,
+            smoothed,
+        };
+        points.push(point);
+        control.step_done();
+        control.emit(Event::Point(point));
+        if !loss.is_finite() || !smoothed.is_finite() {
+            stop_reason = Some(format!("loss became non-finite at lr {lr:.3e}"));
+            break;
+        }
+        if smoothed > spec.diverge_factor * best_smoothed {
+            stop_reason = Some(format!(
+                "smoothed loss {smoothed:.4} passed {} x the best {best_smoothed:.4} at lr {lr:.3e}",
+                spec.diverge_factor
+            ));
+            break;
+        }
+        best_smoothed = best_smoothed.min(smoothed);
+    }
+    Ok(RangeTestCurve {
+        stopped_early: stop_reason.is_some(),
+        stop_reason,
+        points,
+    })
+}

@@ -1,0 +1,1109 @@
+//! The job spec (DESIGN section 2): what a user asks for, with every default filled in,
+//! parsed so that an unknown or invalid field is an error that names it, and checked against
+//! the limits before any work starts.
+
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+
+use super::data::Task;
+use super::schedule::Anneal;
+
+/// An invalid spec: which field, and what to change.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+impl SpecError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    RangeTest,
+    Sweep,
+    #[default]
+    Tune,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::RangeTest => "range_test",
+            JobKind::Sweep => "sweep",
+            JobKind::Tune => "tune",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    #[serde(default)]
+    pub kind: JobKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub task: TaskChoice,
+    #[serde(default = "defaults::validation_fraction")]
+    pub validation_fraction: f64,
+    #[serde(default)]
+    pub normalize: Normalize,
+    #[serde(default)]
+    pub plan: Plan,
+    #[serde(default)]
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub optimizer: OptimizerSpec,
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub device: DeviceChoice,
+    #[serde(default)]
+    pub range_test: RangeTestSpec,
+    #[serde(default)]
+    pub sweep: SweepSpec,
+}
+
+/// Where the data comes from. One struct rather than an untagged enum so that a wrong
+/// combination gets a message naming the field instead of "matched no variant".
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<Builtin>,
+    /// Rows to generate for the generator builtins (`spirals`, `blobs`, `sine`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_dataset_id: Option<String>,
+    /// A local file (`lrtune run` only): `.csv` or `.txt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_path: Option<String>,
+    /// CSV target column; the last column when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Builtin {
+    Mnist10k,
+    Spirals,
+    Blobs,
+    Sine,
+}
+
+impl Builtin {
+    pub fn is_generator(self) -> bool {
+        !matches!(self, Builtin::Mnist10k)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskChoice {
+    #[default]
+    Auto,
+    Classification,
+    Regression,
+    LanguageModel,
+}
+
+impl TaskChoice {
+    pub fn fixed(self) -> Option<Task> {
+        match self {
+            TaskChoice::Auto => None,
+            TaskChoice::Classification => Some(Task::Classification),
+            TaskChoice::Regression => Some(Task::Regression),
+            TaskChoice::LanguageModel => Some(Task::LanguageModel),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalize {
+    #[default]
+    Standard,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Epochs of the real training run the recommendation is for.
+    #[serde(default = "defaults::plan_epochs")]
+    pub epochs: usize,
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Self {
+            epochs: defaults::plan_epochs(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    #[default]
+    Relu,
+    Gelu,
+    Tanh,
+    Silu,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "arch", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModelSpec {
+    Mlp {
+        #[serde(default = "defaults::mlp_hidden")]
+        hidden: Vec<usize>,
+        #[serde(default)]
+        activation: Activation,
+        #[serde(default)]
+        dropout: f64,
+    },
+    Cnn {
+        #[serde(default = "defaults::cnn_channels")]
+        channels: Vec<usize>,
+        #[serde(default = "defaults::cnn_hidden")]
+        hidden: usize,
+    },
+    Transformer {
+        #[serde(default = "defaults::d_model")]
+        d_model: usize,
+        #[serde(default = "defaults::heads")]
+        heads: usize,
+        #[serde(default = "defaults::layers")]
+        layers: usize,
+        #[serde(default = "defaults::context")]
+        context: usize,
+    },
+    Linear,
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        ModelSpec::Mlp {
+            hidden: defaults::mlp_hidden(),
+            activation: Activation::Relu,
+            dropout: 0.0,
+        }
+    }
+}
+
+impl ModelSpec {
+    pub fn arch(&self) -> &'static str {
+        match self {
+            ModelSpec::Mlp { .. } => "mlp",
+            ModelSpec::Cnn { .. } => "cnn",
+            ModelSpec::Transformer { .. } => "transformer",
+            ModelSpec::Linear => "linear",
+        }
+    }
+
+    /// The characters of context a language model reads (text data is cut to this).
+    pub fn context(&self) -> Option<usize> {
+        match self {
+            ModelSpec::Transformer { context, .. } => Some(*context),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OptimizerSpec {
+    Sgd {
+        #[serde(default = "defaults::sgd_momentum")]
+        momentum: f64,
+        #[serde(default)]
+        nesterov: bool,
+        #[serde(default)]
+        weight_decay: f64,
+    },
+    Adam {
+        #[serde(default = "defaults::betas")]
+        betas: [f64; 2],
+        #[serde(default = "defaults::eps")]
+        eps: f64,
+        #[serde(default)]
+        weight_decay: f64,
+    },
+    Adamw {
+        #[serde(default = "defaults::betas")]
+        betas: [f64; 2],
+        #[serde(default = "defaults::eps")]
+        eps: f64,
+        #[serde(default = "defaults::adamw_weight_decay")]
+        weight_decay: f64,
+    },
+}
+
+impl Default for OptimizerSpec {
+    fn default() -> Self {
+        OptimizerSpec::Sgd {
+            momentum: defaults::sgd_momentum(),
+            nesterov: false,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+impl OptimizerSpec {
+    pub fn name(&self) -> &'static str {
+        match self {
+            OptimizerSpec::Sgd { .. } => "sgd",
+            OptimizerSpec::Adam { .. } => "adam",
+            OptimizerSpec::Adamw { .. } => "adamw",
+        }
+    }
+
+    /// SGD momentum or Adam's beta1: the value OneCycle cycles.
+    pub fn momentum(&self) -> f64 {
+        match self {
+            OptimizerSpec::Sgd { momentum, .. } => *momentum,
+            OptimizerSpec::Adam { betas, .. } | OptimizerSpec::Adamw { betas, .. } => betas[0],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda,
+    #[default]
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrMode {
+    #[default]
+    Exp,
+    Linear,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RangeLoss {
+    #[default]
+    Train,
+    Validation,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RangeTestSpec {
+    #[serde(default = "defaults::start_lr")]
+    pub start_lr: f64,
+    #[serde(default = "defaults::end_lr")]
+    pub end_lr: f64,
+    #[serde(default = "defaults::range_steps")]
+    pub steps: usize,
+    #[serde(default)]
+    pub mode: LrMode,
+    #[serde(default = "defaults::smoothing")]
+    pub smoothing: f64,
+    #[serde(default = "defaults::diverge_factor")]
+    pub diverge_factor: f64,
+    #[serde(default)]
+    pub loss: RangeLoss,
+}
+
+impl Default for RangeTestSpec {
+    fn default() -> Self {
+        Self {
+            start_lr: defaults::start_lr(),
+            end_lr: defaults::end_lr(),
+            steps: defaults::range_steps(),
+            mode: LrMode::Exp,
+            smoothing: defaults::smoothing(),
+            diverge_factor: defaults::diverge_factor(),
+            loss: RangeLoss::Train,
+        }
+    }
+}
+
+impl RangeTestSpec {
+    /// The learning rate of point `step` (0-based) of the test.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if self.steps <= 1 {
+            return self.start_lr;
+        }
+        let fraction = step as f64 / (self.steps - 1) as f64;
+        match self.mode {
+            LrMode::Exp => self.start_lr * (self.end_lr / self.start_lr).powf(fraction),
+            LrMode::Linear => self.start_lr + (self.end_lr - self.start_lr) * fraction,
+        }
+    }
+}
+
+/// `"auto"` or an explicit list of peak learning rates.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Candidates {
+    #[default]
+    Auto,
+    List(Vec<f64>),
+}
+
+impl Serialize for Candidates {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Candidates::Auto => serializer.serialize_str("auto"),
+            Candidates::List(values) => values.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Candidates {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CandidatesVisitor;
+        impl<'de> de::Visitor<'de> for CandidatesVisitor {
+            type Value = Candidates;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"auto\" or a list of peak learning rates")
+            }
+            fn visit_str<E: de::Error>(self, value: &str) -> Result<Candidates, E> {
+                if value == "auto" {
+                    Ok(Candidates::Auto)
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Str(value), &self))
+                }
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Candidates, A::Error> {
+                let mut values = Vec::new();
+                while let Some(value) = seq.next_element::<f64>()? {
+                    values.push(value);
+                }
+                Ok(Candidates::List(values))
+            }
+        }
+        deserializer.deserialize_any(CandidatesVisitor)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepSpec {
+    #[serde(default)]
+    pub candidates: Candidates,
+    #[serde(default = "defaults::sweep_count")]
+    pub count: usize,
+    #[serde(default = "defaults::sweep_epochs")]
+    pub epochs: usize,
+    #[serde(default = "defaults::sweep_seeds")]
+    pub seeds: usize,
+    #[serde(default)]
+    pub schedule: OneCycleShape,
+}
+
+impl Default for SweepSpec {
+    fn default() -> Self {
+        Self {
+            candidates: Candidates::Auto,
+            count: defaults::sweep_count(),
+            epochs: defaults::sweep_epochs(),
+            seeds: defaults::sweep_seeds(),
+            schedule: OneCycleShape::default(),
+        }
+    }
+}
+
+/// The OneCycle parameters other than the peak and the length, shared by the sweep and
+/// the recommended schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OneCycleShape {
+    #[serde(default = "defaults::pct_start")]
+    pub pct_start: f64,
+    #[serde(default)]
+    pub anneal: Anneal,
+    #[serde(default = "defaults::div_factor")]
+    pub div_factor: f64,
+    #[serde(default = "defaults::final_div_factor")]
+    pub final_div_factor: f64,
+    #[serde(default)]
+    pub three_phase: bool,
+    #[serde(default = "defaults::yes")]
+    pub cycle_momentum: bool,
+    #[serde(default = "defaults::base_momentum")]
+    pub base_momentum: f64,
+    #[serde(default = "defaults::max_momentum")]
+    pub max_momentum: f64,
+}
+
+impl Default for OneCycleShape {
+    fn default() -> Self {
+        Self {
+            pct_start: defaults::pct_start(),
+            anneal: Anneal::default(),
+            div_factor: defaults::div_factor(),
+            final_div_factor: defaults::final_div_factor(),
+            three_phase: false,
+            cycle_momentum: true,
+            base_momentum: defaults::base_momentum(),
+            max_momentum: defaults::max_momentum(),
+        }
+    }
+}
+
+mod defaults {
+    pub fn validation_fraction() -> f64 {
+        0.2
+    }
+    pub fn batch_size() -> usize {
+        64
+    }
+    pub fn plan_epochs() -> usize {
+        10
+    }
+    pub fn mlp_hidden() -> Vec<usize> {
+        vec![128, 128]
+    }
+    pub fn cnn_channels() -> Vec<usize> {
+        vec![16, 32]
+    }
+    pub fn cnn_hidden() -> usize {
+        128
+    }
+    pub fn d_model() -> usize {
+        64
+    }
+    pub fn heads() -> usize {
+        4
+    }
+    pub fn layers() -> usize {
+        2
+    }
+    pub fn context() -> usize {
+        64
+    }
+    pub fn sgd_momentum() -> f64 {
+        0.9
+    }
+    pub fn betas() -> [f64; 2] {
+        [0.9, 0.999]
+    }
+    pub fn eps() -> f64 {
+        1e-8
+    }
+    pub fn adamw_weight_decay() -> f64 {
+        0.01
+    }
+    pub fn start_lr() -> f64 {
+        1e-7
+    }
+    pub fn end_lr() -> f64 {
+        10.0
+    }
+    pub fn range_steps() -> usize {
+        100
+    }
+    pub fn smoothing() -> f64 {
+        0.98
+    }
+    pub fn diverge_factor() -> f64 {
+        4.0
+    }
+    pub fn sweep_count() -> usize {
+        5
+    }
+    pub fn sweep_epochs() -> usize {
+        2
+    }
+    pub fn sweep_seeds() -> usize {
+        1
+    }
+    pub fn pct_start() -> f64 {
+        0.3
+    }
+    pub fn div_factor() -> f64 {
+        25.0
+    }
+    pub fn final_div_factor() -> f64 {
+        1e4
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn base_momentum() -> f64 {
+        0.85
+    }
+    pub fn max_momentum() -> f64 {
+        0.95
+    }
+}
+
+/// Bounds enforced before any work starts, so one request cannot occupy a worker for hours
+/// or exhaust memory. The server makes them configurable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_range_steps: usize,
+    /// Candidates x seeds x epochs of the sweep.
+    pub max_sweep_epochs: usize,
+    pub max_plan_epochs: usize,
+    pub max_parameters: usize,
+    pub max_samples: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_range_steps: 5_000,
+            max_sweep_epochs: 200,
+            max_plan_epochs: 10_000,
+            max_parameters: 20_000_000,
+            max_samples: 1_000_000,
+        }
+    }
+}
+
+impl JobSpec {
+    /// Parses a spec from JSON; a syntax error, a wrong type or an unknown field is an error
+    /// naming the field by its path (`range_test.start_lr`).
+    pub fn from_json(text: &str) -> Result<JobSpec, SpecError> {
+        let deserializer = &mut serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(deserializer).map_err(path_error)
+    }
+
+    /// Like `from_json`, for a value already parsed (the HTTP body).
+    pub fn from_value(value: serde_json::Value) -> Result<JobSpec, SpecError> {
+        serde_path_to_error::deserialize(value).map_err(path_error)
+    }
+
+    /// Checks every value that parsing cannot: ranges, orderings and limits. What depends on
+    /// the data (batch size against rows, model against input shape) is checked when the
+    /// data is loaded.
+    pub fn validate(&self, limits: &Limits) -> Result<(), SpecError> {
+        self.validate_data(limits)?;
+        let fraction = self.validation_fraction;
+        if !(fraction > 0.0 && fraction < 1.0) {
+            return Err(SpecError::new(
+                "validation_fraction",
+                format!("must be between 0 and 1 (exclusive), got {fraction}"),
+            ));
+        }
+        if self.plan.epochs == 0 || self.plan.epochs > limits.max_plan_epochs {
+            return Err(SpecError::new(
+                "plan.epochs",
+                format!(
+                    "must be between 1 and {}, got {}",
+                    limits.max_plan_epochs, self.plan.epochs
+                ),
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(SpecError::new("batch_size", "must be at least 1"));
+        }
+        self.validate_model()?;
+        self.validate_optimizer()?;
+        if self.kind != JobKind::Sweep {
+            self.validate_range_test(limits)?;
+        }
+        if self.kind != JobKind::RangeTest {
+            self.validate_sweep(limits)?;
+        }
+        Ok(())
+    }
+
+    fn validate_data(&self, limits: &Limits) -> Result<(), SpecError> {
+        let data = &self.data;
+        let sources = [
+            data.builtin.is_some(),
+            data.dataset_id.is_some(),
+            data.path.is_some(),
+        ];
+        match sources.iter().filter(|given| **given).count() {
+            0 => {
+                return Err(SpecError::new(
+                    "data",
+                    "give one of builtin, dataset_id or path",
+                ))
+            }
+            1 => {}
+            _ => {
+                return Err(SpecError::new(
+                    "data",
+                    "give only one of builtin, dataset_id or path",
+                ))
+            }
+        }
+        if data.validation_dataset_id.is_some() && data.dataset_id.is_none() {
+            return Err(SpecError::new(
+                "data.validation_dataset_id",
+                "needs data.dataset_id for the training set",
+            ));
+        }
+        if data.validation_path.is_some() && data.path.is_none() {
+            return Err(SpecError::new(
+                "data.validation_path",
+                "needs data.path for the training set",
+            ));
+        }
+        if data.target.is_some() && data.path.is_none() {
+            return Err(SpecError::new(
+                "data.target",
+                "only applies to a CSV given by data.path (an uploaded dataset has its target set at upload)",
+            ));
+        }
+        match (data.builtin, data.samples) {
+            (Some(builtin), Some(samples)) if builtin.is_generator() => {
+                if samples < 2 || samples > limits.max_samples {
+                    return Err(SpecError::new(
+                        "data.samples",
+                        format!(
+                            "must be between 2 and {}, got {samples}",
+                            limits.max_samples
+                        ),
+                    ));
+                }
+            }
+            (_, Some(_)) => {
+                return Err(SpecError::new(
+                    "data.samples",
+                    "only applies to the generators spirals, blobs and sine",
+                ))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn validate_model(&self) -> Result<(), SpecError> {
+        match &self.model {
+            ModelSpec::Mlp {
+                hidden, dropout, ..
+            } => {
+                if let Some(index) = hidden.iter().position(|size| *size == 0) {
+                    return Err(SpecError::new(
+                        format!("model.hidden[{index}]"),
+                        "a hidden layer needs at least 1 unit",
+                    ));
+                }
+                if !(0.0..1.0).contains(dropout) {
+                    return Err(SpecError::new(
+                        "model.dropout",
+                        format!("must be in [0, 1), got {dropout}"),
+                    ));
+                }
+            }
+            ModelSpec::Cnn { channels, hidden } => {
+                if channels.is_empty() {
+                    return Err(SpecError::new(
+                        "model.channels",
+                        "give at least one convolution, e.g. [16, 32]",
+                    ));
+                }
+                if let Some(index) = channels.iter().position(|size| *size == 0) {
+                    return Err(SpecError::new(
+                        format!("model.channels[{index}]"),
+                        "a convolution needs at least 1 channel",
+                    ));
+                }
+                if *hidden == 0 {
+                    return Err(SpecError::new("model.hidden", "must be at least 1"));
+                }
+            }
+            ModelSpec::Transformer {
+                d_model,
+                heads,
+                layers,
+                context,
+            } => {
+                if *d_model == 0 {
+                    return Err(SpecError::new("model.d_model", "must be at least 1"));
+                }
+                if *heads == 0 || d_model % heads != 0 {
+                    return Err(SpecError::new(
+                        "model.heads",
+                        format!("must divide d_model ({d_model}), got {heads}"),
+                    ));
+                }
+                if *layers == 0 {
+                    return Err(SpecError::new("model.layers", "must be at least 1"));
+                }
+                if *context < 2 {
+                    return Err(SpecError::new("model.context", "must be at least 2"));
+                }
+            }
+            ModelSpec::Linear => {}
+        }
+        Ok(())
+    }
+
+    fn validate_optimizer(&self) -> Result<(), SpecError> {
+        match &self.optimizer {
+            OptimizerSpec::Sgd {
+                momentum,
+                weight_decay,
+                nesterov,
+            } => {
+                if !(0.0..1.0).contains(momentum) {
+                    return Err(SpecError::new(
+                        "optimizer.momentum",
+                        format!("must be in [0, 1), got {momentum}"),
+                    ));
+                }
+                if *nesterov && *momentum == 0.0 {
+                    return Err(SpecError::new(
+                        "optimizer.nesterov",
+                        "needs a momentum above 0",
+                    ));
+                }
+                check_weight_decay(*weight_decay)
+            }
+            OptimizerSpec::Adam {
+                betas,
+                eps,
+                weight_decay,
+            }
+            | OptimizerSpec::Adamw {
+                betas,
+                eps,
+                weight_decay,
+            } => {
+                for (index, beta) in betas.iter().enumerate() {
+                    if !(0.0..1.0).contains(beta) {
+                        return Err(SpecError::new(
+                            format!("optimizer.betas[{index}]"),
+                            format!("must be in [0, 1), got {beta}"),
+                        ));
+                    }
+                }
+                if !(eps.is_finite() && *eps > 0.0) {
+                    return Err(SpecError::new(
+                        "optimizer.eps",
+                        format!("must be positive, got {eps}"),
+                    ));
+                }
+                check_weight_decay(*weight_decay)
+            }
+        }
+    }
+
+    fn validate_range_test(&self, limits: &Limits) -> Result<(), SpecError> {
+        let range = &self.range_test;
+        check_positive_lr("range_test.start_lr", range.start_lr)?;
+        check_positive_lr("range_test.end_lr", range.end_lr)?;
+        if range.start_lr >= range.end_lr {
+            return Err(SpecError::new(
+                "range_test.start_lr",
+                format!(
+                    "must be below end_lr ({}), got {}",
+                    range.end_lr, range.start_lr
+                ),
+            ));
+        }
+        if range.steps < 20 || range.steps > limits.max_range_steps {
+            return Err(SpecError::new(
+                "range_test.steps",
+                format!(
+                    "must be between 20 and {} (the suggestions drop the first tenth and the last 5 points), got {}",
+                    limits.max_range_steps, range.steps
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&range.smoothing) {
+            return Err(SpecError::new(
+                "range_test.smoothing",
+                format!("must be in [0, 1), got {}", range.smoothing),
+            ));
+        }
+        if !(range.diverge_factor.is_finite() && range.diverge_factor > 1.0) {
+            return Err(SpecError::new(
+                "range_test.diverge_factor",
+                format!("must be above 1, got {}", range.diverge_factor),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_sweep(&self, limits: &Limits) -> Result<(), SpecError> {
+        let sweep = &self.sweep;
+        let candidate_count = match &sweep.candidates {
+            Candidates::Auto => {
+                if self.kind == JobKind::Sweep {
+                    return Err(SpecError::new(
+                        "sweep.candidates",
+                        "a sweep job has no range test to place candidates: give a list of peak learning rates, or use kind \"tune\"",
+                    ));
+                }
+                if sweep.count < 2 {
+                    return Err(SpecError::new(
+                        "sweep.count",
+                        format!("must be at least 2, got {}", sweep.count),
+                    ));
+                }
+                sweep.count
+            }
+            Candidates::List(values) => {
+                if values.is_empty() {
+                    return Err(SpecError::new(
+                        "sweep.candidates",
+                        "give at least one peak learning rate, or \"auto\"",
+                    ));
+                }
+                for (index, value) in values.iter().enumerate() {
+                    check_positive_lr(&format!("sweep.candidates[{index}]"), *value)?;
+                }
+                values.len()
+            }
+        };
+        if sweep.epochs == 0 {
+            return Err(SpecError::new("sweep.epochs", "must be at least 1"));
+        }
+        if sweep.seeds == 0 {
+            return Err(SpecError::new("sweep.seeds", "must be at least 1"));
+        }
+        let total = candidate_count
+            .saturating_mul(sweep.seeds)
+            .saturating_mul(sweep.epochs.min(self.plan.epochs));
+        if total > limits.max_sweep_epochs {
+            return Err(SpecError::new(
+                "sweep",
+                format!(
+                    "candidates x seeds x epochs is {total}, above the limit of {}: use fewer candidates, seeds or epochs",
+                    limits.max_sweep_epochs
+                ),
+            ));
+        }
+        let shape = &sweep.schedule;
+        if !(shape.pct_start > 0.0 && shape.pct_start < 1.0) {
+            return Err(SpecError::new(
+                "sweep.schedule.pct_start",
+                format!("must be between 0 and 1, got {}", shape.pct_start),
+            ));
+        }
+        if shape.three_phase && shape.pct_start >= 0.5 {
+            return Err(SpecError::new(
+                "sweep.schedule.pct_start",
+                "must be below 0.5 with three_phase",
+            ));
+        }
+        for (field, value) in [
+            ("sweep.schedule.div_factor", shape.div_factor),
+            ("sweep.schedule.final_div_factor", shape.final_div_factor),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(SpecError::new(
+                    field,
+                    format!("must be positive, got {value}"),
+                ));
+            }
+        }
+        if shape.cycle_momentum {
+            if !(0.0..1.0).contains(&shape.base_momentum) {
+                return Err(SpecError::new(
+                    "sweep.schedule.base_momentum",
+                    format!("must be in [0, 1), got {}", shape.base_momentum),
+                ));
+            }
+            if !(0.0..1.0).contains(&shape.max_momentum) || shape.max_momentum < shape.base_momentum
+            {
+                return Err(SpecError::new(
+                    "sweep.schedule.max_momentum",
+                    format!("must be in [base_momentum, 1), got {}", shape.max_momentum),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_positive_lr(field: &str, value: f64) -> Result<(), SpecError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(SpecError::new(
+            field,
+            format!("a learning rate must be positive and finite, got {value}"),
+        ))
+    }
+}
+
+fn check_weight_decay(value: f64) -> Result<(), SpecError> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(())
+    } else {
+        Err(SpecError::new(
+            "optimizer.weight_decay",
+            format!("must be zero or positive, got {value}"),
+        ))
+    }
+}
+
+/// Turns serde's error into one that names the field by its full path. serde reports an
+/// unknown field at the path of its parent, so the field's own name is appended.
+fn path_error<E: fmt::Display>(error: serde_path_to_error::Error<E>) -> SpecError {
+    let message = error.inner().to_string();
+    let mut field = error.path().to_string();
+    if field == "." {
+        field.clear();
+    }
+    if let Some(unknown) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        field = if field.is_empty() {
+            unknown.to_string()
+        } else {
+            format!("{field}.{unknown}")
+        };
+    }
+    if field.is_empty() {
+        field = "body".to_string();
+    }
+    // serde_json appends " at line 1 column 7"; the field name says more.
+    let message = match message.find(" at line ") {
+        Some(position) => message[..position].to_string(),
+        None => message,
+    };
+    SpecError::new(field, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<JobSpec, SpecError> {
+        JobSpec::from_json(text)
+    }
+
+    fn invalid(text: &str) -> SpecError {
+        let spec = parse(text).expect("parses");
+        spec.validate(&Limits::default()).expect_err("invalid")
+    }
+
+    #[test]
+    fn a_minimal_spec_gets_every_default() {
+        let spec = parse(r#"{"data": {"builtin": "mnist10k"}}"#).unwrap();
+        assert_eq!(spec.kind, JobKind::Tune);
+        assert_eq!(spec.batch_size, 64);
+        assert_eq!(spec.range_test.steps, 100);
+        assert_eq!(spec.range_test.start_lr, 1e-7);
+        assert_eq!(spec.sweep.count, 5);
+        assert_eq!(spec.optimizer.momentum(), 0.9);
+        assert_eq!(spec.model.arch(), "mlp");
+        spec.validate(&Limits::default()).unwrap();
+    }
+
+    #[test]
+    fn an_unknown_field_is_named_with_its_path() {
+        let error =
+            parse(r#"{"data": {"builtin": "mnist10k"}, "range_test": {"start": 1}}"#).unwrap_err();
+        assert_eq!(error.field, "range_test.start");
+        let error = parse(r#"{"data": {"builtin": "mnist10k"}, "colour": 1}"#).unwrap_err();
+        assert_eq!(error.field, "colour");
+        let error =
+            parse(r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "mlp", "width": 3}}"#)
+                .unwrap_err();
+        assert_eq!(error.field, "model.width");
+    }
+
+    #[test]
+    fn a_wrong_type_is_named_with_its_path() {
+        let error = parse(r#"{"data": {"builtin": "mnist10k"}, "range_test": {"steps": "many"}}"#)
+            .unwrap_err();
+        assert_eq!(error.field, "range_test.steps");
+        let error = parse(r#"{"data": {"builtin": "cifar"}}"#).unwrap_err();
+        assert_eq!(error.field, "data.builtin");
+        assert!(error.message.contains("mnist10k"), "{}", error.message);
+    }
+
+    #[test]
+    fn candidates_take_auto_or_a_list() {
+        let spec = parse(
+            r#"{"kind": "sweep", "data": {"builtin": "spirals"}, "sweep": {"candidates": [0.1, 0.01]}}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.sweep.candidates, Candidates::List(vec![0.1, 0.01]));
+        spec.validate(&Limits::default()).unwrap();
+        let error = parse(r#"{"data": {"builtin": "spirals"}, "sweep": {"candidates": "some"}}"#)
+            .unwrap_err();
+        assert_eq!(error.field, "sweep.candidates");
+    }
+
+    #[test]
+    fn a_range_test_with_start_lr_above_end_lr_is_rejected() {
+        let error = invalid(
+            r#"{"data": {"builtin": "mnist10k"}, "range_test": {"start_lr": 1, "end_lr": 0.1}}"#,
+        );
+        assert_eq!(error.field, "range_test.start_lr");
+        assert!(error.message.contains("below end_lr"));
+    }
+
+    #[test]
+    fn non_positive_learning_rates_are_rejected() {
+        let error = invalid(r#"{"data": {"builtin": "mnist10k"}, "range_test": {"start_lr": 0}}"#);
+        assert_eq!(error.field, "range_test.start_lr");
+        let error = invalid(
+            r#"{"kind": "sweep", "data": {"builtin": "mnist10k"}, "sweep": {"candidates": [0.1, -1]}}"#,
+        );
+        assert_eq!(error.field, "sweep.candidates[1]");
+    }
+
+    #[test]
+    fn limits_and_zero_sizes_name_their_field() {
+        let error = invalid(r#"{"data": {"builtin": "mnist10k"}, "batch_size": 0}"#);
+        assert_eq!(error.field, "batch_size");
+        let error =
+            invalid(r#"{"data": {"builtin": "mnist10k"}, "range_test": {"steps": 100000}}"#);
+        assert_eq!(error.field, "range_test.steps");
+        assert!(error.message.contains("5000"));
+        let error = invalid(
+            r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "mlp", "hidden": [64, 0]}}"#,
+        );
+        assert_eq!(error.field, "model.hidden[1]");
+        let error =
+            invalid(r#"{"data": {"builtin": "mnist10k"}, "sweep": {"count": 100, "epochs": 10}}"#);
+        assert_eq!(error.field, "sweep");
+        let error = invalid(r#"{"kind": "sweep", "data": {"builtin": "mnist10k"}}"#);
+        assert_eq!(error.field, "sweep.candidates");
+    }
+
+    #[test]
+    fn data_sources_are_exclusive() {
+        let error = invalid(r#"{"data": {}}"#);
+        assert_eq!(error.field, "data");
+        let error = invalid(r#"{"data": {"builtin": "mnist10k", "path": "x.csv"}}"#);
+        assert_eq!(error.field, "data");
+        let error = invalid(r#"{"data": {"builtin": "mnist10k", "samples": 100}}"#);
+        assert_eq!(error.field, "data.samples");
+    }
+
+    #[test]
+    fn exp_and_linear_range_test_learning_rates_follow_the_formula() {
+        let mut range = RangeTestSpec {
+            start_lr: 1e-4,
+            end_lr: 1.0,
+            steps: 5,
+            ..RangeTestSpec::default()
+        };
+        let exp: Vec<f64> = (0..5).map(|i| range.lr_at(i)).collect();
+        for (got, want) in exp.iter().zip([1e-4, 1e-3, 1e-2, 1e-1, 1.0]) {
+            assert!((got / want - 1.0).abs() < 1e-12, "{got} vs {want}");
+        }
+        range.mode = LrMode::Linear;
+        assert!((range.lr_at(2) - (1e-4 + (1.0 - 1e-4) * 0.5)).abs() < 1e-15);
+    }
+}

@@ -1,0 +1,158 @@
+//! The training loop shared by the range test and the sweep: a dataset moved to the device
+//! once, batches gathered by index in a seeded order, one forward/backward/update per step,
+//! and evaluation on a held-out split.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::data::{epoch_order, Dataset, Features, Targets, Task};
+use super::model::{correct_count, Model};
+use super::optim::Optimizer;
+use super::rng::Rng;
+
+/// A dataset as tensors on the training device; batches are gathered with `index_select`
+/// so that no per-batch copy goes through host memory.
+pub struct DeviceData {
+    pub x: Tensor,
+    pub y: Tensor,
+    pub rows: usize,
+    pub task: Task,
+}
+
+impl DeviceData {
+    pub fn new(data: &Dataset, device: &Device) -> candle_core::Result<Self> {
+        let rows = data.rows();
+        let x = match &data.features {
+            Features::Dense {
+                values,
+                sample_shape,
+            } => {
+                let mut shape = vec![rows];
+                shape.extend(sample_shape);
+                Tensor::from_slice(values, shape, device)?
+            }
+            Features::Tokens { ids, context } => Tensor::from_slice(ids, (rows, *context), device)?,
+        };
+        let y = match &data.targets {
+            Targets::Classes { labels, .. } => Tensor::from_slice(labels, rows, device)?,
+            Targets::Values { values, dims } => Tensor::from_slice(values, (rows, *dims), device)?,
+            Targets::Tokens { ids, .. } => {
+                Tensor::from_slice(ids, (rows, ids.len() / rows.max(1)), device)?
+            }
+        };
+        Ok(Self {
+            x,
+            y,
+            rows,
+            task: data.task(),
+        })
+    }
+
+    pub fn batch(&self, rows: &[usize]) -> candle_core::Result<(Tensor, Tensor)> {
+        let index: Vec<u32> = rows.iter().map(|&row| row as u32).collect();
+        let index = Tensor::from_vec(index, rows.len(), self.x.device())?;
+        Ok((
+            self.x.index_select(&index, 0)?,
+            self.y.index_select(&index, 0)?,
+        ))
+    }
+}
+
+/// An endless stream of full batches over seeded, per-epoch shuffled orders (the last
+/// partial batch of an epoch is dropped so every step sees the same batch size).
+pub struct BatchOrder {
+    rows: usize,
+    batch_size: usize,
+    seed: u64,
+    epoch: u64,
+    order: Vec<usize>,
+    position: usize,
+}
+
+impl BatchOrder {
+    pub fn new(rows: usize, batch_size: usize, seed: u64) -> Self {
+        Self {
+            rows,
+            batch_size,
+            seed,
+            epoch: 0,
+            order: epoch_order(rows, seed, 0),
+            position: 0,
+        }
+    }
+
+    pub fn steps_per_epoch(rows: usize, batch_size: usize) -> usize {
+        rows / batch_size
+    }
+
+    pub fn next_batch(&mut self) -> &[usize] {
+        if self.position + self.batch_size > self.rows {
+            self.epoch += 1;
+            self.order = epoch_order(self.rows, self.seed, self.epoch);
+            self.position = 0;
+        }
+        let batch = &self.order[self.position..self.position + self.batch_size];
+        self.position += self.batch_size;
+        batch
+    }
+}
+
+/// One optimizer step; returns the batch's loss before the update. A non-finite loss is
+/// returned without stepping, so the weights never take NaNs.
+pub fn train_step(
+    model: &Model,
+    optimizer: &mut Optimizer,
+    data: &DeviceData,
+    rows: &[usize],
+    lr: f64,
+    momentum: f64,
+    dropout_rng: &mut Rng,
+) -> candle_core::Result<f64> {
+    let (x, y) = data.batch(rows)?;
+    let forward = model.forward(&x, &y, Some(dropout_rng))?;
+    let loss = forward.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if !loss.is_finite() {
+        return Ok(loss);
+    }
+    let grads = forward.loss.backward()?;
+    optimizer.step(&grads, lr, momentum)?;
+    Ok(loss)
+}
+
+/// Loss (and accuracy where it means something) on a whole split.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    pub loss: f64,
+    pub accuracy: Option<f64>,
+}
+
+/// Rows per evaluation chunk: large enough to keep the matmuls efficient, small enough to
+/// bound memory on big validation sets.
+const EVAL_CHUNK: usize = 1024;
+
+pub fn evaluate(model: &Model, data: &DeviceData) -> candle_core::Result<Evaluation> {
+    let mut loss_sum = 0.0;
+    let mut correct = 0usize;
+    let mut counted = 0usize;
+    let per_row_items = match data.task {
+        Task::LanguageModel => data.y.dim(1)?,
+        _ => 1,
+    };
+    let mut start = 0;
+    while start < data.rows {
+        let len = EVAL_CHUNK.min(data.rows - start);
+        let x = data.x.narrow(0, start, len)?;
+        let y = data.y.narrow(0, start, len)?;
+        let forward = model.forward(&x, &y, None)?;
+        let loss = forward.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        loss_sum += loss * len as f64;
+        if data.task != Task::Regression {
+            correct += correct_count(&forward.output, &y)?;
+            counted += len * per_row_items;
+        }
+        start += len;
+    }
+    Ok(Evaluation {
+        loss: loss_sum / data.rows.max(1) as f64,
+        accuracy: (counted > 0).then(|| correct as f64 / counted as f64),
+    })
+}

@@ -1,0 +1,395 @@
+//! A whole job: range test, sweep, or both (`tune`), and the recommendation built from them
+//! (DESIGN section 4): peak learning rate, band, a OneCycle schedule sized for the planned
+//! run, ready-to-paste PyTorch and fastai lines, and the warnings.
+
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use super::data::DatasetInfo;
+use super::model::{Model, ModelShape};
+use super::optim::Optimizer;
+use super::prepare::{prepare, LoadedData};
+use super::range_test::{run_range_test, CurvePoint, RangeTestInputs};
+use super::schedule::{OneCycle, Schedule};
+use super::spec::{Candidates, DeviceChoice, JobKind, JobSpec, Limits, OptimizerSpec, SpecError};
+use super::suggest::{self, CurveEnd, Suggestions};
+use super::sweep::{
+    auto_candidates, band, judge, sweep_one_seed, SweepCandidate, SweepRun, SweepSetup,
+};
+use super::train::{BatchOrder, DeviceData};
+use super::{Control, EngineError, Event};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub recommendation: Recommendation,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub range_test: Option<RangeTestSummary>,
+    pub sweep: Vec<SweepCandidate>,
+    pub timing: Timing,
+    pub data: DatasetInfo,
+    pub model: ModelSummary,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recommendation {
+    pub peak_lr: f64,
+    pub band: [f64; 2],
+    /// `"sweep"` when short trainings chose it, `"range_test"` when only the curve did.
+    pub source: String,
+    pub schedule: Schedule,
+    pub pytorch: String,
+    pub fastai: String,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RangeTestSummary {
+    pub suggestions: Suggestions,
+    pub stopped_early: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
+    pub steps_run: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Timing {
+    pub seconds: f64,
+    /// Optimizer steps taken by the whole job (range test and sweep).
+    pub total_steps: usize,
+    pub steps_per_second: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    pub arch: String,
+    pub parameters: usize,
+    pub device: String,
+    pub steps_per_epoch: usize,
+}
+
+/// A finished job: the result and the range-test curve (stored apart from the result).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOutput {
+    pub result: JobResult,
+    pub curve: Vec<CurvePoint>,
+}
+
+/// Picks the device a spec asks for. `auto` means CUDA when this build has it and a GPU is
+/// there, else the CPU.
+pub fn select_device(choice: DeviceChoice) -> Result<Device, EngineError> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda => {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(SpecError::new(
+                    "device",
+                    "this lrtune was built without CUDA (cargo feature `cuda`) or no GPU is visible: use \"cpu\" or \"auto\"",
+                )
+                .into());
+            }
+            Ok(Device::new_cuda(0)?)
+        }
+        DeviceChoice::Auto => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+    }
+}
+
+fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".to_string(),
+        Device::Cuda(_) => "cuda".to_string(),
+        Device::Metal(_) => "metal".to_string(),
+    }
+}
+
+/// Runs a validated job on its loaded data.
+pub fn run_job(
+    spec: &JobSpec,
+    loaded: LoadedData,
+    limits: &Limits,
+    cancel: &AtomicBool,
+    observer: &mut dyn FnMut(Event),
+) -> Result<JobOutput, EngineError> {
+    let started = Instant::now();
+    let mut control = Control::new(cancel, observer);
+    let prepared = prepare(spec, loaded)?;
+    let device = select_device(spec.device)?;
+    let shape = ModelShape {
+        input: prepared.train.sample_shape(),
+        output: prepared.train.output_dim(),
+        task: prepared.train.task(),
+    };
+    let model = Model::build(&spec.model, &shape, spec.seed, &device)?;
+    if model.parameter_count() > limits.max_parameters {
+        return Err(SpecError::new(
+            "model",
+            format!(
+                "{} parameters is above the limit of {}: use a smaller model",
+                model.parameter_count(),
+                limits.max_parameters
+            ),
+        )
+        .into());
+    }
+    let train = DeviceData::new(&prepared.train, &device)?;
+    let validation = DeviceData::new(&prepared.validation, &device)?;
+    let steps_per_epoch = BatchOrder::steps_per_epoch(train.rows, spec.batch_size);
+    let sweep_epochs = spec.sweep.epochs.min(spec.plan.epochs);
+    let sweep_steps = sweep_epochs * steps_per_epoch;
+    let candidate_count = match &spec.sweep.candidates {
+        Candidates::Auto => spec.sweep.count,
+        Candidates::List(values) => values.len(),
+    };
+    let range_steps = if spec.kind == JobKind::Sweep {
+        0
+    } else {
+        spec.range_test.steps
+    };
+    let planned_sweep = if spec.kind == JobKind::RangeTest {
+        0
+    } else {
+        candidate_count * spec.sweep.seeds * sweep_steps
+    };
+    control.plan(range_steps + planned_sweep);
+
+    let mut warnings = Vec::new();
+    let mut curve = Vec::new();
+    let mut range_summary = None;
+    if spec.kind != JobKind::Sweep {
+        control.emit(Event::Stage("range_test"));
+        let mut optimizer = Optimizer::new(&spec.optimizer, model.vars());
+        let outcome = run_range_test(
+            RangeTestInputs {
+                model: &model,
+                optimizer: &mut optimizer,
+                train: &train,
+                validation: &validation,
+                batch_size: spec.batch_size,
+                seed: spec.seed,
+            },
+            &spec.range_test,
+            &mut control,
+        )?;
+        control.skip_steps(spec.range_test.steps - outcome.points.len());
+        let lrs: Vec<f64> = outcome.points.iter().map(|p| p.lr).collect();
+        let smoothed: Vec<f64> = outcome.points.iter().map(|p| p.smoothed).collect();
+        let suggestions = suggest::suggest(&lrs, &smoothed, spec.range_test.steps);
+        warnings.extend(suggest::warnings(
+            &lrs,
+            &smoothed,
+            &suggestions,
+            CurveEnd {
+                planned_steps: spec.range_test.steps,
+                stopped_early: outcome.stopped_early,
+            },
+        ));
+        range_summary = Some(RangeTestSummary {
+            suggestions,
+            stopped_early: outcome.stopped_early,
+            stop_reason: outcome.stop_reason,
+            steps_run: outcome.points.len(),
+        });
+        curve = outcome.points;
+    }
+
+    let mut judged = Vec::new();
+    if spec.kind != JobKind::RangeTest {
+        let candidates = match &spec.sweep.candidates {
+            Candidates::List(values) => {
+                let mut values = values.clone();
+                values.sort_by(f64::total_cmp);
+                values.dedup();
+                values
+            }
+            Candidates::Auto => {
+                let suggestions = range_summary
+                    .as_ref()
+                    .map(|r| r.suggestions)
+                    .unwrap_or_default();
+                auto_candidates(&suggestions, spec.sweep.count).ok_or_else(|| {
+                    SpecError::new(
+                        "range_test",
+                        "the range test gave no suggestion to place sweep candidates around (see its warnings): widen start_lr..end_lr or give sweep.candidates",
+                    )
+                })?
+            }
+        };
+        control.skip_steps(
+            (candidate_count.saturating_sub(candidates.len())) * spec.sweep.seeds * sweep_steps,
+        );
+        control.emit(Event::Stage("sweep"));
+        let schedule_for = |peak_lr: f64| one_cycle(spec, peak_lr, sweep_steps);
+        let mut runs: Vec<SweepRun> = Vec::new();
+        for seed_index in 0..spec.sweep.seeds as u64 {
+            let seed = spec.seed + seed_index;
+            // Seed 0 trains the model the range test used (restored to its initial weights);
+            // other seeds start from their own initialisation.
+            let seeded_model;
+            let model_for_seed = if seed_index == 0 {
+                &model
+            } else {
+                seeded_model = Model::build(&spec.model, &shape, seed, &device)?;
+                &seeded_model
+            };
+            let setup = SweepSetup {
+                model: model_for_seed,
+                optimizer: &spec.optimizer,
+                train: &train,
+                validation: &validation,
+                batch_size: spec.batch_size,
+                seed,
+                steps: sweep_steps,
+            };
+            runs.extend(sweep_one_seed(
+                &setup,
+                &candidates,
+                &schedule_for,
+                &mut control,
+            )?);
+        }
+        judged = judge(&candidates, &runs, spec.sweep.seeds);
+        if judged.iter().all(|candidate| candidate.diverged) {
+            warnings.push(
+                "every sweep candidate diverged: lower the candidates or start_lr".to_string(),
+            );
+        }
+    }
+
+    let planned_steps = spec.plan.epochs * steps_per_epoch;
+    let recommendation = recommend(
+        spec,
+        range_summary.as_ref(),
+        &judged,
+        planned_steps,
+        warnings,
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    let total_steps = control.steps_done();
+    Ok(JobOutput {
+        result: JobResult {
+            recommendation,
+            range_test: range_summary,
+            sweep: judged,
+            timing: Timing {
+                seconds,
+                total_steps,
+                steps_per_second: if seconds > 0.0 {
+                    total_steps as f64 / seconds
+                } else {
+                    0.0
+                },
+            },
+            data: prepared.info,
+            model: ModelSummary {
+                arch: spec.model.arch().to_string(),
+                parameters: model.parameter_count(),
+                device: device_name(&device),
+                steps_per_epoch,
+            },
+        },
+        curve,
+    })
+}
+
+/// The OneCycle schedule for a peak, with the sweep's shape and the optimizer's momentum.
+pub fn one_cycle(spec: &JobSpec, peak_lr: f64, total_steps: usize) -> Schedule {
+    let shape = &spec.sweep.schedule;
+    Schedule::OneCycle(OneCycle {
+        max_lr: peak_lr,
+        total_steps,
+        pct_start: shape.pct_start,
+        anneal: shape.anneal,
+        div_factor: shape.div_factor,
+        final_div_factor: shape.final_div_factor,
+        three_phase: shape.three_phase,
+        cycle_momentum: shape.cycle_momentum,
+        base_momentum: shape.base_momentum,
+        max_momentum: shape.max_momentum,
+        momentum_of: Some(match spec.optimizer {
+            OptimizerSpec::Sgd { .. } => super::schedule::MomentumOf::SgdMomentum,
+            _ => super::schedule::MomentumOf::AdamBeta1,
+        }),
+    })
+}
+
+fn recommend(
+    spec: &JobSpec,
+    range: Option<&RangeTestSummary>,
+    judged: &[SweepCandidate],
+    planned_steps: usize,
+    mut warnings: Vec<String>,
+) -> Result<Recommendation, EngineError> {
+    let from_sweep = judged.iter().find(|candidate| candidate.best).map(|best| {
+        (
+            best.peak_lr,
+            band(judged).unwrap_or([best.peak_lr, best.peak_lr]),
+        )
+    });
+    let (peak_lr, band, source) = match (from_sweep, range) {
+        (Some((peak, band)), _) => (peak, band, "sweep"),
+        (None, Some(range)) => {
+            let suggestions = range.suggestions;
+            let peak = suggestions.valley.or(suggestions.minimum).or(suggestions.steepest).ok_or_else(|| {
+                SpecError::new(
+                    "range_test",
+                    "the range test gave no suggestion (see its warnings): widen start_lr..end_lr or raise steps",
+                )
+            })?;
+            let values: Vec<f64> = [
+                suggestions.valley,
+                suggestions.steepest,
+                suggestions.minimum,
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let low = values.iter().copied().fold(peak, f64::min);
+            let high = values.iter().copied().fold(peak, f64::max);
+            if spec.kind != JobKind::RangeTest {
+                warnings.push("no sweep candidate trained without diverging: this recommendation comes from the range test alone".to_string());
+            }
+            (peak, [low, high], "range_test")
+        }
+        (None, None) => {
+            return Err(SpecError::new(
+                "sweep.candidates",
+                "every candidate diverged: give lower peak learning rates",
+            )
+            .into())
+        }
+    };
+    let schedule = one_cycle(spec, peak_lr, planned_steps.max(2));
+    let shape = &spec.sweep.schedule;
+    let fastai = format!(
+        "learn.fit_one_cycle({}, lr_max={}, div={:?}, div_final={:?}, pct_start={}, moms=({}, {}, {}))",
+        spec.plan.epochs,
+        round_sig(peak_lr),
+        shape.div_factor,
+        shape.final_div_factor,
+        shape.pct_start,
+        shape.max_momentum,
+        shape.base_momentum,
+        shape.max_momentum
+    );
+    Ok(Recommendation {
+        peak_lr,
+        band,
+        source: source.to_string(),
+        pytorch: schedule.pytorch(),
+        schedule,
+        fastai,
+        warnings,
+    })
+}
+
+/// Three significant digits: a learning rate is never known better than that.
+fn round_sig(value: f64) -> f64 {
+    if value == 0.0 || !value.is_finite() {
+        return value;
+    }
+    let magnitude = value.abs().log10().floor() as i32;
+    let factor = 10f64.powi(2 - magnitude);
+    (value * factor).round() / factor
+}

@@ -1,0 +1,5 @@
+//! lrtune finds the learning rate before you train: Leslie Smith's range test and short
+//! OneCycle sweeps on candle models, as a library, a CLI and an HTTP service.
+
+pub mod cli;
+pub mod engine;
