@@ -25,7 +25,7 @@ enum Command {
     /// Run a whole job locally, no server: range test, sweep, recommendation.
     Run(run::RunArgs),
     /// Print a schedule's learning rate and momentum per step.
-    Schedule(schedule::ScheduleArgs),
+    Schedule(Box<schedule::ScheduleArgs>),
 }
 
 /// What a command concluded, mapped to the process exit code.
@@ -40,7 +40,7 @@ pub fn main() -> ExitCode {
     init_logging();
     let outcome = match cli.command {
         Command::Run(args) => run::run(args),
-        Command::Schedule(args) => schedule::run(args),
+        Command::Schedule(args) => schedule::run(*args),
     };
     match outcome {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,

@@ -120,10 +120,10 @@ fn flags_to_json(args: &ScheduleArgs) -> Value {
     put("anneal", args.anneal.as_ref().map(|v| json!(v)));
     put("div_factor", args.div_factor.map(|v| json!(v)));
     put("final_div_factor", args.final_div_factor.map(|v| json!(v)));
-    put("three_phase", args.three_phase.then(|| json!(true)));
+    put("three_phase", args.three_phase.then_some(json!(true)));
     put(
         "cycle_momentum",
-        args.no_cycle_momentum.then(|| json!(false)),
+        args.no_cycle_momentum.then_some(json!(false)),
     );
     put("base_momentum", args.base_momentum.map(|v| json!(v)));
     put("max_momentum", args.max_momentum.map(|v| json!(v)));

@@ -226,7 +226,7 @@ mod tests {
             Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5, 3.0], &device).unwrap()).unwrap();
         let target = Tensor::new(&[0.3f32, 0.1, -0.7, 2.0], &device).unwrap();
         let weights = Tensor::new(&[1.0f32, 2.0, 3.0, 4.0], &device).unwrap();
-        let mut optimizer = Optimizer::new(&spec, &[w.clone()]);
+        let mut optimizer = Optimizer::new(&spec, std::slice::from_ref(&w));
         for (index, lr) in lrs.iter().enumerate() {
             let loss = (w.as_tensor() - &target)
                 .unwrap()
@@ -299,7 +299,7 @@ mod tests {
         };
         let device = Device::Cpu;
         let w = Var::from_tensor(&Tensor::new(&[1.0f32, -1.0], &device).unwrap()).unwrap();
-        let mut optimizer = Optimizer::new(&spec, &[w.clone()]);
+        let mut optimizer = Optimizer::new(&spec, std::slice::from_ref(&w));
         let saved = optimizer.state().clone();
         let grads = w
             .as_tensor()

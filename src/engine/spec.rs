@@ -667,17 +667,18 @@ impl JobSpec {
             ));
         }
         match (data.builtin, data.samples) {
-            (Some(builtin), Some(samples)) if builtin.is_generator() => {
-                if samples < 2 || samples > limits.max_samples {
-                    return Err(SpecError::new(
-                        "data.samples",
-                        format!(
-                            "must be between 2 and {}, got {samples}",
-                            limits.max_samples
-                        ),
-                    ));
-                }
+            (Some(builtin), Some(samples))
+                if builtin.is_generator() && (samples < 2 || samples > limits.max_samples) =>
+            {
+                return Err(SpecError::new(
+                    "data.samples",
+                    format!(
+                        "must be between 2 and {}, got {samples}",
+                        limits.max_samples
+                    ),
+                ));
             }
+            (Some(builtin), Some(_)) if builtin.is_generator() => {}
             (_, Some(_)) => {
                 return Err(SpecError::new(
                     "data.samples",
@@ -964,11 +965,14 @@ fn path_error<E: fmt::Display>(error: serde_path_to_error::Error<E>) -> SpecErro
         .strip_prefix("unknown field `")
         .and_then(|rest| rest.split('`').next())
     {
-        field = if field.is_empty() {
-            unknown.to_string()
-        } else {
-            format!("{field}.{unknown}")
-        };
+        let already_named = field == unknown || field.ends_with(&format!(".{unknown}"));
+        if !already_named {
+            field = if field.is_empty() {
+                unknown.to_string()
+            } else {
+                format!("{field}.{unknown}")
+            };
+        }
     }
     if field.is_empty() {
         field = "body".to_string();

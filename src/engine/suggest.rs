@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::spec::SpecError;
+
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct Suggestions {
     pub valley: Option<f64>,
@@ -243,6 +245,103 @@ pub fn smooth(losses: &[f64], beta: f64) -> Vec<f64> {
     losses.iter().map(|&loss| smoother.push(loss)).collect()
 }
 
+/// Suggestions and warnings for a curve measured elsewhere (`POST /v1/analyze`,
+/// `lrtune analyze`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Analysis {
+    pub suggestions: Suggestions,
+    pub warnings: Vec<String>,
+    pub smoothed: Vec<f64>,
+    /// True when the curve ends in a blow-up (a non-finite loss, or a smoothed loss above
+    /// 4x its best), as a range test that stopped on divergence does.
+    pub diverged: bool,
+}
+
+/// The fewest points the suggestion rules can read (fastai drops the first tenth and the
+/// last 5; pytorch-lr-finder the first 10 and the last 5).
+pub const MIN_ANALYZE_POINTS: usize = 20;
+
+/// Reads a measured curve: learning rates rising, losses finite except possibly at the end
+/// (where a diverged test stops). Errors name the field and index.
+pub fn analyze(lrs: &[f64], losses: &[f64], smoothing: f64) -> Result<Analysis, SpecError> {
+    if lrs.len() != losses.len() {
+        return Err(SpecError::new(
+            "loss",
+            format!(
+                "has {} values but lr has {}: give one loss per learning rate",
+                losses.len(),
+                lrs.len()
+            ),
+        ));
+    }
+    if lrs.len() < MIN_ANALYZE_POINTS {
+        return Err(SpecError::new(
+            "lr",
+            format!(
+                "has {} points; the suggestion rules need at least {MIN_ANALYZE_POINTS}",
+                lrs.len()
+            ),
+        ));
+    }
+    if !(0.0..1.0).contains(&smoothing) {
+        return Err(SpecError::new(
+            "smoothing",
+            format!("must be in [0, 1), got {smoothing}"),
+        ));
+    }
+    for (index, lr) in lrs.iter().enumerate() {
+        if !(lr.is_finite() && *lr > 0.0) {
+            return Err(SpecError::new(
+                format!("lr[{index}]"),
+                format!("must be positive and finite, got {lr}"),
+            ));
+        }
+        if index > 0 && *lr <= lrs[index - 1] {
+            return Err(SpecError::new(
+                format!("lr[{index}]"),
+                format!("must be above the previous value ({}): learning rates rise through a range test", lrs[index - 1]),
+            ));
+        }
+    }
+    let finite = losses
+        .iter()
+        .position(|loss| !loss.is_finite())
+        .unwrap_or(losses.len());
+    if let Some(index) = losses[finite..].iter().position(|loss| loss.is_finite()) {
+        return Err(SpecError::new(
+            format!("loss[{}]", finite + index),
+            format!("follows a non-finite loss at loss[{finite}]: only a curve's last points may be non-finite"),
+        ));
+    }
+    if finite < MIN_ANALYZE_POINTS {
+        return Err(SpecError::new(
+            format!("loss[{finite}]"),
+            format!(
+                "is non-finite after only {finite} points; the rules need {MIN_ANALYZE_POINTS}"
+            ),
+        ));
+    }
+    let smoothed = smooth(&losses[..finite], smoothing);
+    let best = smoothed.iter().copied().fold(f64::INFINITY, f64::min);
+    let diverged = finite < losses.len() || smoothed.last().is_some_and(|last| *last > 4.0 * best);
+    let suggestions = suggest(&lrs[..finite], &smoothed, lrs.len());
+    let warnings = warnings(
+        &lrs[..finite],
+        &smoothed,
+        &suggestions,
+        CurveEnd {
+            planned_steps: lrs.len(),
+            stopped_early: diverged,
+        },
+    );
+    Ok(Analysis {
+        suggestions,
+        warnings,
+        smoothed,
+        diverged,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,15 +410,18 @@ mod tests {
         for (index, loss) in losses.iter_mut().enumerate() {
             *loss = 10.0 - index as f64 * 0.1;
         }
-        // A cliff between 20 and 21; numpy.gradient is -0.55 at both 20 and 21 (central
-        // differences), argmin takes the first: lr 20.
+        // Drops of 1.0 after index 20 and 0.5 after 21: numpy.gradient is -0.6 at 20,
+        // -0.85 at 21 and -0.35 at 22, so the steepest point is lr 21.
         for loss in losses.iter_mut().skip(21) {
             *loss -= 1.0;
         }
-        assert_eq!(steepest(&lrs, &losses), Some(20.0));
+        for loss in losses.iter_mut().skip(22) {
+            *loss -= 0.5;
+        }
+        assert_eq!(steepest(&lrs, &losses), Some(21.0));
         // A steeper drop inside the first 10 points is ignored.
         losses[3] = -100.0;
-        assert_eq!(steepest(&lrs, &losses), Some(20.0));
+        assert_eq!(steepest(&lrs, &losses), Some(21.0));
     }
 
     #[test]
@@ -402,5 +504,41 @@ mod tests {
                 .any(|w| w.starts_with("suggestions disagree by 100x")),
             "{w:?}"
         );
+    }
+
+    #[test]
+    fn analyze_names_the_bad_index() {
+        let lrs = exp_lrs(30);
+        let mut losses = vec![1.0; 30];
+        losses[4] = f64::NAN;
+        let error = analyze(&lrs, &losses, 0.98).unwrap_err();
+        assert_eq!(error.field, "loss[5]");
+        let mut falling = lrs.clone();
+        falling[7] = falling[6];
+        let error = analyze(&falling, &vec![1.0; 30], 0.98).unwrap_err();
+        assert_eq!(error.field, "lr[7]");
+        let error = analyze(&lrs[..10], &losses[..10], 0.98).unwrap_err();
+        assert_eq!(error.field, "lr");
+    }
+
+    #[test]
+    fn analyze_reads_a_measured_curve_that_ends_in_a_blow_up() {
+        let (lrs, _) = synthetic_curve(100, 40.0, 0.05);
+        let raw: Vec<f64> = (0..100)
+            .map(|i| {
+                let i = i as f64;
+                2.3 - 1.5 / (1.0 + (-(i - 40.0) / (100.0 / 15.0)).exp())
+                    + 0.05 * (1.7 * i).sin()
+                    + ((i - 90.0) / 4.0).exp()
+            })
+            .chain([f64::INFINITY])
+            .collect();
+        let mut lrs = lrs;
+        lrs.push(lrs[99] * 1.2);
+        let analysis = analyze(&lrs, &raw, 0.98).unwrap();
+        assert!(analysis.diverged);
+        assert_eq!(analysis.smoothed.len(), 100);
+        // Same smoothed curve as the reference test, so the same valley index (48).
+        assert_eq!(analysis.suggestions.valley, Some(lrs[48]));
     }
 }
