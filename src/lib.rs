@@ -3,3 +3,6 @@
 
 pub mod cli;
 pub mod engine;
+pub mod http;
+pub mod store;
+pub mod worker;

@@ -4,6 +4,7 @@
 mod report;
 mod run;
 mod schedule;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -26,6 +27,8 @@ enum Command {
     Run(run::RunArgs),
     /// Print a schedule's learning rate and momentum per step.
     Schedule(Box<schedule::ScheduleArgs>),
+    /// Run the HTTP service: API, job queue and workers on a SQLite file.
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// What a command concluded, mapped to the process exit code.
@@ -41,6 +44,7 @@ pub fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Schedule(args) => schedule::run(*args),
+        Command::Serve(args) => serve::run(*args),
     };
     match outcome {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,

@@ -1,0 +1,452 @@
+//! `/v1/jobs`: submit (validated against the limits before anything is queued), list, get,
+//! the curve (JSON or CSV), server-sent events while a job runs, and cancel.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiJson, ApiQuery};
+use super::{ApiError, AppState, ErrorBody};
+use crate::engine::JobSpec;
+use crate::store::{
+    new_id, JobError, JobRow, JobStatus, ListFilter, NewJob, PointRow, SweepRunRow,
+};
+use crate::worker::JobEvent;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/jobs", post(submit).get(list))
+        .route("/jobs/{id}", get(show))
+        .route("/jobs/{id}/curve", get(curve))
+        .route("/jobs/{id}/events", get(events))
+        .route("/jobs/{id}/cancel", post(cancel))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Progress {
+    /// `range_test` or `sweep` once started.
+    pub stage: Option<String>,
+    pub done: i64,
+    pub total: i64,
+    pub fraction: f64,
+}
+
+/// A job as the API shows it.
+#[derive(Serialize, ToSchema)]
+pub struct Job {
+    pub id: String,
+    pub kind: String,
+    pub name: Option<String>,
+    pub status: JobStatus,
+    pub progress: Progress,
+    /// Times the job was claimed by a worker.
+    pub attempts: i64,
+    pub cancel_requested: bool,
+    pub error: Option<JobError>,
+    /// The spec with every default filled in.
+    #[schema(value_type = Object)]
+    pub spec: serde_json::Value,
+    /// DESIGN section 4's result, once succeeded.
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub heartbeat_at: Option<String>,
+}
+
+impl Job {
+    fn from_row(row: JobRow) -> Job {
+        let fraction = if row.progress_total > 0 {
+            row.progress_done as f64 / row.progress_total as f64
+        } else if row.status == JobStatus::Succeeded {
+            1.0
+        } else {
+            0.0
+        };
+        Job {
+            spec: serde_json::from_str(&row.spec).unwrap_or(serde_json::Value::Null),
+            result: row
+                .result
+                .as_deref()
+                .and_then(|text| serde_json::from_str(text).ok()),
+            id: row.id,
+            kind: row.kind,
+            name: row.name,
+            status: row.status,
+            progress: Progress {
+                stage: row.stage,
+                done: row.progress_done,
+                total: row.progress_total,
+                fraction,
+            },
+            attempts: row.attempts,
+            cancel_requested: row.cancel_requested,
+            error: row.error,
+            created_at: row.created_at,
+            started_at: row.started_at,
+            finished_at: row.finished_at,
+            heartbeat_at: row.heartbeat_at,
+        }
+    }
+}
+
+/// Queues a job. The spec is checked completely first: unknown fields, values, limits, and
+/// that the datasets it names exist.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
+    request_body(content = Object, description = "A job spec (DESIGN section 2)"),
+    responses(
+        (status = 202, body = Job), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn submit(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson,
+) -> Result<Response, ApiError> {
+    let spec = JobSpec::from_value(body)?;
+    spec.validate(&state.settings.limits)?;
+    check_data(&state, &spec).await?;
+    let canonical = serde_json::to_string(&spec)
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("encoding the spec: {e}")))?;
+    let new = NewJob {
+        id: new_id("job"),
+        kind: spec.kind.as_str().to_string(),
+        name: spec.name.clone(),
+        spec: canonical,
+    };
+    let row = state
+        .store
+        .insert_job(new, state.settings.max_queued)
+        .await?
+        .ok_or(ApiError::QueueFull {
+            queued: state.settings.max_queued,
+        })?;
+    state.hub.wake.notify_one();
+    tracing::info!(job = %row.id, "job queued");
+    let location = format!("/v1/jobs/{}", row.id);
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(Job::from_row(row)),
+    )
+        .into_response())
+}
+
+/// What can be checked about the data before a job is queued.
+async fn check_data(state: &AppState, spec: &JobSpec) -> Result<(), ApiError> {
+    let data = &spec.data;
+    if data.path.is_some() {
+        return Err(ApiError::invalid(
+            "data.path",
+            "the server does not read local files: upload the file with POST /v1/datasets and give data.dataset_id",
+        ));
+    }
+    for (field, id) in [
+        ("data.dataset_id", &data.dataset_id),
+        ("data.validation_dataset_id", &data.validation_dataset_id),
+    ] {
+        let Some(id) = id else { continue };
+        let dataset = state.store.get_dataset(id).await?.ok_or_else(|| {
+            ApiError::invalid(
+                field,
+                format!("no dataset {id}: upload it with POST /v1/datasets"),
+            )
+        })?;
+        let wants_text = spec.model.context().is_some();
+        if (dataset.format == "text") != wants_text {
+            return Err(ApiError::invalid(
+                "model.arch",
+                if wants_text {
+                    format!(
+                        "dataset {id} is {} data: a transformer needs a text dataset",
+                        dataset.format
+                    )
+                } else {
+                    format!("dataset {id} is a text corpus: use arch \"transformer\"")
+                },
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only jobs with this status.
+    pub status: Option<JobStatus>,
+    /// At most this many (1..=100, default 20).
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Jobs, newest first.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(ListQuery),
+    responses((status = 200, body = JobList), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody)))]
+pub async fn list(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<Json<JobList>, ApiError> {
+    let limit = i64::from(query.limit.unwrap_or(20).clamp(1, 100));
+    let before = match &query.cursor {
+        Some(cursor) => Some(
+            cursor
+                .parse::<i64>()
+                .map_err(|_| ApiError::bad_request("cursor: not a cursor this server gave"))?,
+        ),
+        None => None,
+    };
+    let rows = state
+        .store
+        .list_jobs(&ListFilter {
+            status: query.status,
+            limit,
+            before,
+        })
+        .await?;
+    let next_cursor = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|row| row.seq.to_string()))
+        .flatten();
+    Ok(Json(JobList {
+        jobs: rows.into_iter().map(Job::from_row).collect(),
+        next_cursor,
+    }))
+}
+
+async fn find(state: &AppState, id: &str) -> Result<JobRow, ApiError> {
+    state
+        .store
+        .get_job(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("job {id}")))
+}
+
+/// A job: spec, status, progress, timings, attempts, error and result.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, body = Job), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Job>, ApiError> {
+    Ok(Json(Job::from_row(find(&state, &id).await?)))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CurveQuery {
+    /// `json` (default) or `csv`.
+    pub format: Option<CurveFormat>,
+}
+
+#[derive(Deserialize, ToSchema, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CurveFormat {
+    Json,
+    Csv,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Curve {
+    pub job_id: String,
+    pub status: JobStatus,
+    /// One point per range-test step.
+    #[schema(value_type = Vec<Object>)]
+    pub points: Vec<PointRow>,
+    #[schema(value_type = Vec<Object>)]
+    pub sweep_runs: Vec<SweepRunRow>,
+}
+
+/// The range-test curve `{step, lr, loss, smoothed}` (points so far while running) and the
+/// sweep's runs.
+#[utoipa::path(get, path = "/v1/jobs/{id}/curve", tag = "jobs",
+    params(("id" = String, Path), CurveQuery),
+    responses((status = 200, body = Curve), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn curve(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<CurveQuery>,
+) -> Result<Response, ApiError> {
+    let job = find(&state, &id).await?;
+    let points = state.store.curve(&id).await?;
+    if query.format == Some(CurveFormat::Csv) {
+        let mut text = String::from("step,lr,loss,smoothed\n");
+        for point in &points {
+            let cell = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+            text.push_str(&format!(
+                "{},{},{},{}\n",
+                point.step,
+                point.lr,
+                cell(point.loss),
+                cell(point.smoothed)
+            ));
+        }
+        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], text).into_response());
+    }
+    let sweep_runs = state.store.sweep_runs(&id).await?;
+    Ok(Json(Curve {
+        job_id: id,
+        status: job.status,
+        points,
+        sweep_runs,
+    })
+    .into_response())
+}
+
+/// Server-sent events: `status` first, then `progress`, `point` and `sweep_run` as the job
+/// runs, and a final `status`, after which the stream ends.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, description = "text/event-stream", content_type = "text/event-stream"),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    // Subscribe before reading the status: a job finishing in between is then seen either in
+    // the row or on the channel.
+    let subscription = state.hub.subscribe(&id);
+    let job = match state.store.get_job(&id).await {
+        Ok(Some(job)) => job,
+        other => {
+            drop(subscription);
+            state.hub.drop_if_idle(&id);
+            other?;
+            return Err(ApiError::NotFound(format!("job {id}")));
+        }
+    };
+    let (sender, receiver) = mpsc::channel::<SseEvent>(256);
+    tokio::spawn(forward_events(state, job, subscription, sender));
+    let stream = ReceiverStream::new(receiver).map(Ok::<_, Infallible>);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+        .into_response())
+}
+
+fn sse(event: &JobEvent) -> SseEvent {
+    SseEvent::default()
+        .event(event.name())
+        .data(event.data().to_string())
+}
+
+fn status_event(job: &JobRow) -> JobEvent {
+    JobEvent::Status {
+        status: job.status,
+        error: job.error.clone(),
+    }
+}
+
+async fn forward_events(
+    state: AppState,
+    job: JobRow,
+    mut subscription: broadcast::Receiver<JobEvent>,
+    sender: mpsc::Sender<SseEvent>,
+) {
+    let id = job.id.clone();
+    if sender.send(sse(&status_event(&job))).await.is_err() || job.status.is_finished() {
+        return;
+    }
+    let progress = JobEvent::Progress {
+        stage: job.stage.clone(),
+        done: job.progress_done.max(0) as usize,
+        total: job.progress_total.max(0) as usize,
+    };
+    if sender.send(sse(&progress)).await.is_err() {
+        return;
+    }
+    let stopping = until_stopped(state.stopping.clone());
+    tokio::pin!(stopping);
+    // Jobs run by another process publish nothing here: look at the row now and then.
+    let mut poll = tokio::time::interval(Duration::from_secs(2));
+    poll.tick().await;
+    loop {
+        tokio::select! {
+            received = subscription.recv() => match received {
+                Ok(event) => {
+                    let finished = matches!(&event, JobEvent::Status { status, .. } if status.is_finished());
+                    if sender.send(sse(&event)).await.is_err() || finished {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => {
+                    if let Ok(Some(job)) = state.store.get_job(&id).await {
+                        let _ = sender.send(sse(&status_event(&job))).await;
+                    }
+                    return;
+                }
+            },
+            _ = poll.tick() => {
+                if let Ok(Some(job)) = state.store.get_job(&id).await {
+                    if job.status.is_finished() {
+                        let _ = sender.send(sse(&status_event(&job))).await;
+                        return;
+                    }
+                }
+            }
+            _ = sender.closed() => return,
+            _ = &mut stopping => return,
+        }
+    }
+}
+
+/// Resolves once the server starts shutting down.
+pub async fn until_stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+/// Stops a queued or running job (a running one within a step).
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 202, body = Job), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    // A job can move from queued to running between the two tries; a few rounds settle it.
+    for _ in 0..5 {
+        if state.store.cancel_queued(&id).await? {
+            state.hub.finish(
+                &id,
+                JobEvent::Status {
+                    status: JobStatus::Canceled,
+                    error: None,
+                },
+            );
+            break;
+        }
+        if state.store.request_cancel(&id).await? {
+            state.hub.cancel(&id);
+            break;
+        }
+        let job = find(&state, &id).await?;
+        if job.status.is_finished() {
+            return Err(ApiError::Conflict(format!(
+                "job {id} has already {}",
+                job.status.as_str()
+            )));
+        }
+    }
+    let job = find(&state, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(Job::from_row(job))).into_response())
+}

@@ -1,0 +1,96 @@
+//! The HTTP API (DESIGN section 5): shared state, one router per module merged here, auth,
+//! request ids, tracing, metrics, the OpenAPI document and Swagger UI, and the static files.
+
+mod auth;
+mod datasets;
+mod error;
+mod health;
+mod jobs;
+pub(crate) mod metrics;
+mod openapi;
+pub mod startup;
+mod tools;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Request};
+use axum::Router;
+use tokio::sync::watch;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::services::ServeDir;
+use tower_http::trace::TraceLayer;
+
+pub use error::{ApiError, ErrorBody};
+pub use openapi::ApiDoc;
+
+use crate::engine::Limits;
+use crate::store::Store;
+use crate::worker::Hub;
+
+/// What the handlers need to know about the configuration.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub limits: Limits,
+    pub api_token: Option<String>,
+    pub max_queued: i64,
+    pub max_json_bytes: usize,
+    pub max_upload_bytes: usize,
+    pub max_dataset_rows: usize,
+    pub max_schedule_steps: usize,
+    pub static_dir: PathBuf,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub hub: Arc<Hub>,
+    pub settings: Arc<ApiSettings>,
+    pub metrics: Arc<metrics::HttpMetrics>,
+    /// Turns true when the server shuts down: open event streams end.
+    pub stopping: watch::Receiver<bool>,
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .merge(jobs::router())
+        .merge(datasets::router(state.settings.max_upload_bytes))
+        .merge(tools::router())
+        .fallback(|| async { ApiError::NotFound("route".to_string()) })
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    let static_files = ServeDir::new(&state.settings.static_dir);
+    Router::new()
+        .nest("/v1", v1)
+        .merge(health::router())
+        .merge(openapi::router())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
+        .fallback_service(static_files)
+        .layer(DefaultBodyLimit::max(state.settings.max_json_bytes))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                let request_id = request
+                    .headers()
+                    .get(REQUEST_ID)
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!(
+                    "request",
+                    method = %request.method(),
+                    uri = %request.uri().path(),
+                    request_id = %request_id,
+                )
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .with_state(state)
+}
