@@ -21,10 +21,16 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Also write the range-test curve as CSV (`step,lr,loss,smoothed`) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub curve: Option<String>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<Outcome> {
     let output = run_spec_file(&args.spec, args.quiet)?;
+    if let Some(path) = &args.curve {
+        write_curve_csv(path, &output.curve)?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&output.result)?);
     } else {
@@ -82,4 +88,15 @@ fn progress_bar(quiet: bool) -> ProgressBar {
         .progress_chars("=> "),
     );
     bar
+}
+
+pub fn write_curve_csv(path: &str, curve: &[engine::CurvePoint]) -> anyhow::Result<()> {
+    let mut text = String::from("step,lr,loss,smoothed\n");
+    for point in curve {
+        text += &format!(
+            "{},{},{},{}\n",
+            point.step, point.lr, point.loss, point.smoothed
+        );
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {path}"))
 }

@@ -43,12 +43,32 @@ pub fn load_local_data(spec: &JobSpec) -> Result<LoadedData, EngineError> {
         });
     }
     if let Some(path) = &data.path {
-        let train = read_file(path, "data.path", spec)?;
-        let validation = match &data.validation_path {
-            Some(path) => Some(read_file(path, "data.validation_path", spec)?),
+        let train_bytes = read_file(path, "data.path")?;
+        let format = format_of(path, "data.path")?;
+        let validation_bytes = match &data.validation_path {
+            Some(validation_path) => {
+                if format_of(validation_path, "data.validation_path")? != format {
+                    return Err(SpecError::new(
+                        "data.validation_path",
+                        format!("{validation_path} must have the same format as {path}"),
+                    )
+                    .into());
+                }
+                Some(read_file(validation_path, "data.validation_path")?)
+            }
             None => None,
         };
-        return Ok(LoadedData { train, validation });
+        return read_pair(
+            format,
+            &train_bytes,
+            validation_bytes.as_deref(),
+            data.target.as_deref(),
+            spec,
+        )
+        .map_err(|error| match error {
+            EngineError::Data(data) => SpecError::new("data.path", data.to_string()).into(),
+            other => other,
+        });
     }
     Err(SpecError::new(
         "data.dataset_id",
@@ -57,25 +77,92 @@ pub fn load_local_data(spec: &JobSpec) -> Result<LoadedData, EngineError> {
     .into())
 }
 
-fn read_file(path: &str, field: &str, spec: &JobSpec) -> Result<Dataset, EngineError> {
-    let format = match Path::new(path).extension().and_then(|ext| ext.to_str()) {
-        Some(ext) if ext.eq_ignore_ascii_case("csv") => Format::Csv,
+fn format_of(path: &str, field: &str) -> Result<Format, EngineError> {
+    match Path::new(path).extension().and_then(|ext| ext.to_str()) {
+        Some(ext) if ext.eq_ignore_ascii_case("csv") => Ok(Format::Csv),
         Some(ext) if ext.eq_ignore_ascii_case("txt") || ext.eq_ignore_ascii_case("text") => {
-            Format::Text
+            Ok(Format::Text)
         }
-        _ => {
-            return Err(SpecError::new(
-                field,
-                format!("{path}: give a .csv (tabular) or .txt (character language model) file"),
-            )
-            .into())
-        }
+        _ => Err(SpecError::new(
+            field,
+            format!("{path}: give a .csv (tabular) or .txt (character language model) file"),
+        )
+        .into()),
+    }
+}
+
+fn read_file(path: &str, field: &str) -> Result<Vec<u8>, EngineError> {
+    std::fs::read(path)
+        .map_err(|error| SpecError::new(field, format!("cannot read {path}: {error}")).into())
+}
+
+/// Reads a training set and an optional separate validation set of the same format.
+/// Classification labels are remapped to 0..k per file, so a CSV pair is also read as one
+/// table (validation rows appended) to give both the same class indices.
+pub fn read_pair(
+    format: Format,
+    train_bytes: &[u8],
+    validation_bytes: Option<&[u8]>,
+    target: Option<&str>,
+    spec: &JobSpec,
+) -> Result<LoadedData, EngineError> {
+    let train = read_bytes(format, train_bytes, target, spec)?;
+    let Some(validation_bytes) = validation_bytes else {
+        return Ok(LoadedData {
+            train,
+            validation: None,
+        });
     };
-    let bytes = std::fs::read(path)
-        .map_err(|error| SpecError::new(field, format!("cannot read {path}: {error}")))?;
-    read_bytes(format, &bytes, spec.data.target.as_deref(), spec).map_err(|error| match error {
-        EngineError::Data(data) => SpecError::new(field, format!("{path}: {data}")).into(),
-        other => other,
+    if format == Format::Text {
+        return Err(SpecError::new(
+            "data.validation_path",
+            "a text corpus is split into training and validation windows by validation_fraction; give one file",
+        )
+        .into());
+    }
+    // Parsed on its own first so that its errors name rows of the validation file.
+    let validation = read_bytes(format, validation_bytes, target, spec)?;
+    if train.task() != data::Task::Classification {
+        return Ok(LoadedData {
+            train,
+            validation: Some(validation),
+        });
+    }
+    let header = |bytes: &[u8]| -> Vec<u8> {
+        let text = bytes
+            .strip_prefix(b"\xef\xbb\xbf".as_slice())
+            .unwrap_or(bytes);
+        let line = text.split(|b| *b == b'\n').next().unwrap_or_default();
+        line.iter()
+            .copied()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect()
+    };
+    if header(train_bytes) != header(validation_bytes) {
+        return Err(DataError::Invalid {
+            part: "validation".to_string(),
+            message: "the validation CSV's header differs from the training CSV's".to_string(),
+        }
+        .into());
+    }
+    let mut combined = train_bytes.to_vec();
+    if !combined.ends_with(b"\n") {
+        combined.push(b'\n');
+    }
+    let validation_text = validation_bytes
+        .strip_prefix(b"\xef\xbb\xbf".as_slice())
+        .unwrap_or(validation_bytes);
+    let body_start = validation_text
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(validation_text.len(), |newline| newline + 1);
+    combined.extend_from_slice(&validation_text[body_start..]);
+    let all = read_bytes(format, &combined, target, spec)?;
+    let train_rows: Vec<usize> = (0..train.rows()).collect();
+    let validation_rows: Vec<usize> = (train.rows()..all.rows()).collect();
+    Ok(LoadedData {
+        train: all.select(&train_rows),
+        validation: Some(all.select(&validation_rows)),
     })
 }
 

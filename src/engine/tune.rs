@@ -138,6 +138,8 @@ pub fn run_job(
     let steps_per_epoch = BatchOrder::steps_per_epoch(train.rows, spec.batch_size);
     let sweep_epochs = spec.sweep.epochs.min(spec.plan.epochs);
     let sweep_steps = sweep_epochs * steps_per_epoch;
+    check_schedule_length(spec, sweep_steps, "sweep.epochs")?;
+    check_schedule_length(spec, spec.plan.epochs * steps_per_epoch, "plan.epochs")?;
     let candidate_count = match &spec.sweep.candidates {
         Candidates::Auto => spec.sweep.count,
         Candidates::List(values) => values.len(),
@@ -290,6 +292,24 @@ pub fn run_job(
             },
         },
         curve,
+    })
+}
+
+/// A OneCycle schedule needs a few steps per phase; with too little data per epoch (or too
+/// large a batch) it has none, and the error says what to raise.
+fn check_schedule_length(spec: &JobSpec, steps: usize, field: &str) -> Result<(), EngineError> {
+    if spec.kind == JobKind::RangeTest {
+        return Ok(());
+    }
+    one_cycle(spec, 1.0, steps).validate(usize::MAX).map_err(|error| {
+        SpecError::new(
+            field,
+            format!(
+                "a OneCycle schedule of {steps} steps is too short ({}); raise {field} or lower batch_size",
+                error.message
+            ),
+        )
+        .into()
     })
 }
 

@@ -1,0 +1,121 @@
+use std::process::Command;
+
+fn lrtune(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lrtune"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn run_prints_the_sweep_and_recommendation_and_exits_0() {
+    let (code, stdout, stderr) = lrtune(&["run", "-", "-q"], Some(super::SPIRALS_TUNE));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("recommended peak lr:"), "{stdout}");
+    assert!(stdout.contains("<- best"), "{stdout}");
+    assert!(stdout.contains("pytorch: OneCycleLR(optimizer"), "{stdout}");
+}
+
+#[test]
+fn run_json_prints_the_full_result() {
+    let (code, stdout, stderr) = lrtune(&["run", "-", "--json", "-q"], Some(super::SPIRALS_TUNE));
+    assert_eq!(code, 0, "{stderr}");
+    let result: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(result["recommendation"]["source"], "sweep");
+    assert_eq!(result["sweep"].as_array().unwrap().len(), 3);
+    assert!(
+        result["range_test"]["suggestions"]["valley"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(result["timing"]["total_steps"].as_u64().unwrap() > 60);
+}
+
+#[test]
+fn bad_specs_exit_2_naming_the_field() {
+    for (spec, field) in [
+        (r#"{"data": {"builtin": "mnist10k"}, "speed": 3}"#, "speed"),
+        (
+            r#"{"data": {"builtin": "mnist10k"}, "range_test": {"start_lr": 1, "end_lr": 0.5}}"#,
+            "range_test.start_lr",
+        ),
+        (
+            r#"{"data": {"builtin": "mnist10k"}, "batch_size": 0}"#,
+            "batch_size",
+        ),
+        (r#"{"data": {"builtin": "imagenet"}}"#, "data.builtin"),
+        (
+            r#"{"data": {"builtin": "mnist10k"}, "range_test": {"steps": 1000000}}"#,
+            "range_test.steps",
+        ),
+        (
+            r#"{"data": {"builtin": "spirals", "samples": 50}, "batch_size": 64}"#,
+            "batch_size",
+        ),
+        (
+            r#"{"data": {"path": "/nonexistent/train.csv"}}"#,
+            "data.path",
+        ),
+        (r#"{"data": "#, "EOF while parsing"),
+    ] {
+        let (code, stdout, stderr) = lrtune(&["run", "-", "-q"], Some(spec));
+        assert_eq!(code, 2, "{spec}: {stdout} {stderr}");
+        assert!(stderr.contains(field), "{spec}: {stderr}");
+        assert!(stdout.is_empty());
+    }
+}
+
+#[test]
+fn schedule_prints_pytorchs_one_cycle_from_flags_and_from_json() {
+    let (code, stdout, stderr) = lrtune(
+        &["schedule", "--max-lr", "0.01", "--total-steps", "100"],
+        None,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let curve: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let lr = curve["lr"].as_array().unwrap();
+    assert_eq!(lr.len(), 100);
+    // PyTorch's OneCycleLR(max_lr=0.01, total_steps=100): step 0 and the peak at step 29.
+    assert!((lr[0].as_f64().unwrap() - 0.0004).abs() < 1e-15);
+    assert_eq!(lr[29].as_f64().unwrap(), 0.01);
+    assert_eq!(
+        curve["momentum"].as_array().unwrap()[0].as_f64().unwrap(),
+        0.95
+    );
+
+    let (code, stdout, _) = lrtune(
+        &["schedule", "-"],
+        Some(r#"{"kind": "cosine_warm_restarts", "base_lr": 0.1, "T_0": 10, "steps": 20}"#),
+    );
+    assert_eq!(code, 0);
+    let curve: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(curve["lr"][10].as_f64().unwrap(), 0.1, "restart at step 10");
+    assert!(curve["momentum"].is_null());
+
+    let (code, _, stderr) = lrtune(
+        &["schedule", "-"],
+        Some(r#"{"kind": "one_cycle", "max_lr": 0.1, "total_steps": 100, "pct_start": 1.5}"#),
+    );
+    assert_eq!(code, 2);
+    assert!(stderr.contains("pct_start"), "{stderr}");
+}

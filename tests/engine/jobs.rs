@@ -1,0 +1,330 @@
+use std::sync::atomic::AtomicBool;
+
+use lrtune::engine::model::{Model, ModelShape};
+use lrtune::engine::optim::Optimizer;
+use lrtune::engine::range_test::{run_range_test, RangeTestInputs};
+use lrtune::engine::schedule::Schedule;
+use lrtune::engine::spec::{OptimizerSpec, RangeTestSpec};
+use lrtune::engine::train::DeviceData;
+use lrtune::engine::{self, Control, Event, JobSpec, Limits, SpecError};
+
+use super::{run, SPIRALS_TUNE};
+
+#[test]
+fn a_tune_on_mnist10k_recommends_its_best_sweep_candidate_with_a_band_around_it() {
+    let (output, events) = run(r#"{
+        "name": "mnist-e2e",
+        "data": {"builtin": "mnist10k"},
+        "model": {"arch": "mlp", "hidden": [64]},
+        "batch_size": 64,
+        "plan": {"epochs": 5},
+        "range_test": {"start_lr": 1e-6, "end_lr": 10, "steps": 100},
+        "sweep": {"count": 4, "epochs": 1}
+    }"#);
+    let result = &output.result;
+    assert_eq!(result.data.rows, 8000, "80 % of 10,000 digits train");
+    assert_eq!(result.data.classes, Some(10));
+    let range = result.range_test.as_ref().expect("tune runs a range test");
+    assert_eq!(output.curve.len(), range.steps_run);
+    let suggestions = range.suggestions;
+    let valley = suggestions.valley.expect("valley");
+    assert!(valley > 1e-4 && valley < 1.0, "valley {valley}");
+    assert!(suggestions.edge.unwrap() > valley);
+
+    assert_eq!(result.sweep.len(), 4);
+    assert!(
+        result.sweep.iter().any(|c| c.peak_lr == valley),
+        "valley is a candidate"
+    );
+    let best = result
+        .sweep
+        .iter()
+        .find(|c| c.best)
+        .expect("a best candidate");
+    let rec = &result.recommendation;
+    assert_eq!(rec.source, "sweep");
+    assert_eq!(rec.peak_lr, best.peak_lr);
+    assert!(rec.band[0] <= rec.peak_lr && rec.peak_lr <= rec.band[1]);
+    for candidate in &result.sweep {
+        if !candidate.diverged {
+            assert!(candidate.val_loss >= best.val_loss);
+        }
+    }
+    assert!(best.val_accuracy.unwrap() > 0.85, "{best:?}");
+    // The schedule is sized for the planned run: 5 epochs of 125 batches.
+    let Schedule::OneCycle(schedule) = &rec.schedule else {
+        panic!("one_cycle expected")
+    };
+    assert_eq!(schedule.total_steps, 5 * 125);
+    assert_eq!(schedule.max_lr, rec.peak_lr);
+    assert!(rec.pytorch.starts_with("OneCycleLR(optimizer, max_lr="));
+    assert!(rec.fastai.starts_with("learn.fit_one_cycle(5, lr_max="));
+    // Every step reported, and the last progress event is complete.
+    let points = events
+        .iter()
+        .filter(|e| matches!(e, Event::Point(_)))
+        .count();
+    assert_eq!(points, range.steps_run);
+    let Some(Event::Progress { done, total }) = events
+        .iter()
+        .rev()
+        .find(|e| matches!(e, Event::Progress { .. }))
+    else {
+        panic!("no progress")
+    };
+    assert_eq!(done, total);
+    assert_eq!(*done, result.timing.total_steps);
+}
+
+#[test]
+fn the_same_spec_and_seed_give_the_same_result() {
+    let (first, _) = run(SPIRALS_TUNE);
+    let (second, _) = run(SPIRALS_TUNE);
+    assert_eq!(first.curve, second.curve);
+    assert_eq!(first.result.sweep, second.result.sweep);
+    assert_eq!(first.result.recommendation, second.result.recommendation);
+    let other_seed = SPIRALS_TUNE.replace("\"batch_size\": 32", "\"batch_size\": 32, \"seed\": 9");
+    let (third, _) = run(&other_seed);
+    assert_ne!(first.curve, third.curve);
+}
+
+#[test]
+fn the_range_test_puts_weights_and_optimizer_state_back() {
+    let spec = JobSpec::from_json(SPIRALS_TUNE).unwrap();
+    let loaded = engine::load_local_data(&spec).unwrap();
+    let device = candle_core::Device::Cpu;
+    let train = DeviceData::new(&loaded.train, &device).unwrap();
+    let shape = ModelShape {
+        input: loaded.train.sample_shape(),
+        output: loaded.train.output_dim(),
+        task: loaded.train.task(),
+    };
+    let model = Model::build(&spec.model, &shape, 0, &device).unwrap();
+    let adam = OptimizerSpec::Adam {
+        betas: [0.9, 0.999],
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let mut optimizer = Optimizer::new(&adam, model.vars());
+    let before: Vec<Vec<f32>> = weights(&model);
+    let state_before = optimizer.state().clone();
+    let cancel = AtomicBool::new(false);
+    let mut sink = |_: Event| {};
+    let mut control = Control::new(&cancel, &mut sink);
+    let curve = run_range_test(
+        RangeTestInputs {
+            model: &model,
+            optimizer: &mut optimizer,
+            train: &train,
+            validation: &train,
+            batch_size: 32,
+            seed: 0,
+        },
+        &RangeTestSpec::default(),
+        &mut control,
+    )
+    .unwrap();
+    assert!(curve.points.len() > 20, "the test trained");
+    assert_eq!(weights(&model), before, "weights restored bit for bit");
+    assert_eq!(optimizer.state(), &state_before, "optimizer state restored");
+}
+
+fn weights(model: &Model) -> Vec<Vec<f32>> {
+    model
+        .vars()
+        .iter()
+        .map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_tunes_sweep_equals_a_sweep_job_on_the_same_candidates() {
+    // If the range test leaked any state into the sweep, these would differ.
+    let (tune, _) = run(SPIRALS_TUNE);
+    let candidates: Vec<f64> = tune.result.sweep.iter().map(|c| c.peak_lr).collect();
+    let sweep_spec = SPIRALS_TUNE.replace(
+        "\"sweep\": {\"count\": 3, \"epochs\": 1}",
+        &format!(
+            "\"kind\": \"sweep\", \"sweep\": {{\"candidates\": {}, \"epochs\": 1}}",
+            serde_json::to_string(&candidates).unwrap()
+        ),
+    );
+    let (sweep, _) = run(&sweep_spec);
+    assert!(sweep.result.range_test.is_none());
+    assert!(sweep.curve.is_empty());
+    assert_eq!(tune.result.sweep, sweep.result.sweep);
+}
+
+#[test]
+fn a_range_test_job_follows_the_exponential_schedule_and_stops_on_divergence() {
+    let (output, _) = run(r#"{
+        "kind": "range_test",
+        "data": {"builtin": "blobs", "samples": 2048},
+        "model": {"arch": "linear"},
+        "optimizer": {"name": "sgd", "momentum": 0.0},
+        "batch_size": 64,
+        "range_test": {"start_lr": 1e-4, "end_lr": 1000, "steps": 80}
+    }"#);
+    let result = &output.result;
+    assert!(result.sweep.is_empty());
+    assert_eq!(result.recommendation.source, "range_test");
+    let range = result.range_test.as_ref().unwrap();
+    assert!(range.stopped_early, "{range:?}");
+    assert!(range.stop_reason.is_some());
+    for point in &output.curve {
+        let want = 1e-4 * (1e7f64).powf(point.step as f64 / 79.0);
+        assert!((point.lr / want - 1.0).abs() < 1e-12);
+    }
+    let last = output.curve.last().unwrap();
+    let best = output
+        .curve
+        .iter()
+        .map(|p| p.smoothed)
+        .fold(f64::INFINITY, f64::min);
+    assert!(!last.loss.is_finite() || last.smoothed > 4.0 * best);
+}
+
+#[test]
+fn validation_loss_mode_records_the_validation_loss_after_each_step() {
+    let (output, _) = run(r#"{
+        "kind": "range_test",
+        "data": {"builtin": "blobs", "samples": 1024},
+        "model": {"arch": "mlp", "hidden": [16], "activation": "tanh"},
+        "optimizer": {"name": "adam"},
+        "batch_size": 32,
+        "range_test": {"start_lr": 1e-5, "end_lr": 1, "steps": 40, "loss": "validation"}
+    }"#);
+    assert_eq!(output.curve.len(), 40);
+    let first = output.curve.first().unwrap().loss;
+    let lowest = output
+        .curve
+        .iter()
+        .map(|p| p.loss)
+        .fold(f64::INFINITY, f64::min);
+    assert!(
+        lowest < first * 0.5,
+        "validation loss fell: {first} -> {lowest}"
+    );
+}
+
+#[test]
+fn a_character_transformer_tunes_on_a_text_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("corpus.txt");
+    let text = "the quick brown fox jumps over the lazy dog. ".repeat(60);
+    std::fs::write(&path, text).unwrap();
+    let (output, _) = run(&format!(
+        r#"{{
+        "data": {{"path": {:?}}},
+        "model": {{"arch": "transformer", "d_model": 32, "heads": 2, "layers": 1, "context": 16}},
+        "optimizer": {{"name": "adamw"}},
+        "batch_size": 16,
+        "plan": {{"epochs": 2}},
+        "range_test": {{"start_lr": 1e-5, "end_lr": 10, "steps": 40}},
+        "sweep": {{"count": 2, "epochs": 1}}
+    }}"#,
+        path.to_str().unwrap()
+    ));
+    let result = &output.result;
+    assert_eq!(result.data.task, lrtune::engine::data::Task::LanguageModel);
+    assert_eq!(result.sweep.len(), 2);
+    let best = result.sweep.iter().find(|c| c.best).unwrap();
+    // 28 distinct characters: a trained model beats uniform guessing (ln 28 = 3.33).
+    assert!(best.val_loss < 3.0, "{best:?}");
+}
+
+#[test]
+fn a_csv_pair_keeps_class_indices_consistent_across_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.csv");
+    let validation = dir.path().join("val.csv");
+    let mut train_text = String::from("a,b,label\n");
+    for i in 0..90 {
+        let class = [3, 7, 9][i % 3];
+        train_text += &format!(
+            "{},{},{class}\n",
+            class as f64 + (i as f64 * 0.01),
+            -(class as f64)
+        );
+    }
+    // The validation file has only classes 7 and 9: read on its own they would become 0, 1.
+    let validation_text = "a,b,label\n7.1,-7,7\n9.2,-9,9\n7.3,-7,7\n9.0,-9,9\n";
+    std::fs::write(&train, train_text).unwrap();
+    std::fs::write(&validation, validation_text).unwrap();
+    let spec = JobSpec::from_json(&format!(
+        r#"{{"data": {{"path": {:?}, "validation_path": {:?}}}}}"#,
+        train.to_str().unwrap(),
+        validation.to_str().unwrap()
+    ))
+    .unwrap();
+    let loaded = engine::load_local_data(&spec).unwrap();
+    let validation = loaded.validation.unwrap();
+    let lrtune::engine::data::Targets::Classes { labels, classes } = &validation.targets else {
+        panic!("classes expected")
+    };
+    assert_eq!(*classes, 3);
+    assert_eq!(labels, &vec![1, 2, 1, 2]);
+}
+
+#[test]
+fn a_spec_that_does_not_fit_the_data_names_the_field() {
+    let cases = [
+        (
+            r#"{"data": {"builtin": "spirals", "samples": 100}, "batch_size": 500}"#,
+            "batch_size",
+        ),
+        (
+            r#"{"data": {"builtin": "spirals"}, "model": {"arch": "cnn"}}"#,
+            "model.arch",
+        ),
+        (
+            r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "cnn", "channels": [4, 4, 4, 4, 4, 4]}}"#,
+            "model.channels[4]",
+        ),
+        (
+            r#"{"data": {"builtin": "mnist10k"}, "task": "regression"}"#,
+            "task",
+        ),
+        (
+            r#"{"data": {"builtin": "spirals", "samples": 64}, "batch_size": 32, "sweep": {"epochs": 1}}"#,
+            "sweep.epochs",
+        ),
+    ];
+    for (spec_json, field) in cases {
+        let spec = JobSpec::from_json(spec_json).unwrap();
+        spec.validate(&Limits::default()).unwrap();
+        let loaded = engine::load_local_data(&spec).unwrap();
+        let cancel = AtomicBool::new(false);
+        let error = engine::run_job(&spec, loaded, &Limits::default(), &cancel, &mut |_| {})
+            .err()
+            .unwrap_or_else(|| panic!("{spec_json} should fail"));
+        match error {
+            engine::EngineError::Spec(SpecError {
+                field: got,
+                message,
+            }) => {
+                assert_eq!(got, field, "{spec_json}: {message}")
+            }
+            other => panic!("{spec_json}: {other}"),
+        }
+    }
+}
+
+#[test]
+fn a_canceled_job_stops_with_canceled() {
+    let spec = JobSpec::from_json(SPIRALS_TUNE).unwrap();
+    let loaded = engine::load_local_data(&spec).unwrap();
+    let cancel = AtomicBool::new(false);
+    let mut steps = 0;
+    let mut observer = |event: Event| {
+        if let Event::Point(_) = event {
+            steps += 1;
+            if steps == 10 {
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    };
+    let error = engine::run_job(&spec, loaded, &Limits::default(), &cancel, &mut observer);
+    assert!(matches!(error, Err(engine::EngineError::Canceled)));
+    assert_eq!(steps, 10, "stopped within a step");
+}
