@@ -1,6 +1,7 @@
 //! The `lrtune` command line: one binary with a subcommand per way of using the tool.
 //! Exit codes follow ripgrep: 0 ok, 1 check failed, 2 error.
 
+mod eval;
 mod report;
 mod run;
 mod schedule;
@@ -29,6 +30,8 @@ enum Command {
     Schedule(Box<schedule::ScheduleArgs>),
     /// Run the HTTP service: API, job queue and workers on a SQLite file.
     Serve(Box<serve::ServeArgs>),
+    /// Score recommendations against a full grid search on the built-in problems.
+    Eval(eval::EvalArgs),
 }
 
 /// What a command concluded, mapped to the process exit code.
@@ -45,6 +48,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Schedule(args) => schedule::run(*args),
         Command::Serve(args) => serve::run(*args),
+        Command::Eval(args) => eval::run(args),
     };
     match outcome {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
