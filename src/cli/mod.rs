@@ -1,6 +1,7 @@
 //! The `lrtune` command line: one binary with a subcommand per way of using the tool.
 //! Exit codes follow ripgrep: 0 ok, 1 check failed, 2 error.
 
+mod bench;
 mod eval;
 mod report;
 mod run;
@@ -32,6 +33,8 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Score recommendations against a full grid search on the built-in problems.
     Eval(eval::EvalArgs),
+    /// Milliseconds per training step against PyTorch, tune wall time, peak memory.
+    Bench(bench::BenchArgs),
 }
 
 /// What a command concluded, mapped to the process exit code.
@@ -49,6 +52,7 @@ pub fn main() -> ExitCode {
         Command::Schedule(args) => schedule::run(*args),
         Command::Serve(args) => serve::run(*args),
         Command::Eval(args) => eval::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match outcome {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,

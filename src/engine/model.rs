@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 
 use super::data::Task;
+use super::ops;
 use super::rng::Rng;
 use super::spec::{Activation, ModelSpec, SpecError};
 
@@ -53,7 +54,7 @@ impl Dense {
                 .matmul(&weight_t)?
                 .reshape(out_shape)?
         };
-        y.broadcast_add(self.bias.as_tensor())
+        ops::add_bias(&y, self.bias.as_tensor())
     }
 
     fn vars(&self) -> [&Var; 2] {
@@ -79,13 +80,8 @@ impl LayerNorm {
         })
     }
 
-    /// Written with differentiable primitives: candle's fused layer norm has no backward pass.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(variance + 1e-5)?.sqrt()?)?;
-        normed
+        ops::normalize_last_dim(x)?
             .broadcast_mul(self.gain.as_tensor())?
             .broadcast_add(self.shift.as_tensor())
     }
@@ -246,7 +242,7 @@ impl Model {
                 for block in blocks {
                     h = (&h
                         + attention(&block.norm_attention.forward(&h)?, block, *heads, &mask)?)?;
-                    let expanded = block.expand.forward(&block.norm_mlp.forward(&h)?)?.gelu()?;
+                    let expanded = ops::gelu(&block.expand.forward(&block.norm_mlp.forward(&h)?)?)?;
                     h = (&h + block.contract.forward(&expanded)?)?;
                 }
                 head.forward(&final_norm.forward(&h)?)
@@ -307,7 +303,7 @@ fn attention(
     };
     let (query, key, value) = (split(0)?, split(1)?, split(2)?);
     let scores = (query.matmul(&key.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(mask)?;
-    let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let weights = ops::softmax_last_dim(&scores)?;
     let mixed = weights
         .matmul(&value)?
         .transpose(1, 2)?
@@ -318,7 +314,7 @@ fn attention(
 fn activate(x: &Tensor, activation: Activation) -> candle_core::Result<Tensor> {
     match activation {
         Activation::Relu => x.relu(),
-        Activation::Gelu => x.gelu(),
+        Activation::Gelu => ops::gelu(x),
         Activation::Tanh => x.tanh(),
         Activation::Silu => x.silu(),
     }
