@@ -77,6 +77,7 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<Outcome> {
                 suggestions: analysis.suggestions,
                 band: None,
                 peak: None,
+                checked: None,
             },
         )?;
     }

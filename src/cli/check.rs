@@ -69,7 +69,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<Outcome> {
     }
     if let Some(path) = &args.plot {
         let title = format!("lrtune check --lr {}", format_lr(args.lr));
-        write_result_plot(path, &title, &result, &curve)?;
+        write_result_plot(path, &title, &result, &curve, Some(args.lr))?;
     }
     let rec = &result.recommendation;
     let verdict = Verdict::of(args.lr, rec.band);

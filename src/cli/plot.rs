@@ -4,6 +4,7 @@
 
 use anyhow::{bail, Context};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::engine::suggest::Suggestions;
 use crate::engine::{CurvePoint, JobResult};
@@ -22,6 +23,8 @@ pub struct Plot {
     /// The recommended band and peak, for a tune job's result.
     pub band: Option<[f64; 2]>,
     pub peak: Option<f64>,
+    /// The learning rate `check` was asked about.
+    pub checked: Option<f64>,
 }
 
 impl Plot {
@@ -39,16 +42,19 @@ impl Plot {
                 .unwrap_or_default(),
             band: Some(result.recommendation.band),
             peak: Some(result.recommendation.peak_lr),
+            checked: None,
         }
     }
 }
 
-/// Writes a job's plot, or says on stderr why there is none (a sweep job has no curve).
+/// Writes a job's plot (with the learning rate `check` was asked about, if any), or says on
+/// stderr why there is none (a sweep job has no curve).
 pub fn write_result_plot(
     path: &str,
     title: &str,
     result: &JobResult,
     curve: &[CurvePoint],
+    checked: Option<f64>,
 ) -> anyhow::Result<()> {
     if curve.len() < 2 {
         eprintln!(
@@ -56,7 +62,9 @@ pub fn write_result_plot(
         );
         return Ok(());
     }
-    write_svg(path, &Plot::of_result(title, result, curve))
+    let mut plot = Plot::of_result(title, result, curve);
+    plot.checked = checked;
+    write_svg(path, &plot)
 }
 
 pub fn write_svg(path: &str, plot: &Plot) -> anyhow::Result<()> {
@@ -160,26 +168,46 @@ pub fn render_svg(plot: &Plot) -> anyhow::Result<String> {
         .chain(
             plot.peak
                 .map(|peak| ("peak".to_string(), peak, RGBColor(0, 130, 60))),
-        );
+        )
+        .chain(plot.checked.map(|lr| ("--lr".to_string(), lr, BLACK)));
         let step = (y_max - y_min) * 0.055;
         for (row, (name, lr, color)) in markers.enumerate() {
+            let label_y = y_max - step * (row as f64 + 0.6);
+            let font = ("sans-serif", 14).into_font().color(&color);
             if !(x_min..=x_max).contains(&lr) {
+                // Off the curve's range: say so at the nearer edge instead of drawing a line.
+                let (x, text, anchor) = if lr > x_max {
+                    (x_max, format!("{name} {} ->", format_lr(lr)), HPos::Right)
+                } else {
+                    (x_min, format!("<- {name} {}", format_lr(lr)), HPos::Left)
+                };
+                chart
+                    .draw_series(std::iter::once(Text::new(
+                        text,
+                        (x, label_y),
+                        font.pos(Pos::new(anchor, VPos::Top)),
+                    )))
+                    .map_err(draw_error)?;
                 continue;
             }
+            let width = if name == "peak" || name == "--lr" {
+                2
+            } else {
+                1
+            };
             chart
                 .draw_series(DashedLineSeries::new(
                     [(lr, y_min), (lr, y_max)],
                     6,
                     4,
-                    color.stroke_width(if name == "peak" { 2 } else { 1 }),
+                    color.stroke_width(width),
                 ))
                 .map_err(draw_error)?;
-            let label_y = y_max - step * (row as f64 + 0.6);
             chart
                 .draw_series(std::iter::once(Text::new(
                     format!(" {name} {}", format_lr(lr)),
                     (lr, label_y),
-                    ("sans-serif", 14).into_font().color(&color),
+                    font,
                 )))
                 .map_err(draw_error)?;
         }

@@ -35,7 +35,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<Outcome> {
         write_curve_csv(path, &output.curve)?;
     }
     if let Some(path) = &args.plot {
-        plot::write_result_plot(path, "lrtune run", &output.result, &output.curve)?;
+        plot::write_result_plot(path, "lrtune run", &output.result, &output.curve, None)?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&output.result)?);

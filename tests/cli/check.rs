@@ -121,7 +121,14 @@ fn check_exits_1_far_above_the_band_saying_by_how_much_and_plots_the_curve() {
     );
     assert_plot(
         &plot,
-        &["valley", "steepest", "edge", "peak", "recommended band"],
+        &[
+            "valley",
+            "steepest",
+            "edge",
+            "peak",
+            "recommended band",
+            "--lr",
+        ],
     );
 }
 
