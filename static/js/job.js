@@ -156,10 +156,13 @@ async function renderRecommendation() {
   try {
     const curve = await api.schedule(recommendation.schedule);
     scheduleChart($('schedule-chart'), curve);
-    const total = curve.lr.length;
+    const schedule = recommendation.schedule;
+    const peak = Number.isFinite(schedule.max_lr) ? `, peak ${lr(schedule.max_lr, 3)}` : '';
     $('schedule-empty').textContent =
-      `${recommendation.schedule.kind.replace('_', ' ')} over the planned ${total} steps, ` +
-      `peak ${lr(Math.max(...curve.lr))}.`;
+      `${schedule.kind.replace('_', ' ')} over the planned ${curve.lr.length} steps${peak}. ` +
+      (Array.isArray(curve.momentum) && curve.momentum.some(Number.isFinite)
+        ? 'Learning rate on the left axis, momentum (dashed) on the right.'
+        : 'Learning rate per optimizer step.');
   } catch (error) {
     state.scheduleShown = false;
     $('schedule-empty').textContent = `Could not compute the schedule: ${describeError(error)}`;
@@ -198,10 +201,16 @@ function onEvent(name, data) {
     if (!last || data.step > last.step) state.points.push(data);
     redrawSoon();
   } else if (name === 'sweep_run') {
-    state.sweepRuns.push(data);
+    const known = state.sweepRuns.some((run) => run.peak_lr === data.peak_lr && run.seed === data.seed);
+    if (!known) state.sweepRuns.push(data);
     redrawSoon();
   } else if (name === 'progress') {
     state.job.progress = { ...state.job.progress, ...data };
+    // The stream sends no `status` when a queued job starts: its first progress says so.
+    if (state.job.status === 'queued' && data.total > 0) {
+      state.job.status = 'running';
+      renderHead(state.job);
+    }
     renderProgress(state.job.progress, state.job.status);
   } else if (name === 'status') {
     state.job.status = data.status;
@@ -210,11 +219,44 @@ function onEvent(name, data) {
   }
 }
 
+/**
+ * One connection to the event stream. Points written between the page's first read of the
+ * curve and the subscription would be missed, so once the stream is open the curve is read
+ * again and the events that came meanwhile are applied on top (repeats are dropped).
+ */
+async function streamOnce() {
+  let synced = false;
+  let resync = null;
+  const early = [];
+  await readEvents(id, (name, data) => {
+    if (synced) {
+      onEvent(name, data);
+      return;
+    }
+    early.push([name, data]);
+    resync ??= api
+      .curve(id)
+      .then((curve) => {
+        state.points = curve.points;
+        state.sweepRuns = curve.sweep_runs;
+      })
+      .catch(() => {
+        // Keep what the page has: the reload when the stream ends fills any gap.
+      })
+      .finally(() => {
+        synced = true;
+        for (const [earlyName, earlyData] of early.splice(0)) onEvent(earlyName, earlyData);
+        redrawSoon();
+      });
+  });
+  if (resync) await resync;
+}
+
 async function follow() {
   let failures = 0;
   while (ACTIVE.has(state.job.status)) {
     try {
-      await readEvents(id, onEvent);
+      await streamOnce();
       failures = 0;
     } catch (error) {
       failures += 1;

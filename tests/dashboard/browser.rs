@@ -70,6 +70,7 @@ impl Browser {
                 "--disable-sync",
                 "--disable-extensions",
                 "--mute-audio",
+                "--hide-scrollbars",
                 "--remote-debugging-address=127.0.0.1",
                 "--remote-debugging-port=0",
                 "--window-size=1280,900",
@@ -330,6 +331,11 @@ impl Page {
         ))
         .as_u64()
         .unwrap_or(0)
+    }
+
+    /// Brings the tab to the front (a background tab gets no animation frames).
+    pub fn activate(&mut self) {
+        self.connection.call("Page.bringToFront", json!({}));
     }
 
     /// Sets the viewport in CSS pixels (`mobile` for a phone).

@@ -147,6 +147,77 @@ fn the_job_page_draws_its_charts_and_shows_the_recommended_peak() {
 }
 
 #[test]
+fn a_queued_job_is_followed_live_and_a_running_one_can_be_canceled_from_its_page() {
+    let Some(binary) = chromium() else { return };
+    let _one = lock();
+    let server = Server::start(None);
+    // One worker: `slow` runs (for minutes, unless canceled) while `next` waits in the queue.
+    let mut slow = tiny_spec("slow");
+    slow["data"]["samples"] = json!(4096);
+    slow["model"]["hidden"] = json!([256, 256]);
+    slow["range_test"]["steps"] = json!(5000);
+    let mut next = tiny_spec("next");
+    next["data"]["samples"] = json!(4096);
+    next["model"]["hidden"] = json!([128, 128]);
+    next["range_test"]["steps"] = json!(2500);
+    let (status, slow) = server.json("POST", "/v1/jobs", Some(&slow));
+    assert_eq!(status, 202);
+    let (status, next) = server.json("POST", "/v1/jobs", Some(&next));
+    assert_eq!(status, 202);
+    let (slow_id, next_id) = (slow["id"].as_str().unwrap(), next["id"].as_str().unwrap());
+
+    let browser = Browser::launch(&binary);
+    // `next`'s page, opened while it is queued: nothing to draw yet.
+    let mut waiting = browser.page();
+    waiting.navigate(&format!("{}/jobs/{next_id}", server.address));
+    waiting.wait_for(
+        "document.getElementById('job-status').textContent === 'queued'",
+        LONG,
+    );
+    assert_eq!(waiting.count("#range-chart canvas"), 0);
+    assert_eq!(
+        waiting.eval("document.getElementById('cancel-button').hidden"),
+        false
+    );
+
+    // `slow`'s page draws its curve as it runs; its cancel button stops it.
+    let mut running = browser.page();
+    running.navigate(&format!("{}/jobs/{slow_id}", server.address));
+    running.wait_for(
+        "document.getElementById('job-status').textContent === 'running' &&          document.querySelector('#range-chart canvas') &&          document.getElementById('job-progress-text').textContent.includes('step')",
+        LONG,
+    );
+    running.viewport(1280, 900, false);
+    running.screenshot(&screenshot_dir().join("job-running-1280.png"));
+    running.eval("document.getElementById('cancel-button').click()");
+    running.wait_for(
+        "document.getElementById('job-status').textContent === 'canceled'",
+        LONG,
+    );
+    running.wait_for("document.getElementById('cancel-button').hidden", LONG);
+    waiting.activate();
+
+    // `next` starts; its page, never reloaded, draws the curve while it runs (from the event
+    // stream: the page read no points before), then shows the result.
+    waiting.wait_for(
+        "document.getElementById('job-status').textContent === 'running' &&          document.querySelector('#range-chart canvas')",
+        LONG,
+    );
+    waiting.wait_for(
+        "document.body.dataset.loaded === 'true' && document.querySelector('#schedule-chart canvas')",
+        Duration::from_secs(60),
+    );
+    let job = server.wait_for_job(next_id, LONG);
+    let peak = job["result"]["recommendation"]["peak_lr"].as_f64().unwrap();
+    assert_eq!(waiting.text("#rec-peak"), sci(peak, 3));
+    assert_eq!(waiting.count("#sweep-chart canvas"), 1);
+    let (_, canceled) = server.json("GET", &format!("/v1/jobs/{slow_id}"), None);
+    assert_eq!(canceled["status"], "canceled");
+    assert_no_console_errors(&mut waiting, &[]);
+    assert_no_console_errors(&mut running, &[]);
+}
+
+#[test]
 fn a_job_submitted_from_the_form_appears_in_the_list_and_finishes() {
     let Some(binary) = chromium() else { return };
     let _one = lock();
