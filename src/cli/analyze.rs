@@ -21,9 +21,10 @@ pub struct AnalyzeArgs {
     /// Print the analysis as JSON (the same shape as POST /v1/analyze answers).
     #[arg(long)]
     pub json: bool,
-    /// The smoothing factor of the loss's moving average (fastai's 0.98).
-    #[arg(long, default_value_t = 0.98)]
-    pub smoothing: f64,
+    /// The smoothing factor of the loss's moving average [default: a JSON curve's
+    /// `smoothing`, else fastai's 0.98].
+    #[arg(long)]
+    pub smoothing: Option<f64>,
     /// Also draw the curve and the suggestions to this SVG file.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<String>,
@@ -34,12 +35,16 @@ pub struct AnalyzeArgs {
 pub struct Curve {
     pub lrs: Vec<f64>,
     pub losses: Vec<f64>,
+    /// A JSON curve may carry it, as a `POST /v1/analyze` body does.
+    pub smoothing: Option<f64>,
 }
 
 #[derive(Deserialize)]
 struct JsonCurve {
     lr: Vec<f64>,
     loss: Vec<Option<f64>>,
+    #[serde(default)]
+    smoothing: Option<f64>,
 }
 
 pub fn run(args: AnalyzeArgs) -> anyhow::Result<Outcome> {
@@ -51,17 +56,17 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<Outcome> {
         parse_json(&text)
     }
     .with_context(|| format!("reading the curve {}", args.curve))?;
-    let analysis =
-        suggest::analyze(&curve.lrs, &curve.losses, args.smoothing).map_err(|error| {
-            let place = if error.field == "smoothing" {
-                "--smoothing".to_string()
-            } else if is_csv {
-                csv_place(&error.field)
-            } else {
-                error.field.clone()
-            };
-            anyhow::anyhow!("{}: {place}: {}", args.curve, error.message)
-        })?;
+    let smoothing = args.smoothing.or(curve.smoothing).unwrap_or(0.98);
+    let analysis = suggest::analyze(&curve.lrs, &curve.losses, smoothing).map_err(|error| {
+        let place = if error.field == "smoothing" && args.smoothing.is_some() {
+            "--smoothing".to_string()
+        } else if is_csv {
+            csv_place(&error.field)
+        } else {
+            error.field.clone()
+        };
+        anyhow::anyhow!("{}: {place}: {}", args.curve, error.message)
+    })?;
     if let Some(path) = &args.plot {
         // The smoothed curve stops where the losses stop being finite.
         let mut smoothed = analysis.smoothed.clone();
@@ -134,6 +139,7 @@ pub fn parse_json(text: &str) -> anyhow::Result<Curve> {
             .into_iter()
             .map(|loss| loss.unwrap_or(f64::NAN))
             .collect(),
+        smoothing: curve.smoothing,
     })
 }
 
@@ -159,6 +165,7 @@ pub fn parse_csv(text: &str) -> anyhow::Result<Curve> {
     let mut curve = Curve {
         lrs: Vec::new(),
         losses: Vec::new(),
+        smoothing: None,
     };
     for (index, record) in reader.records().enumerate() {
         let row = index + 1;

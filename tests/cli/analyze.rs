@@ -91,6 +91,17 @@ fn analyze_gives_the_engines_suggestions_and_warnings_for_csv_and_json() {
         assert_eq!(analysis, expected, "{path}");
     }
 
+    // A POST /v1/analyze body, smoothing included, reads the same from a file.
+    let body = write(
+        dir.path(),
+        "body.json",
+        &serde_json::json!({"lr": lrs, "loss": json_losses, "smoothing": 0.9}).to_string(),
+    );
+    let run = lrtune(&["analyze", &body, "--json"], &[]);
+    assert_eq!(run.code, 0, "{run}");
+    let analysis: suggest::Analysis = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(analysis, suggest::analyze(&lrs, &losses, 0.9).unwrap());
+
     let run = lrtune(&["analyze", &csv_path], &[]);
     assert_eq!(run.code, 0, "{run}");
     let s = expected.suggestions;

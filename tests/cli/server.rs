@@ -217,3 +217,66 @@ fn a_server_with_a_token_needs_it_from_the_flag_or_the_environment() {
     );
     assert_eq!(run.code, 0, "{run}");
 }
+
+/// A bare HTTP/1.1 request to the test server (enough to list and cancel jobs from the side).
+fn http(address: &str, method: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let host = address.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(host).expect("the server accepts");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+}
+
+#[test]
+fn a_job_canceled_while_check_waits_exits_2_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), &[]);
+    // Long enough to be canceled while it runs (tens of seconds if left alone).
+    let spec = write(
+        dir.path(),
+        "long.json",
+        r#"{"data": {"builtin": "spirals", "samples": 4096}, "model": {"arch": "mlp", "hidden": [64, 64]},
+            "batch_size": 16, "range_test": {"steps": 5000, "end_lr": 0.01}, "sweep": {"count": 2, "epochs": 1}}"#,
+    );
+    let address = server.address.clone();
+    let canceler = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            let answer = http(&address, "GET", "/v1/jobs?status=running");
+            if let Some(id) = answer
+                .split("\"id\":\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+            {
+                return http(&address, "POST", &format!("/v1/jobs/{id}/cancel"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the job never showed up as running");
+    });
+    let run = lrtune(
+        &[
+            "check",
+            &spec,
+            "--lr",
+            "0.01",
+            "--server",
+            &server.address,
+            "-q",
+        ],
+        &[],
+    );
+    let cancel = canceler.join().unwrap();
+    assert!(cancel.starts_with("HTTP/1.1 202"), "{cancel}");
+    assert_eq!(run.code, 2, "{run}");
+    assert!(run.stderr.contains("was canceled"), "{run}");
+}
