@@ -123,7 +123,8 @@ function markPoint(u, x, y, color, label) {
 
 /**
  * The range test: raw and smoothed loss on a log learning-rate axis. `update(points, marks)`
- * redraws; `marks` holds `suggestions`, `band`, `peak` and `stoppedEarly` once known.
+ * redraws; `marks` holds `xRange` ([start_lr, end_lr]) and, once known, `suggestions`,
+ * `band`, `peak` and `stoppedEarly`.
  */
 export function rangeChart(container) {
   let plot = null;
@@ -174,7 +175,12 @@ export function rangeChart(container) {
       {
         width,
         height: chartHeight(container),
-        scales: { x: { time: false, distr: 3, log: 10 }, y: { range: yRange } },
+        scales: {
+          // The whole tested range when known, so a running test fills it from the left and
+          // an early stop shows how far short of end_lr it fell.
+          x: { time: false, distr: 3, log: 10, range: (u, min, max) => marks.xRange || [min, max] },
+          y: { range: yRange },
+        },
         axes: [logAxis('learning rate (log scale)'), valueAxis('training loss')],
         series: [
           { label: 'learning rate', value: (u, v) => fmtLr(v) },

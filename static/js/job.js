@@ -64,10 +64,14 @@ function renderProgress(progress, status) {
 }
 
 function marks(job) {
+  const tested = job.spec && job.spec.range_test;
+  const xRange =
+    tested && tested.start_lr > 0 && tested.end_lr > tested.start_lr ? [tested.start_lr, tested.end_lr] : null;
   const result = resultOf(job);
-  if (!result) return {};
+  if (!result) return { xRange };
   const recommendation = result.recommendation || {};
   return {
+    xRange,
     suggestions: result.range_test ? result.range_test.suggestions : null,
     stoppedEarly: result.range_test ? result.range_test.stopped_early : false,
     band: recommendation.band || null,

@@ -41,6 +41,15 @@ fn sci(value: f64, digits: usize) -> String {
     text.strip_suffix("e0").map_or(text.clone(), str::to_string)
 }
 
+/// The elements that reach past `width` CSS pixels (none, on a page that fits).
+fn too_wide(page: &mut Page, width: u32) -> serde_json::Value {
+    page.eval(&format!(
+        "[...document.querySelectorAll('body *')]
+            .filter(node => node.getBoundingClientRect().right > {width} + 0.5)
+            .map(node => node.tagName + '#' + node.id + '.' + node.className)"
+    ))
+}
+
 const LONG: Duration = Duration::from_secs(30);
 
 #[test]
@@ -69,6 +78,12 @@ fn the_job_list_shows_a_finished_job_with_its_peak_learning_rate() {
     page.viewport(390, 844, true);
     page.wait_for("document.documentElement.clientWidth === 390", LONG);
     page.screenshot(&screenshot_dir().join("index-390.png"));
+    assert_eq!(too_wide(&mut page, 390), json!([]), "the list fits a phone");
+    assert_eq!(
+        page.eval("(w => w.scrollWidth <= w.clientWidth)(document.querySelector('.table-wrap'))"),
+        true,
+        "the job table needs no sideways scrolling on a phone"
+    );
     assert_no_console_errors(&mut page, &[]);
 }
 
@@ -137,12 +152,11 @@ fn the_job_page_draws_its_charts_and_shows_the_recommended_peak() {
         LONG,
     );
     page.screenshot(&screenshot_dir().join("job-390.png"));
-    let too_wide = page.eval(
-        "[...document.querySelectorAll('body *')]
-            .filter(node => node.getBoundingClientRect().right > 391)
-            .map(node => node.tagName + '#' + node.id + '.' + node.className)",
+    assert_eq!(
+        too_wide(&mut page, 390),
+        json!([]),
+        "the job page fits a phone"
     );
-    assert_eq!(too_wide, json!([]), "nothing is wider than a phone screen");
     assert_no_console_errors(&mut page, &[]);
 }
 
@@ -419,11 +433,44 @@ fn the_dashboard_is_served_from_the_binary_with_types_and_cache_headers() {
         assert!(String::from_utf8_lossy(&body).contains(needle), "{path}");
         let etag = header("etag");
         assert!(etag.starts_with('"'), "{path}: {etag}");
+        let (status, _, body) =
+            server.request_with("GET", path, None, &format!("If-None-Match: {etag}\r\n"));
+        assert_eq!((status, body.len()), (304, 0), "{path} unchanged");
     }
+    let (_, headers, _) = server.request("GET", "/", None);
+    let policy = headers
+        .iter()
+        .find(|(name, _)| name == "content-security-policy")
+        .map(|(_, value)| value.as_str());
+    assert!(
+        policy.is_some_and(|p| p.contains("default-src 'self'")),
+        "{policy:?}"
+    );
     let (status, _, _) = server.request("GET", "/nothing-here.js", None);
     assert_eq!(status, 404);
     let (status, _, _) = server.request("GET", "/../Cargo.toml", None);
     assert_eq!(status, 404);
     let (status, _, _) = server.request("GET", "/jobs/", None);
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn with_static_dir_the_files_found_there_replace_the_built_in_ones() {
+    let overlay = tempfile::tempdir().unwrap();
+    std::fs::write(overlay.path().join("index.html"), "<p>edited</p>").unwrap();
+    let folder = overlay.path().to_str().unwrap();
+    let server = Server::start_with(None, &["--static-dir", folder]);
+    let (status, _, body) = server.request("GET", "/", None);
+    assert_eq!(
+        (status, body.as_slice()),
+        (200, b"<p>edited</p>".as_slice())
+    );
+    // Not in the folder: the built-in copy.
+    let (status, _, body) = server.request("GET", "/js/api.js", None);
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("readEvents"));
+    // Only the dashboard's own file names are looked up there.
+    std::fs::write(overlay.path().join("secret.txt"), "no").unwrap();
+    let (status, _, _) = server.request("GET", "/secret.txt", None);
     assert_eq!(status, 404);
 }

@@ -34,6 +34,11 @@ pub fn tiny_spec(name: &str) -> Value {
 
 impl Server {
     pub fn start(token: Option<&str>) -> Server {
+        Server::start_with(token, &[])
+    }
+
+    /// With more `lrtune serve` arguments.
+    pub fn start_with(token: Option<&str>, args: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let mut command = Command::new(env!("CARGO_BIN_EXE_lrtune"));
         command
@@ -48,6 +53,7 @@ impl Server {
         if let Some(token) = token {
             command.args(["--api-token", token]);
         }
+        command.args(args);
         let mut child = command.spawn().expect("lrtune serve starts");
         let stdout = child.stdout.take().expect("the server's stdout");
         let (sender, receiver) = mpsc::channel();
@@ -88,6 +94,17 @@ impl Server {
         path: &str,
         body: Option<&Value>,
     ) -> (u16, Vec<(String, String)>, Vec<u8>) {
+        self.request_with(method, path, body, "")
+    }
+
+    /// `extra` is more header lines, each ending in `\r\n`.
+    pub fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        extra: &str,
+    ) -> (u16, Vec<(String, String)>, Vec<u8>) {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("the server");
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
@@ -100,7 +117,7 @@ impl Server {
             .unwrap_or_default();
         write!(
             stream,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{auth}\
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{auth}{extra}\
              Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
