@@ -1,12 +1,17 @@
 //! The `lrtune` command line: one binary with a subcommand per way of using the tool.
 //! Exit codes follow ripgrep: 0 ok, 1 check failed, 2 error.
 
+mod analyze;
 mod bench;
+mod check;
+mod client;
 mod eval;
+mod plot;
 mod report;
 mod run;
 mod schedule;
 mod serve;
+mod submit;
 
 use std::process::ExitCode;
 
@@ -27,6 +32,12 @@ pub struct Cli {
 enum Command {
     /// Run a whole job locally, no server: range test, sweep, recommendation.
     Run(run::RunArgs),
+    /// Queue a job on a running `lrtune serve`; with --wait, follow it and print the result.
+    Submit(submit::SubmitArgs),
+    /// CI hook: exit 0 when --lr is inside the recommended band, 1 when not, 2 on error.
+    Check(check::CheckArgs),
+    /// Suggestions and warnings for a range-test curve measured elsewhere (CSV or JSON).
+    Analyze(analyze::AnalyzeArgs),
     /// Print a schedule's learning rate and momentum per step.
     Schedule(Box<schedule::ScheduleArgs>),
     /// Run the HTTP service: API, job queue and workers on a SQLite file.
@@ -49,6 +60,9 @@ pub fn main() -> ExitCode {
     init_logging();
     let outcome = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Submit(args) => submit::run(args),
+        Command::Check(args) => check::run(args),
+        Command::Analyze(args) => analyze::run(args),
         Command::Schedule(args) => schedule::run(*args),
         Command::Serve(args) => serve::run(*args),
         Command::Eval(args) => eval::run(args),

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{read_input, report, Outcome};
+use super::{plot, read_input, report, Outcome};
 use crate::engine::{self, Event, JobOutput, JobSpec, Limits};
 
 #[derive(Debug, Args)]
@@ -24,12 +24,18 @@ pub struct RunArgs {
     /// Also write the range-test curve as CSV (`step,lr,loss,smoothed`) to this file.
     #[arg(long, value_name = "FILE")]
     pub curve: Option<String>,
+    /// Also draw the range-test curve, the suggestions and the band to this SVG file.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<String>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<Outcome> {
     let output = run_spec_file(&args.spec, args.quiet)?;
     if let Some(path) = &args.curve {
         write_curve_csv(path, &output.curve)?;
+    }
+    if let Some(path) = &args.plot {
+        plot::write_result_plot(path, "lrtune run", &output.result, &output.curve, None)?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&output.result)?);
@@ -75,7 +81,7 @@ fn engine_error(error: engine::EngineError) -> anyhow::Error {
     }
 }
 
-fn progress_bar(quiet: bool) -> ProgressBar {
+pub(super) fn progress_bar(quiet: bool) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
     }

@@ -65,9 +65,10 @@ pub struct ServeArgs {
     /// Most samples a generated builtin may have.
     #[arg(long, env = "LRTUNE_MAX_SAMPLES", default_value_t = Limits::default().max_samples)]
     pub max_samples: usize,
-    /// Folder of the dashboard's static files, served at /.
-    #[arg(long, env = "LRTUNE_STATIC_DIR", default_value = "static")]
-    pub static_dir: PathBuf,
+    /// A folder whose dashboard files replace the ones built into the binary (to edit the
+    /// dashboard without rebuilding: `--static-dir static`).
+    #[arg(long, env = "LRTUNE_STATIC_DIR")]
+    pub static_dir: Option<PathBuf>,
 }
 
 fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
@@ -102,7 +103,7 @@ impl ServeArgs {
             stale_after: seconds(self.stale_after, "stale-after")?,
             max_attempts: self.max_attempts,
             grace: seconds(self.grace, "grace")?,
-            static_dir: self.static_dir,
+            static_dir: self.static_dir.unwrap_or_default(),
         })
     }
 }

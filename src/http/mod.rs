@@ -9,6 +9,7 @@ mod jobs;
 pub(crate) mod metrics;
 mod openapi;
 pub mod startup;
+mod static_files;
 mod tools;
 
 use std::path::PathBuf;
@@ -19,7 +20,6 @@ use axum::http::{HeaderName, Request};
 use axum::Router;
 use tokio::sync::watch;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
 
 pub use error::{ApiError, ErrorBody};
@@ -39,6 +39,7 @@ pub struct ApiSettings {
     pub max_upload_bytes: usize,
     pub max_dataset_rows: usize,
     pub max_schedule_steps: usize,
+    /// Dashboard files found here replace the built-in ones; empty: only the built-in ones.
     pub static_dir: PathBuf,
 }
 
@@ -64,7 +65,6 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::require_token,
         ));
-    let static_files = ServeDir::new(&state.settings.static_dir);
     Router::new()
         .nest("/v1", v1)
         .merge(health::router())
@@ -73,7 +73,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             metrics::track,
         ))
-        .fallback_service(static_files)
+        .merge(static_files::router())
         .layer(DefaultBodyLimit::max(state.settings.max_json_bytes))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {

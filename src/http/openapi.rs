@@ -20,7 +20,8 @@ use super::{datasets, error, health, jobs, tools, AppState};
     components(schemas(
         error::ErrorBody, error::ErrorDetail, jobs::Job, jobs::JobList, jobs::Progress,
         jobs::Curve, datasets::DatasetView, datasets::DatasetList, tools::AnalyzeRequest,
-        health::Health,
+        health::Health, jobs::CurveFormat, datasets::UploadFormat, datasets::UploadTask,
+        crate::store::JobStatus, crate::store::JobError,
     )),
     modifiers(&BearerAuth),
 )]

@@ -32,6 +32,8 @@ pub struct Settings {
     pub stale_after: Duration,
     pub max_attempts: i64,
     pub grace: Duration,
+    /// Dashboard files found here replace the built-in ones (for editing the dashboard
+    /// without rebuilding); empty: only the built-in ones.
     pub static_dir: PathBuf,
 }
 
@@ -51,7 +53,7 @@ impl Default for Settings {
             stale_after: Duration::from_secs(60),
             max_attempts: 3,
             grace: Duration::from_secs(30),
-            static_dir: "static".into(),
+            static_dir: PathBuf::new(),
         }
     }
 }

@@ -1,0 +1,68 @@
+// Formatting shared by the pages: learning rates as 1.2e-3, losses to four figures, ages,
+// and a small helper to build elements without inline HTML.
+
+/** A learning rate (or any positive scale-free number) as `1.2e-3`, or `1.2` between 1 and 10. */
+export function lr(value, digits = 2) {
+  if (value === null || value === undefined || !Number.isFinite(value)) return '–';
+  if (value === 0) return '0';
+  return value.toExponential(Math.max(0, digits - 1)).replace('e+', 'e').replace(/e0$/, '');
+}
+
+/** A loss or accuracy to four significant figures. */
+export function loss(value) {
+  if (value === null || value === undefined || !Number.isFinite(value)) return '–';
+  return Number(value.toPrecision(4)).toString();
+}
+
+export function percent(fraction) {
+  if (!Number.isFinite(fraction)) return '–';
+  return `${Math.round(fraction * 100)} %`;
+}
+
+/** Time since an RFC 3339 timestamp: `12 s`, `5 min`, `3 h`, `2 d`. */
+export function age(timestamp, now = Date.now()) {
+  const then = Date.parse(timestamp);
+  if (!Number.isFinite(then)) return '–';
+  const seconds = Math.max(0, Math.round((now - then) / 1000));
+  if (seconds < 60) return `${seconds} s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min`;
+  if (seconds < 86400) return `${Math.floor(seconds / 3600)} h`;
+  return `${Math.floor(seconds / 86400)} d`;
+}
+
+export function seconds(value) {
+  if (!Number.isFinite(value)) return '–';
+  if (value < 1) return `${Math.round(value * 1000)} ms`;
+  if (value < 120) return `${value.toFixed(1)} s`;
+  return `${(value / 60).toFixed(1)} min`;
+}
+
+/** `el('a', {href: '/', class: 'x'}, 'text', child)`. */
+export function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attributes)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key === 'class') node.className = value;
+    else if (key === 'text') node.textContent = value;
+    else node.setAttribute(key, value === true ? '' : String(value));
+  }
+  for (const child of children) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+/** Shows `message` in an error box (or hides it when empty). */
+export function showMessage(box, message) {
+  box.textContent = message || '';
+  box.hidden = !message;
+}
+
+/** An API error as a user reads it: the message and, when named, the field. */
+export function describeError(error) {
+  if (error && error.field && !String(error.message).includes(error.field)) {
+    return `${error.message} (field: ${error.field})`;
+  }
+  return error && error.message ? error.message : String(error);
+}

@@ -1,0 +1,330 @@
+// One job at `/jobs/{id}` (the id comes from the location): status, progress and cancel; the
+// range-test curve, the sweep and the recommended schedule; the recommendation with its
+// snippets and warnings. While the job runs it follows the event stream, and polls if the
+// stream cannot be read.
+
+import { api, readEvents } from './api.js';
+import { SUGGESTION_STYLE, rangeChart, scheduleChart, sweepChart } from './charts.js';
+import { age, describeError, el, loss, lr, percent, seconds, showMessage } from './format.js';
+
+const ACTIVE = new Set(['queued', 'running']);
+const id = decodeURIComponent(location.pathname.split('/').filter(Boolean)[1] || '');
+
+const $ = (name) => document.getElementById(name);
+const pageError = $('page-error');
+const cancelButton = $('cancel-button');
+
+const range = rangeChart($('range-chart'));
+const sweep = sweepChart($('sweep-chart'));
+
+const state = {
+  job: null,
+  points: [],
+  sweepRuns: [],
+  scheduleShown: false,
+};
+
+function resultOf(job) {
+  return job && job.result ? job.result : null;
+}
+
+function renderHead(job) {
+  document.title = `lrtune: ${job.name || job.id}`;
+  $('job-name').textContent = job.name || job.id;
+  $('job-id').textContent = job.id;
+  const status = $('job-status');
+  status.textContent = job.status;
+  status.className = `status status-${job.status}`;
+  const parts = [`${job.kind.replace('_', ' ')}`, `created ${age(job.created_at)} ago`];
+  const result = resultOf(job);
+  if (result && result.timing) {
+    parts.push(`${seconds(result.timing.seconds)} for ${result.timing.total_steps} steps`);
+  }
+  if (result && result.model) parts.push(`${result.model.arch}, ${result.model.parameters} parameters`);
+  if (result && result.data) parts.push(`${result.data.rows} training rows, ${result.data.task}`);
+  $('job-meta').textContent = `· ${parts.join(' · ')}`;
+  renderProgress(job.progress, job.status);
+  cancelButton.hidden = !ACTIVE.has(job.status) || job.cancel_requested;
+  const failure = job.error ? `Failed: ${describeError(job.error)}` : '';
+  showMessage($('job-error'), failure);
+  $('job-spec').textContent = JSON.stringify(job.spec, null, 2);
+}
+
+function renderProgress(progress, status) {
+  const fraction = progress.total > 0 ? progress.done / progress.total : status === 'succeeded' ? 1 : 0;
+  $('job-progress').value = fraction;
+  let text = `${percent(fraction)}`;
+  if (ACTIVE.has(status)) {
+    if (progress.total > 0) text += ` · step ${progress.done} of ${progress.total}`;
+    if (progress.stage) text += ` · ${progress.stage.replace('_', ' ')}`;
+  } else if (progress.total > 0) {
+    text += ` · ${progress.done} of ${progress.total} steps`;
+  }
+  $('job-progress-text').textContent = text;
+}
+
+function marks(job) {
+  const tested = job.spec && job.spec.range_test;
+  const xRange =
+    tested && tested.start_lr > 0 && tested.end_lr > tested.start_lr ? [tested.start_lr, tested.end_lr] : null;
+  const result = resultOf(job);
+  if (!result) return { xRange };
+  const recommendation = result.recommendation || {};
+  return {
+    xRange,
+    suggestions: result.range_test ? result.range_test.suggestions : null,
+    stoppedEarly: result.range_test ? result.range_test.stopped_early : false,
+    band: recommendation.band || null,
+    peak: recommendation.peak_lr,
+  };
+}
+
+function renderRange() {
+  const drawn = range.update(state.points, marks(state.job));
+  $('range-empty').hidden = drawn;
+  const result = resultOf(state.job);
+  const suggestions = result && result.range_test ? result.range_test.suggestions : null;
+  $('suggestions').hidden = !suggestions;
+  if (!suggestions) return;
+  const rows = Object.entries(SUGGESTION_STYLE).map(([name, style]) => {
+    const swatch = el('span', { class: `swatch swatch-${name}` });
+    return el(
+      'tr',
+      { 'data-suggestion': name },
+      el('td', {}, swatch, name),
+      el('td', { class: 'num' }, lr(suggestions[name])),
+      el('td', { class: 'muted small' }, style.rule),
+    );
+  });
+  const rt = result.range_test;
+  const early = rt.stopped_early
+    ? `stopped early after ${rt.steps_run} steps: the loss diverged (marked on the curve)`
+    : `ran all ${rt.steps_run} steps without diverging`;
+  rows.push(el('tr', {}, el('td', { colspan: 3, class: 'muted small' }, `The range test ${early}.`)));
+  $('suggestions-body').replaceChildren(...rows);
+}
+
+/** Sweep candidates: from the result when finished, else the runs so far (mean over seeds). */
+function sweepCandidates() {
+  const result = resultOf(state.job);
+  if (result && Array.isArray(result.sweep)) return result.sweep;
+  const byPeak = new Map();
+  for (const run of state.sweepRuns) {
+    const entry = byPeak.get(run.peak_lr) || { peak_lr: run.peak_lr, losses: [] };
+    if (Number.isFinite(run.val_loss) && !run.diverged) entry.losses.push(run.val_loss);
+    byPeak.set(run.peak_lr, entry);
+  }
+  return [...byPeak.values()].map((entry) => ({
+    peak_lr: entry.peak_lr,
+    val_loss: entry.losses.length ? entry.losses.reduce((a, b) => a + b, 0) / entry.losses.length : null,
+  }));
+}
+
+function renderSweep() {
+  const result = resultOf(state.job);
+  const sweepMarks = result && result.recommendation
+    ? { band: result.recommendation.band, peak: result.recommendation.peak_lr }
+    : {};
+  const candidates = sweepCandidates();
+  const drawn = sweep.update(candidates, sweepMarks);
+  const diverged = candidates.filter((c) => c.diverged || !Number.isFinite(c.val_loss));
+  const empty = $('sweep-empty');
+  if (diverged.length > 0) {
+    empty.textContent = `Diverged (not plotted): ${diverged.map((c) => lr(c.peak_lr)).join(', ')}.`;
+    empty.hidden = false;
+  } else {
+    empty.textContent = state.job && state.job.kind === 'range_test' ? 'A range_test job has no sweep.' : 'No sweep runs yet.';
+    empty.hidden = drawn;
+  }
+}
+
+async function renderRecommendation() {
+  const result = resultOf(state.job);
+  const recommendation = result && result.recommendation;
+  $('recommendation').hidden = !recommendation;
+  if (!recommendation) return;
+  $('rec-peak').textContent = lr(recommendation.peak_lr, 3);
+  $('rec-peak').dataset.peakLr = String(recommendation.peak_lr);
+  $('rec-band').textContent = recommendation.band
+    ? `${lr(recommendation.band[0])} to ${lr(recommendation.band[1])}`
+    : '–';
+  $('rec-source').textContent = recommendation.source === 'sweep' ? 'sweep' : 'range test';
+  $('rec-pytorch').textContent = recommendation.pytorch || '';
+  $('rec-fastai').textContent = recommendation.fastai || '';
+  const warnings = recommendation.warnings || [];
+  $('rec-warnings').replaceChildren(...warnings.map((text) => el('li', {}, text)));
+  $('rec-warnings').hidden = warnings.length === 0;
+
+  if (state.scheduleShown || !recommendation.schedule) return;
+  state.scheduleShown = true;
+  try {
+    const curve = await api.schedule(recommendation.schedule);
+    scheduleChart($('schedule-chart'), curve);
+    const schedule = recommendation.schedule;
+    const peak = Number.isFinite(schedule.max_lr) ? `, peak ${lr(schedule.max_lr, 3)}` : '';
+    $('schedule-empty').textContent =
+      `${schedule.kind.replace('_', ' ')} over the planned ${curve.lr.length} steps${peak}. ` +
+      (Array.isArray(curve.momentum) && curve.momentum.some(Number.isFinite)
+        ? 'Learning rate on the left axis, momentum (dashed) on the right.'
+        : 'Learning rate per optimizer step.');
+  } catch (error) {
+    state.scheduleShown = false;
+    $('schedule-empty').textContent = `Could not compute the schedule: ${describeError(error)}`;
+  }
+}
+
+function renderAll() {
+  renderHead(state.job);
+  renderRange();
+  renderSweep();
+  return renderRecommendation();
+}
+
+async function loadAll() {
+  const [job, curve] = await Promise.all([api.job(id), api.curve(id)]);
+  state.job = job;
+  state.points = curve.points;
+  state.sweepRuns = curve.sweep_runs;
+  await renderAll();
+}
+
+// Live updates: events are applied as they come and drawn at most once a frame.
+let frame = 0;
+function redrawSoon() {
+  if (frame) return;
+  frame = requestAnimationFrame(() => {
+    frame = 0;
+    renderRange();
+    renderSweep();
+  });
+}
+
+function onEvent(name, data) {
+  if (name === 'point') {
+    const last = state.points[state.points.length - 1];
+    if (!last || data.step > last.step) state.points.push(data);
+    redrawSoon();
+  } else if (name === 'sweep_run') {
+    const known = state.sweepRuns.some((run) => run.peak_lr === data.peak_lr && run.seed === data.seed);
+    if (!known) state.sweepRuns.push(data);
+    redrawSoon();
+  } else if (name === 'progress') {
+    state.job.progress = { ...state.job.progress, ...data };
+    // The stream sends no `status` when a queued job starts: its first progress says so.
+    if (state.job.status === 'queued' && data.total > 0) {
+      state.job.status = 'running';
+      renderHead(state.job);
+    }
+    renderProgress(state.job.progress, state.job.status);
+  } else if (name === 'status') {
+    state.job.status = data.status;
+    if (data.error) state.job.error = data.error;
+    renderHead(state.job);
+  }
+}
+
+/**
+ * One connection to the event stream. Points written between the page's first read of the
+ * curve and the subscription would be missed, so once the stream is open the curve is read
+ * again and the events that came meanwhile are applied on top (repeats are dropped).
+ */
+async function streamOnce() {
+  let synced = false;
+  let resync = null;
+  const early = [];
+  await readEvents(id, (name, data) => {
+    if (synced) {
+      onEvent(name, data);
+      return;
+    }
+    early.push([name, data]);
+    resync ??= api
+      .curve(id)
+      .then((curve) => {
+        state.points = curve.points;
+        state.sweepRuns = curve.sweep_runs;
+      })
+      .catch(() => {
+        // Keep what the page has: the reload when the stream ends fills any gap.
+      })
+      .finally(() => {
+        synced = true;
+        for (const [earlyName, earlyData] of early.splice(0)) onEvent(earlyName, earlyData);
+        redrawSoon();
+      });
+  });
+  if (resync) await resync;
+}
+
+async function follow() {
+  let failures = 0;
+  while (ACTIVE.has(state.job.status)) {
+    try {
+      await streamOnce();
+      failures = 0;
+    } catch (error) {
+      failures += 1;
+      if (failures >= 3) showMessage(pageError, `Live updates interrupted (${describeError(error)}): polling.`);
+    }
+    // The stream ended (the job finished, or the connection dropped): reload everything so
+    // nothing sent while reconnecting is missed, and go on while the job still runs.
+    await new Promise((resolve) => setTimeout(resolve, failures > 0 ? 2000 : 0));
+    try {
+      await loadAll();
+    } catch (error) {
+      showMessage(pageError, `Could not reload the job: ${describeError(error)}`);
+      await new Promise((resolve) => setTimeout(resolve, 2000));
+    }
+  }
+}
+
+cancelButton.addEventListener('click', async () => {
+  cancelButton.disabled = true;
+  try {
+    state.job = await api.cancel(id);
+    renderHead(state.job);
+  } catch (error) {
+    showMessage(pageError, `Could not cancel: ${describeError(error)}`);
+  } finally {
+    cancelButton.disabled = false;
+  }
+});
+
+for (const button of document.querySelectorAll('button.copy')) {
+  button.addEventListener('click', async () => {
+    const text = $(button.dataset.copy).textContent;
+    try {
+      await navigator.clipboard.writeText(text);
+      button.textContent = 'Copied';
+    } catch {
+      // No clipboard permission (an insecure origin): select the text for a manual copy.
+      const range = document.createRange();
+      range.selectNodeContents($(button.dataset.copy));
+      const selection = getSelection();
+      selection.removeAllRanges();
+      selection.addRange(range);
+      button.textContent = 'Selected: press Ctrl+C';
+    }
+    setTimeout(() => {
+      button.textContent = 'Copy';
+    }, 2000);
+  });
+}
+
+async function main() {
+  if (!id) {
+    showMessage(pageError, 'No job id in the address.');
+    return;
+  }
+  $('job-id').textContent = id;
+  try {
+    await loadAll();
+  } catch (error) {
+    showMessage(pageError, error.status === 404 ? `There is no job ${id}.` : `Could not load the job: ${describeError(error)}`);
+    return;
+  }
+  await follow();
+  document.body.dataset.loaded = 'true';
+}
+
+main();

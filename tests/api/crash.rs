@@ -1,0 +1,214 @@
+//! The real binary, killed with SIGKILL in the middle of a job, then started again on the
+//! same database: no job is lost, none is half written.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sqlx::Row;
+
+use crate::helpers::json_of;
+
+struct Server {
+    child: Child,
+    address: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(db: &Path) -> Server {
+    start_server_with(db, &[])
+}
+
+fn start_server_with(db: &Path, extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lrtune"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--stale-after", "1"])
+        .args(extra)
+        .arg("--db")
+        .arg(db)
+        .env_remove("LRTUNE_API_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the lrtune binary starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("the server prints its address");
+    let address = line
+        .trim()
+        .strip_prefix("lrtune listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    Server { child, address }
+}
+
+/// Long enough (a few seconds) to be killed in the middle of.
+fn job_spec(index: usize) -> Value {
+    json!({
+        "name": format!("crash-{index}"),
+        "data": {"builtin": "spirals", "samples": 2048},
+        "model": {"arch": "mlp", "hidden": [64, 64]},
+        "batch_size": 32,
+        "plan": {"epochs": 2},
+        "range_test": {"steps": 3000, "end_lr": 0.1},
+        "sweep": {"count": 2, "epochs": 1}
+    })
+}
+
+async fn get(client: &reqwest::Client, server: &Server, path: &str) -> Value {
+    let response = client
+        .get(format!("{}{path}", server.address))
+        .send()
+        .await
+        .expect("the server answers");
+    json_of(response).await.1
+}
+
+#[tokio::test]
+async fn a_server_killed_mid_job_finishes_every_job_after_a_restart_with_one_point_per_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("lrtune.db");
+    let client = reqwest::Client::new();
+
+    let mut server = start_server(&db);
+    let mut ids = Vec::new();
+    for index in 0..3 {
+        let response = client
+            .post(format!("{}/v1/jobs", server.address))
+            .json(&job_spec(index))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = json_of(response).await;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    // Kill it once the first job is running and part of its curve is in the database.
+    let started = Instant::now();
+    loop {
+        let job = get(&client, &server, &format!("/v1/jobs/{}", ids[0])).await;
+        let curve = get(&client, &server, &format!("/v1/jobs/{}/curve", ids[0])).await;
+        let stored = curve["points"].as_array().map_or(0, Vec::len);
+        if job["status"] == "running" && stored > 0 {
+            break;
+        }
+        assert_ne!(
+            job["status"], "succeeded",
+            "the first job ended before the kill"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30), "{job}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.child.kill().expect("SIGKILL");
+    server.child.wait().unwrap();
+    drop(server);
+
+    let server = start_server(&db);
+    let started = Instant::now();
+    let mut jobs = Vec::new();
+    for id in &ids {
+        loop {
+            let job = get(&client, &server, &format!("/v1/jobs/{id}")).await;
+            let status = job["status"].as_str().unwrap_or_default().to_string();
+            if ["succeeded", "failed", "canceled"].contains(&status.as_str()) {
+                jobs.push(job);
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "job {id} is still {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for job in &jobs {
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+    assert_eq!(jobs[0]["attempts"], 2, "the killed job ran twice");
+    assert_eq!(jobs[1]["attempts"], 1);
+
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    for (id, job) in ids.iter().zip(&jobs) {
+        let steps_run = job["result"]["range_test"]["steps_run"].as_i64().unwrap();
+        let curve = get(&client, &server, &format!("/v1/jobs/{id}/curve")).await;
+        let steps: Vec<i64> = curve["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|point| point["step"].as_i64().unwrap())
+            .collect();
+        assert_eq!(steps, (0..steps_run).collect::<Vec<_>>(), "job {id}");
+
+        let row = sqlx::query(
+            "SELECT count(*) AS points, count(DISTINCT step) AS steps, min(step) AS first,
+                    max(step) AS last, count(DISTINCT run) AS runs, max(run) AS run
+             FROM curve_point WHERE job_id = ?",
+        )
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(row.get::<i64, _>("points"), steps_run, "job {id}");
+        assert_eq!(row.get::<i64, _>("steps"), steps_run);
+        assert_eq!(row.get::<i64, _>("first"), 0);
+        assert_eq!(row.get::<i64, _>("last"), steps_run - 1);
+        assert_eq!(row.get::<i64, _>("runs"), 1, "points of one attempt only");
+        assert_eq!(
+            row.get::<i64, _>("run"),
+            job["attempts"].as_i64().unwrap(),
+            "the points are the last attempt's"
+        );
+    }
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_running_job_finish_and_exits_cleanly() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("lrtune.db");
+    let client = reqwest::Client::new();
+    let mut server = start_server_with(&db, &["--grace", "60"]);
+    let response = client
+        .post(format!("{}/v1/jobs", server.address))
+        .json(&job_spec(0))
+        .send()
+        .await
+        .unwrap();
+    let (_, body) = json_of(response).await;
+    let id = body["id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    while get(&client, &server, &format!("/v1/jobs/{id}")).await["status"] != "running" {
+        assert!(started.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kill(Pid::from_raw(server.child.id() as i32), Signal::SIGTERM).unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let store = lrtune::store::Store::open(&db).await.unwrap();
+    let job = store.get_job(&id).await.unwrap().unwrap();
+    assert_eq!(job.status, lrtune::store::JobStatus::Succeeded);
+}

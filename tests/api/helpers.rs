@@ -1,0 +1,293 @@
+//! `spawn_app()`: the whole service on a free port with its own database, and a typed client.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use lrtune::engine::{EngineError, Event, JobOutput, JobSpec, Limits, LoadedData};
+use lrtune::http::startup::{Application, Settings};
+use lrtune::worker::{EngineRunner, JobRunner};
+use reqwest::{Response, StatusCode};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub token: Option<String>,
+    pub db_path: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: TempDir,
+}
+
+fn init_logging() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Quiet unless TEST_LOG is set.
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}, Arc::new(EngineRunner)).await
+}
+
+pub async fn spawn_app_configured(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_with(configure, Arc::new(EngineRunner)).await
+}
+
+pub async fn spawn_app_with(
+    configure: impl FnOnce(&mut Settings),
+    runner: Arc<dyn JobRunner>,
+) -> TestApp {
+    init_logging();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let db_path = dir.path().join("lrtune.db");
+    let mut settings = Settings {
+        addr: "127.0.0.1:0".into(),
+        db: db_path.clone(),
+        stale_after: Duration::from_secs(2),
+        grace: Duration::from_secs(2),
+        static_dir: dir.path().join("static"),
+        ..Settings::default()
+    };
+    configure(&mut settings);
+    let token = settings.api_token.clone();
+    let app = Application::build_with_runner(settings, runner)
+        .await
+        .expect("the application builds");
+    let address = format!("http://{}", app.address());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        token,
+        db_path,
+        stop: Some(stop),
+        server: Some(server),
+        _dir: dir,
+    }
+}
+
+/// A job that runs in well under a second.
+pub fn tiny_spec() -> Value {
+    json!({
+        "data": {"builtin": "spirals", "samples": 512},
+        "model": {"arch": "mlp", "hidden": [16]},
+        "batch_size": 32,
+        "plan": {"epochs": 2},
+        "range_test": {"steps": 30},
+        "sweep": {"count": 2, "epochs": 1}
+    })
+}
+
+impl TestApp {
+    fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.authorize(self.client.get(format!("{}{path}", self.address)))
+            .send()
+            .await
+            .expect("the request is sent")
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.authorize(self.client.post(format!("{}{path}", self.address)))
+            .json(body)
+            .send()
+            .await
+            .expect("the request is sent")
+    }
+
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> Response {
+        self.authorize(self.client.post(format!("{}{path}", self.address)))
+            .body(body)
+            .send()
+            .await
+            .expect("the request is sent")
+    }
+
+    pub async fn post_multipart(&self, path: &str, form: reqwest::multipart::Form) -> Response {
+        self.authorize(self.client.post(format!("{}{path}", self.address)))
+            .multipart(form)
+            .send()
+            .await
+            .expect("the request is sent")
+    }
+
+    /// Submits a spec and returns the job id (asserting 202).
+    pub async fn submit(&self, spec: &Value) -> String {
+        let response = self.post_json("/v1/jobs", spec).await;
+        let (status, body) = json_of(response).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        body["id"].as_str().expect("a job id").to_string()
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        let (status, body) = json_of(self.get(&format!("/v1/jobs/{id}")).await).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// Polls until the job has one of `statuses`, at most `timeout`.
+    pub async fn wait_for(&self, id: &str, statuses: &[&str], timeout: Duration) -> Value {
+        let started = Instant::now();
+        loop {
+            let job = self.job(id).await;
+            if statuses.contains(&job["status"].as_str().unwrap_or_default()) {
+                return job;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "job {id} is still {} after {timeout:?}: {job}",
+                job["status"]
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn wait_until_finished(&self, id: &str) -> Value {
+        self.wait_for(
+            id,
+            &["succeeded", "failed", "canceled"],
+            Duration::from_secs(60),
+        )
+        .await
+    }
+
+    /// Shuts the server down the way SIGTERM does and waits for it.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.server.take() {
+            Some(server) => server.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+pub async fn json_of(response: Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().await.expect("a body");
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, body)
+}
+
+/// Asserts the API's error shape and returns the error object.
+pub fn assert_error(body: &Value, code: &str) -> Value {
+    let error = body["error"].clone();
+    assert_eq!(error["code"], code, "{body}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    error
+}
+
+/// Reads server-sent events until the stream ends (or `timeout`): (event, data) pairs.
+pub async fn read_events(response: Response, timeout: Duration) -> Vec<(String, Value)> {
+    use futures_util::StreamExt;
+    let mut events = Vec::new();
+    let mut buffer = String::new();
+    let mut stream = response.bytes_stream();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, stream.next()).await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk.expect("a chunk")));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let mut name = String::new();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(value) = line.strip_prefix("event:") {
+                    name = value.trim().to_string();
+                } else if let Some(value) = line.strip_prefix("data:") {
+                    data.push_str(value.trim());
+                }
+            }
+            if !name.is_empty() {
+                events.push((name, serde_json::from_str(&data).unwrap_or(Value::Null)));
+            }
+        }
+    }
+    events
+}
+
+/// Runs the engine only once `release` is raised (so a test can subscribe first).
+pub struct GatedRunner {
+    pub release: Arc<AtomicBool>,
+}
+
+impl JobRunner for GatedRunner {
+    fn run(
+        &self,
+        spec: &JobSpec,
+        loaded: LoadedData,
+        limits: &Limits,
+        cancel: &AtomicBool,
+        observer: &mut dyn FnMut(Event),
+    ) -> Result<JobOutput, EngineError> {
+        let started = Instant::now();
+        while !self.release.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        EngineRunner.run(spec, loaded, limits, cancel, observer)
+    }
+}
+
+/// A job named "endless" steps until canceled; "boom" panics; others run the engine.
+pub struct FaultyRunner;
+
+impl JobRunner for FaultyRunner {
+    fn run(
+        &self,
+        spec: &JobSpec,
+        loaded: LoadedData,
+        limits: &Limits,
+        cancel: &AtomicBool,
+        observer: &mut dyn FnMut(Event),
+    ) -> Result<JobOutput, EngineError> {
+        match spec.name.as_deref() {
+            Some("boom") => panic!("injected failure in job boom"),
+            Some("endless") => {
+                let started = Instant::now();
+                let mut done = 0;
+                while started.elapsed() < Duration::from_secs(60) {
+                    if cancel.load(Ordering::SeqCst) {
+                        return Err(EngineError::Canceled);
+                    }
+                    done += 1;
+                    observer(Event::Progress {
+                        done,
+                        total: 1_000_000,
+                    });
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                panic!("the endless job was never canceled");
+            }
+            _ => EngineRunner.run(spec, loaded, limits, cancel, observer),
+        }
+    }
+}
+
+pub fn named(name: &str) -> Value {
+    let mut spec = tiny_spec();
+    spec["name"] = json!(name);
+    spec
+}

@@ -1,0 +1,9 @@
+//! The service end to end: a real server on port 0, a real SQLite file per test, no mocks.
+//! Failure injection (panics, jobs that only stop when canceled) goes through the worker's
+//! `JobRunner`, the same seam the engine is plugged into.
+
+mod crash;
+mod datasets;
+mod helpers;
+mod jobs;
+mod service;

@@ -1,0 +1,187 @@
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn with_a_token_every_v1_request_needs_it_and_the_rest_stays_open() {
+    let app = spawn_app_configured(|settings| settings.api_token = Some("s3cret".into())).await;
+    let url = |path: &str| format!("{}{path}", app.address);
+    let anonymous = app.client.get(url("/v1/jobs")).send().await.unwrap();
+    let (status, body) = json_of(anonymous).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_error(&body, "unauthorized");
+    let wrong = app
+        .client
+        .post(url("/v1/jobs"))
+        .bearer_auth("guess")
+        .json(&tiny_spec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(app.get("/v1/jobs").await.status(), StatusCode::OK);
+    for open in ["/healthz", "/metrics", "/openapi.json"] {
+        let response = app.client.get(url(open)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{open}");
+    }
+}
+
+#[tokio::test]
+async fn without_a_token_v1_is_open() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .get(format!("{}/v1/jobs", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_json_body_above_the_limit_is_a_413() {
+    let app = spawn_app_configured(|settings| settings.max_json_bytes = 256).await;
+    let mut spec = tiny_spec();
+    spec["name"] = json!("x".repeat(1000));
+    let (status, body) = json_of(app.post_json("/v1/jobs", &spec).await).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(assert_error(&body, "payload_too_large")["message"]
+        .as_str()
+        .unwrap()
+        .contains("256"));
+}
+
+#[tokio::test]
+async fn health_is_ok_and_metrics_count_jobs_and_requests() {
+    let app = spawn_app().await;
+    let (status, body) = json_of(app.get("/healthz").await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["status"], "ok");
+    let id = app.submit(&tiny_spec()).await;
+    app.wait_until_finished(&id).await;
+    let text = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        text.contains("lrtune_jobs{status=\"succeeded\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("lrtune_job_duration_seconds_count{status=\"succeeded\"} 1"));
+    assert!(text.contains("lrtune_steps_total"));
+    assert!(
+        text.contains(
+            "lrtune_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"202\"} 1"
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_endpoint_and_swagger_ui_is_served() {
+    let app = spawn_app().await;
+    let (status, doc) = json_of(app.get("/openapi.json").await).await;
+    assert_eq!(status, StatusCode::OK);
+    for path in [
+        "/v1/jobs",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/curve",
+        "/v1/jobs/{id}/events",
+        "/v1/jobs/{id}/cancel",
+        "/v1/datasets",
+        "/v1/datasets/{id}",
+        "/v1/analyze",
+        "/v1/schedules",
+        "/healthz",
+        "/metrics",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} missing");
+    }
+    let docs = app.get("/docs/").await;
+    assert_eq!(docs.status(), StatusCode::OK);
+    assert!(docs.text().await.unwrap().contains("swagger"));
+}
+
+#[tokio::test]
+async fn analyze_reads_a_curve_and_names_a_bad_field() {
+    let app = spawn_app().await;
+    let lr: Vec<f64> = (0..50).map(|i| 1e-5 * 1.3f64.powi(i)).collect();
+    let loss: Vec<f64> = (0..50)
+        .map(|i| {
+            let x = i as f64 / 49.0;
+            2.0 - 1.5 * (x * 3.0).min(1.0) + if x > 0.8 { 20.0 * (x - 0.8) } else { 0.0 }
+        })
+        .collect();
+    let (status, body) = json_of(
+        app.post_json("/v1/analyze", &json!({"lr": lr, "loss": loss}))
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["suggestions"]["valley"].as_f64().is_some(), "{body}");
+    let (status, body) = json_of(
+        app.post_json("/v1/analyze", &json!({"lr": lr, "loss": [1.0]}))
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(assert_error(&body, "invalid_spec")["field"], "loss");
+    let (status, body) = json_of(
+        app.post_json("/v1/analyze", &json!({"lr": "x", "loss": []}))
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(assert_error(&body, "invalid_input")["field"], "lr");
+}
+
+#[tokio::test]
+async fn schedules_give_one_value_per_step_and_name_a_bad_parameter() {
+    let app = spawn_app().await;
+    let (status, body) = json_of(
+        app.post_json(
+            "/v1/schedules",
+            &json!({"kind": "one_cycle", "max_lr": 0.01, "total_steps": 100}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["lr"].as_array().unwrap().len(), 100);
+    assert_eq!(body["momentum"].as_array().unwrap().len(), 100);
+    let (status, body) = json_of(
+        app.post_json(
+            "/v1/schedules",
+            &json!({"kind": "one_cycle", "max_lr": 0.01, "total_steps": 100, "pct_start": 2.0}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(assert_error(&body, "invalid_input")["field"], "pct_start");
+    let (status, body) = json_of(
+        app.post_json(
+            "/v1/schedules",
+            &json!({"kind": "one_cycle", "max_lr": 0.01, "total_steps": 100, "bogus": 1}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_error(&body, "invalid_input");
+    let (status, body) = json_of(
+        app.post_json(
+            "/v1/schedules",
+            &json!({"kind": "one_cycle", "max_lr": 0.01, "total_steps": 1_000_000}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+}
+
+#[tokio::test]
+async fn an_unknown_v1_route_is_a_404_in_the_error_shape() {
+    let app = spawn_app().await;
+    let (status, body) = json_of(app.get("/v1/nothing").await).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_error(&body, "not_found");
+}
