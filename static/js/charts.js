@@ -2,7 +2,7 @@
 // loss against learning rate with the suggestions, band and early stop marked; the sweep's
 // validation loss per candidate peak; and the recommended schedule over the planned steps.
 
-import { loss as fmtLoss, lr as fmtLr } from './format.js';
+import { loss as fmtLoss, lr as fmtLr, tick } from './format.js';
 
 const uPlot = window.uPlot;
 
@@ -43,7 +43,7 @@ function valueAxis(label, options = {}) {
     font: AXIS_FONT,
     labelFont: AXIS_FONT,
     size: 56,
-    values: (u, splits) => splits.map((value) => fmtLoss(value)),
+    values: (u, splits) => splits.map(tick),
     ...options,
   };
 }
@@ -310,7 +310,7 @@ export function scheduleChart(container, curve) {
       font: AXIS_FONT,
       labelFont: AXIS_FONT,
       size: 60,
-      values: (u, splits) => splits.map((value) => fmtLr(value)),
+      values: (u, splits) => splits.map(tick),
     },
   ];
   const data = [steps, curve.lr];

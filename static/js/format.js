@@ -8,6 +8,15 @@ export function lr(value, digits = 2) {
   return value.toExponential(Math.max(0, digits - 1)).replace('e+', 'e').replace(/e0$/, '');
 }
 
+/** An axis tick: plain between 0.01 and 10 000 (`0.75`, `1.25`), else `2.5e-3`. */
+export function tick(value) {
+  if (!Number.isFinite(value)) return '';
+  if (value === 0) return '0';
+  const magnitude = Math.abs(value);
+  if (magnitude >= 1e-2 && magnitude < 1e4) return String(Number(value.toPrecision(3)));
+  return String(Number(value.toPrecision(3)).toExponential()).replace('e+', 'e');
+}
+
 /** A loss or accuracy to four significant figures. */
 export function loss(value) {
   if (value === null || value === undefined || !Number.isFinite(value)) return '–';
