@@ -212,11 +212,7 @@ impl Model {
             } => {
                 let mut h = x.clone();
                 for conv in convs {
-                    h = h
-                        .conv2d(conv.weight.as_tensor(), 1, 1, 1, 1)?
-                        .broadcast_add(&conv.bias.as_tensor().reshape((1, (), 1, 1))?)?
-                        .relu()?
-                        .max_pool2d(2)?;
+                    h = convolve(&h, conv)?.relu()?.max_pool2d(2)?;
                 }
                 let h = hidden.forward(&h.flatten_from(1)?)?.relu()?;
                 head.forward(&h)
@@ -309,6 +305,25 @@ fn attention(
         .transpose(1, 2)?
         .reshape((batch, time, d_model))?;
     block.projection.forward(&mixed)
+}
+
+/// A 3x3 convolution, padding 1, plus bias. On the CPU it runs as im2col and one matmul
+/// (see `ops::im2col_3x3`); elsewhere as candle's convolution.
+fn convolve(x: &Tensor, conv: &Conv) -> candle_core::Result<Tensor> {
+    let weight = conv.weight.as_tensor();
+    if !x.device().is_cpu() {
+        return x
+            .conv2d(weight, 1, 1, 1, 1)?
+            .broadcast_add(&conv.bias.as_tensor().reshape((1, (), 1, 1))?);
+    }
+    let (batch, channels, height, width) = x.dims4()?;
+    let outputs = weight.dim(0)?;
+    let columns = ops::im2col_3x3(x)?;
+    let y = columns.matmul(&weight.reshape((outputs, channels * 9))?.t()?)?;
+    ops::add_bias(&y, conv.bias.as_tensor())?
+        .reshape((batch, height, width, outputs))?
+        .permute((0, 3, 1, 2))?
+        .contiguous()
 }
 
 fn activate(x: &Tensor, activation: Activation) -> candle_core::Result<Tensor> {

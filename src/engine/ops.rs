@@ -363,6 +363,140 @@ impl CustomOp1 for ColumnSums {
     }
 }
 
+/// The patches of a 3x3 convolution with padding 1 and stride 1 as rows of a matrix:
+/// `[batch, channels, height, width]` -> `[batch * height * width, channels * 9]`, column
+/// `c * 9 + ky * 3 + kx` as in a PyTorch `[out, in, 3, 3]` weight. The convolution is then
+/// one matmul forward and two backward, instead of candle's direct convolution whose
+/// backward dominates a CNN's step on the CPU.
+pub fn im2col_3x3(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Im2Col)
+}
+
+#[derive(Clone, Copy)]
+struct ImageDims {
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+}
+
+impl ImageDims {
+    fn of(layout: &Layout) -> candle_core::Result<Self> {
+        let &[batch, channels, height, width] = layout.dims() else {
+            candle_core::bail!(
+                "im2col: expected [batch, channels, height, width], got {:?}",
+                layout.dims()
+            );
+        };
+        Ok(Self {
+            batch,
+            channels,
+            height,
+            width,
+        })
+    }
+
+    /// Calls `f(row, column, source)` for every patch entry that falls inside the image
+    /// (padding entries are zero and skipped).
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize)) {
+        let Self {
+            batch,
+            channels,
+            height,
+            width,
+        } = *self;
+        for b in 0..batch {
+            for y in 0..height {
+                for x in 0..width {
+                    let row = (b * height + y) * width + x;
+                    for c in 0..channels {
+                        let plane = (b * channels + c) * height * width;
+                        for ky in 0..3 {
+                            let sy = y + ky;
+                            if sy < 1 || sy > height {
+                                continue;
+                            }
+                            for kx in 0..3 {
+                                let sx = x + kx;
+                                if sx < 1 || sx > width {
+                                    continue;
+                                }
+                                let source = plane + (sy - 1) * width + (sx - 1);
+                                f(row, c * 9 + ky * 3 + kx, source);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct Im2Col;
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "lrtune-im2col"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let dims = ImageDims::of(layout)?;
+        let columns = dims.channels * 9;
+        let rows = dims.batch * dims.height * dims.width;
+        let mut cols = vec![0f32; rows * columns];
+        dims.for_each_tap(|row, column, source| cols[row * columns + column] = x[source]);
+        Ok((CpuStorage::F32(cols), Shape::from((rows, columns))))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (batch, channels, height, width) = arg.dims4()?;
+        let dims = ImageDims {
+            batch,
+            channels,
+            height,
+            width,
+        };
+        Ok(Some(
+            grad_res.contiguous()?.apply_op1_no_bwd(&Col2Im(dims))?,
+        ))
+    }
+}
+
+/// The adjoint of `Im2Col`: every patch entry's gradient added back to its pixel.
+struct Col2Im(ImageDims);
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "lrtune-col2im"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let cols = contiguous_f32(storage, layout, self.name())?;
+        let dims = self.0;
+        let columns = dims.channels * 9;
+        let mut x = vec![0f32; dims.batch * dims.channels * dims.height * dims.width];
+        dims.for_each_tap(|row, column, source| x[source] += cols[row * columns + column]);
+        Ok((
+            CpuStorage::F32(x),
+            Shape::from((dims.batch, dims.channels, dims.height, dims.width)),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,6 +586,58 @@ mod tests {
         assert_eq!(fused.1, reference.1);
         for (a, b) in fused.2.iter().zip(&reference.2) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn a_convolution_as_im2col_and_matmul_matches_candles_conv2d_forward_and_backward() {
+        let device = Device::Cpu;
+        let mut rng = crate::engine::rng::Rng::new(11);
+        let mut random = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+            Var::from_tensor(&Tensor::from_vec(values, shape, &device).unwrap()).unwrap()
+        };
+        let x = random(&[2, 3, 5, 4]);
+        let weight = random(&[6, 3, 3, 3]);
+        let upstream = random(&[2, 6, 5, 4]);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let run = |fused: bool| {
+            let y = if fused {
+                let cols = im2col_3x3(x.as_tensor()).unwrap();
+                let w = weight.as_tensor().reshape((6, 27)).unwrap();
+                cols.matmul(&w.t().unwrap())
+                    .unwrap()
+                    .reshape((2, 5, 4, 6))
+                    .unwrap()
+                    .permute((0, 3, 1, 2))
+                    .unwrap()
+            } else {
+                x.as_tensor()
+                    .conv2d(weight.as_tensor(), 1, 1, 1, 1)
+                    .unwrap()
+            };
+            let grads = (&y * upstream.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (
+                flat(&y),
+                flat(grads.get(x.as_tensor()).unwrap()),
+                flat(grads.get(weight.as_tensor()).unwrap()),
+            )
+        };
+        let (fused, reference) = (run(true), run(false));
+        for (a, b) in fused
+            .0
+            .iter()
+            .zip(&reference.0)
+            .chain(fused.1.iter().zip(&reference.1))
+            .chain(fused.2.iter().zip(&reference.2))
+        {
+            assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
         }
     }
 

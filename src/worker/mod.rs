@@ -218,6 +218,13 @@ impl Worker {
     async fn run_job(&self, job: JobRow) {
         let attempt = job.attempt();
         info!("job started");
+        self.hub.publish(
+            &job.id,
+            JobEvent::Status {
+                status: JobStatus::Running,
+                error: None,
+            },
+        );
         let started = Instant::now();
         let (state, steps) = match self.execute(&job, &attempt).await {
             Ok(state) => state,

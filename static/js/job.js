@@ -210,11 +210,6 @@ function onEvent(name, data) {
     redrawSoon();
   } else if (name === 'progress') {
     state.job.progress = { ...state.job.progress, ...data };
-    // The stream sends no `status` when a queued job starts: its first progress says so.
-    if (state.job.status === 'queued' && data.total > 0) {
-      state.job.status = 'running';
-      renderHead(state.job);
-    }
     renderProgress(state.job.progress, state.job.status);
   } else if (name === 'status') {
     state.job.status = data.status;
