@@ -4,7 +4,7 @@
 use clap::Args;
 
 use super::Outcome;
-use crate::engine::evaluate::{problems, score, ProblemScore, GRID_SEEDS};
+use crate::engine::evaluate::{problems, score, ProblemScore, SweepOverrides, GRID_SEEDS};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -14,6 +14,12 @@ pub struct EvalArgs {
     /// Only the problems whose name contains this.
     #[arg(long)]
     pub only: Option<String>,
+    /// Score the tune with this many sweep candidates instead of the default.
+    #[arg(long)]
+    pub sweep_count: Option<usize>,
+    /// Score the tune with this many sweep epochs instead of the default.
+    #[arg(long)]
+    pub sweep_epochs: Option<usize>,
     /// Print every score as JSON.
     #[arg(long)]
     pub json: bool,
@@ -31,7 +37,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
         }
         for seed in 0..args.seeds {
             let started = std::time::Instant::now();
-            let scored = score(&problem, seed, &mut |stage| {
+            let overrides = SweepOverrides {
+                count: args.sweep_count,
+                epochs: args.sweep_epochs,
+            };
+            let scored = score(&problem, seed, overrides, &mut |stage| {
                 eprintln!("{stage} (seed {seed})")
             })?;
             eprintln!(

@@ -100,9 +100,17 @@ pub struct ProblemScore {
 /// Grid seeds: enough to average out most of one run's noise.
 pub const GRID_SEEDS: usize = 2;
 
+/// Overrides of the tune's sweep settings, to compare other defaults on the same grids.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SweepOverrides {
+    pub count: Option<usize>,
+    pub epochs: Option<usize>,
+}
+
 pub fn score(
     problem: &Problem,
     seed: u64,
+    overrides: SweepOverrides,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ProblemScore, EngineError> {
     let limits = Limits {
@@ -112,6 +120,12 @@ pub fn score(
     let cancel = AtomicBool::new(false);
     let mut tune_spec = JobSpec::from_json(problem.spec)?;
     tune_spec.seed = seed;
+    if let Some(count) = overrides.count {
+        tune_spec.sweep.count = count;
+    }
+    if let Some(epochs) = overrides.epochs {
+        tune_spec.sweep.epochs = epochs;
+    }
     tune_spec.validate(&limits)?;
 
     progress(&format!("{}: tune", problem.name));

@@ -347,6 +347,20 @@ fn recommend(
             band(judged).unwrap_or([best.peak_lr, best.peak_lr]),
         )
     });
+    if let Some((peak, _)) = from_sweep {
+        let tried: Vec<f64> = judged.iter().map(|c| c.peak_lr).collect();
+        let highest = tried.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lowest = tried.iter().copied().fold(f64::INFINITY, f64::min);
+        if tried.len() > 1 && peak == highest {
+            warnings.push(format!(
+                "the best sweep candidate is the highest one tried ({peak:.3e}): a higher peak may be better still; add higher sweep.candidates"
+            ));
+        } else if tried.len() > 1 && peak == lowest {
+            warnings.push(format!(
+                "the best sweep candidate is the lowest one tried ({peak:.3e}): a lower peak may be better still; add lower sweep.candidates"
+            ));
+        }
+    }
     let (peak_lr, band, source) = match (from_sweep, range) {
         (Some((peak, band)), _) => (peak, band, "sweep"),
         (None, Some(range)) => {

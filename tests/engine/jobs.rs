@@ -328,3 +328,24 @@ fn a_canceled_job_stops_with_canceled() {
     assert!(matches!(error, Err(engine::EngineError::Canceled)));
     assert_eq!(steps, 10, "stopped within a step");
 }
+
+#[test]
+fn a_best_candidate_at_the_top_of_the_sweep_is_flagged() {
+    // Both peaks are far too low for spirals, so the higher one wins and the true optimum
+    // lies above everything tried.
+    let (output, _) = run(r#"{
+        "kind": "sweep",
+        "data": {"builtin": "spirals", "samples": 512},
+        "model": {"arch": "mlp", "hidden": [16]},
+        "batch_size": 32,
+        "plan": {"epochs": 2},
+        "sweep": {"candidates": [1e-5, 1e-4], "epochs": 1}
+    }"#);
+    let rec = &output.result.recommendation;
+    assert_eq!(rec.peak_lr, 1e-4);
+    assert!(
+        rec.warnings.iter().any(|w| w.contains("highest one tried")),
+        "{:?}",
+        rec.warnings
+    );
+}
