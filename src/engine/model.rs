@@ -212,9 +212,9 @@ impl Model {
             } => {
                 let mut h = x.clone();
                 for conv in convs {
-                    h = convolve(&h, conv)?.relu()?.max_pool2d(2)?;
+                    h = ops::max_pool_2x2(&ops::relu(&convolve(&h, conv)?)?)?;
                 }
-                let h = hidden.forward(&h.flatten_from(1)?)?.relu()?;
+                let h = ops::relu(&hidden.forward(&h.flatten_from(1)?)?)?;
                 head.forward(&h)
             }
             Layers::Transformer {
@@ -328,7 +328,7 @@ fn convolve(x: &Tensor, conv: &Conv) -> candle_core::Result<Tensor> {
 
 fn activate(x: &Tensor, activation: Activation) -> candle_core::Result<Tensor> {
     match activation {
-        Activation::Relu => x.relu(),
+        Activation::Relu => ops::relu(x),
         Activation::Gelu => ops::gelu(x),
         Activation::Tanh => x.tanh(),
         Activation::Silu => x.silu(),

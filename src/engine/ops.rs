@@ -58,13 +58,21 @@ pub fn normalize_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 
 struct Gelu;
 
+/// tanh with one `exp`: (e^2x - 1) / (e^2x + 1). Its absolute error (about 1e-7) is all
+/// GELU's `1 + tanh` can see, and it costs a fraction of libm's `tanhf`, which dominated a
+/// transformer's step. Past |x| = 9, tanh is 1 to f32 precision.
+fn fast_tanh(x: f32) -> f32 {
+    let e = (2.0 * x.clamp(-9.0, 9.0)).exp();
+    (e - 1.0) / (e + 1.0)
+}
+
 fn gelu_value(x: f32) -> f32 {
-    0.5 * x * (1.0 + (GELU_SCALE * (x + GELU_CUBIC * x * x * x)).tanh())
+    0.5 * x * (1.0 + fast_tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x)))
 }
 
 fn gelu_derivative(x: f32) -> f32 {
     let inner = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
-    let t = inner.tanh();
+    let t = fast_tanh(inner);
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x)
 }
 
@@ -497,6 +505,161 @@ impl CustomOp1 for Col2Im {
     }
 }
 
+pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        return x.relu();
+    }
+    x.contiguous()?.apply_op1(Relu)
+}
+
+struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "lrtune-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let y = x.iter().map(|&v| v.max(0.0)).collect();
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &ReluBackward,
+        )?))
+    }
+}
+
+/// The gradient passes where the output was positive.
+struct ReluBackward;
+
+impl CustomOp2 for ReluBackward {
+    fn name(&self) -> &'static str {
+        "lrtune-relu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &CpuStorage,
+        y_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = contiguous_f32(y, y_layout, self.name())?;
+        let grad = contiguous_f32(grad, grad_layout, self.name())?;
+        let dx = y
+            .iter()
+            .zip(grad)
+            .map(|(&v, &g)| if v > 0.0 { g } else { 0.0 })
+            .collect();
+        Ok((CpuStorage::F32(dx), y_layout.shape().clone()))
+    }
+}
+
+/// 2x2 max pooling with stride 2 over `[batch, channels, height, width]` (odd edges are
+/// dropped, as PyTorch does); the backward pass routes each gradient to its window's maximum.
+pub fn max_pool_2x2(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        return x.max_pool2d(2);
+    }
+    x.contiguous()?.apply_op1(MaxPool)
+}
+
+/// The position of each window's maximum (first on ties) and the pooled size.
+fn pool_windows(x: &[f32], dims: ImageDims, mut f: impl FnMut(usize, usize)) -> (usize, usize) {
+    let (out_h, out_w) = (dims.height / 2, dims.width / 2);
+    for plane in 0..dims.batch * dims.channels {
+        let base = plane * dims.height * dims.width;
+        for oy in 0..out_h {
+            for ox in 0..out_w {
+                let top_left = base + 2 * oy * dims.width + 2 * ox;
+                let mut best = top_left;
+                for candidate in [
+                    top_left + 1,
+                    top_left + dims.width,
+                    top_left + dims.width + 1,
+                ] {
+                    if x[candidate] > x[best] {
+                        best = candidate;
+                    }
+                }
+                f((plane * out_h + oy) * out_w + ox, best);
+            }
+        }
+    }
+    (out_h, out_w)
+}
+
+struct MaxPool;
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "lrtune-max-pool"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let dims = ImageDims::of(layout)?;
+        let mut y = vec![0f32; dims.batch * dims.channels * (dims.height / 2) * (dims.width / 2)];
+        let (out_h, out_w) = pool_windows(x, dims, |out, source| y[out] = x[source]);
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((dims.batch, dims.channels, out_h, out_w)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &MaxPoolBackward,
+        )?))
+    }
+}
+
+struct MaxPoolBackward;
+
+impl CustomOp2 for MaxPoolBackward {
+    fn name(&self) -> &'static str {
+        "lrtune-max-pool-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(x, x_layout, self.name())?;
+        let grad = contiguous_f32(grad, grad_layout, self.name())?;
+        let dims = ImageDims::of(x_layout)?;
+        let mut dx = vec![0f32; x.len()];
+        pool_windows(x, dims, |out, source| dx[source] += grad[out]);
+        Ok((CpuStorage::F32(dx), x_layout.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -639,6 +802,55 @@ mod tests {
         {
             assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn fast_tanh_is_within_2e7_of_tanh_everywhere() {
+        for i in -20_000..=20_000 {
+            let x = i as f32 * 0.001;
+            assert!((fast_tanh(x) - x.tanh()).abs() < 2e-7, "{x}");
+        }
+        assert_eq!(fast_tanh(100.0), 1.0);
+        assert_eq!(fast_tanh(-100.0), -1.0);
+    }
+
+    #[test]
+    fn fused_relu_matches_candles_relu_forward_and_backward() {
+        check(relu, |x| x.relu());
+    }
+
+    /// PyTorch's semantics: each window's gradient goes whole to its maximum, and an odd
+    /// last column is dropped. (candle 0.11's own max_pool2d backward scales it by 1/4 and
+    /// misplaces it on odd sizes, so it is no reference here.)
+    #[test]
+    fn max_pool_routes_each_gradient_whole_to_its_windows_maximum() {
+        let device = Device::Cpu;
+        // Windows [1 5 / 3 4] and [2 0 / 7 1]; the fifth column has no window.
+        let x = Var::from_tensor(
+            &Tensor::new(&[[[[1f32, 5., 2., 0., 9.], [3., 4., 7., 1., 9.]]]], &device).unwrap(),
+        )
+        .unwrap();
+        let y = max_pool_2x2(x.as_tensor()).unwrap();
+        assert_eq!(y.dims(), &[1, 1, 1, 2]);
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![5., 7.]
+        );
+        let upstream = Tensor::new(&[[[[0.5f32, -2.0]]]], &device).unwrap();
+        let grads = (&y * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dx = grads
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(dx, vec![0., 0.5, 0., 0., 0., 0., 0., -2., 0., 0.]);
     }
 
     #[test]
