@@ -35,7 +35,7 @@ pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     if !x.device().is_cpu() {
         return x.gelu();
     }
-    x.contiguous()?.apply_op1(Gelu)
+    x.contiguous()?.apply_op1(PointwiseForward(Gelu))
 }
 
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -56,8 +56,6 @@ pub fn normalize_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(Normalize)
 }
 
-struct Gelu;
-
 /// tanh with one `exp`: (e^2x - 1) / (e^2x + 1). Its absolute error (about 1e-7) is all
 /// GELU's `1 + tanh` can see, and it costs a fraction of libm's `tanhf`, which dominated a
 /// transformer's step. Past |x| = 9, tanh is 1 to f32 precision.
@@ -76,9 +74,49 @@ fn gelu_derivative(x: f32) -> f32 {
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x)
 }
 
-impl CustomOp1 for Gelu {
+/// An element-wise activation whose gradient is `grad * derivative(input)`. The kernels
+/// are generic over it, so each activation's functions inline into its own loops.
+trait Pointwise: Copy + Send + Sync + 'static {
+    const NAME: &'static str;
+    fn value(x: f32) -> f32;
+    fn derivative(x: f32) -> f32;
+}
+
+#[derive(Clone, Copy)]
+struct Gelu;
+
+impl Pointwise for Gelu {
+    const NAME: &'static str = "lrtune-gelu";
+    fn value(x: f32) -> f32 {
+        gelu_value(x)
+    }
+    fn derivative(x: f32) -> f32 {
+        gelu_derivative(x)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Relu;
+
+impl Pointwise for Relu {
+    const NAME: &'static str = "lrtune-relu";
+    fn value(x: f32) -> f32 {
+        x.max(0.0)
+    }
+    fn derivative(x: f32) -> f32 {
+        if x > 0.0 {
+            1.0
+        } else {
+            0.0
+        }
+    }
+}
+
+struct PointwiseForward<P>(P);
+
+impl<P: Pointwise> CustomOp1 for PointwiseForward<P> {
     fn name(&self) -> &'static str {
-        "lrtune-gelu"
+        P::NAME
     }
 
     fn cpu_fwd(
@@ -86,8 +124,8 @@ impl CustomOp1 for Gelu {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, self.name())?;
-        let y = x.iter().map(|&v| gelu_value(v)).collect();
+        let x = contiguous_f32(storage, layout, P::NAME)?;
+        let y = x.iter().map(|&v| P::value(v)).collect();
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -99,16 +137,16 @@ impl CustomOp1 for Gelu {
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(arg.apply_op2_no_bwd(
             &grad_res.contiguous()?,
-            &GeluBackward,
+            &PointwiseBackward(self.0),
         )?))
     }
 }
 
-struct GeluBackward;
+struct PointwiseBackward<P>(P);
 
-impl CustomOp2 for GeluBackward {
+impl<P: Pointwise> CustomOp2 for PointwiseBackward<P> {
     fn name(&self) -> &'static str {
-        "lrtune-gelu-backward"
+        P::NAME
     }
 
     fn cpu_fwd(
@@ -118,12 +156,12 @@ impl CustomOp2 for GeluBackward {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(x, x_layout, self.name())?;
-        let grad = contiguous_f32(grad, grad_layout, self.name())?;
+        let x = contiguous_f32(x, x_layout, P::NAME)?;
+        let grad = contiguous_f32(grad, grad_layout, P::NAME)?;
         let dx = x
             .iter()
             .zip(grad)
-            .map(|(&v, &g)| g * gelu_derivative(v))
+            .map(|(&v, &g)| g * P::derivative(v))
             .collect();
         Ok((CpuStorage::F32(dx), x_layout.shape().clone()))
     }
@@ -509,63 +547,7 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
     if !x.device().is_cpu() {
         return x.relu();
     }
-    x.contiguous()?.apply_op1(Relu)
-}
-
-struct Relu;
-
-impl CustomOp1 for Relu {
-    fn name(&self) -> &'static str {
-        "lrtune-relu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, self.name())?;
-        let y = x.iter().map(|&v| v.max(0.0)).collect();
-        Ok((CpuStorage::F32(y), layout.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(res.apply_op2_no_bwd(
-            &grad_res.contiguous()?,
-            &ReluBackward,
-        )?))
-    }
-}
-
-/// The gradient passes where the output was positive.
-struct ReluBackward;
-
-impl CustomOp2 for ReluBackward {
-    fn name(&self) -> &'static str {
-        "lrtune-relu-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        y: &CpuStorage,
-        y_layout: &Layout,
-        grad: &CpuStorage,
-        grad_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = contiguous_f32(y, y_layout, self.name())?;
-        let grad = contiguous_f32(grad, grad_layout, self.name())?;
-        let dx = y
-            .iter()
-            .zip(grad)
-            .map(|(&v, &g)| if v > 0.0 { g } else { 0.0 })
-            .collect();
-        Ok((CpuStorage::F32(dx), y_layout.shape().clone()))
-    }
+    x.contiguous()?.apply_op1(PointwiseForward(Relu))
 }
 
 /// 2x2 max pooling with stride 2 over `[batch, channels, height, width]` (odd edges are
