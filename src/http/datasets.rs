@@ -333,19 +333,10 @@ pub async fn list(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<DatasetListQuery>,
 ) -> Result<Json<DatasetList>, ApiError> {
-    let limit = i64::from(query.limit.unwrap_or(20).clamp(1, 100));
-    let before = match &query.cursor {
-        Some(cursor) => Some(
-            cursor
-                .parse::<i64>()
-                .map_err(|_| ApiError::bad_request("cursor: not a cursor this server gave"))?,
-        ),
-        None => None,
-    };
+    let (limit, before) = super::paging::page(query.limit, query.cursor.as_deref())?;
     let rows = state.store.list_datasets(limit, before).await?;
-    let next_cursor = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|(seq, _)| seq.to_string()))
-        .flatten();
+    let next_cursor =
+        super::paging::next_cursor(rows.len(), limit, rows.last().map(|(seq, _)| *seq));
     Ok(Json(DatasetList {
         datasets: rows.into_iter().map(|(_, row)| row.into()).collect(),
         next_cursor,

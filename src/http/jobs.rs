@@ -207,15 +207,7 @@ pub async fn list(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<JobList>, ApiError> {
-    let limit = i64::from(query.limit.unwrap_or(20).clamp(1, 100));
-    let before = match &query.cursor {
-        Some(cursor) => Some(
-            cursor
-                .parse::<i64>()
-                .map_err(|_| ApiError::bad_request("cursor: not a cursor this server gave"))?,
-        ),
-        None => None,
-    };
+    let (limit, before) = super::paging::page(query.limit, query.cursor.as_deref())?;
     let rows = state
         .store
         .list_jobs(&ListFilter {
@@ -224,9 +216,7 @@ pub async fn list(
             before,
         })
         .await?;
-    let next_cursor = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|row| row.seq.to_string()))
-        .flatten();
+    let next_cursor = super::paging::next_cursor(rows.len(), limit, rows.last().map(|row| row.seq));
     Ok(Json(JobList {
         jobs: rows.into_iter().map(Job::from_row).collect(),
         next_cursor,

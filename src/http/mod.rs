@@ -8,6 +8,7 @@ mod health;
 mod jobs;
 pub(crate) mod metrics;
 mod openapi;
+mod paging;
 pub mod startup;
 mod static_files;
 mod tools;
