@@ -101,15 +101,7 @@ pub fn steepest(lrs: &[f64], smoothed: &[f64]) -> Option<f64> {
     let lrs = &lrs[10..end];
     let losses = &smoothed[10..end];
     let gradient = numpy_gradient(losses);
-    let index = gradient
-        .iter()
-        .enumerate()
-        .fold(None::<(usize, f64)>, |best, (index, &value)| match best {
-            Some((_, lowest)) if lowest <= value => best,
-            _ => Some((index, value)),
-        })?
-        .0;
-    Some(lrs[index])
+    Some(lrs[first_argmin(&gradient)?])
 }
 
 fn numpy_gradient(values: &[f64]) -> Vec<f64> {
@@ -127,19 +119,24 @@ fn numpy_gradient(values: &[f64]) -> Vec<f64> {
         .collect()
 }
 
+/// The index of the lowest value, the first on ties (numpy's `argmin`).
+fn first_argmin(values: &[f64]) -> Option<usize> {
+    values
+        .iter()
+        .enumerate()
+        .fold(None::<(usize, f64)>, |best, (index, &value)| match best {
+            Some((_, lowest)) if lowest <= value => best,
+            _ => Some((index, value)),
+        })
+        .map(|(index, _)| index)
+}
+
 /// `minimum` (lr at the lowest smoothed loss / 10, as fastai) and `edge` (that lr itself),
 /// read in fastai's window, or on the whole curve when it is too short for the window.
 fn minimum_and_edge(lrs: &[f64], smoothed: &[f64], planned_steps: usize) -> Option<(f64, f64)> {
     let len = lrs.len().min(smoothed.len());
     let window = fastai_window(len, planned_steps).unwrap_or(0..len);
-    let (index, _) = smoothed[window.clone()].iter().enumerate().fold(
-        None::<(usize, f64)>,
-        |best, (index, &loss)| match best {
-            Some((_, lowest)) if lowest <= loss => best,
-            _ => Some((index, loss)),
-        },
-    )?;
-    let edge = lrs[window.start + index];
+    let edge = lrs[window.start + first_argmin(&smoothed[window])?];
     Some((edge / 10.0, edge))
 }
 
