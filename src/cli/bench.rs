@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// Skip the mnist10k tune job.
     #[arg(long)]
     pub no_tune: bool,
+    /// Only the cases whose name contains this (e.g. `cnn`); the tune job still runs unless
+    /// --no-tune.
+    #[arg(long)]
+    pub case: Option<String>,
     /// Python interpreter for the reference.
     #[arg(long, default_value = "python3")]
     pub python: String,
@@ -228,7 +232,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
         "{:<26} {:>10} {:>10} {:>7} {:>9}",
         "case (batch)", "lrtune ms", "torch ms", "ratio", "floor ms"
     );
-    for case in cases() {
+    let wanted = |case: &Case| {
+        args.case
+            .as_ref()
+            .is_none_or(|name| case.name.contains(name.as_str()))
+    };
+    for case in cases().into_iter().filter(wanted) {
         let timing = time_case(&case, args.warmup, args.steps)?;
         let torch = reference
             .as_ref()

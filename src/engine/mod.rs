@@ -5,6 +5,7 @@
 pub mod data;
 pub mod evaluate;
 pub mod model;
+pub mod native;
 pub mod ops;
 pub mod optim;
 pub mod prepare;

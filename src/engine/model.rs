@@ -2,9 +2,12 @@
 //! weights drawn from the engine's own seeded generator so that a run is reproducible, and the
 //! loss each task trains on.
 
+use std::sync::Mutex;
+
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 
 use super::data::Task;
+use super::native;
 use super::ops;
 use super::rng::Rng;
 use super::spec::{Activation, ModelSpec, SpecError};
@@ -20,7 +23,7 @@ pub struct ModelShape {
 }
 
 /// A fully connected layer `y = x W^T + b` with PyTorch's default initialisation.
-struct Dense {
+pub(crate) struct Dense {
     weight: Var,
     bias: Var,
 }
@@ -60,14 +63,26 @@ impl Dense {
     fn vars(&self) -> [&Var; 2] {
         [&self.weight, &self.bias]
     }
+
+    /// (inputs, outputs).
+    pub(crate) fn sizes(&self) -> (usize, usize) {
+        let dims = self.weight.dims();
+        (dims[1], dims[0])
+    }
 }
 
-struct Conv {
+pub(crate) struct Conv {
     weight: Var,
     bias: Var,
 }
 
-struct LayerNorm {
+impl Conv {
+    pub(crate) fn outputs(&self) -> usize {
+        self.weight.dims()[0]
+    }
+}
+
+pub(crate) struct LayerNorm {
     gain: Var,
     shift: Var,
 }
@@ -87,7 +102,7 @@ impl LayerNorm {
     }
 }
 
-struct Block {
+pub(crate) struct Block {
     norm_attention: LayerNorm,
     qkv: Dense,
     projection: Dense,
@@ -96,7 +111,7 @@ struct Block {
     contract: Dense,
 }
 
-enum Layers {
+pub(crate) enum Layers {
     Linear(Dense),
     Mlp {
         layers: Vec<Dense>,
@@ -124,6 +139,8 @@ pub struct Model {
     shape: ModelShape,
     vars: Vec<Var>,
     device: Device,
+    /// The buffers of the hand-written CPU training step (see `native.rs`), kept between steps.
+    workspace: Mutex<Option<native::Workspace>>,
 }
 
 /// The output of one forward pass and its loss.
@@ -148,6 +165,7 @@ impl Model {
             shape: shape.clone(),
             vars,
             device: device.clone(),
+            workspace: Mutex::new(None),
         })
     }
 
@@ -165,6 +183,17 @@ impl Model {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    pub(crate) fn layers(&self) -> &Layers {
+        &self.layers
+    }
+
+    /// The native step's buffers (one training loop per model, so never contended).
+    pub(crate) fn workspace(&self) -> std::sync::MutexGuard<'_, Option<native::Workspace>> {
+        self.workspace
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Deep copies of every weight (a `Var` clone would share storage with the live one).

@@ -64,11 +64,11 @@ fn fast_tanh(x: f32) -> f32 {
     (e - 1.0) / (e + 1.0)
 }
 
-fn gelu_value(x: f32) -> f32 {
+pub(crate) fn gelu_value(x: f32) -> f32 {
     0.5 * x * (1.0 + fast_tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x)))
 }
 
-fn gelu_derivative(x: f32) -> f32 {
+pub(crate) fn gelu_derivative(x: f32) -> f32 {
     let inner = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
     let t = fast_tanh(inner);
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x)

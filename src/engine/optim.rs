@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Tensor, Var};
 
 use super::spec::OptimizerSpec;
 use super::update::{adam_update, sgd_update, AdamStep, SgdStep};
@@ -75,13 +75,65 @@ impl Optimizer {
     /// One update with this step's learning rate and momentum (SGD) or beta1 (Adam).
     /// A parameter without a gradient is left alone, as PyTorch does.
     pub fn step(&mut self, grads: &GradStore, lr: f64, momentum: f64) -> candle_core::Result<()> {
+        self.step_each(lr, momentum, |_, var, update| {
+            match grads.get(var.as_tensor()) {
+                Some(grad) => apply(var, grad, update),
+                None => Ok(()),
+            }
+        })
+    }
+
+    /// The same update with gradients in host memory, one per variable in order (the native
+    /// CPU step's output).
+    pub fn step_host(
+        &mut self,
+        grads: &[Vec<f32>],
+        lr: f64,
+        momentum: f64,
+    ) -> candle_core::Result<()> {
+        if grads.len() != self.vars.len() {
+            candle_core::bail!(
+                "optimizer: {} gradients for {} parameters",
+                grads.len(),
+                self.vars.len()
+            );
+        }
+        self.step_each(lr, momentum, |index, var, update| {
+            let grad = &grads[index];
+            if grad.len() != var.elem_count() {
+                candle_core::bail!(
+                    "optimizer: gradient {index} has {} values for {}",
+                    grad.len(),
+                    var.elem_count()
+                );
+            }
+            if var.device().is_cpu() {
+                var.as_tensor().inplace_op1(&HostUpdate { update, grad })
+            } else {
+                apply(
+                    var,
+                    &Tensor::from_slice(grad, var.shape(), var.device())?,
+                    update,
+                )
+            }
+        })
+    }
+
+    fn step_each(
+        &mut self,
+        lr: f64,
+        momentum: f64,
+        mut apply_one: impl FnMut(usize, &Var, &FusedUpdate) -> candle_core::Result<()>,
+    ) -> candle_core::Result<()> {
         self.state.steps += 1;
         let first = self.state.steps == 1;
         let step_count = self.state.steps;
-        for (var, state) in self.vars.iter().zip(self.state.params.iter_mut()) {
-            let Some(grad) = grads.get(var.as_tensor()) else {
-                continue;
-            };
+        for (index, (var, state)) in self
+            .vars
+            .iter()
+            .zip(self.state.params.iter_mut())
+            .enumerate()
+        {
             let update = match (&self.spec, state) {
                 (
                     OptimizerSpec::Sgd {
@@ -130,8 +182,31 @@ impl Optimizer {
                 },
                 _ => unreachable!("state is created from the same spec"),
             };
-            apply(var, grad, &update)?;
+            apply_one(index, var, &update)?;
         }
+        Ok(())
+    }
+}
+
+/// A fused update whose gradient is a host slice rather than a tensor.
+struct HostUpdate<'a, 'b> {
+    update: &'a FusedUpdate<'b>,
+    grad: &'a [f32],
+}
+
+impl InplaceOp1 for HostUpdate<'_, '_> {
+    fn name(&self) -> &'static str {
+        "lrtune-fused-update-host"
+    }
+
+    fn cpu_fwd(&self, param: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(param) = param else {
+            candle_core::bail!("fused update: parameters must be f32");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("fused update: parameters must be contiguous");
+        };
+        self.update.run(&mut param[start..end], self.grad);
         Ok(())
     }
 }

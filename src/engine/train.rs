@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::data::{epoch_order, Dataset, Features, Targets, Task};
 use super::model::{correct_count, Model};
+use super::native;
 use super::optim::Optimizer;
 use super::rng::Rng;
 
@@ -107,6 +108,15 @@ pub fn train_step(
     momentum: f64,
     dropout_rng: &mut Rng,
 ) -> candle_core::Result<f64> {
+    if native::supports(model) {
+        let mut workspace = model.workspace();
+        let loss = native::forward_backward(model, &mut workspace, data, rows, dropout_rng)?;
+        if loss.is_finite() {
+            let grads = &workspace.as_ref().expect("set by forward_backward").grads;
+            optimizer.step_host(grads, lr, momentum)?;
+        }
+        return Ok(loss);
+    }
     let (x, y) = data.batch(rows)?;
     let forward = model.forward(&x, &y, Some(dropout_rng))?;
     let loss = forward.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;

@@ -1,0 +1,1078 @@
+//! The training step of the dense and convolutional models on the CPU, written out by hand
+//! instead of recorded on candle's autograd tape.
+//!
+//! candle's tape makes a fresh tensor for every intermediate and every gradient, and adds each
+//! gradient into a freshly zeroed tensor of its own size; on an MLP that bookkeeping costs as
+//! much as the matrix products. Here the forward pass writes into buffers kept from step to
+//! step, the backward pass is the textbook chain rule over the same buffers (matrix products
+//! through `gemm` with strides instead of transposed copies, fused bias + activation, pooling
+//! and loss kernels), and the gradients go straight to the fused optimizer update. The weights
+//! stay in the model's `Var`s, so evaluation, snapshots and the optimizer see one model.
+//!
+//! The transformer and non-CPU devices keep the autograd path. The tests hold this step to
+//! candle's gradients on every layer kind it covers.
+
+use candle_core::{CpuStorage, Storage, Tensor};
+use gemm::Parallelism;
+
+use super::data::Task;
+use super::model::{Layers, Model};
+use super::ops::{gelu_derivative, gelu_value};
+use super::rng::Rng;
+use super::spec::Activation;
+use super::train::DeviceData;
+
+/// Matrix products below this many multiply-adds run on one thread: splitting them costs more
+/// than it saves (measured with `lrtune bench` on the small MLP).
+const PARALLEL_MIN_MACS: usize = 1 << 21;
+
+/// A row-major operand of a matrix product, possibly read transposed through its strides.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// `data` as stored: rows of `cols` values.
+    fn plain(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of `data`, stored as rows of `stored_cols` values.
+    fn transposed(data: &'a [f32], stored_cols: usize) -> Self {
+        Self {
+            data,
+            row_stride: 1,
+            col_stride: stored_cols,
+        }
+    }
+
+    fn covers(&self, rows: usize, cols: usize) -> bool {
+        rows == 0
+            || cols == 0
+            || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
+    }
+}
+
+/// `dst[m x n] = lhs[m x k] * rhs[k x n]`, row-major `dst`. The one `unsafe` block in the
+/// crate: gemm takes raw pointers and strides.
+#[allow(unsafe_code)]
+fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand) {
+    assert!(dst.len() >= m * n, "matmul: destination too small");
+    assert!(
+        lhs.covers(m, k) && rhs.covers(k, n),
+        "matmul: operand too small"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        dst[..m * n].fill(0.0);
+        return;
+    }
+    let parallelism = match rayon::current_num_threads() {
+        threads if threads > 1 && m * n * k >= PARALLEL_MIN_MACS => Parallelism::Rayon(threads),
+        _ => Parallelism::None,
+    };
+    // SAFETY: the asserts above keep every index gemm forms, (rows - 1) * row stride +
+    // (cols - 1) * column stride, inside its slice; `dst` does not alias the operands (it is
+    // borrowed mutably while they are borrowed shared).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Adds the bias to every row of `z` and, for a hidden layer, writes `activation(z) * mask`
+/// into `a`.
+fn bias_forward(z: &mut [f32], bias: &[f32]) {
+    for row in z.chunks_exact_mut(bias.len()) {
+        for (value, b) in row.iter_mut().zip(bias) {
+            *value += b;
+        }
+    }
+}
+
+fn activate(activation: Activation, z: &[f32], a: &mut [f32]) {
+    match activation {
+        Activation::Relu => z.iter().zip(a).for_each(|(z, a)| *a = z.max(0.0)),
+        Activation::Gelu => z.iter().zip(a).for_each(|(z, a)| *a = gelu_value(*z)),
+        Activation::Tanh => z.iter().zip(a).for_each(|(z, a)| *a = z.tanh()),
+        Activation::Silu => z
+            .iter()
+            .zip(a)
+            .for_each(|(z, a)| *a = z / (1.0 + (-z).exp())),
+    }
+}
+
+/// `grad *= activation'(z)`, in place.
+fn activation_backward(activation: Activation, z: &[f32], grad: &mut [f32]) {
+    match activation {
+        Activation::Relu => z.iter().zip(grad).for_each(|(z, g)| {
+            if *z <= 0.0 {
+                *g = 0.0;
+            }
+        }),
+        Activation::Gelu => z
+            .iter()
+            .zip(grad)
+            .for_each(|(z, g)| *g *= gelu_derivative(*z)),
+        Activation::Tanh => z.iter().zip(grad).for_each(|(z, g)| {
+            let t = z.tanh();
+            *g *= 1.0 - t * t;
+        }),
+        Activation::Silu => z.iter().zip(grad).for_each(|(z, g)| {
+            let s = 1.0 / (1.0 + (-z).exp());
+            *g *= s * (1.0 + z * (1.0 - s));
+        }),
+    }
+}
+
+/// Column sums of a row-major `[rows, sums.len()]` matrix into `sums`.
+fn column_sums(values: &[f32], sums: &mut [f32]) {
+    sums.fill(0.0);
+    for row in values.chunks_exact(sums.len()) {
+        for (sum, value) in sums.iter_mut().zip(row) {
+            *sum += value;
+        }
+    }
+}
+
+/// Mean cross-entropy over rows of logits; leaves d(loss)/d(logits) in `grad`.
+fn cross_entropy(logits: &[f32], labels: &[u32], classes: usize, grad: &mut [f32]) -> f64 {
+    let rows = labels.len();
+    let scale = 1.0 / rows as f32;
+    let mut total = 0.0f64;
+    for ((row, grad_row), &label) in logits
+        .chunks_exact(classes)
+        .zip(grad.chunks_exact_mut(classes))
+        .zip(labels)
+    {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for (g, &value) in grad_row.iter_mut().zip(row) {
+            *g = (value - max).exp();
+            sum += *g;
+        }
+        let label = label as usize;
+        total += f64::from(sum.ln() - (row[label] - max));
+        let inverse = scale / sum;
+        for g in grad_row.iter_mut() {
+            *g *= inverse;
+        }
+        grad_row[label] -= scale;
+    }
+    total / rows as f64
+}
+
+/// Mean squared error over every output; leaves d(loss)/d(output) in `grad`.
+fn mean_squared_error(output: &[f32], targets: &[f32], grad: &mut [f32]) -> f64 {
+    let scale = 2.0 / output.len() as f32;
+    let mut total = 0.0f64;
+    for ((g, &o), &t) in grad.iter_mut().zip(output).zip(targets) {
+        let error = o - t;
+        total += f64::from(error * error);
+        *g = scale * error;
+    }
+    total / output.len() as f64
+}
+
+/// A fully connected layer's buffers: pre-activation `z`, output `a` (after activation and
+/// dropout; unused for the last layer) and the dropout mask.
+struct DenseBuffers {
+    inputs: usize,
+    outputs: usize,
+    z: Vec<f32>,
+    a: Vec<f32>,
+    mask: Vec<f32>,
+    /// d(loss)/d(z).
+    grad: Vec<f32>,
+}
+
+impl DenseBuffers {
+    fn new(inputs: usize, outputs: usize, rows: usize, hidden: bool, dropout: bool) -> Self {
+        Self {
+            inputs,
+            outputs,
+            z: vec![0.0; rows * outputs],
+            a: vec![0.0; if hidden { rows * outputs } else { 0 }],
+            mask: vec![0.0; if dropout { rows * outputs } else { 0 }],
+            grad: vec![0.0; rows * outputs],
+        }
+    }
+}
+
+/// A 3x3 convolution (padding 1) + ReLU + 2x2 max pool, in NHWC layout.
+struct ConvBuffers {
+    channels: usize,
+    outputs: usize,
+    height: usize,
+    width: usize,
+    /// im2col patches, `[rows * height * width, 9 * channels]`, columns in (ky, kx, c) order.
+    columns: Vec<f32>,
+    /// The weight as `[outputs, 9 * channels]` in the same column order.
+    weight: Vec<f32>,
+    /// ReLU output before pooling, `[rows, height, width, outputs]`; reused for its gradient.
+    activated: Vec<f32>,
+    /// Pooled output `[rows, height / 2, width / 2, outputs]` and which of the 4 won.
+    pooled: Vec<f32>,
+    winner: Vec<u8>,
+    /// Gradient of the weight in (ky, kx, c) order and of the patches.
+    weight_grad: Vec<f32>,
+    column_grad: Vec<f32>,
+}
+
+impl ConvBuffers {
+    fn new(channels: usize, outputs: usize, height: usize, width: usize, rows: usize) -> Self {
+        let pixels = rows * height * width;
+        let pooled = rows * (height / 2) * (width / 2) * outputs;
+        Self {
+            channels,
+            outputs,
+            height,
+            width,
+            columns: vec![0.0; pixels * 9 * channels],
+            weight: vec![0.0; outputs * 9 * channels],
+            activated: vec![0.0; pixels * outputs],
+            pooled: vec![0.0; pooled],
+            winner: vec![0; pooled],
+            weight_grad: vec![0.0; outputs * 9 * channels],
+            column_grad: vec![0.0; pixels * 9 * channels],
+        }
+    }
+}
+
+/// im2col of an NHWC image batch for a 3x3 kernel with padding 1; padding taps stay zero.
+fn im2col(
+    input: &[f32],
+    rows: usize,
+    height: usize,
+    width: usize,
+    channels: usize,
+    columns: &mut [f32],
+) {
+    let patch = 9 * channels;
+    for b in 0..rows {
+        for y in 0..height {
+            for x in 0..width {
+                let row = &mut columns[((b * height + y) * width + x) * patch..][..patch];
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let tap = &mut row[(ky * 3 + kx) * channels..][..channels];
+                        let (sy, sx) = (y + ky, x + kx);
+                        if sy < 1 || sy > height || sx < 1 || sx > width {
+                            tap.fill(0.0);
+                        } else {
+                            let source = ((b * height + sy - 1) * width + sx - 1) * channels;
+                            tap.copy_from_slice(&input[source..source + channels]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of `im2col`: sums patch gradients back onto the NHWC image.
+fn col2im(
+    columns: &[f32],
+    rows: usize,
+    height: usize,
+    width: usize,
+    channels: usize,
+    image: &mut [f32],
+) {
+    image.fill(0.0);
+    let patch = 9 * channels;
+    for b in 0..rows {
+        for y in 0..height {
+            for x in 0..width {
+                let row = &columns[((b * height + y) * width + x) * patch..][..patch];
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let (sy, sx) = (y + ky, x + kx);
+                        if sy < 1 || sy > height || sx < 1 || sx > width {
+                            continue;
+                        }
+                        let target = ((b * height + sy - 1) * width + sx - 1) * channels;
+                        let tap = &row[(ky * 3 + kx) * channels..][..channels];
+                        for (value, g) in image[target..target + channels].iter_mut().zip(tap) {
+                            *value += g;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// 2x2 max pooling of NHWC maps (odd edges dropped, first maximum wins ties, as PyTorch).
+fn max_pool(
+    input: &[f32],
+    rows: usize,
+    height: usize,
+    width: usize,
+    channels: usize,
+    pooled: &mut [f32],
+    winner: &mut [u8],
+) {
+    let (out_h, out_w) = (height / 2, width / 2);
+    for b in 0..rows {
+        for oy in 0..out_h {
+            for ox in 0..out_w {
+                let out = ((b * out_h + oy) * out_w + ox) * channels;
+                let corner = |dy: usize, dx: usize| {
+                    ((b * height + 2 * oy + dy) * width + 2 * ox + dx) * channels
+                };
+                let sources = [corner(0, 0), corner(0, 1), corner(1, 0), corner(1, 1)];
+                for c in 0..channels {
+                    let mut best = 0;
+                    for candidate in 1..4 {
+                        if input[sources[candidate] + c] > input[sources[best] + c] {
+                            best = candidate;
+                        }
+                    }
+                    pooled[out + c] = input[sources[best] + c];
+                    winner[out + c] = best as u8;
+                }
+            }
+        }
+    }
+}
+
+/// Routes pooled gradients to the winning positions and through the ReLU before the pool:
+/// `activated` (the ReLU output) is overwritten with d(loss)/d(pre-activation).
+fn pool_relu_backward(
+    pooled_grad: &[f32],
+    winner: &[u8],
+    rows: usize,
+    height: usize,
+    width: usize,
+    channels: usize,
+    activated: &mut [f32],
+) {
+    let (out_h, out_w) = (height / 2, width / 2);
+    for b in 0..rows {
+        for oy in 0..out_h {
+            for ox in 0..out_w {
+                let out = ((b * out_h + oy) * out_w + ox) * channels;
+                for c in 0..channels {
+                    let won = winner[out + c] as usize;
+                    let source =
+                        ((b * height + 2 * oy + won / 2) * width + 2 * ox + won % 2) * channels + c;
+                    // The other three positions of the window get no gradient; the winner
+                    // gets it only if the ReLU let it through.
+                    let g = if activated[source] > 0.0 {
+                        pooled_grad[out + c]
+                    } else {
+                        0.0
+                    };
+                    for dy in 0..2 {
+                        for dx in 0..2 {
+                            activated[((b * height + 2 * oy + dy) * width + 2 * ox + dx)
+                                * channels
+                                + c] = 0.0;
+                        }
+                    }
+                    activated[source] = g;
+                }
+            }
+        }
+        // Rows and columns the pool dropped (odd sizes) get no gradient either.
+        if height % 2 == 1 {
+            let start = ((b * height + height - 1) * width) * channels;
+            activated[start..start + width * channels].fill(0.0);
+        }
+        if width % 2 == 1 {
+            for y in 0..height {
+                let start = ((b * height + y) * width + width - 1) * channels;
+                activated[start..start + channels].fill(0.0);
+            }
+        }
+    }
+}
+
+/// What the native step keeps between steps, sized for one batch size.
+pub struct Workspace {
+    rows: usize,
+    /// The gathered batch: flattened features (dense models) or NHWC images (cnn).
+    input: Vec<f32>,
+    convs: Vec<ConvBuffers>,
+    /// The last pooled map in NCHW order, flattened per row (the dense head's input) and its
+    /// gradient.
+    flat: Vec<f32>,
+    flat_grad: Vec<f32>,
+    dense: Vec<DenseBuffers>,
+    labels: Vec<u32>,
+    targets: Vec<f32>,
+    /// One gradient per model variable, in `Model::vars` order.
+    pub grads: Vec<Vec<f32>>,
+}
+
+/// Which models the native step runs: everything but the transformer, on the CPU.
+pub fn supports(model: &Model) -> bool {
+    model.device().is_cpu() && !matches!(model.layers(), Layers::Transformer { .. })
+}
+
+impl Workspace {
+    fn new(model: &Model, rows: usize) -> Self {
+        let shape = model.shape();
+        let mut convs = Vec::new();
+        let mut dense_sizes = Vec::new();
+        let mut hidden_activation = false;
+        let mut dropout = false;
+        let features: usize = shape.input.iter().product();
+        let input_len;
+        match model.layers() {
+            Layers::Linear(layer) => {
+                dense_sizes.push(layer.sizes());
+                input_len = rows * features;
+            }
+            Layers::Mlp {
+                layers,
+                dropout: rate,
+                ..
+            } => {
+                dense_sizes.extend(layers.iter().map(|layer| layer.sizes()));
+                hidden_activation = true;
+                dropout = *rate > 0.0;
+                input_len = rows * features;
+            }
+            Layers::Cnn {
+                convs: conv_layers,
+                hidden,
+                head,
+            } => {
+                let (mut height, mut width) = (shape.input[1], shape.input[2]);
+                let mut channels = shape.input[0];
+                for conv in conv_layers {
+                    let outputs = conv.outputs();
+                    convs.push(ConvBuffers::new(channels, outputs, height, width, rows));
+                    channels = outputs;
+                    height /= 2;
+                    width /= 2;
+                }
+                dense_sizes.push(hidden.sizes());
+                dense_sizes.push(head.sizes());
+                hidden_activation = true;
+                input_len = rows * features;
+            }
+            Layers::Transformer { .. } => unreachable!("checked by `supports`"),
+        }
+        let last = dense_sizes.len() - 1;
+        let dense = dense_sizes
+            .iter()
+            .enumerate()
+            .map(|(index, &(inputs, outputs))| {
+                let hidden = hidden_activation && index < last;
+                DenseBuffers::new(inputs, outputs, rows, hidden, hidden && dropout)
+            })
+            .collect::<Vec<_>>();
+        let flat = if convs.is_empty() {
+            0
+        } else {
+            rows * dense[0].inputs
+        };
+        Self {
+            rows,
+            input: vec![0.0; input_len],
+            convs,
+            flat: vec![0.0; flat],
+            flat_grad: vec![0.0; flat],
+            dense,
+            labels: vec![0; rows],
+            targets: vec![0.0; rows * shape.output],
+            grads: model
+                .vars()
+                .iter()
+                .map(|var| vec![0.0; var.elem_count()])
+                .collect(),
+        }
+    }
+}
+
+/// Read access to the f32 values of a contiguous CPU tensor for the length of a step.
+struct HostValues<'a> {
+    guard: candle_core::StorageRef<'a>,
+    start: usize,
+    len: usize,
+}
+
+impl<'a> HostValues<'a> {
+    fn of(tensor: &'a Tensor) -> candle_core::Result<Self> {
+        let (guard, layout) = tensor.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("native step: tensor is not contiguous");
+        };
+        Ok(Self {
+            guard,
+            start,
+            len: end - start,
+        })
+    }
+
+    fn f32(&self) -> candle_core::Result<&[f32]> {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::F32(values)) => Ok(&values[self.start..self.start + self.len]),
+            _ => candle_core::bail!("native step: expected f32 values on the CPU"),
+        }
+    }
+
+    fn u32(&self) -> candle_core::Result<&[u32]> {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::U32(values)) => Ok(&values[self.start..self.start + self.len]),
+            _ => candle_core::bail!("native step: expected u32 values on the CPU"),
+        }
+    }
+}
+
+/// Copies the batch's rows into the workspace: features flattened (dense models) or as NHWC
+/// images (cnn), and the targets.
+fn gather(
+    model: &Model,
+    data: &DeviceData,
+    rows: &[usize],
+    ws: &mut Workspace,
+) -> candle_core::Result<()> {
+    let x = HostValues::of(&data.x)?;
+    let x = x.f32()?;
+    let features: usize = model.shape().input.iter().product();
+    if ws.convs.is_empty() {
+        for (dst, &row) in ws.input.chunks_exact_mut(features).zip(rows) {
+            dst.copy_from_slice(&x[row * features..(row + 1) * features]);
+        }
+    } else {
+        let &[channels, height, width] = &model.shape().input[..] else {
+            candle_core::bail!("native step: a cnn needs [channels, height, width] inputs");
+        };
+        let plane = height * width;
+        for (dst, &row) in ws.input.chunks_exact_mut(features).zip(rows) {
+            let src = &x[row * features..(row + 1) * features];
+            for c in 0..channels {
+                for (pixel, &value) in src[c * plane..(c + 1) * plane].iter().enumerate() {
+                    dst[pixel * channels + c] = value;
+                }
+            }
+        }
+    }
+    let y = HostValues::of(&data.y)?;
+    match model.shape().task {
+        Task::Classification => {
+            let labels = y.u32()?;
+            for (dst, &row) in ws.labels.iter_mut().zip(rows) {
+                *dst = labels[row];
+            }
+        }
+        Task::Regression => {
+            let values = y.f32()?;
+            let dims = model.shape().output;
+            for (dst, &row) in ws.targets.chunks_exact_mut(dims).zip(rows) {
+                dst.copy_from_slice(&values[row * dims..(row + 1) * dims]);
+            }
+        }
+        Task::LanguageModel => candle_core::bail!("native step: language models are transformers"),
+    }
+    Ok(())
+}
+
+/// Forward and backward pass on the batch `rows`: returns the batch's mean loss and leaves
+/// the gradient of every variable in `workspace.grads`. On a non-finite loss it returns
+/// before the backward pass (the caller does not step on it).
+pub fn forward_backward(
+    model: &Model,
+    workspace: &mut Option<Workspace>,
+    data: &DeviceData,
+    rows: &[usize],
+    dropout_rng: &mut Rng,
+) -> candle_core::Result<f64> {
+    if workspace.as_ref().is_none_or(|w| w.rows != rows.len()) {
+        *workspace = Some(Workspace::new(model, rows.len()));
+    }
+    let ws = workspace.as_mut().expect("set above");
+    gather(model, data, rows, ws)?;
+    let guards = model
+        .vars()
+        .iter()
+        .map(|var| HostValues::of(var.as_tensor()))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let params = guards
+        .iter()
+        .map(HostValues::f32)
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let (activation, dropout) = match model.layers() {
+        Layers::Mlp {
+            activation,
+            dropout,
+            ..
+        } => (*activation, *dropout),
+        _ => (Activation::Relu, 0.0),
+    };
+    let Workspace {
+        rows: n,
+        input,
+        convs,
+        flat,
+        flat_grad,
+        dense,
+        labels,
+        targets,
+        grads,
+    } = ws;
+    let n = *n;
+    let (conv_params, dense_params) = params.split_at(2 * convs.len());
+    let (conv_grads, dense_grads) = grads.split_at_mut(2 * convs.len());
+
+    // Forward.
+    for index in 0..convs.len() {
+        let (before, rest) = convs.split_at_mut(index);
+        let source: &[f32] = before
+            .last()
+            .map_or(&input[..], |previous| &previous.pooled);
+        conv_forward(
+            &mut rest[0],
+            source,
+            n,
+            conv_params[2 * index],
+            conv_params[2 * index + 1],
+        );
+    }
+    if let Some(last) = convs.last() {
+        flatten_nchw(last, n, flat);
+    }
+    let first_input: &[f32] = if convs.is_empty() { input } else { flat };
+    let last = dense.len() - 1;
+    for index in 0..dense.len() {
+        let (before, rest) = dense.split_at_mut(index);
+        let layer = &mut rest[0];
+        let x = before
+            .last()
+            .map_or(first_input, |previous| &previous.a[..]);
+        matmul(
+            &mut layer.z,
+            n,
+            layer.outputs,
+            layer.inputs,
+            Operand::plain(x, layer.inputs),
+            Operand::transposed(dense_params[2 * index], layer.inputs),
+        );
+        bias_forward(&mut layer.z, dense_params[2 * index + 1]);
+        if index < last {
+            activate(activation, &layer.z, &mut layer.a);
+            if !layer.mask.is_empty() {
+                let keep = 1.0 - dropout;
+                let scale = (1.0 / keep) as f32;
+                for (a, mask) in layer.a.iter_mut().zip(&mut layer.mask) {
+                    *mask = if dropout_rng.next_f64() < keep {
+                        scale
+                    } else {
+                        0.0
+                    };
+                    *a *= *mask;
+                }
+            }
+        }
+    }
+
+    // The loss and its gradient with respect to the output.
+    let output = &mut dense[last];
+    let loss = match model.shape().task {
+        Task::Classification => cross_entropy(&output.z, labels, output.outputs, &mut output.grad),
+        Task::Regression => mean_squared_error(&output.z, targets, &mut output.grad),
+        Task::LanguageModel => candle_core::bail!("native step: language models are transformers"),
+    };
+    if !loss.is_finite() {
+        return Ok(loss);
+    }
+
+    // Backward through the dense layers, last first.
+    for index in (0..dense.len()).rev() {
+        let (before, rest) = dense.split_at_mut(index);
+        let layer = &rest[0];
+        let (weight_grad, bias_grad) = dense_grads[2 * index..].split_at_mut(1);
+        let (weight_grad, bias_grad) = (&mut weight_grad[0], &mut bias_grad[0]);
+        let weight = dense_params[2 * index];
+        match before.last_mut() {
+            Some(previous) => {
+                dense_parameter_grads(layer, &previous.a, n, weight_grad, bias_grad);
+                matmul(
+                    &mut previous.grad,
+                    n,
+                    layer.inputs,
+                    layer.outputs,
+                    Operand::plain(&layer.grad, layer.outputs),
+                    Operand::plain(weight, layer.inputs),
+                );
+                if !previous.mask.is_empty() {
+                    for (g, mask) in previous.grad.iter_mut().zip(&previous.mask) {
+                        *g *= mask;
+                    }
+                }
+                activation_backward(activation, &previous.z, &mut previous.grad);
+            }
+            None => {
+                dense_parameter_grads(layer, first_input, n, weight_grad, bias_grad);
+                if !convs.is_empty() {
+                    matmul(
+                        flat_grad,
+                        n,
+                        layer.inputs,
+                        layer.outputs,
+                        Operand::plain(&layer.grad, layer.outputs),
+                        Operand::plain(weight, layer.inputs),
+                    );
+                }
+            }
+        }
+    }
+
+    // Backward through the convolutions, last first. Each stage's `pooled` buffer is done
+    // with once the next stage has read it, so it holds that output's gradient.
+    if let Some(last) = convs.last_mut() {
+        unflatten_nchw(flat_grad, n, last);
+    }
+    for index in (0..convs.len()).rev() {
+        let (before, rest) = convs.split_at_mut(index);
+        let (weight_grad, bias_grad) = conv_grads[2 * index..].split_at_mut(1);
+        conv_backward(
+            &mut rest[0],
+            before.last_mut(),
+            n,
+            &mut weight_grad[0],
+            &mut bias_grad[0],
+        );
+    }
+    Ok(loss)
+}
+
+/// `dW = dz^T x` and `db = column sums of dz` for a dense layer.
+fn dense_parameter_grads(
+    layer: &DenseBuffers,
+    x: &[f32],
+    n: usize,
+    weight_grad: &mut [f32],
+    bias_grad: &mut [f32],
+) {
+    matmul(
+        weight_grad,
+        layer.outputs,
+        layer.inputs,
+        n,
+        Operand::transposed(&layer.grad, layer.outputs),
+        Operand::plain(x, layer.inputs),
+    );
+    column_sums(&layer.grad, bias_grad);
+}
+
+fn conv_forward(conv: &mut ConvBuffers, source: &[f32], n: usize, weight: &[f32], bias: &[f32]) {
+    let (channels, outputs, height, width) = (conv.channels, conv.outputs, conv.height, conv.width);
+    // [outputs, channels, 3, 3] -> [outputs, (ky, kx, c)] to match the patch columns.
+    for o in 0..outputs {
+        for c in 0..channels {
+            for tap in 0..9 {
+                conv.weight[(o * 9 + tap) * channels + c] = weight[(o * channels + c) * 9 + tap];
+            }
+        }
+    }
+    im2col(source, n, height, width, channels, &mut conv.columns);
+    let pixels = n * height * width;
+    matmul(
+        &mut conv.activated,
+        pixels,
+        outputs,
+        9 * channels,
+        Operand::plain(&conv.columns, 9 * channels),
+        Operand::transposed(&conv.weight, 9 * channels),
+    );
+    for row in conv.activated.chunks_exact_mut(outputs) {
+        for (value, b) in row.iter_mut().zip(bias) {
+            *value = (*value + b).max(0.0);
+        }
+    }
+    max_pool(
+        &conv.activated,
+        n,
+        height,
+        width,
+        outputs,
+        &mut conv.pooled,
+        &mut conv.winner,
+    );
+}
+
+/// `conv.pooled` holds d(loss)/d(pooled output) on entry. Writes the weight and bias
+/// gradients and, when there is an earlier stage, d(loss)/d(its pooled output).
+fn conv_backward(
+    conv: &mut ConvBuffers,
+    previous: Option<&mut ConvBuffers>,
+    n: usize,
+    weight_grad: &mut [f32],
+    bias_grad: &mut [f32],
+) {
+    let (channels, outputs, height, width) = (conv.channels, conv.outputs, conv.height, conv.width);
+    pool_relu_backward(
+        &conv.pooled,
+        &conv.winner,
+        n,
+        height,
+        width,
+        outputs,
+        &mut conv.activated,
+    );
+    let grad = &conv.activated;
+    column_sums(grad, bias_grad);
+    let pixels = n * height * width;
+    matmul(
+        &mut conv.weight_grad,
+        outputs,
+        9 * channels,
+        pixels,
+        Operand::transposed(grad, outputs),
+        Operand::plain(&conv.columns, 9 * channels),
+    );
+    for o in 0..outputs {
+        for c in 0..channels {
+            for tap in 0..9 {
+                weight_grad[(o * channels + c) * 9 + tap] =
+                    conv.weight_grad[(o * 9 + tap) * channels + c];
+            }
+        }
+    }
+    if let Some(previous) = previous {
+        matmul(
+            &mut conv.column_grad,
+            pixels,
+            9 * channels,
+            outputs,
+            Operand::plain(grad, outputs),
+            Operand::plain(&conv.weight, 9 * channels),
+        );
+        col2im(
+            &conv.column_grad,
+            n,
+            height,
+            width,
+            channels,
+            &mut previous.pooled,
+        );
+    }
+}
+
+/// The last pooled NHWC map as the dense head sees it: per row, NCHW order.
+fn flatten_nchw(conv: &ConvBuffers, n: usize, flat: &mut [f32]) {
+    let (channels, plane) = (conv.outputs, (conv.height / 2) * (conv.width / 2));
+    for b in 0..n {
+        let src = &conv.pooled[b * plane * channels..(b + 1) * plane * channels];
+        let dst = &mut flat[b * plane * channels..(b + 1) * plane * channels];
+        for pixel in 0..plane {
+            for c in 0..channels {
+                dst[c * plane + pixel] = src[pixel * channels + c];
+            }
+        }
+    }
+}
+
+fn unflatten_nchw(flat: &[f32], n: usize, conv: &mut ConvBuffers) {
+    let (channels, plane) = (conv.outputs, (conv.height / 2) * (conv.width / 2));
+    for b in 0..n {
+        let src = &flat[b * plane * channels..(b + 1) * plane * channels];
+        let dst = &mut conv.pooled[b * plane * channels..(b + 1) * plane * channels];
+        for pixel in 0..plane {
+            for c in 0..channels {
+                dst[pixel * channels + c] = src[c * plane + pixel];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::engine::data::{Dataset, Features, Targets};
+    use crate::engine::model::ModelShape;
+    use crate::engine::spec::ModelSpec;
+
+    fn dataset(sample_shape: &[usize], task: Task, outputs: usize, rows: usize) -> Dataset {
+        let mut rng = Rng::new(7);
+        let per_row: usize = sample_shape.iter().product();
+        let targets = match task {
+            Task::Classification => Targets::Classes {
+                labels: (0..rows).map(|_| rng.below(outputs) as u32).collect(),
+                classes: outputs,
+            },
+            _ => Targets::Values {
+                values: (0..rows * outputs).map(|_| rng.normal() as f32).collect(),
+                dims: outputs,
+            },
+        };
+        Dataset {
+            features: Features::Dense {
+                values: (0..rows * per_row).map(|_| rng.normal() as f32).collect(),
+                sample_shape: sample_shape.to_vec(),
+            },
+            targets,
+        }
+    }
+
+    /// The native step's loss and gradients against candle's autograd on the same model,
+    /// batch and dropout draws.
+    fn assert_matches_autograd(
+        spec: ModelSpec,
+        sample_shape: &[usize],
+        task: Task,
+        outputs: usize,
+    ) {
+        let device = Device::Cpu;
+        let data = dataset(sample_shape, task, outputs, 40);
+        let shape = ModelShape {
+            input: sample_shape.to_vec(),
+            output: outputs,
+            task,
+        };
+        let model = Model::build(&spec, &shape, 3, &device).unwrap();
+        assert!(supports(&model));
+        let train = DeviceData::new(&data, &device).unwrap();
+        let rows: Vec<usize> = (0..16).map(|i| (i * 7 + 3) % 40).collect();
+
+        let mut workspace = None;
+        let native_loss =
+            forward_backward(&model, &mut workspace, &train, &rows, &mut Rng::new(11)).unwrap();
+        let native_grads = workspace.unwrap().grads;
+
+        let (x, y) = train.batch(&rows).unwrap();
+        let forward = model.forward(&x, &y, Some(&mut Rng::new(11))).unwrap();
+        let loss = forward.loss.to_scalar::<f32>().unwrap() as f64;
+        let grads = forward.loss.backward().unwrap();
+
+        assert!(
+            (native_loss - loss).abs() <= 1e-5 * loss.abs().max(1.0),
+            "loss: native {native_loss}, autograd {loss}"
+        );
+        for (index, (var, native)) in model.vars().iter().zip(&native_grads).enumerate() {
+            let want = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(native.len(), want.len(), "variable {index}");
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            for (position, (got, want)) in native.iter().zip(&want).enumerate() {
+                assert!(
+                    (got - want).abs() <= 1e-4 * scale,
+                    "variable {index} [{position}]: native {got}, autograd {want} (largest {scale})"
+                );
+            }
+        }
+    }
+
+    fn mlp(activation: Activation, dropout: f64) -> ModelSpec {
+        ModelSpec::Mlp {
+            hidden: vec![12, 9],
+            activation,
+            dropout,
+        }
+    }
+
+    #[test]
+    fn linear_classifier_gradients_match_autograd() {
+        assert_matches_autograd(ModelSpec::Linear, &[6], Task::Classification, 4);
+    }
+
+    #[test]
+    fn mlp_gradients_match_autograd_for_every_activation() {
+        for activation in [
+            Activation::Relu,
+            Activation::Gelu,
+            Activation::Tanh,
+            Activation::Silu,
+        ] {
+            assert_matches_autograd(mlp(activation, 0.0), &[5], Task::Classification, 3);
+        }
+    }
+
+    #[test]
+    fn mlp_regression_with_dropout_matches_autograd() {
+        assert_matches_autograd(mlp(Activation::Relu, 0.3), &[5], Task::Regression, 2);
+    }
+
+    #[test]
+    fn cnn_gradients_match_autograd_on_odd_sized_multichannel_images() {
+        let spec = ModelSpec::Cnn {
+            channels: vec![4, 6],
+            hidden: 8,
+        };
+        assert_matches_autograd(spec, &[2, 7, 9], Task::Classification, 5);
+    }
+
+    #[test]
+    fn non_finite_loss_stops_before_the_backward_pass() {
+        let device = Device::Cpu;
+        let mut data = dataset(&[3], Task::Regression, 1, 8);
+        if let Features::Dense { values, .. } = &mut data.features {
+            values[0] = f32::INFINITY;
+        }
+        let shape = ModelShape {
+            input: vec![3],
+            output: 1,
+            task: Task::Regression,
+        };
+        let model = Model::build(&ModelSpec::Linear, &shape, 0, &device).unwrap();
+        let train = DeviceData::new(&data, &device).unwrap();
+        let mut workspace = None;
+        let loss =
+            forward_backward(&model, &mut workspace, &train, &[0, 1], &mut Rng::new(0)).unwrap();
+        assert!(!loss.is_finite());
+        assert!(workspace.unwrap().grads.iter().flatten().all(|g| *g == 0.0));
+    }
+
+    #[test]
+    fn strided_matmul_matches_the_definition() {
+        // lhs read transposed from a [k, m] store, rhs plain [k, n].
+        let (m, n, k) = (3, 4, 5);
+        let lhs_store: Vec<f32> = (0..k * m).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let rhs: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 - 2.0).collect();
+        let mut dst = vec![f32::NAN; m * n];
+        matmul(
+            &mut dst,
+            m,
+            n,
+            k,
+            Operand::transposed(&lhs_store, m),
+            Operand::plain(&rhs, n),
+        );
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|p| lhs_store[p * m + i] * rhs[p * n + j]).sum();
+                assert_eq!(dst[i * n + j], want, "[{i}, {j}]");
+            }
+        }
+    }
+}
