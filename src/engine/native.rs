@@ -14,6 +14,7 @@
 
 use candle_core::{CpuStorage, Storage, Tensor};
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 use super::data::Task;
 use super::model::{Layers, Model};
@@ -25,6 +26,8 @@ use super::train::DeviceData;
 /// Matrix products below this many multiply-adds run on one thread: splitting them costs more
 /// than it saves (measured with `lrtune bench` on the small MLP).
 const PARALLEL_MIN_MACS: usize = 1 << 21;
+/// Inner dimensions from this long may be split in two (see `matmul`).
+const SPLIT_K_MIN_DEPTH: usize = 4096;
 
 /// A row-major operand of a matrix product, possibly read transposed through its strides.
 #[derive(Clone, Copy)]
@@ -53,6 +56,28 @@ impl<'a> Operand<'a> {
         }
     }
 
+    /// Columns `[0, at)` and `[at, ..)`.
+    fn split_columns(self, at: usize) -> (Self, Self) {
+        (
+            self,
+            Self {
+                data: &self.data[at * self.col_stride..],
+                ..self
+            },
+        )
+    }
+
+    /// Rows `[0, at)` and `[at, ..)`.
+    fn split_rows(self, at: usize) -> (Self, Self) {
+        (
+            self,
+            Self {
+                data: &self.data[at * self.row_stride..],
+                ..self
+            },
+        )
+    }
+
     fn covers(&self, rows: usize, cols: usize) -> bool {
         rows == 0
             || cols == 0
@@ -74,6 +99,24 @@ fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand, rhs: Oper
     }
     if k == 0 {
         dst[..m * n].fill(0.0);
+        return;
+    }
+    if k >= SPLIT_K_MIN_DEPTH && k >= 16 * m.max(n) {
+        // A product with a long inner dimension and a small result (a weight gradient summed
+        // over a large batch): gemm can only split the result between threads, so split
+        // the inner dimension in two halves instead and add them. Always two halves, even on
+        // one thread, so that the sums do not depend on the thread count.
+        let half = k / 2;
+        let mut upper = vec![0f32; m * n];
+        let (lhs_lo, lhs_hi) = lhs.split_columns(half);
+        let (rhs_lo, rhs_hi) = rhs.split_rows(half);
+        rayon::join(
+            || matmul(dst, m, n, half, lhs_lo, rhs_lo),
+            || matmul(&mut upper, m, n, k - half, lhs_hi, rhs_hi),
+        );
+        for (value, high) in dst[..m * n].iter_mut().zip(&upper) {
+            *value += high;
+        }
         return;
     }
     let parallelism = match rayon::current_num_threads() {
@@ -267,29 +310,48 @@ impl ConvBuffers {
     }
 }
 
-/// im2col of an NHWC image batch for a 3x3 kernel with padding 1; padding taps stay zero.
-fn im2col(
-    input: &[f32],
-    rows: usize,
+/// Runs `kernel` on each image of a batch in parallel: `inputs` and `outputs` are split
+/// into `n` equal chunks, one per image.
+fn per_image<A: Sync, B: Send>(
+    inputs: &[A],
+    outputs: &mut [B],
+    n: usize,
+    kernel: impl Fn(&[A], &mut [B]) + Sync,
+) {
+    if n == 0 {
+        return;
+    }
+    let (in_len, out_len) = (inputs.len() / n, outputs.len() / n);
+    outputs[..out_len * n]
+        .par_chunks_mut(out_len)
+        .zip(inputs[..in_len * n].par_chunks(in_len))
+        .for_each(|(output, input)| kernel(input, output));
+}
+
+/// Image geometry of one convolution stage (NHWC, `channels` per pixel).
+#[derive(Clone, Copy)]
+struct Geometry {
     height: usize,
     width: usize,
     channels: usize,
-    columns: &mut [f32],
-) {
-    let patch = 9 * channels;
-    for b in 0..rows {
+}
+
+impl Geometry {
+    /// Calls `f(pixel, tap, source_pixel)` for the taps of each output pixel's 3x3 window
+    /// that fall inside the image (padding taps are skipped).
+    fn for_each_tap(self, mut f: impl FnMut(usize, usize, usize)) {
+        let Self { height, width, .. } = self;
         for y in 0..height {
             for x in 0..width {
-                let row = &mut columns[((b * height + y) * width + x) * patch..][..patch];
                 for ky in 0..3 {
+                    let sy = y + ky;
+                    if sy < 1 || sy > height {
+                        continue;
+                    }
                     for kx in 0..3 {
-                        let tap = &mut row[(ky * 3 + kx) * channels..][..channels];
-                        let (sy, sx) = (y + ky, x + kx);
-                        if sy < 1 || sy > height || sx < 1 || sx > width {
-                            tap.fill(0.0);
-                        } else {
-                            let source = ((b * height + sy - 1) * width + sx - 1) * channels;
-                            tap.copy_from_slice(&input[source..source + channels]);
+                        let sx = x + kx;
+                        if sx >= 1 && sx <= width {
+                            f(y * width + x, ky * 3 + kx, (sy - 1) * width + sx - 1);
                         }
                     }
                 }
@@ -298,121 +360,117 @@ fn im2col(
     }
 }
 
-/// The adjoint of `im2col`: sums patch gradients back onto the NHWC image.
-fn col2im(
-    columns: &[f32],
-    rows: usize,
-    height: usize,
-    width: usize,
-    channels: usize,
-    image: &mut [f32],
-) {
+/// im2col of one NHWC image for a 3x3 kernel with padding 1: `columns` is
+/// `[height * width, 9 * channels]`, columns in (ky, kx, c) order, padding taps zero.
+fn im2col_image(input: &[f32], geometry: Geometry, columns: &mut [f32]) {
+    let Geometry {
+        height,
+        width,
+        channels: c,
+    } = geometry;
+    for y in 0..height {
+        for x in 0..width {
+            let row = &mut columns[(y * width + x) * 9 * c..][..9 * c];
+            for (tap, values) in row.chunks_exact_mut(c).enumerate() {
+                let (sy, sx) = (y + tap / 3, x + tap % 3);
+                if sy < 1 || sy > height || sx < 1 || sx > width {
+                    values.fill(0.0);
+                } else if c == 1 {
+                    // One channel (grey images): a plain store, not a 4-byte memcpy call.
+                    values[0] = input[(sy - 1) * width + sx - 1];
+                } else {
+                    let source = ((sy - 1) * width + sx - 1) * c;
+                    values.copy_from_slice(&input[source..source + c]);
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of `im2col_image`: sums patch gradients back onto the image.
+fn col2im_image(columns: &[f32], geometry: Geometry, image: &mut [f32]) {
+    let c = geometry.channels;
     image.fill(0.0);
-    let patch = 9 * channels;
-    for b in 0..rows {
-        for y in 0..height {
-            for x in 0..width {
-                let row = &columns[((b * height + y) * width + x) * patch..][..patch];
-                for ky in 0..3 {
-                    for kx in 0..3 {
-                        let (sy, sx) = (y + ky, x + kx);
-                        if sy < 1 || sy > height || sx < 1 || sx > width {
-                            continue;
-                        }
-                        let target = ((b * height + sy - 1) * width + sx - 1) * channels;
-                        let tap = &row[(ky * 3 + kx) * channels..][..channels];
-                        for (value, g) in image[target..target + channels].iter_mut().zip(tap) {
-                            *value += g;
-                        }
-                    }
+    geometry.for_each_tap(|pixel, tap, target| {
+        let src = &columns[(pixel * 9 + tap) * c..][..c];
+        for (value, g) in image[target * c..target * c + c].iter_mut().zip(src) {
+            *value += g;
+        }
+    });
+}
+
+/// 2x2 max pooling of one NHWC map (odd edges dropped, the first maximum wins ties, as in
+/// PyTorch); `winner` records which of the window's 4 positions won.
+fn max_pool_image(input: &[f32], geometry: Geometry, pooled: &mut [f32], winner: &mut [u8]) {
+    let Geometry {
+        height,
+        width,
+        channels: c,
+    } = geometry;
+    let out_w = width / 2;
+    for oy in 0..height / 2 {
+        for ox in 0..out_w {
+            let at =
+                |dy: usize, dx: usize| &input[((2 * oy + dy) * width + 2 * ox + dx) * c..][..c];
+            let (p0, p1, p2, p3) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
+            let out = (oy * out_w + ox) * c;
+            let (pooled, winner) = (&mut pooled[out..out + c], &mut winner[out..out + c]);
+            for i in 0..c {
+                let (mut best, mut won) = (p0[i], 0u8);
+                if p1[i] > best {
+                    (best, won) = (p1[i], 1);
                 }
+                if p2[i] > best {
+                    (best, won) = (p2[i], 2);
+                }
+                if p3[i] > best {
+                    (best, won) = (p3[i], 3);
+                }
+                pooled[i] = best;
+                winner[i] = won;
             }
         }
     }
 }
 
-/// 2x2 max pooling of NHWC maps (odd edges dropped, first maximum wins ties, as PyTorch).
-fn max_pool(
-    input: &[f32],
-    rows: usize,
-    height: usize,
-    width: usize,
-    channels: usize,
-    pooled: &mut [f32],
-    winner: &mut [u8],
-) {
-    let (out_h, out_w) = (height / 2, width / 2);
-    for b in 0..rows {
-        for oy in 0..out_h {
-            for ox in 0..out_w {
-                let out = ((b * out_h + oy) * out_w + ox) * channels;
-                let corner = |dy: usize, dx: usize| {
-                    ((b * height + 2 * oy + dy) * width + 2 * ox + dx) * channels
-                };
-                let sources = [corner(0, 0), corner(0, 1), corner(1, 0), corner(1, 1)];
-                for c in 0..channels {
-                    let mut best = 0;
-                    for candidate in 1..4 {
-                        if input[sources[candidate] + c] > input[sources[best] + c] {
-                            best = candidate;
-                        }
-                    }
-                    pooled[out + c] = input[sources[best] + c];
-                    winner[out + c] = best as u8;
-                }
-            }
-        }
-    }
-}
-
-/// Routes pooled gradients to the winning positions and through the ReLU before the pool:
-/// `activated` (the ReLU output) is overwritten with d(loss)/d(pre-activation).
-fn pool_relu_backward(
+/// The backward pass of ReLU + 2x2 max pool on one image: `activated` holds the ReLU output
+/// on entry and d(loss)/d(pre-activation) on exit. Each window's gradient goes to its
+/// winner if the ReLU let it through; every other position, including rows and columns
+/// an odd size left out of the pool, gets zero.
+fn pool_relu_backward_image(
     pooled_grad: &[f32],
     winner: &[u8],
-    rows: usize,
-    height: usize,
-    width: usize,
-    channels: usize,
+    geometry: Geometry,
     activated: &mut [f32],
 ) {
+    let Geometry {
+        height,
+        width,
+        channels: c,
+    } = geometry;
     let (out_h, out_w) = (height / 2, width / 2);
-    for b in 0..rows {
-        for oy in 0..out_h {
-            for ox in 0..out_w {
-                let out = ((b * out_h + oy) * out_w + ox) * channels;
-                for c in 0..channels {
-                    let won = winner[out + c] as usize;
-                    let source =
-                        ((b * height + 2 * oy + won / 2) * width + 2 * ox + won % 2) * channels + c;
-                    // The other three positions of the window get no gradient; the winner
-                    // gets it only if the ReLU let it through.
-                    let g = if activated[source] > 0.0 {
-                        pooled_grad[out + c]
-                    } else {
-                        0.0
-                    };
-                    for dy in 0..2 {
-                        for dx in 0..2 {
-                            activated[((b * height + 2 * oy + dy) * width + 2 * ox + dx)
-                                * channels
-                                + c] = 0.0;
-                        }
-                    }
-                    activated[source] = g;
+    for oy in 0..out_h {
+        for ox in 0..out_w {
+            let out = (oy * out_w + ox) * c;
+            let (grad, winner) = (&pooled_grad[out..out + c], &winner[out..out + c]);
+            for position in 0..4u8 {
+                let (dy, dx) = (usize::from(position / 2), usize::from(position % 2));
+                let at = ((2 * oy + dy) * width + 2 * ox + dx) * c;
+                for ((value, g), won) in activated[at..at + c].iter_mut().zip(grad).zip(winner) {
+                    // `&`, not `&&`: no branch, so the loop vectorizes.
+                    let routed = (*won == position) & (*value > 0.0);
+                    *value = if routed { *g } else { 0.0 };
                 }
             }
         }
-        // Rows and columns the pool dropped (odd sizes) get no gradient either.
-        if height % 2 == 1 {
-            let start = ((b * height + height - 1) * width) * channels;
-            activated[start..start + width * channels].fill(0.0);
-        }
-        if width % 2 == 1 {
-            for y in 0..height {
-                let start = ((b * height + y) * width + width - 1) * channels;
-                activated[start..start + channels].fill(0.0);
-            }
+    }
+    if height % 2 == 1 {
+        activated[(height - 1) * width * c..].fill(0.0);
+    }
+    if width % 2 == 1 {
+        for y in 0..height {
+            let at = (y * width + width - 1) * c;
+            activated[at..at + c].fill(0.0);
         }
     }
 }
@@ -790,6 +848,15 @@ fn dense_parameter_grads(
 
 fn conv_forward(conv: &mut ConvBuffers, source: &[f32], n: usize, weight: &[f32], bias: &[f32]) {
     let (channels, outputs, height, width) = (conv.channels, conv.outputs, conv.height, conv.width);
+    let input = Geometry {
+        height,
+        width,
+        channels,
+    };
+    let output = Geometry {
+        channels: outputs,
+        ..input
+    };
     // [outputs, channels, 3, 3] -> [outputs, (ky, kx, c)] to match the patch columns.
     for o in 0..outputs {
         for c in 0..channels {
@@ -798,7 +865,9 @@ fn conv_forward(conv: &mut ConvBuffers, source: &[f32], n: usize, weight: &[f32]
             }
         }
     }
-    im2col(source, n, height, width, channels, &mut conv.columns);
+    per_image(source, &mut conv.columns, n, |image, columns| {
+        im2col_image(image, input, columns)
+    });
     let pixels = n * height * width;
     matmul(
         &mut conv.activated,
@@ -808,20 +877,21 @@ fn conv_forward(conv: &mut ConvBuffers, source: &[f32], n: usize, weight: &[f32]
         Operand::plain(&conv.columns, 9 * channels),
         Operand::transposed(&conv.weight, 9 * channels),
     );
-    for row in conv.activated.chunks_exact_mut(outputs) {
-        for (value, b) in row.iter_mut().zip(bias) {
-            *value = (*value + b).max(0.0);
-        }
-    }
-    max_pool(
-        &conv.activated,
-        n,
-        height,
-        width,
-        outputs,
-        &mut conv.pooled,
-        &mut conv.winner,
-    );
+    conv.activated
+        .par_chunks_mut(outputs * width)
+        .for_each(|values| {
+            for row in values.chunks_exact_mut(outputs) {
+                for (value, b) in row.iter_mut().zip(bias) {
+                    *value = (*value + b).max(0.0);
+                }
+            }
+        });
+    let pooled_len = conv.pooled.len() / n.max(1);
+    conv.pooled
+        .par_chunks_mut(pooled_len)
+        .zip(conv.winner.par_chunks_mut(pooled_len))
+        .zip(conv.activated.par_chunks(height * width * outputs))
+        .for_each(|((pooled, winner), image)| max_pool_image(image, output, pooled, winner));
 }
 
 /// `conv.pooled` holds d(loss)/d(pooled output) on entry. Writes the weight and bias
@@ -834,15 +904,23 @@ fn conv_backward(
     bias_grad: &mut [f32],
 ) {
     let (channels, outputs, height, width) = (conv.channels, conv.outputs, conv.height, conv.width);
-    pool_relu_backward(
-        &conv.pooled,
-        &conv.winner,
-        n,
+    let input = Geometry {
         height,
         width,
-        outputs,
-        &mut conv.activated,
-    );
+        channels,
+    };
+    let output = Geometry {
+        channels: outputs,
+        ..input
+    };
+    let pooled_len = conv.pooled.len() / n.max(1);
+    conv.activated
+        .par_chunks_mut(height * width * outputs)
+        .zip(conv.pooled.par_chunks(pooled_len))
+        .zip(conv.winner.par_chunks(pooled_len))
+        .for_each(|((activated, grad), winner)| {
+            pool_relu_backward_image(grad, winner, output, activated)
+        });
     let grad = &conv.activated;
     column_sums(grad, bias_grad);
     let pixels = n * height * width;
@@ -871,13 +949,11 @@ fn conv_backward(
             Operand::plain(grad, outputs),
             Operand::plain(&conv.weight, 9 * channels),
         );
-        col2im(
+        per_image(
             &conv.column_grad,
-            n,
-            height,
-            width,
-            channels,
             &mut previous.pooled,
+            n,
+            |columns, image| col2im_image(columns, input, image),
         );
     }
 }
