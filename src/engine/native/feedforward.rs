@@ -1,249 +1,18 @@
-//! The training step of the dense and convolutional models on the CPU, written out by hand
-//! instead of recorded on candle's autograd tape.
-//!
-//! candle's tape makes a fresh tensor for every intermediate and every gradient, and adds each
-//! gradient into a freshly zeroed tensor of its own size; on an MLP that bookkeeping costs as
-//! much as the matrix products. Here the forward pass writes into buffers kept from step to
-//! step, the backward pass is the textbook chain rule over the same buffers (matrix products
-//! through `gemm` with strides instead of transposed copies, fused bias + activation, pooling
-//! and loss kernels), and the gradients go straight to the fused optimizer update. The weights
-//! stay in the model's `Var`s, so evaluation, snapshots and the optimizer see one model.
-//!
-//! The transformer and non-CPU devices keep the autograd path. The tests hold this step to
-//! candle's gradients on every layer kind it covers.
+//! The hand-written step of the dense and convolutional models (`linear`, `mlp`, `cnn`):
+//! fully connected layers with their activation and dropout, and 3x3 convolutions (im2col +
+//! one matrix product, NHWC) with ReLU and 2x2 max pooling.
 
-use candle_core::{CpuStorage, Storage, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::data::Task;
-use super::model::{Layers, Model};
-use super::ops::{gelu_derivative, gelu_value};
-use super::rng::Rng;
-use super::spec::Activation;
-use super::train::DeviceData;
-
-/// Matrix products below this many multiply-adds run on one thread: splitting them costs more
-/// than it saves (measured with `lrtune bench` on the small MLP).
-const PARALLEL_MIN_MACS: usize = 1 << 21;
-/// Inner dimensions from this long may be split in two (see `matmul`).
-const SPLIT_K_MIN_DEPTH: usize = 4096;
-
-/// A row-major operand of a matrix product, possibly read transposed through its strides.
-#[derive(Clone, Copy)]
-struct Operand<'a> {
-    data: &'a [f32],
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a> Operand<'a> {
-    /// `data` as stored: rows of `cols` values.
-    fn plain(data: &'a [f32], cols: usize) -> Self {
-        Self {
-            data,
-            row_stride: cols,
-            col_stride: 1,
-        }
-    }
-
-    /// The transpose of `data`, stored as rows of `stored_cols` values.
-    fn transposed(data: &'a [f32], stored_cols: usize) -> Self {
-        Self {
-            data,
-            row_stride: 1,
-            col_stride: stored_cols,
-        }
-    }
-
-    /// Columns `[0, at)` and `[at, ..)`.
-    fn split_columns(self, at: usize) -> (Self, Self) {
-        (
-            self,
-            Self {
-                data: &self.data[at * self.col_stride..],
-                ..self
-            },
-        )
-    }
-
-    /// Rows `[0, at)` and `[at, ..)`.
-    fn split_rows(self, at: usize) -> (Self, Self) {
-        (
-            self,
-            Self {
-                data: &self.data[at * self.row_stride..],
-                ..self
-            },
-        )
-    }
-
-    fn covers(&self, rows: usize, cols: usize) -> bool {
-        rows == 0
-            || cols == 0
-            || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
-    }
-}
-
-/// `dst[m x n] = lhs[m x k] * rhs[k x n]`, row-major `dst`. The one `unsafe` block in the
-/// crate: gemm takes raw pointers and strides.
-#[allow(unsafe_code)]
-fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand) {
-    assert!(dst.len() >= m * n, "matmul: destination too small");
-    assert!(
-        lhs.covers(m, k) && rhs.covers(k, n),
-        "matmul: operand too small"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        dst[..m * n].fill(0.0);
-        return;
-    }
-    if k >= SPLIT_K_MIN_DEPTH && k >= 16 * m.max(n) {
-        // A product with a long inner dimension and a small result (a weight gradient summed
-        // over a large batch): gemm can only split the result between threads, so split
-        // the inner dimension in two halves instead and add them. Always two halves, even on
-        // one thread, so that the sums do not depend on the thread count.
-        let half = k / 2;
-        let mut upper = vec![0f32; m * n];
-        let (lhs_lo, lhs_hi) = lhs.split_columns(half);
-        let (rhs_lo, rhs_hi) = rhs.split_rows(half);
-        rayon::join(
-            || matmul(dst, m, n, half, lhs_lo, rhs_lo),
-            || matmul(&mut upper, m, n, k - half, lhs_hi, rhs_hi),
-        );
-        for (value, high) in dst[..m * n].iter_mut().zip(&upper) {
-            *value += high;
-        }
-        return;
-    }
-    let parallelism = match rayon::current_num_threads() {
-        threads if threads > 1 && m * n * k >= PARALLEL_MIN_MACS => Parallelism::Rayon(threads),
-        _ => Parallelism::None,
-    };
-    // SAFETY: the asserts above keep every index gemm forms, (rows - 1) * row stride +
-    // (cols - 1) * column stride, inside its slice; `dst` does not alias the operands (it is
-    // borrowed mutably while they are borrowed shared).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
-
-/// Adds the bias to every row of `z` and, for a hidden layer, writes `activation(z) * mask`
-/// into `a`.
-fn bias_forward(z: &mut [f32], bias: &[f32]) {
-    for row in z.chunks_exact_mut(bias.len()) {
-        for (value, b) in row.iter_mut().zip(bias) {
-            *value += b;
-        }
-    }
-}
-
-fn activate(activation: Activation, z: &[f32], a: &mut [f32]) {
-    match activation {
-        Activation::Relu => z.iter().zip(a).for_each(|(z, a)| *a = z.max(0.0)),
-        Activation::Gelu => z.iter().zip(a).for_each(|(z, a)| *a = gelu_value(*z)),
-        Activation::Tanh => z.iter().zip(a).for_each(|(z, a)| *a = z.tanh()),
-        Activation::Silu => z
-            .iter()
-            .zip(a)
-            .for_each(|(z, a)| *a = z / (1.0 + (-z).exp())),
-    }
-}
-
-/// `grad *= activation'(z)`, in place.
-fn activation_backward(activation: Activation, z: &[f32], grad: &mut [f32]) {
-    match activation {
-        Activation::Relu => z.iter().zip(grad).for_each(|(z, g)| {
-            if *z <= 0.0 {
-                *g = 0.0;
-            }
-        }),
-        Activation::Gelu => z
-            .iter()
-            .zip(grad)
-            .for_each(|(z, g)| *g *= gelu_derivative(*z)),
-        Activation::Tanh => z.iter().zip(grad).for_each(|(z, g)| {
-            let t = z.tanh();
-            *g *= 1.0 - t * t;
-        }),
-        Activation::Silu => z.iter().zip(grad).for_each(|(z, g)| {
-            let s = 1.0 / (1.0 + (-z).exp());
-            *g *= s * (1.0 + z * (1.0 - s));
-        }),
-    }
-}
-
-/// Column sums of a row-major `[rows, sums.len()]` matrix into `sums`.
-fn column_sums(values: &[f32], sums: &mut [f32]) {
-    sums.fill(0.0);
-    for row in values.chunks_exact(sums.len()) {
-        for (sum, value) in sums.iter_mut().zip(row) {
-            *sum += value;
-        }
-    }
-}
-
-/// Mean cross-entropy over rows of logits; leaves d(loss)/d(logits) in `grad`.
-fn cross_entropy(logits: &[f32], labels: &[u32], classes: usize, grad: &mut [f32]) -> f64 {
-    let rows = labels.len();
-    let scale = 1.0 / rows as f32;
-    let mut total = 0.0f64;
-    for ((row, grad_row), &label) in logits
-        .chunks_exact(classes)
-        .zip(grad.chunks_exact_mut(classes))
-        .zip(labels)
-    {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for (g, &value) in grad_row.iter_mut().zip(row) {
-            *g = (value - max).exp();
-            sum += *g;
-        }
-        let label = label as usize;
-        total += f64::from(sum.ln() - (row[label] - max));
-        let inverse = scale / sum;
-        for g in grad_row.iter_mut() {
-            *g *= inverse;
-        }
-        grad_row[label] -= scale;
-    }
-    total / rows as f64
-}
-
-/// Mean squared error over every output; leaves d(loss)/d(output) in `grad`.
-fn mean_squared_error(output: &[f32], targets: &[f32], grad: &mut [f32]) -> f64 {
-    let scale = 2.0 / output.len() as f32;
-    let mut total = 0.0f64;
-    for ((g, &o), &t) in grad.iter_mut().zip(output).zip(targets) {
-        let error = o - t;
-        total += f64::from(error * error);
-        *g = scale * error;
-    }
-    total / output.len() as f64
-}
+use super::{
+    activate, activation_backward, bias_forward, column_sums, cross_entropy, matmul,
+    mean_squared_error, HostValues, Operand,
+};
+use crate::engine::data::Task;
+use crate::engine::model::{Layers, Model};
+use crate::engine::rng::Rng;
+use crate::engine::spec::Activation;
+use crate::engine::train::DeviceData;
 
 /// A fully connected layer's buffers: pre-activation `z`, output `a` (after activation and
 /// dropout; unused for the last layer) and the dropout mask.
@@ -475,9 +244,8 @@ fn pool_relu_backward_image(
     }
 }
 
-/// What the native step keeps between steps, sized for one batch size.
-pub struct Workspace {
-    rows: usize,
+/// The buffers of one batch size.
+pub(super) struct Buffers {
     /// The gathered batch: flattened features (dense models) or NHWC images (cnn).
     input: Vec<f32>,
     convs: Vec<ConvBuffers>,
@@ -488,17 +256,10 @@ pub struct Workspace {
     dense: Vec<DenseBuffers>,
     labels: Vec<u32>,
     targets: Vec<f32>,
-    /// One gradient per model variable, in `Model::vars` order.
-    pub grads: Vec<Vec<f32>>,
 }
 
-/// Which models the native step runs: everything but the transformer, on the CPU.
-pub fn supports(model: &Model) -> bool {
-    model.device().is_cpu() && !matches!(model.layers(), Layers::Transformer { .. })
-}
-
-impl Workspace {
-    fn new(model: &Model, rows: usize) -> Self {
+impl Buffers {
+    pub(super) fn new(model: &Model, rows: usize) -> Self {
         let shape = model.shape();
         let mut convs = Vec::new();
         let mut dense_sizes = Vec::new();
@@ -540,7 +301,7 @@ impl Workspace {
                 hidden_activation = true;
                 input_len = rows * features;
             }
-            Layers::Transformer { .. } => unreachable!("checked by `supports`"),
+            Layers::Transformer { .. } => unreachable!("transformers have their own buffers"),
         }
         let last = dense_sizes.len() - 1;
         let dense = dense_sizes
@@ -557,7 +318,6 @@ impl Workspace {
             rows * dense[0].inputs
         };
         Self {
-            rows,
             input: vec![0.0; input_len],
             convs,
             flat: vec![0.0; flat],
@@ -565,46 +325,6 @@ impl Workspace {
             dense,
             labels: vec![0; rows],
             targets: vec![0.0; rows * shape.output],
-            grads: model
-                .vars()
-                .iter()
-                .map(|var| vec![0.0; var.elem_count()])
-                .collect(),
-        }
-    }
-}
-
-/// Read access to the f32 values of a contiguous CPU tensor for the length of a step.
-struct HostValues<'a> {
-    guard: candle_core::StorageRef<'a>,
-    start: usize,
-    len: usize,
-}
-
-impl<'a> HostValues<'a> {
-    fn of(tensor: &'a Tensor) -> candle_core::Result<Self> {
-        let (guard, layout) = tensor.storage_and_layout();
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("native step: tensor is not contiguous");
-        };
-        Ok(Self {
-            guard,
-            start,
-            len: end - start,
-        })
-    }
-
-    fn f32(&self) -> candle_core::Result<&[f32]> {
-        match &*self.guard {
-            Storage::Cpu(CpuStorage::F32(values)) => Ok(&values[self.start..self.start + self.len]),
-            _ => candle_core::bail!("native step: expected f32 values on the CPU"),
-        }
-    }
-
-    fn u32(&self) -> candle_core::Result<&[u32]> {
-        match &*self.guard {
-            Storage::Cpu(CpuStorage::U32(values)) => Ok(&values[self.start..self.start + self.len]),
-            _ => candle_core::bail!("native step: expected u32 values on the CPU"),
         }
     }
 }
@@ -615,7 +335,7 @@ fn gather(
     model: &Model,
     data: &DeviceData,
     rows: &[usize],
-    ws: &mut Workspace,
+    ws: &mut Buffers,
 ) -> candle_core::Result<()> {
     let x = HostValues::of(&data.x)?;
     let x = x.f32()?;
@@ -658,30 +378,19 @@ fn gather(
     Ok(())
 }
 
-/// Forward and backward pass on the batch `rows`: returns the batch's mean loss and leaves
-/// the gradient of every variable in `workspace.grads`. On a non-finite loss it returns
-/// before the backward pass (the caller does not step on it).
-pub fn forward_backward(
+/// Forward and backward pass of a linear, MLP or CNN model on the batch `rows`; see
+/// `super::forward_backward`.
+pub(super) fn forward_backward(
     model: &Model,
-    workspace: &mut Option<Workspace>,
+    buffers: &mut Buffers,
+    params: &[&[f32]],
+    grads: &mut [Vec<f32>],
     data: &DeviceData,
     rows: &[usize],
     dropout_rng: &mut Rng,
 ) -> candle_core::Result<f64> {
-    if workspace.as_ref().is_none_or(|w| w.rows != rows.len()) {
-        *workspace = Some(Workspace::new(model, rows.len()));
-    }
-    let ws = workspace.as_mut().expect("set above");
-    gather(model, data, rows, ws)?;
-    let guards = model
-        .vars()
-        .iter()
-        .map(|var| HostValues::of(var.as_tensor()))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let params = guards
-        .iter()
-        .map(HostValues::f32)
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    gather(model, data, rows, buffers)?;
+    let n = rows.len();
     let (activation, dropout) = match model.layers() {
         Layers::Mlp {
             activation,
@@ -690,8 +399,7 @@ pub fn forward_backward(
         } => (*activation, *dropout),
         _ => (Activation::Relu, 0.0),
     };
-    let Workspace {
-        rows: n,
+    let Buffers {
         input,
         convs,
         flat,
@@ -699,9 +407,7 @@ pub fn forward_backward(
         dense,
         labels,
         targets,
-        grads,
-    } = ws;
-    let n = *n;
+    } = buffers;
     let (conv_params, dense_params) = params.split_at(2 * convs.len());
     let (conv_grads, dense_grads) = grads.split_at_mut(2 * convs.len());
 
@@ -1032,13 +738,19 @@ mod tests {
             task,
         };
         let model = Model::build(&spec, &shape, 3, &device).unwrap();
-        assert!(supports(&model));
+        assert!(super::super::supports(&model));
         let train = DeviceData::new(&data, &device).unwrap();
         let rows: Vec<usize> = (0..16).map(|i| (i * 7 + 3) % 40).collect();
 
         let mut workspace = None;
-        let native_loss =
-            forward_backward(&model, &mut workspace, &train, &rows, &mut Rng::new(11)).unwrap();
+        let native_loss = super::super::forward_backward(
+            &model,
+            &mut workspace,
+            &train,
+            &rows,
+            &mut Rng::new(11),
+        )
+        .unwrap();
         let native_grads = workspace.unwrap().grads;
 
         let (x, y) = train.batch(&rows).unwrap();
@@ -1123,32 +835,15 @@ mod tests {
         let model = Model::build(&ModelSpec::Linear, &shape, 0, &device).unwrap();
         let train = DeviceData::new(&data, &device).unwrap();
         let mut workspace = None;
-        let loss =
-            forward_backward(&model, &mut workspace, &train, &[0, 1], &mut Rng::new(0)).unwrap();
+        let loss = super::super::forward_backward(
+            &model,
+            &mut workspace,
+            &train,
+            &[0, 1],
+            &mut Rng::new(0),
+        )
+        .unwrap();
         assert!(!loss.is_finite());
         assert!(workspace.unwrap().grads.iter().flatten().all(|g| *g == 0.0));
-    }
-
-    #[test]
-    fn strided_matmul_matches_the_definition() {
-        // lhs read transposed from a [k, m] store, rhs plain [k, n].
-        let (m, n, k) = (3, 4, 5);
-        let lhs_store: Vec<f32> = (0..k * m).map(|i| i as f32 * 0.5 - 3.0).collect();
-        let rhs: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 - 2.0).collect();
-        let mut dst = vec![f32::NAN; m * n];
-        matmul(
-            &mut dst,
-            m,
-            n,
-            k,
-            Operand::transposed(&lhs_store, m),
-            Operand::plain(&rhs, n),
-        );
-        for i in 0..m {
-            for j in 0..n {
-                let want: f32 = (0..k).map(|p| lhs_store[p * m + i] * rhs[p * n + j]).sum();
-                assert_eq!(dst[i * n + j], want, "[{i}, {j}]");
-            }
-        }
     }
 }

@@ -1,0 +1,376 @@
+//! The training step of the dense and convolutional models on the CPU, written out by hand
+//! instead of recorded on candle's autograd tape.
+//!
+//! candle's tape makes a fresh tensor for every intermediate and every gradient, and adds each
+//! gradient into a freshly zeroed tensor of its own size; on an MLP that bookkeeping costs as
+//! much as the matrix products. Here the forward pass writes into buffers kept from step to
+//! step, the backward pass is the textbook chain rule over the same buffers (matrix products
+//! through `gemm` with strides instead of transposed copies, fused bias + activation, pooling
+//! and loss kernels), and the gradients go straight to the fused optimizer update. The weights
+//! stay in the model's `Var`s, so evaluation, snapshots and the optimizer see one model.
+//!
+//! Non-CPU devices keep the autograd path. The tests hold this step to candle's gradients on
+//! every layer kind.
+
+use candle_core::{CpuStorage, Storage, Tensor};
+use gemm::Parallelism;
+
+use super::model::{Layers, Model};
+use super::ops::{gelu_derivative, gelu_value};
+use super::rng::Rng;
+use super::spec::Activation;
+use super::train::DeviceData;
+
+mod feedforward;
+
+/// Matrix products below this many multiply-adds run on one thread: splitting them costs more
+/// than it saves (measured with `lrtune bench` on the small MLP).
+const PARALLEL_MIN_MACS: usize = 1 << 21;
+/// Inner dimensions from this long may be split in two (see `matmul`).
+const SPLIT_K_MIN_DEPTH: usize = 4096;
+
+/// A row-major operand of a matrix product, possibly read transposed through its strides.
+#[derive(Clone, Copy)]
+pub(super) struct Operand<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// `data` as stored: rows of `cols` values.
+    pub(super) fn plain(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of `data`, stored as rows of `stored_cols` values.
+    pub(super) fn transposed(data: &'a [f32], stored_cols: usize) -> Self {
+        Self {
+            data,
+            row_stride: 1,
+            col_stride: stored_cols,
+        }
+    }
+
+    /// Columns `[0, at)` and `[at, ..)`.
+    fn split_columns(self, at: usize) -> (Self, Self) {
+        (
+            self,
+            Self {
+                data: &self.data[at * self.col_stride..],
+                ..self
+            },
+        )
+    }
+
+    /// Rows `[0, at)` and `[at, ..)`.
+    fn split_rows(self, at: usize) -> (Self, Self) {
+        (
+            self,
+            Self {
+                data: &self.data[at * self.row_stride..],
+                ..self
+            },
+        )
+    }
+
+    fn covers(&self, rows: usize, cols: usize) -> bool {
+        rows == 0
+            || cols == 0
+            || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
+    }
+}
+
+/// `dst[m x n] = lhs[m x k] * rhs[k x n]`, row-major `dst`. The one `unsafe` block in the
+/// crate: gemm takes raw pointers and strides.
+#[allow(unsafe_code)]
+pub(super) fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand) {
+    assert!(dst.len() >= m * n, "matmul: destination too small");
+    assert!(
+        lhs.covers(m, k) && rhs.covers(k, n),
+        "matmul: operand too small"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        dst[..m * n].fill(0.0);
+        return;
+    }
+    if k >= SPLIT_K_MIN_DEPTH && k >= 16 * m.max(n) {
+        // A product with a long inner dimension and a small result (a weight gradient summed
+        // over a large batch): gemm can only split the result between threads, so split
+        // the inner dimension in two halves instead and add them. Always two halves, even on
+        // one thread, so that the sums do not depend on the thread count.
+        let half = k / 2;
+        let mut upper = vec![0f32; m * n];
+        let (lhs_lo, lhs_hi) = lhs.split_columns(half);
+        let (rhs_lo, rhs_hi) = rhs.split_rows(half);
+        rayon::join(
+            || matmul(dst, m, n, half, lhs_lo, rhs_lo),
+            || matmul(&mut upper, m, n, k - half, lhs_hi, rhs_hi),
+        );
+        for (value, high) in dst[..m * n].iter_mut().zip(&upper) {
+            *value += high;
+        }
+        return;
+    }
+    let parallelism = match rayon::current_num_threads() {
+        threads if threads > 1 && m * n * k >= PARALLEL_MIN_MACS => Parallelism::Rayon(threads),
+        _ => Parallelism::None,
+    };
+    // SAFETY: the asserts above keep every index gemm forms, (rows - 1) * row stride +
+    // (cols - 1) * column stride, inside its slice; `dst` does not alias the operands (it is
+    // borrowed mutably while they are borrowed shared).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Adds the bias to every row of `z` and, for a hidden layer, writes `activation(z) * mask`
+/// into `a`.
+pub(super) fn bias_forward(z: &mut [f32], bias: &[f32]) {
+    for row in z.chunks_exact_mut(bias.len()) {
+        for (value, b) in row.iter_mut().zip(bias) {
+            *value += b;
+        }
+    }
+}
+
+pub(super) fn activate(activation: Activation, z: &[f32], a: &mut [f32]) {
+    match activation {
+        Activation::Relu => z.iter().zip(a).for_each(|(z, a)| *a = z.max(0.0)),
+        Activation::Gelu => z.iter().zip(a).for_each(|(z, a)| *a = gelu_value(*z)),
+        Activation::Tanh => z.iter().zip(a).for_each(|(z, a)| *a = z.tanh()),
+        Activation::Silu => z
+            .iter()
+            .zip(a)
+            .for_each(|(z, a)| *a = z / (1.0 + (-z).exp())),
+    }
+}
+
+/// `grad *= activation'(z)`, in place.
+pub(super) fn activation_backward(activation: Activation, z: &[f32], grad: &mut [f32]) {
+    match activation {
+        Activation::Relu => z.iter().zip(grad).for_each(|(z, g)| {
+            if *z <= 0.0 {
+                *g = 0.0;
+            }
+        }),
+        Activation::Gelu => z
+            .iter()
+            .zip(grad)
+            .for_each(|(z, g)| *g *= gelu_derivative(*z)),
+        Activation::Tanh => z.iter().zip(grad).for_each(|(z, g)| {
+            let t = z.tanh();
+            *g *= 1.0 - t * t;
+        }),
+        Activation::Silu => z.iter().zip(grad).for_each(|(z, g)| {
+            let s = 1.0 / (1.0 + (-z).exp());
+            *g *= s * (1.0 + z * (1.0 - s));
+        }),
+    }
+}
+
+/// Column sums of a row-major `[rows, sums.len()]` matrix into `sums`.
+pub(super) fn column_sums(values: &[f32], sums: &mut [f32]) {
+    sums.fill(0.0);
+    for row in values.chunks_exact(sums.len()) {
+        for (sum, value) in sums.iter_mut().zip(row) {
+            *sum += value;
+        }
+    }
+}
+
+/// Mean cross-entropy over rows of logits; leaves d(loss)/d(logits) in `grad`.
+pub(super) fn cross_entropy(
+    logits: &[f32],
+    labels: &[u32],
+    classes: usize,
+    grad: &mut [f32],
+) -> f64 {
+    let rows = labels.len();
+    let scale = 1.0 / rows as f32;
+    let mut total = 0.0f64;
+    for ((row, grad_row), &label) in logits
+        .chunks_exact(classes)
+        .zip(grad.chunks_exact_mut(classes))
+        .zip(labels)
+    {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for (g, &value) in grad_row.iter_mut().zip(row) {
+            *g = (value - max).exp();
+            sum += *g;
+        }
+        let label = label as usize;
+        total += f64::from(sum.ln() - (row[label] - max));
+        let inverse = scale / sum;
+        for g in grad_row.iter_mut() {
+            *g *= inverse;
+        }
+        grad_row[label] -= scale;
+    }
+    total / rows as f64
+}
+
+/// Mean squared error over every output; leaves d(loss)/d(output) in `grad`.
+pub(super) fn mean_squared_error(output: &[f32], targets: &[f32], grad: &mut [f32]) -> f64 {
+    let scale = 2.0 / output.len() as f32;
+    let mut total = 0.0f64;
+    for ((g, &o), &t) in grad.iter_mut().zip(output).zip(targets) {
+        let error = o - t;
+        total += f64::from(error * error);
+        *g = scale * error;
+    }
+    total / output.len() as f64
+}
+
+/// Read access to the f32 values of a contiguous CPU tensor for the length of a step.
+pub(super) struct HostValues<'a> {
+    guard: candle_core::StorageRef<'a>,
+    start: usize,
+    len: usize,
+}
+
+impl<'a> HostValues<'a> {
+    pub(super) fn of(tensor: &'a Tensor) -> candle_core::Result<Self> {
+        let (guard, layout) = tensor.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("native step: tensor is not contiguous");
+        };
+        Ok(Self {
+            guard,
+            start,
+            len: end - start,
+        })
+    }
+
+    pub(super) fn f32(&self) -> candle_core::Result<&[f32]> {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::F32(values)) => Ok(&values[self.start..self.start + self.len]),
+            _ => candle_core::bail!("native step: expected f32 values on the CPU"),
+        }
+    }
+
+    pub(super) fn u32(&self) -> candle_core::Result<&[u32]> {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::U32(values)) => Ok(&values[self.start..self.start + self.len]),
+            _ => candle_core::bail!("native step: expected u32 values on the CPU"),
+        }
+    }
+}
+
+/// What the native step keeps between steps, sized for one batch size.
+pub struct Workspace {
+    rows: usize,
+    buffers: Buffers,
+    /// One gradient per model variable, in `Model::vars` order.
+    pub grads: Vec<Vec<f32>>,
+}
+
+enum Buffers {
+    FeedForward(feedforward::Buffers),
+}
+
+/// Which models the native step runs: all of them, on the CPU.
+pub fn supports(model: &Model) -> bool {
+    model.device().is_cpu() && !matches!(model.layers(), Layers::Transformer { .. })
+}
+
+/// Forward and backward pass on the batch `rows`: returns the batch's mean loss and leaves
+/// the gradient of every variable in `workspace.grads`. On a non-finite loss it returns
+/// before the backward pass (the caller does not step on it).
+pub fn forward_backward(
+    model: &Model,
+    workspace: &mut Option<Workspace>,
+    data: &DeviceData,
+    rows: &[usize],
+    dropout_rng: &mut Rng,
+) -> candle_core::Result<f64> {
+    if workspace.as_ref().is_none_or(|w| w.rows != rows.len()) {
+        let buffers = Buffers::FeedForward(feedforward::Buffers::new(model, rows.len()));
+        *workspace = Some(Workspace {
+            rows: rows.len(),
+            buffers,
+            grads: model
+                .vars()
+                .iter()
+                .map(|var| vec![0.0; var.elem_count()])
+                .collect(),
+        });
+    }
+    let workspace = workspace.as_mut().expect("set above");
+    let guards = model
+        .vars()
+        .iter()
+        .map(|var| HostValues::of(var.as_tensor()))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let params = guards
+        .iter()
+        .map(HostValues::f32)
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    match &mut workspace.buffers {
+        Buffers::FeedForward(buffers) => feedforward::forward_backward(
+            model,
+            buffers,
+            &params,
+            &mut workspace.grads,
+            data,
+            rows,
+            dropout_rng,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_matmul_matches_the_definition() {
+        // lhs read transposed from a [k, m] store, rhs plain [k, n].
+        let (m, n, k) = (3, 4, 5);
+        let lhs_store: Vec<f32> = (0..k * m).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let rhs: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 - 2.0).collect();
+        let mut dst = vec![f32::NAN; m * n];
+        matmul(
+            &mut dst,
+            m,
+            n,
+            k,
+            Operand::transposed(&lhs_store, m),
+            Operand::plain(&rhs, n),
+        );
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|p| lhs_store[p * m + i] * rhs[p * n + j]).sum();
+                assert_eq!(dst[i * n + j], want, "[{i}, {j}]");
+            }
+        }
+    }
+}
