@@ -244,7 +244,7 @@ impl CustomOp2 for SoftmaxBackward {
 struct Normalize;
 
 /// Mean and 1 / standard deviation of a row.
-fn row_stats(row: &[f32]) -> (f32, f32) {
+pub(crate) fn row_stats(row: &[f32]) -> (f32, f32) {
     let n = row.len() as f32;
     let mean = row.iter().sum::<f32>() / n;
     let variance = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;

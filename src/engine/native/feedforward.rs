@@ -246,6 +246,7 @@ fn pool_relu_backward_image(
 
 /// The buffers of one batch size.
 pub(super) struct Buffers {
+    rows: usize,
     /// The gathered batch: flattened features (dense models) or NHWC images (cnn).
     input: Vec<f32>,
     convs: Vec<ConvBuffers>,
@@ -259,6 +260,10 @@ pub(super) struct Buffers {
 }
 
 impl Buffers {
+    pub(super) fn rows(&self) -> usize {
+        self.rows
+    }
+
     pub(super) fn new(model: &Model, rows: usize) -> Self {
         let shape = model.shape();
         let mut convs = Vec::new();
@@ -318,6 +323,7 @@ impl Buffers {
             rows * dense[0].inputs
         };
         Self {
+            rows,
             input: vec![0.0; input_len],
             convs,
             flat: vec![0.0; flat],
@@ -400,6 +406,7 @@ pub(super) fn forward_backward(
         _ => (Activation::Relu, 0.0),
     };
     let Buffers {
+        rows: _,
         input,
         convs,
         flat,
@@ -722,9 +729,8 @@ mod tests {
         }
     }
 
-    /// The native step's loss and gradients against candle's autograd on the same model,
-    /// batch and dropout draws.
-    fn assert_matches_autograd(
+    /// A model of this spec on random data, checked against autograd on one batch.
+    fn assert_spec_matches_autograd(
         spec: ModelSpec,
         sample_shape: &[usize],
         task: Task,
@@ -742,43 +748,7 @@ mod tests {
         let train = DeviceData::new(&data, &device).unwrap();
         let rows: Vec<usize> = (0..16).map(|i| (i * 7 + 3) % 40).collect();
 
-        let mut workspace = None;
-        let native_loss = super::super::forward_backward(
-            &model,
-            &mut workspace,
-            &train,
-            &rows,
-            &mut Rng::new(11),
-        )
-        .unwrap();
-        let native_grads = workspace.unwrap().grads;
-
-        let (x, y) = train.batch(&rows).unwrap();
-        let forward = model.forward(&x, &y, Some(&mut Rng::new(11))).unwrap();
-        let loss = forward.loss.to_scalar::<f32>().unwrap() as f64;
-        let grads = forward.loss.backward().unwrap();
-
-        assert!(
-            (native_loss - loss).abs() <= 1e-5 * loss.abs().max(1.0),
-            "loss: native {native_loss}, autograd {loss}"
-        );
-        for (index, (var, native)) in model.vars().iter().zip(&native_grads).enumerate() {
-            let want = grads
-                .get(var.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            assert_eq!(native.len(), want.len(), "variable {index}");
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-            for (position, (got, want)) in native.iter().zip(&want).enumerate() {
-                assert!(
-                    (got - want).abs() <= 1e-4 * scale,
-                    "variable {index} [{position}]: native {got}, autograd {want} (largest {scale})"
-                );
-            }
-        }
+        super::super::tests::assert_matches_autograd(&model, &train, &rows);
     }
 
     fn mlp(activation: Activation, dropout: f64) -> ModelSpec {
@@ -791,7 +761,7 @@ mod tests {
 
     #[test]
     fn linear_classifier_gradients_match_autograd() {
-        assert_matches_autograd(ModelSpec::Linear, &[6], Task::Classification, 4);
+        assert_spec_matches_autograd(ModelSpec::Linear, &[6], Task::Classification, 4);
     }
 
     #[test]
@@ -802,13 +772,13 @@ mod tests {
             Activation::Tanh,
             Activation::Silu,
         ] {
-            assert_matches_autograd(mlp(activation, 0.0), &[5], Task::Classification, 3);
+            assert_spec_matches_autograd(mlp(activation, 0.0), &[5], Task::Classification, 3);
         }
     }
 
     #[test]
     fn mlp_regression_with_dropout_matches_autograd() {
-        assert_matches_autograd(mlp(Activation::Relu, 0.3), &[5], Task::Regression, 2);
+        assert_spec_matches_autograd(mlp(Activation::Relu, 0.3), &[5], Task::Regression, 2);
     }
 
     #[test]
@@ -817,7 +787,7 @@ mod tests {
             channels: vec![4, 6],
             hidden: 8,
         };
-        assert_matches_autograd(spec, &[2, 7, 9], Task::Classification, 5);
+        assert_spec_matches_autograd(spec, &[2, 7, 9], Task::Classification, 5);
     }
 
     #[test]

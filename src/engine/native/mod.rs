@@ -22,6 +22,7 @@ use super::spec::Activation;
 use super::train::DeviceData;
 
 mod feedforward;
+mod transformer;
 
 /// Matrix products below this many multiply-adds run on one thread: splitting them costs more
 /// than it saves (measured with `lrtune bench` on the small MLP).
@@ -85,33 +86,53 @@ impl<'a> Operand<'a> {
     }
 }
 
-/// `dst[m x n] = lhs[m x k] * rhs[k x n]`, row-major `dst`. The one `unsafe` block in the
-/// crate: gemm takes raw pointers and strides.
-#[allow(unsafe_code)]
+/// `dst[m x n] = lhs[m x k] * rhs[k x n]`, row-major `dst`.
 pub(super) fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand) {
-    assert!(dst.len() >= m * n, "matmul: destination too small");
+    gemm_into(dst, n, false, m, n, k, lhs, rhs);
+}
+
+/// `dst = lhs * rhs` (or `dst += lhs * rhs` when `accumulate`), where row `i` of the `m x n`
+/// result starts at `dst[i * dst_stride]`. The one `unsafe` block in the crate: gemm takes
+/// raw pointers and strides.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+pub(super) fn gemm_into(
+    dst: &mut [f32],
+    dst_stride: usize,
+    accumulate: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Operand,
+) {
+    assert!(
+        n <= dst_stride && (m == 0 || (m - 1) * dst_stride + n <= dst.len()),
+        "matmul: destination too small"
+    );
     assert!(
         lhs.covers(m, k) && rhs.covers(k, n),
         "matmul: operand too small"
     );
-    if m == 0 || n == 0 {
+    if m == 0 || n == 0 || (k == 0 && accumulate) {
         return;
     }
     if k == 0 {
-        dst[..m * n].fill(0.0);
+        for row in dst.chunks_mut(dst_stride).take(m) {
+            row[..n].fill(0.0);
+        }
         return;
     }
-    if k >= SPLIT_K_MIN_DEPTH && k >= 16 * m.max(n) {
+    if k >= SPLIT_K_MIN_DEPTH && k >= 16 * m.max(n) && dst_stride == n {
         // A product with a long inner dimension and a small result (a weight gradient summed
         // over a large batch): gemm can only split the result between threads, so split
-        // the inner dimension in two halves instead and add them. Always two halves, even on
-        // one thread, so that the sums do not depend on the thread count.
+        // the inner dimension in halves instead and add them. The split depends only on the
+        // shape, never on the thread count, so the sums do not either.
         let half = k / 2;
         let mut upper = vec![0f32; m * n];
         let (lhs_lo, lhs_hi) = lhs.split_columns(half);
         let (rhs_lo, rhs_hi) = rhs.split_rows(half);
         rayon::join(
-            || matmul(dst, m, n, half, lhs_lo, rhs_lo),
+            || gemm_into(dst, n, accumulate, m, n, half, lhs_lo, rhs_lo),
             || matmul(&mut upper, m, n, k - half, lhs_hi, rhs_hi),
         );
         for (value, high) in dst[..m * n].iter_mut().zip(&upper) {
@@ -133,15 +154,15 @@ pub(super) fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
-            false,
+            dst_stride as isize,
+            accumulate,
             lhs.data.as_ptr(),
             lhs.col_stride as isize,
             lhs.row_stride as isize,
             rhs.data.as_ptr(),
             rhs.col_stride as isize,
             rhs.row_stride as isize,
-            0.0,
+            1.0,
             1.0,
             false,
             false,
@@ -151,8 +172,7 @@ pub(super) fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand
     }
 }
 
-/// Adds the bias to every row of `z` and, for a hidden layer, writes `activation(z) * mask`
-/// into `a`.
+/// Adds the bias to every row of `z`.
 pub(super) fn bias_forward(z: &mut [f32], bias: &[f32]) {
     for row in z.chunks_exact_mut(bias.len()) {
         for (value, b) in row.iter_mut().zip(bias) {
@@ -287,7 +307,6 @@ impl<'a> HostValues<'a> {
 
 /// What the native step keeps between steps, sized for one batch size.
 pub struct Workspace {
-    rows: usize,
     buffers: Buffers,
     /// One gradient per model variable, in `Model::vars` order.
     pub grads: Vec<Vec<f32>>,
@@ -295,11 +314,21 @@ pub struct Workspace {
 
 enum Buffers {
     FeedForward(feedforward::Buffers),
+    Transformer(transformer::Buffers),
+}
+
+impl Buffers {
+    fn fits(&self, rows: usize, time: usize) -> bool {
+        match self {
+            Buffers::FeedForward(buffers) => buffers.rows() == rows,
+            Buffers::Transformer(buffers) => buffers.fits(rows, time),
+        }
+    }
 }
 
 /// Which models the native step runs: all of them, on the CPU.
 pub fn supports(model: &Model) -> bool {
-    model.device().is_cpu() && !matches!(model.layers(), Layers::Transformer { .. })
+    model.device().is_cpu()
 }
 
 /// Forward and backward pass on the batch `rows`: returns the batch's mean loss and leaves
@@ -312,10 +341,31 @@ pub fn forward_backward(
     rows: &[usize],
     dropout_rng: &mut Rng,
 ) -> candle_core::Result<f64> {
-    if workspace.as_ref().is_none_or(|w| w.rows != rows.len()) {
-        let buffers = Buffers::FeedForward(feedforward::Buffers::new(model, rows.len()));
+    let time = match model.layers() {
+        Layers::Transformer {
+            position_embedding, ..
+        } => {
+            let (time, context) = (data.x.dim(1)?, position_embedding.dim(0)?);
+            if time > context {
+                candle_core::bail!(
+                    "sequences of {time} tokens are longer than the model's context of {context}"
+                );
+            }
+            time
+        }
+        _ => 0,
+    };
+    if workspace
+        .as_ref()
+        .is_none_or(|w| !w.buffers.fits(rows.len(), time))
+    {
+        let buffers = match model.layers() {
+            Layers::Transformer { .. } => {
+                Buffers::Transformer(transformer::Buffers::new(model, rows.len(), time))
+            }
+            _ => Buffers::FeedForward(feedforward::Buffers::new(model, rows.len())),
+        };
         *workspace = Some(Workspace {
-            rows: rows.len(),
             buffers,
             grads: model
                 .vars()
@@ -344,12 +394,51 @@ pub fn forward_backward(
             rows,
             dropout_rng,
         ),
+        Buffers::Transformer(buffers) => {
+            transformer::forward_backward(buffers, &params, &mut workspace.grads, data, rows)
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    /// The native step's loss and gradients against candle's autograd on the same model,
+    /// batch and dropout draws.
+    pub(super) fn assert_matches_autograd(model: &Model, train: &DeviceData, rows: &[usize]) {
+        let mut workspace = None;
+        let native_loss =
+            forward_backward(model, &mut workspace, train, rows, &mut Rng::new(11)).unwrap();
+        let native_grads = workspace.unwrap().grads;
+
+        let (x, y) = train.batch(rows).unwrap();
+        let forward = model.forward(&x, &y, Some(&mut Rng::new(11))).unwrap();
+        let loss = forward.loss.to_scalar::<f32>().unwrap() as f64;
+        let grads = forward.loss.backward().unwrap();
+
+        assert!(
+            (native_loss - loss).abs() <= 1e-5 * loss.abs().max(1.0),
+            "loss: native {native_loss}, autograd {loss}"
+        );
+        for (index, (var, native)) in model.vars().iter().zip(&native_grads).enumerate() {
+            let want = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(native.len(), want.len(), "variable {index}");
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            for (position, (got, want)) in native.iter().zip(&want).enumerate() {
+                assert!(
+                    (got - want).abs() <= 1e-4 * scale,
+                    "variable {index} [{position}]: native {got}, autograd {want} (largest {scale})"
+                );
+            }
+        }
+    }
 
     #[test]
     fn strided_matmul_matches_the_definition() {
@@ -371,6 +460,44 @@ mod tests {
                 let want: f32 = (0..k).map(|p| lhs_store[p * m + i] * rhs[p * n + j]).sum();
                 assert_eq!(dst[i * n + j], want, "[{i}, {j}]");
             }
+        }
+    }
+
+    /// A long inner dimension (split in halves) into a strided destination, accumulating:
+    /// against an f64 reference.
+    #[test]
+    fn split_and_accumulating_matmul_matches_the_definition() {
+        let (m, n, k, stride) = (3, 2, 2 * SPLIT_K_MIN_DEPTH + 5, 5);
+        let lhs: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.5)
+            .collect();
+        let rhs_store: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 53) % 13) as f32 / 13.0 - 0.5)
+            .collect();
+        let mut dst = vec![1.0f32; m * stride];
+        gemm_into(
+            &mut dst,
+            stride,
+            true,
+            m,
+            n,
+            k,
+            Operand::plain(&lhs, k),
+            Operand::transposed(&rhs_store, k),
+        );
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = 1.0
+                    + (0..k)
+                        .map(|p| f64::from(lhs[i * k + p]) * f64::from(rhs_store[j * k + p]))
+                        .sum::<f64>();
+                let got = f64::from(dst[i * stride + j]);
+                assert!((got - want).abs() < 1e-3, "[{i}, {j}]: {got} vs {want}");
+            }
+            // Columns past n are left alone.
+            assert!(dst[i * stride + n..i * stride + stride]
+                .iter()
+                .all(|v| *v == 1.0));
         }
     }
 }
