@@ -109,13 +109,17 @@ pub fn train_step(
     dropout_rng: &mut Rng,
 ) -> candle_core::Result<f64> {
     if native::supports(model) {
-        let mut workspace = model.workspace();
-        let loss = native::forward_backward(model, &mut workspace, data, rows, dropout_rng)?;
-        if loss.is_finite() {
-            let grads = &workspace.as_ref().expect("set by forward_backward").grads;
-            optimizer.step_host(grads, lr, momentum)?;
-        }
-        return Ok(loss);
+        // On a pool thread, so that the caller's thread sleeps instead of competing with
+        // the pool's threads for the cores between the step's parallel sections.
+        return on_pool(|| {
+            let mut workspace = model.workspace();
+            let loss = native::forward_backward(model, &mut workspace, data, rows, dropout_rng)?;
+            if loss.is_finite() {
+                let grads = &workspace.as_ref().expect("set by forward_backward").grads;
+                optimizer.step_host(grads, lr, momentum)?;
+            }
+            Ok(loss)
+        });
     }
     let (x, y) = data.batch(rows)?;
     let forward = model.forward(&x, &y, Some(dropout_rng))?;
@@ -126,6 +130,13 @@ pub fn train_step(
     let grads = forward.loss.backward()?;
     optimizer.step(&grads, lr, momentum)?;
     Ok(loss)
+}
+
+/// Runs `f` on a thread of rayon's global pool (the caller blocks without spinning).
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let mut result = None;
+    rayon::scope(|_| result = Some(f()));
+    result.expect("the scope ran the closure")
 }
 
 /// Loss (and accuracy where it means something) on a whole split.

@@ -314,7 +314,7 @@ pub struct Workspace {
 
 enum Buffers {
     FeedForward(feedforward::Buffers),
-    Transformer(transformer::Buffers),
+    Transformer(Box<transformer::Buffers>),
 }
 
 impl Buffers {
@@ -361,7 +361,7 @@ pub fn forward_backward(
     {
         let buffers = match model.layers() {
             Layers::Transformer { .. } => {
-                Buffers::Transformer(transformer::Buffers::new(model, rows.len(), time))
+                Buffers::Transformer(Box::new(transformer::Buffers::new(model, rows.len(), time)))
             }
             _ => Buffers::FeedForward(feedforward::Buffers::new(model, rows.len())),
         };
