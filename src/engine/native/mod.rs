@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, Storage, Tensor};
 use gemm::Parallelism;
 
 use super::model::{Layers, Model};
-use super::ops::{gelu_derivative, gelu_value};
+use super::ops::{exp, gelu_derivative, gelu_value};
 use super::rng::Rng;
 use super::spec::Activation;
 use super::train::DeviceData;
@@ -186,10 +186,7 @@ pub(super) fn activate(activation: Activation, z: &[f32], a: &mut [f32]) {
         Activation::Relu => z.iter().zip(a).for_each(|(z, a)| *a = z.max(0.0)),
         Activation::Gelu => z.iter().zip(a).for_each(|(z, a)| *a = gelu_value(*z)),
         Activation::Tanh => z.iter().zip(a).for_each(|(z, a)| *a = z.tanh()),
-        Activation::Silu => z
-            .iter()
-            .zip(a)
-            .for_each(|(z, a)| *a = z / (1.0 + (-z).exp())),
+        Activation::Silu => z.iter().zip(a).for_each(|(z, a)| *a = z / (1.0 + exp(-z))),
     }
 }
 
@@ -210,7 +207,7 @@ pub(super) fn activation_backward(activation: Activation, z: &[f32], grad: &mut 
             *g *= 1.0 - t * t;
         }),
         Activation::Silu => z.iter().zip(grad).for_each(|(z, g)| {
-            let s = 1.0 / (1.0 + (-z).exp());
+            let s = 1.0 / (1.0 + exp(-z));
             *g *= s * (1.0 + z * (1.0 - s));
         }),
     }
@@ -244,7 +241,7 @@ pub(super) fn cross_entropy(
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0f32;
         for (g, &value) in grad_row.iter_mut().zip(row) {
-            *g = (value - max).exp();
+            *g = exp(value - max);
             sum += *g;
         }
         let label = label as usize;

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::{bias_forward, column_sums, cross_entropy, gemm_into, matmul, HostValues, Operand};
 use crate::engine::model::{Layers, Model};
-use crate::engine::ops::{gelu_derivative, gelu_value, row_stats};
+use crate::engine::ops::{exp, gelu_derivative, gelu_value, row_stats};
 use crate::engine::train::DeviceData;
 
 /// Variables per block, in `Model::vars` order: two layer norms (gain, shift), then the
@@ -282,7 +282,7 @@ fn attention_forward(
                         .fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
                     let mut sum = 0.0f32;
                     for s in visible.iter_mut() {
-                        *s = (*s * scale - max).exp();
+                        *s = exp(*s * scale - max);
                         sum += *s;
                     }
                     let inverse = 1.0 / sum;
