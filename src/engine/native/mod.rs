@@ -193,11 +193,12 @@ pub(super) fn activate(activation: Activation, z: &[f32], a: &mut [f32]) {
 /// `grad *= activation'(z)`, in place.
 pub(super) fn activation_backward(activation: Activation, z: &[f32], grad: &mut [f32]) {
     match activation {
-        Activation::Relu => z.iter().zip(grad).for_each(|(z, g)| {
-            if *z <= 0.0 {
-                *g = 0.0;
-            }
-        }),
+        // A select, not a branch: the sign of z is a coin flip the predictor cannot learn,
+        // and the select vectorizes.
+        Activation::Relu => z
+            .iter()
+            .zip(grad)
+            .for_each(|(z, g)| *g = if *z > 0.0 { *g } else { 0.0 }),
         Activation::Gelu => z
             .iter()
             .zip(grad)
