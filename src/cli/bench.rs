@@ -31,6 +31,11 @@ pub struct BenchArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 5)]
     pub warmup: usize,
+    /// Rounds, alternating PyTorch and lrtune; each case reports its fastest round's median
+    /// on both sides, so that a burst of load from elsewhere on the machine during one
+    /// side's turn does not decide the ratio.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Skip the PyTorch reference even when torch is importable.
     #[arg(long)]
     pub no_pytorch: bool,
@@ -223,39 +228,57 @@ fn time_case(case: &Case, warmup: usize, steps: usize) -> anyhow::Result<Timing>
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
-    let reference = if args.no_pytorch {
-        None
-    } else {
-        pytorch_reference(&args)
-    };
-    println!(
-        "{:<26} {:>10} {:>10} {:>7} {:>9}",
-        "case (batch)", "lrtune ms", "torch ms", "ratio", "floor ms"
-    );
     let wanted = |case: &Case| {
         args.case
             .as_ref()
             .is_none_or(|name| case.name.contains(name.as_str()))
     };
-    for case in cases().into_iter().filter(wanted) {
-        let timing = time_case(&case, args.warmup, args.steps)?;
-        let torch = reference
-            .as_ref()
-            .and_then(|r| r.get(case.name))
-            .and_then(Value::as_f64);
+    let cases: Vec<Case> = cases().into_iter().filter(wanted).collect();
+    let rounds = args.rounds.max(1);
+    let mut ours = vec![f64::INFINITY; cases.len()];
+    let mut theirs: Vec<Option<f64>> = vec![None; cases.len()];
+    let mut parameters = vec![0; cases.len()];
+    let mut reference_info = None;
+    for _ in 0..rounds {
+        if !args.no_pytorch {
+            if let Some(reference) = pytorch_reference(&args) {
+                for (best, case) in theirs.iter_mut().zip(&cases) {
+                    if let Some(ms) = reference.get(case.name).and_then(Value::as_f64) {
+                        *best = Some(best.map_or(ms, |b: f64| b.min(ms)));
+                    }
+                }
+                reference_info = Some(reference);
+            }
+        }
+        for (index, case) in cases.iter().enumerate() {
+            let timing = time_case(case, args.warmup, args.steps)?;
+            ours[index] = ours[index].min(timing.median_ms);
+            parameters[index] = timing.parameters;
+        }
+    }
+    println!(
+        "{:<32} {:>10} {:>10} {:>7} {:>9}",
+        "case (batch)", "lrtune ms", "torch ms", "ratio", "floor ms"
+    );
+    for (index, case) in cases.iter().enumerate() {
         let floor = case
             .dense
-            .then(|| 6.0 * case.batch as f64 * timing.parameters as f64 / MATMUL_FLOPS * 1000.0);
+            .then(|| 6.0 * case.batch as f64 * parameters[index] as f64 / MATMUL_FLOPS * 1000.0);
+        let torch = theirs[index];
         println!(
-            "{:<26} {:>10.2} {:>10} {:>7} {:>9}",
+            "{:<32} {:>10.2} {:>10} {:>7} {:>9}",
             format!("{} ({})", case.name, case.batch),
-            timing.median_ms,
+            ours[index],
             torch.map_or("-".to_string(), |t| format!("{t:.2}")),
-            torch.map_or("-".to_string(), |t| format!("{:.2}", timing.median_ms / t)),
+            torch.map_or("-".to_string(), |t| format!("{:.2}", ours[index] / t)),
             floor.map_or("-".to_string(), |f| format!("{f:.2}")),
         );
     }
-    if let Some(reference) = &reference {
+    println!(
+        "ms per step: median of {} steps after {} warm-up, fastest of {rounds} rounds",
+        args.steps, args.warmup
+    );
+    if let Some(reference) = &reference_info {
         println!(
             "pytorch {} on {} threads",
             reference["version"].as_str().unwrap_or("?"),
