@@ -41,10 +41,9 @@ class Block(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
-        scores = q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5
-        mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
-        att = scores.masked_fill(mask, -1e9).softmax(-1)
-        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+        # PyTorch's fused attention, the fastest path it offers on this CPU.
+        mixed = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(mixed.transpose(1, 2).reshape(b, t, d))
         return x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x)), approximate="tanh"))
 
 

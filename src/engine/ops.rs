@@ -84,6 +84,60 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * f32::from_bits(k_bits.wrapping_add(127) << 23)
 }
 
+/// Independent accumulators for the reductions below. One running f32 sum (or max) is a
+/// serial chain the compiler may not reorder; eight partial results let the loop vectorize.
+const LANES: usize = 8;
+
+/// The sum of `values`, summed in `LANES` interleaved partial sums.
+pub(crate) fn sum(values: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The dot product of two equally long slices, in `LANES` partial sums.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut lanes = [0f32; LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (a, b) in a_chunks.zip(b_chunks) {
+        for ((lane, x), y) in lanes.iter_mut().zip(a).zip(b) {
+            *lane += x * y;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The largest of `values` (negative infinity when empty; NaNs are skipped).
+pub(crate) fn max_value(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = if v > *lane { v } else { *lane };
+        }
+    }
+    lanes
+        .into_iter()
+        .fold(tail, |m, v| if v > m { v } else { m })
+}
+
 /// tanh with one `exp`: (e^2x - 1) / (e^2x + 1). Its absolute error (about 1e-7) is all
 /// GELU's `1 + tanh` can see, and it costs a fraction of libm's `tanhf`, which dominated a
 /// transformer's step. Past |x| = 9, tanh is 1 to f32 precision.
@@ -214,13 +268,11 @@ impl CustomOp1 for SoftmaxLastDim {
         let width = last_dim(layout);
         let mut y = vec![0f32; x.len()];
         for (row, out) in x.chunks_exact(width).zip(y.chunks_exact_mut(width)) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
+            let max = max_value(row);
             for (o, &v) in out.iter_mut().zip(row) {
                 *o = exp(v - max);
-                sum += *o;
             }
-            let inverse = 1.0 / sum;
+            let inverse = 1.0 / sum(out);
             out.iter_mut().for_each(|o| *o *= inverse);
         }
         Ok((CpuStorage::F32(y), layout.shape().clone()))
@@ -263,7 +315,7 @@ impl CustomOp2 for SoftmaxBackward {
             .zip(grad.chunks_exact(width))
             .zip(dx.chunks_exact_mut(width))
         {
-            let dot: f32 = y_row.iter().zip(g_row).map(|(a, b)| a * b).sum();
+            let dot = dot(y_row, g_row);
             for ((o, &yv), &gv) in out.iter_mut().zip(y_row).zip(g_row) {
                 *o = yv * (gv - dot);
             }
@@ -277,8 +329,20 @@ struct Normalize;
 /// Mean and 1 / standard deviation of a row.
 pub(crate) fn row_stats(row: &[f32]) -> (f32, f32) {
     let n = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / n;
-    let variance = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = sum(row) / n;
+    let mut lanes = [0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|v| (v - mean) * (v - mean))
+        .sum();
+    for chunk in chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane += (v - mean) * (v - mean);
+        }
+    }
+    let variance = (lanes.iter().sum::<f32>() + tail) / n;
     (mean, 1.0 / (variance + LAYER_NORM_EPS).sqrt())
 }
 
@@ -677,6 +741,20 @@ impl CustomOp2 for MaxPoolBackward {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn lane_reductions_match_the_plain_ones_at_every_length() {
+        for len in [0, 1, 7, 8, 9, 16, 23] {
+            let a: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin() * 4.0).collect();
+            let b: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos()).collect();
+            let plain_sum: f32 = a.iter().sum();
+            let plain_dot: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            let plain_max = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert!((sum(&a) - plain_sum).abs() < 1e-5, "sum, len {len}");
+            assert!((dot(&a, &b) - plain_dot).abs() < 1e-5, "dot, len {len}");
+            assert_eq!(max_value(&a), plain_max, "max, len {len}");
+        }
+    }
 
     #[test]
     fn exp_is_within_three_units_in_the_last_place_over_the_normal_range() {

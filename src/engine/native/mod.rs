@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, Storage, Tensor};
 use gemm::Parallelism;
 
 use super::model::{Layers, Model};
-use super::ops::{exp, gelu_derivative, gelu_value};
+use super::ops::{exp, gelu_derivative, gelu_value, max_value, sum};
 use super::rng::Rng;
 use super::spec::Activation;
 use super::train::DeviceData;
@@ -239,12 +239,11 @@ pub(super) fn cross_entropy(
         .zip(grad.chunks_exact_mut(classes))
         .zip(labels)
     {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
+        let max = max_value(row);
         for (g, &value) in grad_row.iter_mut().zip(row) {
             *g = exp(value - max);
-            sum += *g;
         }
+        let sum = sum(grad_row);
         let label = label as usize;
         total += f64::from(sum.ln() - (row[label] - max));
         let inverse = scale / sum;

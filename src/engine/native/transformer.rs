@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::{bias_forward, column_sums, cross_entropy, gemm_into, matmul, HostValues, Operand};
 use crate::engine::model::{Layers, Model};
-use crate::engine::ops::{exp, gelu_derivative, gelu_value, row_stats};
+use crate::engine::ops::{dot, exp, gelu_derivative, gelu_value, max_value, row_stats, sum};
 use crate::engine::train::DeviceData;
 
 /// Variables per block, in `Model::vars` order: two layer norms (gain, shift), then the
@@ -274,18 +274,14 @@ fn attention_forward(
                     head_part_t(qkv, d, head_dim, 1, head),
                 );
                 for (i, row) in weights.chunks_exact_mut(time).enumerate() {
-                    // Position i sees positions 0..=i; the rest get weight exactly 0, as
-                    // exp(-1e9 - max) is in f32.
+                    // Position i sees positions 0..=i; the rest get weight 0 (the -1e9
+                    // mask of the autograd path leaves them at most 1e-38).
                     let (visible, hidden) = row.split_at_mut(i + 1);
-                    let max = visible
-                        .iter()
-                        .fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
-                    let mut sum = 0.0f32;
+                    let max = max_value(visible) * scale;
                     for s in visible.iter_mut() {
                         *s = exp(*s * scale - max);
-                        sum += *s;
                     }
-                    let inverse = 1.0 / sum;
+                    let inverse = 1.0 / sum(visible);
                     visible.iter_mut().for_each(|s| *s *= inverse);
                     hidden.fill(0.0);
                 }
@@ -351,7 +347,7 @@ fn attention_backward(
                 );
                 // Through the softmax: dS = P * (dP - rowsum(P * dP)), times the 1/sqrt scale.
                 for (p_row, dp_row) in p.chunks_exact(time).zip(dp.chunks_exact_mut(time)) {
-                    let dot: f32 = p_row.iter().zip(dp_row.iter()).map(|(p, g)| p * g).sum();
+                    let dot = dot(p_row, dp_row);
                     for (g, p) in dp_row.iter_mut().zip(p_row) {
                         *g = p * (*g - dot) * scale;
                     }
