@@ -119,3 +119,45 @@ fn schedule_prints_pytorchs_one_cycle_from_flags_and_from_json() {
     assert_eq!(code, 2);
     assert!(stderr.contains("pct_start"), "{stderr}");
 }
+
+/// The result (everything but the timing) is bit for bit the same on one thread as on two:
+/// no reduction's order depends on how the work is split between threads.
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    const WIDE: &str = r#"{
+        "data": {"builtin": "spirals", "samples": 1024},
+        "model": {"arch": "mlp", "hidden": [512, 512]},
+        "batch_size": 64,
+        "plan": {"epochs": 2},
+        "range_test": {"start_lr": 1e-5, "end_lr": 10, "steps": 40},
+        "sweep": {"count": 2, "epochs": 1}
+    }"#;
+    let run_on = |threads: &str| -> serde_json::Value {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lrtune"))
+            .args(["run", "-", "--json", "-q"])
+            .env("RAYON_NUM_THREADS", threads)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(WIDE.as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success());
+        let mut result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        result.as_object_mut().unwrap().remove("timing");
+        result
+    };
+    let one = run_on("1");
+    assert!(
+        one["range_test"]["steps_run"].as_u64().unwrap() > 10,
+        "{one}"
+    );
+    assert_eq!(one["sweep"].as_array().unwrap().len(), 2, "{one}");
+    assert_eq!(one, run_on("2"));
+}
