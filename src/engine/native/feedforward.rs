@@ -368,8 +368,12 @@ fn gather(
     match model.shape().task {
         Task::Classification => {
             let labels = y.u32()?;
+            let classes = model.shape().output;
             for (dst, &row) in ws.labels.iter_mut().zip(rows) {
                 *dst = labels[row];
+                if *dst as usize >= classes {
+                    candle_core::bail!("row {row}: class {} is outside 0..{classes}", *dst);
+                }
             }
         }
         Task::Regression => {

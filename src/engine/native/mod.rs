@@ -1,8 +1,9 @@
-//! The training step of the dense and convolutional models on the CPU, written out by hand
-//! instead of recorded on candle's autograd tape.
+//! The training step of every model on the CPU, written out by hand instead of recorded on
+//! candle's autograd tape (`feedforward` for linear, MLP and CNN models, `transformer` for the
+//! character transformer).
 //!
 //! candle's tape makes a fresh tensor for every intermediate and every gradient, and adds each
-//! gradient into a freshly zeroed tensor of its own size; on an MLP that bookkeeping costs as
+//! gradient into a freshly zeroed tensor of its own size; on an MLP that bookkeeping cost as
 //! much as the matrix products. Here the forward pass writes into buffers kept from step to
 //! step, the backward pass is the textbook chain rule over the same buffers (matrix products
 //! through `gemm` with strides instead of transposed copies, fused bias + activation, pooling
