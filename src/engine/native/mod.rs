@@ -25,10 +25,10 @@ use super::train::DeviceData;
 mod feedforward;
 mod transformer;
 
-/// Matrix products below this many multiply-adds run on one thread, where gemm's split between
-/// threads costs more than it saves. With `lrtune bench`, thresholds from 2^18 to 2^24 were
-/// within the machine's noise of each other on every case; the small MLP was about 2x slower
-/// with every product on both threads.
+/// Matrix products below this many multiply-adds run on one thread; above it gemm decides how
+/// to split them. With `lrtune bench`, thresholds from 0 to 2^24 gave the same times within the
+/// machine's noise (gemm does not split tiny products much anyway), so this is a guard against
+/// waking the pool for a product that takes microseconds, not a tuned value.
 const PARALLEL_MIN_MACS: usize = 1 << 21;
 /// Inner dimensions from this long may be split in two (see `matmul`).
 const SPLIT_K_MIN_DEPTH: usize = 4096;
