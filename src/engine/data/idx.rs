@@ -133,7 +133,12 @@ fn gunzip_if_compressed<'a>(
     if !bytes.starts_with(&GZIP_MAGIC) {
         return Ok(Cow::Borrowed(bytes));
     }
-    let mut decoded = Vec::new();
+    // The gzip trailer's last 4 bytes are the decoded size (mod 2^32): reserve it up front
+    // instead of growing and copying, but never more than the limit or 256 MiB on its word.
+    let claimed = bytes
+        .last_chunk::<4>()
+        .map_or(0, |size| u64::from(u32::from_le_bytes(*size)));
+    let mut decoded = Vec::with_capacity(claimed.min(max_decoded + 1).min(1 << 28) as usize);
     // One byte past the limit tells "exactly at the limit" from "over it".
     flate2::read::MultiGzDecoder::new(bytes)
         .take(max_decoded + 1)
