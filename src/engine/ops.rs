@@ -540,32 +540,37 @@ impl ImageDims {
     /// Calls `f(row, column, source)` for every patch entry that falls inside the image
     /// (padding entries are zero and skipped).
     fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize)) {
-        let Self {
-            batch,
-            channels,
-            height,
-            width,
-        } = *self;
-        for b in 0..batch {
-            for y in 0..height {
-                for x in 0..width {
-                    let row = (b * height + y) * width + x;
-                    for c in 0..channels {
-                        let plane = (b * channels + c) * height * width;
-                        for ky in 0..3 {
-                            let sy = y + ky;
-                            if sy < 1 || sy > height {
-                                continue;
-                            }
-                            for kx in 0..3 {
-                                let sx = x + kx;
-                                if sx < 1 || sx > width {
-                                    continue;
-                                }
-                                let source = plane + (sy - 1) * width + (sx - 1);
-                                f(row, c * 9 + ky * 3 + kx, source);
-                            }
-                        }
+        let plane = self.height * self.width;
+        for b in 0..self.batch {
+            for c in 0..self.channels {
+                let source_plane = (b * self.channels + c) * plane;
+                for_each_3x3_tap(self.height, self.width, |pixel, tap, source| {
+                    f(b * plane + pixel, c * 9 + tap, source_plane + source);
+                });
+            }
+        }
+    }
+}
+
+/// Calls `f(pixel, tap, source_pixel)` for the taps (0..9, row-major) of every pixel's 3x3
+/// window, padding 1, that fall inside a `height x width` image; pixels are numbered
+/// row-major. Shared by the NCHW im2col here and the NHWC one of the native step.
+pub(crate) fn for_each_3x3_tap(
+    height: usize,
+    width: usize,
+    mut f: impl FnMut(usize, usize, usize),
+) {
+    for y in 0..height {
+        for x in 0..width {
+            for ky in 0..3 {
+                let sy = y + ky;
+                if sy < 1 || sy > height {
+                    continue;
+                }
+                for kx in 0..3 {
+                    let sx = x + kx;
+                    if sx >= 1 && sx <= width {
+                        f(y * width + x, ky * 3 + kx, (sy - 1) * width + sx - 1);
                     }
                 }
             }

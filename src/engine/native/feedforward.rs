@@ -5,11 +5,12 @@
 use rayon::prelude::*;
 
 use super::{
-    activate, activation_backward, bias_forward, column_sums, cross_entropy, matmul,
-    mean_squared_error, HostValues, Operand,
+    activate, activation_backward, column_sums, cross_entropy, dense_backward, dense_forward,
+    matmul, mean_squared_error, HostValues, Operand,
 };
 use crate::engine::data::Task;
 use crate::engine::model::{Layers, Model};
+use crate::engine::ops::for_each_3x3_tap;
 use crate::engine::rng::Rng;
 use crate::engine::spec::Activation;
 use crate::engine::train::DeviceData;
@@ -60,6 +61,22 @@ struct ConvBuffers {
 }
 
 impl ConvBuffers {
+    /// The stage's input and output maps (the same size: padding 1).
+    fn geometry(&self) -> (Geometry, Geometry) {
+        let input = Geometry {
+            height: self.height,
+            width: self.width,
+            channels: self.channels,
+        };
+        (
+            input,
+            Geometry {
+                channels: self.outputs,
+                ..input
+            },
+        )
+    }
+
     fn new(channels: usize, outputs: usize, height: usize, width: usize, rows: usize) -> Self {
         let pixels = rows * height * width;
         let pooled = rows * (height / 2) * (width / 2) * outputs;
@@ -105,30 +122,6 @@ struct Geometry {
     channels: usize,
 }
 
-impl Geometry {
-    /// Calls `f(pixel, tap, source_pixel)` for the taps of each output pixel's 3x3 window
-    /// that fall inside the image (padding taps are skipped).
-    fn for_each_tap(self, mut f: impl FnMut(usize, usize, usize)) {
-        let Self { height, width, .. } = self;
-        for y in 0..height {
-            for x in 0..width {
-                for ky in 0..3 {
-                    let sy = y + ky;
-                    if sy < 1 || sy > height {
-                        continue;
-                    }
-                    for kx in 0..3 {
-                        let sx = x + kx;
-                        if sx >= 1 && sx <= width {
-                            f(y * width + x, ky * 3 + kx, (sy - 1) * width + sx - 1);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// im2col of one NHWC image for a 3x3 kernel with padding 1: `columns` is
 /// `[height * width, 9 * channels]`, columns in (ky, kx, c) order, padding taps zero.
 fn im2col_image(input: &[f32], geometry: Geometry, columns: &mut [f32]) {
@@ -160,7 +153,7 @@ fn im2col_image(input: &[f32], geometry: Geometry, columns: &mut [f32]) {
 fn col2im_image(columns: &[f32], geometry: Geometry, image: &mut [f32]) {
     let c = geometry.channels;
     image.fill(0.0);
-    geometry.for_each_tap(|pixel, tap, target| {
+    for_each_3x3_tap(geometry.height, geometry.width, |pixel, tap, target| {
         let src = &columns[(pixel * 9 + tap) * c..][..c];
         for (value, g) in image[target * c..target * c + c].iter_mut().zip(src) {
             *value += g;
@@ -447,15 +440,13 @@ pub(super) fn forward_backward(
         let x = before
             .last()
             .map_or(first_input, |previous| &previous.a[..]);
-        matmul(
+        dense_forward(
             &mut layer.z,
+            x,
             n,
-            layer.outputs,
-            layer.inputs,
-            Operand::plain(x, layer.inputs),
-            Operand::transposed(dense_params[2 * index], layer.inputs),
+            dense_params[2 * index],
+            dense_params[2 * index + 1],
         );
-        bias_forward(&mut layer.z, dense_params[2 * index + 1]);
         if index < last {
             activate(activation, &layer.z, &mut layer.a);
             if !layer.mask.is_empty() {
@@ -493,14 +484,14 @@ pub(super) fn forward_backward(
         let weight = dense_params[2 * index];
         match before.last_mut() {
             Some(previous) => {
-                dense_parameter_grads(layer, &previous.a, n, weight_grad, bias_grad);
-                matmul(
-                    &mut previous.grad,
+                dense_backward(
+                    &layer.grad,
+                    &previous.a,
                     n,
-                    layer.inputs,
-                    layer.outputs,
-                    Operand::plain(&layer.grad, layer.outputs),
-                    Operand::plain(weight, layer.inputs),
+                    weight,
+                    weight_grad,
+                    bias_grad,
+                    Some(&mut previous.grad),
                 );
                 if !previous.mask.is_empty() {
                     for (g, mask) in previous.grad.iter_mut().zip(&previous.mask) {
@@ -510,17 +501,17 @@ pub(super) fn forward_backward(
                 activation_backward(activation, &previous.z, &mut previous.grad);
             }
             None => {
-                dense_parameter_grads(layer, first_input, n, weight_grad, bias_grad);
-                if !convs.is_empty() {
-                    matmul(
-                        flat_grad,
-                        n,
-                        layer.inputs,
-                        layer.outputs,
-                        Operand::plain(&layer.grad, layer.outputs),
-                        Operand::plain(weight, layer.inputs),
-                    );
-                }
+                // Into the convolutions' output, if there are any; a plain input needs none.
+                let grad_x = (!convs.is_empty()).then_some(&mut flat_grad[..]);
+                dense_backward(
+                    &layer.grad,
+                    first_input,
+                    n,
+                    weight,
+                    weight_grad,
+                    bias_grad,
+                    grad_x,
+                );
             }
         }
     }
@@ -544,44 +535,25 @@ pub(super) fn forward_backward(
     Ok(loss)
 }
 
-/// `dW = dz^T x` and `db = column sums of dz` for a dense layer.
-fn dense_parameter_grads(
-    layer: &DenseBuffers,
-    x: &[f32],
-    n: usize,
-    weight_grad: &mut [f32],
-    bias_grad: &mut [f32],
-) {
-    matmul(
-        weight_grad,
-        layer.outputs,
-        layer.inputs,
-        n,
-        Operand::transposed(&layer.grad, layer.outputs),
-        Operand::plain(x, layer.inputs),
-    );
-    column_sums(&layer.grad, bias_grad);
+/// Calls `f(stored, column)` for every weight of a convolution: its index in the stored
+/// `[outputs, channels, 3, 3]` layout and in the `[outputs, (ky, kx, c)]` layout that matches
+/// the patch columns.
+fn for_each_weight_index(outputs: usize, channels: usize, mut f: impl FnMut(usize, usize)) {
+    for o in 0..outputs {
+        for c in 0..channels {
+            for tap in 0..9 {
+                f((o * channels + c) * 9 + tap, (o * 9 + tap) * channels + c);
+            }
+        }
+    }
 }
 
 fn conv_forward(conv: &mut ConvBuffers, source: &[f32], n: usize, weight: &[f32], bias: &[f32]) {
     let (channels, outputs, height, width) = (conv.channels, conv.outputs, conv.height, conv.width);
-    let input = Geometry {
-        height,
-        width,
-        channels,
-    };
-    let output = Geometry {
-        channels: outputs,
-        ..input
-    };
-    // [outputs, channels, 3, 3] -> [outputs, (ky, kx, c)] to match the patch columns.
-    for o in 0..outputs {
-        for c in 0..channels {
-            for tap in 0..9 {
-                conv.weight[(o * 9 + tap) * channels + c] = weight[(o * channels + c) * 9 + tap];
-            }
-        }
-    }
+    let (input, output) = conv.geometry();
+    for_each_weight_index(outputs, channels, |stored, column| {
+        conv.weight[column] = weight[stored];
+    });
     per_image(source, &mut conv.columns, n, |image, columns| {
         im2col_image(image, input, columns)
     });
@@ -621,15 +593,7 @@ fn conv_backward(
     bias_grad: &mut [f32],
 ) {
     let (channels, outputs, height, width) = (conv.channels, conv.outputs, conv.height, conv.width);
-    let input = Geometry {
-        height,
-        width,
-        channels,
-    };
-    let output = Geometry {
-        channels: outputs,
-        ..input
-    };
+    let (input, output) = conv.geometry();
     let pooled_len = conv.pooled.len() / n.max(1);
     conv.activated
         .par_chunks_mut(height * width * outputs)
@@ -649,14 +613,9 @@ fn conv_backward(
         Operand::transposed(grad, outputs),
         Operand::plain(&conv.columns, 9 * channels),
     );
-    for o in 0..outputs {
-        for c in 0..channels {
-            for tap in 0..9 {
-                weight_grad[(o * channels + c) * 9 + tap] =
-                    conv.weight_grad[(o * 9 + tap) * channels + c];
-            }
-        }
-    }
+    for_each_weight_index(outputs, channels, |stored, column| {
+        weight_grad[stored] = conv.weight_grad[column];
+    });
     if let Some(previous) = previous {
         matmul(
             &mut conv.column_grad,

@@ -60,6 +60,15 @@ impl<'a> Operand<'a> {
         }
     }
 
+    /// This operand read transposed.
+    pub(super) fn t(self) -> Self {
+        Self {
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
     /// Columns `[0, at)` and `[at, ..)`.
     fn split_columns(self, at: usize) -> (Self, Self) {
         (
@@ -171,6 +180,54 @@ pub(super) fn gemm_into(
             false,
             false,
             parallelism,
+        );
+    }
+}
+
+/// `out = x W^T + b` for a `[n, inputs]` x and a `[outputs, inputs]` weight.
+pub(super) fn dense_forward(out: &mut [f32], x: &[f32], n: usize, weight: &[f32], bias: &[f32]) {
+    let (outputs, inputs) = (bias.len(), weight.len() / bias.len());
+    matmul(
+        out,
+        n,
+        outputs,
+        inputs,
+        Operand::plain(x, inputs),
+        Operand::transposed(weight, inputs),
+    );
+    bias_forward(out, bias);
+}
+
+/// The gradients of `dense_forward`: dW = dy^T x, db = column sums of dy, and, when there is
+/// somewhere to put it, dx = dy W.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dense_backward(
+    grad_out: &[f32],
+    x: &[f32],
+    n: usize,
+    weight: &[f32],
+    grad_weight: &mut [f32],
+    grad_bias: &mut [f32],
+    grad_x: Option<&mut [f32]>,
+) {
+    let (outputs, inputs) = (grad_bias.len(), weight.len() / grad_bias.len());
+    matmul(
+        grad_weight,
+        outputs,
+        inputs,
+        n,
+        Operand::transposed(grad_out, outputs),
+        Operand::plain(x, inputs),
+    );
+    column_sums(grad_out, grad_bias);
+    if let Some(grad_x) = grad_x {
+        matmul(
+            grad_x,
+            n,
+            inputs,
+            outputs,
+            Operand::plain(grad_out, outputs),
+            Operand::plain(weight, inputs),
         );
     }
 }

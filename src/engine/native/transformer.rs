@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::{bias_forward, column_sums, cross_entropy, gemm_into, matmul, HostValues, Operand};
+use super::{cross_entropy, dense_backward, dense_forward, gemm_into, matmul, HostValues, Operand};
 use crate::engine::model::{Layers, Model};
 use crate::engine::ops::{dot, exp, gelu_derivative, gelu_value, max_value, row_stats, sum};
 use crate::engine::train::DeviceData;
@@ -233,21 +233,6 @@ fn head_part<'a>(
     }
 }
 
-/// The same slice read transposed, `[head_dim, time]`.
-fn head_part_t<'a>(
-    qkv: &'a [f32],
-    d: usize,
-    head_dim: usize,
-    part: usize,
-    head: usize,
-) -> Operand<'a> {
-    Operand {
-        data: &qkv[part * d + head * head_dim..],
-        row_stride: 1,
-        col_stride: 3 * d,
-    }
-}
-
 /// Causal softmax attention for every sequence and head: fills `weights` and writes each
 /// head's output into its columns of `mixed`.
 fn attention_forward(
@@ -271,7 +256,7 @@ fn attention_forward(
                     time,
                     head_dim,
                     head_part(qkv, d, head_dim, 0, head),
-                    head_part_t(qkv, d, head_dim, 1, head),
+                    head_part(qkv, d, head_dim, 1, head).t(),
                 );
                 for (i, row) in weights.chunks_exact_mut(time).enumerate() {
                     // Position i sees positions 0..=i; the rest get weight 0 (the -1e9
@@ -333,7 +318,7 @@ fn attention_backward(
                     time,
                     head_dim,
                     grad_out,
-                    head_part_t(qkv, d, head_dim, 2, head),
+                    head_part(qkv, d, head_dim, 2, head).t(),
                 );
                 gemm_into(
                     &mut grad_qkv[2 * d + head * head_dim..],
@@ -376,54 +361,6 @@ fn attention_backward(
                 );
             }
         });
-}
-
-/// `out = x W^T + b` for a `[n, inputs]` x and a `[outputs, inputs]` weight.
-fn dense(out: &mut [f32], x: &[f32], n: usize, weight: &[f32], bias: &[f32]) {
-    let (outputs, inputs) = (bias.len(), weight.len() / bias.len());
-    matmul(
-        out,
-        n,
-        outputs,
-        inputs,
-        Operand::plain(x, inputs),
-        Operand::transposed(weight, inputs),
-    );
-    bias_forward(out, bias);
-}
-
-/// The gradients of `dense`: dW = dy^T x, db = column sums of dy, and (when asked)
-/// dx = dy W, added into `grad_x` when `accumulate`.
-#[allow(clippy::too_many_arguments)]
-fn dense_backward(
-    grad_out: &[f32],
-    x: &[f32],
-    n: usize,
-    weight: &[f32],
-    grad_weight: &mut [f32],
-    grad_bias: &mut [f32],
-    grad_x: Option<&mut [f32]>,
-) {
-    let (outputs, inputs) = (grad_bias.len(), weight.len() / grad_bias.len());
-    matmul(
-        grad_weight,
-        outputs,
-        inputs,
-        n,
-        Operand::transposed(grad_out, outputs),
-        Operand::plain(x, inputs),
-    );
-    column_sums(grad_out, grad_bias);
-    if let Some(grad_x) = grad_x {
-        matmul(
-            grad_x,
-            n,
-            inputs,
-            outputs,
-            Operand::plain(grad_out, outputs),
-            Operand::plain(weight, inputs),
-        );
-    }
 }
 
 /// Copies the batch's token ids and next-token targets, checking them against the vocabulary.
@@ -508,22 +445,22 @@ pub(super) fn forward_backward(
         let (middle, output) = (&mut middle[0], &mut after[0]);
 
         block.norm_attention.forward(input, p[0], p[1]);
-        dense(&mut block.qkv, &block.norm_attention.out, n, p[4], p[5]);
+        dense_forward(&mut block.qkv, &block.norm_attention.out, n, p[4], p[5]);
         attention_forward(shape, &block.qkv, &mut block.weights, &mut block.mixed);
-        dense(middle, &block.mixed, n, p[6], p[7]);
+        dense_forward(middle, &block.mixed, n, p[6], p[7]);
         middle
             .iter_mut()
             .zip(input.iter())
             .for_each(|(m, x)| *m += x);
 
         block.norm_mlp.forward(middle, p[2], p[3]);
-        dense(&mut block.expanded, &block.norm_mlp.out, n, p[8], p[9]);
+        dense_forward(&mut block.expanded, &block.norm_mlp.out, n, p[8], p[9]);
         block
             .activated
             .par_chunks_mut(ROWS_PER_TASK * 4 * d)
             .zip(block.expanded.par_chunks(ROWS_PER_TASK * 4 * d))
             .for_each(|(a, e)| a.iter_mut().zip(e).for_each(|(a, e)| *a = gelu_value(*e)));
-        dense(output, &block.activated, n, p[10], p[11]);
+        dense_forward(output, &block.activated, n, p[10], p[11]);
         output
             .iter_mut()
             .zip(middle.iter())
@@ -536,7 +473,7 @@ pub(super) fn forward_backward(
         final_gain,
         final_shift,
     );
-    dense(logits, &final_norm.out, n, head_weight, head_bias);
+    dense_forward(logits, &final_norm.out, n, head_weight, head_bias);
     let loss = cross_entropy(logits, targets, vocab, logits_grad);
     if !loss.is_finite() {
         return Ok(loss);
