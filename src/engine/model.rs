@@ -139,7 +139,7 @@ pub struct Model {
     shape: ModelShape,
     vars: Vec<Var>,
     device: Device,
-    /// The buffers of the hand-written CPU training step (see `native.rs`), kept between steps.
+    /// The buffers of the hand-written CPU training step (see `native/mod.rs`), kept between steps.
     workspace: Mutex<Option<native::Workspace>>,
 }
 

@@ -554,7 +554,7 @@ impl ImageDims {
 
 /// Calls `f(pixel, tap, source_pixel)` for the taps (0..9, row-major) of every pixel's 3x3
 /// window, padding 1, that fall inside a `height x width` image; pixels are numbered
-/// row-major. Shared by the NCHW im2col here and the NHWC one of the native step.
+/// row-major. Used by the NCHW im2col/col2im here and the NHWC col2im of the native step.
 pub(crate) fn for_each_3x3_tap(
     height: usize,
     width: usize,

@@ -98,7 +98,8 @@ impl BatchOrder {
 }
 
 /// One optimizer step; returns the batch's loss before the update. A non-finite loss is
-/// returned without stepping, so the weights never take NaNs.
+/// returned without stepping (a finite loss whose gradients overflow still steps, as in
+/// PyTorch; the range test stops on the loss that follows).
 pub fn train_step(
     model: &Model,
     optimizer: &mut Optimizer,

@@ -753,6 +753,17 @@ mod tests {
         assert_spec_matches_autograd(spec, &[2, 7, 9], Task::Classification, 5);
     }
 
+    /// One channel takes im2col's single-value branch, and 16 images of 16x17 pixels make
+    /// the first weight gradient's inner dimension long enough to be split.
+    #[test]
+    fn cnn_gradients_match_autograd_on_grey_images_with_a_split_weight_gradient() {
+        let spec = ModelSpec::Cnn {
+            channels: vec![4, 6],
+            hidden: 8,
+        };
+        assert_spec_matches_autograd(spec, &[1, 16, 17], Task::Classification, 5);
+    }
+
     #[test]
     fn non_finite_loss_stops_before_the_backward_pass() {
         let device = Device::Cpu;

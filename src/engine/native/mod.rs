@@ -30,7 +30,7 @@ mod transformer;
 /// machine's noise (gemm does not split tiny products much anyway), so this is a guard against
 /// waking the pool for a product that takes microseconds, not a tuned value.
 const PARALLEL_MIN_MACS: usize = 1 << 21;
-/// Inner dimensions from this long may be split in two (see `matmul`).
+/// Inner dimensions from this long may be split in two (see `gemm_into`).
 const SPLIT_K_MIN_DEPTH: usize = 4096;
 
 /// A row-major operand of a matrix product, possibly read transposed through its strides.
@@ -400,9 +400,15 @@ pub fn forward_backward(
 ) -> candle_core::Result<f64> {
     let time = match model.layers() {
         Layers::Transformer {
-            position_embedding, ..
+            position_embedding,
+            heads,
+            ..
         } => {
             let (time, context) = (data.x.dim(1)?, position_embedding.dim(0)?);
+            let d_model = position_embedding.dim(1)?;
+            if *heads == 0 || d_model % heads != 0 {
+                candle_core::bail!("{heads} heads do not divide d_model {d_model}");
+            }
             if time > context {
                 candle_core::bail!(
                     "sequences of {time} tokens are longer than the model's context of {context}"
@@ -520,41 +526,46 @@ pub(super) mod tests {
         }
     }
 
-    /// A long inner dimension (split in halves) into a strided destination, accumulating:
-    /// against an f64 reference.
+    /// A long inner dimension, accumulating, against an f64 reference: into a contiguous
+    /// destination (the inner dimension is split in halves) and into a strided one (not split;
+    /// the columns past `n` stay untouched).
     #[test]
-    fn split_and_accumulating_matmul_matches_the_definition() {
-        let (m, n, k, stride) = (3, 2, 2 * SPLIT_K_MIN_DEPTH + 5, 5);
+    fn long_accumulating_matmuls_match_the_definition() {
+        let (m, n, k) = (3, 2, 2 * SPLIT_K_MIN_DEPTH + 5);
         let lhs: Vec<f32> = (0..m * k)
             .map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.5)
             .collect();
         let rhs_store: Vec<f32> = (0..n * k)
             .map(|i| ((i * 53) % 13) as f32 / 13.0 - 0.5)
             .collect();
-        let mut dst = vec![1.0f32; m * stride];
-        gemm_into(
-            &mut dst,
-            stride,
-            true,
-            m,
-            n,
-            k,
-            Operand::plain(&lhs, k),
-            Operand::transposed(&rhs_store, k),
-        );
-        for i in 0..m {
-            for j in 0..n {
-                let want: f64 = 1.0
-                    + (0..k)
-                        .map(|p| f64::from(lhs[i * k + p]) * f64::from(rhs_store[j * k + p]))
-                        .sum::<f64>();
-                let got = f64::from(dst[i * stride + j]);
-                assert!((got - want).abs() < 1e-3, "[{i}, {j}]: {got} vs {want}");
+        for stride in [n, 5] {
+            let mut dst = vec![1.0f32; m * stride];
+            gemm_into(
+                &mut dst,
+                stride,
+                true,
+                m,
+                n,
+                k,
+                Operand::plain(&lhs, k),
+                Operand::transposed(&rhs_store, k),
+            );
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = 1.0
+                        + (0..k)
+                            .map(|p| f64::from(lhs[i * k + p]) * f64::from(rhs_store[j * k + p]))
+                            .sum::<f64>();
+                    let got = f64::from(dst[i * stride + j]);
+                    assert!(
+                        (got - want).abs() < 1e-3,
+                        "stride {stride} [{i}, {j}]: {got} vs {want}"
+                    );
+                }
+                assert!(dst[i * stride + n..i * stride + stride]
+                    .iter()
+                    .all(|v| *v == 1.0));
             }
-            // Columns past n are left alone.
-            assert!(dst[i * stride + n..i * stride + stride]
-                .iter()
-                .all(|v| *v == 1.0));
         }
     }
 }
