@@ -149,13 +149,23 @@ fn fast_tanh(x: f32) -> f32 {
 
 #[inline]
 pub(crate) fn gelu_value(x: f32) -> f32 {
-    0.5 * x * (1.0 + fast_tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x)))
+    0.5 * x * (1.0 + gelu_tanh(x))
 }
 
 #[inline]
 pub(crate) fn gelu_derivative(x: f32) -> f32 {
-    let inner = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
-    let t = fast_tanh(inner);
+    gelu_derivative_with(x, gelu_tanh(x))
+}
+
+/// The tanh inside GELU, tanh(sqrt(2 / pi) (x + 0.044715 x^3)): GELU(x) = x (1 + t) / 2.
+#[inline]
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
+    fast_tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x))
+}
+
+/// GELU's derivative at x given its inner tanh `t` (saved by a forward pass that kept it).
+#[inline]
+pub(crate) fn gelu_derivative_with(x: f32, t: f32) -> f32 {
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x)
 }
 

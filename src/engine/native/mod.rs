@@ -32,6 +32,8 @@ mod transformer;
 const PARALLEL_MIN_MACS: usize = 1 << 21;
 /// Inner dimensions from this long may be split in two (see `gemm_into`).
 const SPLIT_K_MIN_DEPTH: usize = 4096;
+/// Matrices with this many values or more have their column sums split in two.
+const PARALLEL_SUM_MIN: usize = 1 << 16;
 
 /// A row-major operand of a matrix product, possibly read transposed through its strides.
 #[derive(Clone, Copy)]
@@ -274,13 +276,29 @@ pub(super) fn activation_backward(activation: Activation, z: &[f32], grad: &mut 
     }
 }
 
-/// Column sums of a row-major `[rows, sums.len()]` matrix into `sums`.
+/// Column sums of a row-major `[rows, sums.len()]` matrix into `sums`. A large matrix is
+/// summed as two halves of its rows on two threads, then added; the split depends only on
+/// the size, so the sums do not depend on the thread count.
 pub(super) fn column_sums(values: &[f32], sums: &mut [f32]) {
-    sums.fill(0.0);
-    for row in values.chunks_exact(sums.len()) {
-        for (sum, value) in sums.iter_mut().zip(row) {
-            *sum += value;
+    let cols = sums.len();
+    let rows = values.len() / cols.max(1);
+    if values.len() < PARALLEL_SUM_MIN || rows < 2 {
+        sums.fill(0.0);
+        for row in values.chunks_exact(cols) {
+            for (sum, value) in sums.iter_mut().zip(row) {
+                *sum += value;
+            }
         }
+        return;
+    }
+    let (top, bottom) = values.split_at(rows / 2 * cols);
+    let mut lower = vec![0f32; cols];
+    rayon::join(
+        || column_sums(top, sums),
+        || column_sums(bottom, &mut lower),
+    );
+    for (sum, low) in sums.iter_mut().zip(&lower) {
+        *sum += low;
     }
 }
 

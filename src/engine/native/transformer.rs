@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::{cross_entropy, dense_backward, dense_forward, gemm_into, matmul, HostValues, Operand};
 use crate::engine::model::{Layers, Model};
-use crate::engine::ops::{dot, exp, gelu_derivative, gelu_value, max_value, row_stats, sum};
+use crate::engine::ops::{dot, exp, gelu_derivative_with, gelu_tanh, max_value, row_stats, sum};
 use crate::engine::train::DeviceData;
 
 /// Variables per block, in `Model::vars` order: two layer norms (gain, shift), then the
@@ -134,9 +134,11 @@ struct Block {
     /// The heads' outputs side by side, `[n, d]`.
     mixed: Vec<f32>,
     norm_mlp: Norm,
-    /// Pre-GELU and post-GELU activations of the MLP, `[n, 4d]`.
+    /// Pre-GELU and post-GELU activations of the MLP and GELU's inner tanh (kept so the
+    /// backward pass need not compute it again), `[n, 4d]`.
     expanded: Vec<f32>,
     activated: Vec<f32>,
+    gelu_tanh: Vec<f32>,
 }
 
 /// The buffers of one batch shape.
@@ -197,6 +199,7 @@ impl Buffers {
                     norm_mlp: Norm::new(n, d),
                     expanded: vec![0.0; n * 4 * d],
                     activated: vec![0.0; n * 4 * d],
+                    gelu_tanh: vec![0.0; n * 4 * d],
                 })
                 .collect(),
             final_norm: Norm::new(n, d),
@@ -455,11 +458,18 @@ pub(super) fn forward_backward(
 
         block.norm_mlp.forward(middle, p[2], p[3]);
         dense_forward(&mut block.expanded, &block.norm_mlp.out, n, p[8], p[9]);
+        let chunk = ROWS_PER_TASK * 4 * d;
         block
             .activated
-            .par_chunks_mut(ROWS_PER_TASK * 4 * d)
-            .zip(block.expanded.par_chunks(ROWS_PER_TASK * 4 * d))
-            .for_each(|(a, e)| a.iter_mut().zip(e).for_each(|(a, e)| *a = gelu_value(*e)));
+            .par_chunks_mut(chunk)
+            .zip(block.gelu_tanh.par_chunks_mut(chunk))
+            .zip(block.expanded.par_chunks(chunk))
+            .for_each(|((a, t), e)| {
+                for ((a, t), &x) in a.iter_mut().zip(t.iter_mut()).zip(e) {
+                    *t = gelu_tanh(x);
+                    *a = 0.5 * x * (1.0 + *t);
+                }
+            });
         dense_forward(output, &block.activated, n, p[10], p[11]);
         output
             .iter_mut()
@@ -523,13 +533,15 @@ pub(super) fn forward_backward(
             g_contract_b,
             Some(grad_expanded),
         );
+        let chunk = ROWS_PER_TASK * 4 * d;
         grad_expanded
-            .par_chunks_mut(ROWS_PER_TASK * 4 * d)
-            .zip(block.expanded.par_chunks(ROWS_PER_TASK * 4 * d))
-            .for_each(|(g, e)| {
-                g.iter_mut()
-                    .zip(e)
-                    .for_each(|(g, e)| *g *= gelu_derivative(*e))
+            .par_chunks_mut(chunk)
+            .zip(block.expanded.par_chunks(chunk))
+            .zip(block.gelu_tanh.par_chunks(chunk))
+            .for_each(|((g, e), t)| {
+                for ((g, &x), &t) in g.iter_mut().zip(e).zip(t) {
+                    *g *= gelu_derivative_with(x, t);
+                }
             });
         dense_backward(
             grad_expanded,
