@@ -154,6 +154,18 @@ pub struct Evaluation {
 const EVAL_CHUNK: usize = 256;
 
 pub fn evaluate(model: &Model, data: &DeviceData) -> candle_core::Result<Evaluation> {
+    if native::supports(model) {
+        return on_pool(|| {
+            let mut workspace = model.workspace();
+            let (loss, accuracy) = native::evaluate(model, &mut workspace, data, EVAL_CHUNK)?;
+            Ok(Evaluation { loss, accuracy })
+        });
+    }
+    evaluate_with_candle(model, data)
+}
+
+/// `evaluate` through candle's forward pass (other devices; the reference in tests).
+pub fn evaluate_with_candle(model: &Model, data: &DeviceData) -> candle_core::Result<Evaluation> {
     let mut loss_sum = 0.0;
     let mut correct = 0usize;
     let mut counted = 0usize;

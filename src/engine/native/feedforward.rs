@@ -5,8 +5,8 @@
 use rayon::prelude::*;
 
 use super::{
-    activate, activation_backward, column_sums, cross_entropy, dense_backward, dense_forward,
-    matmul, mean_squared_error, HostValues, Operand,
+    activate, activation_backward, classification_loss_and_hits, column_sums, cross_entropy,
+    dense_backward, dense_forward, matmul, mean_squared_error, HostValues, Operand,
 };
 use crate::engine::data::Task;
 use crate::engine::model::{Layers, Model};
@@ -381,19 +381,16 @@ fn gather(
     Ok(())
 }
 
-/// Forward and backward pass of a linear, MLP or CNN model on the batch `rows`; see
-/// `super::forward_backward`.
-pub(super) fn forward_backward(
+/// The forward pass over the `n` gathered rows, leaving the model's outputs in the last dense
+/// layer's `z`. Dropout applies only in training, when its generator is given. Returns the
+/// hidden layers' activation.
+fn forward(
     model: &Model,
     buffers: &mut Buffers,
     params: &[&[f32]],
-    grads: &mut [Vec<f32>],
-    data: &DeviceData,
-    rows: &[usize],
-    dropout_rng: &mut Rng,
-) -> candle_core::Result<f64> {
-    gather(model, data, rows, buffers)?;
-    let n = rows.len();
+    n: usize,
+    mut dropout_rng: Option<&mut Rng>,
+) -> Activation {
     let (activation, dropout) = match model.layers() {
         Layers::Mlp {
             activation,
@@ -403,19 +400,13 @@ pub(super) fn forward_backward(
         _ => (Activation::Relu, 0.0),
     };
     let Buffers {
-        rows: _,
         input,
         convs,
         flat,
-        flat_grad,
         dense,
-        labels,
-        targets,
+        ..
     } = buffers;
     let (conv_params, dense_params) = params.split_at(2 * convs.len());
-    let (conv_grads, dense_grads) = grads.split_at_mut(2 * convs.len());
-
-    // Forward.
     for index in 0..convs.len() {
         let (before, rest) = convs.split_at_mut(index);
         let source: &[f32] = before
@@ -449,20 +440,80 @@ pub(super) fn forward_backward(
         );
         if index < last {
             activate(activation, &layer.z, &mut layer.a);
-            if !layer.mask.is_empty() {
+            if let (Some(rng), false) = (dropout_rng.as_deref_mut(), layer.mask.is_empty()) {
                 let keep = 1.0 - dropout;
                 let scale = (1.0 / keep) as f32;
                 for (a, mask) in layer.a.iter_mut().zip(&mut layer.mask) {
-                    *mask = if dropout_rng.next_f64() < keep {
-                        scale
-                    } else {
-                        0.0
-                    };
+                    *mask = if rng.next_f64() < keep { scale } else { 0.0 };
                     *a *= *mask;
                 }
             }
         }
     }
+
+    activation
+}
+
+/// The loss summed over the first `len` rows of the batch `rows` (the rest pad it to the
+/// buffers' size) and how many of them are classified right (0 for regression).
+pub(super) fn evaluate_batch(
+    model: &Model,
+    buffers: &mut Buffers,
+    params: &[&[f32]],
+    data: &DeviceData,
+    rows: &[usize],
+    len: usize,
+) -> candle_core::Result<(f64, usize)> {
+    gather(model, data, rows, buffers)?;
+    forward(model, buffers, params, rows.len(), None);
+    let output = buffers.dense.last().expect("a model has an output layer");
+    let width = output.outputs;
+    let outputs = &output.z[..len * width];
+    Ok(match model.shape().task {
+        Task::Classification => {
+            classification_loss_and_hits(outputs, &buffers.labels[..len], width)
+        }
+        Task::Regression => {
+            // Each row's mean squared error, summed.
+            let squared: f64 = outputs
+                .iter()
+                .zip(&buffers.targets[..len * width])
+                .map(|(o, t)| f64::from((o - t) * (o - t)))
+                .sum();
+            (squared / width as f64, 0)
+        }
+        Task::LanguageModel => candle_core::bail!("native step: language models are transformers"),
+    })
+}
+
+/// Forward and backward pass of a linear, MLP or CNN model on the batch `rows`; see
+/// `super::forward_backward`.
+pub(super) fn forward_backward(
+    model: &Model,
+    buffers: &mut Buffers,
+    params: &[&[f32]],
+    grads: &mut [Vec<f32>],
+    data: &DeviceData,
+    rows: &[usize],
+    dropout_rng: &mut Rng,
+) -> candle_core::Result<f64> {
+    gather(model, data, rows, buffers)?;
+    let n = rows.len();
+    let activation = forward(model, buffers, params, n, Some(dropout_rng));
+    let Buffers {
+        rows: _,
+        input,
+        convs,
+        flat,
+        flat_grad,
+        dense,
+        labels,
+        targets,
+    } = buffers;
+    let dense_params = &params[2 * convs.len()..];
+    let (conv_grads, dense_grads) = grads.split_at_mut(2 * convs.len());
+    let first_input: &[f32] = if convs.is_empty() { input } else { flat };
+    let last = dense.len() - 1;
 
     // The loss and its gradient with respect to the output.
     let output = &mut dense[last];
@@ -712,6 +763,7 @@ mod tests {
         let rows: Vec<usize> = (0..16).map(|i| (i * 7 + 3) % 40).collect();
 
         super::super::tests::assert_matches_autograd(&model, &train, &rows);
+        super::super::tests::assert_evaluation_matches_candle(&model, &train);
     }
 
     fn mlp(activation: Activation, dropout: f64) -> ModelSpec {

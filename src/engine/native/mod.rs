@@ -16,6 +16,7 @@
 use candle_core::{CpuStorage, Storage, Tensor};
 use gemm::Parallelism;
 
+use super::data::Task;
 use super::model::{Layers, Model};
 use super::ops::{exp, gelu_derivative, gelu_value, max_value, sum};
 use super::rng::Rng;
@@ -333,6 +334,25 @@ pub(super) fn cross_entropy(
     total / rows as f64
 }
 
+/// Cross-entropy summed over rows of logits, and how many rows have their largest logit
+/// (the first, on ties) at the label.
+pub(super) fn classification_loss_and_hits(
+    logits: &[f32],
+    labels: &[u32],
+    classes: usize,
+) -> (f64, usize) {
+    let (mut total, mut hits) = (0.0f64, 0usize);
+    for (row, &label) in logits.chunks_exact(classes).zip(labels) {
+        let max = max_value(row);
+        let sum: f32 = row.iter().map(|v| exp(v - max)).sum();
+        let label = label as usize;
+        total += f64::from(sum.ln() - (row[label] - max));
+        let predicted = (0..classes).fold(0, |best, i| if row[i] > row[best] { i } else { best });
+        hits += usize::from(predicted == label);
+    }
+    (total, hits)
+}
+
 /// Mean squared error over every output; leaves d(loss)/d(output) in `grad`.
 pub(super) fn mean_squared_error(output: &[f32], targets: &[f32], grad: &mut [f32]) -> f64 {
     let scale = 2.0 / output.len() as f32;
@@ -393,6 +413,14 @@ enum Buffers {
 }
 
 impl Buffers {
+    /// Rows (sequences, for the transformer) per batch.
+    fn rows(&self) -> usize {
+        match self {
+            Buffers::FeedForward(buffers) => buffers.rows(),
+            Buffers::Transformer(buffers) => buffers.batch(),
+        }
+    }
+
     fn fits(&self, rows: usize, time: usize) -> bool {
         match self {
             Buffers::FeedForward(buffers) => buffers.rows() == rows,
@@ -406,16 +434,14 @@ pub fn supports(model: &Model) -> bool {
     model.device().is_cpu()
 }
 
-/// Forward and backward pass on the batch `rows`: returns the batch's mean loss and leaves
-/// the gradient of every variable in `workspace.grads`. On a non-finite loss it returns
-/// before the backward pass (the caller does not step on it).
-pub fn forward_backward(
+/// The workspace for batches of `rows` rows of `data`, (re)built when the model has none or
+/// one of another shape.
+fn workspace_for<'w>(
     model: &Model,
-    workspace: &mut Option<Workspace>,
+    workspace: &'w mut Option<Workspace>,
     data: &DeviceData,
-    rows: &[usize],
-    dropout_rng: &mut Rng,
-) -> candle_core::Result<f64> {
+    rows: usize,
+) -> candle_core::Result<&'w mut Workspace> {
     let time = match model.layers() {
         Layers::Transformer {
             position_embedding,
@@ -438,13 +464,13 @@ pub fn forward_backward(
     };
     if workspace
         .as_ref()
-        .is_none_or(|w| !w.buffers.fits(rows.len(), time))
+        .is_none_or(|w| !w.buffers.fits(rows, time))
     {
         let buffers = match model.layers() {
             Layers::Transformer { .. } => {
-                Buffers::Transformer(Box::new(transformer::Buffers::new(model, rows.len(), time)))
+                Buffers::Transformer(Box::new(transformer::Buffers::new(model, rows, time)))
             }
-            _ => Buffers::FeedForward(feedforward::Buffers::new(model, rows.len())),
+            _ => Buffers::FeedForward(feedforward::Buffers::new(model, rows)),
         };
         *workspace = Some(Workspace {
             buffers,
@@ -455,12 +481,80 @@ pub fn forward_backward(
                 .collect(),
         });
     }
-    let workspace = workspace.as_mut().expect("set above");
-    let guards = model
+    Ok(workspace.as_mut().expect("set above"))
+}
+
+/// Read guards on every parameter's values, in `Model::vars` order.
+fn parameter_guards(model: &Model) -> candle_core::Result<Vec<HostValues<'_>>> {
+    model
         .vars()
         .iter()
         .map(|var| HostValues::of(var.as_tensor()))
+        .collect()
+}
+
+/// Mean loss and accuracy (`None` for regression) on a whole split through the same forward
+/// pass as training. It runs in batches of the training step's size, the last one padded
+/// with its final row, so no second set of buffers is built; `default_rows` sizes the
+/// batches when the model has not trained yet.
+pub fn evaluate(
+    model: &Model,
+    workspace: &mut Option<Workspace>,
+    data: &DeviceData,
+    default_rows: usize,
+) -> candle_core::Result<(f64, Option<f64>)> {
+    if data.rows == 0 {
+        return Ok((0.0, None));
+    }
+    let batch = workspace
+        .as_ref()
+        .map_or(default_rows.min(data.rows), |w| w.buffers.rows())
+        .max(1);
+    let workspace = workspace_for(model, workspace, data, batch)?;
+    let guards = parameter_guards(model)?;
+    let params = guards
+        .iter()
+        .map(HostValues::f32)
         .collect::<candle_core::Result<Vec<_>>>()?;
+    let (mut loss_sum, mut hits) = (0.0f64, 0usize);
+    let mut rows = Vec::with_capacity(batch);
+    for start in (0..data.rows).step_by(batch) {
+        let len = batch.min(data.rows - start);
+        rows.clear();
+        rows.extend(start..start + len);
+        rows.resize(batch, start + len - 1);
+        let (loss, correct) = match &mut workspace.buffers {
+            Buffers::FeedForward(buffers) => {
+                feedforward::evaluate_batch(model, buffers, &params, data, &rows, len)?
+            }
+            Buffers::Transformer(buffers) => {
+                transformer::evaluate_batch(buffers, &params, data, &rows, len)?
+            }
+        };
+        loss_sum += loss;
+        hits += correct;
+    }
+    let items_per_row = match data.task {
+        Task::LanguageModel => data.x.dim(1)?,
+        _ => 1,
+    };
+    let accuracy =
+        (data.task != Task::Regression).then(|| hits as f64 / (data.rows * items_per_row) as f64);
+    Ok((loss_sum / data.rows as f64, accuracy))
+}
+
+/// Forward and backward pass on the batch `rows`: returns the batch's mean loss and leaves
+/// the gradient of every variable in `workspace.grads`. On a non-finite loss it returns
+/// before the backward pass (the caller does not step on it).
+pub fn forward_backward(
+    model: &Model,
+    workspace: &mut Option<Workspace>,
+    data: &DeviceData,
+    rows: &[usize],
+    dropout_rng: &mut Rng,
+) -> candle_core::Result<f64> {
+    let workspace = workspace_for(model, workspace, data, rows.len())?;
+    let guards = parameter_guards(model)?;
     let params = guards
         .iter()
         .map(HostValues::f32)
@@ -519,6 +613,23 @@ pub(super) mod tests {
                 );
             }
         }
+    }
+
+    /// The native evaluation against candle's on a split whose size is not a multiple of
+    /// the batch (the last batch is padded), after a training step sized the workspace.
+    pub(super) fn assert_evaluation_matches_candle(model: &Model, train: &DeviceData) {
+        let rows: Vec<usize> = (0..train.rows / 2 + 1).collect();
+        let mut workspace = None;
+        forward_backward(model, &mut workspace, train, &rows, &mut Rng::new(1)).unwrap();
+        assert!(!train.rows.is_multiple_of(rows.len()));
+        let (loss, accuracy) = evaluate(model, &mut workspace, train, 256).unwrap();
+        let want = crate::engine::train::evaluate_with_candle(model, train).unwrap();
+        assert!(
+            (loss - want.loss).abs() <= 1e-5 * want.loss.abs().max(1.0),
+            "loss: native {loss}, candle {}",
+            want.loss
+        );
+        assert_eq!(accuracy, want.accuracy);
     }
 
     #[test]

@@ -9,7 +9,10 @@
 
 use rayon::prelude::*;
 
-use super::{cross_entropy, dense_backward, dense_forward, gemm_into, matmul, HostValues, Operand};
+use super::{
+    classification_loss_and_hits, cross_entropy, dense_backward, dense_forward, gemm_into, matmul,
+    HostValues, Operand,
+};
 use crate::engine::model::{Layers, Model};
 use crate::engine::ops::{dot, exp, gelu_derivative_with, gelu_tanh, max_value, row_stats, sum};
 use crate::engine::train::DeviceData;
@@ -214,6 +217,10 @@ impl Buffers {
         }
     }
 
+    pub(super) fn batch(&self) -> usize {
+        self.batch
+    }
+
     /// Whether these buffers fit a batch of `batch` sequences of `time` tokens.
     pub(super) fn fits(&self, batch: usize, time: usize) -> bool {
         self.batch == batch && self.time == time
@@ -388,38 +395,21 @@ fn gather(data: &DeviceData, rows: &[usize], buffers: &mut Buffers) -> candle_co
     Ok(())
 }
 
-/// Forward and backward pass of the transformer on the batch `rows`; see
-/// `super::forward_backward`.
-pub(super) fn forward_backward(
-    buffers: &mut Buffers,
-    params: &[&[f32]],
-    grads: &mut [Vec<f32>],
-    data: &DeviceData,
-    rows: &[usize],
-) -> candle_core::Result<f64> {
-    gather(data, rows, buffers)?;
+/// The forward pass over the gathered batch of `n` tokens, leaving the logits in
+/// `buffers.logits`.
+fn forward(buffers: &mut Buffers, params: &[&[f32]], n: usize) {
     let Buffers {
         time,
         d,
         heads,
-        vocab,
         tokens,
-        targets,
         stream,
         blocks,
         final_norm,
         logits,
-        logits_grad,
-        grad_stream,
-        grad_norm,
-        grad_qkv,
-        grad_mixed,
-        grad_expanded,
-        grad_weights,
         ..
     } = buffers;
-    let (time, d, heads, vocab) = (*time, *d, *heads, *vocab);
-    let n = rows.len() * time;
+    let (time, d, heads) = (*time, *d, *heads);
     let shape = (time, d, heads);
     let (token_embedding, position_embedding) = (params[0], params[1]);
     let tail = 2 + BLOCK_VARS * blocks.len();
@@ -477,13 +467,72 @@ pub(super) fn forward_backward(
             .for_each(|(o, m)| *o += m);
     }
 
-    // Head and loss.
+    // Head.
     final_norm.forward(
         stream.last().expect("embeddings at least"),
         final_gain,
         final_shift,
     );
     dense_forward(logits, &final_norm.out, n, head_weight, head_bias);
+}
+
+/// Next-token cross-entropy summed over the first `len` sequences of the batch `rows` (the
+/// rest pad it to the buffers' size), averaged over each sequence's tokens, and how many
+/// tokens the model predicts.
+pub(super) fn evaluate_batch(
+    buffers: &mut Buffers,
+    params: &[&[f32]],
+    data: &DeviceData,
+    rows: &[usize],
+    len: usize,
+) -> candle_core::Result<(f64, usize)> {
+    gather(data, rows, buffers)?;
+    let time = buffers.time;
+    forward(buffers, params, rows.len() * time);
+    let tokens = len * time;
+    let (loss, hits) = classification_loss_and_hits(
+        &buffers.logits[..tokens * buffers.vocab],
+        &buffers.targets[..tokens],
+        buffers.vocab,
+    );
+    Ok((loss / time as f64, hits))
+}
+
+/// Forward and backward pass of the transformer on the batch `rows`; see
+/// `super::forward_backward`.
+pub(super) fn forward_backward(
+    buffers: &mut Buffers,
+    params: &[&[f32]],
+    grads: &mut [Vec<f32>],
+    data: &DeviceData,
+    rows: &[usize],
+) -> candle_core::Result<f64> {
+    gather(data, rows, buffers)?;
+    let n = rows.len() * buffers.time;
+    let tail = 2 + BLOCK_VARS * buffers.blocks.len();
+    let (final_gain, head_weight) = (params[tail], params[tail + 2]);
+    forward(buffers, params, n);
+    let Buffers {
+        time,
+        d,
+        heads,
+        vocab,
+        tokens,
+        targets,
+        blocks,
+        final_norm,
+        logits,
+        logits_grad,
+        grad_stream,
+        grad_norm,
+        grad_qkv,
+        grad_mixed,
+        grad_expanded,
+        grad_weights,
+        ..
+    } = buffers;
+    let (time, d, heads, vocab) = (*time, *d, *heads, *vocab);
+    let shape = (time, d, heads);
     let loss = cross_entropy(logits, targets, vocab, logits_grad);
     if !loss.is_finite() {
         return Ok(loss);
@@ -641,5 +690,6 @@ mod tests {
         let model = Model::build(&spec, &shape, 9, &device).unwrap();
         let train = DeviceData::new(&data, &device).unwrap();
         super::super::tests::assert_matches_autograd(&model, &train, &[3, 0, 7, 11]);
+        super::super::tests::assert_evaluation_matches_candle(&model, &train);
     }
 }
