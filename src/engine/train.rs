@@ -147,7 +147,8 @@ pub struct Evaluation {
     pub accuracy: Option<f64>,
 }
 
-/// Rows per evaluation chunk: large enough to keep the matmuls efficient, small enough to
+/// Rows per evaluation chunk of the candle path (and per batch of the native one when the
+/// model has not trained yet): large enough to keep the matmuls efficient, small enough to
 /// bound memory on big validation sets. At 1024 a CNN's im2col patches (115 MB for the second
 /// layer on mnist) were fresh pages on every chunk; 256 took the first validation pass of a
 /// CNN tune on mnist10k from 1.2 s to 0.6 s.
