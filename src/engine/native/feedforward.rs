@@ -350,11 +350,7 @@ fn gather(
         let plane = height * width;
         for (dst, &row) in ws.input.chunks_exact_mut(features).zip(rows) {
             let src = &x[row * features..(row + 1) * features];
-            for c in 0..channels {
-                for (pixel, &value) in src[c * plane..(c + 1) * plane].iter().enumerate() {
-                    dst[pixel * channels + c] = value;
-                }
-            }
+            for_each_layout_index(channels, plane, |nhwc, nchw| dst[nhwc] = src[nchw]);
         }
     }
     let y = HostValues::of(&data.y)?;
@@ -688,26 +684,31 @@ fn conv_backward(
 /// The last pooled NHWC map as the dense head sees it: per row, NCHW order.
 fn flatten_nchw(conv: &ConvBuffers, n: usize, flat: &mut [f32]) {
     let (channels, plane) = (conv.outputs, (conv.height / 2) * (conv.width / 2));
-    for b in 0..n {
-        let src = &conv.pooled[b * plane * channels..(b + 1) * plane * channels];
-        let dst = &mut flat[b * plane * channels..(b + 1) * plane * channels];
-        for pixel in 0..plane {
-            for c in 0..channels {
-                dst[c * plane + pixel] = src[pixel * channels + c];
-            }
-        }
+    for (src, dst) in conv.pooled[..n * plane * channels]
+        .chunks_exact(plane * channels)
+        .zip(flat.chunks_exact_mut(plane * channels))
+    {
+        for_each_layout_index(channels, plane, |nhwc, nchw| dst[nchw] = src[nhwc]);
     }
 }
 
 fn unflatten_nchw(flat: &[f32], n: usize, conv: &mut ConvBuffers) {
     let (channels, plane) = (conv.outputs, (conv.height / 2) * (conv.width / 2));
-    for b in 0..n {
-        let src = &flat[b * plane * channels..(b + 1) * plane * channels];
-        let dst = &mut conv.pooled[b * plane * channels..(b + 1) * plane * channels];
-        for pixel in 0..plane {
-            for c in 0..channels {
-                dst[pixel * channels + c] = src[c * plane + pixel];
-            }
+    for (src, dst) in flat[..n * plane * channels]
+        .chunks_exact(plane * channels)
+        .zip(conv.pooled.chunks_exact_mut(plane * channels))
+    {
+        for_each_layout_index(channels, plane, |nhwc, nchw| dst[nhwc] = src[nchw]);
+    }
+}
+
+/// Calls `f(nhwc, nchw)` for every value of one sample of `channels` planes of `plane`
+/// pixels: its index pixel-major (NHWC, the convolutions' layout) and channel-major (NCHW,
+/// the data's and the dense head's).
+fn for_each_layout_index(channels: usize, plane: usize, mut f: impl FnMut(usize, usize)) {
+    for pixel in 0..plane {
+        for c in 0..channels {
+            f(pixel * channels + c, c * plane + pixel);
         }
     }
 }
@@ -796,24 +797,23 @@ mod tests {
         assert_spec_matches_autograd(mlp(Activation::Relu, 0.3), &[5], Task::Regression, 2);
     }
 
-    #[test]
-    fn cnn_gradients_match_autograd_on_odd_sized_multichannel_images() {
-        let spec = ModelSpec::Cnn {
+    fn small_cnn() -> ModelSpec {
+        ModelSpec::Cnn {
             channels: vec![4, 6],
             hidden: 8,
-        };
-        assert_spec_matches_autograd(spec, &[2, 7, 9], Task::Classification, 5);
+        }
+    }
+
+    #[test]
+    fn cnn_gradients_match_autograd_on_odd_sized_multichannel_images() {
+        assert_spec_matches_autograd(small_cnn(), &[2, 7, 9], Task::Classification, 5);
     }
 
     /// One channel takes im2col's single-value branch, and 16 images of 16x17 pixels make
     /// the first weight gradient's inner dimension long enough to be split.
     #[test]
     fn cnn_gradients_match_autograd_on_grey_images_with_a_split_weight_gradient() {
-        let spec = ModelSpec::Cnn {
-            channels: vec![4, 6],
-            hidden: 8,
-        };
-        assert_spec_matches_autograd(spec, &[1, 16, 17], Task::Classification, 5);
+        assert_spec_matches_autograd(small_cnn(), &[1, 16, 17], Task::Classification, 5);
     }
 
     #[test]
