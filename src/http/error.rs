@@ -1,12 +1,12 @@
 //! The API's one error type and its one JSON shape, `{"error": {"code", "message", "field"?}}`,
 //! and the extractors whose rejections use it. A 500 is logged once here and its details
-//! never reach the client.
+//! never reach the client; a 503 or 429 says when to try again (`Retry-After`).
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
@@ -38,6 +38,9 @@ pub enum ApiError {
     },
     #[error("{queued} jobs are already queued (the limit): retry later")]
     QueueFull { queued: i64 },
+    /// The database is locked by another process, out of connections, or unusable.
+    #[error("the database is unavailable ({}): retry later", .0.reason())]
+    Unavailable(StoreError),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -91,7 +94,19 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Seconds a client should wait before trying again, for the errors that pass.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            // A lock is held for a moment; a full queue drains as jobs finish, which takes
+            // longer.
+            ApiError::Unavailable(_) => Some(2),
+            ApiError::QueueFull { .. } => Some(10),
+            _ => None,
         }
     }
 
@@ -104,6 +119,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::Unprocessable { code, .. } => code,
             ApiError::QueueFull { .. } => "queue_full",
+            ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -121,7 +137,11 @@ impl From<SpecError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> ApiError {
-        ApiError::Internal(anyhow::Error::new(error).context("database"))
+        if error.is_unavailable() {
+            ApiError::Unavailable(error)
+        } else {
+            ApiError::Internal(anyhow::Error::new(error).context("database"))
+        }
     }
 }
 
@@ -131,6 +151,10 @@ impl IntoResponse for ApiError {
             ApiError::Internal(error) => {
                 tracing::error!(error = format!("{error:#}"), "request failed");
                 "internal error: see the server log".to_string()
+            }
+            ApiError::Unavailable(error) => {
+                tracing::warn!(%error, "request refused: the database is unavailable");
+                self.to_string()
             }
             other => other.to_string(),
         };
@@ -145,7 +169,13 @@ impl IntoResponse for ApiError {
                 field,
             },
         };
-        (self.status(), Json(body)).into_response()
+        let mut response = (self.status(), Json(body)).into_response();
+        if let Some(seconds) = self.retry_after() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 

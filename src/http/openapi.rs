@@ -2,7 +2,10 @@
 //! Swagger UI (vendored files, no download) at `/docs`.
 
 use axum::Router;
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::schema::{ObjectBuilder, Ref, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{Content, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -23,7 +26,7 @@ use super::{datasets, error, health, jobs, tools, AppState};
         health::Health, jobs::CurveFormat, datasets::UploadFormat, datasets::UploadTask,
         crate::store::JobStatus, crate::store::JobError,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &RetryLater),
 )]
 pub struct ApiDoc;
 
@@ -36,6 +39,55 @@ impl Modify for BearerAuth {
                 "bearer",
                 SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
             );
+        }
+    }
+}
+
+/// Every `/v1` operation can answer 503 (the database is unavailable), and there a 503 or a
+/// 429 carries `Retry-After`: said once here instead of on every handler.
+struct RetryLater;
+
+impl Modify for RetryLater {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let retry_after = HeaderBuilder::new()
+            .schema(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(0)),
+            )
+            .description(Some("Seconds to wait before trying again"))
+            .build();
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.starts_with("/v1/") {
+                continue;
+            }
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for operation in operations.into_iter().flatten() {
+                let responses = &mut operation.responses.responses;
+                responses.entry("503".to_string()).or_insert_with(|| {
+                    ResponseBuilder::new()
+                        .description("The database is unavailable")
+                        .content(
+                            "application/json",
+                            Content::new(Some(Ref::from_schema_name("ErrorBody"))),
+                        )
+                        .build()
+                        .into()
+                });
+                for (status, response) in responses.iter_mut() {
+                    if let ("429" | "503", RefOr::T(response)) = (status.as_str(), response) {
+                        response
+                            .headers
+                            .insert("Retry-After".to_string(), retry_after.clone());
+                    }
+                }
+            }
         }
     }
 }

@@ -204,6 +204,7 @@ pub struct ProgressUpdate {
 }
 
 /// How an attempt ends.
+#[derive(Clone)]
 pub enum FinalState {
     Succeeded {
         result: String,

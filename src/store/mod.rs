@@ -27,6 +27,15 @@ macro_rules! now {
 }
 pub(crate) use now;
 
+/// How long a statement waits for another connection's write lock before it fails with
+/// "database is locked". Our own writes hold the lock for milliseconds; waiting longer only
+/// makes a request hang while another process holds it, so the API answers 503 instead and
+/// the workers retry.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a request waits for a free pooled connection (all of them waiting on a lock).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(transparent)]
@@ -35,6 +44,55 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+}
+
+// SQLite's primary result codes (the low byte of an extended code).
+// https://www.sqlite.org/rescode.html
+const SQLITE_BUSY: i32 = 5;
+const SQLITE_LOCKED: i32 = 6;
+const SQLITE_IOERR: i32 = 10;
+const SQLITE_CORRUPT: i32 = 11;
+const SQLITE_FULL: i32 = 13;
+const SQLITE_CANTOPEN: i32 = 14;
+const SQLITE_NOTADB: i32 = 26;
+
+impl StoreError {
+    /// True when the database, not the request, is the problem and a later try may work:
+    /// locked by another process past the busy timeout, no pooled connection free in time,
+    /// the pool closed, the file unreadable, unwritable, full or damaged. The API answers
+    /// these with 503 and `Retry-After`; the workers retry them.
+    pub fn is_unavailable(&self) -> bool {
+        let StoreError::Sqlx(error) = self else {
+            return false;
+        };
+        match error {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+            sqlx::Error::Database(database) => database
+                .code()
+                .and_then(|code| code.parse::<i32>().ok())
+                .is_some_and(|code| {
+                    matches!(
+                        code & 0xff,
+                        SQLITE_BUSY
+                            | SQLITE_LOCKED
+                            | SQLITE_IOERR
+                            | SQLITE_CORRUPT
+                            | SQLITE_FULL
+                            | SQLITE_CANTOPEN
+                            | SQLITE_NOTADB
+                    )
+                }),
+            _ => false,
+        }
+    }
+
+    /// SQLite's own words for a database error ("database is locked"), else the error's text.
+    pub fn reason(&self) -> String {
+        match self {
+            StoreError::Sqlx(sqlx::Error::Database(database)) => database.message().to_string(),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// The job store, cheap to clone (a pool handle).
@@ -51,7 +109,7 @@ impl Store {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
         Self::connect(options).await
     }
@@ -60,7 +118,7 @@ impl Store {
     pub async fn open_url(url: &str) -> Result<Store, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
             .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
         Self::connect(options).await
     }
@@ -68,6 +126,7 @@ impl Store {
     async fn connect(options: SqliteConnectOptions) -> Result<Store, StoreError> {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;

@@ -18,7 +18,8 @@ pub use hub::{DurationHistogram, Hub, JobEvent, JobStats, DURATION_BUCKETS};
 
 use crate::engine::{self, EngineError, Event, JobOutput, JobSpec, Limits, LoadedData};
 use crate::store::{
-    Attempt, FinalState, JobError, JobRow, JobStatus, PointRow, ProgressUpdate, Store, SweepRunRow,
+    Attempt, FinalState, JobError, JobRow, JobStatus, PointRow, ProgressUpdate, Store, StoreError,
+    SweepRunRow,
 };
 
 /// Runs one job's compute. The engine in production; tests swap in runners that panic or
@@ -240,7 +241,7 @@ impl Worker {
             FinalState::Failed(error) => Some(error.clone()),
             _ => None,
         };
-        match self.store.finish_attempt(&attempt, state).await {
+        match self.finish(&attempt, state).await {
             Ok(true) => {
                 info!(status = status.as_str(), "job finished");
                 if status.is_finished() {
@@ -256,6 +257,28 @@ impl Worker {
             Err(error) => error!(%error, "writing the job's outcome"),
         }
         self.hub.unregister_cancel(&job.id);
+    }
+
+    /// Writes the attempt's outcome, trying again while the database is unavailable (locked
+    /// by another process, say): a finished job's result is worth waiting for. Not past
+    /// `stale_after`, though: no heartbeat is written meanwhile, so by then the reaper may
+    /// have queued the job again and the guarded write would find it gone.
+    async fn finish(&self, attempt: &Attempt, state: FinalState) -> Result<bool, StoreError> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.store.finish_attempt(attempt, state.clone()).await {
+                Err(error)
+                    if error.is_unavailable()
+                        && started.elapsed() + pause < self.settings.stale_after =>
+                {
+                    warn!(%error, retry_in = ?pause, "writing the job's outcome: trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                outcome => return outcome,
+            }
+        }
     }
 
     /// Runs the attempt to its end state; an `Err` is a failure to report on the job.

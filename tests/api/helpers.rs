@@ -1,6 +1,6 @@
 //! `spawn_app()`: the whole service on a free port with its own database, and a typed client.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
@@ -283,6 +283,42 @@ impl JobRunner for FaultyRunner {
             }
             _ => EngineRunner.run(spec, loaded, limits, cancel, observer),
         }
+    }
+}
+
+/// Another process's hold on the database: a connection of its own that has taken the write
+/// lock (`BEGIN IMMEDIATE`) and keeps it until `release`. SQLite's locks work between
+/// connections of one process as between processes.
+pub struct ForeignWriteLock {
+    connection: sqlx::SqliteConnection,
+}
+
+impl ForeignWriteLock {
+    pub async fn take(db: &Path) -> ForeignWriteLock {
+        use sqlx::ConnectOptions;
+        let mut connection = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(db)
+            .busy_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("a second connection to the database");
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut connection)
+            .await
+            .expect("the write lock");
+        ForeignWriteLock { connection }
+    }
+
+    pub async fn release(mut self) {
+        use sqlx::Connection;
+        sqlx::query("ROLLBACK")
+            .execute(&mut self.connection)
+            .await
+            .expect("the lock is released");
+        self.connection
+            .close()
+            .await
+            .expect("the connection closes");
     }
 }
 

@@ -149,7 +149,7 @@ async fn the_server_never_reads_a_local_path_from_a_spec() {
 }
 
 #[tokio::test]
-async fn a_full_queue_is_a_429() {
+async fn a_full_queue_is_a_429_that_says_when_to_retry() {
     let app = spawn_app_configured(|settings| {
         settings.workers = 0;
         settings.max_queued = 2;
@@ -157,7 +157,9 @@ async fn a_full_queue_is_a_429() {
     .await;
     app.submit(&tiny_spec()).await;
     app.submit(&tiny_spec()).await;
-    let (status, body) = json_of(app.post_json("/v1/jobs", &tiny_spec()).await).await;
+    let response = app.post_json("/v1/jobs", &tiny_spec()).await;
+    assert_eq!(response.headers()["retry-after"], "10");
+    let (status, body) = json_of(response).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert!(assert_error(&body, "queue_full")["message"]
         .as_str()

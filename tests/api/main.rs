@@ -6,4 +6,5 @@ mod crash;
 mod datasets;
 mod helpers;
 mod jobs;
+mod outage;
 mod service;
