@@ -1,6 +1,6 @@
 //! All SQL of the service: the SQLite pool (WAL, busy timeout, migrations applied at start-up),
-//! jobs with their guarded state changes, curves, sweep runs and uploaded datasets.
-//! Nothing outside this module writes a query.
+//! jobs with their guarded state changes, curves, sweep runs and uploaded datasets, and the
+//! health check. Nothing outside this module writes a query.
 
 mod dataset;
 mod job;
@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+use sqlx::{ConnectOptions, Connection, SqlitePool};
 
 pub use dataset::{DatasetRow, NewDataset, StoredDataset};
 pub use job::{
@@ -137,10 +137,26 @@ impl Store {
         &self.pool
     }
 
-    /// A cheap query proving the database answers (for `/healthz`).
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+    /// Proves the database can serve requests now: a fresh connection (an empty page cache,
+    /// so pages come from the file, not from memory) reads the job table and takes the write
+    /// lock, waiting at most `lock_wait` for it. `SELECT 1` proves none of this: it succeeds
+    /// on a locked and on a damaged file.
+    pub async fn check_health(&self, lock_wait: Duration) -> Result<(), StoreError> {
+        let options = (*self.pool.connect_options())
+            .clone()
+            .create_if_missing(false)
+            .busy_timeout(lock_wait);
+        let mut connection = options.connect().await?;
+        let checked = async {
+            let mut transaction = connection.begin_with("BEGIN IMMEDIATE").await?;
+            sqlx::query("SELECT seq FROM job ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&mut *transaction)
+                .await?;
+            transaction.rollback().await
+        }
+        .await;
+        let _ = connection.close().await;
+        Ok(checked?)
     }
 }
 
