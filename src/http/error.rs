@@ -41,6 +41,10 @@ pub enum ApiError {
     /// The database is locked by another process, out of connections, or unusable.
     #[error("the database is unavailable ({}): retry later", .0.reason())]
     Unavailable(StoreError),
+    /// The server is draining before it stops: another instance, or this one restarted,
+    /// will answer.
+    #[error("the server is shutting down: retry later")]
+    ShuttingDown,
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -94,7 +98,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -102,9 +106,10 @@ impl ApiError {
     /// Seconds a client should wait before trying again, for the errors that pass.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            // A lock is held for a moment; a full queue drains as jobs finish, which takes
-            // longer.
+            // A lock is held for a moment; a restart takes a few seconds; a full queue drains
+            // as jobs finish, which takes longer.
             ApiError::Unavailable(_) => Some(2),
+            ApiError::ShuttingDown => Some(5),
             ApiError::QueueFull { .. } => Some(10),
             _ => None,
         }
@@ -120,6 +125,7 @@ impl ApiError {
             ApiError::Unprocessable { code, .. } => code,
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::ShuttingDown => "shutting_down",
             ApiError::Internal(_) => "internal",
         }
     }

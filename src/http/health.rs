@@ -10,7 +10,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, Phase};
 
 /// How long the health check waits for the write lock: a load balancer polls often and wants
 /// its answer fast, and our own writes hold the lock for milliseconds.
@@ -28,14 +28,15 @@ pub fn router() -> Router<AppState> {
 
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct Health {
-    /// `ok`, or `unavailable` when the database cannot serve requests.
+    /// `ok`; `unavailable` when the database cannot serve requests; `shutting_down` while
+    /// the server drains after SIGTERM.
     #[schema(example = "ok")]
     pub status: String,
     /// The database behind the service: `sqlite`.
     #[schema(example = "sqlite")]
     pub database: String,
     /// Why the status is not `ok`: SQLite's own words (`database is locked`,
-    /// `database disk image is malformed`).
+    /// `database disk image is malformed`) or the shutdown.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -50,14 +51,21 @@ impl Health {
     }
 }
 
-/// Readiness: the database file can be read from disk and written (the write lock can be
-/// had within a second). 503 with the reason otherwise.
+/// Readiness: the server is not shutting down, and its database file can be read from disk
+/// and written (the write lock can be had within a second). 503 with the reason otherwise.
 #[utoipa::path(get, path = "/healthz", tag = "service",
     responses(
         (status = 200, body = Health, description = "The database can be read and written"),
         (status = 503, body = Health,
-            description = "The database is locked, damaged or unreadable")))]
+            description = "Shutting down, or the database is locked, damaged or unreadable")))]
 pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+    if *state.phase.borrow() != Phase::Serving {
+        let reason = "the server is shutting down".to_string();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health::new("shutting_down", Some(reason))),
+        );
+    }
     let reason = match tokio::time::timeout(DEADLINE, state.store.check_health(LOCK_WAIT)).await {
         Ok(Ok(())) => return (StatusCode::OK, Json(Health::new("ok", None))),
         Ok(Err(error)) => {

@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use utoipa::{IntoParams, ToSchema};
 
+use super::drain::{self, Phase};
 use super::error::{ApiJson, ApiQuery};
 use super::{ApiError, AppState, ErrorBody};
 use crate::engine::JobSpec;
@@ -305,7 +306,9 @@ pub async fn curve(
 }
 
 /// Server-sent events: `status` first, then `progress`, `point` and `sweep_run` as the job
-/// runs, and a final `status`, after which the stream ends.
+/// runs, and a final `status`, after which the stream ends. A stream open when the server
+/// shuts down follows its job through the grace period and ends with `succeeded` (or the
+/// like), or `queued` when the job was put back for the next start.
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)),
     responses((status = 200, description = "text/event-stream", content_type = "text/event-stream"),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
@@ -364,8 +367,8 @@ async fn forward_events(
     if sender.send(sse(&progress)).await.is_err() {
         return;
     }
-    let stopping = until_stopped(state.stopping.clone());
-    tokio::pin!(stopping);
+    let workers_stopped = drain::reached(state.phase.clone(), Phase::WorkersStopped);
+    tokio::pin!(workers_stopped);
     // Jobs run by another process publish nothing here: look at the row now and then.
     let mut poll = tokio::time::interval(Duration::from_secs(2));
     poll.tick().await;
@@ -373,8 +376,17 @@ async fn forward_events(
         tokio::select! {
             received = subscription.recv() => match received {
                 Ok(event) => {
-                    let finished = matches!(&event, JobEvent::Status { status, .. } if status.is_finished());
-                    if sender.send(sse(&event)).await.is_err() || finished {
+                    // A job put back in the queue while the server drains will not run here
+                    // again: that is its last status for this stream.
+                    let last = match &event {
+                        JobEvent::Status { status, .. } => {
+                            status.is_finished()
+                                || (*status == JobStatus::Queued
+                                    && *state.phase.borrow() != Phase::Serving)
+                        }
+                        _ => false,
+                    };
+                    if sender.send(sse(&event)).await.is_err() || last {
                         return;
                     }
                 }
@@ -395,14 +407,16 @@ async fn forward_events(
                 }
             }
             _ = sender.closed() => return,
-            _ = &mut stopping => return,
+            _ = &mut workers_stopped => {
+                // Every job of this process has finished or is queued again: the row's
+                // status is the last one this server will see (a job still queued included).
+                if let Ok(Some(job)) = state.store.get_job(&id).await {
+                    let _ = sender.send(sse(&status_event(&job))).await;
+                }
+                return;
+            }
         }
     }
-}
-
-/// Resolves once the server starts shutting down.
-pub async fn until_stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
-    let _ = stopping.wait_for(|stop| *stop).await.map(|_| ());
 }
 
 /// Stops a queued or running job (a running one within a step).

@@ -1,8 +1,10 @@
 //! The HTTP API (DESIGN section 5): shared state, one router per module merged here, auth,
-//! request ids, tracing, metrics, the OpenAPI document and Swagger UI, and the static files.
+//! request ids, tracing, metrics, the drain on shutdown, the OpenAPI document and Swagger UI,
+//! and the static files.
 
 mod auth;
 mod datasets;
+mod drain;
 mod error;
 mod health;
 mod jobs;
@@ -23,6 +25,7 @@ use tokio::sync::watch;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+pub use drain::Phase;
 pub use error::{ApiError, ErrorBody};
 pub use openapi::ApiDoc;
 
@@ -50,8 +53,9 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub settings: Arc<ApiSettings>,
     pub metrics: Arc<metrics::HttpMetrics>,
-    /// Turns true when the server shuts down: open event streams end.
-    pub stopping: watch::Receiver<bool>,
+    /// Serving, draining after SIGTERM, or drained: new requests are refused while draining,
+    /// open event streams end once the workers have stopped.
+    pub phase: watch::Receiver<Phase>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -76,6 +80,10 @@ pub fn router(state: AppState) -> Router {
         ))
         .merge(static_files::router())
         .layer(DefaultBodyLimit::max(state.settings.max_json_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            drain::refuse_while_draining,
+        ))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
                 let request_id = request

@@ -43,8 +43,9 @@ impl Modify for BearerAuth {
     }
 }
 
-/// Every `/v1` operation can answer 503 (the database is unavailable), and there a 503 or a
-/// 429 carries `Retry-After`: said once here instead of on every handler.
+/// Every `/v1` operation can answer 503 (the database is unavailable, or the server is
+/// shutting down), and there a 503 or a 429 carries `Retry-After`: said once here instead of
+/// on every handler.
 struct RetryLater;
 
 impl Modify for RetryLater {
@@ -72,7 +73,7 @@ impl Modify for RetryLater {
                 let responses = &mut operation.responses.responses;
                 responses.entry("503".to_string()).or_insert_with(|| {
                     ResponseBuilder::new()
-                        .description("The database is unavailable")
+                        .description("The database is unavailable, or the server is shutting down")
                         .content(
                             "application/json",
                             Content::new(Some(Ref::from_schema_name("ErrorBody"))),

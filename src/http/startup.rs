@@ -1,5 +1,5 @@
 //! Builds the whole service from its settings: the store, the workers, the router and a bound
-//! listener (port 0 in tests), and runs it until a shutdown signal.
+//! listener (port 0 in tests), and runs it until a shutdown signal, then drains it.
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -11,6 +11,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::drain::{self, Phase};
 use super::{metrics::HttpMetrics, router, ApiSettings, AppState};
 use crate::engine::Limits;
 use crate::store::Store;
@@ -58,12 +59,17 @@ impl Default for Settings {
     }
 }
 
+/// After the workers have stopped, how long open connections get to send their last bytes
+/// (event streams their final status) before the server closes them: a client that stopped
+/// reading must not keep the process alive.
+const CLOSE_CONNECTIONS_WITHIN: Duration = Duration::from_secs(5);
+
 pub struct Application {
     listener: TcpListener,
     address: SocketAddr,
     state: AppState,
     workers: WorkerPool,
-    stop: watch::Sender<bool>,
+    phase: watch::Sender<Phase>,
     grace: Duration,
 }
 
@@ -99,7 +105,7 @@ impl Application {
             },
             runner,
         );
-        let (stop, stopping) = watch::channel(false);
+        let (phase, phases) = watch::channel(Phase::Serving);
         let state = AppState {
             store,
             hub,
@@ -114,14 +120,14 @@ impl Application {
                 static_dir: settings.static_dir,
             }),
             metrics: Arc::new(HttpMetrics::default()),
-            stopping,
+            phase: phases,
         };
         Ok(Application {
             listener,
             address,
             state,
             workers,
-            stop,
+            phase,
             grace: settings.grace,
         })
     }
@@ -138,24 +144,33 @@ impl Application {
         self.state.store.clone()
     }
 
-    /// Serves until `shutdown` resolves, then stops claiming jobs, lets running ones finish
-    /// within the grace period (queueing the rest again) and returns.
+    /// Serves until `shutdown` resolves, then drains: the listener stays open but new
+    /// requests get 503, no job is claimed, running jobs get the grace period to finish (the
+    /// rest are queued again), event streams follow their job to that end; then it closes.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let app = router(self.state.clone());
-        let server_stop = self.state.stopping.clone();
-        let server = tokio::spawn(
+        let workers_stopped = drain::reached(self.state.phase.clone(), Phase::WorkersStopped);
+        let mut server = tokio::spawn(
             axum::serve(self.listener, app)
-                .with_graceful_shutdown(super::jobs::until_stopped(server_stop))
+                .with_graceful_shutdown(workers_stopped)
                 .into_future(),
         );
         shutdown.await;
-        tracing::info!("shutting down: no new jobs are claimed");
-        let _ = self.stop.send(true);
+        tracing::info!("shutting down: new requests get 503 and no new jobs are claimed");
+        self.phase.send_replace(Phase::Draining);
         self.workers.shutdown(self.grace).await;
-        server.await.context("the server task")??;
+        tracing::info!("workers stopped: closing the open connections");
+        self.phase.send_replace(Phase::WorkersStopped);
+        match tokio::time::timeout(CLOSE_CONNECTIONS_WITHIN, &mut server).await {
+            Ok(served) => served.context("the server task")??,
+            Err(_) => {
+                tracing::warn!("connections still open after the drain: closing them");
+                server.abort();
+            }
+        }
         Ok(())
     }
 }

@@ -171,11 +171,33 @@ impl TestApp {
         .await
     }
 
-    /// Shuts the server down the way SIGTERM does and waits for it.
-    pub async fn stop(&mut self) -> anyhow::Result<()> {
+    /// Starts the shutdown SIGTERM starts, without waiting for it (see `stop`).
+    pub fn signal_stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// Polls `/healthz` until the server says it is shutting down (after `signal_stop`).
+    pub async fn wait_until_draining(&self) {
+        let started = Instant::now();
+        loop {
+            let (status, body) = json_of(self.get("/healthz").await).await;
+            if body["status"] == "shutting_down" {
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "not draining: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Shuts the server down the way SIGTERM does and waits for it.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        self.signal_stop();
         match self.server.take() {
             Some(server) => server.await?,
             None => Ok(()),

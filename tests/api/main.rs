@@ -4,6 +4,7 @@
 
 mod crash;
 mod datasets;
+mod drain;
 mod helpers;
 mod jobs;
 mod outage;
