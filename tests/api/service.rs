@@ -101,6 +101,40 @@ async fn the_openapi_document_lists_every_endpoint_and_swagger_ui_is_served() {
 }
 
 #[tokio::test]
+async fn the_openapi_document_gives_every_v1_operation_a_503_and_says_when_to_retry() {
+    let app = spawn_app().await;
+    let (_, doc) = json_of(app.get("/openapi.json").await).await;
+    let paths = doc["paths"].as_object().unwrap();
+    let mut operations = 0;
+    for (path, item) in paths.iter().filter(|(path, _)| path.starts_with("/v1/")) {
+        for (method, operation) in item.as_object().unwrap() {
+            let unavailable = &operation["responses"]["503"];
+            assert_eq!(
+                unavailable["content"]["application/json"]["schema"]["$ref"],
+                "#/components/schemas/ErrorBody",
+                "{method} {path}"
+            );
+            assert_eq!(
+                unavailable["headers"]["Retry-After"]["schema"]["type"], "integer",
+                "{method} {path}"
+            );
+            operations += 1;
+        }
+    }
+    assert!(operations >= 10, "{operations} operations under /v1");
+    let queue_full = &doc["paths"]["/v1/jobs"]["post"]["responses"]["429"];
+    assert!(
+        queue_full["headers"]["Retry-After"].is_object(),
+        "{queue_full}"
+    );
+    let health = &doc["paths"]["/healthz"]["get"]["responses"];
+    assert_eq!(
+        health["503"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/Health"
+    );
+}
+
+#[tokio::test]
 async fn analyze_reads_a_curve_and_names_a_bad_field() {
     let app = spawn_app().await;
     let lr: Vec<f64> = (0..50).map(|i| 1e-5 * 1.3f64.powi(i)).collect();
