@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::Outcome;
-use crate::engine::Limits;
+use crate::engine::{admission, Limits};
 use crate::http::startup::{shutdown_signal, Application, Settings};
 
 #[derive(Debug, Args)]
@@ -62,6 +62,11 @@ pub struct ServeArgs {
     /// Most model parameters.
     #[arg(long, env = "LRTUNE_MAX_PARAMETERS", default_value_t = Limits::default().max_parameters)]
     pub max_parameters: usize,
+    /// Most memory one job may need, as estimated before it runs (weights and optimizer
+    /// state, the training step's buffers, the data): bytes or a size such as 2GiB. Default: a
+    /// quarter of the machine's memory.
+    #[arg(long, env = "LRTUNE_MAX_JOB_MEMORY", value_parser = admission::parse_bytes)]
+    pub max_job_memory: Option<u64>,
     /// Most samples a generated builtin may have.
     #[arg(long, env = "LRTUNE_MAX_SAMPLES", default_value_t = Limits::default().max_samples)]
     pub max_samples: usize,
@@ -94,6 +99,9 @@ impl ServeArgs {
                 max_plan_epochs: self.max_plan_epochs,
                 max_parameters: self.max_parameters,
                 max_samples: self.max_samples,
+                max_job_memory: self
+                    .max_job_memory
+                    .unwrap_or_else(admission::default_job_memory),
             },
             max_queued: self.max_queued,
             max_json_bytes: self.max_json_bytes,

@@ -2,6 +2,7 @@
 //! recommendation out. No async, no database; progress goes out through a callback and a
 //! cancel flag is checked every step. `lrtune run` and the service's workers both call `run_job`.
 
+pub mod admission;
 pub mod data;
 pub mod evaluate;
 pub mod model;

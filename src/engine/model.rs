@@ -407,13 +407,9 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
-fn build_layers(
-    spec: &ModelSpec,
-    shape: &ModelShape,
-    rng: &mut Rng,
-    device: &Device,
-) -> Result<Layers, ModelError> {
-    let features: usize = shape.input.iter().product();
+/// Checks that a model can be built for the data, without building it (also run at submit,
+/// before anything is allocated): the same messages either way.
+pub fn check_fits(spec: &ModelSpec, shape: &ModelShape) -> Result<(), SpecError> {
     let is_tokens = shape.task == Task::LanguageModel;
     if is_tokens && !matches!(spec, ModelSpec::Transformer { .. }) {
         return Err(SpecError::new(
@@ -422,12 +418,115 @@ fn build_layers(
                 "a character language model needs arch \"transformer\", got \"{}\"",
                 spec.arch()
             ),
-        )
-        .into());
+        ));
     }
     if shape.output == 0 {
-        return Err(SpecError::new("data", "the data has no outputs to predict").into());
+        return Err(SpecError::new("data", "the data has no outputs to predict"));
     }
+    match spec {
+        ModelSpec::Cnn { channels, .. } => {
+            let [_, mut height, mut width] = shape.input[..] else {
+                return Err(SpecError::new(
+                    "model.arch",
+                    format!(
+                        "a cnn needs image data (channels x height x width), but each sample here has shape {:?}: use \"mlp\" or \"linear\"",
+                        shape.input
+                    ),
+                ));
+            };
+            for index in 0..channels.len() {
+                if height < 2 || width < 2 {
+                    return Err(SpecError::new(
+                        format!("model.channels[{index}]"),
+                        format!(
+                            "too many convolutions for {}x{} images: each halves the size; use at most {index}",
+                            shape.input[1], shape.input[2]
+                        ),
+                    ));
+                }
+                height /= 2;
+                width /= 2;
+            }
+        }
+        ModelSpec::Transformer { .. } if !is_tokens => {
+            return Err(SpecError::new(
+                "model.arch",
+                "a transformer is a character language model: give it text data (an uploaded text dataset or a .txt path)",
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The parameter count `Model::build` would give, computed from the spec alone. Arithmetic
+/// saturates, so a model too large to count is `u64::MAX`, above any limit.
+pub fn parameter_count(spec: &ModelSpec, shape: &ModelShape) -> u64 {
+    let dense = |inputs: u64, outputs: u64| inputs.saturating_add(1).saturating_mul(outputs);
+    let features = shape
+        .input
+        .iter()
+        .fold(1u64, |product, &size| product.saturating_mul(size as u64));
+    let output = shape.output as u64;
+    match spec {
+        ModelSpec::Linear => dense(features, output),
+        ModelSpec::Mlp { hidden, .. } => {
+            let mut total = 0u64;
+            let mut inputs = features;
+            for &size in hidden {
+                total = total.saturating_add(dense(inputs, size as u64));
+                inputs = size as u64;
+            }
+            total.saturating_add(dense(inputs, output))
+        }
+        ModelSpec::Cnn { channels, hidden } => {
+            let (mut inputs, mut height, mut width) = match shape.input[..] {
+                [channels, height, width] => (channels as u64, height as u64, width as u64),
+                _ => (features, 1, 1),
+            };
+            let mut total = 0u64;
+            for &outputs in channels {
+                total = total.saturating_add(dense(inputs.saturating_mul(9), outputs as u64));
+                inputs = outputs as u64;
+                height /= 2;
+                width /= 2;
+            }
+            let flat = inputs.saturating_mul(height).saturating_mul(width);
+            total
+                .saturating_add(dense(flat, *hidden as u64))
+                .saturating_add(dense(*hidden as u64, output))
+        }
+        ModelSpec::Transformer {
+            d_model,
+            layers,
+            context,
+            ..
+        } => {
+            let d = *d_model as u64;
+            // Two layer norms, then qkv, projection, expand and contract.
+            let block = (4 * d)
+                .saturating_add(dense(d, d.saturating_mul(3)))
+                .saturating_add(dense(d, d))
+                .saturating_add(dense(d, d.saturating_mul(4)))
+                .saturating_add(dense(d.saturating_mul(4), d));
+            output
+                .saturating_mul(d)
+                .saturating_add((*context as u64).saturating_mul(d))
+                .saturating_add(block.saturating_mul(*layers as u64))
+                .saturating_add(d.saturating_mul(2))
+                .saturating_add(dense(d, output))
+        }
+    }
+}
+
+fn build_layers(
+    spec: &ModelSpec,
+    shape: &ModelShape,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<Layers, ModelError> {
+    check_fits(spec, shape)?;
+    let features: usize = shape.input.iter().product();
     Ok(match spec {
         ModelSpec::Linear => Layers::Linear(Dense::new(features, shape.output, rng, device)?),
         ModelSpec::Mlp {
@@ -450,28 +549,11 @@ fn build_layers(
         }
         ModelSpec::Cnn { channels, hidden } => {
             let [in_channels, mut height, mut width] = shape.input[..] else {
-                return Err(SpecError::new(
-                    "model.arch",
-                    format!(
-                        "a cnn needs image data (channels x height x width), but each sample here has shape {:?}: use \"mlp\" or \"linear\"",
-                        shape.input
-                    ),
-                )
-                .into());
+                unreachable!("check_fits asks for image data");
             };
             let mut convs = Vec::with_capacity(channels.len());
             let mut inputs = in_channels;
-            for (index, &outputs) in channels.iter().enumerate() {
-                if height < 2 || width < 2 {
-                    return Err(SpecError::new(
-                        format!("model.channels[{index}]"),
-                        format!(
-                            "too many convolutions for {}x{} images: each halves the size; use at most {index}",
-                            shape.input[1], shape.input[2]
-                        ),
-                    )
-                    .into());
-                }
+            for &outputs in channels {
                 // nn.Conv2d's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in * 3 * 3.
                 let bound = 1.0 / ((inputs * 9) as f64).sqrt();
                 convs.push(Conv {
@@ -495,13 +577,6 @@ fn build_layers(
             layers,
             context,
         } => {
-            if !is_tokens {
-                return Err(SpecError::new(
-                    "model.arch",
-                    "a transformer is a character language model: give it text data (an uploaded text dataset or a .txt path)",
-                )
-                .into());
-            }
             let vocab = shape.output;
             let blocks = (0..*layers)
                 .map(|_| -> candle_core::Result<Block> {

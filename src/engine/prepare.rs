@@ -175,15 +175,17 @@ pub fn read_bytes(
 ) -> Result<Dataset, EngineError> {
     Ok(match format {
         Format::Csv => data::read_csv(bytes, target, spec.task.fixed())?,
-        Format::Text => {
-            let context = spec.model.context().ok_or_else(|| {
-                SpecError::new(
-                    "model.arch",
-                    "text data trains a character language model: use arch \"transformer\"",
-                )
-            })?;
-            data::read_text(bytes, context)?
-        }
+        Format::Text => data::read_text(bytes, text_context(spec)?)?,
+    })
+}
+
+/// The characters of context a spec reads text with: only a transformer reads text.
+pub fn text_context(spec: &JobSpec) -> Result<usize, SpecError> {
+    spec.model.context().ok_or_else(|| {
+        SpecError::new(
+            "model.arch",
+            "text data trains a character language model: use arch \"transformer\"",
+        )
     })
 }
 
@@ -195,20 +197,7 @@ pub struct Prepared {
 }
 
 pub fn prepare(spec: &JobSpec, loaded: LoadedData) -> Result<Prepared, EngineError> {
-    let task = loaded.train.task();
-    if let Some(wanted) = spec.task.fixed() {
-        if wanted != task {
-            return Err(SpecError::new(
-                "task",
-                format!(
-                    "the data is a {} task, not {}: use \"auto\"",
-                    task_name(task),
-                    task_name(wanted)
-                ),
-            )
-            .into());
-        }
-    }
+    check_task(spec, loaded.train.task())?;
     let (mut train, mut validation) = match loaded.validation {
         Some(validation) => {
             check_compatible(&loaded.train, &validation)?;
@@ -216,18 +205,7 @@ pub fn prepare(spec: &JobSpec, loaded: LoadedData) -> Result<Prepared, EngineErr
         }
         None => data::train_validation_split(&loaded.train, spec.validation_fraction, spec.seed)?,
     };
-    if spec.batch_size > train.rows() {
-        return Err(SpecError::new(
-            "batch_size",
-            format!(
-                "{} is more than the {} training rows: use at most {}",
-                spec.batch_size,
-                train.rows(),
-                train.rows()
-            ),
-        )
-        .into());
-    }
+    check_batch_size(spec, train.rows())?;
     if spec.normalize == Normalize::Standard {
         if let Some(standardizer) = Standardizer::fit(&train) {
             standardizer.apply(&mut train);
@@ -240,6 +218,35 @@ pub fn prepare(spec: &JobSpec, loaded: LoadedData) -> Result<Prepared, EngineErr
         validation,
         info,
     })
+}
+
+/// The spec's `task`, when not `auto`, must be the data's.
+pub fn check_task(spec: &JobSpec, task: Task) -> Result<(), SpecError> {
+    match spec.task.fixed() {
+        Some(wanted) if wanted != task => Err(SpecError::new(
+            "task",
+            format!(
+                "the data is a {} task, not {}: use \"auto\"",
+                task_name(task),
+                task_name(wanted)
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Every step trains on a full batch, so a batch cannot be larger than the training split.
+pub fn check_batch_size(spec: &JobSpec, train_rows: usize) -> Result<(), SpecError> {
+    if spec.batch_size > train_rows {
+        return Err(SpecError::new(
+            "batch_size",
+            format!(
+                "{} is more than the {train_rows} training rows: use at most {train_rows}",
+                spec.batch_size
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_compatible(train: &Dataset, validation: &Dataset) -> Result<(), EngineError> {

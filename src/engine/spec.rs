@@ -554,6 +554,9 @@ mod defaults {
     }
 }
 
+/// The longest job name, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
+
 /// Bounds enforced before any work starts, so one request cannot occupy a worker for hours
 /// or exhaust memory. The server makes them configurable.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -564,6 +567,8 @@ pub struct Limits {
     pub max_plan_epochs: usize,
     pub max_parameters: usize,
     pub max_samples: usize,
+    /// Estimated peak bytes of one job (see `admission`).
+    pub max_job_memory: u64,
 }
 
 impl Default for Limits {
@@ -574,6 +579,7 @@ impl Default for Limits {
             max_plan_epochs: 10_000,
             max_parameters: 20_000_000,
             max_samples: 1_000_000,
+            max_job_memory: super::admission::default_job_memory(),
         }
     }
 }
@@ -595,6 +601,15 @@ impl JobSpec {
     /// the data (batch size against rows, model against input shape) is checked when the
     /// data is loaded.
     pub fn validate(&self, limits: &Limits) -> Result<(), SpecError> {
+        if let Some(name) = &self.name {
+            let length = name.chars().count();
+            if length > MAX_NAME_CHARS {
+                return Err(SpecError::new(
+                    "name",
+                    format!("must be at most {MAX_NAME_CHARS} characters, got {length}"),
+                ));
+            }
+        }
         self.validate_data(limits)?;
         let fraction = self.validation_fraction;
         if !(fraction > 0.0 && fraction < 1.0) {
@@ -1083,6 +1098,23 @@ mod tests {
         assert_eq!(error.field, "sweep");
         let error = invalid(r#"{"kind": "sweep", "data": {"builtin": "mnist10k"}}"#);
         assert_eq!(error.field, "sweep.candidates");
+    }
+
+    #[test]
+    fn a_name_longer_than_200_characters_is_rejected() {
+        let long = "n".repeat(201);
+        let error = invalid(&format!(
+            r#"{{"data": {{"builtin": "mnist10k"}}, "name": "{long}"}}"#
+        ));
+        assert_eq!(error.field, "name");
+        assert_eq!(error.message, "must be at most 200 characters, got 201");
+        let fits = "é".repeat(200);
+        parse(&format!(
+            r#"{{"data": {{"builtin": "mnist10k"}}, "name": "{fits}"}}"#
+        ))
+        .unwrap()
+        .validate(&Limits::default())
+        .unwrap();
     }
 
     #[test]

@@ -152,7 +152,7 @@ pub struct Evaluation {
 /// bound memory on big validation sets. At 1024 a CNN's im2col patches (115 MB for the second
 /// layer on mnist) were fresh pages on every chunk; 256 took the first validation pass of a
 /// CNN tune on mnist10k from 1.2 s to 0.6 s.
-const EVAL_CHUNK: usize = 256;
+pub(crate) const EVAL_CHUNK: usize = 256;
 
 pub fn evaluate(model: &Model, data: &DeviceData) -> candle_core::Result<Evaluation> {
     if native::supports(model) {

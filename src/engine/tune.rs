@@ -8,6 +8,7 @@ use std::time::Instant;
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
+use super::admission::{admit, check_device, DataShape};
 use super::data::DatasetInfo;
 use super::model::{Model, ModelShape};
 use super::optim::Optimizer;
@@ -68,6 +69,8 @@ pub struct ModelSummary {
     pub parameters: usize,
     pub device: String,
     pub steps_per_epoch: usize,
+    /// The peak memory admission estimated for the job (weights, step buffers, data).
+    pub estimated_memory_bytes: u64,
 }
 
 /// A finished job: the result and the range-test curve (stored apart from the result).
@@ -83,13 +86,7 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device, EngineError> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Cuda => {
-            if !candle_core::utils::cuda_is_available() {
-                return Err(SpecError::new(
-                    "device",
-                    "this lrtune was built without CUDA (cargo feature `cuda`) or no GPU is visible: use \"cpu\" or \"auto\"",
-                )
-                .into());
-            }
+            check_device(choice)?;
             Ok(Device::new_cuda(0)?)
         }
         DeviceChoice::Auto => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
@@ -115,6 +112,12 @@ pub fn run_job(
     let started = Instant::now();
     let mut control = Control::new(cancel, observer);
     let prepared = prepare(spec, loaded)?;
+    // Nothing is built before the job's cost is known to fit the limits.
+    let cost = admit(
+        spec,
+        &DataShape::of_splits(&prepared.train, &prepared.validation),
+        limits,
+    )?;
     let device = select_device(spec.device)?;
     let shape = ModelShape {
         input: prepared.train.sample_shape(),
@@ -122,17 +125,6 @@ pub fn run_job(
         task: prepared.train.task(),
     };
     let model = Model::build(&spec.model, &shape, spec.seed, &device)?;
-    if model.parameter_count() > limits.max_parameters {
-        return Err(SpecError::new(
-            "model",
-            format!(
-                "{} parameters is above the limit of {}: use a smaller model",
-                model.parameter_count(),
-                limits.max_parameters
-            ),
-        )
-        .into());
-    }
     let train = DeviceData::new(&prepared.train, &device)?;
     let validation = DeviceData::new(&prepared.validation, &device)?;
     let steps_per_epoch = BatchOrder::steps_per_epoch(train.rows, spec.batch_size);
@@ -289,6 +281,7 @@ pub fn run_job(
                 parameters: model.parameter_count(),
                 device: device_name(&device),
                 steps_per_epoch,
+                estimated_memory_bytes: cost.memory_bytes,
             },
         },
         curve,

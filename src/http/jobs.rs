@@ -19,11 +19,12 @@ use utoipa::{IntoParams, ToSchema};
 use super::drain::{self, Phase};
 use super::error::{ApiJson, ApiQuery};
 use super::{ApiError, AppState, ErrorBody};
+use crate::engine::admission::admit;
 use crate::engine::JobSpec;
 use crate::store::{
     new_id, JobError, JobRow, JobStatus, ListFilter, NewJob, PointRow, SweepRunRow,
 };
-use crate::worker::JobEvent;
+use crate::worker::{planned_shape, JobEvent};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -153,6 +154,7 @@ async fn check_data(state: &AppState, spec: &JobSpec) -> Result<(), ApiError> {
             "the server does not read local files: upload the file with POST /v1/datasets and give data.dataset_id",
         ));
     }
+    let mut rows = Vec::new();
     for (field, id) in [
         ("data.dataset_id", &data.dataset_id),
         ("data.validation_dataset_id", &data.validation_dataset_id),
@@ -178,6 +180,13 @@ async fn check_data(state: &AppState, spec: &JobSpec) -> Result<(), ApiError> {
                 },
             ));
         }
+        rows.push(dataset);
+    }
+    // The job's cost and every check of the spec against the data's shape, with the
+    // messages the worker would give, before anything is queued.
+    let (train, validation) = (rows.first(), rows.get(1));
+    if let Some(shape) = planned_shape(spec, train, validation)? {
+        admit(spec, &shape, &state.settings.limits)?;
     }
     Ok(())
 }

@@ -508,25 +508,24 @@ impl Store {
         check_transition(JobStatus::Running, JobStatus::Queued)?;
         // A SQLite date modifier, bound as a parameter.
         let age = format!("-{:.3} seconds", stale_after.as_secs_f64());
-        let error = serde_json::to_string(&JobError {
-            code: "worker_lost".to_string(),
-            message: format!(
-                "the worker running this job stopped {max_attempts} times (no heartbeat for {:.1} s): giving up",
-                stale_after.as_secs_f64()
-            ),
-            field: None,
-        })
-        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut tx = self.pool.begin().await?;
+        // The message is built per job from its last heartbeat, so it says where the worker
+        // was when it died (a process killed for memory leaves no other trace).
         let failed_sql = concat!(
-            "UPDATE job SET status = 'failed', error = ?, finished_at = ",
+            "UPDATE job SET status = 'failed', finished_at = ",
             now!(),
-            " WHERE status = 'running' AND attempts >= ?
+            ", error = json_object('code', 'worker_lost', 'message', printf(
+                 'the worker died while running this job (attempts: %d; last seen %s; no heartbeat for %s s); it may have been killed for running out of memory: giving up',
+                 attempts,
+                 CASE WHEN stage IS NULL THEN 'loading the data'
+                      ELSE printf('in stage %s at step %d of %d', stage, progress_done, progress_total) END,
+                 ?))
+             WHERE status = 'running' AND attempts >= ?
                AND heartbeat_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)
              RETURNING id"
         );
         let failed: Vec<String> = sqlx::query_scalar(failed_sql)
-            .bind(error)
+            .bind(format!("{:.1}", stale_after.as_secs_f64()))
             .bind(max_attempts)
             .bind(&age)
             .fetch_all(&mut *tx)

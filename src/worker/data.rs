@@ -1,10 +1,11 @@
 //! A job's data: the builtins through the engine, uploaded datasets parsed from their stored
 //! bytes with the engine's readers and the job's spec.
 
+use crate::engine::admission::DataShape;
 use crate::engine::data::{self, Dataset, Task};
-use crate::engine::prepare::{read_bytes, Format};
+use crate::engine::prepare::{read_bytes, text_context, Format};
 use crate::engine::{self, EngineError, JobSpec, LoadedData, SpecError};
-use crate::store::StoredDataset;
+use crate::store::{DatasetRow, StoredDataset};
 
 /// The stored datasets a job names, fetched before the blocking part starts.
 pub struct JobDatasets {
@@ -23,6 +24,71 @@ pub fn load(spec: &JobSpec, datasets: Option<JobDatasets>) -> Result<LoadedData,
         .map(|stored| parse(stored, spec, "data.validation_dataset_id"))
         .transpose()?;
     Ok(LoadedData { train, validation })
+}
+
+/// The shape of a job's data before it is loaded: a builtin's, or that of the stored
+/// datasets it names (their rows, sample shape and outputs as validated at upload).
+pub fn planned_shape(
+    spec: &JobSpec,
+    train: Option<&DatasetRow>,
+    validation: Option<&DatasetRow>,
+) -> Result<Option<DataShape>, SpecError> {
+    if let Some(shape) = DataShape::of_builtin(spec) {
+        return shape.map(Some);
+    }
+    let Some(train) = train else {
+        return Ok(None);
+    };
+    let (rows, sample_shape, output, task) = stored_rows(spec, train, "data.dataset_id")?;
+    let validation_rows = validation
+        .map(|row| stored_rows(spec, row, "data.validation_dataset_id").map(|(rows, ..)| rows))
+        .transpose()?;
+    let (train_rows, validation_rows) = DataShape::split(
+        rows,
+        validation_rows,
+        spec.validation_fraction,
+        "data.dataset_id",
+    )?;
+    let raw_bytes = [Some(train), validation]
+        .into_iter()
+        .flatten()
+        .map(|row| row.bytes.max(0) as u64)
+        .sum();
+    Ok(Some(DataShape {
+        train_rows,
+        validation_rows,
+        sample_shape,
+        output,
+        task,
+        raw_bytes,
+    }))
+}
+
+/// Rows, sample shape, outputs and task of a stored dataset as this spec reads it (a text
+/// corpus becomes windows of the model's context).
+fn stored_rows(
+    spec: &JobSpec,
+    row: &DatasetRow,
+    field: &str,
+) -> Result<(usize, Vec<usize>, usize, Task), SpecError> {
+    let task = parse_task(&row.task).ok_or_else(|| {
+        SpecError::new(field, format!("dataset {} has task {:?}", row.id, row.task))
+    })?;
+    let size = |value: i64| usize::try_from(value).unwrap_or(0);
+    if task == Task::LanguageModel {
+        let context = text_context(spec)?;
+        let windows = data::text_windows(size(row.rows), context)
+            .map_err(|error| SpecError::new(field, format!("dataset {}: {error}", row.id)))?;
+        let vocabulary = size(row.vocabulary.unwrap_or(0));
+        return Ok((windows, vec![context], vocabulary, task));
+    }
+    let sample_shape = row.sample_shape.iter().map(|&dim| size(dim)).collect();
+    let output = match task {
+        Task::Classification => size(row.classes.unwrap_or(0)),
+        // Regression outputs are not stored; the engine checks the exact count when loaded.
+        _ => 1,
+    };
+    Ok((size(row.rows), sample_shape, output, task))
 }
 
 pub fn parse_task(name: &str) -> Option<Task> {

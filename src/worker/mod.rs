@@ -4,6 +4,7 @@
 
 mod data;
 mod hub;
+pub mod priority;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,9 +14,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn, Instrument};
 
-pub use data::{parse_task, JobDatasets};
+pub use data::{parse_task, planned_shape, JobDatasets};
 pub use hub::{DurationHistogram, Hub, JobEvent, JobStats, DURATION_BUCKETS};
 
+use crate::engine::admission::admit;
 use crate::engine::{self, EngineError, Event, JobOutput, JobSpec, Limits, LoadedData};
 use crate::store::{
     Attempt, FinalState, JobError, JobRow, JobStatus, PointRow, ProgressUpdate, Store, StoreError,
@@ -85,6 +87,7 @@ impl WorkerPool {
         settings: WorkerSettings,
         runner: Arc<dyn JobRunner>,
     ) -> WorkerPool {
+        priority::lower_compute_pool();
         let (stop_claiming, stop) = watch::channel(false);
         let handles = (0..settings.workers)
             .map(|index| {
@@ -289,6 +292,21 @@ impl Worker {
     ) -> Result<(FinalState, u64), JobError> {
         let spec = JobSpec::from_json(&job.spec).map_err(spec_error)?;
         let datasets = self.fetch_datasets(&spec).await?;
+        // Admission again (limits may have changed since the submit, or the job was written
+        // by another process): a job that does not fit fails here, before anything is loaded
+        // or built, and is not retried.
+        let planned = data::planned_shape(
+            &spec,
+            datasets.as_ref().map(|d| &d.train.row),
+            datasets
+                .as_ref()
+                .and_then(|d| d.validation.as_ref())
+                .map(|stored| &stored.row),
+        )
+        .map_err(spec_error)?;
+        if let Some(shape) = planned {
+            admit(&spec, &shape, &self.settings.limits).map_err(spec_error)?;
+        }
         let cancel = self.hub.register_cancel(&job.id);
         if job.cancel_requested {
             cancel.store(true, Ordering::SeqCst);
@@ -299,14 +317,19 @@ impl Worker {
         let limits = self.settings.limits.clone();
         let engine_cancel = cancel.clone();
         let span = tracing::Span::current();
-        let compute = tokio::task::spawn_blocking(move || {
+        let compute = spawn_compute(move || {
             let _entered = span.enter();
             let mut observer = |event: Event| {
                 let _ = events.send(event);
             };
             let loaded = data::load(&spec, datasets)?;
             runner.run(&spec, loaded, &limits, &engine_cancel, &mut observer)
-        });
+        })
+        .map_err(|error| JobError {
+            code: "internal".into(),
+            message: format!("the job's thread could not start: {error}"),
+            field: None,
+        })?;
 
         let mut flusher = Flusher::new(attempt.clone());
         let mut tick = tokio::time::interval(self.settings.flush_every);
@@ -361,11 +384,10 @@ impl Worker {
                 self.flush(&mut flusher, &cancel, &reason).await;
                 FinalState::Failed(engine_error(error))
             }
-            Err(join) => {
-                let message = if join.is_panic() {
-                    panic_message(join.into_panic())
-                } else {
-                    "the job's thread was stopped".to_string()
+            Err(panic) => {
+                let message = match panic {
+                    Some(payload) => panic_message(payload),
+                    None => "the job's thread was stopped".to_string(),
                 };
                 error!(%message, "job panicked");
                 FinalState::Failed(JobError {
@@ -566,6 +588,31 @@ fn engine_error(error: EngineError) -> JobError {
             field: None,
         },
     }
+}
+
+type Panic = Box<dyn std::any::Any + Send>;
+
+/// Runs a job's compute on a thread of its own at the training priority (see `priority`),
+/// ended with the job, so that no thread of the runtime's blocking pool is left at a lower
+/// priority. Resolves to the result, or `Err(Some(payload))` when it panicked (`None`: the
+/// thread went away without answering).
+fn spawn_compute<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<impl std::future::Future<Output = Result<T, Option<Panic>>>> {
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("lrtune-job".to_string())
+        .spawn(move || {
+            priority::lower_this_thread();
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+            let _ = done.send(result);
+        })?;
+    Ok(async move {
+        match outcome.await {
+            Ok(result) => result.map_err(Some),
+            Err(_) => Err(None),
+        }
+    })
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {

@@ -212,3 +212,62 @@ async fn sigterm_lets_the_running_job_finish_and_exits_cleanly() {
     let job = store.get_job(&id).await.unwrap().unwrap();
     assert_eq!(job.status, lrtune::store::JobStatus::Succeeded);
 }
+
+#[tokio::test]
+async fn a_job_whose_worker_keeps_dying_fails_with_the_stage_it_died_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("lrtune.db");
+    let client = reqwest::Client::new();
+    let flags = ["--max-attempts", "1"];
+
+    let mut server = start_server_with(&db, &flags);
+    let response = client
+        .post(format!("{}/v1/jobs", server.address))
+        .json(&job_spec(0))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json_of(response).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    loop {
+        let job = get(&client, &server, &format!("/v1/jobs/{id}")).await;
+        if job["progress"]["stage"] == "range_test" && job["progress"]["done"].as_i64() > Some(0) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{job}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.child.kill().expect("SIGKILL");
+    server.child.wait().unwrap();
+    drop(server);
+
+    // Its one attempt is spent: the restarted server fails it instead of running it again.
+    let server = start_server_with(&db, &flags);
+    let started = Instant::now();
+    let job = loop {
+        let job = get(&client, &server, &format!("/v1/jobs/{id}")).await;
+        if job["status"] != "running" && job["status"] != "queued" {
+            break job;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["attempts"], 1, "{job}");
+    assert_eq!(job["error"]["code"], "worker_lost", "{job}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "the worker died while running this job (attempts: 1; last seen in stage range_test at step "
+        ),
+        "{message}"
+    );
+    assert!(
+        message.ends_with(
+            "; no heartbeat for 1.0 s); it may have been killed for running out of memory: giving up"
+        ),
+        "{message}"
+    );
+}

@@ -113,15 +113,16 @@ async fn a_sweep_above_the_limit_is_a_422_naming_the_limit() {
 }
 
 #[tokio::test]
-async fn a_model_above_the_parameter_limit_fails_with_the_limit_named() {
+async fn a_model_above_the_parameter_limit_is_a_422_naming_the_limit() {
     let app = spawn_app_configured(|settings| settings.limits.max_parameters = 50).await;
-    let id = app.submit(&tiny_spec()).await;
-    let job = app.wait_until_finished(&id).await;
-    assert_eq!(job["status"], "failed");
-    assert_eq!(job["error"]["field"], "model");
-    assert!(
-        job["error"]["message"].as_str().unwrap().contains("50"),
-        "{job}"
+    let (status, body) = json_of(app.post_json("/v1/jobs", &tiny_spec()).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let error = assert_error(&body, "invalid_spec");
+    assert_eq!(error["field"], "model");
+    // spirals: 2 features -> 16 hidden -> 3 classes.
+    assert_eq!(
+        error["message"],
+        "99 parameters is above the limit of 50 (max_parameters): use a smaller model"
     );
 }
 

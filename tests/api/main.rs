@@ -2,10 +2,12 @@
 //! Failure injection (panics, jobs that only stop when canceled) goes through the worker's
 //! `JobRunner`, the same seam the engine is plugged into.
 
+mod admission;
 mod crash;
 mod datasets;
 mod drain;
 mod helpers;
 mod jobs;
 mod outage;
+mod priority;
 mod service;

@@ -280,3 +280,52 @@ fn a_job_canceled_while_check_waits_exits_2_saying_so() {
     assert_eq!(run.code, 2, "{run}");
     assert!(run.stderr.contains("was canceled"), "{run}");
 }
+
+/// The probe's hostile specs: each refused at submit (exit 2, the field named), none of them
+/// allocating the model it describes.
+#[test]
+fn models_too_large_for_the_machine_are_refused_at_submit_and_the_server_stays_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), &["--max-job-memory", "1GiB"]);
+    let cases = [
+        (
+            r#"{"arch": "mlp", "hidden": [1000000, 1000000]}"#,
+            "spirals",
+            "model",
+        ),
+        (
+            r#"{"arch": "mlp", "hidden": [4611686018427387904]}"#,
+            "spirals",
+            "model",
+        ),
+        (
+            r#"{"arch": "mlp", "hidden": [20000, 20000]}"#,
+            "spirals",
+            "model",
+        ),
+        (
+            r#"{"arch": "cnn", "channels": [100000]}"#,
+            "mnist10k",
+            "model",
+        ),
+        (
+            r#"{"arch": "cnn", "channels": [2000], "hidden": 1}"#,
+            "mnist10k",
+            "batch_size",
+        ),
+        (
+            r#"{"arch": "transformer", "d_model": 65536}"#,
+            "mnist10k",
+            "model.arch",
+        ),
+    ];
+    for (index, (model, builtin, field)) in cases.into_iter().enumerate() {
+        let spec = format!(r#"{{"data": {{"builtin": "{builtin}"}}, "model": {model}}}"#);
+        let path = write(dir.path(), &format!("hostile-{index}.json"), &spec);
+        let run = lrtune(&["submit", &path, "--server", &server.address, "-q"], &[]);
+        assert_eq!(run.code, 2, "{spec}: {run}");
+        assert!(run.stderr.contains(field), "{spec}: {run}");
+    }
+    let peak = server.peak_rss_bytes();
+    assert!(peak < 400 << 20, "the server's peak RSS was {peak} bytes");
+}

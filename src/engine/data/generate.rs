@@ -11,9 +11,10 @@ const SPIRALS_STREAM: u64 = 0x5350_4952_414c_0003;
 const BLOBS_STREAM: u64 = 0x424c_4f42_5300_0004;
 const SINE_STREAM: u64 = 0x5349_4e45_0000_0005;
 
-const SPIRAL_ARMS: usize = 3;
-const BLOB_FEATURES: usize = 16;
-const BLOB_CLUSTERS: usize = 5;
+pub const SPIRAL_ARMS: usize = 3;
+pub const SPIRAL_FEATURES: usize = 2;
+pub const BLOB_FEATURES: usize = 16;
+pub const BLOB_CLUSTERS: usize = 5;
 /// Cluster centres sit this far from the origin in random directions, about 3.5 apart with
 /// unit-variance noise: neighbours overlap enough that about one point in ten is ambiguous.
 const BLOB_CENTER_RADIUS: f64 = 2.5;
@@ -22,7 +23,7 @@ const BLOB_CENTER_RADIUS: f64 = 2.5;
 /// two thirds of a circle; angle noise blurs the arms into each other near the centre.
 pub fn spirals(samples: usize, seed: u64) -> Dataset {
     let mut rng = Rng::derive(seed, SPIRALS_STREAM);
-    let mut values = Vec::with_capacity(samples * 2);
+    let mut values = Vec::with_capacity(samples * SPIRAL_FEATURES);
     let mut labels = Vec::with_capacity(samples);
     for row in 0..samples {
         let arm = row % SPIRAL_ARMS;
@@ -35,7 +36,7 @@ pub fn spirals(samples: usize, seed: u64) -> Dataset {
     Dataset {
         features: Features::Dense {
             values,
-            sample_shape: vec![2],
+            sample_shape: vec![SPIRAL_FEATURES],
         },
         targets: Targets::Classes {
             labels,

@@ -9,10 +9,12 @@ mod npy;
 mod text;
 
 pub use self::csv::read_csv;
-pub use self::generate::{blobs, sine, spirals};
+pub use self::generate::{
+    blobs, sine, spirals, BLOB_CLUSTERS, BLOB_FEATURES, SPIRAL_ARMS, SPIRAL_FEATURES,
+};
 pub use self::idx::{mnist10k, read_idx};
 pub use self::npy::read_npy;
-pub use self::text::{read_text, read_text_with_vocab, text_vocabulary};
+pub use self::text::{read_text, read_text_with_vocab, text_vocabulary, text_windows};
 
 use crate::engine::rng::Rng;
 
@@ -202,20 +204,15 @@ fn gather<T: Copy>(values: &[T], width: usize, rows: &[usize]) -> Vec<T> {
     out
 }
 
-/// Seeded split; validation gets round(fraction * rows) rows (at least 1), train the rest;
-/// error if either side would be empty. Both sides keep the rows in their original order.
-pub fn train_validation_split(
-    data: &Dataset,
-    fraction: f64,
-    seed: u64,
-) -> Result<(Dataset, Dataset), DataError> {
+/// The (training, validation) row counts `train_validation_split` makes of `rows`, known
+/// before the data is loaded (a job's cost is checked at submit from them).
+pub fn split_sizes(rows: usize, fraction: f64) -> Result<(usize, usize), DataError> {
     if !(fraction > 0.0 && fraction < 1.0) {
         return Err(DataError::invalid(
             "split",
             format!("the validation fraction must be between 0 and 1 (exclusive), got {fraction}"),
         ));
     }
-    let rows = data.rows();
     if rows < 2 {
         return Err(DataError::invalid(
             "split",
@@ -229,6 +226,18 @@ pub fn train_validation_split(
             format!("a validation fraction of {fraction} of {rows} rows leaves no training rows"),
         ));
     }
+    Ok((rows - validation_rows, validation_rows))
+}
+
+/// Seeded split; validation gets round(fraction * rows) rows (at least 1), train the rest;
+/// error if either side would be empty. Both sides keep the rows in their original order.
+pub fn train_validation_split(
+    data: &Dataset,
+    fraction: f64,
+    seed: u64,
+) -> Result<(Dataset, Dataset), DataError> {
+    let rows = data.rows();
+    let (_, validation_rows) = split_sizes(rows, fraction)?;
     let order = Rng::derive(seed, SPLIT_STREAM).permutation(rows);
     let (validation, train) = order.split_at(validation_rows);
     let mut train = train.to_vec();

@@ -38,18 +38,7 @@ pub fn read_text_with_vocab(
                 .unwrap_or_default()
         })
         .collect();
-    // The last window needs one character past its inputs for its final target.
-    let windows = ids.len().saturating_sub(1) / context;
-    if windows < 2 {
-        return Err(DataError::invalid(
-            "text",
-            format!(
-                "{} characters make {windows} windows; a context of {context} needs at least {} characters for 2",
-                ids.len(),
-                2 * context + 1
-            ),
-        ));
-    }
+    let windows = text_windows(ids.len(), context)?;
     let mut inputs = Vec::with_capacity(windows * context);
     let mut targets = Vec::with_capacity(windows * context);
     for window in 0..windows {
@@ -68,6 +57,23 @@ pub fn read_text_with_vocab(
         },
     };
     Ok((data, vocab))
+}
+
+/// The windows (rows) a corpus of `characters` makes with this context; at least 2 are
+/// needed. Known before the corpus is read, so a job's cost is checked at submit from it.
+pub fn text_windows(characters: usize, context: usize) -> Result<usize, DataError> {
+    // The last window needs one character past its inputs for its final target.
+    let windows = characters.saturating_sub(1) / context.max(1);
+    if windows < 2 {
+        return Err(DataError::invalid(
+            "text",
+            format!(
+                "{characters} characters make {windows} windows; a context of {context} needs at least {} characters for 2",
+                context.saturating_mul(2).saturating_add(1)
+            ),
+        ));
+    }
+    Ok(windows)
 }
 
 /// The sorted distinct characters of a corpus: the same table `read_text_with_vocab` returns.

@@ -9,10 +9,10 @@ use super::{
     dense_backward, dense_forward, matmul, mean_squared_error, HostValues, Operand,
 };
 use crate::engine::data::Task;
-use crate::engine::model::{Layers, Model};
+use crate::engine::model::{Layers, Model, ModelShape};
 use crate::engine::ops::for_each_3x3_tap;
 use crate::engine::rng::Rng;
-use crate::engine::spec::Activation;
+use crate::engine::spec::{Activation, ModelSpec};
 use crate::engine::train::DeviceData;
 
 /// A fully connected layer's buffers: pre-activation `z`, output `a` (after activation and
@@ -325,6 +325,104 @@ impl Buffers {
             labels: vec![0; rows],
             targets: vec![0.0; rows * shape.output],
         }
+    }
+}
+
+/// The bytes `Buffers::new` allocates for `rows` rows of a linear, MLP or CNN model, from the
+/// spec alone (admission checks it before anything is built). Saturating arithmetic: a size
+/// too large to count is `u64::MAX`.
+pub(super) fn planned_bytes(spec: &ModelSpec, shape: &ModelShape, rows: u64) -> u64 {
+    let mul = |a: u64, b: u64| a.saturating_mul(b);
+    let features = shape
+        .input
+        .iter()
+        .fold(1u64, |product, &size| mul(product, size as u64));
+    let output = shape.output as u64;
+    // (inputs, outputs) of the dense layers, whether hidden ones keep `a`, and dropout masks.
+    let mut dense = Vec::new();
+    let mut hidden_activation = false;
+    let mut dropout = false;
+    let mut floats = mul(rows, features);
+    let mut bytes = 0u64;
+    match spec {
+        ModelSpec::Linear => dense.push(output),
+        ModelSpec::Mlp {
+            hidden,
+            dropout: rate,
+            ..
+        } => {
+            dense.extend(hidden.iter().map(|&size| size as u64));
+            dense.push(output);
+            hidden_activation = true;
+            dropout = *rate > 0.0;
+        }
+        ModelSpec::Cnn { channels, hidden } => {
+            let [mut inputs, mut height, mut width] = match shape.input[..] {
+                [c, h, w] => [c as u64, h as u64, w as u64],
+                _ => [features, 1, 1],
+            };
+            for &outputs in channels {
+                let outputs = outputs as u64;
+                let pixels = mul(mul(rows, height), width);
+                let pooled = mul(mul(mul(rows, height / 2), width / 2), outputs);
+                let weight = mul(mul(outputs, 9), inputs);
+                // columns and column_grad; weight and weight_grad; activated; pooled.
+                floats = floats
+                    .saturating_add(mul(2, mul(mul(pixels, 9), inputs)))
+                    .saturating_add(mul(2, weight))
+                    .saturating_add(mul(pixels, outputs))
+                    .saturating_add(pooled);
+                bytes = bytes.saturating_add(pooled); // winner, one byte each
+                inputs = outputs;
+                height /= 2;
+                width /= 2;
+            }
+            let flat = mul(mul(inputs, height), width);
+            floats = floats.saturating_add(mul(2, mul(rows, flat)));
+            dense.push(*hidden as u64);
+            dense.push(output);
+            hidden_activation = true;
+        }
+        ModelSpec::Transformer { .. } => return 0,
+    }
+    let last = dense.len() - 1;
+    for (index, &outputs) in dense.iter().enumerate() {
+        let hidden = hidden_activation && index < last;
+        // z and grad, a for hidden layers, a mask when they drop out.
+        let per_row = 2 + u64::from(hidden) + u64::from(hidden && dropout);
+        floats = floats.saturating_add(mul(mul(rows, outputs), per_row));
+    }
+    // labels (u32) and targets.
+    floats = floats
+        .saturating_add(rows)
+        .saturating_add(mul(rows, output));
+    mul(floats, 4).saturating_add(bytes)
+}
+
+impl Buffers {
+    /// Bytes held by these buffers (what `planned_bytes` predicts; tests compare the two).
+    #[cfg(test)]
+    pub(super) fn allocated_bytes(&self) -> usize {
+        let floats = |v: &Vec<f32>| v.len() * 4;
+        let mut total = floats(&self.input)
+            + floats(&self.flat)
+            + floats(&self.flat_grad)
+            + self.labels.len() * 4
+            + floats(&self.targets);
+        for conv in &self.convs {
+            total += floats(&conv.columns)
+                + floats(&conv.weight)
+                + floats(&conv.activated)
+                + floats(&conv.pooled)
+                + conv.winner.len()
+                + floats(&conv.weight_grad)
+                + floats(&conv.column_grad);
+        }
+        for layer in &self.dense {
+            total +=
+                floats(&layer.z) + floats(&layer.a) + floats(&layer.mask) + floats(&layer.grad);
+        }
+        total
     }
 }
 

@@ -17,10 +17,10 @@ use candle_core::{CpuStorage, Storage, Tensor};
 use gemm::Parallelism;
 
 use super::data::Task;
-use super::model::{Layers, Model};
+use super::model::{Layers, Model, ModelShape};
 use super::ops::{exp, gelu_derivative, gelu_value, max_value, sum};
 use super::rng::Rng;
-use super::spec::Activation;
+use super::spec::{Activation, ModelSpec};
 use super::train::DeviceData;
 
 mod feedforward;
@@ -429,6 +429,26 @@ impl Buffers {
     }
 }
 
+/// The bytes a workspace for batches of `rows` rows takes (buffers, not the gradients), from
+/// the spec alone: admission checks a job's memory with it before anything is built.
+pub fn planned_buffer_bytes(spec: &ModelSpec, shape: &ModelShape, rows: usize) -> u64 {
+    match spec {
+        ModelSpec::Transformer { .. } => transformer::planned_bytes(spec, shape, rows as u64),
+        _ => feedforward::planned_bytes(spec, shape, rows as u64),
+    }
+}
+
+impl Workspace {
+    /// Bytes held by the buffers (not the gradients).
+    #[cfg(test)]
+    pub(crate) fn allocated_buffer_bytes(&self) -> usize {
+        match &self.buffers {
+            Buffers::FeedForward(buffers) => buffers.allocated_bytes(),
+            Buffers::Transformer(buffers) => buffers.allocated_bytes(),
+        }
+    }
+}
+
 /// Which models the native step runs: all of them, on the CPU.
 pub fn supports(model: &Model) -> bool {
     model.device().is_cpu()
@@ -466,6 +486,8 @@ fn workspace_for<'w>(
         .as_ref()
         .is_none_or(|w| !w.buffers.fits(rows, time))
     {
+        // Drop the old buffers first, so two sets never coexist (admission counts one).
+        *workspace = None;
         let buffers = match model.layers() {
             Layers::Transformer { .. } => {
                 Buffers::Transformer(Box::new(transformer::Buffers::new(model, rows, time)))

@@ -13,8 +13,9 @@ use super::{
     classification_loss_and_hits, cross_entropy, dense_backward, dense_forward, gemm_into, matmul,
     HostValues, Operand,
 };
-use crate::engine::model::{Layers, Model};
+use crate::engine::model::{Layers, Model, ModelShape};
 use crate::engine::ops::{dot, exp, gelu_derivative_with, gelu_tanh, max_value, row_stats, sum};
+use crate::engine::spec::ModelSpec;
 use crate::engine::train::DeviceData;
 
 /// Variables per block, in `Model::vars` order: two layer norms (gain, shift), then the
@@ -224,6 +225,72 @@ impl Buffers {
     /// Whether these buffers fit a batch of `batch` sequences of `time` tokens.
     pub(super) fn fits(&self, batch: usize, time: usize) -> bool {
         self.batch == batch && self.time == time
+    }
+}
+
+/// The bytes `Buffers::new` allocates for `batch` sequences of a transformer spec's context,
+/// from the spec alone (admission checks it before anything is built). Saturating arithmetic.
+pub(super) fn planned_bytes(spec: &ModelSpec, shape: &ModelShape, batch: u64) -> u64 {
+    let ModelSpec::Transformer {
+        d_model,
+        heads,
+        layers,
+        context,
+    } = spec
+    else {
+        return 0;
+    };
+    let mul = |a: u64, b: u64| a.saturating_mul(b);
+    let (d, time, layers) = (*d_model as u64, *context as u64, *layers as u64);
+    let n = mul(batch, time);
+    let nd = mul(n, d);
+    let attention = mul(mul(mul(batch, *heads as u64), time), time);
+    // A norm: normalized and out ([n, d]) and inv_std ([n]).
+    let norm = mul(2, nd).saturating_add(n);
+    // Two norms, qkv (3), mixed (1), expanded, activated and gelu_tanh (4 each), weights.
+    let block = mul(2, norm)
+        .saturating_add(mul(16, nd))
+        .saturating_add(attention);
+    let floats = mul(2, n) // tokens and targets (u32)
+        .saturating_add(mul(mul(2, layers).saturating_add(1), nd)) // the residual stream
+        .saturating_add(mul(layers, block))
+        .saturating_add(norm)
+        .saturating_add(mul(2, mul(n, shape.output as u64))) // logits and their gradient
+        .saturating_add(mul(10, nd)) // grad_stream, grad_norm, grad_qkv (3), grad_mixed, grad_expanded (4)
+        .saturating_add(attention); // grad_weights
+    mul(floats, 4)
+}
+
+impl Buffers {
+    /// Bytes held by these buffers (what `planned_bytes` predicts; tests compare the two).
+    #[cfg(test)]
+    pub(super) fn allocated_bytes(&self) -> usize {
+        let norm = |norm: &Norm| (norm.normalized.len() + norm.inv_std.len() + norm.out.len()) * 4;
+        let mut floats = self.tokens.len()
+            + self.targets.len()
+            + self.stream.iter().map(Vec::len).sum::<usize>()
+            + self.logits.len()
+            + self.logits_grad.len()
+            + self.grad_stream.len()
+            + self.grad_norm.len()
+            + self.grad_qkv.len()
+            + self.grad_mixed.len()
+            + self.grad_expanded.len()
+            + self.grad_weights.len();
+        for block in &self.blocks {
+            floats += block.qkv.len()
+                + block.weights.len()
+                + block.mixed.len()
+                + block.expanded.len()
+                + block.activated.len()
+                + block.gelu_tanh.len();
+        }
+        let norms: usize = self
+            .blocks
+            .iter()
+            .map(|block| norm(&block.norm_attention) + norm(&block.norm_mlp))
+            .sum();
+        floats * 4 + norms + norm(&self.final_norm)
     }
 }
 

@@ -1,0 +1,517 @@
+//! Admission: whether a job can run on its data and what it will cost (parameters and peak
+//! memory), computed from the spec and the data's shape before anything is allocated. The
+//! server runs it at submit, the worker again before it loads the data, and the engine once
+//! more before it builds the model, so a job is refused with the same message at every stage.
+
+use serde::{Deserialize, Serialize};
+
+use super::data::{self, Dataset, Task};
+use super::model::{self, ModelShape};
+use super::native;
+use super::prepare::{check_batch_size, check_task, DEFAULT_SAMPLES};
+use super::spec::{Builtin, DeviceChoice, JobSpec, Limits, OptimizerSpec, SpecError};
+use super::train::EVAL_CHUNK;
+
+/// What a job's data looks like, known before it is loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataShape {
+    /// Rows the model trains on (after the validation split).
+    pub train_rows: usize,
+    pub validation_rows: usize,
+    /// One row's input: `[features]`, `[channels, height, width]` or `[context]` (tokens).
+    pub sample_shape: Vec<usize>,
+    /// Classes, regression outputs or vocabulary size.
+    pub output: usize,
+    pub task: Task,
+    /// Bytes of stored data the job parses when it loads (uploads); 0 for builtins.
+    pub raw_bytes: u64,
+}
+
+/// MNIST subset shipped in the binary (`data::mnist10k`): the tests hold these to it.
+const MNIST10K_ROWS: usize = 10_000;
+const MNIST10K_CLASSES: usize = 10;
+
+impl DataShape {
+    /// The shape of a builtin, without generating or decoding it; `None` when the spec names
+    /// no builtin.
+    pub fn of_builtin(spec: &JobSpec) -> Option<Result<DataShape, SpecError>> {
+        let builtin = spec.data.builtin?;
+        let samples = spec.data.samples.unwrap_or(DEFAULT_SAMPLES);
+        let (rows, sample_shape, output, task) = match builtin {
+            Builtin::Mnist10k => (
+                MNIST10K_ROWS,
+                vec![1, 28, 28],
+                MNIST10K_CLASSES,
+                Task::Classification,
+            ),
+            Builtin::Spirals => (
+                samples,
+                vec![data::SPIRAL_FEATURES],
+                data::SPIRAL_ARMS,
+                Task::Classification,
+            ),
+            Builtin::Blobs => (
+                samples,
+                vec![data::BLOB_FEATURES],
+                data::BLOB_CLUSTERS,
+                Task::Classification,
+            ),
+            Builtin::Sine => (samples, vec![1], 1, Task::Regression),
+        };
+        Some(
+            Self::split(rows, None, spec.validation_fraction, "data").map(
+                |(train_rows, validation_rows)| DataShape {
+                    train_rows,
+                    validation_rows,
+                    sample_shape,
+                    output,
+                    task,
+                    raw_bytes: 0,
+                },
+            ),
+        )
+    }
+
+    /// Training and validation rows: a separate validation set's rows, or the split of
+    /// `rows` by the validation fraction (the split's own message when it cannot be made).
+    pub fn split(
+        rows: usize,
+        validation_rows: Option<usize>,
+        fraction: f64,
+        field: &str,
+    ) -> Result<(usize, usize), SpecError> {
+        match validation_rows {
+            Some(validation_rows) => Ok((rows, validation_rows)),
+            None => data::split_sizes(rows, fraction)
+                .map_err(|error| SpecError::new(field, error.to_string())),
+        }
+    }
+
+    /// The shape of splits already loaded.
+    pub fn of_splits(train: &Dataset, validation: &Dataset) -> DataShape {
+        DataShape {
+            train_rows: train.rows(),
+            validation_rows: validation.rows(),
+            sample_shape: train.sample_shape(),
+            output: train.output_dim(),
+            task: train.task(),
+            raw_bytes: 0,
+        }
+    }
+
+    fn model_shape(&self) -> ModelShape {
+        ModelShape {
+            input: self.sample_shape.clone(),
+            output: self.output,
+            task: self.task,
+        }
+    }
+
+    /// Bytes of one row as the engine holds it: f32 features or u32 token ids, and the
+    /// targets (a u32 class, f32 regression values, or u32 next-token ids).
+    fn row_bytes(&self) -> u64 {
+        let inputs = self
+            .sample_shape
+            .iter()
+            .fold(1u64, |product, &size| product.saturating_mul(size as u64));
+        let targets = match self.task {
+            Task::Classification => 1,
+            Task::Regression => self.output as u64,
+            Task::LanguageModel => inputs,
+        };
+        inputs.saturating_add(targets).saturating_mul(4)
+    }
+}
+
+/// What a job will cost, as admitted (reported with the result).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cost {
+    pub parameters: u64,
+    /// Estimated peak bytes: weights with their gradients, snapshots and optimizer state;
+    /// the training step's buffers at the batch size; the data.
+    pub memory_bytes: u64,
+    pub weight_bytes: u64,
+    pub activation_bytes: u64,
+    pub data_bytes: u64,
+}
+
+/// Float copies of the weights a job holds at its peak: the live weights, their gradients and
+/// one snapshot (the range test's, then the sweep's initial weights), plus the optimizer's
+/// state and the copy the range test keeps of it.
+fn weight_copies(optimizer: &OptimizerSpec) -> u64 {
+    let state = match optimizer {
+        OptimizerSpec::Sgd { .. } => 1,
+        OptimizerSpec::Adam { .. } | OptimizerSpec::Adamw { .. } => 2,
+    };
+    3 + 2 * state
+}
+
+/// The data is held twice at its peak: loaded and split (while preparing), then the splits
+/// and their copy on the training device.
+const DATA_COPIES: u64 = 2;
+
+/// Rows of the training step's buffers: the batch, or an evaluation chunk when validation
+/// runs before the first step (`native::evaluate`), whichever is larger.
+fn step_rows(spec: &JobSpec, data: &DataShape) -> usize {
+    let chunk = EVAL_CHUNK.min(data.train_rows.max(data.validation_rows));
+    spec.batch_size.max(chunk)
+}
+
+/// Checks that a job can run on data of this shape within the limits, and returns its cost.
+/// Every check names the field to change.
+pub fn admit(spec: &JobSpec, data: &DataShape, limits: &Limits) -> Result<Cost, SpecError> {
+    check_device(spec.device)?;
+    check_task(spec, data.task)?;
+    check_batch_size(spec, data.train_rows)?;
+    let shape = data.model_shape();
+    model::check_fits(&spec.model, &shape)?;
+    let parameters = model::parameter_count(&spec.model, &shape);
+    if parameters > limits.max_parameters as u64 {
+        return Err(SpecError::new(
+            "model",
+            format!(
+                "{} parameters is above the limit of {} (max_parameters): use a smaller model",
+                count_label(parameters),
+                limits.max_parameters
+            ),
+        ));
+    }
+    let weight_bytes = parameters
+        .saturating_mul(4)
+        .saturating_mul(weight_copies(&spec.optimizer));
+    let step_rows = step_rows(spec, data);
+    let activation_bytes = native::planned_buffer_bytes(&spec.model, &shape, step_rows);
+    let rows = data.train_rows.saturating_add(data.validation_rows) as u64;
+    let data_bytes = rows
+        .saturating_mul(data.row_bytes())
+        .saturating_mul(DATA_COPIES)
+        .saturating_add(data.raw_bytes);
+    let cost = Cost {
+        parameters,
+        memory_bytes: weight_bytes
+            .saturating_add(activation_bytes)
+            .saturating_add(data_bytes),
+        weight_bytes,
+        activation_bytes,
+        data_bytes,
+    };
+    if cost.memory_bytes > limits.max_job_memory {
+        // Name the part that dominates: that is the field to change.
+        let field = if activation_bytes >= weight_bytes && activation_bytes >= data_bytes {
+            "batch_size"
+        } else if weight_bytes >= data_bytes {
+            "model"
+        } else {
+            "data"
+        };
+        return Err(SpecError::new(
+            field,
+            format!(
+                "the job needs about {} of memory (weights and optimizer state {}, the step's buffers at batch {} {}, data {}), above the limit of {} (max_job_memory): use a smaller model or batch",
+                bytes_label(cost.memory_bytes),
+                bytes_label(weight_bytes),
+                step_rows,
+                bytes_label(activation_bytes),
+                bytes_label(data_bytes),
+                bytes_label(limits.max_job_memory),
+            ),
+        ));
+    }
+    Ok(cost)
+}
+
+/// `cuda` needs a build with the `cuda` feature and a visible GPU.
+pub fn check_device(choice: DeviceChoice) -> Result<(), SpecError> {
+    if choice == DeviceChoice::Cuda && !candle_core::utils::cuda_is_available() {
+        return Err(SpecError::new(
+            "device",
+            "this lrtune was built without CUDA (cargo feature `cuda`) or no GPU is visible: use \"cpu\" or \"auto\"",
+        ));
+    }
+    Ok(())
+}
+
+fn count_label(count: u64) -> String {
+    if count == u64::MAX {
+        "more than 1.8e19".to_string()
+    } else {
+        count.to_string()
+    }
+}
+
+/// Bytes in the largest binary unit that keeps the number at or above 1.
+pub fn bytes_label(bytes: u64) -> String {
+    if bytes == u64::MAX {
+        return "more than 16 EiB".to_string();
+    }
+    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A byte count as given on the command line: a number with an optional unit (`512MiB`,
+/// `4GiB`, `2G`, `1000000`); K, M, G and T are binary, as for memory.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().map_err(|_| {
+        format!("{text:?} is not a size: give bytes, or a number with KiB, MiB, GiB or TiB")
+    })?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}: use KiB, MiB, GiB or TiB"
+            ))
+        }
+    };
+    let bytes = number * scale as f64;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("{text:?} is not a usable size"));
+    }
+    Ok(bytes as u64)
+}
+
+/// A quarter of the machine's memory (`MemTotal` in /proc/meminfo), 4 GiB where that cannot
+/// be read: one job may not take the memory the server and other jobs need.
+pub fn default_job_memory() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|line| line.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        });
+    total.map_or(4 << 30, |bytes| bytes / 4)
+}
+
+/// What a loaded dataset takes in the engine's layout (for the tests against `row_bytes`).
+#[cfg(test)]
+fn held_bytes(data: &Dataset) -> u64 {
+    use super::data::{Features, Targets};
+    let features = match &data.features {
+        Features::Dense { values, .. } => values.len() * 4,
+        Features::Tokens { ids, .. } => ids.len() * 4,
+    };
+    let targets = match &data.targets {
+        Targets::Classes { labels, .. } => labels.len() * 4,
+        Targets::Values { values, .. } => values.len() * 4,
+        Targets::Tokens { ids, .. } => ids.len() * 4,
+    };
+    (features + targets) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::model::Model;
+    use crate::engine::prepare::{load_local_data, prepare};
+    use crate::engine::rng::Rng;
+    use crate::engine::train::{BatchOrder, DeviceData};
+
+    fn spec(text: &str) -> JobSpec {
+        let spec = JobSpec::from_json(text).expect("parses");
+        spec.validate(&Limits::default()).expect("valid");
+        spec
+    }
+
+    fn refused(text: &str) -> SpecError {
+        let spec = spec(text);
+        let shape = DataShape::of_builtin(&spec).unwrap().unwrap();
+        admit(&spec, &shape, &Limits::default()).expect_err("refused")
+    }
+
+    #[test]
+    fn builtin_shapes_are_those_of_the_loaded_data() {
+        for builtin in ["mnist10k", "spirals", "blobs", "sine"] {
+            let spec = spec(&format!(r#"{{"data": {{"builtin": "{builtin}"}}}}"#));
+            let planned = DataShape::of_builtin(&spec).unwrap().unwrap();
+            let prepared = prepare(&spec, load_local_data(&spec).unwrap()).unwrap();
+            let loaded = DataShape::of_splits(&prepared.train, &prepared.validation);
+            assert_eq!(planned, loaded, "{builtin}");
+            let held = held_bytes(&prepared.train) + held_bytes(&prepared.validation);
+            let rows = (planned.train_rows + planned.validation_rows) as u64;
+            assert_eq!(planned.row_bytes() * rows, held, "{builtin}");
+        }
+    }
+
+    /// The planned parameters and step buffers are what building the model and running a
+    /// training step allocate, for every architecture.
+    #[test]
+    fn the_estimate_matches_what_a_training_step_allocates() {
+        let text = "abcdefghij klmnopqrstuvwxyz. ".repeat(40);
+        let cases = [
+            (
+                r#"{"data": {"builtin": "blobs", "samples": 600}, "model": {"arch": "linear"}, "batch_size": 32}"#,
+                None,
+            ),
+            (
+                r#"{"data": {"builtin": "blobs", "samples": 600}, "model": {"arch": "mlp", "hidden": [40, 24], "dropout": 0.1}, "batch_size": 300}"#,
+                None,
+            ),
+            (
+                r#"{"data": {"builtin": "sine", "samples": 600}, "model": {"arch": "mlp", "hidden": [16]}, "batch_size": 8}"#,
+                None,
+            ),
+            (
+                r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "cnn", "channels": [4, 6], "hidden": 20}, "batch_size": 16}"#,
+                None,
+            ),
+            (
+                r#"{"data": {"path": "corpus.txt"}, "model": {"arch": "transformer", "d_model": 16, "heads": 2, "layers": 2, "context": 12}, "batch_size": 4}"#,
+                Some(text.as_bytes()),
+            ),
+        ];
+        for (text, corpus) in cases {
+            let spec = spec(text);
+            let loaded = match corpus {
+                Some(bytes) => crate::engine::prepare::read_pair(
+                    crate::engine::prepare::Format::Text,
+                    bytes,
+                    None,
+                    None,
+                    &spec,
+                )
+                .unwrap(),
+                None => load_local_data(&spec).unwrap(),
+            };
+            let prepared = prepare(&spec, loaded).unwrap();
+            let shape = DataShape::of_splits(&prepared.train, &prepared.validation);
+            let cost = admit(&spec, &shape, &Limits::default()).unwrap();
+            let device = candle_core::Device::Cpu;
+            let model = Model::build(&spec.model, &shape.model_shape(), 0, &device).unwrap();
+            assert_eq!(cost.parameters, model.parameter_count() as u64, "{text}");
+
+            // A step at the planned size: the larger of the batch and an evaluation chunk.
+            let rows = step_rows(&spec, &shape);
+            let train = DeviceData::new(&prepared.train, &device).unwrap();
+            let mut optimizer = crate::engine::optim::Optimizer::new(&spec.optimizer, model.vars());
+            let batch: Vec<usize> = BatchOrder::new(train.rows, rows, 0).next_batch().to_vec();
+            crate::engine::train::train_step(
+                &model,
+                &mut optimizer,
+                &train,
+                &batch,
+                0.01,
+                0.9,
+                &mut Rng::new(1),
+            )
+            .unwrap();
+            let allocated = model
+                .workspace()
+                .as_ref()
+                .expect("the step built its buffers")
+                .allocated_buffer_bytes() as u64;
+            let planned = native::planned_buffer_bytes(&spec.model, &shape.model_shape(), rows);
+            assert_eq!(planned, allocated, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_model_too_large_to_count_is_refused_without_building_it() {
+        let error = refused(
+            r#"{"data": {"builtin": "spirals"}, "model": {"arch": "mlp", "hidden": [4611686018427387904]}}"#,
+        );
+        assert_eq!(error.field, "model");
+        assert!(
+            error.message.contains("more than 1.8e19 parameters"),
+            "{}",
+            error.message
+        );
+        let error = refused(
+            r#"{"data": {"builtin": "spirals"}, "model": {"arch": "mlp", "hidden": [1000000, 1000000]}}"#,
+        );
+        assert_eq!(error.field, "model");
+        assert!(
+            error.message.starts_with(
+                "1000007000003 parameters is above the limit of 20000000 (max_parameters)"
+            ),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
+    fn wide_convolutions_and_deep_transformers_are_refused_by_their_cost() {
+        let error = refused(
+            r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "cnn", "channels": [100000]}}"#,
+        );
+        assert_eq!(error.field, "model");
+        // Few parameters, but a batch of 28x28x2000 activations and their im2col patches.
+        let limits = Limits {
+            max_job_memory: 1 << 30,
+            ..Limits::default()
+        };
+        let spec = spec(
+            r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "cnn", "channels": [2000], "hidden": 1}}"#,
+        );
+        let shape = DataShape::of_builtin(&spec).unwrap().unwrap();
+        let error = admit(&spec, &shape, &limits).unwrap_err();
+        assert_eq!(error.field, "batch_size");
+        assert!(
+            error
+                .message
+                .contains("above the limit of 1.0 GiB (max_job_memory)"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
+    fn data_and_spec_mismatches_are_found_from_the_shape() {
+        let error = refused(r#"{"data": {"builtin": "mnist10k"}, "batch_size": 1000000000000}"#);
+        assert_eq!(error.field, "batch_size");
+        assert_eq!(
+            error.message,
+            "1000000000000 is more than the 8000 training rows: use at most 8000"
+        );
+        let error = refused(r#"{"data": {"builtin": "blobs"}, "model": {"arch": "cnn"}}"#);
+        assert_eq!(error.field, "model.arch");
+        let error =
+            refused(r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "transformer"}}"#);
+        assert_eq!(error.field, "model.arch");
+        let error = refused(r#"{"data": {"builtin": "sine"}, "task": "classification"}"#);
+        assert_eq!(error.field, "task");
+        assert_eq!(
+            error.message,
+            "the data is a regression task, not classification: use \"auto\""
+        );
+    }
+
+    #[test]
+    fn cuda_is_refused_on_a_build_without_it() {
+        let result = check_device(DeviceChoice::Cuda);
+        assert_eq!(result.is_ok(), cfg!(feature = "cuda"));
+        if let Err(error) = result {
+            assert_eq!(error.field, "device");
+        }
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_bytes("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_bytes("512 MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("4 parsecs").is_err());
+        assert_eq!(bytes_label(3 << 29), "1.5 GiB");
+        assert_eq!(bytes_label(100), "100 bytes");
+    }
+}
