@@ -47,6 +47,9 @@ pub struct ServeArgs {
     /// Most rows (or characters) in an uploaded dataset.
     #[arg(long, env = "LRTUNE_MAX_DATASET_ROWS", default_value_t = 1_000_000)]
     pub max_dataset_rows: usize,
+    /// Most columns in an uploaded CSV, counted from its header before any row is read.
+    #[arg(long, env = "LRTUNE_MAX_DATASET_COLUMNS", default_value_t = 100_000)]
+    pub max_dataset_columns: usize,
     /// Most steps of a schedule from POST /v1/schedules (and points for /v1/analyze).
     #[arg(long, env = "LRTUNE_MAX_SCHEDULE_STEPS", default_value_t = 100_000)]
     pub max_schedule_steps: usize,
@@ -107,6 +110,7 @@ impl ServeArgs {
             max_json_bytes: self.max_json_bytes,
             max_upload_bytes: self.max_upload_bytes,
             max_dataset_rows: self.max_dataset_rows,
+            max_dataset_columns: self.max_dataset_columns,
             max_schedule_steps: self.max_schedule_steps,
             stale_after: seconds(self.stale_after, "stale-after")?,
             max_attempts: self.max_attempts,

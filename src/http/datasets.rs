@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{body_rejection, ApiQuery};
 use super::{ApiError, AppState, ErrorBody};
-use crate::engine::data::{self, DataError, Dataset, Task};
+use crate::engine::data::{self, DataError, Task};
 use crate::engine::prepare::task_name;
 use crate::store::{new_id, DatasetRow, NewDataset};
 
@@ -110,7 +110,8 @@ impl From<DatasetRow> for DatasetView {
 }
 
 /// Uploads a dataset. It is parsed completely first; an error names the row and column (CSV)
-/// or the part and position (other formats).
+/// or the part and position (other formats). A CSV with more columns than
+/// `max_dataset_columns` is refused from its header, before its rows are read.
 #[utoipa::path(post, path = "/v1/datasets", tag = "datasets", params(UploadQuery),
     request_body(content = String, description = "CSV or UTF-8 text as the raw body; multipart/form-data with parts x and y for idx and npy",
         content_type = "application/octet-stream"),
@@ -155,13 +156,21 @@ pub async fn upload(
         UploadTask::Regression => Some(Task::Regression),
     };
     let target = query.target.clone();
+    let max_columns = state.settings.max_dataset_columns;
     let (x, y, summary) = tokio::task::spawn_blocking(move || {
-        let summary = describe(format, &x, y.as_deref(), target.as_deref(), task);
+        let summary = describe(
+            format,
+            &x,
+            y.as_deref(),
+            target.as_deref(),
+            task,
+            max_columns,
+        );
         (x, y, summary)
     })
     .await
     .map_err(|e| ApiError::Internal(anyhow::anyhow!("validating an upload: {e}")))?;
-    let summary = summary.map_err(data_error)?;
+    let summary = summary?;
     let max_rows = state.settings.max_dataset_rows;
     if summary.rows > max_rows {
         return Err(ApiError::limit(
@@ -252,48 +261,63 @@ struct Summary {
     task: Task,
 }
 
+/// Parses an upload completely. A CSV's header is read first, and a file wider than
+/// `max_columns` is refused before any of its rows is parsed.
 fn describe(
     format: UploadFormat,
     x: &[u8],
     y: Option<&[u8]>,
     target: Option<&str>,
     task: Option<Task>,
-) -> Result<Summary, DataError> {
+    max_columns: usize,
+) -> Result<Summary, ApiError> {
     let y = y.unwrap_or_default();
-    let from_dataset = |dataset: Dataset| {
-        let info = dataset.info();
-        Summary {
-            rows: info.rows,
-            features: info.features,
-            sample_shape: info.sample_shape,
-            classes: info.classes,
-            vocabulary: None,
-            task: info.task,
+    let dataset = match format {
+        UploadFormat::Csv => {
+            let file = data::CsvFile::open(x).map_err(data_error)?;
+            let columns = file.column_count();
+            if columns > max_columns {
+                return Err(ApiError::limit(
+                    "columns",
+                    format!(
+                        "{columns} columns is above the limit of {max_columns} (max_dataset_columns)"
+                    ),
+                ));
+            }
+            file.read(target, task)
         }
+        UploadFormat::Idx => data::read_idx(x, y),
+        UploadFormat::Npy => data::read_npy(x, y, task),
+        UploadFormat::Text => return describe_text(x).map_err(data_error),
     };
-    Ok(match format {
-        UploadFormat::Csv => from_dataset(data::read_csv(x, target, task)?),
-        UploadFormat::Idx => from_dataset(data::read_idx(x, y)?),
-        UploadFormat::Npy => from_dataset(data::read_npy(x, y, task)?),
-        UploadFormat::Text => {
-            // The context is a job's choice, so only the corpus is checked here.
-            let vocabulary = data::text_vocabulary(x)?;
-            let characters = std::str::from_utf8(x).map_or(0, |text| text.chars().count());
-            if characters < 2 {
-                return Err(DataError::Invalid {
-                    part: "text".into(),
-                    message: "a corpus needs at least 2 characters".into(),
-                });
-            }
-            Summary {
-                rows: characters,
-                features: 0,
-                sample_shape: Vec::new(),
-                classes: None,
-                vocabulary: Some(vocabulary.len()),
-                task: Task::LanguageModel,
-            }
-        }
+    let info = dataset.map_err(data_error)?.info();
+    Ok(Summary {
+        rows: info.rows,
+        features: info.features,
+        sample_shape: info.sample_shape,
+        classes: info.classes,
+        vocabulary: None,
+        task: info.task,
+    })
+}
+
+/// A text corpus: the context is a job's choice, so only the corpus is checked here.
+fn describe_text(x: &[u8]) -> Result<Summary, DataError> {
+    let vocabulary = data::text_vocabulary(x)?;
+    let characters = std::str::from_utf8(x).map_or(0, |text| text.chars().count());
+    if characters < 2 {
+        return Err(DataError::Invalid {
+            part: "text".into(),
+            message: "a corpus needs at least 2 characters".into(),
+        });
+    }
+    Ok(Summary {
+        rows: characters,
+        features: 0,
+        sample_shape: Vec::new(),
+        classes: None,
+        vocabulary: Some(vocabulary.len()),
+        task: Task::LanguageModel,
     })
 }
 

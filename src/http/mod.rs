@@ -42,6 +42,7 @@ pub struct ApiSettings {
     pub max_json_bytes: usize,
     pub max_upload_bytes: usize,
     pub max_dataset_rows: usize,
+    pub max_dataset_columns: usize,
     pub max_schedule_steps: usize,
     /// Dashboard files found here replace the built-in ones; empty: only the built-in ones.
     pub static_dir: PathBuf,

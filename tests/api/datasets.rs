@@ -92,6 +92,62 @@ async fn a_dataset_above_the_row_limit_is_a_422_naming_the_limit() {
     assert!(error["message"].as_str().unwrap().contains("100"), "{body}");
 }
 
+/// Columns named c0, c1, ...; every cell 0.5 but the last, which alternates 0 and 1.
+fn wide_csv(columns: usize, rows: usize) -> String {
+    let names: Vec<String> = (0..columns).map(|column| format!("c{column}")).collect();
+    let mut text = names.join(",");
+    text.push('\n');
+    for row in 0..rows {
+        text.push_str(&"0.5,".repeat(columns - 1));
+        text.push_str(if row % 2 == 0 { "0\n" } else { "1\n" });
+    }
+    text
+}
+
+#[tokio::test]
+async fn a_csv_with_100000_columns_is_accepted_at_the_default_column_limit() {
+    let app = spawn_app().await;
+    let (status, dataset) = json_of(
+        app.post_raw("/v1/datasets?format=csv", wide_csv(100_000, 4))
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{dataset}");
+    assert_eq!(dataset["features"], 99_999);
+    assert_eq!(dataset["rows"], 4);
+}
+
+#[tokio::test]
+async fn a_csv_above_the_column_limit_is_a_422_naming_the_limit_before_its_rows_are_read() {
+    let app = spawn_app_configured(|settings| settings.max_dataset_columns = 1000).await;
+    // The rows are not numbers: refusing by the limit shows they were never parsed.
+    let mut body = wide_csv(1001, 0);
+    body.push_str(&"abc,".repeat(1001));
+    body.push('\n');
+    let (status, body) = json_of(app.post_raw("/v1/datasets?format=csv", body).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let error = assert_error(&body, "limit_exceeded");
+    assert_eq!(
+        error["message"],
+        "1001 columns is above the limit of 1000 (max_dataset_columns)"
+    );
+    assert_eq!(error["field"], "columns");
+}
+
+#[tokio::test]
+async fn a_duplicate_column_name_in_a_wide_header_is_refused_by_name() {
+    let app = spawn_app().await;
+    let body = wide_csv(100_000, 4).replacen("c99998,", "c5,", 1);
+    let (status, body) = json_of(app.post_raw("/v1/datasets?format=csv", body).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let error = assert_error(&body, "invalid_data");
+    assert_eq!(
+        error["message"],
+        "csv: the header names column \"c5\" twice"
+    );
+    assert_eq!(error["field"], "csv");
+}
+
 #[tokio::test]
 async fn an_upload_above_the_byte_limit_is_a_413() {
     let app = spawn_app_configured(|settings| settings.max_upload_bytes = 1000).await;

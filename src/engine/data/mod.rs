@@ -8,7 +8,7 @@ mod idx;
 mod npy;
 mod text;
 
-pub use self::csv::read_csv;
+pub use self::csv::{read_csv, CsvFile};
 pub use self::generate::{
     blobs, sine, spirals, BLOB_CLUSTERS, BLOB_FEATURES, SPIRAL_ARMS, SPIRAL_FEATURES,
 };
