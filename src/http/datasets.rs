@@ -274,8 +274,8 @@ fn describe(
     let y = y.unwrap_or_default();
     let dataset = match format {
         UploadFormat::Csv => {
-            let file = data::CsvFile::open(x).map_err(data_error)?;
-            let columns = file.column_count();
+            // Counted before the header is read: the reader keeps an entry per cell.
+            let columns = data::CsvFile::header_width(x);
             if columns > max_columns {
                 return Err(ApiError::limit(
                     "columns",
@@ -284,7 +284,7 @@ fn describe(
                     ),
                 ));
             }
-            file.read(target, task)
+            data::CsvFile::open(x).and_then(|file| file.read(target, task))
         }
         UploadFormat::Idx => data::read_idx(x, y),
         UploadFormat::Npy => data::read_npy(x, y, task),

@@ -45,6 +45,23 @@ impl<'a> CsvFile<'a> {
         Ok(CsvFile { reader, header })
     }
 
+    /// Cells in the header row of `bytes`, counted without reading them into memory (a
+    /// separator inside quotes does not count), so that a header of millions of cells can be
+    /// refused before the reader allocates one entry per cell.
+    pub fn header_width(bytes: &[u8]) -> usize {
+        let mut quoted = false;
+        let mut cells = 1;
+        for &byte in bytes {
+            match byte {
+                b'"' => quoted = !quoted,
+                b',' if !quoted => cells += 1,
+                b'\n' | b'\r' if !quoted => break,
+                _ => {}
+            }
+        }
+        cells
+    }
+
     /// Cells in the header row, before any check of their names.
     pub fn column_count(&self) -> usize {
         self.header.len()
@@ -420,6 +437,13 @@ mod tests {
     fn opening_a_file_reads_its_header_and_not_its_rows() {
         let file = CsvFile::open(b"a,b,c\n1,x,3\n").expect("a readable header");
         assert_eq!(file.column_count(), 3);
+        assert_eq!(CsvFile::header_width(b"a,b,c\n1,x,3\n"), 3);
+        assert_eq!(
+            CsvFile::header_width(b"\"a,b\",\"say \"\"hi,\"\"\",c\r\n1,2,3"),
+            3
+        );
+        let quoted = CsvFile::open(b"\"a,b\",\"say \"\"hi,\"\"\",c\r\n1,2,3").unwrap();
+        assert_eq!(quoted.column_count(), 3);
         assert_eq!(
             file.read(None, None).unwrap_err().to_string(),
             "row 2, column \"b\": \"x\" is not a number"
