@@ -3,6 +3,7 @@
 
 mod analyze;
 mod bench;
+mod bench_api;
 mod check;
 mod client;
 mod eval;
@@ -46,6 +47,10 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Milliseconds per training step against PyTorch, tune wall time, peak memory.
     Bench(bench::BenchArgs),
+    /// API latency under load: a fixed-rate request mix against a server of its own, idle and
+    /// with a tune job training; exit 1 when a phase's p99 is over --max-p99-ms or a request
+    /// failed.
+    BenchApi(bench_api::BenchApiArgs),
 }
 
 /// What a command concluded, mapped to the process exit code.
@@ -67,6 +72,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::run(*args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::BenchApi(args) => bench_api::run(args),
     };
     match outcome {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
