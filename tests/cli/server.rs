@@ -148,11 +148,12 @@ fn a_spec_the_server_refuses_exits_2_with_its_message_and_field() {
 fn a_job_that_fails_on_the_server_exits_2_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path(), &[]);
-    // Valid as a spec; only loading the data shows that a batch is larger than the rows.
+    // Admitted at submit; only the run finds that one epoch of 40 rows in batches of 32 is
+    // one step, too short for a OneCycle schedule.
     let spec = write(
         dir.path(),
         "spec.json",
-        r#"{"data": {"builtin": "spirals", "samples": 50}, "batch_size": 64}"#,
+        r#"{"data": {"builtin": "spirals", "samples": 50}, "batch_size": 32, "sweep": {"epochs": 1}}"#,
     );
     let run = lrtune(
         &[
@@ -167,7 +168,7 @@ fn a_job_that_fails_on_the_server_exits_2_with_the_reason() {
         &[],
     );
     assert_eq!(run.code, 2, "{run}");
-    assert!(run.stderr.contains(" failed: batch_size: "), "{run}");
+    assert!(run.stderr.contains(" failed: sweep.epochs: "), "{run}");
 }
 
 #[test]
