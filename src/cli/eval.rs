@@ -1,10 +1,12 @@
 //! `lrtune eval`: scores the tune recommendation and the single range-test rules against a
-//! full grid search of the planned run on the built-in problems (see engine/evaluate.rs).
+//! full grid search of the planned run on the evaluation problems (see engine/evaluate.rs).
 
 use clap::Args;
 
 use super::Outcome;
-use crate::engine::evaluate::{problems, score, ProblemScore, SweepOverrides, GRID_SEEDS};
+use crate::engine::evaluate::{
+    problems, score, summarize, ProblemScore, Summary, SweepOverrides, GRID_PEAKS, GRID_SEEDS,
+};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -20,12 +22,16 @@ pub struct EvalArgs {
     /// Score the tune with this many sweep epochs instead of the default.
     #[arg(long)]
     pub sweep_epochs: Option<usize>,
-    /// Print every score as JSON.
+    /// Print every score and the summary as JSON.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
+    let overrides = SweepOverrides {
+        count: args.sweep_count,
+        epochs: args.sweep_epochs,
+    };
     let mut scores: Vec<ProblemScore> = Vec::new();
     for problem in problems() {
         if args
@@ -36,78 +42,105 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
             continue;
         }
         for seed in 0..args.seeds {
-            let started = std::time::Instant::now();
-            let overrides = SweepOverrides {
-                count: args.sweep_count,
-                epochs: args.sweep_epochs,
-            };
             let scored = score(&problem, seed, overrides, &mut |stage| {
                 eprintln!("{stage} (seed {seed})")
             })?;
             eprintln!(
-                "{} seed {seed}: grid best {:.3e}, tune {:.3e} ({}), valley {} steepest {} minimum {}, compute {:.1} % ({:.0} s)",
+                "{} seed {seed}: grid best {:.3e}{}, tune {:.3e} ({}, |log10| {:.2}), valley {} steepest {} minimum {}, compute {:.1} % of the grid, {:.1} x the plan ({:.0} s)",
                 scored.problem,
                 scored.grid_best,
-                scored.recommended,
-                mark(scored.hit_tune),
-                mark(scored.hit_valley),
-                mark(scored.hit_steepest),
-                mark(scored.hit_minimum),
+                if scored.grid_best_at_edge { " (at the grid's edge)" } else { "" },
+                scored.recommended(),
+                mark(scored.tune.hit),
+                scored.tune.log10_error.unwrap_or(f64::INFINITY),
+                mark(scored.valley.hit),
+                mark(scored.steepest.hit),
+                mark(scored.minimum.hit),
                 scored.compute_share * 100.0,
-                started.elapsed().as_secs_f64()
+                scored.plan_multiple,
+                scored.seconds
             );
             scores.push(scored);
         }
     }
+    let summary = summarize(&scores);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&scores)?);
+        let report = serde_json::json!({ "scores": scores, "summary": summary });
+        println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(Outcome::Ok);
     }
-    let rate = |hit: fn(&ProblemScore) -> bool| {
-        let hits = scores.iter().filter(|s| hit(s)).count();
-        format!(
-            "{hits}/{} ({:.0} %)",
-            scores.len(),
-            100.0 * hits as f64 / scores.len().max(1) as f64
-        )
-    };
-    println!(
-        "grid: peaks a third of a decade apart, {GRID_SEEDS} seeds, full planned run; a hit is a"
-    );
-    println!(
-        "learning rate whose nearest grid peak is within 5 % of the best grid validation loss"
-    );
-    println!(
-        "{:<20} {:>10} {:>10} {:>5} {:>10} {:>10} {:>10} {:>8}",
-        "problem", "grid best", "tune", "hit", "valley", "steepest", "minimum", "compute"
-    );
-    for s in &scores {
-        println!(
-            "{:<20} {:>10.2e} {:>10.2e} {:>5} {:>10} {:>10} {:>10} {:>7.1}%",
-            s.problem,
-            s.grid_best,
-            s.recommended,
-            mark(s.hit_tune),
-            rule(s.valley, s.hit_valley),
-            rule(s.steepest, s.hit_steepest),
-            rule(s.minimum, s.hit_minimum),
-            s.compute_share * 100.0
-        );
-    }
-    let mean_share =
-        scores.iter().map(|s| s.compute_share).sum::<f64>() / scores.len().max(1) as f64;
-    println!(
-        "hit rate: tune {}, valley {}, steepest {}, minimum {}",
-        rate(|s| s.hit_tune),
-        rate(|s| s.hit_valley),
-        rate(|s| s.hit_steepest),
-        rate(|s| s.hit_minimum)
-    );
-    println!(
-        "mean compute of a tune: {:.1} % of the grid",
-        mean_share * 100.0
-    );
+    print!("{}", report(&scores, &summary));
     Ok(Outcome::Ok)
+}
+
+/// The table: one row per score, then hits and median errors per method, and the compute.
+fn report(scores: &[ProblemScore], summary: &Summary) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "grid: {GRID_PEAKS} peaks a third of a decade apart x {GRID_SEEDS} seeds, each the full planned OneCycle\n\
+         run, judged on final validation loss. A hit: the grid peak nearest the learning rate is\n\
+         within 5 % of the best mean loss, or within one seed standard deviation of it if wider.\n\n"
+    ));
+    out.push_str(&format!(
+        "{:<27} {:>4} {:>10} {:>10} {:>4} {:>7} {:>10} {:>10} {:>10} {:>8} {:>6} {:>6}\n",
+        "problem",
+        "seed",
+        "grid best",
+        "tune",
+        "hit",
+        "|log10|",
+        "valley",
+        "steepest",
+        "minimum",
+        "compute",
+        "x plan",
+        "time"
+    ));
+    for s in scores {
+        out.push_str(&format!(
+            "{:<27} {:>4} {:>9.2e}{} {:>10.2e} {:>4} {:>7.2} {:>10} {:>10} {:>10} {:>7.1}% {:>6.1} {:>5.0}s\n",
+            s.problem,
+            s.seed,
+            s.grid_best,
+            if s.grid_best_at_edge { "!" } else { " " },
+            s.recommended(),
+            mark(s.tune.hit),
+            s.tune.log10_error.unwrap_or(f64::INFINITY),
+            rule(s.valley.lr, s.valley.hit),
+            rule(s.steepest.lr, s.steepest.hit),
+            rule(s.minimum.lr, s.minimum.hit),
+            s.compute_share * 100.0,
+            s.plan_multiple,
+            s.seconds
+        ));
+    }
+    if scores.iter().any(|s| s.grid_best_at_edge) {
+        out.push_str("! the grid's best peak is at the edge of its window: move lowest_third\n");
+    }
+    out.push_str("(a rule's learning rate ends in + when it is a hit)\n\n");
+    out.push_str(&format!(
+        "{:<10} {:>13}  median |log10(lr / grid best)|\n",
+        "method", "hits"
+    ));
+    for method in &summary.methods {
+        let hits = format!(
+            "{}/{} ({:.0} %)",
+            method.hits,
+            summary.scores,
+            100.0 * method.hits as f64 / summary.scores.max(1) as f64
+        );
+        out.push_str(&format!(
+            "{:<10} {hits:>13}  {:.2}\n",
+            method.method, method.median_log10_error
+        ));
+    }
+    out.push_str(&format!(
+        "tune compute: {:.1} % of the grids' steps (all problems pooled); median {:.1} x the planned run\n",
+        summary.compute_share * 100.0,
+        summary.median_plan_multiple
+    ));
+    out.push_str(&format!("wall time: {:.0} s\n", summary.seconds));
+    out
 }
 
 fn mark(hit: bool) -> &'static str {

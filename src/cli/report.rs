@@ -38,8 +38,8 @@ pub fn summary(result: &JobResult) -> String {
         let _ = writeln!(out, "sweep (OneCycle, validation loss per candidate peak):");
         let _ = writeln!(
             out,
-            "  {:>10}  {:>10}  {:>9}",
-            "peak_lr", "val_loss", "accuracy"
+            "  {:>10}  {:>7}  {:>10}  {:>9}",
+            "peak_lr", "epochs", "val_loss", "accuracy"
         );
         for candidate in &result.sweep {
             let loss = if candidate.diverged {
@@ -60,8 +60,8 @@ pub fn summary(result: &JobResult) -> String {
             };
             let _ = writeln!(
                 out,
-                "  {:>10.3e}  {:>10}  {:>9}{mark}",
-                candidate.peak_lr, loss, accuracy
+                "  {:>10.3e}  {:>7.1}  {:>10}  {:>9}{mark}",
+                candidate.peak_lr, candidate.epochs, loss, accuracy
             );
         }
     }
@@ -82,8 +82,13 @@ pub fn summary(result: &JobResult) -> String {
     let timing = &result.timing;
     let _ = writeln!(
         out,
-        "took {:.1} s for {} training steps ({:.0} steps/s)",
-        timing.seconds, timing.total_steps, timing.steps_per_second
+        "took {:.1} s for {} training steps ({:.0} steps/s): {:.2}x the planned run's {} steps, within a budget of {}",
+        timing.seconds,
+        timing.total_steps,
+        timing.steps_per_second,
+        timing.plan_multiple,
+        timing.plan_steps,
+        timing.budget_steps
     );
     out
 }

@@ -74,6 +74,54 @@ pub struct JobSpec {
     pub range_test: RangeTestSpec,
     #[serde(default)]
     pub sweep: SweepSpec,
+    #[serde(default, skip_serializing_if = "Budget::is_default")]
+    pub budget: Budget,
+}
+
+/// The most optimizer steps a whole job (range test and sweep) may spend. Either bound may
+/// be given; the tighter one wins. Neither: [`Budget::DEFAULT_MULTIPLE`] times the planned
+/// run, at most [`Budget::DEFAULT_STEPS`] steps, but never under [`Budget::FLOOR_MULTIPLE`]
+/// times the planned run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// A multiple of the planned run's optimizer steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_multiple: Option<f64>,
+    /// Optimizer steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+}
+
+impl Budget {
+    /// A small plan affords several full-length runs in seconds...
+    pub const DEFAULT_MULTIPLE: f64 = 6.0;
+    /// ...a long plan cannot: past this many steps the default stops growing...
+    pub const DEFAULT_STEPS: usize = 2_500;
+    /// ...though it always allows twice the planned run.
+    pub const FLOOR_MULTIPLE: f64 = 2.0;
+
+    fn is_default(&self) -> bool {
+        *self == Budget::default()
+    }
+
+    /// The job's budget in optimizer steps, for a planned run of `plan_steps`.
+    pub fn steps_for(&self, plan_steps: usize) -> usize {
+        let plan = plan_steps as f64;
+        let given = [
+            self.plan_multiple.map(|multiple| multiple * plan),
+            self.steps.map(|steps| steps as f64),
+        ];
+        let bound = given.into_iter().flatten().fold(f64::INFINITY, f64::min);
+        let steps = if bound.is_finite() {
+            bound
+        } else {
+            (Self::DEFAULT_MULTIPLE * plan)
+                .min(Self::DEFAULT_STEPS as f64)
+                .max(Self::FLOOR_MULTIPLE * plan)
+        };
+        steps.floor().min(usize::MAX as f64) as usize
+    }
 }
 
 /// Where the data comes from. One struct rather than an untagged enum so that a wrong
@@ -409,8 +457,10 @@ pub struct SweepSpec {
     pub candidates: Candidates,
     #[serde(default = "defaults::sweep_count")]
     pub count: usize,
-    #[serde(default = "defaults::sweep_epochs")]
-    pub epochs: usize,
+    /// The horizon every candidate is judged at, in epochs. Absent: chosen from the budget,
+    /// up to the planned run itself (see `sweep::plan_search`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<usize>,
     #[serde(default = "defaults::sweep_seeds")]
     pub seeds: usize,
     #[serde(default)]
@@ -422,7 +472,7 @@ impl Default for SweepSpec {
         Self {
             candidates: Candidates::Auto,
             count: defaults::sweep_count(),
-            epochs: defaults::sweep_epochs(),
+            epochs: None,
             seeds: defaults::sweep_seeds(),
             schedule: OneCycleShape::default(),
         }
@@ -528,9 +578,6 @@ mod defaults {
     pub fn sweep_count() -> usize {
         5
     }
-    pub fn sweep_epochs() -> usize {
-        2
-    }
     pub fn sweep_seeds() -> usize {
         1
     }
@@ -632,6 +679,7 @@ impl JobSpec {
         }
         self.validate_model()?;
         self.validate_optimizer()?;
+        self.validate_budget()?;
         if self.kind != JobKind::Sweep {
             self.validate_range_test(limits)?;
         }
@@ -767,6 +815,21 @@ impl JobSpec {
         Ok(())
     }
 
+    fn validate_budget(&self) -> Result<(), SpecError> {
+        if let Some(multiple) = self.budget.plan_multiple {
+            if !(multiple.is_finite() && multiple > 0.0) {
+                return Err(SpecError::new(
+                    "budget.plan_multiple",
+                    format!("must be positive, got {multiple}"),
+                ));
+            }
+        }
+        if self.budget.steps == Some(0) {
+            return Err(SpecError::new("budget.steps", "must be at least 1"));
+        }
+        Ok(())
+    }
+
     fn validate_optimizer(&self) -> Result<(), SpecError> {
         match &self.optimizer {
             OptimizerSpec::Sgd {
@@ -885,15 +948,17 @@ impl JobSpec {
                 values.len()
             }
         };
-        if sweep.epochs == 0 {
+        if sweep.epochs == Some(0) {
             return Err(SpecError::new("sweep.epochs", "must be at least 1"));
         }
         if sweep.seeds == 0 {
             return Err(SpecError::new("sweep.seeds", "must be at least 1"));
         }
+        // A horizon chosen from the budget is bounded by it; admission checks that budget
+        // against this limit once the data's epoch length is known.
         let total = candidate_count
             .saturating_mul(sweep.seeds)
-            .saturating_mul(sweep.epochs.min(self.plan.epochs));
+            .saturating_mul(sweep.epochs.unwrap_or(0).min(self.plan.epochs));
         if total > limits.max_sweep_epochs {
             return Err(SpecError::new(
                 "sweep",
@@ -1115,6 +1180,26 @@ mod tests {
         .unwrap()
         .validate(&Limits::default())
         .unwrap();
+    }
+
+    #[test]
+    fn the_default_budget_affords_several_small_plans_and_twice_a_large_one() {
+        let budget = Budget::default();
+        // 6x a small plan; capped at 2,500 steps; never under 2x the plan.
+        assert_eq!(budget.steps_for(140), 840);
+        assert_eq!(budget.steps_for(1250), 2500);
+        assert_eq!(budget.steps_for(5000), 10_000);
+        let given = Budget {
+            plan_multiple: Some(3.0),
+            steps: Some(1000),
+        };
+        assert_eq!(given.steps_for(140), 420);
+        assert_eq!(given.steps_for(1000), 1000);
+        let error = invalid(r#"{"data": {"builtin": "mnist10k"}, "budget": {"plan_multiple": 0}}"#);
+        assert_eq!(error.field, "budget.plan_multiple");
+        let error =
+            parse(r#"{"data": {"builtin": "mnist10k"}, "budget": {"hours": 1}}"#).unwrap_err();
+        assert_eq!(error.field, "budget.hours");
     }
 
     #[test]

@@ -15,10 +15,13 @@ use super::optim::Optimizer;
 use super::prepare::{prepare, LoadedData};
 use super::range_test::{run_range_test, CurvePoint, RangeTestInputs};
 use super::schedule::{OneCycle, Schedule};
-use super::spec::{Candidates, DeviceChoice, JobKind, JobSpec, Limits, OptimizerSpec, SpecError};
+use super::spec::{
+    Budget, Candidates, DeviceChoice, JobKind, JobSpec, Limits, OptimizerSpec, SpecError,
+};
 use super::suggest::{self, CurveEnd, Suggestions};
 use super::sweep::{
-    auto_candidates, band, judge, sweep_one_seed, SweepCandidate, SweepRun, SweepSetup,
+    auto_candidates, band, final_candidates, plan_search, OpenEdge, Search, SweepCandidate,
+    SweepRun,
 };
 use super::train::{BatchOrder, DeviceData};
 use super::{Control, EngineError, Event};
@@ -44,6 +47,12 @@ pub struct Recommendation {
     pub pytorch: String,
     pub fastai: String,
     pub warnings: Vec<String>,
+    /// The horizon the winning peak was judged at (the planned run's, unless the budget
+    /// forced a shorter one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judged_at_steps: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judged_at_epochs: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,6 +69,11 @@ pub struct Timing {
     pub seconds: f64,
     /// Optimizer steps taken by the whole job (range test and sweep).
     pub total_steps: usize,
+    /// The most it was allowed (`budget`).
+    pub budget_steps: usize,
+    /// Steps of the planned run, and what the job spent as a multiple of them.
+    pub plan_steps: usize,
+    pub plan_multiple: f64,
     pub steps_per_second: f64,
 }
 
@@ -128,10 +142,15 @@ pub fn run_job(
     let train = DeviceData::new(&prepared.train, &device)?;
     let validation = DeviceData::new(&prepared.validation, &device)?;
     let steps_per_epoch = BatchOrder::steps_per_epoch(train.rows, spec.batch_size);
-    let sweep_epochs = spec.sweep.epochs.min(spec.plan.epochs);
-    let sweep_steps = sweep_epochs * steps_per_epoch;
-    check_schedule_length(spec, sweep_steps, "sweep.epochs")?;
-    check_schedule_length(spec, spec.plan.epochs * steps_per_epoch, "plan.epochs")?;
+    let plan_steps = spec.plan.epochs * steps_per_epoch;
+    let fixed_steps = spec
+        .sweep
+        .epochs
+        .map(|epochs| epochs.min(spec.plan.epochs) * steps_per_epoch);
+    if let Some(steps) = fixed_steps {
+        check_schedule_length(spec, steps, "sweep.epochs")?;
+    }
+    check_schedule_length(spec, plan_steps, "plan.epochs")?;
     let candidate_count = match &spec.sweep.candidates {
         Candidates::Auto => spec.sweep.count,
         Candidates::List(values) => values.len(),
@@ -141,10 +160,24 @@ pub fn run_job(
     } else {
         spec.range_test.steps
     };
+    let budget = job_budget(spec, plan_steps, fixed_steps, candidate_count, range_steps)
+        // The server's bound on sweep epochs caps a budget-driven sweep too.
+        .min(range_steps.saturating_add(limits.max_sweep_epochs.saturating_mul(steps_per_epoch)));
+    let min_steps = shortest_schedule(spec, plan_steps);
     let planned_sweep = if spec.kind == JobKind::RangeTest {
         0
     } else {
-        candidate_count * spec.sweep.seeds * sweep_steps
+        let available = budget.saturating_sub(range_steps);
+        let plan = plan_search(
+            candidate_count,
+            spec.sweep.seeds,
+            plan_steps,
+            fixed_steps,
+            available,
+            min_steps,
+        );
+        plan.screen_steps.unwrap_or(0) * candidate_count * spec.sweep.seeds
+            + plan.finalists * spec.sweep.seeds * plan.final_steps
     };
     control.plan(range_steps + planned_sweep);
 
@@ -189,6 +222,9 @@ pub fn run_job(
     }
 
     let mut judged = Vec::new();
+    let mut final_judged = Vec::new();
+    let mut horizon = None;
+    let mut open_edge = None;
     if spec.kind != JobKind::RangeTest {
         let candidates = match &spec.sweep.candidates {
             Candidates::List(values) => {
@@ -210,55 +246,90 @@ pub fn run_job(
                 })?
             }
         };
-        control.skip_steps(
-            (candidate_count.saturating_sub(candidates.len())) * spec.sweep.seeds * sweep_steps,
+        let available = budget.saturating_sub(control.steps_done());
+        let plan = plan_search(
+            candidates.len(),
+            spec.sweep.seeds,
+            plan_steps,
+            fixed_steps,
+            available,
+            min_steps,
         );
-        control.emit(Event::Stage("sweep"));
-        let schedule_for = |peak_lr: f64| one_cycle(spec, peak_lr, sweep_steps);
-        let mut runs: Vec<SweepRun> = Vec::new();
-        for seed_index in 0..spec.sweep.seeds as u64 {
-            let seed = spec.seed + seed_index;
-            // Seed 0 trains the model the range test used (restored to its initial weights);
-            // other seeds start from their own initialisation.
-            let seeded_model;
-            let model_for_seed = if seed_index == 0 {
-                &model
-            } else {
-                seeded_model = Model::build(&spec.model, &shape, seed, &device)?;
-                &seeded_model
-            };
-            let setup = SweepSetup {
-                model: model_for_seed,
-                optimizer: &spec.optimizer,
-                train: &train,
-                validation: &validation,
-                batch_size: spec.batch_size,
-                seed,
-                steps: sweep_steps,
-            };
-            runs.extend(sweep_one_seed(
-                &setup,
-                &candidates,
-                &schedule_for,
-                &mut control,
-            )?);
+        if fixed_steps.is_none() && plan.final_steps < min_steps {
+            return Err(SpecError::new(
+                "budget",
+                format!(
+                    "{budget} steps leave {available} for the sweep after the range test: too few for {} candidates of at least {min_steps} steps; raise budget.plan_multiple or budget.steps",
+                    candidates.len() * spec.sweep.seeds
+                ),
+            )
+            .into());
         }
-        judged = judge(&candidates, &runs, spec.sweep.seeds);
-        if judged.iter().all(|candidate| candidate.diverged) {
+        control.emit(Event::Stage("sweep"));
+        let schedule_for = |peak_lr: f64, steps: usize| one_cycle(spec, peak_lr, steps);
+        let build_model = |seed: u64| -> Result<Model, EngineError> {
+            Ok(Model::build(&spec.model, &shape, seed, &device)?)
+        };
+        let search = Search {
+            model: &model,
+            build_model: &build_model,
+            optimizer: &spec.optimizer,
+            train: &train,
+            validation: &validation,
+            batch_size: spec.batch_size,
+            seed: spec.seed,
+            seeds: spec.sweep.seeds,
+            schedule_for: &schedule_for,
+            extend: matches!(spec.sweep.candidates, Candidates::Auto),
+        };
+        let outcome = search.run(&candidates, plan, available, &mut control)?;
+        control.skip_steps(usize::MAX);
+        let finals = final_candidates(&outcome.runs, outcome.final_steps);
+        if finals.iter().all(|candidate| candidate.diverged) {
             warnings.push(
                 "every sweep candidate diverged: lower the candidates or start_lr".to_string(),
             );
         }
+        if outcome.final_steps < plan_steps {
+            warnings.push(format!(
+                "the candidates were judged after {} of the planned {} epochs, as the budget ({budget} steps) allows: a peak judged early tends to be too high for the whole run; raise budget.plan_multiple to judge at the plan",
+                epochs_label(outcome.final_steps, steps_per_epoch),
+                spec.plan.epochs
+            ));
+        }
+        horizon = Some(outcome.final_steps);
+        open_edge = outcome.open_edge;
+        let screened: Vec<SweepRun> = outcome
+            .runs
+            .iter()
+            .copied()
+            .filter(|run| run.steps != outcome.final_steps)
+            .collect();
+        let mut screening = final_candidates(&screened, plan.screen_steps.unwrap_or(0));
+        for candidate in &mut screening {
+            candidate.best = false;
+            candidate.in_band = false;
+        }
+        final_judged = finals;
+        judged = screening.into_iter().chain(final_judged.clone()).collect();
+        for candidate in &mut judged {
+            candidate.epochs = candidate.steps as f64 / steps_per_epoch.max(1) as f64;
+        }
     }
 
-    let planned_steps = spec.plan.epochs * steps_per_epoch;
-    let recommendation = recommend(
+    let mut recommendation = recommend(
         spec,
         range_summary.as_ref(),
-        &judged,
-        planned_steps,
+        &final_judged,
+        open_edge,
+        plan_steps,
         warnings,
     )?;
+    if recommendation.source == "sweep" {
+        recommendation.judged_at_steps = horizon;
+        recommendation.judged_at_epochs =
+            horizon.map(|steps| steps as f64 / steps_per_epoch.max(1) as f64);
+    }
     let seconds = started.elapsed().as_secs_f64();
     let total_steps = control.steps_done();
     Ok(JobOutput {
@@ -269,6 +340,9 @@ pub fn run_job(
             timing: Timing {
                 seconds,
                 total_steps,
+                budget_steps: budget,
+                plan_steps,
+                plan_multiple: total_steps as f64 / plan_steps.max(1) as f64,
                 steps_per_second: if seconds > 0.0 {
                     total_steps as f64 / seconds
                 } else {
@@ -331,6 +405,7 @@ fn recommend(
     spec: &JobSpec,
     range: Option<&RangeTestSummary>,
     judged: &[SweepCandidate],
+    open_edge: Option<OpenEdge>,
     planned_steps: usize,
     mut warnings: Vec<String>,
 ) -> Result<Recommendation, EngineError> {
@@ -340,19 +415,18 @@ fn recommend(
             band(judged).unwrap_or([best.peak_lr, best.peak_lr]),
         )
     });
-    if let Some((peak, _)) = from_sweep {
-        let tried: Vec<f64> = judged.iter().map(|c| c.peak_lr).collect();
-        let highest = tried.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let lowest = tried.iter().copied().fold(f64::INFINITY, f64::min);
-        if tried.len() > 1 && peak == highest {
-            warnings.push(format!(
-                "the best sweep candidate is the highest one tried ({peak:.3e}): a higher peak may be better still; add higher sweep.candidates"
-            ));
-        } else if tried.len() > 1 && peak == lowest {
-            warnings.push(format!(
-                "the best sweep candidate is the lowest one tried ({peak:.3e}): a lower peak may be better still; add lower sweep.candidates"
-            ));
-        }
+    let advice = match spec.sweep.candidates {
+        Candidates::Auto => "raise the budget to let the sweep look further",
+        Candidates::List(_) => "add such sweep.candidates",
+    };
+    match (from_sweep, open_edge) {
+        (Some((peak, _)), Some(OpenEdge::Higher)) => warnings.push(format!(
+            "the best sweep candidate is the highest one tried ({peak:.3e}): a higher peak may be better still; {advice}"
+        )),
+        (Some((peak, _)), Some(OpenEdge::Lower)) => warnings.push(format!(
+            "the best sweep candidate is the lowest one tried ({peak:.3e}): a lower peak may be better still; {advice}"
+        )),
+        _ => {}
     }
     let (peak_lr, band, source) = match (from_sweep, range) {
         (Some((peak, band)), _) => (peak, band, "sweep"),
@@ -408,7 +482,44 @@ fn recommend(
         schedule,
         fastai,
         warnings,
+        judged_at_steps: None,
+        judged_at_epochs: None,
     })
+}
+
+/// The job's budget in steps: the spec's, or the default for this plan. A horizon fixed by
+/// `sweep.epochs` with no budget given keeps the cost it asks for.
+fn job_budget(
+    spec: &JobSpec,
+    plan_steps: usize,
+    fixed_steps: Option<usize>,
+    candidates: usize,
+    range_steps: usize,
+) -> usize {
+    match fixed_steps {
+        Some(steps) if spec.budget == Budget::default() => {
+            range_steps + candidates * spec.sweep.seeds * steps
+        }
+        _ => spec.budget.steps_for(plan_steps),
+    }
+}
+
+/// The fewest steps of a OneCycle schedule with the sweep's shape (a screening run is never
+/// shorter), and never more than the plan.
+fn shortest_schedule(spec: &JobSpec, plan_steps: usize) -> usize {
+    (2..plan_steps)
+        .find(|&steps| one_cycle(spec, 1.0, steps).validate(usize::MAX).is_ok())
+        .unwrap_or(plan_steps)
+        .max(10.min(plan_steps))
+}
+
+fn epochs_label(steps: usize, steps_per_epoch: usize) -> String {
+    let epochs = steps as f64 / steps_per_epoch.max(1) as f64;
+    if (epochs - epochs.round()).abs() < 0.05 {
+        format!("{:.0}", epochs.round())
+    } else {
+        format!("{epochs:.1}")
+    }
 }
 
 /// Three significant digits: a learning rate is never known better than that.

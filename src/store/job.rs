@@ -187,6 +187,8 @@ pub struct PointRow {
 pub struct SweepRunRow {
     pub peak_lr: f64,
     pub seed: i64,
+    /// The run's length in steps (NULL for runs stored before it was recorded).
+    pub steps: Option<i64>,
     pub val_loss: Option<f64>,
     pub val_accuracy: Option<f64>,
     pub train_loss: Option<f64>,
@@ -246,6 +248,7 @@ impl SweepRunRow {
         SweepRunRow {
             peak_lr: run.peak_lr,
             seed: run.seed as i64,
+            steps: Some(run.steps as i64),
             val_loss: not_null(run.val_loss),
             val_accuracy: run.val_accuracy.and_then(not_null),
             train_loss: not_null(run.train_loss),
@@ -449,15 +452,16 @@ impl Store {
                 insert_points(&mut tx, attempt, &curve).await?;
                 for (position, run) in sweep.iter().enumerate() {
                     sqlx::query(
-                        "INSERT INTO sweep_run (job_id, run, position, peak_lr, seed, val_loss,
-                             val_accuracy, train_loss, diverged)
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO sweep_run (job_id, run, position, peak_lr, seed, steps,
+                             val_loss, val_accuracy, train_loss, diverged)
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     )
                     .bind(&attempt.job_id)
                     .bind(attempt.number)
                     .bind(position as i64)
                     .bind(run.peak_lr)
                     .bind(run.seed)
+                    .bind(run.steps)
                     .bind(run.val_loss)
                     .bind(run.val_accuracy)
                     .bind(run.train_loss)
@@ -568,7 +572,7 @@ impl Store {
 
     pub async fn sweep_runs(&self, job_id: &str) -> Result<Vec<SweepRunRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT peak_lr, seed, val_loss, val_accuracy, train_loss, diverged
+            "SELECT peak_lr, seed, steps, val_loss, val_accuracy, train_loss, diverged
              FROM sweep_run WHERE job_id = ? ORDER BY position",
         )
         .bind(job_id)
@@ -579,6 +583,7 @@ impl Store {
                 Ok(SweepRunRow {
                     peak_lr: row.try_get("peak_lr")?,
                     seed: row.try_get("seed")?,
+                    steps: row.try_get("steps")?,
                     val_loss: row.try_get("val_loss")?,
                     val_accuracy: row.try_get("val_accuracy")?,
                     train_loss: row.try_get("train_loss")?,

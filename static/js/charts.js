@@ -217,21 +217,33 @@ export function rangeChart(container) {
   };
 }
 
-/** The sweep: mean validation loss per candidate peak, best marked, band shaded. */
+/**
+ * The sweep: mean validation loss per candidate peak at the horizon the winner was judged at
+ * (the longest), the shorter screening runs beside it, best marked, band shaded.
+ */
 export function sweepChart(container) {
   let plot = null;
   let marks = {};
   return {
     update(candidates, newMarks) {
       if (newMarks) marks = newMarks;
-      const finite = candidates
-        .filter((c) => c.peak_lr > 0 && Number.isFinite(c.val_loss))
-        .sort((a, b) => a.peak_lr - b.peak_lr);
+      const finite = candidates.filter((c) => c.peak_lr > 0 && Number.isFinite(c.val_loss));
       if (finite.length === 0) return false;
+      const finalSteps = Math.max(...finite.map((c) => c.steps || 0));
+      const peaks = [...new Set(finite.map((c) => c.peak_lr))].sort((a, b) => a - b);
+      const lossAt = (peak, atFinal) => {
+        const found = finite.find((c) => c.peak_lr === peak && ((c.steps || 0) === finalSteps) === atFinal);
+        return found ? found.val_loss : null;
+      };
+      const bestAt = (peak) => {
+        const found = finite.find((c) => c.peak_lr === peak && c.best);
+        return found ? found.val_loss : null;
+      };
       const data = [
-        finite.map((c) => c.peak_lr),
-        finite.map((c) => c.val_loss),
-        finite.map((c) => (c.best ? c.val_loss : null)),
+        peaks,
+        peaks.map((peak) => lossAt(peak, true)),
+        peaks.map((peak) => lossAt(peak, false)),
+        peaks.map(bestAt),
       ];
       if (plot) {
         plot.setData(data);
@@ -264,7 +276,17 @@ export function sweepChart(container) {
               label: 'validation loss',
               stroke: SMOOTHED,
               width: 1.5,
+              spanGaps: true,
               points: point(SMOOTHED, 7),
+              value: (u, v) => fmtLoss(v),
+            },
+            {
+              label: 'screening (shorter runs)',
+              stroke: RAW,
+              width: 1,
+              dash: [4, 4],
+              spanGaps: true,
+              points: point(RAW, 5),
               value: (u, v) => fmtLoss(v),
             },
             {

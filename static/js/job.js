@@ -108,14 +108,17 @@ function renderRange() {
 function sweepCandidates() {
   const result = resultOf(state.job);
   if (result && Array.isArray(result.sweep)) return result.sweep;
-  const byPeak = new Map();
+  // A candidate is a peak at a horizon: the same peak may be screened short, then run long.
+  const byRun = new Map();
   for (const run of state.sweepRuns) {
-    const entry = byPeak.get(run.peak_lr) || { peak_lr: run.peak_lr, losses: [] };
+    const key = `${run.steps}:${run.peak_lr}`;
+    const entry = byRun.get(key) || { peak_lr: run.peak_lr, steps: run.steps, losses: [] };
     if (Number.isFinite(run.val_loss) && !run.diverged) entry.losses.push(run.val_loss);
-    byPeak.set(run.peak_lr, entry);
+    byRun.set(key, entry);
   }
-  return [...byPeak.values()].map((entry) => ({
+  return [...byRun.values()].map((entry) => ({
     peak_lr: entry.peak_lr,
+    steps: entry.steps,
     val_loss: entry.losses.length ? entry.losses.reduce((a, b) => a + b, 0) / entry.losses.length : null,
   }));
 }
@@ -127,6 +130,7 @@ function renderSweep() {
     : {};
   const candidates = sweepCandidates();
   const drawn = sweep.update(candidates, sweepMarks);
+  renderHorizon(result, candidates);
   const diverged = candidates.filter((c) => c.diverged || !Number.isFinite(c.val_loss));
   const empty = $('sweep-empty');
   if (diverged.length > 0) {
@@ -136,6 +140,31 @@ function renderSweep() {
     empty.textContent = state.job && state.job.kind === 'range_test' ? 'A range_test job has no sweep.' : 'No sweep runs yet.';
     empty.hidden = drawn;
   }
+}
+
+/** Which horizon the winner was judged at, and the screening that came first. */
+function renderHorizon(result, candidates) {
+  const note = $('sweep-horizon');
+  const recommendation = result && result.recommendation;
+  const epochs = recommendation && recommendation.judged_at_epochs;
+  if (!Number.isFinite(epochs)) {
+    note.hidden = true;
+    return;
+  }
+  const planned = state.job.spec.plan.epochs;
+  const short = epochs < planned - 1e-9;
+  let text = `Judged after ${round(epochs)} epochs${short ? `, shorter than the planned ${planned} (the budget allowed no more)` : ' (the planned run)'}.`;
+  const screened = candidates.filter((c) => c.steps && c.steps < recommendation.judged_at_steps);
+  if (screened.length > 0) {
+    const screenEpochs = epochs * (screened[0].steps / recommendation.judged_at_steps);
+    text += ` ${screened.length} candidates were screened first at ${round(screenEpochs)} epochs (dashed).`;
+  }
+  note.textContent = text;
+  note.hidden = false;
+}
+
+function round(value) {
+  return Math.abs(value - Math.round(value)) < 0.05 ? String(Math.round(value)) : value.toFixed(1);
 }
 
 async function renderRecommendation() {

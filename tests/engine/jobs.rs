@@ -349,3 +349,97 @@ fn a_best_candidate_at_the_top_of_the_sweep_is_flagged() {
         rec.warnings
     );
 }
+
+#[test]
+fn a_small_plan_is_judged_at_its_full_length_within_the_default_budget() {
+    // 300 spirals, 20 epochs of 7 batches: 140 steps a run; the default budget is 6x that.
+    // (60 range-test steps leave 780.)
+    let (output, events) = run(r#"{
+        "data": {"builtin": "spirals", "samples": 300},
+        "model": {"arch": "mlp", "hidden": [64, 64]},
+        "batch_size": 32,
+        "plan": {"epochs": 20},
+        "range_test": {"start_lr": 1e-5, "end_lr": 10, "steps": 60}
+    }"#);
+    let result = &output.result;
+    assert_eq!(result.timing.plan_steps, 140);
+    assert_eq!(result.timing.budget_steps, 840);
+    assert!(result.timing.total_steps <= 840, "{:?}", result.timing);
+    assert_eq!(
+        result.timing.plan_multiple,
+        result.timing.total_steps as f64 / 140.0
+    );
+    let rec = &result.recommendation;
+    assert_eq!(rec.judged_at_steps, Some(140));
+    assert_eq!(rec.judged_at_epochs, Some(20.0));
+    let best = result.sweep.iter().find(|c| c.best).unwrap();
+    assert_eq!((best.steps, best.epochs), (140, 20.0));
+    assert_eq!(rec.peak_lr, best.peak_lr);
+    assert!(!rec.warnings.iter().any(|w| w.contains("judged after")));
+    // Every run the events reported is in the result, each at the plan's length.
+    let runs: Vec<_> = events
+        .iter()
+        .filter_map(|event| match event {
+            Event::SweepRun(run) => Some(*run),
+            _ => None,
+        })
+        .collect();
+    // The five candidates and a second seed of the best two do not fit 780 steps at full
+    // length: they are screened at a third of the plan, the best and the one below it go on.
+    assert!(
+        runs.iter().all(|run| run.steps == 46 || run.steps == 140),
+        "{runs:?}"
+    );
+    assert_eq!(runs.iter().filter(|run| run.steps == 46).count(), 5);
+    assert!(runs.iter().filter(|run| run.steps == 140).count() >= 2);
+}
+
+#[test]
+fn a_budget_that_cannot_reach_the_plan_screens_then_judges_finalists_at_it() {
+    // 5 candidates x 128 steps do not fit 4x the plan after the range test: the candidates
+    // are screened short, and the best two run the whole plan.
+    let (output, _) = run(r#"{
+        "data": {"builtin": "blobs", "samples": 1024},
+        "model": {"arch": "mlp", "hidden": [32]},
+        "batch_size": 32,
+        "plan": {"epochs": 5},
+        "range_test": {"start_lr": 1e-5, "end_lr": 10, "steps": 60},
+        "budget": {"plan_multiple": 4}
+    }"#);
+    let result = &output.result;
+    let plan = result.timing.plan_steps;
+    assert_eq!(plan, 5 * 25);
+    assert!(result.timing.total_steps <= 4 * plan, "{:?}", result.timing);
+    let finals: Vec<_> = result.sweep.iter().filter(|c| c.steps == plan).collect();
+    let screened: Vec<_> = result.sweep.iter().filter(|c| c.steps < plan).collect();
+    assert_eq!(screened.len(), 5, "{:?}", result.sweep);
+    assert!(finals.len() >= 2, "{:?}", result.sweep);
+    assert!(screened.iter().all(|c| !c.best && !c.in_band));
+    assert_eq!(result.recommendation.judged_at_steps, Some(plan));
+    assert!(finals.iter().any(|c| c.best));
+}
+
+#[test]
+fn a_budget_below_the_plan_judges_short_and_says_so() {
+    let (output, _) = run(r#"{
+        "data": {"builtin": "blobs", "samples": 1024},
+        "model": {"arch": "mlp", "hidden": [32]},
+        "batch_size": 32,
+        "plan": {"epochs": 10},
+        "range_test": {"start_lr": 1e-5, "end_lr": 10, "steps": 60},
+        "budget": {"steps": 560}
+    }"#);
+    let result = &output.result;
+    assert!(result.timing.total_steps <= 560, "{:?}", result.timing);
+    // (560 - 60) / 5 = 100 steps: 4 of the planned 10 epochs.
+    assert_eq!(result.recommendation.judged_at_steps, Some(100));
+    assert!(
+        result
+            .recommendation
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("the candidates were judged after 4 of the planned 10 epochs")),
+        "{:?}",
+        result.recommendation.warnings
+    );
+}

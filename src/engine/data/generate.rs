@@ -10,11 +10,17 @@ use crate::engine::rng::Rng;
 const SPIRALS_STREAM: u64 = 0x5350_4952_414c_0003;
 const BLOBS_STREAM: u64 = 0x424c_4f42_5300_0004;
 const SINE_STREAM: u64 = 0x5349_4e45_0000_0005;
+const FRIEDMAN_STREAM: u64 = 0x4652_4945_4400_0006;
 
 pub const SPIRAL_ARMS: usize = 3;
 pub const SPIRAL_FEATURES: usize = 2;
 pub const BLOB_FEATURES: usize = 16;
 pub const BLOB_CLUSTERS: usize = 5;
+pub const FRIEDMAN_FEATURES: usize = 10;
+/// The mean and standard deviation of Friedman's function over its inputs (by Monte Carlo,
+/// two million draws), so that its targets come out centred with unit variance.
+const FRIEDMAN_MEAN: f64 = 14.41;
+const FRIEDMAN_STD: f64 = 4.88;
 /// Cluster centres sit this far from the origin in random directions, about 3.5 apart with
 /// unit-variance noise: neighbours overlap enough that about one point in ten is ambiguous.
 const BLOB_CENTER_RADIUS: f64 = 2.5;
@@ -111,6 +117,41 @@ pub fn sine(samples: usize, seed: u64) -> Dataset {
     }
 }
 
+/// Regression: Friedman's #1 benchmark (Friedman 1991; scikit-learn's `make_friedman1`).
+/// Ten features uniform in [0, 1], of which only the first five matter:
+/// f(x) = 10 sin(pi x0 x1) + 20 (x2 - 0.5)^2 + 10 x3 + 5 x4. The target is f standardised
+/// (mean 0, standard deviation 1) plus N(0, noise^2), so `noise` is in units of the signal's
+/// spread; the five useless features give a small model something to overfit.
+pub fn friedman1(samples: usize, noise: f64, seed: u64) -> Dataset {
+    let mut rng = Rng::derive(seed, FRIEDMAN_STREAM);
+    let mut values = Vec::with_capacity(samples * FRIEDMAN_FEATURES);
+    let mut ys = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let x: [f64; FRIEDMAN_FEATURES] = std::array::from_fn(|_| rng.next_f64());
+        values.extend(x.iter().map(|&v| v as f32));
+        ys.push((friedman1_signal(&x) + noise * rng.normal()) as f32);
+    }
+    Dataset {
+        features: Features::Dense {
+            values,
+            sample_shape: vec![FRIEDMAN_FEATURES],
+        },
+        targets: Targets::Values {
+            values: ys,
+            dims: 1,
+        },
+    }
+}
+
+/// Friedman's #1 function of a row, standardised.
+fn friedman1_signal(x: &[f64; FRIEDMAN_FEATURES]) -> f64 {
+    let f = 10.0 * (std::f64::consts::PI * x[0] * x[1]).sin()
+        + 20.0 * (x[2] - 0.5).powi(2)
+        + 10.0 * x[3]
+        + 5.0 * x[4];
+    (f - FRIEDMAN_MEAN) / FRIEDMAN_STD
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,5 +245,36 @@ mod tests {
             "noise std {}",
             residual_var.sqrt()
         );
+    }
+
+    #[test]
+    fn friedman1_is_standardised_with_the_asked_noise_and_five_useless_features() {
+        assert_eq!(friedman1(50, 0.5, 3), friedman1(50, 0.5, 3));
+        assert_ne!(friedman1(50, 0.5, 3), friedman1(50, 0.5, 4));
+        let samples = 20_000;
+        let data = friedman1(samples, 0.5, 9);
+        assert_eq!(data.task(), Task::Regression);
+        assert_eq!(data.sample_shape(), vec![FRIEDMAN_FEATURES]);
+        let Targets::Values { values: ys, .. } = &data.targets else {
+            panic!("friedman1 is regression");
+        };
+        let rows: Vec<[f64; FRIEDMAN_FEATURES]> = dense(&data)
+            .chunks_exact(FRIEDMAN_FEATURES)
+            .map(|row| std::array::from_fn(|i| f64::from(row[i])))
+            .collect();
+        assert!(rows.iter().flatten().all(|v| (0.0..1.0).contains(v)));
+        let signal: Vec<f64> = rows.iter().map(friedman1_signal).collect();
+        let mean = signal.iter().sum::<f64>() / samples as f64;
+        let std = (signal.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / samples as f64).sqrt();
+        assert!(mean.abs() < 0.03, "signal mean {mean}");
+        assert!((std - 1.0).abs() < 0.03, "signal std {std}");
+        let noise = (signal
+            .iter()
+            .zip(ys)
+            .map(|(s, y)| (f64::from(*y) - s).powi(2))
+            .sum::<f64>()
+            / samples as f64)
+            .sqrt();
+        assert!((noise - 0.5).abs() < 0.01, "noise std {noise}");
     }
 }

@@ -10,7 +10,8 @@ mod text;
 
 pub use self::csv::{read_csv, CsvFile};
 pub use self::generate::{
-    blobs, sine, spirals, BLOB_CLUSTERS, BLOB_FEATURES, SPIRAL_ARMS, SPIRAL_FEATURES,
+    blobs, friedman1, sine, spirals, BLOB_CLUSTERS, BLOB_FEATURES, FRIEDMAN_FEATURES, SPIRAL_ARMS,
+    SPIRAL_FEATURES,
 };
 pub use self::idx::{mnist10k, read_idx};
 pub use self::npy::read_npy;
