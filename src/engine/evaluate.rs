@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use super::data::{self, Dataset, Targets};
 use super::rng::Rng;
 use super::spec::{JobSpec, Limits, SpecError};
+use super::sweep::SweepCandidate;
 use super::{load_local_data, run_job, EngineError, Event, LoadedData};
 
 /// Peaks in every grid: four decades, a third of a decade apart.
@@ -179,6 +180,15 @@ pub fn problems() -> Vec<Problem> {
             data: ProblemData::Spec,
             lowest_third: -13,
         },
+        // The README's example: all of `mnist10k`, a 10-epoch plan of 1,250 steps. The
+        // default budget is twice the plan here, too little for two full runs, so the
+        // candidates are judged at the longest horizon it allows.
+        Problem {
+            name: "mnist-example-mlp128x128-sgd",
+            spec: include_str!("../../examples/mnist-mlp.json"),
+            data: ProblemData::Spec,
+            lowest_third: -9,
+        },
     ]
 }
 
@@ -293,6 +303,8 @@ pub struct ProblemScore {
     pub valley: Pick,
     pub steepest: Pick,
     pub minimum: Pick,
+    /// The tune's sweep: every candidate it judged, at each horizon it trained to.
+    pub tune_sweep: Vec<SweepCandidate>,
     /// Wall time of the tune and the grid.
     pub seconds: f64,
 }
@@ -421,6 +433,7 @@ pub fn score(
         valley: Pick::new(suggestions.valley, &grid, grid_best),
         steepest: Pick::new(suggestions.steepest, &grid, grid_best),
         minimum: Pick::new(suggestions.minimum, &grid, grid_best),
+        tune_sweep: tune.result.sweep.clone(),
         grid_best_loss: best.val_loss,
         good_tolerance: tolerance,
         grid_best_at_edge: grid_best == lowest || grid_best == highest,
@@ -668,6 +681,7 @@ mod tests {
             valley: pick(valley, hits[1], best),
             steepest: pick(Some(best), true, best),
             minimum: pick(None, false, best),
+            tune_sweep: Vec::new(),
             seconds: 1.5,
         }
     }

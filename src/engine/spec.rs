@@ -79,9 +79,9 @@ pub struct JobSpec {
 }
 
 /// The most optimizer steps a whole job (range test and sweep) may spend. Either bound may
-/// be given; the tighter one wins. Neither: [`Budget::DEFAULT_MULTIPLE`] times the planned
-/// run, at most [`Budget::DEFAULT_STEPS`] steps, but never under [`Budget::FLOOR_MULTIPLE`]
-/// times the planned run.
+/// be given; the tighter one wins. Neither: the range test plus [`Budget::DEFAULT_MULTIPLE`]
+/// times the planned run, at most [`Budget::DEFAULT_STEPS`] steps in all, but never under
+/// [`Budget::FLOOR_MULTIPLE`] times the planned run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Budget {
@@ -94,8 +94,9 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// A small plan affords several full-length runs in seconds...
-    pub const DEFAULT_MULTIPLE: f64 = 6.0;
+    /// A small plan affords several full-length runs in seconds (every auto candidate,
+    /// second seeds of the closest two and a step past the range)...
+    pub const DEFAULT_MULTIPLE: f64 = 7.0;
     /// ...a long plan cannot: past this many steps the default stops growing...
     pub const DEFAULT_STEPS: usize = 2_500;
     /// ...though it always allows twice the planned run.
@@ -105,8 +106,9 @@ impl Budget {
         *self == Budget::default()
     }
 
-    /// The job's budget in optimizer steps, for a planned run of `plan_steps`.
-    pub fn steps_for(&self, plan_steps: usize) -> usize {
+    /// The job's budget in optimizer steps, for a planned run of `plan_steps` after a range
+    /// test of `range_steps`.
+    pub fn steps_for(&self, plan_steps: usize, range_steps: usize) -> usize {
         let plan = plan_steps as f64;
         let given = [
             self.plan_multiple.map(|multiple| multiple * plan),
@@ -116,7 +118,7 @@ impl Budget {
         let steps = if bound.is_finite() {
             bound
         } else {
-            (Self::DEFAULT_MULTIPLE * plan)
+            (range_steps as f64 + Self::DEFAULT_MULTIPLE * plan)
                 .min(Self::DEFAULT_STEPS as f64)
                 .max(Self::FLOOR_MULTIPLE * plan)
         };
@@ -1185,16 +1187,21 @@ mod tests {
     #[test]
     fn the_default_budget_affords_several_small_plans_and_twice_a_large_one() {
         let budget = Budget::default();
-        // 6x a small plan; capped at 2,500 steps; never under 2x the plan.
-        assert_eq!(budget.steps_for(140), 840);
-        assert_eq!(budget.steps_for(1250), 2500);
-        assert_eq!(budget.steps_for(5000), 10_000);
+        // A 100-step range test and 7x a small plan; capped at 2,500 steps; never under 2x
+        // the plan. A plan of 15 steps (120 rows in batches of 32 for 5 epochs) still gets
+        // its range test and every candidate at full length.
+        assert_eq!(budget.steps_for(15, 100), 205);
+        assert_eq!(budget.steps_for(140, 100), 1080);
+        assert_eq!(budget.steps_for(400, 100), 2500);
+        assert_eq!(budget.steps_for(1250, 100), 2500);
+        assert_eq!(budget.steps_for(5000, 100), 10_000);
+        assert_eq!(budget.steps_for(140, 0), 980);
         let given = Budget {
             plan_multiple: Some(3.0),
             steps: Some(1000),
         };
-        assert_eq!(given.steps_for(140), 420);
-        assert_eq!(given.steps_for(1000), 1000);
+        assert_eq!(given.steps_for(140, 100), 420);
+        assert_eq!(given.steps_for(1000, 100), 1000);
         let error = invalid(r#"{"data": {"builtin": "mnist10k"}, "budget": {"plan_multiple": 0}}"#);
         assert_eq!(error.field, "budget.plan_multiple");
         let error =

@@ -97,9 +97,14 @@ pub const FINALISTS: usize = 2;
 
 /// Chooses the horizons for `candidates` x `seeds` runs within `available` steps. A horizon
 /// fixed by the spec is kept. Otherwise every candidate runs the whole planned run when the
-/// budget allows; else they are screened at up to a third of it (never under a tenth, nor
-/// under `min_steps`) and the best [`FINALISTS`] run the whole plan; else, when not even that
-/// fits, every candidate runs as long as the budget allows, and the result says so.
+/// budget allows (with room for second seeds of the best two). Else the best [`FINALISTS`]
+/// run the whole plan with room for one more full run past them (a step further down or up,
+/// or between two): chosen by a screening of every candidate at up to a third of the plan
+/// (never under a tenth, nor under `min_steps`), or, when `anchored` (auto candidates around
+/// the range test's valley) and the budget leaves no room to screen, the valley and the
+/// candidate below it. Else, with room for the finalists alone, the same choice without the
+/// spare run. When not even that fits, every candidate runs as long as the budget allows,
+/// and the result says so.
 pub fn plan_search(
     candidates: usize,
     seeds: usize,
@@ -107,6 +112,7 @@ pub fn plan_search(
     fixed_steps: Option<usize>,
     available: usize,
     min_steps: usize,
+    anchored: bool,
 ) -> SearchPlan {
     let every = |final_steps| SearchPlan {
         screen_steps: None,
@@ -125,18 +131,28 @@ pub fn plan_search(
         return every(plan_steps);
     }
     let finalists = FINALISTS.min(candidates);
-    let final_cost = finalists * seeds * plan_steps;
-    if final_cost < available {
-        let screen = ((available - final_cost) / runs).min(plan_steps / 3);
-        if screen >= min_steps.max(plan_steps / 10) {
-            return SearchPlan {
-                screen_steps: Some(screen),
-                finalists,
-                final_steps: plan_steps,
-            };
-        }
-    }
-    every((available / runs).min(plan_steps))
+    let full_run = seeds * plan_steps;
+    let screened = |full_runs: usize| {
+        let left = available.checked_sub(full_runs * full_run)?;
+        let screen = (left / runs).min(plan_steps / 3);
+        (screen >= min_steps.max(plan_steps / 10)).then_some(SearchPlan {
+            screen_steps: Some(screen),
+            finalists,
+            final_steps: plan_steps,
+        })
+    };
+    let unscreened = |full_runs: usize| {
+        (anchored && full_runs * full_run <= available).then_some(SearchPlan {
+            screen_steps: None,
+            finalists,
+            final_steps: plan_steps,
+        })
+    };
+    screened(finalists + 1)
+        .or_else(|| unscreened(finalists + 1))
+        .or_else(|| screened(finalists))
+        .or_else(|| unscreened(finalists))
+        .unwrap_or_else(|| every((available / runs).min(plan_steps)))
 }
 
 /// Which way a better peak may lie when the best final candidate sits at an end of the
@@ -164,6 +180,9 @@ pub struct Search<'a> {
     /// Whether the range may be extended past its ends (auto candidates; an explicit list
     /// is the user's).
     pub extend: bool,
+    /// The range test's suggestion the auto candidates were placed around: the finalists
+    /// when the budget leaves no room to screen.
+    pub anchor: Option<f64>,
 }
 
 /// Every run of a sweep, and what the search concluded.
@@ -177,6 +196,14 @@ pub struct SearchOutcome {
 
 /// Most steps past the ends of the range.
 const MAX_EXTENSIONS: usize = 4;
+
+/// Most seeds of a close finalist when the spec asks for one seed.
+const MAX_SEEDS: usize = 3;
+
+/// Most runs between candidates, and the finest spacing they go down to (a ratio between
+/// neighbours; the evaluation's grid is 10^(1/3) = 2.15 apart).
+const MAX_PROBES: usize = 2;
+const FINEST_SPACING: f64 = 1.4;
 
 impl Search<'_> {
     /// Runs the plan within `budget` steps: the screening, the finalists at the final
@@ -202,6 +229,9 @@ impl Search<'_> {
                 }
                 finalists(&judge(candidates, &runs), plan.finalists)
             }
+            None if plan.finalists < candidates.len() => {
+                anchored_finalists(candidates, self.anchor, plan.finalists)
+            }
             None => candidates.to_vec(),
         };
         let final_steps = plan.final_steps;
@@ -212,7 +242,11 @@ impl Search<'_> {
         }
         let left = |control: &Control<'_>| budget.saturating_sub(control.steps_done() - started);
         let ratio = spacing(candidates);
-        let highest_screened = candidates.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        // Without a screening, the candidates above the finalists were never run.
+        let highest_screened = match plan.screen_steps {
+            Some(_) => candidates.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            None => f64::NEG_INFINITY,
+        };
         let mut open_edge = None;
         let mut extensions = 0;
         loop {
@@ -241,16 +275,56 @@ impl Search<'_> {
             }
             extensions += 1;
         }
-        if self.seeds == 1 && left(control) >= 2 * final_steps {
-            let mut at_final = final_candidates(&runs, final_steps);
-            at_final.sort_by(|a, b| a.val_loss.total_cmp(&b.val_loss));
-            if let [first, second, ..] = &at_final[..] {
-                let close = second.val_loss.is_finite()
-                    && second.val_loss - first.val_loss < 0.05 * first.val_loss.abs();
-                if close {
-                    for peak_lr in [first.peak_lr, second.peak_lr] {
-                        runs.push(seeds.train(peak_lr, 1, final_steps, control)?);
+        // Seed noise: while the best two are within 5 % (or a seed's spread) of each other,
+        // each gets another seed, up to [`MAX_SEEDS`], as far as the budget goes.
+        if self.seeds == 1 {
+            for seed_index in 1..MAX_SEEDS {
+                let mut at_final = final_candidates(&runs, final_steps);
+                at_final.sort_by(|a, b| a.val_loss.total_cmp(&b.val_loss));
+                let [first, second, ..] = &at_final[..] else {
+                    break;
+                };
+                let noise = (0.05 * first.val_loss.abs())
+                    .max(first.val_loss_std)
+                    .max(second.val_loss_std);
+                let close = second.val_loss.is_finite() && second.val_loss - first.val_loss < noise;
+                let seeds_of = |peak: f64| {
+                    runs.iter()
+                        .filter(|run| run.steps == final_steps && run.peak_lr == peak)
+                        .count()
+                };
+                let wanted: Vec<(f64, usize)> = [first.peak_lr, second.peak_lr]
+                    .into_iter()
+                    .map(|peak| (peak, seeds_of(peak)))
+                    .filter(|&(_, have)| have <= seed_index)
+                    .collect();
+                let cost: usize = wanted
+                    .iter()
+                    .map(|&(_, have)| (seed_index + 1 - have) * final_steps)
+                    .sum();
+                if !close || left(control) < cost {
+                    break;
+                }
+                for (peak_lr, have) in wanted {
+                    for index in have..=seed_index {
+                        runs.push(seeds.train(peak_lr, index, final_steps, control)?);
                     }
+                }
+            }
+        }
+        // Resolution: the candidates are a factor of 2-3 apart, the good band can be narrower.
+        // Runs halfway (in log space) between the best and a neighbour, the side never run
+        // at this horizon first, then the side of the better neighbour.
+        if self.extend {
+            for _ in 0..MAX_PROBES {
+                if left(control) < self.seeds * final_steps {
+                    break;
+                }
+                let Some(probe) = next_probe(&runs, final_steps) else {
+                    break;
+                };
+                for seed_index in 0..self.seeds {
+                    runs.push(seeds.train(probe, seed_index, final_steps, control)?);
                 }
             }
         }
@@ -274,6 +348,28 @@ fn finalists(screened: &[SweepCandidate], count: usize) -> Vec<f64> {
     peaks[start..end].iter().map(|c| c.peak_lr).collect()
 }
 
+/// Finalists without a screening: the candidate nearest `anchor` (in log space) and the
+/// ones just below it, as a long run favours lower peaks (the middle ones without an anchor).
+fn anchored_finalists(candidates: &[f64], anchor: Option<f64>, count: usize) -> Vec<f64> {
+    let mut sorted = candidates.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let at = match anchor {
+        Some(anchor) => sorted
+            .iter()
+            .enumerate()
+            .min_by(|a, b| {
+                (a.1 / anchor)
+                    .ln()
+                    .abs()
+                    .total_cmp(&(b.1 / anchor).ln().abs())
+            })
+            .map_or(0, |(index, _)| index),
+        None => sorted.len() / 2,
+    };
+    let end = (at + 1).max(count.min(sorted.len()));
+    sorted[end.saturating_sub(count)..end].to_vec()
+}
+
 /// The candidates judged at `steps`.
 pub fn final_candidates(runs: &[SweepRun], steps: usize) -> Vec<SweepCandidate> {
     let at: Vec<SweepRun> = runs
@@ -285,6 +381,36 @@ pub fn final_candidates(runs: &[SweepRun], steps: usize) -> Vec<SweepCandidate> 
     peaks.sort_by(f64::total_cmp);
     peaks.dedup();
     judge(&peaks, &at)
+}
+
+/// The peak halfway (in log space) between the best candidate at `steps` and one of its
+/// neighbours among all peaks tried at any horizon: a neighbour never run at `steps` first,
+/// then the one with the lower loss. None when the best is unknown or both gaps are already
+/// finer than [`FINEST_SPACING`].
+fn next_probe(runs: &[SweepRun], steps: usize) -> Option<f64> {
+    let judged = final_candidates(runs, steps);
+    let best = judged.iter().find(|c| c.best)?.peak_lr;
+    let mut tried: Vec<f64> = runs.iter().map(|run| run.peak_lr).collect();
+    tried.sort_by(f64::total_cmp);
+    tried.dedup();
+    let at = tried.iter().position(|&peak| peak == best)?;
+    let neighbours = [
+        at.checked_sub(1).map(|i| tried[i]),
+        tried.get(at + 1).copied(),
+    ];
+    neighbours
+        .into_iter()
+        .flatten()
+        .filter(|&peak| (peak / best).ln().abs() > FINEST_SPACING.ln() * 2.0)
+        .map(|peak| {
+            let loss = judged
+                .iter()
+                .find(|c| c.peak_lr == peak)
+                .map_or(f64::NEG_INFINITY, |c| c.val_loss);
+            (peak, loss)
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(peak, _)| (peak * best).sqrt())
 }
 
 /// The best, lowest and highest peak tried at `steps`, and how many were.
@@ -505,6 +631,38 @@ pub fn judge(candidates: &[f64], runs: &[SweepRun]) -> Vec<SweepCandidate> {
     judged
 }
 
+/// The best peak between the tested ones: the vertex of the parabola (in log learning rate)
+/// through the best final candidate and its two neighbours, kept nearer the best than
+/// either neighbour (halfway in log space at most), so it only refines the choice the runs
+/// made. None when the best sits at an end, a neighbour diverged, or the three points do
+/// not curve upwards.
+pub fn refine_peak(judged: &[SweepCandidate]) -> Option<f64> {
+    let mut sorted: Vec<&SweepCandidate> = judged.iter().collect();
+    sorted.sort_by(|a, b| a.peak_lr.total_cmp(&b.peak_lr));
+    let best = sorted.iter().position(|c| c.best)?;
+    let (left, centre, right) = (
+        sorted.get(best.checked_sub(1)?)?,
+        sorted[best],
+        sorted.get(best + 1)?,
+    );
+    let points = [left, centre, right].map(|c| (c.peak_lr.ln(), c.val_loss));
+    if points.iter().any(|(x, y)| !x.is_finite() || !y.is_finite()) {
+        return None;
+    }
+    let [(x0, y0), (x1, y1), (x2, y2)] = points;
+    // Divided differences: the parabola's second-order coefficient and its vertex.
+    let slope_left = (y1 - y0) / (x1 - x0);
+    let slope_right = (y2 - y1) / (x2 - x1);
+    let curvature = (slope_right - slope_left) / (x2 - x0);
+    if !(curvature > 0.0) {
+        return None;
+    }
+    // p(x) = y0 + slope_left (x - x0) + curvature (x - x0)(x - x1); p'(vertex) = 0.
+    let vertex = (x0 + x1) / 2.0 - slope_left / (2.0 * curvature);
+    let vertex = vertex.clamp((x0 + x1) / 2.0, (x1 + x2) / 2.0);
+    Some(vertex.exp())
+}
+
 /// The band's edges: from the lowest to the highest candidate in the band. When only the
 /// best candidate is in it, the band reaches halfway (in log space) to its neighbours, so a
 /// learning rate a little off the tested point is not reported as outside.
@@ -543,56 +701,142 @@ mod tests {
 
     #[test]
     fn the_search_judges_at_the_plan_when_the_budget_allows_and_screens_when_it_does_not() {
+        let plan_of = |screen_steps, finalists, final_steps| SearchPlan {
+            screen_steps,
+            finalists,
+            final_steps,
+        };
         // 5 candidates x 100 steps and a second seed of two fit 700: every one runs the plan.
-        let plan = plan_search(5, 1, 100, None, 700, 10);
+        for anchored in [false, true] {
+            assert_eq!(
+                plan_search(5, 1, 100, None, 700, 10, anchored),
+                plan_of(None, 5, 100)
+            );
+        }
+        // 500 fits the five, but not the second seed: screening (at most a third of the
+        // plan) and two finalists, with room for a third full run, is the better use of it.
         assert_eq!(
-            plan,
-            SearchPlan {
-                screen_steps: None,
-                finalists: 5,
-                final_steps: 100
-            }
+            plan_search(5, 1, 100, None, 500, 10, true),
+            plan_of(Some(33), 2, 100)
         );
-        // 500 fits the five, but not the second seed: screening is the better use of it.
-        let plan = plan_search(5, 1, 100, None, 500, 10);
-        assert_eq!(plan.screen_steps, Some(33));
-        // 400 steps: 2 finalists at the plan (200), the 5 screened at 33 (a third) = 365.
-        let plan = plan_search(5, 1, 100, None, 400, 10);
+        // 400: three full runs leave 20 steps for each screening run.
         assert_eq!(
-            plan,
-            SearchPlan {
-                screen_steps: Some(33),
-                finalists: 2,
-                final_steps: 100
-            }
+            plan_search(5, 1, 100, None, 400, 10, true),
+            plan_of(Some(20), 2, 100)
         );
-        // 250 steps: screening would get 10 steps, a tenth of the plan: still allowed.
-        let plan = plan_search(5, 1, 100, None, 250, 10);
-        assert_eq!(plan.screen_steps, Some(10));
-        // 220: no room to screen; every candidate runs 44 steps, shorter than the plan.
-        let plan = plan_search(5, 1, 100, None, 220, 10);
+        // 320: three full runs leave 4 each, too short to screen. Anchored on the range test,
+        // the valley and the candidate below it run the plan, with a spare run; an explicit
+        // list screens at 24 steps for two finalists instead.
         assert_eq!(
-            plan,
-            SearchPlan {
-                screen_steps: None,
-                finalists: 5,
-                final_steps: 44
-            }
+            plan_search(5, 1, 100, None, 320, 10, true),
+            plan_of(None, 2, 100)
+        );
+        assert_eq!(
+            plan_search(5, 1, 100, None, 320, 10, false),
+            plan_of(Some(24), 2, 100)
+        );
+        // 250: no spare run; the two finalists and a screening of 10 steps (a tenth) fit.
+        assert_eq!(
+            plan_search(5, 1, 100, None, 250, 10, true),
+            plan_of(Some(10), 2, 100)
+        );
+        // 220: no room to screen. Anchored: the two finalists alone; otherwise every
+        // candidate runs 44 steps, shorter than the plan.
+        assert_eq!(
+            plan_search(5, 1, 100, None, 220, 10, true),
+            plan_of(None, 2, 100)
+        );
+        assert_eq!(
+            plan_search(5, 1, 100, None, 220, 10, false),
+            plan_of(None, 5, 44)
+        );
+        // 150: not even two runs of the plan.
+        assert_eq!(
+            plan_search(5, 1, 100, None, 150, 10, true),
+            plan_of(None, 5, 30)
         );
         // Two seeds double every run.
-        let plan = plan_search(5, 2, 100, None, 1400, 10);
-        assert_eq!(plan.final_steps, 100);
-        assert_eq!(plan.screen_steps, None);
+        let plan = plan_search(5, 2, 100, None, 1400, 10, true);
+        assert_eq!(plan, plan_of(None, 5, 100));
         // A horizon fixed by the spec is kept whatever the budget.
-        let plan = plan_search(5, 1, 100, Some(20), 50, 10);
         assert_eq!(
-            plan,
-            SearchPlan {
-                screen_steps: None,
-                finalists: 5,
-                final_steps: 20
-            }
+            plan_search(5, 1, 100, Some(20), 50, 10, true),
+            plan_of(None, 5, 20)
         );
+    }
+
+    #[test]
+    fn without_a_screening_the_finalists_are_the_valley_and_the_candidate_below_it() {
+        let candidates = [0.001, 0.003, 0.01, 0.03, 0.1];
+        assert_eq!(
+            anchored_finalists(&candidates, Some(0.011), 2),
+            vec![0.003, 0.01]
+        );
+        // The valley is the lowest candidate: it and the next one up.
+        assert_eq!(
+            anchored_finalists(&candidates, Some(0.0009), 2),
+            vec![0.001, 0.003]
+        );
+        assert_eq!(anchored_finalists(&candidates, None, 2), vec![0.003, 0.01]);
+    }
+
+    #[test]
+    fn the_peak_is_refined_between_the_best_and_its_neighbours_but_stays_nearest_the_best() {
+        let judged = |losses: [f64; 3]| {
+            let runs: Vec<SweepRun> = [0.01, 0.1, 1.0]
+                .iter()
+                .zip(losses)
+                .map(|(&peak, loss)| run(peak, 0, loss))
+                .collect();
+            judge(&[0.01, 0.1, 1.0], &runs)
+        };
+        // Symmetric: the vertex is the best itself.
+        let peak = refine_peak(&judged([2.0, 1.0, 2.0])).expect("a vertex");
+        assert!((peak / 0.1 - 1.0).abs() < 1e-9, "{peak}");
+        // y = (x - x*)^2 in decades with x* = -1.25 (0.0562): losses 0.5625, 0.0625, 1.5625.
+        let peak = refine_peak(&judged([0.5625, 0.0625, 1.5625])).expect("a vertex");
+        assert!((peak.log10() + 1.25).abs() < 1e-9, "{peak}");
+        // Whatever the neighbours' losses, the refined peak stays nearer the best than
+        // either neighbour (10^-1.5 .. 10^-0.5).
+        for (low, high) in [(1.0001, 5.0), (5.0, 1.0001), (1.2, 1.3), (100.0, 1.0)] {
+            let peak = refine_peak(&judged([low, 1.0, high])).expect("a vertex");
+            assert!(
+                (-1.5..=-0.5).contains(&peak.log10()),
+                "{low} {high}: {peak}"
+            );
+        }
+        // A diverged neighbour, or the best at an end: no refinement.
+        assert_eq!(refine_peak(&judged([2.0, 1.0, f64::INFINITY])), None);
+        assert_eq!(refine_peak(&judged([1.0, 2.0, 3.0])), None);
+    }
+
+    #[test]
+    fn a_probe_goes_halfway_to_the_neighbour_never_run_at_the_horizon_then_to_the_better_one() {
+        let at = |peak: f64, steps: usize, loss: f64| SweepRun {
+            steps,
+            ..run(peak, 0, loss)
+        };
+        // 0.1 and 0.01 at the plan (100 steps), 1.0 only screened (30 steps).
+        let runs = vec![
+            at(0.01, 30, 0.9),
+            at(0.1, 30, 0.5),
+            at(1.0, 30, 0.7),
+            at(0.01, 100, 0.4),
+            at(0.1, 100, 0.3),
+        ];
+        let probe = next_probe(&runs, 100).expect("a probe");
+        assert!(
+            (probe - 0.1f64.sqrt() * 1.0f64.sqrt()).abs() < 1e-12,
+            "{probe}"
+        );
+        // Both neighbours at the plan: towards the better one.
+        let mut both = runs.clone();
+        both.push(at(1.0, 100, 0.45));
+        let probe = next_probe(&both, 100).expect("a probe");
+        assert!((probe - 0.001f64.sqrt()).abs() < 1e-12, "{probe}");
+        // Neighbours closer than 1.4^2 apart get no probe.
+        let close = vec![at(0.1, 100, 0.3), at(0.15, 100, 0.4), at(0.07, 100, 0.5)];
+        assert_eq!(next_probe(&close, 100), None);
     }
 
     #[test]

@@ -20,8 +20,8 @@ use super::spec::{
 };
 use super::suggest::{self, CurveEnd, Suggestions};
 use super::sweep::{
-    auto_candidates, band, final_candidates, plan_search, OpenEdge, Search, SweepCandidate,
-    SweepRun,
+    auto_candidates, band, final_candidates, plan_search, refine_peak, OpenEdge, Search,
+    SweepCandidate, SweepRun,
 };
 use super::train::{BatchOrder, DeviceData};
 use super::{Control, EngineError, Event};
@@ -164,6 +164,7 @@ pub fn run_job(
         // The server's bound on sweep epochs caps a budget-driven sweep too.
         .min(range_steps.saturating_add(limits.max_sweep_epochs.saturating_mul(steps_per_epoch)));
     let min_steps = shortest_schedule(spec, plan_steps);
+    let anchored = spec.kind == JobKind::Tune && matches!(spec.sweep.candidates, Candidates::Auto);
     let planned_sweep = if spec.kind == JobKind::RangeTest {
         0
     } else {
@@ -175,6 +176,7 @@ pub fn run_job(
             fixed_steps,
             available,
             min_steps,
+            anchored,
         );
         plan.screen_steps.unwrap_or(0) * candidate_count * spec.sweep.seeds
             + plan.finalists * spec.sweep.seeds * plan.final_steps
@@ -254,6 +256,7 @@ pub fn run_job(
             fixed_steps,
             available,
             min_steps,
+            anchored,
         );
         if fixed_steps.is_none() && plan.final_steps < min_steps {
             return Err(SpecError::new(
@@ -281,6 +284,10 @@ pub fn run_job(
             seeds: spec.sweep.seeds,
             schedule_for: &schedule_for,
             extend: matches!(spec.sweep.candidates, Candidates::Auto),
+            anchor: range_summary.as_ref().and_then(|r| {
+                let s = r.suggestions;
+                s.valley.or(s.minimum).or(s.steepest)
+            }),
         };
         let outcome = search.run(&candidates, plan, available, &mut control)?;
         control.skip_steps(usize::MAX);
@@ -409,9 +416,15 @@ fn recommend(
     planned_steps: usize,
     mut warnings: Vec<String>,
 ) -> Result<Recommendation, EngineError> {
+    // Auto candidates are the tune's own probes, so the peak may lie between them; an
+    // explicit list asks which of its values is best.
+    let refine = matches!(spec.sweep.candidates, Candidates::Auto);
     let from_sweep = judged.iter().find(|candidate| candidate.best).map(|best| {
         (
-            best.peak_lr,
+            refine
+                .then(|| refine_peak(judged))
+                .flatten()
+                .unwrap_or(best.peak_lr),
             band(judged).unwrap_or([best.peak_lr, best.peak_lr]),
         )
     });
@@ -500,7 +513,7 @@ fn job_budget(
         Some(steps) if spec.budget == Budget::default() => {
             range_steps + candidates * spec.sweep.seeds * steps
         }
-        _ => spec.budget.steps_for(plan_steps),
+        _ => spec.budget.steps_for(plan_steps, range_steps),
     }
 }
 
