@@ -654,7 +654,7 @@ pub fn refine_peak(judged: &[SweepCandidate]) -> Option<f64> {
     let slope_left = (y1 - y0) / (x1 - x0);
     let slope_right = (y2 - y1) / (x2 - x1);
     let curvature = (slope_right - slope_left) / (x2 - x0);
-    if !(curvature > 0.0) {
+    if curvature.is_nan() || curvature <= 0.0 {
         return None;
     }
     // p(x) = y0 + slope_left (x - x0) + curvature (x - x0)(x - x1); p'(vertex) = 0.
