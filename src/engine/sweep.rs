@@ -103,8 +103,9 @@ pub const FINALISTS: usize = 2;
 /// (never under a tenth, nor under `min_steps`), or, when `anchored` (auto candidates around
 /// the range test's valley) and the budget leaves no room to screen, the valley and the
 /// candidate below it. Else, with room for the finalists alone, the same choice without the
-/// spare run. When not even that fits, every candidate runs as long as the budget allows,
-/// and the result says so.
+/// spare run. Else the finalists run as long as the budget allows after a screening at a
+/// tenth of the plan, or, when even that is too short, every candidate does; the result then
+/// says the horizon is shorter than the plan.
 pub fn plan_search(
     candidates: usize,
     seeds: usize,
@@ -148,10 +149,24 @@ pub fn plan_search(
             final_steps: plan_steps,
         })
     };
+    // Too little for two full runs: the screening at a tenth of the plan, and the finalists
+    // as long as the rest allows, if that is at least three times the screening (a horizon
+    // nearer the plan than every candidate could have).
+    let shortened = || {
+        let screen = min_steps.max(plan_steps / 10);
+        let left = available.checked_sub(runs * screen)?;
+        let final_steps = (left / (finalists * seeds)).min(plan_steps);
+        (final_steps >= 3 * screen).then_some(SearchPlan {
+            screen_steps: Some(screen),
+            finalists,
+            final_steps,
+        })
+    };
     screened(finalists + 1)
         .or_else(|| unscreened(finalists + 1))
         .or_else(|| screened(finalists))
         .or_else(|| unscreened(finalists))
+        .or_else(shortened)
         .unwrap_or_else(|| every((available / runs).min(plan_steps)))
 }
 
@@ -740,20 +755,34 @@ mod tests {
             plan_search(5, 1, 100, None, 250, 10, true),
             plan_of(Some(10), 2, 100)
         );
-        // 220: no room to screen. Anchored: the two finalists alone; otherwise every
-        // candidate runs 44 steps, shorter than the plan.
+        // 220: no room to screen. Anchored: the two finalists alone at the plan; otherwise
+        // a screening at a tenth and the finalists at 85 steps, short of the plan.
         assert_eq!(
             plan_search(5, 1, 100, None, 220, 10, true),
             plan_of(None, 2, 100)
         );
         assert_eq!(
             plan_search(5, 1, 100, None, 220, 10, false),
-            plan_of(None, 5, 44)
+            plan_of(Some(10), 2, 85)
         );
-        // 150: not even two runs of the plan.
+        // 150: not even two runs of the plan. A screening at a tenth of it, and the two
+        // finalists at 50 steps, nearer the plan than every candidate at 30.
+        for anchored in [false, true] {
+            assert_eq!(
+                plan_search(5, 1, 100, None, 150, 10, anchored),
+                plan_of(Some(10), 2, 50)
+            );
+        }
+        // The README's example: a plan of 1,250 steps, 2,400 left after the range test. The
+        // finalists run 887 steps after a screening of 125.
         assert_eq!(
-            plan_search(5, 1, 100, None, 150, 10, true),
-            plan_of(None, 5, 30)
+            plan_search(5, 1, 1250, None, 2400, 10, true),
+            plan_of(Some(125), 2, 887)
+        );
+        // 100: the finalists would get 25, under three screenings: every candidate runs 20.
+        assert_eq!(
+            plan_search(5, 1, 100, None, 100, 10, true),
+            plan_of(None, 5, 20)
         );
         // Two seeds double every run.
         let plan = plan_search(5, 2, 100, None, 1400, 10, true);
