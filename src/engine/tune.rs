@@ -420,13 +420,13 @@ fn recommend(
     // explicit list asks which of its values is best.
     let refine = matches!(spec.sweep.candidates, Candidates::Auto);
     let from_sweep = judged.iter().find(|candidate| candidate.best).map(|best| {
-        (
-            refine
-                .then(|| refine_peak(judged))
-                .flatten()
-                .unwrap_or(best.peak_lr),
-            band(judged).unwrap_or([best.peak_lr, best.peak_lr]),
-        )
+        let band = band(judged).unwrap_or([best.peak_lr, best.peak_lr]);
+        // A value no run used is given to three significant digits, inside the band.
+        let refined = refine
+            .then(|| refine_peak(judged))
+            .flatten()
+            .map(|peak| round_sig(peak).clamp(band[0], band[1]));
+        (refined.unwrap_or(best.peak_lr), band)
     });
     let advice = match spec.sweep.candidates {
         Candidates::Auto => "raise the budget to let the sweep look further",
