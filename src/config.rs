@@ -185,17 +185,17 @@ mod tests {
 
     #[test]
     fn durations_and_attempts_are_checked_with_the_flag_named() {
-        for args in [
-            ["lrtune", "--stale-after", "soon"],
-            ["lrtune", "--stale-after", "0"],
-            ["lrtune", "--grace", "-1"],
-            ["lrtune", "--max-attempts", "0"],
+        for (arg, flag) in [
+            ("--stale-after=soon", "--stale-after"),
+            ("--stale-after=0", "--stale-after"),
+            ("--grace=-1", "--grace"),
+            ("--max-attempts=0", "--max-attempts"),
         ] {
-            let error = Flags::try_parse_from(args)
+            let error = Flags::try_parse_from(["lrtune", arg])
                 .err()
                 .expect("refused")
                 .to_string();
-            assert!(error.contains(args[1]), "{error}");
+            assert!(error.contains(&format!("'{flag} <")), "{error}");
         }
         let flags =
             Flags::try_parse_from(["lrtune", "--stale-after", "1.5", "--grace", "0"]).unwrap();

@@ -12,7 +12,7 @@ use sqlx::error::DatabaseError;
 use sqlx::postgres::{
     PgConnectOptions, PgDatabaseError, PgListener, PgPool, PgPoolOptions, Postgres,
 };
-use sqlx::Transaction;
+use sqlx::{ConnectOptions, Connection, Transaction};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
@@ -89,6 +89,9 @@ impl PgStore {
     ) -> Result<PgStore, StoreError> {
         let options: PgConnectOptions = url.parse()?;
         let options = options.application_name("lrtune");
+        // One connection first, so that an unreachable server or a refused login is reported
+        // in the server's words rather than as a pool timeout.
+        options.connect().await?.close().await?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(ACQUIRE_TIMEOUT)

@@ -516,3 +516,41 @@ async fn a_worker_process_on_the_api_sqlite_file_runs_streams_and_cancels_jobs()
         "the worker stopped after {took:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_worker_its_unfinished_job_goes_back_to_the_queue_uncounted() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("lrtune.db");
+    let db = db.to_str().unwrap();
+    let client = Client::new();
+    let (_api, base) = api(db);
+    let mut worker = spawn(&["worker", "--name", "drained", "--grace", "0.3", "--db", db]);
+    let id = client.submit(&base, &long_job("long")).await;
+    client
+        .wait_until(&base, &id, Duration::from_secs(60), |job| {
+            job["status"] == "running" && job["progress"]["done"].as_i64() > Some(10)
+        })
+        .await;
+    kill(Pid::from_raw(worker.child.id() as i32), Signal::SIGTERM).unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = worker.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let job = client.job(&base, &id).await;
+    assert_eq!(job["status"], "queued", "{job}");
+    assert_eq!(job["attempts"], 0, "{job}");
+    assert_eq!(job["worker"], Value::Null, "{job}");
+    let (_, curve) = client.get(&base, &format!("/v1/jobs/{id}/curve")).await;
+    assert_eq!(curve["points"], json!([]), "the partial curve is gone");
+}
