@@ -523,20 +523,22 @@ async fn a_heartbeat_renews_the_lease(db: &TestDb) {
     let store = db.open().await;
     submit(&store, "job").await;
     let job = claim(&store, "w@h").await;
-    for _ in 0..4 {
+    // Heartbeats 400 ms apart for 2 s keep a lease of 1 s, which each one renews.
+    for _ in 0..5 {
         store
             .record_progress(
                 &job.attempt(),
                 &ProgressUpdate::default(),
-                Duration::from_millis(600),
+                Duration::from_secs(1),
             )
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(store.reap_expired(3).await.unwrap(), ReapOutcome::default());
     }
     let row = store.get_job(&job.id).await.unwrap().unwrap();
-    assert_eq!(row.status, JobStatus::Running);
+    assert_eq!((row.status, row.attempts), (JobStatus::Running, 1));
+    assert!(row.lease_until > row.heartbeat_at);
 }
 
 async fn cancels_stop_queued_jobs_and_flag_running_ones(db: &TestDb) {
