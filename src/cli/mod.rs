@@ -13,6 +13,7 @@ mod run;
 mod schedule;
 mod serve;
 mod submit;
+mod worker;
 
 use std::process::ExitCode;
 
@@ -41,8 +42,10 @@ enum Command {
     Analyze(analyze::AnalyzeArgs),
     /// Print a schedule's learning rate and momentum per step.
     Schedule(Box<schedule::ScheduleArgs>),
-    /// Run the HTTP service: API, job queue and workers on a SQLite file.
+    /// Run the HTTP service: API, job queue and workers on a SQLite file or PostgreSQL.
     Serve(Box<serve::ServeArgs>),
+    /// Run jobs from a database shared with `serve` replicas, with no HTTP API.
+    Worker(Box<worker::WorkerArgs>),
     /// Score recommendations against a full grid search on the built-in problems.
     Eval(eval::EvalArgs),
     /// Milliseconds per training step against PyTorch, tune wall time, peak memory.
@@ -70,6 +73,7 @@ pub fn main() -> ExitCode {
         Command::Analyze(args) => analyze::run(args),
         Command::Schedule(args) => schedule::run(*args),
         Command::Serve(args) => serve::run(*args),
+        Command::Worker(args) => worker::run(*args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
         Command::BenchApi(args) => bench_api::run(args),

@@ -1,5 +1,7 @@
-//! `/healthz` (the database can serve: read, and take the write lock) and `/metrics`
-//! (Prometheus text); both stay open when a token is set.
+//! `/healthz` (the database can serve: on SQLite read the file and take the write lock, on
+//! PostgreSQL answer a read and take writes) and `/metrics` (Prometheus text, with the jobs
+//! counted in the store); both stay open when a token is set. A worker process with
+//! `--metrics-addr` serves the same two routes.
 
 use std::time::Duration;
 
@@ -11,13 +13,16 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use super::{ApiError, AppState, Phase};
+use crate::store::Store;
+use crate::telemetry::Telemetry;
 
-/// How long the health check waits for the write lock: a load balancer polls often and wants
-/// its answer fast, and our own writes hold the lock for milliseconds.
+/// How long the health check waits for the write lock (SQLite) or the read (PostgreSQL): a
+/// load balancer polls often and wants its answer fast, and our own writes hold the lock for
+/// milliseconds.
 const LOCK_WAIT: Duration = Duration::from_secs(1);
 
-/// Everything the check does (opening the file, reading, locking) within this, in case the
-/// file system itself hangs.
+/// Everything the check does (opening the file or connecting, reading, locking) within this,
+/// in case the file system or the network hangs.
 const DEADLINE: Duration = Duration::from_secs(2);
 
 pub fn router() -> Router<AppState> {
@@ -32,42 +37,48 @@ pub struct Health {
     /// the server drains after SIGTERM.
     #[schema(example = "ok")]
     pub status: String,
-    /// The database behind the service: `sqlite`.
+    /// The database behind the service: `sqlite` or `postgres`.
     #[schema(example = "sqlite")]
     pub database: String,
-    /// Why the status is not `ok`: SQLite's own words (`database is locked`,
-    /// `database disk image is malformed`) or the shutdown.
+    /// Why the status is not `ok`: the database's own words (`database is locked`,
+    /// `database disk image is malformed`, `connection refused`) or the shutdown.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
 impl Health {
-    fn new(status: &str, reason: Option<String>) -> Health {
+    fn new(store: &Store, status: &str, reason: Option<String>) -> Health {
         Health {
             status: status.into(),
-            database: "sqlite".into(),
+            database: store.backend().into(),
             reason,
         }
     }
 }
 
-/// Readiness: the server is not shutting down, and its database file can be read from disk
-/// and written (the write lock can be had within a second). 503 with the reason otherwise.
+/// Readiness: the server is not shutting down, and its database answers: a SQLite file can be
+/// read from disk and written (the write lock can be had within a second); a PostgreSQL
+/// server answers a read within a second and takes writes. 503 with the reason otherwise.
 #[utoipa::path(get, path = "/healthz", tag = "service",
     responses(
         (status = 200, body = Health, description = "The database can be read and written"),
         (status = 503, body = Health,
-            description = "Shutting down, or the database is locked, damaged or unreadable")))]
+            description = "Shutting down, or the database is locked, damaged, unreadable or unreachable")))]
 pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     if *state.phase.borrow() != Phase::Serving {
         let reason = "the server is shutting down".to_string();
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(Health::new("shutting_down", Some(reason))),
+            Json(Health::new(&state.store, "shutting_down", Some(reason))),
         );
     }
-    let reason = match tokio::time::timeout(DEADLINE, state.store.check_health(LOCK_WAIT)).await {
-        Ok(Ok(())) => return (StatusCode::OK, Json(Health::new("ok", None))),
+    check(&state.store).await
+}
+
+/// The database's part of the check, for the API and for a worker's metrics listener.
+pub async fn check(store: &Store) -> (StatusCode, Json<Health>) {
+    let reason = match tokio::time::timeout(DEADLINE, store.check_health(LOCK_WAIT)).await {
+        Ok(Ok(())) => return (StatusCode::OK, Json(Health::new(store, "ok", None))),
         Ok(Err(error)) => {
             tracing::warn!(%error, "health check: the database cannot serve");
             error.reason()
@@ -82,7 +93,7 @@ pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>
     };
     (
         StatusCode::SERVICE_UNAVAILABLE,
-        Json(Health::new("unavailable", Some(reason))),
+        Json(Health::new(store, "unavailable", Some(reason))),
     )
 }
 
@@ -90,8 +101,17 @@ pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>
 #[utoipa::path(get, path = "/metrics", tag = "service",
     responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    let jobs = state.store.count_jobs_by_status().await?;
-    let text = state.metrics.render(&jobs, &state.hub.stats());
+    render_metrics(&state.store, &state.telemetry).await
+}
+
+/// The process's metrics with the store's job counts, for the API and for a worker's metrics
+/// listener.
+pub async fn render_metrics(
+    store: &Store,
+    telemetry: &Telemetry,
+) -> Result<impl IntoResponse, ApiError> {
+    let jobs = store.count_jobs_by_status().await?;
+    let text = telemetry.render(&jobs);
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -1,22 +1,15 @@
 //! `/v1/jobs`: submit (validated against the limits before anything is queued), list, get,
-//! the curve (JSON or CSV), server-sent events while a job runs, and cancel.
-
-use std::convert::Infallible;
-use std::time::Duration;
+//! the curve (JSON or CSV), and cancel (heard by whichever process runs the job). The event
+//! stream is in `events.rs`.
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
 use utoipa::{IntoParams, ToSchema};
 
-use super::drain::{self, Phase};
 use super::error::{ApiJson, ApiQuery};
 use super::{ApiError, AppState, ErrorBody};
 use crate::engine::admission::admit;
@@ -24,14 +17,13 @@ use crate::engine::JobSpec;
 use crate::store::{
     new_id, JobError, JobRow, JobStatus, ListFilter, NewJob, PointRow, SweepRunRow,
 };
-use crate::worker::{planned_shape, JobEvent};
+use crate::worker::planned_shape;
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/jobs", post(submit).get(list))
         .route("/jobs/{id}", get(show))
         .route("/jobs/{id}/curve", get(curve))
-        .route("/jobs/{id}/events", get(events))
         .route("/jobs/{id}/cancel", post(cancel))
 }
 
@@ -54,6 +46,9 @@ pub struct Job {
     pub progress: Progress,
     /// Times the job was claimed by a worker.
     pub attempts: i64,
+    /// The worker that claimed it last, as `name@host`.
+    #[schema(example = "w2@host-b")]
+    pub worker: Option<String>,
     pub cancel_requested: bool,
     pub error: Option<JobError>,
     /// The spec with every default filled in.
@@ -94,6 +89,7 @@ impl Job {
                 fraction,
             },
             attempts: row.attempts,
+            worker: row.worker,
             cancel_requested: row.cancel_requested,
             error: row.error,
             created_at: row.created_at,
@@ -117,7 +113,7 @@ pub async fn submit(
     ApiJson(body): ApiJson,
 ) -> Result<Response, ApiError> {
     let spec = JobSpec::from_value(body)?;
-    spec.validate(&state.settings.limits)?;
+    spec.validate(&state.limits)?;
     check_data(&state, &spec).await?;
     let canonical = serde_json::to_string(&spec)
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("encoding the spec: {e}")))?;
@@ -134,7 +130,6 @@ pub async fn submit(
         .ok_or(ApiError::QueueFull {
             queued: state.settings.max_queued,
         })?;
-    state.hub.wake.notify_one();
     tracing::info!(job = %row.id, "job queued");
     let location = format!("/v1/jobs/{}", row.id);
     Ok((
@@ -186,7 +181,7 @@ async fn check_data(state: &AppState, spec: &JobSpec) -> Result<(), ApiError> {
     // messages the worker would give, before anything is queued.
     let (train, validation) = (rows.first(), rows.get(1));
     if let Some(shape) = planned_shape(spec, train, validation)? {
-        admit(spec, &shape, &state.settings.limits)?;
+        admit(spec, &shape, &state.limits)?;
     }
     Ok(())
 }
@@ -233,7 +228,7 @@ pub async fn list(
     }))
 }
 
-async fn find(state: &AppState, id: &str) -> Result<JobRow, ApiError> {
+pub(super) async fn find(state: &AppState, id: &str) -> Result<JobRow, ApiError> {
     state
         .store
         .get_job(id)
@@ -266,15 +261,61 @@ pub enum CurveFormat {
     Csv,
 }
 
+/// One range-test step.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CurvePoint {
+    pub step: i64,
+    pub lr: f64,
+    /// Null when the loss was not a number.
+    pub loss: Option<f64>,
+    pub smoothed: Option<f64>,
+}
+
+impl From<PointRow> for CurvePoint {
+    fn from(row: PointRow) -> CurvePoint {
+        CurvePoint {
+            step: row.step,
+            lr: row.lr,
+            loss: row.loss,
+            smoothed: row.smoothed,
+        }
+    }
+}
+
+/// One training run of the sweep at a candidate peak learning rate.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SweepRun {
+    pub peak_lr: f64,
+    pub seed: i64,
+    /// The run's length in optimizer steps.
+    pub steps: Option<i64>,
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    pub train_loss: Option<f64>,
+    pub diverged: bool,
+}
+
+impl From<SweepRunRow> for SweepRun {
+    fn from(row: SweepRunRow) -> SweepRun {
+        SweepRun {
+            peak_lr: row.peak_lr,
+            seed: row.seed,
+            steps: row.steps,
+            val_loss: row.val_loss,
+            val_accuracy: row.val_accuracy,
+            train_loss: row.train_loss,
+            diverged: row.diverged,
+        }
+    }
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct Curve {
     pub job_id: String,
     pub status: JobStatus,
     /// One point per range-test step.
-    #[schema(value_type = Vec<Object>)]
-    pub points: Vec<PointRow>,
-    #[schema(value_type = Vec<Object>)]
-    pub sweep_runs: Vec<SweepRunRow>,
+    pub points: Vec<CurvePoint>,
+    pub sweep_runs: Vec<SweepRun>,
 }
 
 /// The range-test curve `{step, lr, loss, smoothed}` (points so far while running) and the
@@ -289,7 +330,7 @@ pub async fn curve(
     ApiQuery(query): ApiQuery<CurveQuery>,
 ) -> Result<Response, ApiError> {
     let job = find(&state, &id).await?;
-    let points = state.store.curve(&id).await?;
+    let points = state.store.curve(&id, None).await?;
     if query.format == Some(CurveFormat::Csv) {
         let mut text = String::from("step,lr,loss,smoothed\n");
         for point in &points {
@@ -304,131 +345,18 @@ pub async fn curve(
         }
         return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], text).into_response());
     }
-    let sweep_runs = state.store.sweep_runs(&id).await?;
+    let sweep_runs = state.store.sweep_runs(&id, 0).await?;
     Ok(Json(Curve {
         job_id: id,
         status: job.status,
-        points,
-        sweep_runs,
+        points: points.into_iter().map(CurvePoint::from).collect(),
+        sweep_runs: sweep_runs.into_iter().map(SweepRun::from).collect(),
     })
     .into_response())
 }
 
-/// Server-sent events: `status` first, then `progress`, `point` and `sweep_run` as the job
-/// runs, and a final `status`, after which the stream ends. A stream open when the server
-/// shuts down follows its job through the grace period and ends with `succeeded` (or the
-/// like), or `queued` when the job was put back for the next start.
-#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)),
-    responses((status = 200, description = "text/event-stream", content_type = "text/event-stream"),
-        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn events(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    // Subscribe before reading the status: a job finishing in between is then seen either in
-    // the row or on the channel.
-    let subscription = state.hub.subscribe(&id);
-    let job = match state.store.get_job(&id).await {
-        Ok(Some(job)) => job,
-        other => {
-            drop(subscription);
-            state.hub.drop_if_idle(&id);
-            other?;
-            return Err(ApiError::NotFound(format!("job {id}")));
-        }
-    };
-    let (sender, receiver) = mpsc::channel::<SseEvent>(256);
-    tokio::spawn(forward_events(state, job, subscription, sender));
-    let stream = ReceiverStream::new(receiver).map(Ok::<_, Infallible>);
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
-        .into_response())
-}
-
-fn sse(event: &JobEvent) -> SseEvent {
-    SseEvent::default()
-        .event(event.name())
-        .data(event.data().to_string())
-}
-
-fn status_event(job: &JobRow) -> JobEvent {
-    JobEvent::Status {
-        status: job.status,
-        error: job.error.clone(),
-    }
-}
-
-async fn forward_events(
-    state: AppState,
-    job: JobRow,
-    mut subscription: broadcast::Receiver<JobEvent>,
-    sender: mpsc::Sender<SseEvent>,
-) {
-    let id = job.id.clone();
-    if sender.send(sse(&status_event(&job))).await.is_err() || job.status.is_finished() {
-        return;
-    }
-    let progress = JobEvent::Progress {
-        stage: job.stage.clone(),
-        done: job.progress_done.max(0) as usize,
-        total: job.progress_total.max(0) as usize,
-    };
-    if sender.send(sse(&progress)).await.is_err() {
-        return;
-    }
-    let workers_stopped = drain::reached(state.phase.clone(), Phase::WorkersStopped);
-    tokio::pin!(workers_stopped);
-    // Jobs run by another process publish nothing here: look at the row now and then.
-    let mut poll = tokio::time::interval(Duration::from_secs(2));
-    poll.tick().await;
-    loop {
-        tokio::select! {
-            received = subscription.recv() => match received {
-                Ok(event) => {
-                    // A job put back in the queue while the server drains will not run here
-                    // again: that is its last status for this stream.
-                    let last = match &event {
-                        JobEvent::Status { status, .. } => {
-                            status.is_finished()
-                                || (*status == JobStatus::Queued
-                                    && *state.phase.borrow() != Phase::Serving)
-                        }
-                        _ => false,
-                    };
-                    if sender.send(sse(&event)).await.is_err() || last {
-                        return;
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => {
-                    if let Ok(Some(job)) = state.store.get_job(&id).await {
-                        let _ = sender.send(sse(&status_event(&job))).await;
-                    }
-                    return;
-                }
-            },
-            _ = poll.tick() => {
-                if let Ok(Some(job)) = state.store.get_job(&id).await {
-                    if job.status.is_finished() {
-                        let _ = sender.send(sse(&status_event(&job))).await;
-                        return;
-                    }
-                }
-            }
-            _ = sender.closed() => return,
-            _ = &mut workers_stopped => {
-                // Every job of this process has finished or is queued again: the row's
-                // status is the last one this server will see (a job still queued included).
-                if let Ok(Some(job)) = state.store.get_job(&id).await {
-                    let _ = sender.send(sse(&status_event(&job))).await;
-                }
-                return;
-            }
-        }
-    }
-}
-
-/// Stops a queued or running job (a running one within a step).
+/// Stops a queued or running job: a running one within a step, in whichever process runs it
+/// (it hears of the cancel at once on PostgreSQL, within a second on SQLite).
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)),
     responses((status = 202, body = Job), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
@@ -438,18 +366,7 @@ pub async fn cancel(
 ) -> Result<Response, ApiError> {
     // A job can move from queued to running between the two tries; a few rounds settle it.
     for _ in 0..5 {
-        if state.store.cancel_queued(&id).await? {
-            state.hub.finish(
-                &id,
-                JobEvent::Status {
-                    status: JobStatus::Canceled,
-                    error: None,
-                },
-            );
-            break;
-        }
-        if state.store.request_cancel(&id).await? {
-            state.hub.cancel(&id);
+        if state.store.cancel_queued(&id).await? || state.store.request_cancel(&id).await? {
             break;
         }
         let job = find(&state, &id).await?;

@@ -6,16 +6,16 @@ mod auth;
 mod datasets;
 mod drain;
 mod error;
+mod events;
 mod health;
 mod jobs;
-pub(crate) mod metrics;
+mod metrics;
 mod openapi;
 mod paging;
 pub mod startup;
 mod static_files;
 mod tools;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
@@ -29,31 +29,17 @@ pub use drain::Phase;
 pub use error::{ApiError, ErrorBody};
 pub use openapi::ApiDoc;
 
+use crate::config::ApiConfig;
 use crate::engine::Limits;
 use crate::store::Store;
-use crate::worker::Hub;
-
-/// What the handlers need to know about the configuration.
-#[derive(Debug, Clone)]
-pub struct ApiSettings {
-    pub limits: Limits,
-    pub api_token: Option<String>,
-    pub max_queued: i64,
-    pub max_json_bytes: usize,
-    pub max_upload_bytes: usize,
-    pub max_dataset_rows: usize,
-    pub max_dataset_columns: usize,
-    pub max_schedule_steps: usize,
-    /// Dashboard files found here replace the built-in ones; empty: only the built-in ones.
-    pub static_dir: PathBuf,
-}
+use crate::telemetry::Telemetry;
 
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
-    pub hub: Arc<Hub>,
-    pub settings: Arc<ApiSettings>,
-    pub metrics: Arc<metrics::HttpMetrics>,
+    pub settings: Arc<ApiConfig>,
+    pub limits: Arc<Limits>,
+    pub telemetry: Arc<Telemetry>,
     /// Serving, draining after SIGTERM, or drained: new requests are refused while draining,
     /// open event streams end once the workers have stopped.
     pub phase: watch::Receiver<Phase>,
@@ -64,6 +50,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .merge(jobs::router())
+        .merge(events::router())
         .merge(datasets::router(state.settings.max_upload_bytes))
         .merge(tools::router())
         .fallback(|| async { ApiError::NotFound("route".to_string()) })

@@ -9,20 +9,20 @@ use utoipa::openapi::{Content, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{datasets, error, health, jobs, tools, AppState};
+use super::{datasets, error, events, health, jobs, tools, AppState};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "lrtune", description = "Finds the learning rate before you train: LR range tests and OneCycle sweeps."),
     paths(
-        jobs::submit, jobs::list, jobs::show, jobs::curve, jobs::events, jobs::cancel,
+        jobs::submit, jobs::list, jobs::show, jobs::curve, events::events, jobs::cancel,
         datasets::upload, datasets::list, datasets::show,
         tools::analyze, tools::schedules,
         health::healthz, health::metrics,
     ),
     components(schemas(
         error::ErrorBody, error::ErrorDetail, jobs::Job, jobs::JobList, jobs::Progress,
-        jobs::Curve, datasets::DatasetView, datasets::DatasetList, tools::AnalyzeRequest,
+        jobs::Curve, jobs::CurvePoint, jobs::SweepRun, datasets::DatasetView, datasets::DatasetList, tools::AnalyzeRequest,
         health::Health, jobs::CurveFormat, datasets::UploadFormat, datasets::UploadTask,
         crate::store::JobStatus, crate::store::JobError,
     )),

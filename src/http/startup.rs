@@ -1,62 +1,47 @@
-//! Builds the whole service from its settings: the store, the workers, the router and a bound
-//! listener (port 0 in tests), and runs it until a shutdown signal, then drains it.
+//! Builds a process of the service from its settings: `lrtune serve` (the store, the
+//! workers, the router and a bound listener, port 0 in tests) and `lrtune worker` (the store
+//! and the workers, with an optional metrics listener), each run until a shutdown signal and
+//! then drained.
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::drain::{self, Phase};
-use super::{metrics::HttpMetrics, router, ApiSettings, AppState};
+use super::{health, router, AppState};
+use crate::config::{ApiConfig, QueueConfig};
 use crate::engine::Limits;
-use crate::store::Store;
-use crate::worker::{EngineRunner, Hub, JobRunner, WorkerPool, WorkerSettings};
+use crate::store::{DatabaseUrl, Store};
+use crate::telemetry::Telemetry;
+use crate::worker::{worker_name, EngineRunner, JobRunner, WorkerPool, WorkerSettings};
 
 /// Everything `lrtune serve` can be told.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub addr: String,
-    pub db: PathBuf,
-    pub workers: usize,
-    pub api_token: Option<String>,
+    pub db: DatabaseUrl,
+    pub api: ApiConfig,
+    pub queue: QueueConfig,
     pub limits: Limits,
-    pub max_queued: i64,
-    pub max_json_bytes: usize,
-    pub max_upload_bytes: usize,
-    pub max_dataset_rows: usize,
-    pub max_dataset_columns: usize,
-    pub max_schedule_steps: usize,
-    pub stale_after: Duration,
-    pub max_attempts: i64,
-    pub grace: Duration,
-    /// Dashboard files found here replace the built-in ones (for editing the dashboard
-    /// without rebuilding); empty: only the built-in ones.
-    pub static_dir: PathBuf,
+    /// Jobs run at the same time in this process; 0 for an API replica that runs none.
+    pub workers: usize,
 }
 
 impl Default for Settings {
     fn default() -> Settings {
         Settings {
-            addr: "127.0.0.1:8080".into(),
-            db: "lrtune.db".into(),
-            workers: 1,
-            api_token: None,
+            db: DatabaseUrl::SqlitePath("lrtune.db".into()),
+            api: ApiConfig::default(),
+            queue: QueueConfig::default(),
             limits: Limits::default(),
-            max_queued: 100,
-            max_json_bytes: 1 << 20,
-            max_upload_bytes: 64 << 20,
-            max_dataset_rows: 1_000_000,
-            max_dataset_columns: 100_000,
-            max_schedule_steps: 100_000,
-            stale_after: Duration::from_secs(60),
-            max_attempts: 3,
-            grace: Duration::from_secs(30),
-            static_dir: PathBuf::new(),
+            workers: 1,
         }
     }
 }
@@ -65,6 +50,12 @@ impl Default for Settings {
 /// (event streams their final status) before the server closes them: a client that stopped
 /// reading must not keep the process alive.
 const CLOSE_CONNECTIONS_WITHIN: Duration = Duration::from_secs(5);
+
+async fn open_store(db: &DatabaseUrl) -> anyhow::Result<Store> {
+    Store::open(db.clone())
+        .await
+        .with_context(|| format!("opening the database {db}"))
+}
 
 pub struct Application {
     listener: TcpListener,
@@ -86,43 +77,32 @@ impl Application {
         settings: Settings,
         runner: Arc<dyn JobRunner>,
     ) -> anyhow::Result<Application> {
-        let store = Store::open(&settings.db)
+        let store = open_store(&settings.db).await?;
+        let listener = TcpListener::bind(&settings.api.addr)
             .await
-            .with_context(|| format!("opening the database {}", settings.db.display()))?;
-        let listener = TcpListener::bind(&settings.addr)
-            .await
-            .with_context(|| format!("binding {}", settings.addr))?;
+            .with_context(|| format!("binding {}", settings.api.addr))?;
         let address = listener.local_addr()?;
-        let hub = Hub::new();
+        let telemetry = Telemetry::new();
+        let grace = settings.queue.grace;
         let workers = WorkerPool::start(
             store.clone(),
-            hub.clone(),
-            WorkerSettings {
-                workers: settings.workers,
-                limits: settings.limits.clone(),
-                stale_after: settings.stale_after,
-                max_attempts: settings.max_attempts,
-                flush_every: Duration::from_millis(250),
-                poll_every: Duration::from_millis(500),
-            },
+            WorkerSettings::new(
+                settings.workers,
+                worker_name(None),
+                settings.queue,
+                settings.limits.clone(),
+            ),
             runner,
+            telemetry.clone(),
         );
         let (phase, phases) = watch::channel(Phase::Serving);
+        let mut api = settings.api;
+        api.api_token = api.api_token.filter(|token| !token.is_empty());
         let state = AppState {
             store,
-            hub,
-            settings: Arc::new(ApiSettings {
-                limits: settings.limits,
-                api_token: settings.api_token.filter(|token| !token.is_empty()),
-                max_queued: settings.max_queued,
-                max_json_bytes: settings.max_json_bytes,
-                max_upload_bytes: settings.max_upload_bytes,
-                max_dataset_rows: settings.max_dataset_rows,
-                max_dataset_columns: settings.max_dataset_columns,
-                max_schedule_steps: settings.max_schedule_steps,
-                static_dir: settings.static_dir,
-            }),
-            metrics: Arc::new(HttpMetrics::default()),
+            settings: Arc::new(api),
+            limits: Arc::new(settings.limits),
+            telemetry,
             phase: phases,
         };
         Ok(Application {
@@ -131,7 +111,7 @@ impl Application {
             state,
             workers,
             phase,
-            grace: settings.grace,
+            grace,
         })
     }
 
@@ -174,8 +154,135 @@ impl Application {
                 server.abort();
             }
         }
+        self.state.store.close().await;
         Ok(())
     }
+}
+
+/// Everything `lrtune worker` can be told.
+#[derive(Debug, Clone)]
+pub struct WorkerProcessSettings {
+    pub db: DatabaseUrl,
+    pub queue: QueueConfig,
+    pub limits: Limits,
+    pub workers: usize,
+    /// `NAME@HOST` as jobs show it.
+    pub name: String,
+    /// Where to serve `/metrics` and `/healthz`; none by default.
+    pub metrics_addr: Option<String>,
+}
+
+/// A worker process: claims and runs jobs from the shared database, no API.
+pub struct WorkerProcess {
+    store: Store,
+    telemetry: Arc<Telemetry>,
+    workers: WorkerPool,
+    metrics: Option<(TcpListener, SocketAddr)>,
+    grace: Duration,
+}
+
+#[derive(Clone)]
+struct MetricsState {
+    store: Store,
+    telemetry: Arc<Telemetry>,
+}
+
+impl WorkerProcess {
+    pub async fn build(settings: WorkerProcessSettings) -> anyhow::Result<WorkerProcess> {
+        Self::build_with_runner(settings, Arc::new(EngineRunner)).await
+    }
+
+    pub async fn build_with_runner(
+        settings: WorkerProcessSettings,
+        runner: Arc<dyn JobRunner>,
+    ) -> anyhow::Result<WorkerProcess> {
+        let store = open_store(&settings.db).await?;
+        let metrics = match &settings.metrics_addr {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))?;
+                let address = listener.local_addr()?;
+                Some((listener, address))
+            }
+            None => None,
+        };
+        let telemetry = Telemetry::new();
+        let grace = settings.queue.grace;
+        let workers = WorkerPool::start(
+            store.clone(),
+            WorkerSettings::new(
+                settings.workers,
+                settings.name,
+                settings.queue,
+                settings.limits,
+            ),
+            runner,
+            telemetry.clone(),
+        );
+        Ok(WorkerProcess {
+            store,
+            telemetry,
+            workers,
+            metrics,
+            grace,
+        })
+    }
+
+    /// Where `/metrics` is served, when it is.
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(_, address)| *address)
+    }
+
+    /// Runs jobs until `shutdown` resolves, then drains as `serve` does: no new claim,
+    /// running jobs get the grace period, the rest go back to the queue.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stopped, stop) = watch::channel(false);
+        let server = self.metrics.map(|(listener, _)| {
+            let app = Router::new()
+                .route("/metrics", get(worker_metrics))
+                .route("/healthz", get(worker_health))
+                .with_state(MetricsState {
+                    store: self.store.clone(),
+                    telemetry: self.telemetry.clone(),
+                });
+            let mut stop = stop.clone();
+            tokio::spawn(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|stopped| *stopped).await;
+                    })
+                    .into_future(),
+            )
+        });
+        shutdown.await;
+        tracing::info!("shutting down: no new jobs are claimed");
+        self.workers.shutdown(self.grace).await;
+        let _ = stopped.send(true);
+        if let Some(server) = server {
+            match tokio::time::timeout(CLOSE_CONNECTIONS_WITHIN, server).await {
+                Ok(served) => served.context("the metrics server task")??,
+                Err(_) => tracing::warn!("metrics connections still open: closing them"),
+            }
+        }
+        self.store.close().await;
+        Ok(())
+    }
+}
+
+async fn worker_metrics(State(state): State<MetricsState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match health::render_metrics(&state.store, &state.telemetry).await {
+        Ok(metrics) => metrics.into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn worker_health(State(state): State<MetricsState>) -> impl axum::response::IntoResponse {
+    health::check(&state.store).await
 }
 
 /// Resolves on ctrl-c or SIGTERM.

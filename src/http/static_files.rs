@@ -129,11 +129,11 @@ async fn serve(state: &AppState, path: &'static str, request: &HeaderMap) -> Res
     };
     // Only names from the fixed list above are looked up on disk: no path from the request
     // reaches the file system.
-    let overlay = &state.settings.static_dir;
-    let from_disk = if overlay.as_os_str().is_empty() {
-        None
-    } else {
-        tokio::fs::read(overlay.join(asset.path)).await.ok()
+    let from_disk = match &state.settings.static_dir {
+        Some(overlay) if !overlay.as_os_str().is_empty() => {
+            tokio::fs::read(overlay.join(asset.path)).await.ok()
+        }
+        _ => None,
     };
     let (body, etag) = match from_disk {
         Some(bytes) => {

@@ -1,28 +1,33 @@
-//! The queue loop: N tokio workers claim queued jobs, run the engine on a blocking thread,
-//! stream its events to subscribers, write progress and a heartbeat a few times a second,
-//! and commit the outcome in one transaction. A reaper puts back jobs whose worker died.
+//! The queue loop: N tokio workers claim queued jobs (each claim one statement, with a
+//! lease), run the engine on a thread of its own, write progress, new curve points and sweep
+//! runs with a heartbeat that renews the lease a few times a second, and commit the outcome
+//! in one transaction. Besides the workers, every process runs a reaper, which queues again
+//! (or fails) jobs whose lease ran out, whichever process claimed them, and listens for
+//! cancels of the jobs it runs.
 
 mod data;
-mod hub;
 pub mod priority;
+mod running;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn, Instrument};
 
 pub use data::{parse_task, planned_shape, JobDatasets};
-pub use hub::{DurationHistogram, Hub, JobEvent, JobStats, DURATION_BUCKETS};
 
+use crate::config::QueueConfig;
 use crate::engine::admission::admit;
 use crate::engine::{self, EngineError, Event, JobOutput, JobSpec, Limits, LoadedData};
 use crate::store::{
-    Attempt, FinalState, JobError, JobRow, JobStatus, PointRow, ProgressUpdate, Store, StoreError,
-    SweepRunRow,
+    nan_as_null, Attempt, Change, FinalState, JobError, JobRow, PointRow, ProgressUpdate, Store,
+    StoreError, SweepRunRow,
 };
+use crate::telemetry::Telemetry;
+use running::Running;
 
 /// Runs one job's compute. The engine in production; tests swap in runners that panic or
 /// block to prove the worker survives them.
@@ -52,62 +57,107 @@ impl JobRunner for EngineRunner {
     }
 }
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct WorkerSettings {
+    /// Jobs run at the same time (0: none, only the reaper).
     pub workers: usize,
+    /// What jobs show as their `worker`: `NAME@HOST` (`NAME.I@HOST` for the I-th of several).
+    pub name: String,
+    pub queue: QueueConfig,
     pub limits: Limits,
-    /// A running job without a heartbeat for this long is taken to be orphaned.
-    pub stale_after: Duration,
-    /// Claims after which an orphaned job is failed instead of queued again.
-    pub max_attempts: i64,
-    /// How often progress, new points and the heartbeat are written.
+    /// How often progress, new points and sweep runs are written.
     pub flush_every: Duration,
     /// How often an idle worker looks for work without being woken.
     pub poll_every: Duration,
 }
 
 impl WorkerSettings {
+    pub fn new(workers: usize, name: String, queue: QueueConfig, limits: Limits) -> WorkerSettings {
+        WorkerSettings {
+            workers,
+            name,
+            queue,
+            limits,
+            flush_every: Duration::from_millis(250),
+            poll_every: Duration::from_millis(500),
+        }
+    }
+
+    fn lease(&self) -> Duration {
+        self.queue.stale_after
+    }
+
+    /// Often enough that a few heartbeats fit in a lease, and at least once a second so that
+    /// a cancel from another process on the same SQLite file is seen within a second.
     fn heartbeat_every(&self) -> Duration {
-        (self.stale_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+        (self.lease() / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+
+    fn worker_name(&self, index: usize) -> String {
+        let (name, host) = self
+            .name
+            .split_once('@')
+            .unwrap_or((self.name.as_str(), "localhost"));
+        if self.workers > 1 {
+            format!("{name}.{index}@{host}")
+        } else {
+            format!("{name}@{host}")
+        }
     }
 }
 
-/// The running workers and reaper of one process.
+/// `NAME@HOST` for this process: the name given, or `pid<PID>`, at this machine's name.
+pub fn worker_name(name: Option<&str>) -> String {
+    let host = whoami::hostname().unwrap_or_else(|_| "localhost".to_string());
+    match name {
+        Some(name) => format!("{name}@{host}"),
+        None => format!("pid{}@{host}", std::process::id()),
+    }
+}
+
+/// The running workers, reaper and cancel listener of one process.
 pub struct WorkerPool {
     handles: Vec<JoinHandle<()>>,
     reaper: JoinHandle<()>,
+    cancels: JoinHandle<()>,
     stop_claiming: watch::Sender<bool>,
-    hub: Arc<Hub>,
+    running: Arc<Running>,
 }
 
 impl WorkerPool {
     pub fn start(
         store: Store,
-        hub: Arc<Hub>,
         settings: WorkerSettings,
         runner: Arc<dyn JobRunner>,
+        telemetry: Arc<Telemetry>,
     ) -> WorkerPool {
-        priority::lower_compute_pool();
+        if settings.workers > 0 {
+            priority::lower_compute_pool();
+        }
         let (stop_claiming, stop) = watch::channel(false);
+        let running = Arc::new(Running::default());
         let handles = (0..settings.workers)
             .map(|index| {
                 let worker = Worker {
-                    name: format!("{}-{index}", process_name()),
+                    name: settings.worker_name(index),
                     store: store.clone(),
-                    hub: hub.clone(),
+                    running: running.clone(),
                     settings: settings.clone(),
                     runner: runner.clone(),
+                    telemetry: telemetry.clone(),
                     stop: stop.clone(),
                 };
                 tokio::spawn(worker.run())
             })
             .collect();
-        let reaper = tokio::spawn(reap_forever(store, hub.clone(), settings, stop));
+        let cancels = tokio::spawn(hear_cancels(store.subscribe(), running.clone()));
+        let reaper = tokio::spawn(reap_forever(store, settings, stop));
         WorkerPool {
             handles,
             reaper,
+            cancels,
             stop_claiming,
-            hub,
+            running,
         }
     }
 
@@ -125,50 +175,44 @@ impl WorkerPool {
         .await;
         if waited.is_err() {
             warn!("grace period over: stopping running jobs and queueing them again");
-            self.hub.stop_all();
+            self.running.stop_all();
             for handle in handles {
                 let _ = handle.await;
             }
         }
+        self.cancels.abort();
     }
 }
 
-fn process_name() -> String {
-    format!("pid{}", std::process::id())
-}
-
-async fn reap_forever(
-    store: Store,
-    hub: Arc<Hub>,
-    settings: WorkerSettings,
-    mut stop: watch::Receiver<bool>,
-) {
-    let every =
-        (settings.stale_after / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+/// Raises the flag of a job running here as soon as any process asks for its cancel (its
+/// heartbeat would see it too, a little later).
+async fn hear_cancels(mut changes: broadcast::Receiver<Change>, running: Arc<Running>) {
     loop {
-        match store
-            .reap_stale(settings.stale_after, settings.max_attempts)
-            .await
-        {
-            Ok(outcome) => {
-                for id in &outcome.requeued {
-                    warn!(job = %id, "job had no heartbeat: queued again");
-                }
-                for id in &outcome.failed {
-                    warn!(job = %id, "job had no heartbeat too many times: failed");
-                    hub.finish(
-                        id,
-                        JobEvent::Status {
-                            status: JobStatus::Failed,
-                            error: None,
-                        },
-                    );
-                }
-                if !outcome.requeued.is_empty() {
-                    hub.wake.notify_waiters();
+        match changes.recv().await {
+            Ok(Change::CancelRequested(id)) => {
+                if running.cancel(&id) {
+                    info!(job = %id, "cancel requested: stopping the job");
                 }
             }
-            Err(error) => error!(%error, "reaping stale jobs"),
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+async fn reap_forever(store: Store, settings: WorkerSettings, mut stop: watch::Receiver<bool>) {
+    let every = (settings.lease() / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    loop {
+        match store.reap_expired(settings.queue.max_attempts).await {
+            Ok(outcome) => {
+                for id in &outcome.requeued {
+                    warn!(job = %id, "the job's lease ran out: queued again");
+                }
+                for id in &outcome.failed {
+                    warn!(job = %id, "the job's lease ran out on its last attempt: failed");
+                }
+            }
+            Err(error) => error!(%error, "reaping jobs whose lease ran out"),
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -180,9 +224,10 @@ async fn reap_forever(
 struct Worker {
     name: String,
     store: Store,
-    hub: Arc<Hub>,
+    running: Arc<Running>,
     settings: WorkerSettings,
     runner: Arc<dyn JobRunner>,
+    telemetry: Arc<Telemetry>,
     stop: watch::Receiver<bool>,
 }
 
@@ -198,17 +243,34 @@ impl Worker {
             if *self.stop.borrow() {
                 return;
             }
-            match self.store.claim_job(&self.name).await {
+            // Subscribed before the claim, so that a job queued after it wakes this worker.
+            let mut changes = self.store.subscribe();
+            match self
+                .store
+                .claim_job(&self.name, self.settings.lease())
+                .await
+            {
                 Ok(Some(job)) => {
                     let span = tracing::info_span!("job", id = %job.id, attempt = job.attempts, worker = %self.name);
                     self.run_job(job).instrument(span).await;
                 }
                 Ok(None) => {
-                    let wake = self.hub.wake.notified();
-                    tokio::select! {
-                        _ = wake => {}
-                        _ = tokio::time::sleep(self.settings.poll_every) => {}
-                        _ = self.stop.changed() => {}
+                    let poll = tokio::time::sleep(self.settings.poll_every);
+                    tokio::pin!(poll);
+                    loop {
+                        tokio::select! {
+                            change = changes.recv() => match change {
+                                Ok(Change::Queued | Change::Unknown)
+                                | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                                Ok(_) => {}
+                                Err(broadcast::error::RecvError::Closed) => {
+                                    (&mut poll).await;
+                                    break;
+                                }
+                            },
+                            _ = &mut poll => break,
+                            _ = self.stop.changed() => break,
+                        }
                     }
                 }
                 Err(error) => {
@@ -222,58 +284,48 @@ impl Worker {
     async fn run_job(&self, job: JobRow) {
         let attempt = job.attempt();
         info!("job started");
-        self.hub.publish(
-            &job.id,
-            JobEvent::Status {
-                status: JobStatus::Running,
-                error: None,
-            },
-        );
         let started = Instant::now();
-        let (state, steps) = match self.execute(&job, &attempt).await {
+        let mut flusher = Flusher::new(attempt.clone());
+        let state = match self.execute(&job, &mut flusher).await {
             Ok(state) => state,
-            Err(error) => (FinalState::Failed(error), 0),
+            Err(error) => FinalState::Failed(error),
         };
-        let status = match &state {
-            FinalState::Succeeded { .. } => JobStatus::Succeeded,
-            FinalState::Failed(_) => JobStatus::Failed,
-            FinalState::Canceled => JobStatus::Canceled,
-            FinalState::Requeue => JobStatus::Queued,
-        };
-        let error = match &state {
-            FinalState::Failed(error) => Some(error.clone()),
-            _ => None,
-        };
-        match self.finish(&attempt, state).await {
+        let status = state.status();
+        let last = flusher.take_update();
+        match self.finish(&attempt, &state, &last).await {
             Ok(true) => {
                 info!(status = status.as_str(), "job finished");
                 if status.is_finished() {
-                    self.hub
-                        .record_finished(status, started.elapsed().as_secs_f64(), steps);
-                    self.hub.finish(&job.id, JobEvent::Status { status, error });
-                } else {
-                    self.hub
-                        .publish(&job.id, JobEvent::Status { status, error });
+                    self.telemetry.record_job(
+                        status,
+                        started.elapsed().as_secs_f64(),
+                        flusher.done as u64,
+                    );
                 }
             }
             Ok(false) => warn!("job was taken over by another attempt: outcome dropped"),
             Err(error) => error!(%error, "writing the job's outcome"),
         }
-        self.hub.unregister_cancel(&job.id);
+        self.running.unregister(&job.id);
     }
 
     /// Writes the attempt's outcome, trying again while the database is unavailable (locked
-    /// by another process, say): a finished job's result is worth waiting for. Not past
-    /// `stale_after`, though: no heartbeat is written meanwhile, so by then the reaper may
-    /// have queued the job again and the guarded write would find it gone.
-    async fn finish(&self, attempt: &Attempt, state: FinalState) -> Result<bool, StoreError> {
+    /// by another process, say): a finished job's result is worth waiting for. Not past the
+    /// lease, though: no heartbeat is written meanwhile, so by then another process may have
+    /// queued the job again and the guarded write would find it gone.
+    async fn finish(
+        &self,
+        attempt: &Attempt,
+        state: &FinalState,
+        last: &ProgressUpdate,
+    ) -> Result<bool, StoreError> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(100);
         loop {
-            match self.store.finish_attempt(attempt, state.clone()).await {
+            match self.store.finish_attempt(attempt, state, last).await {
                 Err(error)
                     if error.is_unavailable()
-                        && started.elapsed() + pause < self.settings.stale_after =>
+                        && started.elapsed() + pause < self.settings.lease() =>
                 {
                     warn!(%error, retry_in = ?pause, "writing the job's outcome: trying again");
                     tokio::time::sleep(pause).await;
@@ -284,12 +336,9 @@ impl Worker {
         }
     }
 
-    /// Runs the attempt to its end state; an `Err` is a failure to report on the job.
-    async fn execute(
-        &self,
-        job: &JobRow,
-        attempt: &Attempt,
-    ) -> Result<(FinalState, u64), JobError> {
+    /// Runs the attempt to its end state; an `Err` is a failure to report on the job. What
+    /// the engine reported and was not written yet stays in `flusher`, for the final write.
+    async fn execute(&self, job: &JobRow, flusher: &mut Flusher) -> Result<FinalState, JobError> {
         let spec = JobSpec::from_json(&job.spec).map_err(spec_error)?;
         let datasets = self.fetch_datasets(&spec).await?;
         // Admission again (limits may have changed since the submit, or the job was written
@@ -307,11 +356,11 @@ impl Worker {
         if let Some(shape) = planned {
             admit(&spec, &shape, &self.settings.limits).map_err(spec_error)?;
         }
-        let cancel = self.hub.register_cancel(&job.id);
+        let cancel = self.running.register(&job.id);
         if job.cancel_requested {
             cancel.store(true, Ordering::SeqCst);
         }
-        let reason = Arc::new(CancelReason::default());
+        let reason = CancelReason::default();
         let (events, mut received) = mpsc::unbounded_channel::<Event>();
         let runner = self.runner.clone();
         let limits = self.settings.limits.clone();
@@ -331,59 +380,33 @@ impl Worker {
             field: None,
         })?;
 
-        let mut flusher = Flusher::new(attempt.clone());
         let mut tick = tokio::time::interval(self.settings.flush_every);
         let mut last_write = Instant::now();
         let heartbeat_every = self.settings.heartbeat_every();
         loop {
             tokio::select! {
                 event = received.recv() => match event {
-                    Some(event) => flusher.observe(event, &self.hub),
+                    Some(event) => flusher.observe(event),
                     None => break,
                 },
                 _ = tick.tick() => {
                     if flusher.dirty || last_write.elapsed() >= heartbeat_every {
                         last_write = Instant::now();
-                        self.flush(&mut flusher, &cancel, &reason).await;
+                        self.flush(flusher, &cancel, &reason).await;
                     }
                 }
             }
         }
-        flusher.publish_progress(&self.hub);
-        let outcome = compute.await;
-        let steps = flusher.done as u64;
-        let state = match outcome {
-            Ok(Ok(output)) => {
-                let result = serde_json::to_string(&output.result).map_err(|e| JobError {
-                    code: "internal".into(),
-                    message: format!("the result could not be encoded: {e}"),
-                    field: None,
-                })?;
-                FinalState::Succeeded {
-                    result,
-                    steps: output.result.timing.total_steps as i64,
-                    curve: output
-                        .curve
-                        .iter()
-                        .map(|p| PointRow::new(p.step, p.lr, p.loss, p.smoothed))
-                        .collect(),
-                    sweep: Vec::new(),
-                }
-                .with_sweep(flusher.sweep_runs)
-            }
+        let state = match compute.await {
+            Ok(Ok(output)) => self.succeeded(output, flusher)?,
             Ok(Err(EngineError::Canceled)) => {
-                if self.hub.is_stopping() || reason.lost.load(Ordering::SeqCst) {
+                if self.running.is_stopping() || reason.lost.load(Ordering::SeqCst) {
                     FinalState::Requeue
                 } else {
-                    // Keep the points measured before the cancel.
-                    self.flush(&mut flusher, &cancel, &reason).await;
                     FinalState::Canceled
                 }
             }
-            Ok(Err(error)) => {
-                self.flush(&mut flusher, &cancel, &reason).await;
-                FinalState::Failed(engine_error(error))
-            }
+            Ok(Err(error)) => FinalState::Failed(engine_error(error)),
             Err(panic) => {
                 let message = match panic {
                     Some(payload) => panic_message(payload),
@@ -397,12 +420,41 @@ impl Worker {
                 })
             }
         };
-        Ok((state, steps))
+        Ok(state)
+    }
+
+    /// The result to store. Its curve is the one the engine streamed, point by point, and
+    /// the flusher wrote as it came (the rest goes with the final write): the two must agree.
+    fn succeeded(&self, output: JobOutput, flusher: &Flusher) -> Result<FinalState, JobError> {
+        if output.curve.len() != flusher.points_seen {
+            return Err(JobError {
+                code: "internal".into(),
+                message: format!(
+                    "the engine reported {} curve points but its curve has {}",
+                    flusher.points_seen,
+                    output.curve.len()
+                ),
+                field: None,
+            });
+        }
+        let result = serde_json::to_string(&output.result).map_err(|e| JobError {
+            code: "internal".into(),
+            message: format!("the result could not be encoded: {e}"),
+            field: None,
+        })?;
+        Ok(FinalState::Succeeded {
+            result,
+            steps: output.result.timing.total_steps as i64,
+        })
     }
 
     async fn flush(&self, flusher: &mut Flusher, cancel: &AtomicBool, reason: &CancelReason) {
         let update = flusher.take_update();
-        match self.store.record_progress(&flusher.attempt, &update).await {
+        let recorded = self
+            .store
+            .record_progress(&flusher.attempt, &update, self.settings.lease())
+            .await;
+        match recorded {
             Ok(Some(cancel_requested)) => {
                 if cancel_requested {
                     cancel.store(true, Ordering::SeqCst);
@@ -416,8 +468,7 @@ impl Worker {
             Err(error) => {
                 // Keep the points for the next try; the heartbeat is retried on the next tick.
                 error!(%error, "writing progress");
-                flusher.pending.splice(0..0, update.points);
-                flusher.dirty = true;
+                flusher.put_back(update);
             }
         }
     }
@@ -458,36 +509,19 @@ impl Worker {
     }
 }
 
-impl FinalState {
-    fn with_sweep(self, runs: Vec<SweepRunRow>) -> FinalState {
-        match self {
-            FinalState::Succeeded {
-                result,
-                steps,
-                curve,
-                ..
-            } => FinalState::Succeeded {
-                result,
-                steps,
-                curve,
-                sweep: runs,
-            },
-            other => other,
-        }
-    }
-}
-
-/// Collects a running job's events between database writes, and forwards them to
-/// subscribers (progress at most ten times a second).
+/// Collects a running job's events between database writes: each point and sweep run is
+/// handed to exactly one write.
 struct Flusher {
     attempt: Attempt,
     stage: Option<String>,
     done: usize,
     total: usize,
-    pending: Vec<PointRow>,
+    points: Vec<PointRow>,
     sweep_runs: Vec<SweepRunRow>,
+    /// Points and sweep runs the engine reported so far.
+    points_seen: usize,
+    sweep_runs_seen: usize,
     dirty: bool,
-    last_progress_sent: Option<Instant>,
 }
 
 impl Flusher {
@@ -497,57 +531,45 @@ impl Flusher {
             stage: None,
             done: 0,
             total: 0,
-            pending: Vec::new(),
+            points: Vec::new(),
             sweep_runs: Vec::new(),
+            points_seen: 0,
+            sweep_runs_seen: 0,
             dirty: false,
-            last_progress_sent: None,
         }
     }
 
-    fn observe(&mut self, event: Event, hub: &Hub) {
-        let job_id = &self.attempt.job_id;
+    fn observe(&mut self, event: Event) {
+        self.dirty = true;
         match event {
-            Event::Stage(stage) => {
-                self.stage = Some(stage.to_string());
-                self.dirty = true;
-                self.publish_progress(hub);
-            }
+            Event::Stage(stage) => self.stage = Some(stage.to_string()),
             Event::Point(point) => {
-                let row = PointRow::new(point.step, point.lr, point.loss, point.smoothed);
-                hub.publish(job_id, JobEvent::Point(row.clone()));
-                self.pending.push(row);
-                self.dirty = true;
+                self.points_seen += 1;
+                self.points.push(PointRow::new(
+                    point.step,
+                    point.lr,
+                    point.loss,
+                    point.smoothed,
+                ));
             }
             Event::SweepRun(run) => {
-                let row = SweepRunRow::new(&run);
-                hub.publish(job_id, JobEvent::SweepRun(row.clone()));
-                self.sweep_runs.push(row);
-                self.dirty = true;
+                self.sweep_runs.push(SweepRunRow {
+                    position: self.sweep_runs_seen as i64,
+                    peak_lr: run.peak_lr,
+                    seed: run.seed as i64,
+                    steps: Some(run.steps as i64),
+                    val_loss: nan_as_null(run.val_loss),
+                    val_accuracy: run.val_accuracy.and_then(nan_as_null),
+                    train_loss: nan_as_null(run.train_loss),
+                    diverged: run.diverged,
+                });
+                self.sweep_runs_seen += 1;
             }
             Event::Progress { done, total } => {
                 self.done = done;
                 self.total = total;
-                self.dirty = true;
-                let due = self
-                    .last_progress_sent
-                    .is_none_or(|sent| sent.elapsed() >= Duration::from_millis(100));
-                if due {
-                    self.publish_progress(hub);
-                }
             }
         }
-    }
-
-    fn publish_progress(&mut self, hub: &Hub) {
-        self.last_progress_sent = Some(Instant::now());
-        hub.publish(
-            &self.attempt.job_id,
-            JobEvent::Progress {
-                stage: self.stage.clone(),
-                done: self.done,
-                total: self.total,
-            },
-        );
     }
 
     fn take_update(&mut self) -> ProgressUpdate {
@@ -556,8 +578,16 @@ impl Flusher {
             stage: self.stage.clone(),
             done: self.done as i64,
             total: self.total as i64,
-            points: std::mem::take(&mut self.pending),
+            points: std::mem::take(&mut self.points),
+            sweep_runs: std::mem::take(&mut self.sweep_runs),
         }
+    }
+
+    /// An update that could not be written: its points and runs go first in the next one.
+    fn put_back(&mut self, update: ProgressUpdate) {
+        self.points.splice(0..0, update.points);
+        self.sweep_runs.splice(0..0, update.sweep_runs);
+        self.dirty = true;
     }
 }
 

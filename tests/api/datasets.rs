@@ -81,7 +81,7 @@ async fn a_ragged_csv_row_is_refused_naming_the_row() {
 
 #[tokio::test]
 async fn a_dataset_above_the_row_limit_is_a_422_naming_the_limit() {
-    let app = spawn_app_configured(|settings| settings.max_dataset_rows = 100).await;
+    let app = spawn_app_configured(|settings| settings.api.max_dataset_rows = 100).await;
     let (status, body) = json_of(
         app.post_raw("/v1/datasets?format=csv", blobs_csv(150))
             .await,
@@ -119,7 +119,7 @@ async fn a_csv_with_100000_columns_is_accepted_at_the_default_column_limit() {
 
 #[tokio::test]
 async fn a_csv_above_the_column_limit_is_a_422_naming_the_limit_before_its_rows_are_read() {
-    let app = spawn_app_configured(|settings| settings.max_dataset_columns = 1000).await;
+    let app = spawn_app_configured(|settings| settings.api.max_dataset_columns = 1000).await;
     // The rows are not numbers: refusing by the limit shows they were never parsed.
     let mut body = wide_csv(1001, 0);
     body.push_str(&"abc,".repeat(1001));
@@ -150,7 +150,7 @@ async fn a_duplicate_column_name_in_a_wide_header_is_refused_by_name() {
 
 #[tokio::test]
 async fn an_upload_above_the_byte_limit_is_a_413() {
-    let app = spawn_app_configured(|settings| settings.max_upload_bytes = 1000).await;
+    let app = spawn_app_configured(|settings| settings.api.max_upload_bytes = 1000).await;
     let (status, body) = json_of(
         app.post_raw("/v1/datasets?format=csv", blobs_csv(200))
             .await,

@@ -17,7 +17,7 @@ async fn an_event_stream_open_at_shutdown_follows_its_job_to_succeeded_within_th
         release: release.clone(),
     };
     let mut app = spawn_app_with(
-        |settings| settings.grace = Duration::from_secs(30),
+        |settings| settings.queue.grace = Duration::from_secs(30),
         Arc::new(runner),
     )
     .await;
@@ -62,7 +62,7 @@ async fn a_request_during_the_grace_period_is_a_503_with_retry_after_not_a_refus
         release: release.clone(),
     };
     let mut app = spawn_app_with(
-        |settings| settings.grace = Duration::from_secs(30),
+        |settings| settings.queue.grace = Duration::from_secs(30),
         Arc::new(runner),
     )
     .await;
@@ -123,7 +123,7 @@ async fn a_request_during_the_grace_period_is_a_503_with_retry_after_not_a_refus
 #[tokio::test]
 async fn an_event_stream_whose_job_outlives_the_grace_ends_with_queued() {
     let mut app = spawn_app_with(
-        |settings| settings.grace = Duration::from_millis(300),
+        |settings| settings.queue.grace = Duration::from_millis(300),
         Arc::new(FaultyRunner),
     )
     .await;

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
+use lrtune::config::{ApiConfig, QueueConfig};
 use lrtune::engine::{EngineError, Event, JobOutput, JobSpec, Limits, LoadedData};
 use lrtune::http::startup::{Application, Settings};
 use lrtune::worker::{EngineRunner, JobRunner};
@@ -52,15 +53,21 @@ pub async fn spawn_app_with(
     let dir = tempfile::tempdir().expect("a temporary directory");
     let db_path = dir.path().join("lrtune.db");
     let mut settings = Settings {
-        addr: "127.0.0.1:0".into(),
-        db: db_path.clone(),
-        stale_after: Duration::from_secs(2),
-        grace: Duration::from_secs(2),
-        static_dir: dir.path().join("static"),
+        db: db_path.clone().into(),
+        api: ApiConfig {
+            addr: "127.0.0.1:0".into(),
+            static_dir: Some(dir.path().join("static")),
+            ..ApiConfig::default()
+        },
+        queue: QueueConfig {
+            stale_after: Duration::from_secs(2),
+            grace: Duration::from_secs(2),
+            ..QueueConfig::default()
+        },
         ..Settings::default()
     };
     configure(&mut settings);
-    let token = settings.api_token.clone();
+    let token = settings.api.api_token.clone();
     let app = Application::build_with_runner(settings, runner)
         .await
         .expect("the application builds");

@@ -153,7 +153,7 @@ async fn the_server_never_reads_a_local_path_from_a_spec() {
 async fn a_full_queue_is_a_429_that_says_when_to_retry() {
     let app = spawn_app_configured(|settings| {
         settings.workers = 0;
-        settings.max_queued = 2;
+        settings.api.max_queued = 2;
     })
     .await;
     app.submit(&tiny_spec()).await;
@@ -344,7 +344,7 @@ async fn a_finished_job_streams_its_final_status_and_the_stream_ends() {
 #[tokio::test]
 async fn shutdown_puts_a_job_still_running_after_the_grace_back_in_the_queue() {
     let mut app = spawn_app_with(
-        |settings| settings.grace = Duration::from_millis(300),
+        |settings| settings.queue.grace = Duration::from_millis(300),
         Arc::new(FaultyRunner),
     )
     .await;

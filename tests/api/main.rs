@@ -6,6 +6,7 @@ mod admission;
 mod crash;
 mod datasets;
 mod drain;
+mod fleet;
 mod helpers;
 mod jobs;
 mod outage;

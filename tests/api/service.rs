@@ -5,7 +5,7 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn with_a_token_every_v1_request_needs_it_and_the_rest_stays_open() {
-    let app = spawn_app_configured(|settings| settings.api_token = Some("s3cret".into())).await;
+    let app = spawn_app_configured(|settings| settings.api.api_token = Some("s3cret".into())).await;
     let url = |path: &str| format!("{}{path}", app.address);
     let anonymous = app.client.get(url("/v1/jobs")).send().await.unwrap();
     let (status, body) = json_of(anonymous).await;
@@ -41,7 +41,7 @@ async fn without_a_token_v1_is_open() {
 
 #[tokio::test]
 async fn a_json_body_above_the_limit_is_a_413() {
-    let app = spawn_app_configured(|settings| settings.max_json_bytes = 256).await;
+    let app = spawn_app_configured(|settings| settings.api.max_json_bytes = 256).await;
     let mut spec = tiny_spec();
     spec["name"] = json!("x".repeat(1000));
     let (status, body) = json_of(app.post_json("/v1/jobs", &spec).await).await;

@@ -1,0 +1,205 @@
+//! The settings of the service, each declared once, as a clap flag with its `LRTUNE_*`
+//! environment variable and its `--help` text, and grouped by who reads it: the API, the job
+//! queue (workers and the reaper), the limits of a job. `lrtune serve` and `lrtune worker`
+//! flatten the groups they need; the API and the workers are handed the same structs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::engine::{admission, Limits};
+use crate::store::DatabaseUrl;
+
+/// The database every process of a deployment shares.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseConfig {
+    /// The job store: a SQLite file (created on first start), `sqlite://PATH`, or
+    /// `postgres://USER:PASSWORD@HOST/DATABASE`, shared by API replicas and workers on many
+    /// hosts.
+    #[arg(long, env = "LRTUNE_DB", default_value = "lrtune.db", value_parser = DatabaseUrl::parse)]
+    pub db: DatabaseUrl,
+}
+
+/// What the HTTP API is told.
+#[derive(Debug, Clone, Args)]
+pub struct ApiConfig {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, env = "LRTUNE_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// When set, every /v1 request needs `Authorization: Bearer <token>`.
+    #[arg(long, env = "LRTUNE_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Queued jobs beyond which a submit is refused (429).
+    #[arg(long, env = "LRTUNE_MAX_QUEUED", default_value_t = 100)]
+    pub max_queued: i64,
+    /// Largest JSON body in bytes (413 above).
+    #[arg(long, env = "LRTUNE_MAX_JSON_BYTES", default_value_t = 1 << 20)]
+    pub max_json_bytes: usize,
+    /// Largest dataset upload in bytes (413 above).
+    #[arg(long, env = "LRTUNE_MAX_UPLOAD_BYTES", default_value_t = 64 << 20)]
+    pub max_upload_bytes: usize,
+    /// Most rows (or characters) in an uploaded dataset.
+    #[arg(long, env = "LRTUNE_MAX_DATASET_ROWS", default_value_t = 1_000_000)]
+    pub max_dataset_rows: usize,
+    /// Most columns in an uploaded CSV, counted from its header before any row is read.
+    #[arg(long, env = "LRTUNE_MAX_DATASET_COLUMNS", default_value_t = 100_000)]
+    pub max_dataset_columns: usize,
+    /// Most steps of a schedule from POST /v1/schedules (and points for /v1/analyze).
+    #[arg(long, env = "LRTUNE_MAX_SCHEDULE_STEPS", default_value_t = 100_000)]
+    pub max_schedule_steps: usize,
+    /// A folder whose dashboard files replace the ones built into the binary (to edit the
+    /// dashboard without rebuilding: `--static-dir static`).
+    #[arg(long, env = "LRTUNE_STATIC_DIR")]
+    pub static_dir: Option<PathBuf>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> ApiConfig {
+        ApiConfig {
+            addr: "127.0.0.1:8080".into(),
+            api_token: None,
+            max_queued: 100,
+            max_json_bytes: 1 << 20,
+            max_upload_bytes: 64 << 20,
+            max_dataset_rows: 1_000_000,
+            max_dataset_columns: 100_000,
+            max_schedule_steps: 100_000,
+            static_dir: None,
+        }
+    }
+}
+
+/// What the workers and the reaper of a process are told.
+#[derive(Debug, Clone, Args)]
+pub struct QueueConfig {
+    /// Seconds a worker's lease on a running job lasts; its heartbeats renew it. A job whose
+    /// lease has run out (its worker died) is queued again by any process.
+    #[arg(long, env = "LRTUNE_STALE_AFTER", default_value = "60", value_parser = positive_seconds)]
+    pub stale_after: Duration,
+    /// Claims after which a job whose worker keeps dying is failed.
+    #[arg(long, env = "LRTUNE_MAX_ATTEMPTS", default_value_t = 3,
+          value_parser = clap::value_parser!(i64).range(1..))]
+    pub max_attempts: i64,
+    /// Seconds running jobs get to finish on SIGTERM before they are queued again.
+    #[arg(long, env = "LRTUNE_GRACE", default_value = "30", value_parser = seconds)]
+    pub grace: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> QueueConfig {
+        QueueConfig {
+            stale_after: Duration::from_secs(60),
+            max_attempts: 3,
+            grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The most a job may ask for, checked at submit and again by the worker that runs it.
+#[derive(Debug, Clone, Args)]
+pub struct LimitsConfig {
+    /// Most range-test steps of a job.
+    #[arg(long, env = "LRTUNE_MAX_RANGE_STEPS", default_value_t = Limits::default().max_range_steps)]
+    pub max_range_steps: usize,
+    /// Most sweep epochs of a job (candidates x seeds x epochs).
+    #[arg(long, env = "LRTUNE_MAX_SWEEP_EPOCHS", default_value_t = Limits::default().max_sweep_epochs)]
+    pub max_sweep_epochs: usize,
+    /// Most planned epochs of a job.
+    #[arg(long, env = "LRTUNE_MAX_PLAN_EPOCHS", default_value_t = Limits::default().max_plan_epochs)]
+    pub max_plan_epochs: usize,
+    /// Most model parameters.
+    #[arg(long, env = "LRTUNE_MAX_PARAMETERS", default_value_t = Limits::default().max_parameters)]
+    pub max_parameters: usize,
+    /// Most memory one job may need, as estimated before it runs (weights and optimizer
+    /// state, the training step's buffers, the data): bytes or a size such as 2GiB. Default: a
+    /// quarter of the machine's memory.
+    #[arg(long, env = "LRTUNE_MAX_JOB_MEMORY", value_parser = admission::parse_bytes)]
+    pub max_job_memory: Option<u64>,
+    /// Most samples a generated builtin may have.
+    #[arg(long, env = "LRTUNE_MAX_SAMPLES", default_value_t = Limits::default().max_samples)]
+    pub max_samples: usize,
+}
+
+impl LimitsConfig {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_range_steps: self.max_range_steps,
+            max_sweep_epochs: self.max_sweep_epochs,
+            max_plan_epochs: self.max_plan_epochs,
+            max_parameters: self.max_parameters,
+            max_samples: self.max_samples,
+            max_job_memory: self
+                .max_job_memory
+                .unwrap_or_else(admission::default_job_memory),
+        }
+    }
+}
+
+fn seconds(text: &str) -> Result<Duration, String> {
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(value).map_err(|_| format!("{text:?} is not a duration"))
+}
+
+fn positive_seconds(text: &str) -> Result<Duration, String> {
+    let duration = seconds(text)?;
+    if duration < Duration::from_millis(100) {
+        return Err(format!("{text:?}: at least 0.1 seconds"));
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        api: ApiConfig,
+        #[command(flatten)]
+        queue: QueueConfig,
+    }
+
+    #[test]
+    fn the_defaults_in_code_are_the_flags_defaults() {
+        let flags = Flags::try_parse_from(["lrtune"]).unwrap();
+        let api = ApiConfig::default();
+        assert_eq!(flags.api.addr, api.addr);
+        assert_eq!(flags.api.max_queued, api.max_queued);
+        assert_eq!(flags.api.max_json_bytes, api.max_json_bytes);
+        assert_eq!(flags.api.max_upload_bytes, api.max_upload_bytes);
+        assert_eq!(flags.api.max_dataset_rows, api.max_dataset_rows);
+        assert_eq!(flags.api.max_dataset_columns, api.max_dataset_columns);
+        assert_eq!(flags.api.max_schedule_steps, api.max_schedule_steps);
+        let queue = QueueConfig::default();
+        assert_eq!(flags.queue.stale_after, queue.stale_after);
+        assert_eq!(flags.queue.max_attempts, queue.max_attempts);
+        assert_eq!(flags.queue.grace, queue.grace);
+    }
+
+    #[test]
+    fn durations_and_attempts_are_checked_with_the_flag_named() {
+        for (arg, flag) in [
+            ("--stale-after=soon", "--stale-after"),
+            ("--stale-after=0", "--stale-after"),
+            ("--grace=-1", "--grace"),
+            ("--max-attempts=0", "--max-attempts"),
+        ] {
+            let error = Flags::try_parse_from(["lrtune", arg])
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(error.contains(&format!("'{flag} <")), "{error}");
+        }
+        let flags =
+            Flags::try_parse_from(["lrtune", "--stale-after", "1.5", "--grace", "0"]).unwrap();
+        assert_eq!(flags.queue.stale_after, Duration::from_millis(1500));
+        assert_eq!(flags.queue.grace, Duration::ZERO);
+    }
+}

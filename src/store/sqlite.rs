@@ -1,0 +1,548 @@
+//! The SQLite backend: one file in WAL mode with a busy timeout, migrations from
+//! `migrations/sqlite`. Times are UTC ISO 8601 text with milliseconds, written by SQLite
+//! itself, so that string order is time order and an expired lease is one comparison.
+//! SQLite serialises writers, so a claim is a plain `UPDATE ... RETURNING`.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::error::DatabaseError;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteError, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Connection, Sqlite, SqlitePool, Transaction};
+
+use super::dataset::{shape_json, DatasetRecord, ListedRecord, StoredRecord};
+use super::job::JobRecord;
+use super::{
+    Attempt, DatasetRow, FinalState, JobRow, ListFilter, NewDataset, NewJob, PointRow,
+    ProgressUpdate, ReapOutcome, StoreError, StoredDataset, SweepRunRow,
+};
+
+/// The current time as SQLite writes it: UTC ISO 8601 with milliseconds. A macro so that
+/// queries stay `&'static str` literals (`concat!`), never strings built at run time.
+macro_rules! now {
+    () => {
+        "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+    };
+}
+
+/// The time a lease of `?` (a SQLite date modifier such as `+60.000 seconds`) ends.
+macro_rules! lease_end {
+    () => {
+        "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)"
+    };
+}
+
+/// How long a statement waits for another connection's write lock before it fails with
+/// "database is locked". Our own writes hold the lock for milliseconds; waiting longer only
+/// makes a request hang while another process holds it, so the API answers 503 instead and
+/// the workers retry.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a request waits for a free pooled connection (all of them waiting on a lock).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
+// SQLite's primary result codes (the low byte of an extended code).
+// https://www.sqlite.org/rescode.html
+const SQLITE_BUSY: i32 = 5;
+const SQLITE_LOCKED: i32 = 6;
+const SQLITE_IOERR: i32 = 10;
+const SQLITE_CORRUPT: i32 = 11;
+const SQLITE_FULL: i32 = 13;
+const SQLITE_CANTOPEN: i32 = 14;
+const SQLITE_NOTADB: i32 = 26;
+
+/// Locked past the busy timeout, or the file unreadable, unwritable, full or damaged.
+pub(super) fn is_unavailable(error: &dyn DatabaseError) -> bool {
+    if error.try_downcast_ref::<SqliteError>().is_none() {
+        return false;
+    }
+    error
+        .code()
+        .and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| {
+            matches!(
+                code & 0xff,
+                SQLITE_BUSY
+                    | SQLITE_LOCKED
+                    | SQLITE_IOERR
+                    | SQLITE_CORRUPT
+                    | SQLITE_FULL
+                    | SQLITE_CANTOPEN
+                    | SQLITE_NOTADB
+            )
+        })
+}
+
+/// A duration as a SQLite date modifier.
+fn modifier(duration: Duration) -> String {
+    format!("+{:.3} seconds", duration.as_secs_f64())
+}
+
+#[derive(Clone)]
+pub(super) struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating it when missing) the SQLite file.
+    pub(super) async fn open_path(path: &Path) -> Result<SqliteStore, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true);
+        Self::connect(options).await
+    }
+
+    /// Opens a database from a `sqlite:` URL (its own options, such as `?mode=ro`, kept).
+    pub(super) async fn open_url(url: &str) -> Result<SqliteStore, StoreError> {
+        Self::connect(SqliteConnectOptions::from_str(url)?).await
+    }
+
+    async fn connect(options: SqliteConnectOptions) -> Result<SqliteStore, StoreError> {
+        let options = options
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(SqliteStore { pool })
+    }
+
+    pub(super) async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// A fresh connection (an empty page cache, so pages come from the file, not from
+    /// memory) reads the job table and takes the write lock, waiting at most `lock_wait` for
+    /// it. `SELECT 1` proves none of this: it succeeds on a locked and on a damaged file.
+    pub(super) async fn check_health(&self, lock_wait: Duration) -> Result<(), StoreError> {
+        let options = (*self.pool.connect_options())
+            .clone()
+            .create_if_missing(false)
+            .busy_timeout(lock_wait);
+        let mut connection = options.connect().await?;
+        let checked = async {
+            let mut transaction = connection.begin_with("BEGIN IMMEDIATE").await?;
+            sqlx::query("SELECT seq FROM job ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&mut *transaction)
+                .await?;
+            transaction.rollback().await
+        }
+        .await;
+        let _ = connection.close().await;
+        Ok(checked?)
+    }
+
+    /// The count and the insert are one statement, and SQLite runs one writer at a time, so
+    /// concurrent submits cannot overshoot the limit.
+    pub(super) async fn insert_job(
+        &self,
+        job: NewJob,
+        max_queued: i64,
+    ) -> Result<Option<JobRow>, StoreError> {
+        let sql = concat!(
+            "INSERT INTO job (id, kind, name, spec, status, created_at)
+             SELECT ?, ?, ?, ?, 'queued', ",
+            now!(),
+            " WHERE (SELECT count(*) FROM job WHERE status = 'queued') < ?
+             RETURNING *"
+        );
+        let record: Option<JobRecord> = sqlx::query_as(sql)
+            .bind(&job.id)
+            .bind(&job.kind)
+            .bind(&job.name)
+            .bind(&job.spec)
+            .bind(max_queued)
+            .fetch_optional(&self.pool)
+            .await?;
+        record.map(JobRow::try_from).transpose()
+    }
+
+    pub(super) async fn get_job(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
+        let record: Option<JobRecord> = sqlx::query_as("SELECT * FROM job WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        record.map(JobRow::try_from).transpose()
+    }
+
+    pub(super) async fn list_jobs(&self, filter: &ListFilter) -> Result<Vec<JobRow>, StoreError> {
+        let records: Vec<JobRecord> = sqlx::query_as(
+            "SELECT * FROM job
+             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR seq < ?2)
+             ORDER BY seq DESC LIMIT ?3",
+        )
+        .bind(filter.status.map(|status| status.as_str()))
+        .bind(filter.before)
+        .bind(filter.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        records.into_iter().map(JobRow::try_from).collect()
+    }
+
+    pub(super) async fn count_jobs_by_status(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT status, count(*) FROM job GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    pub(super) async fn claim_job(
+        &self,
+        worker: &str,
+        lease: Duration,
+    ) -> Result<Option<JobRow>, StoreError> {
+        let sql = concat!(
+            "UPDATE job SET status = 'running', attempts = attempts + 1, worker = ?,
+                 started_at = ",
+            now!(),
+            ", heartbeat_at = ",
+            now!(),
+            ", lease_until = ",
+            lease_end!(),
+            ", finished_at = NULL, stage = NULL, progress_done = 0, progress_total = 0
+             WHERE id = (SELECT id FROM job WHERE status = 'queued' ORDER BY seq LIMIT 1)
+               AND status = 'queued'
+             RETURNING *"
+        );
+        let record: Option<JobRecord> = sqlx::query_as(sql)
+            .bind(worker)
+            .bind(modifier(lease))
+            .fetch_optional(&self.pool)
+            .await?;
+        record.map(JobRow::try_from).transpose()
+    }
+
+    pub(super) async fn record_progress(
+        &self,
+        attempt: &Attempt,
+        update: &ProgressUpdate,
+        lease: Duration,
+    ) -> Result<Option<bool>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let sql = concat!(
+            "UPDATE job SET heartbeat_at = ",
+            now!(),
+            ", lease_until = ",
+            lease_end!(),
+            ", progress_done = ?, progress_total = ?, stage = coalesce(?, stage)
+             WHERE id = ? AND status = 'running' AND attempts = ?
+             RETURNING cancel_requested"
+        );
+        let cancel_requested: Option<bool> = sqlx::query_scalar(sql)
+            .bind(modifier(lease))
+            .bind(update.done)
+            .bind(update.total)
+            .bind(&update.stage)
+            .bind(&attempt.job_id)
+            .bind(attempt.number)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(cancel_requested) = cancel_requested else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        insert_outputs(&mut tx, attempt, update).await?;
+        tx.commit().await?;
+        Ok(Some(cancel_requested))
+    }
+
+    pub(super) async fn finish_attempt(
+        &self,
+        attempt: &Attempt,
+        state: &FinalState,
+        last: &ProgressUpdate,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The guarded UPDATE comes first so the transaction takes the write lock at once.
+        let updated = match state {
+            FinalState::Succeeded { result, steps } => {
+                let sql = concat!(
+                    "UPDATE job SET status = 'succeeded', result = ?, error = NULL,
+                         progress_done = ?, progress_total = ?, lease_until = NULL,
+                         finished_at = ",
+                    now!(),
+                    " WHERE id = ? AND status = 'running' AND attempts = ?"
+                );
+                sqlx::query(sql).bind(result).bind(steps).bind(steps)
+            }
+            FinalState::Failed(error) => {
+                let sql = concat!(
+                    "UPDATE job SET status = 'failed', error = ?, stage = coalesce(?, stage),
+                         progress_done = ?, progress_total = ?, lease_until = NULL,
+                         finished_at = ",
+                    now!(),
+                    " WHERE id = ? AND status = 'running' AND attempts = ?"
+                );
+                let text =
+                    serde_json::to_string(error).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                sqlx::query(sql)
+                    .bind(text)
+                    .bind(&last.stage)
+                    .bind(last.done)
+                    .bind(last.total)
+            }
+            FinalState::Canceled => {
+                let sql = concat!(
+                    "UPDATE job SET status = 'canceled', stage = coalesce(?, stage),
+                         progress_done = ?, progress_total = ?, lease_until = NULL,
+                         finished_at = ",
+                    now!(),
+                    " WHERE id = ? AND status = 'running' AND attempts = ?"
+                );
+                sqlx::query(sql)
+                    .bind(&last.stage)
+                    .bind(last.done)
+                    .bind(last.total)
+            }
+            FinalState::Requeue => sqlx::query(
+                "UPDATE job SET status = 'queued', attempts = attempts - 1, worker = NULL,
+                     started_at = NULL, heartbeat_at = NULL, lease_until = NULL, stage = NULL,
+                     progress_done = 0, progress_total = 0
+                 WHERE id = ? AND status = 'running' AND attempts = ?",
+            ),
+        }
+        .bind(&attempt.job_id)
+        .bind(attempt.number)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        match state {
+            FinalState::Requeue => delete_outputs(&mut tx, &attempt.job_id).await?,
+            _ => insert_outputs(&mut tx, attempt, last).await?,
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(super) async fn cancel_queued(&self, id: &str) -> Result<bool, StoreError> {
+        let sql = concat!(
+            "UPDATE job SET status = 'canceled', cancel_requested = 1, finished_at = ",
+            now!(),
+            " WHERE id = ? AND status = 'queued'"
+        );
+        let done = sqlx::query(sql).bind(id).execute(&self.pool).await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(super) async fn request_cancel(&self, id: &str) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE job SET cancel_requested = 1 WHERE id = ? AND status = 'running'")
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(super) async fn reap_expired(&self, max_attempts: i64) -> Result<ReapOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The message is built per job from its last heartbeat, so it says where the worker
+        // was when it died (a process killed for memory leaves no other trace); the lease's
+        // length is the time it was given to send the next one.
+        let failed_sql = concat!(
+            "UPDATE job SET status = 'failed', finished_at = ",
+            now!(),
+            ", lease_until = NULL, error = json_object('code', 'worker_lost', 'message', printf(
+                 'the worker died while running this job (attempts: %d; last seen %s; no heartbeat for %.1f s); it may have been killed for running out of memory: giving up',
+                 attempts,
+                 CASE WHEN stage IS NULL THEN 'loading the data'
+                      ELSE printf('in stage %s at step %d of %d', stage, progress_done, progress_total) END,
+                 (julianday(lease_until) - julianday(heartbeat_at)) * 86400.0))
+             WHERE status = 'running' AND attempts >= ? AND lease_until < ",
+            now!(),
+            " RETURNING id"
+        );
+        let failed: Vec<String> = sqlx::query_scalar(failed_sql)
+            .bind(max_attempts)
+            .fetch_all(&mut *tx)
+            .await?;
+        let requeue_sql = concat!(
+            "UPDATE job SET status = 'queued', worker = NULL, started_at = NULL,
+                 heartbeat_at = NULL, lease_until = NULL, stage = NULL, progress_done = 0,
+                 progress_total = 0
+             WHERE status = 'running' AND attempts < ? AND lease_until < ",
+            now!(),
+            " RETURNING id"
+        );
+        let requeued: Vec<String> = sqlx::query_scalar(requeue_sql)
+            .bind(max_attempts)
+            .fetch_all(&mut *tx)
+            .await?;
+        for id in &requeued {
+            delete_outputs(&mut tx, id).await?;
+        }
+        tx.commit().await?;
+        Ok(ReapOutcome { requeued, failed })
+    }
+
+    pub(super) async fn curve(
+        &self,
+        job_id: &str,
+        after_step: i64,
+    ) -> Result<Vec<PointRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT step, lr, loss, smoothed FROM curve_point
+             WHERE job_id = ? AND step > ? ORDER BY step",
+        )
+        .bind(job_id)
+        .bind(after_step)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub(super) async fn sweep_runs(
+        &self,
+        job_id: &str,
+        from_position: i64,
+    ) -> Result<Vec<SweepRunRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT position, peak_lr, seed, steps, val_loss, val_accuracy, train_loss, diverged
+             FROM sweep_run WHERE job_id = ? AND position >= ? ORDER BY position",
+        )
+        .bind(job_id)
+        .bind(from_position)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub(super) async fn insert_dataset(
+        &self,
+        dataset: NewDataset,
+    ) -> Result<DatasetRow, StoreError> {
+        let row = dataset.row;
+        let sql = concat!(
+            "INSERT INTO dataset (id, name, format, target, rows, features, sample_shape,
+                 classes, vocabulary, task, sha256, bytes, x, y, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ",
+            now!(),
+            ") RETURNING *"
+        );
+        let record: DatasetRecord = sqlx::query_as(sql)
+            .bind(&row.id)
+            .bind(&row.name)
+            .bind(&row.format)
+            .bind(&row.target)
+            .bind(row.rows)
+            .bind(row.features)
+            .bind(shape_json(&row.sample_shape)?)
+            .bind(row.classes)
+            .bind(row.vocabulary)
+            .bind(&row.task)
+            .bind(&row.sha256)
+            .bind(row.bytes)
+            .bind(dataset.x)
+            .bind(dataset.y)
+            .fetch_one(&self.pool)
+            .await?;
+        record.try_into()
+    }
+
+    pub(super) async fn get_dataset(&self, id: &str) -> Result<Option<DatasetRow>, StoreError> {
+        let record: Option<DatasetRecord> = sqlx::query_as(
+            "SELECT seq, id, name, format, target, rows, features, sample_shape, classes,
+                 vocabulary, task, sha256, bytes, created_at
+             FROM dataset WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        record.map(DatasetRow::try_from).transpose()
+    }
+
+    pub(super) async fn load_dataset(&self, id: &str) -> Result<Option<StoredDataset>, StoreError> {
+        let record: Option<StoredRecord> = sqlx::query_as("SELECT * FROM dataset WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        record.map(StoredDataset::try_from).transpose()
+    }
+
+    pub(super) async fn list_datasets(
+        &self,
+        limit: i64,
+        before: Option<i64>,
+    ) -> Result<Vec<(i64, DatasetRow)>, StoreError> {
+        let records: Vec<ListedRecord> = sqlx::query_as(
+            "SELECT seq, id, name, format, target, rows, features, sample_shape, classes,
+                 vocabulary, task, sha256, bytes, created_at
+             FROM dataset WHERE (?1 IS NULL OR seq < ?1) ORDER BY seq DESC LIMIT ?2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        records
+            .into_iter()
+            .map(|listed| Ok((listed.seq, listed.record.try_into()?)))
+            .collect()
+    }
+}
+
+/// The update's points and sweep runs, each written once: a retried write (its first try
+/// committed, but the answer was lost) finds them there and leaves them.
+async fn insert_outputs(
+    tx: &mut Transaction<'_, Sqlite>,
+    attempt: &Attempt,
+    update: &ProgressUpdate,
+) -> Result<(), StoreError> {
+    for point in &update.points {
+        sqlx::query(
+            "INSERT INTO curve_point (job_id, run, step, lr, loss, smoothed)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (job_id, step) DO NOTHING",
+        )
+        .bind(&attempt.job_id)
+        .bind(attempt.number)
+        .bind(point.step)
+        .bind(point.lr)
+        .bind(point.loss)
+        .bind(point.smoothed)
+        .execute(&mut **tx)
+        .await?;
+    }
+    for run in &update.sweep_runs {
+        sqlx::query(
+            "INSERT INTO sweep_run (job_id, run, position, peak_lr, seed, steps, val_loss,
+                 val_accuracy, train_loss, diverged)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (job_id, position) DO NOTHING",
+        )
+        .bind(&attempt.job_id)
+        .bind(attempt.number)
+        .bind(run.position)
+        .bind(run.peak_lr)
+        .bind(run.seed)
+        .bind(run.steps)
+        .bind(run.val_loss)
+        .bind(run.val_accuracy)
+        .bind(run.train_loss)
+        .bind(run.diverged)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn delete_outputs(tx: &mut Transaction<'_, Sqlite>, job_id: &str) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM curve_point WHERE job_id = ?")
+        .bind(job_id)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("DELETE FROM sweep_run WHERE job_id = ?")
+        .bind(job_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
