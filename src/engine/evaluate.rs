@@ -81,9 +81,9 @@ impl Problem {
 
 /// The problems. The first five have plenty of data for their plan; the rest are the regimes
 /// where judging candidates after a short sweep can go wrong (few rows and long plans, label
-/// noise, a tiny regression), plus a large dataset with a short plan, where the short sweep
-/// is the planned run and must stay right. Batches and rows are small so that the whole
-/// evaluation runs in minutes on two cores.
+/// noise, a tiny regression), plus large data with short plans: 3 epochs of a wide MLP, and
+/// the README's example, whose default budget cannot run two candidates to its end. Batches
+/// and rows are small so that the whole evaluation runs in minutes on two cores.
 pub fn problems() -> Vec<Problem> {
     vec![
         // Generated classification with a small MLP and SGD: the plain case.
