@@ -118,6 +118,52 @@ fn schedule_prints_pytorchs_one_cycle_from_flags_and_from_json() {
     );
     assert_eq!(code, 2);
     assert!(stderr.contains("pct_start"), "{stderr}");
+
+    // ReduceLROnPlateau replays the metrics given; patience 0 cuts at every step without a best.
+    let (code, stdout, stderr) = lrtune(
+        &["schedule", "-"],
+        Some(
+            r#"{"kind": "reduce_on_plateau", "lr": 0.1, "patience": 0, "factor": 0.5, "metrics": [2.0, 1.0, 1.5]}"#,
+        ),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let curve: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(curve["lr"], serde_json::json!([0.1, 0.1, 0.05]));
+    let (code, _, stderr) = lrtune(
+        &["schedule", "-"],
+        Some(r#"{"kind": "reduce_on_plateau", "lr": 0.1, "metrics": []}"#),
+    );
+    assert_eq!(code, 2);
+    assert!(stderr.contains("metrics"), "{stderr}");
+    let (code, stdout, stderr) = lrtune(
+        &[
+            "schedule",
+            "--kind",
+            "step",
+            "--lr",
+            "1",
+            "--step-size",
+            "2",
+            "--gamma",
+            "0.5",
+            "--steps",
+            "4",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let curve: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(curve["lr"], serde_json::json!([1.0, 1.0, 0.5, 0.5]));
+    let (code, stdout, stderr) = lrtune(
+        &[
+            "schedule", "--kind", "cosine", "--lr", "0.1", "--t-max", "10", "--steps", "11",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let curve: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(curve["lr"].as_array().unwrap().len(), 11);
+    assert!(curve["lr"][10].as_f64().unwrap().abs() < 1e-15);
 }
 
 /// The result (everything but the timing) is bit for bit the same on one thread as on two:
