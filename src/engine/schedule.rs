@@ -385,7 +385,7 @@ impl Schedule {
             Schedule::CosineWarmRestarts(s) => s.lr_at(step),
             Schedule::WarmupCosine(s) => s.lr_at(step),
             Schedule::Cosine(s) => s.lrs(step + 1)[step],
-            Schedule::Step(s) => s.lrs(step + 1)[step],
+            Schedule::Step(s) => s.lr_at(step),
             Schedule::ReduceOnPlateau(s) => s.lrs().get(step).copied().unwrap_or(f64::NAN),
         }
     }
@@ -934,6 +934,15 @@ impl StepLr {
                 lr
             })
             .collect()
+    }
+
+    /// The learning rate during step `step`: the same repeated products as [`StepLr::lrs`].
+    pub fn lr_at(&self, step: usize) -> f64 {
+        let mut lr = self.lr;
+        for _ in 0..step.checked_div(self.step_size).unwrap_or(0) {
+            lr *= self.gamma;
+        }
+        lr
     }
 
     pub fn validate(&self, max_steps: usize) -> Result<(), ScheduleError> {
