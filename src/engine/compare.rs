@@ -171,7 +171,7 @@ pub fn run_compare(
             let output = tune_with(tune_spec, loaded.clone(), limits, &mut inner, &schedule_for)?;
             (output, inner.steps_done())
         };
-        outer.done += spent;
+        outer.add_done(spent);
         tune_steps += spent;
         lrs.push(output.result.recommendation.peak_lr);
     }

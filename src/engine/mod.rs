@@ -116,6 +116,12 @@ impl<'a> Control<'a> {
         self.emit(Event::Progress { done, total });
     }
 
+    /// Counts steps taken under another control (a race's tunes) as this one's.
+    fn add_done(&mut self, steps: usize) {
+        self.done += steps;
+        self.emit_progress();
+    }
+
     /// Optimizer steps taken so far.
     pub fn steps_done(&self) -> usize {
         self.done
