@@ -51,6 +51,14 @@ pub fn run(args: CheckArgs) -> anyhow::Result<Outcome> {
         Some(server) => {
             let client = Client::new(server, args.token.clone())?;
             let spec = read_input(&args.spec)?;
+            let kind = serde_json::from_str::<serde_json::Value>(&spec)
+                .ok()
+                .and_then(|value| value.get("kind").cloned());
+            if kind == Some(serde_json::json!("compare")) {
+                anyhow::bail!(
+                    "invalid spec: kind: a compare job races recipes and has no band to check a learning rate against; submit it with `lrtune submit`, or check a tune spec"
+                );
+            }
             let (id, result) = submit::submit_and_wait(&client, &spec, args.quiet)?;
             let curve = match &args.plot {
                 Some(_) => client.curve(&id)?,

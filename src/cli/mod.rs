@@ -8,6 +8,7 @@ mod check;
 mod client;
 mod eval;
 mod plot;
+mod race;
 mod report;
 mod run;
 mod schedule;

@@ -8,7 +8,9 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{plot, read_input, report, Outcome};
+use super::{plot, race, read_input, report, Outcome};
+use crate::engine::compare::{run_compare, CompareResult};
+use crate::engine::spec::JobKind;
 use crate::engine::{self, Event, JobOutput, JobSpec, Limits};
 
 #[derive(Debug, Args)]
@@ -24,13 +26,18 @@ pub struct RunArgs {
     /// Also write the range-test curve as CSV (`step,lr,loss,smoothed`) to this file.
     #[arg(long, value_name = "FILE")]
     pub curve: Option<String>,
-    /// Also draw the range-test curve, the suggestions and the band to this SVG file.
+    /// Also draw the range-test curve, the suggestions and the band to this SVG file (for a
+    /// `compare` job, every recipe's validation curve and the target).
     #[arg(long, value_name = "FILE")]
     pub plot: Option<String>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<Outcome> {
-    let output = run_spec_file(&args.spec, args.quiet)?;
+    let spec = read_spec(&args.spec)?;
+    if spec.kind == JobKind::Compare {
+        return run_race(&args, &spec);
+    }
+    let output = run_spec(&spec, args.quiet)?;
     if let Some(path) = &args.curve {
         write_curve_csv(path, &output.curve)?;
     }
@@ -45,12 +52,60 @@ pub fn run(args: RunArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
+fn run_race(args: &RunArgs, spec: &JobSpec) -> anyhow::Result<Outcome> {
+    if args.curve.is_some() {
+        anyhow::bail!(
+            "--curve writes a range-test curve; a compare job has one per recipe's tune and reports its race in --json and --plot"
+        );
+    }
+    let result = run_compare_spec(spec, args.quiet)?;
+    if let Some(path) = &args.plot {
+        race::write_svg(path, "lrtune run: recipe race", &result)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        print!("{}", race::summary(&result));
+    }
+    Ok(Outcome::Ok)
+}
+
+/// Reads and parses a spec file (or - for standard input).
+pub fn read_spec(path: &str) -> anyhow::Result<JobSpec> {
+    let text = read_input(path)?;
+    JobSpec::from_json(&text).map_err(|error| anyhow::anyhow!("invalid spec: {error}"))
+}
+
 /// Parses, validates and runs a spec file locally (shared with `check`).
 pub fn run_spec_file(path: &str, quiet: bool) -> anyhow::Result<JobOutput> {
-    let text = read_input(path)?;
-    let spec =
-        JobSpec::from_json(&text).map_err(|error| anyhow::anyhow!("invalid spec: {error}"))?;
+    let spec = read_spec(path)?;
+    if spec.kind == JobKind::Compare {
+        anyhow::bail!(
+            "invalid spec: kind: a compare job races recipes and has no band to check a learning rate against; run it with `lrtune run`, or check a tune spec"
+        );
+    }
     run_spec(&spec, quiet)
+}
+
+/// Validates and runs a `compare` spec locally, with a progress bar.
+pub fn run_compare_spec(spec: &JobSpec, quiet: bool) -> anyhow::Result<CompareResult> {
+    let limits = Limits::default();
+    spec.validate(&limits)
+        .map_err(|error| anyhow::anyhow!("invalid spec: {error}"))?;
+    let loaded = engine::load_local_data(spec).map_err(engine_error)?;
+    let cancel = AtomicBool::new(false);
+    let bar = progress_bar(quiet);
+    let mut observer = |event: Event| match event {
+        Event::Stage(stage) => bar.set_message(stage),
+        Event::Progress { done, total } => {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+        Event::Point(_) | Event::SweepRun(_) => {}
+    };
+    let result = run_compare(spec, loaded, &limits, &cancel, &mut observer).map_err(engine_error);
+    bar.finish_and_clear();
+    result.context("running the race")
 }
 
 pub fn run_spec(spec: &JobSpec, quiet: bool) -> anyhow::Result<JobOutput> {

@@ -1,5 +1,6 @@
-//! `lrtune schedule FILE|-` (the same JSON object as `POST /v1/schedules`) or flags for
-//! people: prints `{"lr": [...], "momentum": [...]}`, or a CSV with `--csv`.
+//! `lrtune schedule FILE|-` (the same JSON object as `POST /v1/schedules`, `metrics` included for
+//! reduce_on_plateau) or flags for people: prints `{"lr": [...], "momentum": [...]}`, or a CSV
+//! with `--csv`.
 
 use anyhow::Context;
 use clap::Args;
@@ -15,16 +16,20 @@ pub const MAX_SCHEDULE_STEPS: usize = 1_000_000;
 pub struct ScheduleArgs {
     /// A JSON schedule object, or - for standard input. Without it, the flags build one.
     pub file: Option<String>,
-    /// one_cycle | cyclic | cosine_warm_restarts | warmup_cosine
+    /// one_cycle | cyclic | cosine_warm_restarts | warmup_cosine | cosine | step
+    /// (reduce_on_plateau needs its metrics: give it as JSON)
     #[arg(long, default_value = "one_cycle")]
     pub kind: String,
+    /// The optimizer's learning rate (cosine, step).
+    #[arg(long)]
+    pub lr: Option<f64>,
     #[arg(long)]
     pub max_lr: Option<f64>,
     #[arg(long)]
     pub base_lr: Option<f64>,
     #[arg(long)]
     pub total_steps: Option<usize>,
-    /// Steps to print (cyclic, cosine_warm_restarts).
+    /// Steps to print (cyclic, cosine_warm_restarts, cosine, step).
     #[arg(long)]
     pub steps: Option<usize>,
     #[arg(long)]
@@ -59,6 +64,12 @@ pub struct ScheduleArgs {
     pub t_mult: Option<usize>,
     #[arg(long)]
     pub eta_min: Option<f64>,
+    /// CosineAnnealingLR's T_max.
+    #[arg(long = "t-max")]
+    pub t_max: Option<usize>,
+    /// StepLR's step_size.
+    #[arg(long)]
+    pub step_size: Option<usize>,
     #[arg(long)]
     pub warmup_steps: Option<usize>,
     #[arg(long)]
@@ -112,6 +123,7 @@ fn flags_to_json(args: &ScheduleArgs) -> Value {
             object.insert(name.to_string(), value);
         }
     };
+    put("lr", args.lr.map(|v| json!(v)));
     put("max_lr", args.max_lr.map(|v| json!(v)));
     put("base_lr", args.base_lr.map(|v| json!(v)));
     put("total_steps", args.total_steps.map(|v| json!(v)));
@@ -134,6 +146,8 @@ fn flags_to_json(args: &ScheduleArgs) -> Value {
     put("T_0", args.t_0.map(|v| json!(v)));
     put("T_mult", args.t_mult.map(|v| json!(v)));
     put("eta_min", args.eta_min.map(|v| json!(v)));
+    put("T_max", args.t_max.map(|v| json!(v)));
+    put("step_size", args.step_size.map(|v| json!(v)));
     put("warmup_steps", args.warmup_steps.map(|v| json!(v)));
     put("start_factor", args.start_factor.map(|v| json!(v)));
     Value::Object(object)

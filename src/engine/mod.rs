@@ -3,6 +3,7 @@
 //! cancel flag is checked every step. `lrtune run` and the service's workers both call `run_job`.
 
 pub mod admission;
+pub mod compare;
 pub mod data;
 pub mod evaluate;
 pub mod model;
@@ -113,6 +114,12 @@ impl<'a> Control<'a> {
     fn emit_progress(&mut self) {
         let (done, total) = (self.done, self.total.max(self.done));
         self.emit(Event::Progress { done, total });
+    }
+
+    /// Counts steps taken under another control (a race's tunes) as this one's.
+    fn add_done(&mut self, steps: usize) {
+        self.done += steps;
+        self.emit_progress();
     }
 
     /// Optimizer steps taken so far.

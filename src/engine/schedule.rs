@@ -1,6 +1,7 @@
 //! Learning-rate and momentum schedules with PyTorch's exact semantics (OneCycleLR, CyclicLR,
-//! CosineAnnealingWarmRestarts, LinearLR then CosineAnnealingLR), as pure functions of the step,
-//! so the sweep, `POST /v1/schedules` and `lrtune schedule` all produce the numbers PyTorch would.
+//! CosineAnnealingWarmRestarts, LinearLR then CosineAnnealingLR, CosineAnnealingLR, StepLR, and
+//! ReduceLROnPlateau driven by a metric), so the sweep, the recipe race, `POST /v1/schedules` and
+//! `lrtune schedule` all produce the numbers PyTorch would.
 
 use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
@@ -15,6 +16,9 @@ pub enum Schedule {
     Cyclic(Cyclic),
     CosineWarmRestarts(CosineWarmRestarts),
     WarmupCosine(WarmupCosine),
+    Cosine(Cosine),
+    Step(StepLr),
+    ReduceOnPlateau(ReduceOnPlateau),
 }
 
 /// `torch.optim.lr_scheduler.OneCycleLR`, two- or three-phase, with momentum cycled inversely to the
@@ -125,6 +129,136 @@ pub struct WarmupCosine {
     pub eta_min: f64,
 }
 
+/// `torch.optim.lr_scheduler.CosineAnnealingLR` on an optimizer with lr `lr`, stepped once per
+/// optimizer step; past `T_max` it follows PyTorch's recursive form, which climbs back up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cosine {
+    pub lr: f64,
+    #[serde(rename = "T_max")]
+    pub t_max: usize,
+    #[serde(default)]
+    pub eta_min: f64,
+    pub steps: usize,
+}
+
+/// `torch.optim.lr_scheduler.StepLR`: the learning rate times `gamma` every `step_size` steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepLr {
+    pub lr: f64,
+    pub step_size: usize,
+    #[serde(default = "defaults::step_gamma")]
+    pub gamma: f64,
+    pub steps: usize,
+}
+
+/// `torch.optim.lr_scheduler.ReduceLROnPlateau` on an optimizer with lr `lr`. It is stepped on a
+/// metric, not on the step count: as a schedule it replays `metrics` (one `step(metric)` each) and
+/// its curve is the learning rate after each of those steps. The race drives a [`PlateauTracker`]
+/// with live validation metrics instead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReduceOnPlateau {
+    pub lr: f64,
+    #[serde(default)]
+    pub mode: PlateauMode,
+    #[serde(default = "defaults::plateau_factor")]
+    pub factor: f64,
+    #[serde(default = "defaults::plateau_patience")]
+    pub patience: usize,
+    #[serde(default = "defaults::plateau_threshold")]
+    pub threshold: f64,
+    #[serde(default)]
+    pub threshold_mode: ThresholdMode,
+    #[serde(default)]
+    pub cooldown: usize,
+    #[serde(default)]
+    pub min_lr: f64,
+    #[serde(default = "defaults::plateau_eps")]
+    pub eps: f64,
+    /// The metric passed to each `step`; empty when the schedule is driven live.
+    #[serde(default)]
+    pub metrics: Vec<f64>,
+}
+
+/// ReduceLROnPlateau's `mode`: whether a lower (loss) or a higher (accuracy) metric is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlateauMode {
+    #[default]
+    Min,
+    Max,
+}
+
+/// ReduceLROnPlateau's `threshold_mode`: an improvement relative to the best metric, or absolute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThresholdMode {
+    #[default]
+    Rel,
+    Abs,
+}
+
+/// ReduceLROnPlateau's state between steps: the best metric so far, the bad epochs since, the
+/// cooldown left and the current learning rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlateauTracker {
+    mode: PlateauMode,
+    factor: f64,
+    patience: usize,
+    threshold: f64,
+    threshold_mode: ThresholdMode,
+    cooldown: usize,
+    min_lr: f64,
+    eps: f64,
+    lr: f64,
+    best: f64,
+    num_bad_epochs: usize,
+    cooldown_counter: usize,
+}
+
+impl PlateauTracker {
+    /// The learning rate in force now.
+    pub fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    /// PyTorch's `scheduler.step(metric)`: returns the learning rate after it.
+    pub fn step(&mut self, metric: f64) -> f64 {
+        if self.is_better(metric) {
+            self.best = metric;
+            self.num_bad_epochs = 0;
+        } else {
+            self.num_bad_epochs += 1;
+        }
+        if self.cooldown_counter > 0 {
+            self.cooldown_counter -= 1;
+            self.num_bad_epochs = 0;
+        }
+        if self.num_bad_epochs > self.patience {
+            let new_lr = (self.lr * self.factor).max(self.min_lr);
+            // PyTorch skips a reduction smaller than eps, but still starts the cooldown.
+            if self.lr - new_lr > self.eps {
+                self.lr = new_lr;
+            }
+            self.cooldown_counter = self.cooldown;
+            self.num_bad_epochs = 0;
+        }
+        self.lr
+    }
+
+    /// PyTorch's `is_better`, in its operation order; a NaN metric is never better.
+    fn is_better(&self, metric: f64) -> bool {
+        match (self.mode, self.threshold_mode) {
+            (PlateauMode::Min, ThresholdMode::Rel) => metric < self.best * (1.0 - self.threshold),
+            (PlateauMode::Min, ThresholdMode::Abs) => metric < self.best - self.threshold,
+            (PlateauMode::Max, ThresholdMode::Rel) => metric > self.best * (self.threshold + 1.0),
+            (PlateauMode::Max, ThresholdMode::Abs) => metric > self.best + self.threshold,
+        }
+    }
+}
+
 /// One value per optimizer step: what `POST /v1/schedules` answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleCurve {
@@ -194,6 +328,21 @@ mod defaults {
     pub fn start_factor() -> f64 {
         1.0 / 3.0
     }
+    pub fn step_gamma() -> f64 {
+        0.1
+    }
+    pub fn plateau_factor() -> f64 {
+        0.1
+    }
+    pub fn plateau_patience() -> usize {
+        10
+    }
+    pub fn plateau_threshold() -> f64 {
+        1e-4
+    }
+    pub fn plateau_eps() -> f64 {
+        1e-8
+    }
 }
 
 impl Schedule {
@@ -205,27 +354,48 @@ impl Schedule {
             Schedule::Cyclic(s) => s.validate(max_steps),
             Schedule::CosineWarmRestarts(s) => s.validate(max_steps),
             Schedule::WarmupCosine(s) => s.validate(max_steps),
+            Schedule::Cosine(s) => s.validate(max_steps),
+            Schedule::Step(s) => s.validate(max_steps),
+            Schedule::ReduceOnPlateau(s) => s.validate(max_steps),
         }
     }
 
-    /// How many optimizer steps the schedule covers.
+    /// How many optimizer steps the schedule covers (for `reduce_on_plateau`, how many metrics
+    /// it is stepped on).
     pub fn steps(&self) -> usize {
         match self {
             Schedule::OneCycle(s) => s.total_steps,
             Schedule::Cyclic(s) => s.steps,
             Schedule::CosineWarmRestarts(s) => s.steps,
             Schedule::WarmupCosine(s) => s.total_steps,
+            Schedule::Cosine(s) => s.steps,
+            Schedule::Step(s) => s.steps,
+            Schedule::ReduceOnPlateau(s) => s.metrics.len(),
         }
     }
 
-    /// The learning rate in force during optimizer step `step` (0-based). Meaningful only for a
-    /// schedule that passed `validate`; never panics otherwise.
+    /// The learning rate in force during optimizer step `step` (0-based); for `reduce_on_plateau`,
+    /// the learning rate after `step(metrics[step])`. Meaningful only for a schedule that passed
+    /// `validate`; never panics otherwise. The recursive kinds (cosine, step, plateau) replay
+    /// every step before this one: use [`Schedule::curve`] for a whole curve.
     pub fn lr_at(&self, step: usize) -> f64 {
         match self {
             Schedule::OneCycle(s) => s.lr_at(step),
             Schedule::Cyclic(s) => s.lr_at(step),
             Schedule::CosineWarmRestarts(s) => s.lr_at(step),
             Schedule::WarmupCosine(s) => s.lr_at(step),
+            Schedule::Cosine(s) => s.lrs(step + 1)[step],
+            Schedule::Step(s) => s.lr_at(step),
+            Schedule::ReduceOnPlateau(s) => s.lrs().get(step).copied().unwrap_or(f64::NAN),
+        }
+    }
+
+    fn lr_curve(&self) -> Vec<f64> {
+        match self {
+            Schedule::Cosine(s) => s.lrs(s.steps),
+            Schedule::Step(s) => s.lrs(s.steps),
+            Schedule::ReduceOnPlateau(s) => s.lrs(),
+            _ => (0..self.steps()).map(|step| self.lr_at(step)).collect(),
         }
     }
 
@@ -234,7 +404,11 @@ impl Schedule {
         match self {
             Schedule::OneCycle(s) => s.momentum_at(step),
             Schedule::Cyclic(s) => s.momentum_at(step),
-            Schedule::CosineWarmRestarts(_) | Schedule::WarmupCosine(_) => None,
+            Schedule::CosineWarmRestarts(_)
+            | Schedule::WarmupCosine(_)
+            | Schedule::Cosine(_)
+            | Schedule::Step(_)
+            | Schedule::ReduceOnPlateau(_) => None,
         }
     }
 
@@ -242,28 +416,36 @@ impl Schedule {
         match self {
             Schedule::OneCycle(s) => s.cycle_momentum,
             Schedule::Cyclic(s) => s.cycle_momentum,
-            Schedule::CosineWarmRestarts(_) | Schedule::WarmupCosine(_) => false,
+            Schedule::CosineWarmRestarts(_)
+            | Schedule::WarmupCosine(_)
+            | Schedule::Cosine(_)
+            | Schedule::Step(_)
+            | Schedule::ReduceOnPlateau(_) => false,
         }
     }
 
     /// Every step's values, for plotting and for `POST /v1/schedules`.
     pub fn curve(&self) -> ScheduleCurve {
-        let steps = 0..self.steps();
-        let lr = steps.clone().map(|step| self.lr_at(step)).collect();
-        let momentum = self
-            .cycles_momentum()
-            .then(|| steps.filter_map(|step| self.momentum_at(step)).collect());
+        let lr = self.lr_curve();
+        let momentum = self.cycles_momentum().then(|| {
+            (0..self.steps())
+                .filter_map(|step| self.momentum_at(step))
+                .collect()
+        });
         ScheduleCurve { lr, momentum }
     }
 
-    /// The peak learning rate the schedule is configured for (its `max_lr`, or `base_lr` for
-    /// cosine annealing with warm restarts, which starts at its peak).
+    /// The peak learning rate the schedule is configured for (its `max_lr`, or the starting `base_lr`
+    /// or `lr` of the kinds that start at their peak).
     pub fn peak_lr(&self) -> f64 {
         match self {
             Schedule::OneCycle(s) => s.max_lr,
             Schedule::Cyclic(s) => s.max_lr,
             Schedule::CosineWarmRestarts(s) => s.base_lr,
             Schedule::WarmupCosine(s) => s.max_lr,
+            Schedule::Cosine(s) => s.lr,
+            Schedule::Step(s) => s.lr,
+            Schedule::ReduceOnPlateau(s) => s.lr,
         }
     }
 
@@ -274,6 +456,9 @@ impl Schedule {
             Schedule::Cyclic(s) => s.pytorch(),
             Schedule::CosineWarmRestarts(s) => s.pytorch(),
             Schedule::WarmupCosine(s) => s.pytorch(),
+            Schedule::Cosine(s) => s.pytorch(),
+            Schedule::Step(s) => s.pytorch(),
+            Schedule::ReduceOnPlateau(s) => s.pytorch(),
         }
     }
 }
@@ -685,6 +870,231 @@ impl WarmupCosine {
     }
 }
 
+impl Cosine {
+    /// The first `count` learning rates, computed as PyTorch's `get_lr` does: from the previous
+    /// value, so that the numbers (and their rounding) are PyTorch's, also past `T_max`.
+    pub fn lrs(&self, count: usize) -> Vec<f64> {
+        if self.t_max == 0 {
+            return vec![f64::NAN; count];
+        }
+        let t_max = self.t_max as f64;
+        let mut lrs: Vec<f64> = Vec::with_capacity(count);
+        for epoch in 0..count {
+            let lr = match lrs.last() {
+                None => self.lr,
+                Some(&previous) => {
+                    let since_peak = epoch as i64 - 1 - self.t_max as i64;
+                    if since_peak.rem_euclid(2 * self.t_max as i64) == 0 {
+                        previous + (self.lr - self.eta_min) * (1.0 - (PI / t_max).cos()) / 2.0
+                    } else {
+                        (1.0 + (PI * epoch as f64 / t_max).cos())
+                            / (1.0 + (PI * (epoch - 1) as f64 / t_max).cos())
+                            * (previous - self.eta_min)
+                            + self.eta_min
+                    }
+                }
+            };
+            lrs.push(lr);
+        }
+        lrs
+    }
+
+    pub fn validate(&self, max_steps: usize) -> Result<(), ScheduleError> {
+        check_lr("lr", self.lr)?;
+        if self.t_max == 0 {
+            return Err(ScheduleError::new(
+                "T_max",
+                "must be at least 1 step (PyTorch would divide by zero)",
+            ));
+        }
+        check_eta_min(self.eta_min, "lr", self.lr)?;
+        check_step_count("steps", self.steps, max_steps)
+    }
+
+    pub fn pytorch(&self) -> String {
+        format!(
+            "CosineAnnealingLR(optimizer, T_max={}, eta_min={})  # optimizer created with lr={}",
+            self.t_max,
+            python_float(self.eta_min),
+            python_float(self.lr),
+        )
+    }
+}
+
+impl StepLr {
+    /// The first `count` learning rates: PyTorch multiplies the previous one by `gamma` at each
+    /// multiple of `step_size`, so a power would round differently.
+    pub fn lrs(&self, count: usize) -> Vec<f64> {
+        let mut lr = self.lr;
+        (0..count)
+            .map(|epoch| {
+                if epoch > 0 && self.step_size > 0 && epoch % self.step_size == 0 {
+                    lr *= self.gamma;
+                }
+                lr
+            })
+            .collect()
+    }
+
+    /// The learning rate during step `step`: the same repeated products as [`StepLr::lrs`].
+    pub fn lr_at(&self, step: usize) -> f64 {
+        let mut lr = self.lr;
+        for _ in 0..step.checked_div(self.step_size).unwrap_or(0) {
+            lr *= self.gamma;
+        }
+        lr
+    }
+
+    pub fn validate(&self, max_steps: usize) -> Result<(), ScheduleError> {
+        check_lr("lr", self.lr)?;
+        if self.step_size == 0 {
+            return Err(ScheduleError::new(
+                "step_size",
+                "must be at least 1 step (PyTorch would divide by zero)",
+            ));
+        }
+        check_positive("gamma", self.gamma)?;
+        check_step_count("steps", self.steps, max_steps)
+    }
+
+    pub fn pytorch(&self) -> String {
+        format!(
+            "StepLR(optimizer, step_size={}, gamma={})  # optimizer created with lr={}",
+            self.step_size,
+            python_float(self.gamma),
+            python_float(self.lr),
+        )
+    }
+}
+
+impl PlateauMode {
+    fn python_name(self) -> &'static str {
+        match self {
+            PlateauMode::Min => "min",
+            PlateauMode::Max => "max",
+        }
+    }
+}
+
+impl ThresholdMode {
+    fn python_name(self) -> &'static str {
+        match self {
+            ThresholdMode::Rel => "rel",
+            ThresholdMode::Abs => "abs",
+        }
+    }
+}
+
+impl ReduceOnPlateau {
+    /// PyTorch's defaults for everything but the learning rate and the mode, with no metrics yet.
+    pub fn new(lr: f64, mode: PlateauMode) -> Self {
+        Self {
+            lr,
+            mode,
+            factor: defaults::plateau_factor(),
+            patience: defaults::plateau_patience(),
+            threshold: defaults::plateau_threshold(),
+            threshold_mode: ThresholdMode::default(),
+            cooldown: 0,
+            min_lr: 0.0,
+            eps: defaults::plateau_eps(),
+            metrics: Vec::new(),
+        }
+    }
+
+    /// A fresh scheduler, as just created on an optimizer with lr `lr`.
+    pub fn tracker(&self) -> PlateauTracker {
+        PlateauTracker {
+            mode: self.mode,
+            factor: self.factor,
+            patience: self.patience,
+            threshold: self.threshold,
+            threshold_mode: self.threshold_mode,
+            cooldown: self.cooldown,
+            min_lr: self.min_lr,
+            eps: self.eps,
+            lr: self.lr,
+            best: match self.mode {
+                PlateauMode::Min => f64::INFINITY,
+                PlateauMode::Max => f64::NEG_INFINITY,
+            },
+            num_bad_epochs: 0,
+            cooldown_counter: 0,
+        }
+    }
+
+    /// The learning rate after each `step(metric)` over `metrics`.
+    pub fn lrs(&self) -> Vec<f64> {
+        let mut tracker = self.tracker();
+        self.metrics
+            .iter()
+            .map(|&metric| tracker.step(metric))
+            .collect()
+    }
+
+    pub fn validate(&self, max_steps: usize) -> Result<(), ScheduleError> {
+        check_lr("lr", self.lr)?;
+        if !(self.factor > 0.0 && self.factor < 1.0) {
+            return Err(ScheduleError::new(
+                "factor",
+                format!(
+                    "must be strictly between 0 and 1 (the learning rate is multiplied by it), got {:?}",
+                    self.factor
+                ),
+            ));
+        }
+        for (field, value) in [
+            ("threshold", self.threshold),
+            ("min_lr", self.min_lr),
+            ("eps", self.eps),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(ScheduleError::new(
+                    field,
+                    format!("must be a finite number at least 0, got {value:?}"),
+                ));
+            }
+        }
+        self.validate_metrics(max_steps)
+    }
+
+    /// The parameters without the metrics, for a scheduler driven live by the race.
+    pub fn validate_rule(&self) -> Result<(), ScheduleError> {
+        let mut rule = self.clone();
+        rule.metrics = vec![0.0];
+        rule.validate(1)
+    }
+
+    fn validate_metrics(&self, max_steps: usize) -> Result<(), ScheduleError> {
+        check_step_count("metrics", self.metrics.len(), max_steps).map_err(|_| {
+            ScheduleError::new(
+                "metrics",
+                format!(
+                    "must hold between 1 and {max_steps} values (one per scheduler.step), got {}",
+                    self.metrics.len()
+                ),
+            )
+        })
+    }
+
+    pub fn pytorch(&self) -> String {
+        format!(
+            "ReduceLROnPlateau(optimizer, mode='{}', factor={}, patience={}, threshold={}, \
+             threshold_mode='{}', cooldown={}, min_lr={}, eps={})  # optimizer created with lr={}; \
+             call scheduler.step(metric) after each evaluation",
+            self.mode.python_name(),
+            python_float(self.factor),
+            self.patience,
+            python_float(self.threshold),
+            self.threshold_mode.python_name(),
+            self.cooldown,
+            python_float(self.min_lr),
+            python_float(self.eps),
+            python_float(self.lr),
+        )
+    }
+}
+
 fn check_lr(field: &str, value: f64) -> Result<(), ScheduleError> {
     if value.is_finite() && value > 0.0 {
         Ok(())
@@ -780,6 +1190,8 @@ mod tests {
     use serde_json::{json, Value};
 
     const GOLDEN: &str = include_str!("../../tests/golden/schedules.json");
+    const GOLDEN_EXTRA: &str = include_str!("../../tests/golden/schedules_extra.json");
+    const GOLDEN_PLATEAU: &str = include_str!("../../tests/golden/plateau.json");
     const NO_STEP_LIMIT: usize = 1_000_000;
 
     fn parse(value: Value) -> Result<Schedule, serde_json::Error> {
@@ -850,6 +1262,9 @@ mod tests {
             json!({"kind": "cyclic", "base_lr": 0.001, "max_lr": 0.01, "steps": 10}),
             json!({"kind": "cosine_warm_restarts", "base_lr": 0.1, "T_0": 10, "steps": 10}),
             json!({"kind": "warmup_cosine", "max_lr": 0.1, "total_steps": 100, "warmup_steps": 10}),
+            json!({"kind": "cosine", "lr": 0.1, "T_max": 10, "steps": 10}),
+            json!({"kind": "step", "lr": 0.1, "step_size": 10, "steps": 10}),
+            json!({"kind": "reduce_on_plateau", "lr": 0.1, "metrics": [1.0]}),
         ];
         for schedule in minimal {
             assert!(parse(schedule.clone()).is_ok(), "{schedule}");
@@ -1341,6 +1756,273 @@ mod tests {
             ..OneCycle::new(0.1, 10)
         };
         assert!(one_cycle.lr_at(0).is_nan());
+    }
+
+    #[test]
+    fn golden_cosine_and_step_schedules_match_pytorch_at_every_step() {
+        let golden: Value = serde_json::from_str(GOLDEN_EXTRA).expect("golden file parses");
+        let cases = golden["schedules"].as_array().expect("a list of schedules");
+        assert_eq!(cases.len(), 4);
+        for case in cases {
+            let mut params = case["params"].clone();
+            params["kind"] = case["kind"].clone();
+            let schedule = parse(params.clone())
+                .unwrap_or_else(|error| panic!("golden params {params} rejected: {error}"));
+            schedule
+                .validate(NO_STEP_LIMIT)
+                .unwrap_or_else(|error| panic!("golden params {params} invalid: {error}"));
+            let lr = numbers(&case["lr"]);
+            assert_eq!(schedule.steps(), lr.len(), "{params}");
+            let curve = schedule.curve();
+            assert_eq!(curve.lr.len(), lr.len());
+            assert_eq!(curve.momentum, None);
+            for (step, &expected) in lr.iter().enumerate() {
+                let what = format!("{params} lr at step {step}");
+                assert_close(schedule.lr_at(step), expected, &what);
+                assert_close(curve.lr[step], expected, &what);
+            }
+        }
+    }
+
+    #[test]
+    fn golden_reduce_on_plateau_cases_match_pytorch_after_every_step() {
+        let golden: Value = serde_json::from_str(GOLDEN_PLATEAU).expect("golden file parses");
+        let cases = golden["cases"].as_array().expect("a list of cases");
+        assert_eq!(cases.len(), 7);
+        for case in cases {
+            let mut params = case["params"].clone();
+            params["kind"] = case["kind"].clone();
+            params["metrics"] = case["metrics"].clone();
+            let schedule = parse(params.clone())
+                .unwrap_or_else(|error| panic!("golden params {params} rejected: {error}"));
+            schedule
+                .validate(NO_STEP_LIMIT)
+                .unwrap_or_else(|error| panic!("golden params {params} invalid: {error}"));
+            let expected = numbers(&case["lr_after_step"]);
+            let curve = schedule.curve();
+            assert_eq!(curve.lr.len(), expected.len());
+            assert_eq!(curve.momentum, None);
+            for (step, &expected) in expected.iter().enumerate() {
+                let what = format!("{} lr after step {step}", case["params"]);
+                assert_close(curve.lr[step], expected, &what);
+                assert_close(schedule.lr_at(step), expected, &what);
+            }
+        }
+    }
+
+    fn plateau(params: Value, metrics: &[f64]) -> Vec<f64> {
+        let mut json = json!({"kind": "reduce_on_plateau", "lr": 1.0, "metrics": metrics});
+        merge(&mut json, params);
+        let schedule = parse(json.clone()).unwrap_or_else(|error| panic!("{json}: {error}"));
+        schedule
+            .validate(NO_STEP_LIMIT)
+            .unwrap_or_else(|error| panic!("{json}: {error}"));
+        schedule.curve().lr
+    }
+
+    #[test]
+    fn plateau_reduces_after_more_than_patience_bad_steps_in_min_mode() {
+        // Best 1.0 at step 0; steps 1 and 2 are bad (num_bad_epochs 1, 2 > patience 1): cut at 2.
+        let lr = plateau(
+            json!({"factor": 0.5, "patience": 1}),
+            &[1.0, 1.0, 1.0, 0.5, 0.6, 0.7],
+        );
+        assert_eq!(lr, vec![1.0, 1.0, 0.5, 0.5, 0.5, 0.25]);
+    }
+
+    #[test]
+    fn plateau_rel_threshold_needs_a_relative_improvement() {
+        // With threshold 0.1 (rel), 0.95 is not below 1.0 * 0.9: a bad step. 0.89 is a new best;
+        // 0.85 and 0.81 are not below 0.89 * 0.9, so the second of them cuts.
+        let lr = plateau(
+            json!({"factor": 0.1, "patience": 1, "threshold": 0.1}),
+            &[1.0, 0.95, 0.89, 0.85, 0.81],
+        );
+        assert_eq!(lr, vec![1.0, 1.0, 1.0, 1.0, 0.1]);
+    }
+
+    #[test]
+    fn plateau_abs_threshold_in_max_mode_needs_best_plus_threshold() {
+        // Accuracy: 0.5 is best; 0.505 is not above 0.5 + 0.01, 0.52 is; then two bad steps.
+        let lr = plateau(
+            json!({"mode": "max", "threshold_mode": "abs", "threshold": 0.01, "patience": 1,
+                   "factor": 0.5}),
+            &[0.5, 0.505, 0.52, 0.52, 0.51, 0.9],
+        );
+        assert_eq!(lr, vec![1.0, 1.0, 1.0, 1.0, 0.5, 0.5]);
+    }
+
+    #[test]
+    fn plateau_cooldown_ignores_bad_steps_until_it_runs_out() {
+        // Patience 0: every bad step cuts, except during the 2 steps of cooldown after a cut.
+        let lr = plateau(
+            json!({"factor": 0.5, "patience": 0, "cooldown": 2}),
+            &[1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0],
+        );
+        assert_eq!(lr, vec![1.0, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25]);
+    }
+
+    #[test]
+    fn plateau_stops_at_min_lr_and_skips_cuts_smaller_than_eps() {
+        let lr = plateau(
+            json!({"factor": 0.1, "patience": 0, "min_lr": 0.05}),
+            &[1.0, 2.0, 2.0, 2.0],
+        );
+        assert_eq!(lr, vec![1.0, 0.1, 0.05, 0.05]);
+        // A cut from 1.0 to 0.9 is 0.1, not above eps 0.2: the learning rate stays.
+        let lr = plateau(
+            json!({"factor": 0.9, "patience": 0, "eps": 0.2}),
+            &[1.0, 2.0, 2.0],
+        );
+        assert_eq!(lr, vec![1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn a_live_plateau_tracker_gives_the_same_rates_as_the_replayed_schedule() {
+        let mut rule = ReduceOnPlateau::new(0.1, PlateauMode::Min);
+        rule.patience = 2;
+        rule.metrics = vec![3.0, 2.0, 2.5, 2.5, 2.5, 1.0, 1.5, 1.5, 1.5];
+        let mut tracker = rule.tracker();
+        assert_eq!(tracker.lr(), 0.1);
+        let live: Vec<f64> = rule.metrics.iter().map(|&m| tracker.step(m)).collect();
+        assert_eq!(live, rule.lrs());
+        assert_eq!(tracker.lr(), *live.last().unwrap());
+        rule.validate_rule().unwrap();
+    }
+
+    #[test]
+    fn cosine_within_t_max_is_the_closed_form_and_reaches_eta_min() {
+        let cosine = Cosine {
+            lr: 0.2,
+            t_max: 30,
+            eta_min: 0.01,
+            steps: 31,
+        };
+        let lrs = cosine.lrs(31);
+        for (step, lr) in lrs.iter().enumerate() {
+            let closed = 0.01 + (0.2 - 0.01) * (1.0 + (PI * step as f64 / 30.0).cos()) / 2.0;
+            assert!((lr - closed).abs() < 1e-15, "step {step}: {lr} vs {closed}");
+        }
+        assert!((lrs[30] - 0.01).abs() < 1e-15);
+        // Past T_max PyTorch's recursion climbs back to lr after another T_max steps.
+        let long = cosine.lrs(61);
+        assert!((long[60] - 0.2).abs() < 1e-12, "{}", long[60]);
+    }
+
+    #[test]
+    fn step_lr_multiplies_by_gamma_at_each_multiple_of_step_size() {
+        let step = StepLr {
+            lr: 1.0,
+            step_size: 3,
+            gamma: 0.5,
+            steps: 8,
+        };
+        assert_eq!(
+            Schedule::Step(step).curve().lr,
+            vec![1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25]
+        );
+        let defaults =
+            parse(json!({"kind": "step", "lr": 0.1, "step_size": 1, "steps": 2})).unwrap();
+        assert_eq!(defaults.curve().lr, vec![0.1, 0.1 * 0.1]);
+    }
+
+    #[test]
+    fn new_kinds_reject_each_broken_rule_naming_the_field() {
+        let cases = [
+            (
+                json!({"kind": "cosine", "lr": 0.0, "T_max": 10, "steps": 10}),
+                "lr",
+            ),
+            (
+                json!({"kind": "cosine", "lr": 0.1, "T_max": 0, "steps": 10}),
+                "T_max",
+            ),
+            (
+                json!({"kind": "cosine", "lr": 0.1, "T_max": 10, "eta_min": 0.2, "steps": 10}),
+                "eta_min",
+            ),
+            (
+                json!({"kind": "cosine", "lr": 0.1, "T_max": 10, "steps": 0}),
+                "steps",
+            ),
+            (
+                json!({"kind": "step", "lr": 0.1, "step_size": 0, "steps": 10}),
+                "step_size",
+            ),
+            (
+                json!({"kind": "step", "lr": 0.1, "step_size": 2, "gamma": -1.0, "steps": 10}),
+                "gamma",
+            ),
+            (
+                json!({"kind": "step", "lr": 0.1, "step_size": 2, "steps": 2000}),
+                "steps",
+            ),
+            (
+                json!({"kind": "reduce_on_plateau", "lr": -0.1, "metrics": [1.0]}),
+                "lr",
+            ),
+            (
+                json!({"kind": "reduce_on_plateau", "lr": 0.1, "factor": 1.0, "metrics": [1.0]}),
+                "factor",
+            ),
+            (
+                json!({"kind": "reduce_on_plateau", "lr": 0.1, "threshold": -1.0, "metrics": [1.0]}),
+                "threshold",
+            ),
+            (
+                json!({"kind": "reduce_on_plateau", "lr": 0.1, "min_lr": -1.0, "metrics": [1.0]}),
+                "min_lr",
+            ),
+            (
+                json!({"kind": "reduce_on_plateau", "lr": 0.1, "eps": -1.0, "metrics": [1.0]}),
+                "eps",
+            ),
+            (
+                json!({"kind": "reduce_on_plateau", "lr": 0.1, "metrics": []}),
+                "metrics",
+            ),
+            (
+                json!({"kind": "reduce_on_plateau", "lr": 0.1, "metrics": vec![1.0; 1001]}),
+                "metrics",
+            ),
+        ];
+        for (json, field) in cases {
+            let schedule = parse(json.clone()).unwrap_or_else(|error| panic!("{json}: {error}"));
+            let error = schedule
+                .validate(1000)
+                .expect_err(&format!("{json} should be rejected"));
+            assert_eq!(error.field, field, "{json}: {error}");
+        }
+        let error = parse(
+            json!({"kind": "reduce_on_plateau", "lr": 0.1, "mode": "lowest", "metrics": [1.0]}),
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("unknown variant `lowest`"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn new_kinds_print_their_pytorch_line() {
+        let cosine = parse(json!({"kind": "cosine", "lr": 0.1, "T_max": 50, "steps": 50})).unwrap();
+        assert_eq!(
+            cosine.pytorch(),
+            "CosineAnnealingLR(optimizer, T_max=50, eta_min=0.0)  # optimizer created with lr=0.1"
+        );
+        let step = parse(json!({"kind": "step", "lr": 0.1, "step_size": 7, "steps": 50})).unwrap();
+        assert_eq!(
+            step.pytorch(),
+            "StepLR(optimizer, step_size=7, gamma=0.1)  # optimizer created with lr=0.1"
+        );
+        let plateau =
+            parse(json!({"kind": "reduce_on_plateau", "lr": 0.1, "metrics": [1.0]})).unwrap();
+        assert_eq!(
+            plateau.pytorch(),
+            "ReduceLROnPlateau(optimizer, mode='min', factor=0.1, patience=10, threshold=0.0001, \
+             threshold_mode='rel', cooldown=0, min_lr=0.0, eps=1e-8)  # optimizer created with \
+             lr=0.1; call scheduler.step(metric) after each evaluation"
+        );
     }
 
     fn merge(base: &mut Value, changes: Value) {

@@ -115,7 +115,8 @@ fn device_name(device: &Device) -> String {
     }
 }
 
-/// Runs a validated job on its loaded data.
+/// Runs a validated range test, sweep or tune on its loaded data (a `compare` job runs with
+/// [`super::compare::run_compare`]).
 pub fn run_job(
     spec: &JobSpec,
     loaded: LoadedData,
@@ -123,8 +124,29 @@ pub fn run_job(
     cancel: &AtomicBool,
     observer: &mut dyn FnMut(Event),
 ) -> Result<JobOutput, EngineError> {
-    let started = Instant::now();
+    if spec.kind == JobKind::Compare {
+        return Err(SpecError::new(
+            "kind",
+            "a compare job gives a race, not a tune: run it with compare::run_compare",
+        )
+        .into());
+    }
     let mut control = Control::new(cancel, observer);
+    tune_with(spec, loaded, limits, &mut control, &|peak_lr, steps| {
+        one_cycle(spec, peak_lr, steps)
+    })
+}
+
+/// The tune's machinery with the sweep's candidates trained on `schedule_for(peak, steps)`
+/// (OneCycle for a tune; a recipe's own schedule in a race).
+pub(crate) fn tune_with(
+    spec: &JobSpec,
+    loaded: LoadedData,
+    limits: &Limits,
+    control: &mut Control<'_>,
+    schedule_for: &dyn Fn(f64, usize) -> Schedule,
+) -> Result<JobOutput, EngineError> {
+    let started = Instant::now();
     let prepared = prepare(spec, loaded)?;
     // Nothing is built before the job's cost is known to fit the limits.
     let cost = admit(
@@ -199,7 +221,7 @@ pub fn run_job(
                 seed: spec.seed,
             },
             &spec.range_test,
-            &mut control,
+            control,
         )?;
         control.skip_steps(spec.range_test.steps - outcome.points.len());
         let lrs: Vec<f64> = outcome.points.iter().map(|p| p.lr).collect();
@@ -269,7 +291,6 @@ pub fn run_job(
             .into());
         }
         control.emit(Event::Stage("sweep"));
-        let schedule_for = |peak_lr: f64, steps: usize| one_cycle(spec, peak_lr, steps);
         let build_model = |seed: u64| -> Result<Model, EngineError> {
             Ok(Model::build(&spec.model, &shape, seed, &device)?)
         };
@@ -282,14 +303,14 @@ pub fn run_job(
             batch_size: spec.batch_size,
             seed: spec.seed,
             seeds: spec.sweep.seeds,
-            schedule_for: &schedule_for,
+            schedule_for,
             extend: matches!(spec.sweep.candidates, Candidates::Auto),
             anchor: range_summary.as_ref().and_then(|r| {
                 let s = r.suggestions;
                 s.valley.or(s.minimum).or(s.steepest)
             }),
         };
-        let outcome = search.run(&candidates, plan, available, &mut control)?;
+        let outcome = search.run(&candidates, plan, available, control)?;
         control.skip_steps(usize::MAX);
         let finals = final_candidates(&outcome.runs, outcome.final_steps);
         if finals.iter().all(|candidate| candidate.diverged) {

@@ -13,7 +13,8 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{ApiJson, ApiQuery};
 use super::{ApiError, AppState, ErrorBody};
 use crate::engine::admission::admit;
-use crate::engine::JobSpec;
+use crate::engine::spec::JobKind;
+use crate::engine::{JobSpec, SpecError};
 use crate::store::{
     new_id, JobError, JobRow, JobStatus, ListFilter, NewJob, PointRow, SweepRunRow,
 };
@@ -114,6 +115,14 @@ pub async fn submit(
 ) -> Result<Response, ApiError> {
     let spec = JobSpec::from_value(body)?;
     spec.validate(&state.limits)?;
+    if spec.kind == JobKind::Compare {
+        // The worker stores a tune's result and range-test curve; a race has neither shape yet.
+        return Err(SpecError::new(
+            "kind",
+            "the service does not queue compare jobs yet: race the recipes with `lrtune run spec.json`",
+        )
+        .into());
+    }
     check_data(&state, &spec).await?;
     let canonical = serde_json::to_string(&spec)
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("encoding the spec: {e}")))?;

@@ -60,10 +60,11 @@ pub async fn analyze(
     Ok(Json(value))
 }
 
-/// Per-step learning rate and momentum of a `one_cycle`, `cyclic`, `cosine_warm_restarts` or
-/// `warmup_cosine` schedule, with PyTorch's semantics.
+/// Per-step learning rate and momentum of a `one_cycle`, `cyclic`, `cosine_warm_restarts`,
+/// `warmup_cosine`, `cosine` or `step` schedule, with PyTorch's semantics; for `reduce_on_plateau`,
+/// the learning rate after each `step(metric)` over the given `metrics`.
 #[utoipa::path(post, path = "/v1/schedules", tag = "tools",
-    request_body(content = Object, description = "`kind` and that kind's parameters"),
+    request_body(content = Object, description = "`kind` and that kind's parameters (and `metrics` for reduce_on_plateau)"),
     responses((status = 200, description = "{lr: [...], momentum: [...]}", body = Object),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]

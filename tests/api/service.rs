@@ -213,6 +213,84 @@ async fn schedules_give_one_value_per_step_and_name_a_bad_parameter() {
 }
 
 #[tokio::test]
+async fn reduce_on_plateau_cosine_and_step_schedules_are_served_with_pytorchs_numbers() {
+    let app = spawn_app().await;
+    // Patience 1, factor 0.5: the second step without a new best (the fourth metric) halves it.
+    let (status, body) = json_of(
+        app.post_json(
+            "/v1/schedules",
+            &json!({"kind": "reduce_on_plateau", "lr": 0.1, "mode": "min", "factor": 0.5,
+                    "patience": 1, "metrics": [1.0, 0.8, 0.9, 0.85, 0.7]}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["lr"], json!([0.1, 0.1, 0.1, 0.05, 0.05]));
+    let (status, body) = json_of(
+        app.post_json(
+            "/v1/schedules",
+            &json!({"kind": "reduce_on_plateau", "lr": 0.1, "factor": 2.0, "metrics": [1.0]}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(assert_error(&body, "invalid_input")["field"], "factor");
+    let (status, body) = json_of(
+        app.post_json(
+            "/v1/schedules",
+            &json!({"kind": "reduce_on_plateau", "lr": 0.1, "metrics": [1.0, "x"]}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    // serde buffers a tagged enum's content, so a type error inside it carries no path (as for
+    // every kind); the message still says what was wrong.
+    let message = assert_error(&body, "invalid_input")["message"].to_string();
+    assert!(message.contains("expected f64"), "{message}");
+
+    let (status, body) = json_of(
+        app.post_json(
+            "/v1/schedules",
+            &json!({"kind": "step", "lr": 0.1, "step_size": 2, "gamma": 0.5, "steps": 5}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["lr"], json!([0.1, 0.1, 0.05, 0.05, 0.025]));
+    assert!(body["momentum"].is_null());
+    let (status, body) = json_of(
+        app.post_json(
+            "/v1/schedules",
+            &json!({"kind": "cosine", "lr": 0.1, "T_max": 2, "steps": 3}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let lr: Vec<f64> = serde_json::from_value(body["lr"].clone()).unwrap();
+    assert_eq!(lr.len(), 3);
+    assert_eq!(lr[0], 0.1);
+    assert!(
+        (lr[1] - 0.05).abs() < 1e-15 && lr[2].abs() < 1e-15,
+        "{lr:?}"
+    );
+    let (status, body) = json_of(
+        app.post_json(
+            "/v1/schedules",
+            &json!({"kind": "cosine", "lr": 0.1, "T_max": 0, "steps": 3}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(assert_error(&body, "invalid_input")["field"], "T_max");
+}
+
+#[tokio::test]
 async fn an_unknown_v1_route_is_a_404_in_the_error_shape() {
     let app = spawn_app().await;
     let (status, body) = json_of(app.get("/v1/nothing").await).await;

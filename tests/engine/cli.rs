@@ -118,6 +118,52 @@ fn schedule_prints_pytorchs_one_cycle_from_flags_and_from_json() {
     );
     assert_eq!(code, 2);
     assert!(stderr.contains("pct_start"), "{stderr}");
+
+    // ReduceLROnPlateau replays the metrics given; patience 0 cuts at every step without a best.
+    let (code, stdout, stderr) = lrtune(
+        &["schedule", "-"],
+        Some(
+            r#"{"kind": "reduce_on_plateau", "lr": 0.1, "patience": 0, "factor": 0.5, "metrics": [2.0, 1.0, 1.5]}"#,
+        ),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let curve: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(curve["lr"], serde_json::json!([0.1, 0.1, 0.05]));
+    let (code, _, stderr) = lrtune(
+        &["schedule", "-"],
+        Some(r#"{"kind": "reduce_on_plateau", "lr": 0.1, "metrics": []}"#),
+    );
+    assert_eq!(code, 2);
+    assert!(stderr.contains("metrics"), "{stderr}");
+    let (code, stdout, stderr) = lrtune(
+        &[
+            "schedule",
+            "--kind",
+            "step",
+            "--lr",
+            "1",
+            "--step-size",
+            "2",
+            "--gamma",
+            "0.5",
+            "--steps",
+            "4",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let curve: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(curve["lr"], serde_json::json!([1.0, 1.0, 0.5, 0.5]));
+    let (code, stdout, stderr) = lrtune(
+        &[
+            "schedule", "--kind", "cosine", "--lr", "0.1", "--t-max", "10", "--steps", "11",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let curve: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(curve["lr"].as_array().unwrap().len(), 11);
+    assert!(curve["lr"][10].as_f64().unwrap().abs() < 1e-15);
 }
 
 /// The result (everything but the timing) is bit for bit the same on one thread as on two:
@@ -160,4 +206,90 @@ fn results_do_not_depend_on_the_thread_count() {
     );
     assert_eq!(one["sweep"].as_array().unwrap().len(), 2, "{one}");
     assert_eq!(one, run_on("2"));
+}
+
+const SMALL_RACE: &str = r#"{"kind": "compare", "data": {"builtin": "spirals", "samples": 512},
+    "model": {"arch": "mlp", "hidden": [16]}, "batch_size": 32, "plan": {"epochs": 2},
+    "range_test": {"steps": 40}, "sweep": {"count": 3, "epochs": 1},
+    "recipes": ["sgd_one_cycle", "adam_constant"], "seeds": 2}"#;
+
+#[test]
+fn run_races_a_compare_spec_with_a_table_a_plot_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("race.svg");
+    let (code, stdout, stderr) = lrtune(
+        &["run", "-", "--quiet", "--plot", svg.to_str().unwrap()],
+        Some(SMALL_RACE),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.starts_with("race of 2 recipes, 2 seeds each, 24 steps per run"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| rank | recipe | optimizer | schedule | lr |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| sgd_one_cycle | sgd | one_cycle |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| adam_constant | adam | constant |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| 1 | ") && stdout.contains("| 2 | "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("98 % of"), "the verdict: {stdout}");
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(picture.starts_with("<svg"), "{picture}");
+    assert!(picture.contains("sgd_one_cycle") && picture.contains("adam_constant"));
+    assert!(picture.contains("target"));
+
+    let (code, stdout, stderr) = lrtune(&["run", "-", "--quiet", "--json"], Some(SMALL_RACE));
+    assert_eq!(code, 0, "{stderr}");
+    let result: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(result["recipes"].as_array().unwrap().len(), 2);
+    assert_eq!(result["ranking"].as_array().unwrap().len(), 2);
+    assert_eq!(result["target"]["metric"], "val_accuracy");
+    assert_eq!(
+        result["recipes"][0]["runs"][1]["points"]
+            .as_array()
+            .unwrap()
+            .len(),
+        25
+    );
+
+    let csv = dir.path().join("curve.csv");
+    let (code, _, stderr) = lrtune(
+        &["run", "-", "--curve", csv.to_str().unwrap()],
+        Some(SMALL_RACE),
+    );
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--curve"), "{stderr}");
+    assert!(!csv.exists());
+}
+
+#[test]
+fn check_on_a_compare_spec_exits_2_saying_a_race_has_no_band() {
+    for args in [
+        vec!["check", "-", "--lr", "0.01"],
+        vec![
+            "check",
+            "-",
+            "--lr",
+            "0.01",
+            "--server",
+            "http://127.0.0.1:9",
+        ],
+    ] {
+        let (code, stdout, stderr) = lrtune(&args, Some(SMALL_RACE));
+        assert_eq!(code, 2, "{args:?}: {stdout}{stderr}");
+        assert!(
+            stderr.contains("kind: a compare job races recipes and has no band"),
+            "{stderr}"
+        );
+    }
 }

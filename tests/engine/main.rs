@@ -3,6 +3,7 @@
 //! named and exit code 2.
 
 mod cli;
+mod compare;
 mod jobs;
 
 use std::sync::atomic::AtomicBool;

@@ -1,0 +1,810 @@
+//! The recipe race (`kind: "compare"`): each recipe's learning rate tuned the way a tune job
+//! tunes (range test and sweep, on the same budget for every recipe, with the recipe's own
+//! schedule), then full planned runs per seed validated at regular points; ranked, timed to a
+//! target and summed up in one sentence.
+
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::admission::{admit, DataShape};
+use super::data::DatasetInfo;
+use super::model::{Model, ModelShape};
+use super::optim::Optimizer;
+use super::prepare::{prepare, LoadedData};
+use super::rng::Rng;
+use super::schedule::{
+    Cosine, CosineWarmRestarts, PlateauTracker, ReduceOnPlateau, Schedule, StepLr, WarmupCosine,
+};
+use super::spec::{JobKind, JobSpec, Limits, Recipe, RecipeSchedule, SpecError};
+use super::train::{evaluate, train_step, BatchOrder, DeviceData, Evaluation};
+use super::tune::{one_cycle, select_device, tune_with};
+use super::{Control, EngineError, Event};
+
+/// Validation points per full run after the start (plus one at step 0).
+pub const RACE_POINTS: usize = 25;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompareResult {
+    pub recipes: Vec<RecipeResult>,
+    pub target: Target,
+    /// Recipe names, best first.
+    pub ranking: Vec<String>,
+    pub verdict: String,
+    pub seeds: usize,
+    pub timing: CompareTiming,
+    pub data: DatasetInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecipeResult {
+    pub name: String,
+    /// The optimizer's name (`sgd`, `adam`, `adamw`).
+    pub optimizer: String,
+    /// The schedule's kind (`one_cycle`, `constant`, `reduce_on_plateau`, ...).
+    pub schedule: String,
+    /// The tuned learning rate (the schedule's peak, or its starting value).
+    pub lr: f64,
+    pub final_val_loss: Stat,
+    /// `None` for regression.
+    pub final_val_accuracy: Option<Stat>,
+    /// Mean over seeds of the first evaluation step at the target; `None` when a seed never
+    /// reached it.
+    pub steps_to_target: Option<usize>,
+    pub seconds_to_target: Option<f64>,
+    pub runs: Vec<RaceRun>,
+}
+
+/// Mean and sample standard deviation over seeds; `None` when a run diverged.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Stat {
+    pub mean: Option<f64>,
+    pub std: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RaceRun {
+    pub seed: u64,
+    pub diverged: bool,
+    pub points: Vec<RacePoint>,
+}
+
+/// One validation of a full run. `seconds` is the training time since the run's start
+/// (validation time left out, so that it is the same cost for every recipe).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RacePoint {
+    pub step: usize,
+    pub seconds: f64,
+    /// `None` once the run has diverged.
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    /// The learning rate in force for the steps after this point.
+    pub lr: f64,
+}
+
+/// What counts as reaching the target: `val_accuracy` at least `value`, or `val_loss` at
+/// most `value` (regression).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    pub metric: String,
+    pub value: Option<f64>,
+    /// The fraction asked for, and the recipe whose final metric it is a fraction of.
+    pub fraction: f64,
+    pub of_recipe: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompareTiming {
+    pub seconds: f64,
+    pub tune_seconds: f64,
+    pub race_seconds: f64,
+    /// Optimizer steps spent tuning all recipes, and racing them.
+    pub tune_steps: usize,
+    pub race_steps: usize,
+    pub plan_steps: usize,
+    pub steps_per_epoch: usize,
+}
+
+/// Runs a validated `compare` job on its loaded data.
+pub fn run_compare(
+    spec: &JobSpec,
+    loaded: LoadedData,
+    limits: &Limits,
+    cancel: &AtomicBool,
+    observer: &mut dyn FnMut(Event),
+) -> Result<CompareResult, EngineError> {
+    if spec.kind != JobKind::Compare {
+        return Err(SpecError::new("kind", "run_compare runs compare jobs only").into());
+    }
+    let started = Instant::now();
+    let recipes = spec.compare_recipes();
+    let seeds = spec.compare_seeds();
+    let prepared = prepare(spec, loaded.clone())?;
+    let shape_of_data = DataShape::of_splits(&prepared.train, &prepared.validation);
+    let steps_per_epoch = BatchOrder::steps_per_epoch(prepared.train.rows(), spec.batch_size);
+    let plan_steps = spec.plan.epochs * steps_per_epoch;
+
+    // Everything is checked, and every step counted, before the first one is taken.
+    let mut tune_specs = Vec::with_capacity(recipes.len());
+    for (index, recipe) in recipes.iter().enumerate() {
+        let tune_spec = recipe_tune_spec(spec, recipe);
+        admit(&tune_spec, &shape_of_data, limits)?;
+        recipe_schedule(spec, recipe, 1.0, plan_steps, steps_per_epoch)
+            .validate(usize::MAX)
+            .map_err(|error| {
+                SpecError::new(
+                    format!("recipes[{index}].schedule"),
+                    format!(
+                        "over the planned {plan_steps} steps: {error}; raise plan.epochs or change the schedule"
+                    ),
+                )
+            })?;
+        tune_specs.push(tune_spec);
+    }
+    let range_steps = spec.range_test.steps;
+    let tune_budget = spec.budget.steps_for(plan_steps, range_steps);
+    let race_steps = recipes.len() * seeds * plan_steps;
+    let total = recipes.len() * tune_budget + race_steps;
+
+    let mut outer = Control::new(cancel, observer);
+    outer.plan(total);
+    let tune_started = Instant::now();
+    let mut lrs = Vec::with_capacity(recipes.len());
+    let mut tune_steps = 0;
+    for (recipe, tune_spec) in recipes.iter().zip(&tune_specs) {
+        outer.emit(Event::Stage("tune"));
+        let offset = outer.steps_done();
+        let schedule_for =
+            |peak: f64, steps: usize| recipe_schedule(spec, recipe, peak, steps, steps_per_epoch);
+        let (output, spent) = {
+            // The tune's own progress, shifted onto the race's: its points stay its own.
+            let mut forward = |event: Event| {
+                if let Event::Progress { done, .. } = event {
+                    outer.emit(Event::Progress {
+                        done: offset + done,
+                        total: total.max(offset + done),
+                    });
+                }
+            };
+            let mut inner = Control::new(cancel, &mut forward);
+            let output = tune_with(tune_spec, loaded.clone(), limits, &mut inner, &schedule_for)?;
+            (output, inner.steps_done())
+        };
+        outer.add_done(spent);
+        tune_steps += spent;
+        lrs.push(output.result.recommendation.peak_lr);
+    }
+    let tune_seconds = tune_started.elapsed().as_secs_f64();
+    // The race's own steps are known exactly from here on.
+    outer.plan(outer.steps_done() + race_steps);
+    outer.emit(Event::Stage("race"));
+
+    let race_started = Instant::now();
+    let device = select_device(spec.device)?;
+    let shape = ModelShape {
+        input: prepared.train.sample_shape(),
+        output: prepared.train.output_dim(),
+        task: prepared.train.task(),
+    };
+    let train = DeviceData::new(&prepared.train, &device)?;
+    let validation = DeviceData::new(&prepared.validation, &device)?;
+    let mut models = Vec::with_capacity(seeds);
+    for seed_index in 0..seeds {
+        let model = Model::build(&spec.model, &shape, spec.seed + seed_index as u64, &device)?;
+        let initial = model.snapshot()?;
+        models.push((model, initial));
+    }
+    let mut results = Vec::with_capacity(recipes.len());
+    for (recipe, &lr) in recipes.iter().zip(&lrs) {
+        let mut runs = Vec::with_capacity(seeds);
+        for (seed_index, (model, initial)) in models.iter().enumerate() {
+            let run = RunSetup {
+                model,
+                recipe,
+                spec,
+                train: &train,
+                validation: &validation,
+                seed: spec.seed + seed_index as u64,
+                lr,
+                plan_steps,
+                steps_per_epoch,
+            }
+            .run(&mut outer);
+            model.restore(initial)?;
+            runs.push(run?);
+        }
+        results.push(summarize_recipe(recipe, lr, runs));
+    }
+    let race_seconds = race_started.elapsed().as_secs_f64();
+    let (target, ranking, verdict) = judge(&mut results, spec.compare_target(), seeds);
+    Ok(CompareResult {
+        recipes: results,
+        target,
+        ranking,
+        verdict,
+        seeds,
+        timing: CompareTiming {
+            seconds: started.elapsed().as_secs_f64(),
+            tune_seconds,
+            race_seconds,
+            tune_steps,
+            race_steps: outer.steps_done() - tune_steps,
+            plan_steps,
+            steps_per_epoch,
+        },
+        data: prepared.info,
+    })
+}
+
+/// The tune job that finds a recipe's learning rate: the race's spec with its optimizer.
+fn recipe_tune_spec(spec: &JobSpec, recipe: &Recipe) -> JobSpec {
+    JobSpec {
+        kind: JobKind::Tune,
+        optimizer: recipe.optimizer.clone(),
+        recipes: None,
+        seeds: None,
+        target: None,
+        ..spec.clone()
+    }
+}
+
+/// The recipe's schedule at learning rate `lr` for a run of `steps`. ReduceLROnPlateau
+/// starts constant (it only moves on validation metrics, which the sweep's short runs do
+/// not take), so it is tuned, like `constant`, as a StepLR that never steps.
+pub fn recipe_schedule(
+    spec: &JobSpec,
+    recipe: &Recipe,
+    lr: f64,
+    steps: usize,
+    steps_per_epoch: usize,
+) -> Schedule {
+    let constant = Schedule::Step(StepLr {
+        lr,
+        step_size: steps.max(1),
+        gamma: 1.0,
+        steps,
+    });
+    match recipe.schedule {
+        RecipeSchedule::OneCycle => one_cycle(spec, lr, steps),
+        RecipeSchedule::Constant | RecipeSchedule::ReduceOnPlateau { .. } => constant,
+        RecipeSchedule::CosineWarmRestarts {
+            t_0_epochs,
+            t_mult,
+            eta_min,
+        } => Schedule::CosineWarmRestarts(CosineWarmRestarts {
+            base_lr: lr,
+            t_0: (t_0_epochs * steps_per_epoch).max(1),
+            t_mult,
+            eta_min: eta_min.min(lr / 2.0),
+            steps,
+        }),
+        RecipeSchedule::WarmupCosine { warmup_fraction } => {
+            let warmup_steps = ((warmup_fraction * steps as f64).round() as usize)
+                .clamp(1, steps.saturating_sub(1).max(1));
+            Schedule::WarmupCosine(WarmupCosine {
+                max_lr: lr,
+                total_steps: steps,
+                warmup_steps,
+                start_factor: 1.0 / 3.0,
+                eta_min: 0.0,
+            })
+        }
+        RecipeSchedule::Cosine { eta_min } => Schedule::Cosine(Cosine {
+            lr,
+            t_max: steps,
+            eta_min: eta_min.min(lr / 2.0),
+            steps,
+        }),
+        RecipeSchedule::Step { step_epochs, gamma } => Schedule::Step(StepLr {
+            lr,
+            step_size: (step_epochs * steps_per_epoch).max(1),
+            gamma,
+            steps,
+        }),
+    }
+}
+
+fn plateau_of(recipe: &Recipe, lr: f64) -> Option<PlateauTracker> {
+    let RecipeSchedule::ReduceOnPlateau {
+        mode,
+        factor,
+        patience,
+        threshold,
+        threshold_mode,
+        cooldown,
+        min_lr,
+        eps,
+    } = recipe.schedule
+    else {
+        return None;
+    };
+    let rule = ReduceOnPlateau {
+        lr,
+        mode,
+        factor,
+        patience,
+        threshold,
+        threshold_mode,
+        cooldown,
+        min_lr,
+        eps,
+        metrics: Vec::new(),
+    };
+    Some(rule.tracker())
+}
+
+/// The steps after which a run of `steps` is validated: `RACE_POINTS` evenly spaced ones
+/// ending at the last (every step of a shorter run).
+pub fn evaluation_steps(steps: usize) -> Vec<usize> {
+    let points = RACE_POINTS.min(steps);
+    (1..=points)
+        .map(|index| (index * steps).div_ceil(points))
+        .collect()
+}
+
+struct RunSetup<'a> {
+    model: &'a Model,
+    recipe: &'a Recipe,
+    spec: &'a JobSpec,
+    train: &'a DeviceData,
+    validation: &'a DeviceData,
+    seed: u64,
+    lr: f64,
+    plan_steps: usize,
+    steps_per_epoch: usize,
+}
+
+impl RunSetup<'_> {
+    /// One full run from the seed's initial weights and data order.
+    fn run(&self, control: &mut Control<'_>) -> Result<RaceRun, EngineError> {
+        let schedule = recipe_schedule(
+            self.spec,
+            self.recipe,
+            self.lr,
+            self.plan_steps,
+            self.steps_per_epoch,
+        );
+        let lrs = schedule.curve().lr;
+        let mut plateau = plateau_of(self.recipe, self.lr);
+        let mut optimizer = Optimizer::new(&self.recipe.optimizer, self.model.vars());
+        let mut order = BatchOrder::new(self.train.rows, self.spec.batch_size, self.seed);
+        let mut dropout_rng = Rng::derive(self.seed, 0xd50);
+        let default_momentum = self.recipe.optimizer.momentum();
+        let mut training = Duration::ZERO;
+        // At the last point, the last step's learning rate.
+        let lr_at = |step: usize, plateau: &Option<PlateauTracker>| match plateau {
+            Some(tracker) => tracker.lr(),
+            None => lrs[step.min(lrs.len() - 1)],
+        };
+        let start = evaluate(self.model, self.validation)?;
+        let mut points = vec![point(0, training, start, lr_at(0, &plateau))];
+        let mut step = 0;
+        for until in evaluation_steps(self.plan_steps) {
+            while step < until {
+                control.check_cancel()?;
+                let began = Instant::now();
+                let loss = train_step(
+                    self.model,
+                    &mut optimizer,
+                    self.train,
+                    order.next_batch(),
+                    lr_at(step, &plateau),
+                    schedule.momentum_at(step).unwrap_or(default_momentum),
+                    &mut dropout_rng,
+                )?;
+                training += began.elapsed();
+                control.step_done();
+                step += 1;
+                if !loss.is_finite() {
+                    control.skip_steps(self.plan_steps - step);
+                    points.push(RacePoint {
+                        step,
+                        seconds: training.as_secs_f64(),
+                        val_loss: None,
+                        val_accuracy: None,
+                        lr: lr_at(step - 1, &plateau),
+                    });
+                    return Ok(RaceRun {
+                        seed: self.seed,
+                        diverged: true,
+                        points,
+                    });
+                }
+            }
+            let evaluation = evaluate(self.model, self.validation)?;
+            if let Some(tracker) = plateau.as_mut() {
+                let metric = match self.recipe.schedule {
+                    RecipeSchedule::ReduceOnPlateau {
+                        mode: super::schedule::PlateauMode::Max,
+                        ..
+                    } => evaluation.accuracy.unwrap_or(f64::NAN),
+                    _ => evaluation.loss,
+                };
+                tracker.step(metric);
+            }
+            points.push(point(step, training, evaluation, lr_at(step, &plateau)));
+        }
+        let diverged = points.last().is_none_or(|p| p.val_loss.is_none());
+        Ok(RaceRun {
+            seed: self.seed,
+            diverged,
+            points,
+        })
+    }
+}
+
+fn point(step: usize, training: Duration, evaluation: Evaluation, lr: f64) -> RacePoint {
+    let finite = evaluation.loss.is_finite();
+    RacePoint {
+        step,
+        seconds: training.as_secs_f64(),
+        val_loss: finite.then_some(evaluation.loss),
+        val_accuracy: evaluation.accuracy.filter(|_| finite),
+        lr,
+    }
+}
+
+fn stat(values: &[Option<f64>]) -> Stat {
+    let Some(values) = values.iter().copied().collect::<Option<Vec<f64>>>() else {
+        return Stat {
+            mean: None,
+            std: None,
+        };
+    };
+    if values.is_empty() {
+        return Stat {
+            mean: None,
+            std: None,
+        };
+    }
+    let count = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / count;
+    let std = if values.len() < 2 {
+        0.0
+    } else {
+        (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (count - 1.0)).sqrt()
+    };
+    Stat {
+        mean: Some(mean),
+        std: Some(std),
+    }
+}
+
+fn summarize_recipe(recipe: &Recipe, lr: f64, runs: Vec<RaceRun>) -> RecipeResult {
+    let last = |run: &RaceRun| run.points.last().copied();
+    let losses: Vec<Option<f64>> = runs
+        .iter()
+        .map(|run| last(run).and_then(|p| p.val_loss))
+        .collect();
+    let accuracies: Vec<Option<f64>> = runs
+        .iter()
+        .map(|run| last(run).and_then(|p| p.val_accuracy))
+        .collect();
+    let classification = runs
+        .iter()
+        .flat_map(|run| &run.points)
+        .any(|p| p.val_accuracy.is_some());
+    RecipeResult {
+        name: recipe.name.clone(),
+        optimizer: recipe.optimizer.name().to_string(),
+        schedule: recipe.schedule.kind().to_string(),
+        lr,
+        final_val_loss: stat(&losses),
+        final_val_accuracy: classification.then(|| stat(&accuracies)),
+        steps_to_target: None,
+        seconds_to_target: None,
+        runs,
+    }
+}
+
+/// The first point of a run at the target.
+fn reached(run: &RaceRun, metric_is_accuracy: bool, value: f64) -> Option<RacePoint> {
+    run.points.iter().copied().find(|p| {
+        if metric_is_accuracy {
+            p.val_accuracy.is_some_and(|a| a >= value)
+        } else {
+            p.val_loss.is_some_and(|l| l <= value)
+        }
+    })
+}
+
+/// Sets the target and each recipe's time to it; returns the target, the ranking and the
+/// verdict.
+pub fn judge(
+    results: &mut [RecipeResult],
+    fraction: f64,
+    seeds: usize,
+) -> (Target, Vec<String>, String) {
+    let accuracy = results.iter().any(|r| r.final_val_accuracy.is_some());
+    // Higher is better: accuracy, or the negated loss; a diverged recipe ranks last.
+    let score = |r: &RecipeResult| -> f64 {
+        let value = if accuracy {
+            r.final_val_accuracy.and_then(|s| s.mean)
+        } else {
+            r.final_val_loss.mean.map(|loss| -loss)
+        };
+        value.unwrap_or(f64::NEG_INFINITY)
+    };
+    let mut order: Vec<usize> = (0..results.len()).collect();
+    order.sort_by(|&a, &b| {
+        score(&results[b])
+            .total_cmp(&score(&results[a]))
+            .then_with(|| {
+                let loss = |r: &RecipeResult| r.final_val_loss.mean.unwrap_or(f64::INFINITY);
+                loss(&results[a]).total_cmp(&loss(&results[b]))
+            })
+    });
+    let ranking: Vec<String> = order.iter().map(|&i| results[i].name.clone()).collect();
+    let best = order.first().map(|&i| &results[i]);
+    let value = best.and_then(|best| {
+        if accuracy {
+            best.final_val_accuracy
+                .and_then(|s| s.mean)
+                .map(|a| a * fraction)
+        } else {
+            best.final_val_loss.mean.map(|loss| loss / fraction)
+        }
+    });
+    let target = Target {
+        metric: if accuracy { "val_accuracy" } else { "val_loss" }.to_string(),
+        value,
+        fraction,
+        of_recipe: best
+            .filter(|_| value.is_some())
+            .map(|best| best.name.clone()),
+    };
+    if let Some(value) = value {
+        for result in results.iter_mut() {
+            let hits: Option<Vec<RacePoint>> = result
+                .runs
+                .iter()
+                .map(|run| reached(run, accuracy, value))
+                .collect();
+            if let Some(hits) = hits.filter(|hits| !hits.is_empty()) {
+                let count = hits.len() as f64;
+                let steps = hits.iter().map(|p| p.step as f64).sum::<f64>() / count;
+                result.steps_to_target = Some(steps.round() as usize);
+                result.seconds_to_target =
+                    Some(hits.iter().map(|p| p.seconds).sum::<f64>() / count);
+            }
+        }
+    }
+    let verdict = verdict(results, &order, &target, accuracy, seeds);
+    (target, ranking, verdict)
+}
+
+fn percent(value: f64) -> String {
+    let value = value * 100.0;
+    if value.abs() >= 10.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.1}")
+    }
+}
+
+fn verdict(
+    results: &[RecipeResult],
+    order: &[usize],
+    target: &Target,
+    accuracy: bool,
+    seeds: usize,
+) -> String {
+    let Some(&best_index) = order.first() else {
+        return "no recipe was raced".to_string();
+    };
+    let best = &results[best_index];
+    let metric = if accuracy { "accuracy" } else { "loss" };
+    let final_of = |r: &RecipeResult| {
+        if accuracy {
+            r.final_val_accuracy.and_then(|s| s.mean)
+        } else {
+            r.final_val_loss.mean
+        }
+    };
+    let std_of = |r: &RecipeResult| {
+        if accuracy {
+            r.final_val_accuracy.and_then(|s| s.std)
+        } else {
+            r.final_val_loss.std
+        }
+    };
+    if final_of(best).is_none() {
+        return "every recipe diverged: lower plan or check the data".to_string();
+    }
+    let target_words = format!(
+        "{} % of {}'s final {metric}",
+        percent(target.fraction),
+        best.name
+    );
+    // The fastest to the target, and the recipe it is measured against: Adam as most teams
+    // run it when raced, else the best.
+    let fastest = order
+        .iter()
+        .map(|&i| &results[i])
+        .filter(|r| r.steps_to_target.is_some())
+        .min_by_key(|r| r.steps_to_target);
+    let reference = results
+        .iter()
+        .find(|r| r.name == "adam_constant")
+        .unwrap_or(best);
+    let speed = match fastest {
+        None => format!("no recipe reaches {target_words} in every seed"),
+        Some(fastest) if fastest.name == reference.name => format!(
+            "{} reaches {target_words} first, in {} steps",
+            fastest.name,
+            fastest.steps_to_target.unwrap_or(0)
+        ),
+        Some(fastest) => match (fastest.steps_to_target, reference.steps_to_target) {
+            (Some(fast), Some(slow)) if slow > 0 => format!(
+                "{} reaches {target_words} in {} % of {}'s steps ({fast} vs {slow})",
+                fastest.name,
+                percent(fast as f64 / slow as f64),
+                reference.name
+            ),
+            (Some(fast), _) => format!(
+                "{} reaches {target_words} in {fast} steps; {} never does in every seed",
+                fastest.name, reference.name
+            ),
+            (None, _) => format!("no recipe reaches {target_words} in every seed"),
+        },
+    };
+    let Some(&second_index) = order.get(1) else {
+        return format!("{speed}; {} is the only recipe raced", best.name);
+    };
+    let second = &results[second_index];
+    let (Some(best_final), Some(second_final)) = (final_of(best), final_of(second)) else {
+        return format!("{speed}; {} is best, {} diverged", best.name, second.name);
+    };
+    let gap = (best_final - second_final).abs();
+    let noise = std_of(best)
+        .unwrap_or(0.0)
+        .max(std_of(second).unwrap_or(0.0));
+    let margin = if accuracy {
+        format!("{} points of accuracy", percent(gap))
+    } else {
+        format!(
+            "{} % lower loss",
+            percent(gap / second_final.abs().max(f64::MIN_POSITIVE))
+        )
+    };
+    if seeds < 2 {
+        format!(
+            "{speed}; {} is best by {margin} over {} (one seed: no noise estimate)",
+            best.name, second.name
+        )
+    } else if gap <= noise {
+        format!(
+            "{speed}; {} and {} finish within seed noise ({margin} apart, seed std {})",
+            best.name,
+            second.name,
+            if accuracy {
+                percent(noise) + " points"
+            } else {
+                format!("{noise:.3}")
+            }
+        )
+    } else {
+        format!(
+            "{speed}; {} is best by {margin} over {}",
+            best.name, second.name
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recipe(name: &str, finals: &[f64], hits: &[usize]) -> RecipeResult {
+        // Each run: accuracy 0.5 at step 0, the final accuracy from `hits[i]` on, at step 100.
+        let runs: Vec<RaceRun> = finals
+            .iter()
+            .zip(hits)
+            .enumerate()
+            .map(|(seed, (&accuracy, &hit))| RaceRun {
+                seed: seed as u64,
+                diverged: false,
+                points: vec![
+                    RacePoint {
+                        step: 0,
+                        seconds: 0.0,
+                        val_loss: Some(2.0),
+                        val_accuracy: Some(0.5),
+                        lr: 0.1,
+                    },
+                    RacePoint {
+                        step: hit,
+                        seconds: hit as f64 / 100.0,
+                        val_loss: Some(1.0 - accuracy),
+                        val_accuracy: Some(accuracy),
+                        lr: 0.1,
+                    },
+                    RacePoint {
+                        step: 100,
+                        seconds: 1.0,
+                        val_loss: Some(1.0 - accuracy),
+                        val_accuracy: Some(accuracy),
+                        lr: 0.1,
+                    },
+                ],
+            })
+            .collect();
+        let recipe = Recipe::named("adam_constant").unwrap();
+        let mut result = summarize_recipe(&recipe, 0.001, runs);
+        result.name = name.to_string();
+        result
+    }
+
+    #[test]
+    fn evaluation_points_are_evenly_spread_and_end_at_the_last_step() {
+        let steps = evaluation_steps(1000);
+        assert_eq!(steps.len(), RACE_POINTS);
+        assert_eq!(steps[0], 40);
+        assert_eq!(*steps.last().unwrap(), 1000);
+        assert_eq!(evaluation_steps(7), vec![1, 2, 3, 4, 5, 6, 7]);
+        let uneven = evaluation_steps(626);
+        assert_eq!(uneven.len(), RACE_POINTS);
+        assert_eq!(*uneven.last().unwrap(), 626);
+        assert!(uneven.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn the_verdict_compares_steps_to_target_against_adam_and_names_the_best() {
+        let mut results = vec![
+            recipe("sgd_one_cycle", &[0.97, 0.971], &[30, 32]),
+            recipe("adam_constant", &[0.95, 0.951], &[100, 100]),
+            recipe("adam_plateau", &[0.98, 0.981], &[60, 60]),
+        ];
+        let (target, ranking, verdict) = judge(&mut results, 0.98, 2);
+        assert_eq!(ranking, ["adam_plateau", "sgd_one_cycle", "adam_constant"]);
+        assert_eq!(target.metric, "val_accuracy");
+        assert_eq!(target.of_recipe.as_deref(), Some("adam_plateau"));
+        assert!((target.value.unwrap() - 0.98 * 0.9805).abs() < 1e-12);
+        // 0.98 * 0.9805 = 0.9609: adam_constant's 0.95 never gets there.
+        assert_eq!(results[0].steps_to_target, Some(31));
+        assert_eq!(results[1].steps_to_target, None);
+        assert_eq!(results[2].steps_to_target, Some(60));
+        assert!((results[0].seconds_to_target.unwrap() - 0.31).abs() < 1e-12);
+        assert_eq!(
+            verdict,
+            "sgd_one_cycle reaches 98 % of adam_plateau's final accuracy in 31 steps; \
+             adam_constant never does in every seed; adam_plateau is best by 1.0 points of \
+             accuracy over sgd_one_cycle"
+        );
+    }
+
+    #[test]
+    fn the_verdict_gives_the_share_of_adams_steps_and_says_when_it_is_seed_noise() {
+        let mut results = vec![
+            recipe("sgd_one_cycle", &[0.95, 0.99], &[30, 32]),
+            recipe("adam_constant", &[0.96, 0.975], &[100, 100]),
+        ];
+        let (_, ranking, verdict) = judge(&mut results, 0.95, 2);
+        assert_eq!(ranking, ["sgd_one_cycle", "adam_constant"]);
+        assert_eq!(
+            verdict,
+            "sgd_one_cycle reaches 95 % of sgd_one_cycle's final accuracy in 31 % of \
+             adam_constant's steps (31 vs 100); sgd_one_cycle and adam_constant finish within \
+             seed noise (0.2 points of accuracy apart, seed std 2.8 points)"
+        );
+    }
+
+    #[test]
+    fn a_diverged_recipe_ranks_last_with_no_final_metric() {
+        let mut diverged = recipe("adam_constant", &[0.9], &[50]);
+        diverged.runs[0].points[2].val_loss = None;
+        diverged.runs[0].points[2].val_accuracy = None;
+        diverged.runs[0].diverged = true;
+        let diverged =
+            summarize_recipe(&Recipe::named("adam_constant").unwrap(), 0.1, diverged.runs);
+        assert_eq!(diverged.final_val_loss.mean, None);
+        let mut results = vec![diverged, recipe("sgd_one_cycle", &[0.9], &[50])];
+        let (_, ranking, verdict) = judge(&mut results, 0.98, 1);
+        assert_eq!(ranking, ["sgd_one_cycle", "adam_constant"]);
+        assert!(
+            verdict.ends_with("sgd_one_cycle is best, adam_constant diverged"),
+            "{verdict}"
+        );
+    }
+}
