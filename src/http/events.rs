@@ -197,6 +197,17 @@ async fn catch_up(
         cursor.last_step = -1;
         cursor.sweep_runs = 0;
     }
+    if job.status.is_finished() && cursor.status == JobStatus::Queued && job.started_at.is_some() {
+        // It started and finished between two reads: say it ran before its points do.
+        cursor.status = JobStatus::Running;
+        let running = JobEvent::Status {
+            status: JobStatus::Running,
+            error: None,
+        };
+        if !sent(running).await {
+            return Ok(Next::End);
+        }
+    }
     if job.status != cursor.status && !job.status.is_finished() {
         cursor.status = job.status;
         if !sent(JobEvent::status(&job)).await {
