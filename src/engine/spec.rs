@@ -290,9 +290,9 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// A small plan affords several full-length runs in seconds (every auto candidate,
-    /// second seeds of the closest two and a step past the range)...
-    pub const DEFAULT_MULTIPLE: f64 = 7.0;
+    /// A small plan affords several full-length runs in seconds (a screening, the best two
+    /// and three more: steps past the range, seeds or probes between candidates)...
+    pub const DEFAULT_MULTIPLE: f64 = 5.0;
     /// ...a long plan cannot: past this many steps the default stops growing...
     pub const DEFAULT_STEPS: usize = 2_500;
     /// ...though it always allows twice the planned run.
@@ -1611,15 +1611,15 @@ mod tests {
     #[test]
     fn the_default_budget_affords_several_small_plans_and_twice_a_large_one() {
         let budget = Budget::default();
-        // A 100-step range test and 7x a small plan; capped at 2,500 steps; never under 2x
+        // A 100-step range test and 5x a small plan; capped at 2,500 steps; never under 2x
         // the plan. A plan of 15 steps (120 rows in batches of 32 for 5 epochs) still gets
-        // its range test and every candidate at full length.
-        assert_eq!(budget.steps_for(15, 100), 205);
-        assert_eq!(budget.steps_for(140, 100), 1080);
-        assert_eq!(budget.steps_for(400, 100), 2500);
+        // its range test and three runs of its full length.
+        assert_eq!(budget.steps_for(15, 100), 175);
+        assert_eq!(budget.steps_for(140, 100), 800);
+        assert_eq!(budget.steps_for(500, 100), 2500);
         assert_eq!(budget.steps_for(1250, 100), 2500);
         assert_eq!(budget.steps_for(5000, 100), 10_000);
-        assert_eq!(budget.steps_for(140, 0), 980);
+        assert_eq!(budget.steps_for(140, 0), 700);
         let given = Budget {
             plan_multiple: Some(3.0),
             steps: Some(1000),
