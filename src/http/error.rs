@@ -64,6 +64,11 @@ pub struct ErrorDetail {
     pub field: Option<String>,
 }
 
+/// `Retry-After` of a 503 for database trouble (a lock is held for a moment) and for a
+/// server shutting down (a restart takes a few seconds); `/healthz` says the same.
+pub const RETRY_UNAVAILABLE: u64 = 2;
+pub const RETRY_SHUTTING_DOWN: u64 = 5;
+
 impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::BadRequest {
@@ -108,8 +113,8 @@ impl ApiError {
         match self {
             // A lock is held for a moment; a restart takes a few seconds; a full queue drains
             // as jobs finish, which takes longer.
-            ApiError::Unavailable(_) => Some(2),
-            ApiError::ShuttingDown => Some(5),
+            ApiError::Unavailable(_) => Some(RETRY_UNAVAILABLE),
+            ApiError::ShuttingDown => Some(RETRY_SHUTTING_DOWN),
             ApiError::QueueFull { .. } => Some(10),
             _ => None,
         }

@@ -6,12 +6,13 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
+use super::error::{RETRY_SHUTTING_DOWN, RETRY_UNAVAILABLE};
 use super::{ApiError, AppState, Phase};
 use crate::store::Store;
 use crate::telemetry::Telemetry;
@@ -64,21 +65,32 @@ impl Health {
         (status = 200, body = Health, description = "The database can be read and written"),
         (status = 503, body = Health,
             description = "Shutting down, or the database is locked, damaged, unreadable or unreachable")))]
-pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+pub async fn healthz(State(state): State<AppState>) -> HealthResponse {
     if *state.phase.borrow() != Phase::Serving {
         let reason = "the server is shutting down".to_string();
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(Health::new(&state.store, "shutting_down", Some(reason))),
-        );
+        let health = Health::new(&state.store, "shutting_down", Some(reason));
+        return unavailable(health, RETRY_SHUTTING_DOWN);
     }
     check(&state.store).await
 }
 
+/// A health answer: its status, `Retry-After` on a 503, and the body.
+pub type HealthResponse = (StatusCode, HeaderMap, Json<Health>);
+
+/// 503 with the body and, as every 503 of the API, when to try again.
+fn unavailable(health: Health, retry_after: u64) -> HealthResponse {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    (StatusCode::SERVICE_UNAVAILABLE, headers, Json(health))
+}
+
 /// The database's part of the check, for the API and for a worker's metrics listener.
-pub async fn check(store: &Store) -> (StatusCode, Json<Health>) {
+pub async fn check(store: &Store) -> HealthResponse {
     let reason = match tokio::time::timeout(DEADLINE, store.check_health(LOCK_WAIT)).await {
-        Ok(Ok(())) => return (StatusCode::OK, Json(Health::new(store, "ok", None))),
+        Ok(Ok(())) => {
+            let health = Health::new(store, "ok", None);
+            return (StatusCode::OK, HeaderMap::new(), Json(health));
+        }
         Ok(Err(error)) => {
             tracing::warn!(%error, "health check: the database cannot serve");
             error.reason()
@@ -91,9 +103,9 @@ pub async fn check(store: &Store) -> (StatusCode, Json<Health>) {
             )
         }
     };
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(Health::new(store, "unavailable", Some(reason))),
+    unavailable(
+        Health::new(store, "unavailable", Some(reason)),
+        RETRY_UNAVAILABLE,
     )
 }
 

@@ -90,14 +90,19 @@ async fn a_request_during_the_grace_period_is_a_503_with_retry_after_not_a_refus
         .await
         .expect("the connection is accepted");
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let (status, body) = json_of(
-        client
-            .get(format!("{}/healthz", app.address))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let health = client
+        .get(format!("{}/healthz", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        health
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("5")
+    );
+    let (status, body) = json_of(health).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         body,

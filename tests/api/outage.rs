@@ -53,7 +53,16 @@ async fn healthz_names_the_lock_while_another_process_holds_it_and_is_ok_after()
 
     let lock = ForeignWriteLock::take(&app.db_path).await;
     let started = Instant::now();
-    let (status, body) = json_of(app.get("/healthz").await).await;
+    let response = app.get("/healthz").await;
+    // As every 503 of the API, it says when to try again.
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("2")
+    );
+    let (status, body) = json_of(response).await;
     assert!(started.elapsed() < Duration::from_secs(3), "healthz hung");
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
