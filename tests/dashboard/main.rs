@@ -243,7 +243,7 @@ fn a_race_is_drawn_live_then_shows_its_table_target_and_verdict() {
         "data": {"builtin": "spirals", "samples": 2048},
         "model": {"arch": "mlp", "hidden": [128, 128]},
         "batch_size": 32,
-        "plan": {"epochs": 8},
+        "plan": {"epochs": 12},
         "range_test": {"steps": 30},
         "sweep": {"count": 2, "epochs": 1},
         "budget": {"steps": 200},
