@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use futures_util::StreamExt;
 use serde::Deserialize;
 
-use crate::engine::{CurvePoint, JobResult};
+use crate::engine::CurvePoint;
 
 /// How long to wait for a TCP connection to the server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,6 +28,8 @@ pub struct Client {
 #[derive(Debug, Clone, Deserialize)]
 pub struct RemoteJob {
     pub id: String,
+    #[serde(default)]
+    pub kind: String,
     pub status: String,
     #[serde(default)]
     pub error: Option<RemoteError>,
@@ -341,8 +343,9 @@ impl SseParser {
     }
 }
 
-/// The result of a finished job, or the reason it has none.
-pub fn finished_result(job: &RemoteJob) -> anyhow::Result<JobResult> {
+/// A finished job's result in the shape its kind gives (a tune's, or a race's), or why it has
+/// none.
+pub fn finished_as<T: serde::de::DeserializeOwned>(job: &RemoteJob) -> anyhow::Result<T> {
     match job.status.as_str() {
         "succeeded" => {
             let value = job
@@ -364,6 +367,7 @@ pub fn finished_result(job: &RemoteJob) -> anyhow::Result<JobResult> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::JobResult;
 
     #[test]
     fn the_sse_parser_splits_events_across_chunks_and_skips_keep_alives() {
@@ -391,6 +395,7 @@ mod tests {
     fn a_failed_job_reports_its_error_and_field() {
         let job = RemoteJob {
             id: "job_1".to_string(),
+            kind: "tune".to_string(),
             status: "failed".to_string(),
             error: Some(RemoteError {
                 code: "invalid_spec".to_string(),
@@ -399,7 +404,7 @@ mod tests {
             }),
             result: None,
         };
-        let error = finished_result(&job).unwrap_err().to_string();
+        let error = finished_as::<JobResult>(&job).unwrap_err().to_string();
         assert_eq!(
             error,
             "job job_1 failed: batch_size: is larger than the data"

@@ -101,7 +101,7 @@ pub fn run_compare_spec(spec: &JobSpec, quiet: bool) -> anyhow::Result<CompareRe
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         }
-        Event::Point(_) | Event::SweepRun(_) => {}
+        Event::Point(_) | Event::SweepRun(_) | Event::RacePoint(_) => {}
     };
     let result = run_compare(spec, loaded, &limits, &cancel, &mut observer).map_err(engine_error);
     bar.finish_and_clear();
@@ -121,7 +121,7 @@ pub fn run_spec(spec: &JobSpec, quiet: bool) -> anyhow::Result<JobOutput> {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         }
-        Event::Point(_) | Event::SweepRun(_) => {}
+        Event::Point(_) | Event::SweepRun(_) | Event::RacePoint(_) => {}
     };
     let output =
         engine::run_job(spec, loaded, &limits, &cancel, &mut observer).map_err(engine_error);

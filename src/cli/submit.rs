@@ -1,10 +1,12 @@
 //! `lrtune submit spec.json --server URL`: queues a job on a running `lrtune serve`, and with
-//! `--wait` follows it to the end with a progress bar and prints the recommendation.
+//! `--wait` follows it to the end with a progress bar and prints the recommendation (for a
+//! `compare` job, the race's table and verdict).
 
 use clap::Args;
 
-use super::client::{finished_result, Client, JobUpdate};
-use super::{read_input, report, run, Outcome};
+use super::client::{finished_as, Client, JobUpdate, RemoteJob};
+use super::{race, read_input, report, run, Outcome};
+use crate::engine::compare::CompareResult;
 use crate::engine::JobResult;
 
 #[derive(Debug, Args)]
@@ -40,7 +42,17 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<Outcome> {
         }
         return Ok(Outcome::Ok);
     }
-    let (_, result) = submit_and_wait(&client, &spec, args.quiet)?;
+    let finished = submit_and_follow(&client, &spec, args.quiet)?;
+    if finished.kind == "compare" {
+        let result: CompareResult = finished_as(&finished)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        } else {
+            print!("{}", race::summary(&result));
+        }
+        return Ok(Outcome::Ok);
+    }
+    let result: JobResult = finished_as(&finished)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
@@ -56,6 +68,13 @@ pub fn submit_and_wait(
     spec: &str,
     quiet: bool,
 ) -> anyhow::Result<(String, JobResult)> {
+    let finished = submit_and_follow(client, spec, quiet)?;
+    let result = finished_as(&finished)?;
+    Ok((finished.id, result))
+}
+
+/// Submits a spec and follows the job to its end, with a progress bar: the finished job.
+fn submit_and_follow(client: &Client, spec: &str, quiet: bool) -> anyhow::Result<RemoteJob> {
     let (job, _) = client.submit(spec)?;
     if !quiet {
         eprintln!("submitted job {}", job.id);
@@ -73,7 +92,5 @@ pub fn submit_and_wait(
     };
     let finished = client.wait(&job.id, &mut on_update);
     bar.finish_and_clear();
-    let finished = finished?;
-    let result = finished_result(&finished)?;
-    Ok((job.id, result))
+    finished
 }

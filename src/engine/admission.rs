@@ -9,7 +9,7 @@ use super::data::{self, Dataset, Task};
 use super::model::{self, ModelShape};
 use super::native;
 use super::prepare::{check_batch_size, check_task, DEFAULT_SAMPLES};
-use super::spec::{Builtin, DeviceChoice, JobSpec, Limits, OptimizerSpec, SpecError};
+use super::spec::{Builtin, DeviceChoice, JobKind, JobSpec, Limits, OptimizerSpec, SpecError};
 use super::train::EVAL_CHUNK;
 
 /// What a job's data looks like, known before it is loaded.
@@ -155,6 +155,23 @@ const DATA_COPIES: u64 = 2;
 fn step_rows(spec: &JobSpec, data: &DataShape) -> usize {
     let chunk = EVAL_CHUNK.min(data.train_rows.max(data.validation_rows));
     spec.batch_size.max(chunk)
+}
+
+/// Admits a job of any kind: a race is admitted once per recipe (each recipe's optimizer
+/// keeps its own copies of the weights), before any of its steps is taken.
+pub fn admit_job(spec: &JobSpec, data: &DataShape, limits: &Limits) -> Result<(), SpecError> {
+    if spec.kind == JobKind::Compare {
+        for recipe in spec.compare_recipes() {
+            admit(
+                &super::compare::recipe_tune_spec(spec, &recipe),
+                data,
+                limits,
+            )?;
+        }
+        Ok(())
+    } else {
+        admit(spec, data, limits).map(|_| ())
+    }
 }
 
 /// Checks that a job can run on data of this shape within the limits, and returns its cost.

@@ -83,6 +83,15 @@ pub struct RacePoint {
     pub lr: f64,
 }
 
+/// A race point as it is measured, for the job's live curve: which recipe and seed it
+/// belongs to, and the point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RaceEvent {
+    pub recipe: String,
+    pub seed: u64,
+    pub point: RacePoint,
+}
+
 /// What counts as reaching the target: `val_accuracy` at least `value`, or `val_loss` at
 /// most `value` (regression).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -238,7 +247,7 @@ pub fn run_compare(
 }
 
 /// The tune job that finds a recipe's learning rate: the race's spec with its optimizer.
-fn recipe_tune_spec(spec: &JobSpec, recipe: &Recipe) -> JobSpec {
+pub fn recipe_tune_spec(spec: &JobSpec, recipe: &Recipe) -> JobSpec {
     JobSpec {
         kind: JobKind::Tune,
         optimizer: recipe.optimizer.clone(),
@@ -378,7 +387,12 @@ impl RunSetup<'_> {
             None => lrs[step.min(lrs.len() - 1)],
         };
         let start = evaluate(self.model, self.validation)?;
-        let mut points = vec![point(0, training, start, lr_at(0, &plateau))];
+        let mut points = Vec::with_capacity(RACE_POINTS + 1);
+        self.record(
+            control,
+            &mut points,
+            point(0, training, start, lr_at(0, &plateau)),
+        );
         let mut step = 0;
         for until in evaluation_steps(self.plan_steps) {
             while step < until {
@@ -398,13 +412,14 @@ impl RunSetup<'_> {
                 step += 1;
                 if !loss.is_finite() {
                     control.skip_steps(self.plan_steps - step);
-                    points.push(RacePoint {
+                    let last = RacePoint {
                         step,
                         seconds: training.as_secs_f64(),
                         val_loss: None,
                         val_accuracy: None,
                         lr: lr_at(step - 1, &plateau),
-                    });
+                    };
+                    self.record(control, &mut points, last);
                     return Ok(RaceRun {
                         seed: self.seed,
                         diverged: true,
@@ -423,7 +438,8 @@ impl RunSetup<'_> {
                 };
                 tracker.step(metric);
             }
-            points.push(point(step, training, evaluation, lr_at(step, &plateau)));
+            let measured = point(step, training, evaluation, lr_at(step, &plateau));
+            self.record(control, &mut points, measured);
         }
         let diverged = points.last().is_none_or(|p| p.val_loss.is_none());
         Ok(RaceRun {
@@ -431,6 +447,18 @@ impl RunSetup<'_> {
             diverged,
             points,
         })
+    }
+}
+
+impl RunSetup<'_> {
+    /// Keeps a point in the run and reports it as it is measured.
+    fn record(&self, control: &mut Control<'_>, points: &mut Vec<RacePoint>, point: RacePoint) {
+        control.emit(Event::RacePoint(RaceEvent {
+            recipe: self.recipe.name.clone(),
+            seed: self.seed,
+            point,
+        }));
+        points.push(point);
     }
 }
 

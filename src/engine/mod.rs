@@ -36,6 +36,8 @@ pub enum Event {
     Stage(&'static str),
     Point(CurvePoint),
     SweepRun(SweepRun),
+    /// A validation point of one of a race's full runs (`compare` jobs).
+    RacePoint(compare::RaceEvent),
     /// Steps done out of the steps planned for the whole job.
     Progress {
         done: usize,

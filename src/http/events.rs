@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use super::drain::{self, Phase};
-use super::jobs::{find, CurvePoint, SweepRun};
+use super::jobs::{find, CurvePoint, RacePoint, SweepRun};
 use super::{ApiError, AppState, ErrorBody};
 use crate::store::{Change, JobError, JobRow, JobStatus, StoreError};
 
@@ -43,6 +43,7 @@ enum JobEvent {
     },
     Point(CurvePoint),
     SweepRun(SweepRun),
+    RacePoint(RacePoint),
 }
 
 impl JobEvent {
@@ -52,6 +53,7 @@ impl JobEvent {
             JobEvent::Progress { .. } => "progress",
             JobEvent::Point(_) => "point",
             JobEvent::SweepRun(_) => "sweep_run",
+            JobEvent::RacePoint(_) => "race_point",
         }
     }
 
@@ -76,8 +78,8 @@ impl JobEvent {
     }
 }
 
-/// Server-sent events: `status` first, then `progress`; the `point`s and `sweep_run`s stored
-/// so far and then new ones as the job runs, with `progress` as it changes; and a final
+/// Server-sent events: `status` first, then `progress`; the `point`s, `sweep_run`s and (for
+/// a `compare` job) `race_point`s stored so far and then new ones as the job runs, with `progress` as it changes; and a final
 /// `status`, after which the stream ends. The job may run in any process sharing the
 /// database. A stream open when the server shuts down follows its job through the grace
 /// period and ends with `succeeded` (or the like), or `queued` when the job was put back for
@@ -112,6 +114,7 @@ struct Cursor {
     progress: (Option<String>, i64, i64),
     last_step: i64,
     sweep_runs: i64,
+    race_points: i64,
 }
 
 /// Whether the stream goes on.
@@ -140,6 +143,7 @@ async fn follow(
         progress: (job.stage.clone(), job.progress_done, job.progress_total),
         last_step: -1,
         sweep_runs: 0,
+        race_points: 0,
     };
     if let Next::End = catch_up(state, &id, job, &mut cursor, sender).await? {
         return Ok(());
@@ -196,6 +200,7 @@ async fn catch_up(
         cursor.attempt = job.attempts;
         cursor.last_step = -1;
         cursor.sweep_runs = 0;
+        cursor.race_points = 0;
     }
     if job.status.is_finished() && cursor.status == JobStatus::Queued && job.started_at.is_some() {
         // It started and finished between two reads: say it ran before its points do.
@@ -228,6 +233,12 @@ async fn catch_up(
     for run in state.store.sweep_runs(id, cursor.sweep_runs).await? {
         cursor.sweep_runs = run.position + 1;
         if !sent(JobEvent::SweepRun(run.into())).await {
+            return Ok(Next::End);
+        }
+    }
+    for point in state.store.race_points(id, cursor.race_points).await? {
+        cursor.race_points = point.position + 1;
+        if !sent(JobEvent::RacePoint(point.into())).await {
             return Ok(Next::End);
         }
     }

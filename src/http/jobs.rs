@@ -12,11 +12,11 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiJson, ApiQuery};
 use super::{ApiError, AppState, ErrorBody};
-use crate::engine::admission::admit;
+use crate::engine::admission::admit_job;
 use crate::engine::spec::JobKind;
-use crate::engine::{JobSpec, SpecError};
+use crate::engine::JobSpec;
 use crate::store::{
-    new_id, JobError, JobRow, JobStatus, ListFilter, NewJob, PointRow, SweepRunRow,
+    new_id, JobError, JobRow, JobStatus, ListFilter, NewJob, PointRow, RacePointRow, SweepRunRow,
 };
 use crate::worker::planned_shape;
 
@@ -115,14 +115,6 @@ pub async fn submit(
 ) -> Result<Response, ApiError> {
     let spec = JobSpec::from_value(body)?;
     spec.validate(&state.limits)?;
-    if spec.kind == JobKind::Compare {
-        // The worker stores a tune's result and range-test curve; a race has neither shape yet.
-        return Err(SpecError::new(
-            "kind",
-            "the service does not queue compare jobs yet: race the recipes with `lrtune run spec.json`",
-        )
-        .into());
-    }
     check_data(&state, &spec).await?;
     let canonical = serde_json::to_string(&spec)
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("encoding the spec: {e}")))?;
@@ -190,7 +182,7 @@ async fn check_data(state: &AppState, spec: &JobSpec) -> Result<(), ApiError> {
     // messages the worker would give, before anything is queued.
     let (train, validation) = (rows.first(), rows.get(1));
     if let Some(shape) = planned_shape(spec, train, validation)? {
-        admit(spec, &shape, &state.limits)?;
+        admit_job(spec, &shape, &state.limits)?;
     }
     Ok(())
 }
@@ -318,17 +310,48 @@ impl From<SweepRunRow> for SweepRun {
     }
 }
 
+/// One validation point of a race's full run (a `compare` job): the recipe and seed it
+/// belongs to, the step and training seconds since the run's start.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RacePoint {
+    pub recipe: String,
+    pub seed: i64,
+    pub step: i64,
+    pub seconds: f64,
+    /// Null once the run has diverged.
+    pub val_loss: Option<f64>,
+    /// Null for regression, or once the run has diverged.
+    pub val_accuracy: Option<f64>,
+}
+
+impl From<RacePointRow> for RacePoint {
+    fn from(row: RacePointRow) -> RacePoint {
+        RacePoint {
+            recipe: row.recipe,
+            seed: row.seed,
+            step: row.step,
+            seconds: row.seconds,
+            val_loss: row.val_loss,
+            val_accuracy: row.val_accuracy,
+        }
+    }
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct Curve {
     pub job_id: String,
     pub status: JobStatus,
-    /// One point per range-test step.
+    /// One point per range-test step (empty for a `compare` job).
     pub points: Vec<CurvePoint>,
     pub sweep_runs: Vec<SweepRun>,
+    /// A `compare` job's race points (so far while running), in the order measured; empty
+    /// for other kinds.
+    pub race_points: Vec<RacePoint>,
 }
 
 /// The range-test curve `{step, lr, loss, smoothed}` (points so far while running) and the
-/// sweep's runs.
+/// sweep's runs; for a `compare` job, its race points (in CSV, one row per race point:
+/// `recipe,seed,step,seconds,val_loss,val_accuracy`).
 #[utoipa::path(get, path = "/v1/jobs/{id}/curve", tag = "jobs",
     params(("id" = String, Path), CurveQuery),
     responses((status = 200, body = Curve), (status = 400, body = ErrorBody),
@@ -339,11 +362,27 @@ pub async fn curve(
     ApiQuery(query): ApiQuery<CurveQuery>,
 ) -> Result<Response, ApiError> {
     let job = find(&state, &id).await?;
+    let race_points = state.store.race_points(&id, 0).await?;
+    let cell = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+    if query.format == Some(CurveFormat::Csv) && job.kind == JobKind::Compare.as_str() {
+        let mut text = String::from("recipe,seed,step,seconds,val_loss,val_accuracy\n");
+        for point in &race_points {
+            text.push_str(&format!(
+                "{},{},{},{},{},{}\n",
+                point.recipe,
+                point.seed,
+                point.step,
+                point.seconds,
+                cell(point.val_loss),
+                cell(point.val_accuracy)
+            ));
+        }
+        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], text).into_response());
+    }
     let points = state.store.curve(&id, None).await?;
     if query.format == Some(CurveFormat::Csv) {
         let mut text = String::from("step,lr,loss,smoothed\n");
         for point in &points {
-            let cell = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
             text.push_str(&format!(
                 "{},{},{},{}\n",
                 point.step,
@@ -360,6 +399,7 @@ pub async fn curve(
         status: job.status,
         points: points.into_iter().map(CurvePoint::from).collect(),
         sweep_runs: sweep_runs.into_iter().map(SweepRun::from).collect(),
+        race_points: race_points.into_iter().map(RacePoint::from).collect(),
     })
     .into_response())
 }

@@ -22,7 +22,7 @@ use super::{datasets, error, events, health, jobs, tools, AppState};
     ),
     components(schemas(
         error::ErrorBody, error::ErrorDetail, jobs::Job, jobs::JobList, jobs::Progress,
-        jobs::Curve, jobs::CurvePoint, jobs::SweepRun, datasets::DatasetView, datasets::DatasetList, tools::AnalyzeRequest,
+        jobs::Curve, jobs::CurvePoint, jobs::SweepRun, jobs::RacePoint, datasets::DatasetView, datasets::DatasetList, tools::AnalyzeRequest,
         health::Health, jobs::CurveFormat, datasets::UploadFormat, datasets::UploadTask,
         crate::store::JobStatus, crate::store::JobError,
     )),

@@ -225,6 +225,20 @@ pub struct SweepRunRow {
     pub diverged: bool,
 }
 
+/// One validation point of a compare job's full run, as stored.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct RacePointRow {
+    /// The point's place among the job's race points, from 0, in the order measured.
+    pub position: i64,
+    pub recipe: String,
+    pub seed: i64,
+    pub step: i64,
+    /// Training seconds since the run's start.
+    pub seconds: f64,
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+}
+
 /// What a running worker writes every few hundred milliseconds, and once more with the
 /// attempt's end: each curve point and sweep run is in exactly one update, so it is written
 /// once.
@@ -237,6 +251,8 @@ pub struct ProgressUpdate {
     pub points: Vec<PointRow>,
     /// Sweep runs finished since the last update.
     pub sweep_runs: Vec<SweepRunRow>,
+    /// Race points measured since the last update (`compare` jobs).
+    pub race_points: Vec<RacePointRow>,
 }
 
 /// How an attempt ends.

@@ -25,7 +25,7 @@ use tokio::sync::broadcast;
 pub use dataset::{DatasetRow, NewDataset, StoredDataset};
 pub use job::{
     can_transition, nan_as_null, Attempt, FinalState, JobError, JobRow, JobStatus, ListFilter,
-    NewJob, PointRow, ProgressUpdate, ReapOutcome, SweepRunRow,
+    NewJob, PointRow, ProgressUpdate, RacePointRow, ReapOutcome, SweepRunRow,
 };
 
 use postgres::PgStore;
@@ -444,6 +444,15 @@ impl Store {
         from_position: i64,
     ) -> Result<Vec<SweepRunRow>, StoreError> {
         dispatch!(self, store => store.sweep_runs(job_id, from_position).await)
+    }
+
+    /// A compare job's race points from `position` on, in the order they were measured.
+    pub async fn race_points(
+        &self,
+        job_id: &str,
+        from_position: i64,
+    ) -> Result<Vec<RacePointRow>, StoreError> {
+        dispatch!(self, store => store.race_points(job_id, from_position).await)
     }
 
     pub async fn insert_dataset(&self, dataset: NewDataset) -> Result<DatasetRow, StoreError> {

@@ -20,7 +20,7 @@ use super::dataset::{shape_json, DatasetRecord, ListedRecord, StoredRecord};
 use super::job::JobRecord;
 use super::{
     Attempt, Change, DatasetRow, FinalState, JobRow, ListFilter, NewDataset, NewJob, PointRow,
-    ProgressUpdate, ReapOutcome, StoreError, StoredDataset, SweepRunRow,
+    ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset, SweepRunRow,
 };
 
 /// The NOTIFY channel every process listens on.
@@ -418,6 +418,21 @@ impl PgStore {
         .await?)
     }
 
+    pub(super) async fn race_points(
+        &self,
+        job_id: &str,
+        from_position: i64,
+    ) -> Result<Vec<RacePointRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT position, recipe, seed, step, seconds, val_loss, val_accuracy
+             FROM race_point WHERE job_id = $1 AND position >= $2 ORDER BY position",
+        )
+        .bind(job_id)
+        .bind(from_position)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     pub(super) async fn insert_dataset(
         &self,
         dataset: NewDataset,
@@ -567,6 +582,29 @@ async fn insert_outputs(
         .execute(&mut **tx)
         .await?;
     }
+    if !update.race_points.is_empty() {
+        let points = &update.race_points;
+        sqlx::query(
+            "INSERT INTO race_point (job_id, run, position, recipe, seed, step, seconds,
+                 val_loss, val_accuracy)
+             SELECT $1, $2, position, recipe, seed, step, seconds, val_loss, val_accuracy
+             FROM UNNEST($3::bigint[], $4::text[], $5::bigint[], $6::bigint[],
+                 $7::float8[], $8::float8[], $9::float8[])
+                 AS point (position, recipe, seed, step, seconds, val_loss, val_accuracy)
+             ON CONFLICT (job_id, position) DO NOTHING",
+        )
+        .bind(&attempt.job_id)
+        .bind(attempt.number)
+        .bind(points.iter().map(|p| p.position).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.recipe.clone()).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.seed).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.step).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.seconds).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.val_loss).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.val_accuracy).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
     Ok(())
 }
 
@@ -582,6 +620,10 @@ async fn delete_outputs(
         .execute(&mut **tx)
         .await?;
     sqlx::query("DELETE FROM sweep_run WHERE job_id = ANY($1)")
+        .bind(job_ids)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("DELETE FROM race_point WHERE job_id = ANY($1)")
         .bind(job_ids)
         .execute(&mut **tx)
         .await?;

@@ -17,7 +17,7 @@ use super::dataset::{shape_json, DatasetRecord, ListedRecord, StoredRecord};
 use super::job::JobRecord;
 use super::{
     Attempt, DatasetRow, FinalState, JobRow, ListFilter, NewDataset, NewJob, PointRow,
-    ProgressUpdate, ReapOutcome, StoreError, StoredDataset, SweepRunRow,
+    ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset, SweepRunRow,
 };
 
 /// The current time as SQLite writes it: UTC ISO 8601 with milliseconds. A macro so that
@@ -417,6 +417,21 @@ impl SqliteStore {
         .await?)
     }
 
+    pub(super) async fn race_points(
+        &self,
+        job_id: &str,
+        from_position: i64,
+    ) -> Result<Vec<RacePointRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT position, recipe, seed, step, seconds, val_loss, val_accuracy
+             FROM race_point WHERE job_id = ? AND position >= ? ORDER BY position",
+        )
+        .bind(job_id)
+        .bind(from_position)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     pub(super) async fn insert_dataset(
         &self,
         dataset: NewDataset,
@@ -532,6 +547,25 @@ async fn insert_outputs(
         .execute(&mut **tx)
         .await?;
     }
+    for point in &update.race_points {
+        sqlx::query(
+            "INSERT INTO race_point (job_id, run, position, recipe, seed, step, seconds,
+                 val_loss, val_accuracy)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (job_id, position) DO NOTHING",
+        )
+        .bind(&attempt.job_id)
+        .bind(attempt.number)
+        .bind(point.position)
+        .bind(&point.recipe)
+        .bind(point.seed)
+        .bind(point.step)
+        .bind(point.seconds)
+        .bind(point.val_loss)
+        .bind(point.val_accuracy)
+        .execute(&mut **tx)
+        .await?;
+    }
     Ok(())
 }
 
@@ -541,6 +575,10 @@ async fn delete_outputs(tx: &mut Transaction<'_, Sqlite>, job_id: &str) -> Resul
         .execute(&mut **tx)
         .await?;
     sqlx::query("DELETE FROM sweep_run WHERE job_id = ?")
+        .bind(job_id)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("DELETE FROM race_point WHERE job_id = ?")
         .bind(job_id)
         .execute(&mut **tx)
         .await?;

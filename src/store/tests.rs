@@ -71,6 +71,7 @@ store_suite!(
     a_claim_takes_the_oldest_queued_job_and_counts_the_attempt,
     concurrent_claims_from_two_processes_never_take_a_job_twice,
     points_and_sweep_runs_are_written_once_and_read_after_a_cursor,
+    race_points_are_written_once_read_after_a_cursor_and_dropped_with_a_requeue,
     a_requeue_at_shutdown_deletes_the_outputs_and_does_not_count_the_attempt,
     an_attempt_that_lost_its_job_cannot_write,
     an_expired_lease_is_queued_again_counting_the_attempt_then_failed_when_spent,
@@ -133,6 +134,34 @@ fn update(
         total: 100,
         points,
         sweep_runs: runs.into_iter().map(sweep_run).collect(),
+        race_points: Vec::new(),
+    }
+}
+
+fn race_point(position: i64) -> RacePointRow {
+    RacePointRow {
+        position,
+        recipe: if position < 3 {
+            "adam_constant"
+        } else {
+            "sgd_one_cycle"
+        }
+        .into(),
+        seed: 7,
+        step: 10 * (position % 3),
+        seconds: 0.25 * position as f64,
+        val_loss: Some(2.0 - 0.1 * position as f64),
+        val_accuracy: (position != 4).then_some(0.1 * position as f64),
+    }
+}
+
+fn race_update(positions: impl IntoIterator<Item = i64>) -> ProgressUpdate {
+    ProgressUpdate {
+        stage: Some("race".into()),
+        done: 3,
+        total: 100,
+        race_points: positions.into_iter().map(race_point).collect(),
+        ..ProgressUpdate::default()
     }
 }
 
@@ -356,6 +385,65 @@ async fn points_and_sweep_runs_are_written_once_and_read_after_a_cursor(db: &Tes
     );
     let nan = PointRow::new(8, 1.0, f64::NAN, f64::NAN);
     assert_eq!((nan.loss, nan.smoothed), (None, None));
+}
+
+async fn race_points_are_written_once_read_after_a_cursor_and_dropped_with_a_requeue(db: &TestDb) {
+    let store = db.open().await;
+    submit(&store, "race").await;
+    let job = claim(&store, "w@h").await;
+    let attempt = job.attempt();
+    assert_eq!(
+        store
+            .record_progress(&attempt, &race_update(0..3), LEASE)
+            .await
+            .unwrap(),
+        Some(false)
+    );
+    // A retried write keeps what is stored.
+    let mut retried = race_update(2..4);
+    retried.race_points[0].seconds = 99.0;
+    store
+        .record_progress(&attempt, &retried, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.race_points(&job.id, 0).await.unwrap(),
+        (0..4).map(race_point).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        store.race_points(&job.id, 3).await.unwrap(),
+        vec![race_point(3)]
+    );
+    // The last points come with the final write; another job's points are its own.
+    assert!(store
+        .finish_attempt(
+            &attempt,
+            &FinalState::Succeeded {
+                result: r#"{"ranking": []}"#.into(),
+                steps: 9,
+            },
+            &race_update(4..6),
+        )
+        .await
+        .unwrap());
+    let stored = store.race_points(&job.id, 0).await.unwrap();
+    assert_eq!(stored, (0..6).map(race_point).collect::<Vec<_>>());
+    assert_eq!(stored[4].val_accuracy, None);
+    assert!(store.curve(&job.id, None).await.unwrap().is_empty());
+
+    submit(&store, "requeued").await;
+    let other = claim(&store, "w@h").await;
+    store
+        .record_progress(&other.attempt(), &race_update(0..2), LEASE)
+        .await
+        .unwrap();
+    assert_eq!(store.race_points(&other.id, 0).await.unwrap().len(), 2);
+    assert!(store
+        .finish_attempt(&other.attempt(), &FinalState::Requeue, &race_update(2..3))
+        .await
+        .unwrap());
+    assert!(store.race_points(&other.id, 0).await.unwrap().is_empty());
+    assert_eq!(store.race_points(&job.id, 0).await.unwrap().len(), 6);
 }
 
 async fn a_requeue_at_shutdown_deletes_the_outputs_and_does_not_count_the_attempt(db: &TestDb) {

@@ -20,14 +20,35 @@ use tracing::{error, info, warn, Instrument};
 pub use data::{parse_task, planned_shape, JobDatasets};
 
 use crate::config::QueueConfig;
-use crate::engine::admission::admit;
+use crate::engine::admission::admit_job;
+use crate::engine::compare::{run_compare, CompareResult};
+use crate::engine::spec::JobKind;
 use crate::engine::{self, EngineError, Event, JobOutput, JobSpec, Limits, LoadedData};
 use crate::store::{
-    nan_as_null, Attempt, Change, FinalState, JobError, JobRow, PointRow, ProgressUpdate, Store,
-    StoreError, SweepRunRow,
+    nan_as_null, Attempt, Change, FinalState, JobError, JobRow, PointRow, ProgressUpdate,
+    RacePointRow, Store, StoreError, SweepRunRow,
 };
 use crate::telemetry::Telemetry;
 use running::Running;
+
+/// What a job's compute gives: a range test, sweep or tune's output, or a race's result.
+#[derive(Debug, Clone)]
+pub enum RunOutput {
+    Tune(Box<JobOutput>),
+    Race(Box<CompareResult>),
+}
+
+impl From<JobOutput> for RunOutput {
+    fn from(output: JobOutput) -> RunOutput {
+        RunOutput::Tune(Box::new(output))
+    }
+}
+
+impl From<CompareResult> for RunOutput {
+    fn from(result: CompareResult) -> RunOutput {
+        RunOutput::Race(Box::new(result))
+    }
+}
 
 /// Runs one job's compute. The engine in production; tests swap in runners that panic or
 /// block to prove the worker survives them.
@@ -39,7 +60,7 @@ pub trait JobRunner: Send + Sync + 'static {
         limits: &Limits,
         cancel: &AtomicBool,
         observer: &mut dyn FnMut(Event),
-    ) -> Result<JobOutput, EngineError>;
+    ) -> Result<RunOutput, EngineError>;
 }
 
 pub struct EngineRunner;
@@ -52,8 +73,12 @@ impl JobRunner for EngineRunner {
         limits: &Limits,
         cancel: &AtomicBool,
         observer: &mut dyn FnMut(Event),
-    ) -> Result<JobOutput, EngineError> {
-        engine::run_job(spec, loaded, limits, cancel, observer)
+    ) -> Result<RunOutput, EngineError> {
+        if spec.kind == JobKind::Compare {
+            run_compare(spec, loaded, limits, cancel, observer).map(RunOutput::from)
+        } else {
+            engine::run_job(spec, loaded, limits, cancel, observer).map(RunOutput::from)
+        }
     }
 }
 
@@ -354,7 +379,7 @@ impl Worker {
         )
         .map_err(spec_error)?;
         if let Some(shape) = planned {
-            admit(&spec, &shape, &self.settings.limits).map_err(spec_error)?;
+            admit_job(&spec, &shape, &self.settings.limits).map_err(spec_error)?;
         }
         let cancel = self.running.register(&job.id);
         if job.cancel_requested {
@@ -423,28 +448,46 @@ impl Worker {
         Ok(state)
     }
 
-    /// The result to store. Its curve is the one the engine streamed, point by point, and
-    /// the flusher wrote as it came (the rest goes with the final write): the two must agree.
-    fn succeeded(&self, output: JobOutput, flusher: &Flusher) -> Result<FinalState, JobError> {
-        if output.curve.len() != flusher.points_seen {
+    /// The result to store. Its curve (a race's points) is the one the engine streamed,
+    /// point by point, and the flusher wrote as it came (the rest goes with the final write):
+    /// the two must agree.
+    fn succeeded(&self, output: RunOutput, flusher: &Flusher) -> Result<FinalState, JobError> {
+        let (kept, seen, what) = match &output {
+            RunOutput::Tune(output) => (output.curve.len(), flusher.points_seen, "curve points"),
+            RunOutput::Race(result) => (
+                result
+                    .recipes
+                    .iter()
+                    .flat_map(|r| &r.runs)
+                    .map(|run| run.points.len())
+                    .sum(),
+                flusher.race_points_seen,
+                "race points",
+            ),
+        };
+        if kept != seen {
             return Err(JobError {
                 code: "internal".into(),
-                message: format!(
-                    "the engine reported {} curve points but its curve has {}",
-                    flusher.points_seen,
-                    output.curve.len()
-                ),
+                message: format!("the engine reported {seen} {what} but its result has {kept}"),
                 field: None,
             });
         }
-        let result = serde_json::to_string(&output.result).map_err(|e| JobError {
+        let encoded = match &output {
+            RunOutput::Tune(output) => serde_json::to_string(&output.result),
+            RunOutput::Race(result) => serde_json::to_string(&**result),
+        };
+        let result = encoded.map_err(|e| JobError {
             code: "internal".into(),
             message: format!("the result could not be encoded: {e}"),
             field: None,
         })?;
+        let steps = match &output {
+            RunOutput::Tune(output) => output.result.timing.total_steps,
+            RunOutput::Race(result) => result.timing.tune_steps + result.timing.race_steps,
+        };
         Ok(FinalState::Succeeded {
             result,
-            steps: output.result.timing.total_steps as i64,
+            steps: steps as i64,
         })
     }
 
@@ -518,9 +561,11 @@ struct Flusher {
     total: usize,
     points: Vec<PointRow>,
     sweep_runs: Vec<SweepRunRow>,
-    /// Points and sweep runs the engine reported so far.
+    race_points: Vec<RacePointRow>,
+    /// Points, sweep runs and race points the engine reported so far.
     points_seen: usize,
     sweep_runs_seen: usize,
+    race_points_seen: usize,
     dirty: bool,
 }
 
@@ -533,8 +578,10 @@ impl Flusher {
             total: 0,
             points: Vec::new(),
             sweep_runs: Vec::new(),
+            race_points: Vec::new(),
             points_seen: 0,
             sweep_runs_seen: 0,
+            race_points_seen: 0,
             dirty: false,
         }
     }
@@ -565,6 +612,18 @@ impl Flusher {
                 });
                 self.sweep_runs_seen += 1;
             }
+            Event::RacePoint(race) => {
+                self.race_points.push(RacePointRow {
+                    position: self.race_points_seen as i64,
+                    recipe: race.recipe,
+                    seed: race.seed as i64,
+                    step: race.point.step as i64,
+                    seconds: race.point.seconds,
+                    val_loss: race.point.val_loss.and_then(nan_as_null),
+                    val_accuracy: race.point.val_accuracy.and_then(nan_as_null),
+                });
+                self.race_points_seen += 1;
+            }
             Event::Progress { done, total } => {
                 self.done = done;
                 self.total = total;
@@ -580,6 +639,7 @@ impl Flusher {
             total: self.total as i64,
             points: std::mem::take(&mut self.points),
             sweep_runs: std::mem::take(&mut self.sweep_runs),
+            race_points: std::mem::take(&mut self.race_points),
         }
     }
 
@@ -587,6 +647,7 @@ impl Flusher {
     fn put_back(&mut self, update: ProgressUpdate) {
         self.points.splice(0..0, update.points);
         self.sweep_runs.splice(0..0, update.sweep_runs);
+        self.race_points.splice(0..0, update.race_points);
         self.dirty = true;
     }
 }

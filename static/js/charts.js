@@ -381,3 +381,109 @@ export function scheduleChart(container, curve) {
   followWidth(plot, container);
   return plot;
 }
+
+/** One colour per recipe, in the order the race runs them. */
+export const RECIPE_COLORS = ['#1f4e8c', '#e76f51', '#2a9d8f', '#8e44ad', '#b5651d', '#c0392b', '#6c757d', '#2e7d32'];
+const TARGET = '#2e7d32';
+
+/**
+ * A race: every recipe's validation curve (the mean over its seeds at each evaluation) on one
+ * chart, against steps or training seconds, with the target as a horizontal line.
+ * `update(curves, marks)` takes `[{recipe, points: [{step, seconds, value}]}]` and
+ * `{x: 'step' | 'seconds', metric, target}`; the chart is built again when the recipes or the
+ * x axis change, and updated in place otherwise.
+ */
+export function raceChart(container) {
+  let plot = null;
+  let key = '';
+  let marks = {};
+
+  function drawTarget(u) {
+    if (!Number.isFinite(marks.target)) return;
+    const { ctx, bbox } = u;
+    const pos = u.valToPos(marks.target, 'y', true);
+    if (!(pos >= bbox.top - 1 && pos <= bbox.top + bbox.height + 1)) return;
+    const ratio = pxRatio();
+    ctx.save();
+    ctx.strokeStyle = TARGET;
+    ctx.lineWidth = 1.5 * ratio;
+    ctx.setLineDash([6 * ratio, 4 * ratio]);
+    ctx.beginPath();
+    ctx.moveTo(bbox.left, pos);
+    ctx.lineTo(bbox.left + bbox.width, pos);
+    ctx.stroke();
+    ctx.setLineDash([]);
+    ctx.font = `${Math.round(11 * ratio)}px system-ui, sans-serif`;
+    ctx.fillStyle = TARGET;
+    ctx.fillText(`target ${fmtLoss(marks.target)}`, bbox.left + 6 * ratio, pos - 5 * ratio);
+    ctx.restore();
+  }
+
+  function yRange(u, min, max) {
+    let low = min;
+    let high = max;
+    if (Number.isFinite(marks.target)) {
+      low = Math.min(low, marks.target);
+      high = Math.max(high, marks.target);
+    }
+    const pad = (high - low) * 0.08 || Math.abs(high) * 0.05 || 0.05;
+    return [low - pad, high + pad];
+  }
+
+  return {
+    update(curves, newMarks) {
+      if (newMarks) marks = newMarks;
+      const drawn = curves.filter((curve) => curve.points.length > 0);
+      if (drawn.length === 0) return false;
+      const xOf = (point) => (marks.x === 'seconds' ? point.seconds : point.step);
+      // One x array for all recipes: each curve has values at its own xs, gaps elsewhere.
+      const xs = [...new Set(drawn.flatMap((curve) => curve.points.map(xOf)))].sort((a, b) => a - b);
+      const data = [xs];
+      for (const curve of drawn) {
+        const at = new Map(curve.points.map((point) => [xOf(point), point.value]));
+        data.push(xs.map((x) => (at.has(x) && Number.isFinite(at.get(x)) ? at.get(x) : null)));
+      }
+      const newKey = `${marks.x}|${marks.metric}|${drawn.map((curve) => curve.recipe).join(',')}`;
+      if (plot && newKey === key) {
+        plot.setData(data);
+        return true;
+      }
+      if (plot) plot.destroy();
+      key = newKey;
+      container.replaceChildren();
+      const metricLabel = marks.metric === 'val_accuracy' ? 'validation accuracy' : 'validation loss';
+      plot = new uPlot(
+        {
+          width: container.clientWidth || 600,
+          height: chartHeight(container),
+          scales: { x: { time: false }, y: { range: yRange } },
+          axes: [
+            {
+              label: marks.x === 'seconds' ? 'training seconds' : 'optimizer step',
+              font: AXIS_FONT,
+              labelFont: AXIS_FONT,
+              values: (u, splits) => splits.map(tick),
+            },
+            valueAxis(metricLabel),
+          ],
+          series: [
+            { label: marks.x === 'seconds' ? 'seconds' : 'step', value: (u, v) => tick(v) },
+            ...drawn.map((curve, index) => ({
+              label: curve.recipe,
+              stroke: RECIPE_COLORS[index % RECIPE_COLORS.length],
+              width: 2,
+              spanGaps: true,
+              value: (u, v) => fmtLoss(v),
+            })),
+          ],
+          hooks: { draw: [drawTarget] },
+          cursor: { drag: { x: false, y: false } },
+        },
+        data,
+        container,
+      );
+      followWidth(plot, container);
+      return true;
+    },
+  };
+}

@@ -1,10 +1,11 @@
 // One job at `/jobs/{id}` (the id comes from the location): status, progress and cancel; the
 // range-test curve, the sweep and the recommended schedule; the recommendation with its
-// snippets and warnings. While the job runs it follows the event stream, and polls if the
+// snippets and warnings. A `compare` job shows its race instead: every recipe's validation
+// curve, the target, the table of recipes and the verdict. While the job runs it follows the event stream, and polls if the
 // stream cannot be read.
 
 import { api, readEvents } from './api.js';
-import { SUGGESTION_STYLE, rangeChart, scheduleChart, sweepChart } from './charts.js';
+import { RECIPE_COLORS, SUGGESTION_STYLE, raceChart, rangeChart, scheduleChart, sweepChart } from './charts.js';
 import { age, describeError, el, loss, lr, percent, seconds, showMessage } from './format.js';
 
 const ACTIVE = new Set(['queued', 'running']);
@@ -16,13 +17,30 @@ const cancelButton = $('cancel-button');
 
 const range = rangeChart($('range-chart'));
 const sweep = sweepChart($('sweep-chart'));
+const race = raceChart($('race-chart'));
 
 const state = {
   job: null,
   points: [],
   sweepRuns: [],
+  racePoints: [],
+  raceSeen: new Set(),
+  raceX: 'step',
   scheduleShown: false,
 };
+
+function isRace(job) {
+  return Boolean(job) && job.kind === 'compare';
+}
+
+function setRacePoints(points) {
+  state.racePoints = points.slice();
+  state.raceSeen = new Set(points.map(racePointKey));
+}
+
+function racePointKey(point) {
+  return `${point.recipe}|${point.seed}|${point.step}`;
+}
 
 function resultOf(job) {
   return job && job.result ? job.result : null;
@@ -38,7 +56,10 @@ function renderHead(job) {
   const parts = [`${job.kind.replace('_', ' ')}`, `created ${age(job.created_at)} ago`];
   const result = resultOf(job);
   if (result && result.timing) {
-    parts.push(`${seconds(result.timing.seconds)} for ${result.timing.total_steps} steps`);
+    const steps = isRace(job)
+      ? result.timing.tune_steps + result.timing.race_steps
+      : result.timing.total_steps;
+    parts.push(`${seconds(result.timing.seconds)} for ${steps} steps`);
   }
   if (result && result.model) parts.push(`${result.model.arch}, ${result.model.parameters} parameters`);
   if (result && result.data) parts.push(`${result.data.rows} training rows, ${result.data.task}`);
@@ -202,8 +223,118 @@ async function renderRecommendation() {
   }
 }
 
+/** The recipes in the order they race: the result's, else the order their points came in. */
+function raceRecipes() {
+  const result = resultOf(state.job);
+  const names = result && Array.isArray(result.recipes) ? result.recipes.map((r) => r.name) : [];
+  for (const point of state.racePoints) {
+    if (!names.includes(point.recipe)) names.push(point.recipe);
+  }
+  return names;
+}
+
+function raceMetric() {
+  const result = resultOf(state.job);
+  if (result && result.target) return result.target.metric;
+  return state.racePoints.some((p) => Number.isFinite(p.val_accuracy)) ? 'val_accuracy' : 'val_loss';
+}
+
+/** Each recipe's curve: the mean over its seeds at each evaluation step. */
+function raceCurves(metric) {
+  return raceRecipes().map((recipe) => {
+    const bySteps = new Map();
+    for (const point of state.racePoints) {
+      if (point.recipe !== recipe) continue;
+      const entry = bySteps.get(point.step) || { step: point.step, seconds: [], values: [] };
+      entry.seconds.push(point.seconds);
+      if (Number.isFinite(point[metric])) entry.values.push(point[metric]);
+      bySteps.set(point.step, entry);
+    }
+    const mean = (values) => values.reduce((a, b) => a + b, 0) / values.length;
+    const points = [...bySteps.values()]
+      .sort((a, b) => a.step - b.step)
+      .map((entry) => ({
+        step: entry.step,
+        seconds: mean(entry.seconds),
+        value: entry.values.length ? mean(entry.values) : null,
+      }));
+    return { recipe, points };
+  });
+}
+
+function metricText(mean, std, accuracy) {
+  if (!Number.isFinite(mean)) return 'diverged';
+  if (accuracy) return `${(mean * 100).toFixed(2)} % ± ${(std * 100).toFixed(2)}`;
+  return `${loss(mean)} ± ${loss(std)}`;
+}
+
+function renderRace() {
+  const result = resultOf(state.job);
+  const metric = raceMetric();
+  const target = result && result.target ? result.target : null;
+  const drawn = race.update(raceCurves(metric), {
+    x: state.raceX,
+    metric,
+    target: target && Number.isFinite(target.value) ? target.value : null,
+  });
+  $('race-empty').hidden = drawn;
+  for (const axis of ['step', 'seconds']) {
+    $(`race-x-${axis}`).setAttribute('aria-pressed', String(state.raceX === axis));
+  }
+  const verdict = result && typeof result.verdict === 'string' ? result.verdict : '';
+  $('race-verdict').textContent = verdict;
+  $('race-verdict').hidden = !verdict;
+  const targetNote = $('race-target');
+  if (target && Number.isFinite(target.value)) {
+    const accuracy = target.metric === 'val_accuracy';
+    const value = accuracy ? `${(target.value * 100).toFixed(2)} %` : loss(target.value);
+    targetNote.textContent =
+      `Target: ${target.metric} ${accuracy ? '≥' : '≤'} ${value}` +
+      (target.of_recipe ? ` (${Math.round(target.fraction * 100)} % of ${target.of_recipe}'s final).` : '.');
+    targetNote.hidden = false;
+  } else {
+    targetNote.hidden = true;
+  }
+  const recipes = result && Array.isArray(result.recipes) ? result.recipes : [];
+  $('race-table').hidden = recipes.length === 0;
+  if (recipes.length === 0) return;
+  const order = raceRecipes();
+  const ranking = Array.isArray(result.ranking) ? result.ranking : order;
+  const rows = ranking
+    .map((name) => recipes.find((recipe) => recipe.name === name))
+    .filter(Boolean)
+    .map((recipe, rank) => {
+      const color = RECIPE_COLORS[order.indexOf(recipe.name) % RECIPE_COLORS.length];
+      const swatch = el('span', { class: 'swatch' });
+      // Through the CSSOM: the page's policy refuses inline style attributes.
+      swatch.style.background = color;
+      const accuracy = recipe.final_val_accuracy;
+      return el(
+        'tr',
+        { 'data-recipe': recipe.name },
+        el('td', { class: 'num rank' }, String(rank + 1)),
+        el('td', { class: 'recipe' }, swatch, recipe.name),
+        el('td', {}, recipe.optimizer),
+        el('td', {}, recipe.schedule.replaceAll('_', ' ')),
+        el('td', { class: 'num lr' }, lr(recipe.lr, 3)),
+        el('td', { class: 'num final-loss' }, metricText(recipe.final_val_loss.mean, recipe.final_val_loss.std, false)),
+        el('td', { class: 'num final-accuracy' }, accuracy ? metricText(accuracy.mean, accuracy.std, true) : '–'),
+        el('td', { class: 'num steps-to-target' }, Number.isFinite(recipe.steps_to_target) ? String(recipe.steps_to_target) : 'never'),
+        el('td', { class: 'num seconds-to-target' }, Number.isFinite(recipe.seconds_to_target) ? seconds(recipe.seconds_to_target) : 'never'),
+      );
+    });
+  $('race-body').replaceChildren(...rows);
+}
+
 function renderAll() {
   renderHead(state.job);
+  const racing = isRace(state.job);
+  $('race').hidden = !racing;
+  for (const section of document.querySelectorAll('.tune-only')) section.hidden = racing;
+  if (racing) {
+    renderRace();
+    return Promise.resolve();
+  }
   renderRange();
   renderSweep();
   return renderRecommendation();
@@ -214,6 +345,7 @@ async function loadAll() {
   state.job = job;
   state.points = curve.points;
   state.sweepRuns = curve.sweep_runs;
+  setRacePoints(curve.race_points || []);
   await renderAll();
 }
 
@@ -223,6 +355,10 @@ function redrawSoon() {
   if (frame) return;
   frame = requestAnimationFrame(() => {
     frame = 0;
+    if (isRace(state.job)) {
+      renderRace();
+      return;
+    }
     renderRange();
     renderSweep();
   });
@@ -236,6 +372,13 @@ function onEvent(name, data) {
   } else if (name === 'sweep_run') {
     const known = state.sweepRuns.some((run) => run.peak_lr === data.peak_lr && run.seed === data.seed);
     if (!known) state.sweepRuns.push(data);
+    redrawSoon();
+  } else if (name === 'race_point') {
+    const key = racePointKey(data);
+    if (!state.raceSeen.has(key)) {
+      state.raceSeen.add(key);
+      state.racePoints.push(data);
+    }
     redrawSoon();
   } else if (name === 'progress') {
     state.job.progress = { ...state.job.progress, ...data };
@@ -267,6 +410,7 @@ async function streamOnce() {
       .then((curve) => {
         state.points = curve.points;
         state.sweepRuns = curve.sweep_runs;
+        setRacePoints(curve.race_points || []);
       })
       .catch(() => {
         // Keep what the page has: the reload when the stream ends fills any gap.
@@ -300,6 +444,13 @@ async function follow() {
       await new Promise((resolve) => setTimeout(resolve, 2000));
     }
   }
+}
+
+for (const axis of ['step', 'seconds']) {
+  $(`race-x-${axis}`).addEventListener('click', () => {
+    state.raceX = axis;
+    if (state.job) renderRace();
+  });
 }
 
 cancelButton.addEventListener('click', async () => {

@@ -271,3 +271,96 @@ async fn a_job_whose_worker_keeps_dying_fails_with_the_stage_it_died_in() {
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn a_race_killed_mid_run_is_queued_again_and_keeps_only_the_last_attempts_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("lrtune.db");
+    let client = reqwest::Client::new();
+    let spec = json!({
+        "name": "crash-race",
+        "kind": "compare",
+        "data": {"builtin": "spirals", "samples": 2048},
+        "model": {"arch": "mlp", "hidden": [128, 128]},
+        "batch_size": 32,
+        "plan": {"epochs": 8},
+        "range_test": {"steps": 30},
+        "sweep": {"count": 2, "epochs": 1},
+        "budget": {"steps": 200},
+        "recipes": ["sgd_one_cycle", "adam_constant"],
+        "seeds": 1
+    });
+
+    let mut server = start_server(&db);
+    let response = client
+        .post(format!("{}/v1/jobs", server.address))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json_of(response).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    // Killed once part of the race is in the database.
+    let started = Instant::now();
+    loop {
+        let curve = get(&client, &server, &format!("/v1/jobs/{id}/curve")).await;
+        if curve["race_points"].as_array().map_or(0, Vec::len) > 0 {
+            break;
+        }
+        let job = get(&client, &server, &format!("/v1/jobs/{id}")).await;
+        assert_ne!(job["status"], "succeeded", "the race ended before the kill");
+        assert!(started.elapsed() < Duration::from_secs(60), "{job}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.child.kill().expect("SIGKILL");
+    server.child.wait().unwrap();
+    drop(server);
+
+    let server = start_server(&db);
+    let started = Instant::now();
+    let job = loop {
+        let job = get(&client, &server, &format!("/v1/jobs/{id}")).await;
+        if ["succeeded", "failed", "canceled"].contains(&job["status"].as_str().unwrap_or_default())
+        {
+            break job;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 2, "the killed race ran twice");
+    let expected: usize = job["result"]["recipes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|recipe| recipe["runs"].as_array().unwrap())
+        .map(|run| run["points"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(expected, 2 * 26);
+    let curve = get(&client, &server, &format!("/v1/jobs/{id}/curve")).await;
+    assert_eq!(curve["race_points"].as_array().unwrap().len(), expected);
+
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let row = sqlx::query(
+        "SELECT count(*) AS points, min(position) AS first, max(position) AS last,
+                count(DISTINCT run) AS runs, max(run) AS run
+         FROM race_point WHERE job_id = ?",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(row.get::<i64, _>("points"), expected as i64);
+    assert_eq!(row.get::<i64, _>("first"), 0);
+    assert_eq!(row.get::<i64, _>("last"), expected as i64 - 1);
+    assert_eq!(row.get::<i64, _>("runs"), 1, "points of one attempt only");
+    assert_eq!(
+        row.get::<i64, _>("run"),
+        2,
+        "the points are the second attempt's"
+    );
+    pool.close().await;
+}

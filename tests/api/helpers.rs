@@ -6,9 +6,9 @@ use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use lrtune::config::{ApiConfig, QueueConfig};
-use lrtune::engine::{EngineError, Event, JobOutput, JobSpec, Limits, LoadedData};
+use lrtune::engine::{EngineError, Event, JobSpec, Limits, LoadedData};
 use lrtune::http::startup::{Application, Settings};
-use lrtune::worker::{EngineRunner, JobRunner};
+use lrtune::worker::{EngineRunner, JobRunner, RunOutput};
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -271,7 +271,7 @@ impl JobRunner for GatedRunner {
         limits: &Limits,
         cancel: &AtomicBool,
         observer: &mut dyn FnMut(Event),
-    ) -> Result<JobOutput, EngineError> {
+    ) -> Result<RunOutput, EngineError> {
         let started = Instant::now();
         while !self.release.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(30) {
             std::thread::sleep(Duration::from_millis(5));
@@ -291,7 +291,7 @@ impl JobRunner for FaultyRunner {
         limits: &Limits,
         cancel: &AtomicBool,
         observer: &mut dyn FnMut(Event),
-    ) -> Result<JobOutput, EngineError> {
+    ) -> Result<RunOutput, EngineError> {
         match spec.name.as_deref() {
             Some("boom") => panic!("injected failure in job boom"),
             Some("endless") => {

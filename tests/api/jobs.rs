@@ -77,27 +77,6 @@ async fn an_unknown_field_is_a_422_naming_it() {
 }
 
 #[tokio::test]
-async fn a_compare_job_is_refused_with_a_422_until_the_service_can_store_a_race() {
-    let app = spawn_app().await;
-    let mut spec = tiny_spec();
-    spec["kind"] = json!("compare");
-    spec["recipes"] = json!(["adam_constant"]);
-    let (status, body) = json_of(app.post_json("/v1/jobs", &spec).await).await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    let error = assert_error(&body, "invalid_spec");
-    assert_eq!(error["field"], "kind");
-    assert!(
-        error["message"].as_str().unwrap().contains("lrtune run"),
-        "{body}"
-    );
-    // A bad race field is named before that.
-    spec["seeds"] = json!(0);
-    let (status, body) = json_of(app.post_json("/v1/jobs", &spec).await).await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    assert_eq!(assert_error(&body, "invalid_spec")["field"], "seeds");
-}
-
-#[tokio::test]
 async fn a_range_test_with_min_lr_above_max_lr_is_rejected() {
     let app = spawn_app().await;
     let mut spec = tiny_spec();

@@ -11,4 +11,5 @@ mod helpers;
 mod jobs;
 mod outage;
 mod priority;
+mod race;
 mod service;

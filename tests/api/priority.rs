@@ -3,9 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use lrtune::engine::{EngineError, Event, JobOutput, JobSpec, Limits, LoadedData, SpecError};
+use lrtune::engine::{EngineError, Event, JobSpec, Limits, LoadedData, SpecError};
 use lrtune::worker::priority::{this_thread_nice, COMPUTE_NICE};
-use lrtune::worker::JobRunner;
+use lrtune::worker::{JobRunner, RunOutput};
 
 use crate::helpers::*;
 
@@ -23,7 +23,7 @@ impl JobRunner for NiceProbe {
         _limits: &Limits,
         _cancel: &std::sync::atomic::AtomicBool,
         _observer: &mut dyn FnMut(Event),
-    ) -> Result<JobOutput, EngineError> {
+    ) -> Result<RunOutput, EngineError> {
         let job_thread = this_thread_nice();
         let mut pool_thread = 0;
         rayon::scope(|_| pool_thread = this_thread_nice());

@@ -120,6 +120,64 @@ fn submit_prints_the_job_id_and_with_wait_the_recommendation() {
 }
 
 #[test]
+fn submit_wait_on_a_race_prints_its_table_and_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path(), &[]);
+    let spec = write(
+        dir.path(),
+        "race.json",
+        r#"{"kind": "compare", "data": {"builtin": "spirals", "samples": 512},
+            "model": {"arch": "mlp", "hidden": [16]}, "batch_size": 32,
+            "plan": {"epochs": 2}, "range_test": {"steps": 30},
+            "sweep": {"count": 2, "epochs": 1},
+            "recipes": ["sgd_one_cycle", "adam_constant"], "seeds": 1}"#,
+    );
+    let run = lrtune(
+        &[
+            "submit",
+            &spec,
+            "--server",
+            &server.address,
+            "--wait",
+            "--json",
+            "-q",
+        ],
+        &[],
+    );
+    assert_eq!(run.code, 0, "{run}");
+    let result: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let names: Vec<&str> = result["recipes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|recipe| recipe["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["sgd_one_cycle", "adam_constant"]);
+    let verdict = result["verdict"].as_str().unwrap();
+    assert!(!verdict.is_empty());
+
+    let run = lrtune(
+        &["submit", &spec, "--server", &server.address, "--wait", "-q"],
+        &[],
+    );
+    assert_eq!(run.code, 0, "{run}");
+    assert!(
+        run.stdout
+            .starts_with("race of 2 recipes, 1 seeds each, 24 steps per run"),
+        "{run}"
+    );
+    assert!(run.stdout.contains("| 1 | "), "{run}");
+    assert!(
+        run.stdout.contains("| sgd_one_cycle | sgd | one_cycle |"),
+        "{run}"
+    );
+    assert!(
+        run.stdout.contains("| adam_constant | adam | constant |"),
+        "{run}"
+    );
+}
+
+#[test]
 fn a_spec_the_server_refuses_exits_2_with_its_message_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path(), &[]);

@@ -232,6 +232,128 @@ fn a_queued_job_is_followed_live_and_a_running_one_can_be_canceled_from_its_page
 }
 
 #[test]
+fn a_race_is_drawn_live_then_shows_its_table_target_and_verdict() {
+    let Some(binary) = chromium() else { return };
+    let _one = lock();
+    let server = Server::start(None);
+    // Two recipes, one seed: a few seconds of racing, so the page sees it run.
+    let spec = json!({
+        "name": "race",
+        "kind": "compare",
+        "data": {"builtin": "spirals", "samples": 2048},
+        "model": {"arch": "mlp", "hidden": [128, 128]},
+        "batch_size": 32,
+        "plan": {"epochs": 12},
+        "range_test": {"steps": 30},
+        "sweep": {"count": 2, "epochs": 1},
+        "budget": {"steps": 200},
+        "recipes": ["sgd_one_cycle", "adam_constant"],
+        "seeds": 1,
+        "target": 0.9
+    });
+    let (status, job) = server.json("POST", "/v1/jobs", Some(&spec));
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+
+    let browser = Browser::launch(&binary);
+    let mut page = browser.page();
+    page.viewport(1280, 900, false);
+    page.navigate(&format!("{}/jobs/{id}", server.address));
+    // The race section replaces the tune's charts.
+    page.wait_for(
+        "!document.getElementById('race').hidden && \
+         [...document.querySelectorAll('.tune-only')].every(section => section.hidden)",
+        LONG,
+    );
+    // Drawn from the event stream while the job runs.
+    page.wait_for(
+        "document.getElementById('job-status').textContent === 'running' && \
+         document.querySelector('#race-chart canvas') && \
+         document.getElementById('race-empty').hidden",
+        Duration::from_secs(60),
+    );
+    assert!(
+        page.eval("document.getElementById('race-verdict').hidden") == true,
+        "no verdict before the race ends"
+    );
+    page.screenshot(&screenshot_dir().join("race-running-1280.png"));
+
+    let job = server.wait_for_job(&id, Duration::from_secs(120));
+    let result = &job["result"];
+    page.wait_for(
+        "document.body.dataset.loaded === 'true' && \
+         !document.getElementById('race-verdict').hidden",
+        LONG,
+    );
+    assert_eq!(page.count("#race-chart canvas"), 1);
+    assert_eq!(page.text("#job-status"), "succeeded");
+    assert_eq!(
+        page.text("#race-verdict"),
+        result["verdict"].as_str().unwrap()
+    );
+    let target = result["target"]["value"].as_f64().unwrap();
+    assert!(
+        page.text("#race-target")
+            .contains(&format!("{:.2} %", target * 100.0)),
+        "{}",
+        page.text("#race-target")
+    );
+    // One row per recipe, best first, with the result's numbers.
+    let ranking: Vec<&str> = result["ranking"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|name| name.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        page.eval("[...document.querySelectorAll('#race-body tr')].map(row => row.dataset.recipe)"),
+        json!(ranking)
+    );
+    for recipe in result["recipes"].as_array().unwrap() {
+        let row = format!(
+            "#race-body tr[data-recipe='{}']",
+            recipe["name"].as_str().unwrap()
+        );
+        assert_eq!(
+            page.text(&format!("{row} td.lr")),
+            sci(recipe["lr"].as_f64().unwrap(), 3)
+        );
+        let accuracy = &recipe["final_val_accuracy"];
+        assert_eq!(
+            page.text(&format!("{row} td.final-accuracy")),
+            format!(
+                "{:.2} % ± {:.2}",
+                accuracy["mean"].as_f64().unwrap() * 100.0,
+                accuracy["std"].as_f64().unwrap() * 100.0
+            )
+        );
+        let steps = match recipe["steps_to_target"].as_u64() {
+            Some(steps) => steps.to_string(),
+            None => "never".to_string(),
+        };
+        assert_eq!(page.text(&format!("{row} td.steps-to-target")), steps);
+    }
+    // Every recipe is a series of the one chart; the x axis switches to seconds.
+    let legend = "[...document.querySelectorAll('#race-chart .u-legend .u-series th')].map(cell => cell.textContent.trim())";
+    assert_eq!(
+        page.eval(legend),
+        json!(["step", "sgd_one_cycle", "adam_constant"])
+    );
+    page.eval("document.getElementById('race-x-seconds').click()");
+    page.wait_for(
+        "document.getElementById('race-x-seconds').getAttribute('aria-pressed') === 'true'",
+        LONG,
+    );
+    assert_eq!(
+        page.eval(legend),
+        json!(["seconds", "sgd_one_cycle", "adam_constant"])
+    );
+    assert_eq!(page.count("#race-chart canvas"), 1);
+    page.screenshot(&screenshot_dir().join("race-1280.png"));
+    assert_no_console_errors(&mut page, &[]);
+}
+
+#[test]
 fn a_job_submitted_from_the_form_appears_in_the_list_and_finishes() {
     let Some(binary) = chromium() else { return };
     let _one = lock();
