@@ -1215,11 +1215,13 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn every_golden_schedule_matches_pytorch_at_every_step() {
-        let golden: Value = serde_json::from_str(GOLDEN).expect("golden file parses");
+    /// Every schedule of a golden file (`{"schedules": [{kind, params, lr, momentum?}]}`)
+    /// matches PyTorch's learning rate (and momentum, where given; none where not) at every
+    /// step, through `lr_at` and through `curve`.
+    fn assert_golden_schedules(text: &str, count: usize) {
+        let golden: Value = serde_json::from_str(text).expect("golden file parses");
         let cases = golden["schedules"].as_array().expect("a list of schedules");
-        assert_eq!(cases.len(), 9);
+        assert_eq!(cases.len(), count);
         for case in cases {
             let mut params = case["params"].clone();
             params["kind"] = case["kind"].clone();
@@ -1253,6 +1255,11 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn every_golden_schedule_matches_pytorch_at_every_step() {
+        assert_golden_schedules(GOLDEN, 9);
     }
 
     #[test]
@@ -1760,28 +1767,7 @@ mod tests {
 
     #[test]
     fn golden_cosine_and_step_schedules_match_pytorch_at_every_step() {
-        let golden: Value = serde_json::from_str(GOLDEN_EXTRA).expect("golden file parses");
-        let cases = golden["schedules"].as_array().expect("a list of schedules");
-        assert_eq!(cases.len(), 4);
-        for case in cases {
-            let mut params = case["params"].clone();
-            params["kind"] = case["kind"].clone();
-            let schedule = parse(params.clone())
-                .unwrap_or_else(|error| panic!("golden params {params} rejected: {error}"));
-            schedule
-                .validate(NO_STEP_LIMIT)
-                .unwrap_or_else(|error| panic!("golden params {params} invalid: {error}"));
-            let lr = numbers(&case["lr"]);
-            assert_eq!(schedule.steps(), lr.len(), "{params}");
-            let curve = schedule.curve();
-            assert_eq!(curve.lr.len(), lr.len());
-            assert_eq!(curve.momentum, None);
-            for (step, &expected) in lr.iter().enumerate() {
-                let what = format!("{params} lr at step {step}");
-                assert_close(schedule.lr_at(step), expected, &what);
-                assert_close(curve.lr[step], expected, &what);
-            }
-        }
+        assert_golden_schedules(GOLDEN_EXTRA, 4);
     }
 
     #[test]
