@@ -433,17 +433,23 @@ fn a_budget_that_cannot_reach_the_plan_screens_then_judges_finalists_at_it() {
 
 #[test]
 fn a_budget_below_two_plans_judges_the_best_two_short_and_says_so() {
+    // A 250-step plan (25 batches of 32 for 10 epochs) within `steps` in all.
+    let with_budget = |steps: usize| {
+        run(&format!(
+            r#"{{
+                "data": {{"builtin": "blobs", "samples": 1024}},
+                "model": {{"arch": "mlp", "hidden": [32]}},
+                "batch_size": 32,
+                "plan": {{"epochs": 10}},
+                "range_test": {{"start_lr": 1e-5, "end_lr": 10, "steps": 60}},
+                "budget": {{"steps": {steps}}}
+            }}"#
+        ))
+    };
     // 400 steps: after the range test (60 steps at most; it stops when the loss explodes),
     // 5 screened at 25 (a tenth of the 250-step plan) and the best two at what is left,
     // (340 - 125) / 2 = 107 steps or a little more, 4.3 of the 10 epochs.
-    let (output, _) = run(r#"{
-        "data": {"builtin": "blobs", "samples": 1024},
-        "model": {"arch": "mlp", "hidden": [32]},
-        "batch_size": 32,
-        "plan": {"epochs": 10},
-        "range_test": {"start_lr": 1e-5, "end_lr": 10, "steps": 60},
-        "budget": {"steps": 400}
-    }"#);
+    let (output, _) = with_budget(400);
     let result = &output.result;
     assert!(result.timing.total_steps <= 400, "{:?}", result.timing);
     let range_steps = result.range_test.as_ref().expect("a range test").steps_run;
@@ -472,14 +478,7 @@ fn a_budget_below_two_plans_judges_the_best_two_short_and_says_so() {
 
     // 310: the finalists would get 62 steps, under three screenings: every candidate runs
     // (310 - 60) / 5 = 50 steps, 2 of the planned 10 epochs.
-    let (output, _) = run(r#"{
-        "data": {"builtin": "blobs", "samples": 1024},
-        "model": {"arch": "mlp", "hidden": [32]},
-        "batch_size": 32,
-        "plan": {"epochs": 10},
-        "range_test": {"start_lr": 1e-5, "end_lr": 10, "steps": 60},
-        "budget": {"steps": 310}
-    }"#);
+    let (output, _) = with_budget(310);
     let result = &output.result;
     assert!(result.timing.total_steps <= 310, "{:?}", result.timing);
     let range_steps = result.range_test.as_ref().expect("a range test").steps_run;
