@@ -16,6 +16,12 @@ pub struct Suggestions {
 }
 
 impl Suggestions {
+    /// The one suggestion to build on: valley, else minimum / 10, else steepest. The auto
+    /// candidates are placed around it, and a job without a sweep recommends it.
+    pub fn preferred(&self) -> Option<f64> {
+        self.valley.or(self.minimum).or(self.steepest)
+    }
+
     fn present(&self) -> Vec<f64> {
         [self.valley, self.steepest, self.minimum]
             .into_iter()

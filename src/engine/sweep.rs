@@ -48,10 +48,7 @@ pub struct SweepCandidate {
 /// Candidates for `"auto"`: `count` values log-spaced from valley / 3 to edge, with the one
 /// nearest to valley (in log space) replaced by valley itself.
 pub fn auto_candidates(suggestions: &Suggestions, count: usize) -> Option<Vec<f64>> {
-    let valley = suggestions
-        .valley
-        .or(suggestions.minimum)
-        .or(suggestions.steepest)?;
+    let valley = suggestions.preferred()?;
     let mut low = valley / 3.0;
     let mut high = suggestions.edge.unwrap_or(valley * 10.0);
     if high <= low * 1.5 {

@@ -305,10 +305,9 @@ pub(crate) fn tune_with(
             seeds: spec.sweep.seeds,
             schedule_for,
             extend: matches!(spec.sweep.candidates, Candidates::Auto),
-            anchor: range_summary.as_ref().and_then(|r| {
-                let s = r.suggestions;
-                s.valley.or(s.minimum).or(s.steepest)
-            }),
+            anchor: range_summary
+                .as_ref()
+                .and_then(|r| r.suggestions.preferred()),
         };
         let outcome = search.run(&candidates, plan, available, control)?;
         control.skip_steps(usize::MAX);
@@ -466,7 +465,7 @@ fn recommend(
         (Some((peak, band)), _) => (peak, band, "sweep"),
         (None, Some(range)) => {
             let suggestions = range.suggestions;
-            let peak = suggestions.valley.or(suggestions.minimum).or(suggestions.steepest).ok_or_else(|| {
+            let peak = suggestions.preferred().ok_or_else(|| {
                 SpecError::new(
                     "range_test",
                     "the range test gave no suggestion (see its warnings): widen start_lr..end_lr or raise steps",
