@@ -258,6 +258,16 @@ pub async fn read_events(response: Response, timeout: Duration) -> Vec<(String, 
     events
 }
 
+/// An app whose jobs wait for the returned flag before they run (so a test can subscribe
+/// first).
+pub async fn spawn_gated_app() -> (TestApp, Arc<AtomicBool>) {
+    let release = Arc::new(AtomicBool::new(false));
+    let runner = Arc::new(GatedRunner {
+        release: release.clone(),
+    });
+    (spawn_app_with(|_| {}, runner).await, release)
+}
+
 /// Runs the engine only once `release` is raised (so a test can subscribe first).
 pub struct GatedRunner {
     pub release: Arc<AtomicBool>,

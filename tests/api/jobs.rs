@@ -1,5 +1,5 @@
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -298,14 +298,7 @@ async fn a_panicking_job_fails_with_its_message_and_the_worker_goes_on() {
 
 #[tokio::test]
 async fn events_stream_progress_points_sweep_runs_and_the_final_status() {
-    let release = Arc::new(AtomicBool::new(false));
-    let app = spawn_app_with(
-        |_| {},
-        Arc::new(GatedRunner {
-            release: release.clone(),
-        }),
-    )
-    .await;
+    let (app, release) = spawn_gated_app().await;
     let id = app.submit(&tiny_spec()).await;
     let response = app.get(&format!("/v1/jobs/{id}/events")).await;
     assert_eq!(response.status(), StatusCode::OK);

@@ -2,8 +2,7 @@
 //! race points, stored with the race's result, read back from `/curve`, and canceled.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -148,14 +147,7 @@ async fn a_compare_job_runs_through_the_service_with_the_race_result_and_its_cur
 
 #[tokio::test]
 async fn a_race_streams_its_points_live_over_events() {
-    let release = Arc::new(AtomicBool::new(false));
-    let app = spawn_app_with(
-        |_| {},
-        Arc::new(GatedRunner {
-            release: release.clone(),
-        }),
-    )
-    .await;
+    let (app, release) = spawn_gated_app().await;
     let id = app.submit(&tiny_race()).await;
     let response = app.get(&format!("/v1/jobs/{id}/events")).await;
     assert_eq!(response.status(), StatusCode::OK);
