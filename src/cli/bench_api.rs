@@ -103,7 +103,7 @@ pub fn run(args: BenchApiArgs) -> anyhow::Result<Outcome> {
 
     let failures = failures(&phases, args.max_p99_ms);
     let report = Report {
-        cpu: cpu_model(),
+        cpu: crate::engine::simd::cpu_model(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         rate: args.rate,
         seconds: args.seconds,
@@ -917,19 +917,6 @@ impl Report {
         }
         out
     }
-}
-
-/// The CPU's model name from /proc/cpuinfo, or "unknown".
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .filter_map(|line| line.split_once(':'))
-                .find(|(key, _)| key.trim() == "model name")
-                .map(|(_, value)| value.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".to_string())
 }
 
 #[cfg(test)]

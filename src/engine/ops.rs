@@ -89,6 +89,7 @@ pub(crate) fn exp(x: f32) -> f32 {
 const LANES: usize = 8;
 
 /// The sum of `values`, summed in `LANES` interleaved partial sums.
+#[inline]
 pub(crate) fn sum(values: &[f32]) -> f32 {
     let mut lanes = [0f32; LANES];
     let chunks = values.chunks_exact(LANES);
@@ -102,6 +103,7 @@ pub(crate) fn sum(values: &[f32]) -> f32 {
 }
 
 /// The dot product of two equally long slices, in `LANES` partial sums.
+#[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut lanes = [0f32; LANES];
@@ -121,6 +123,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The largest of `values` (negative infinity when empty; NaNs are skipped).
+#[inline]
 pub(crate) fn max_value(values: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let chunks = values.chunks_exact(LANES);
@@ -337,6 +340,7 @@ impl CustomOp2 for SoftmaxBackward {
 struct Normalize;
 
 /// Mean and 1 / standard deviation of a row.
+#[inline]
 pub(crate) fn row_stats(row: &[f32]) -> (f32, f32) {
     let n = row.len() as f32;
     let mean = sum(row) / n;
@@ -565,6 +569,7 @@ impl ImageDims {
 /// Calls `f(pixel, tap, source_pixel)` for the taps (0..9, row-major) of every pixel's 3x3
 /// window, padding 1, that fall inside a `height x width` image; pixels are numbered
 /// row-major. Used by the NCHW im2col/col2im here and the NHWC col2im of the native step.
+#[inline]
 pub(crate) fn for_each_3x3_tap(
     height: usize,
     width: usize,

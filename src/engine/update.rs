@@ -4,6 +4,8 @@
 
 use std::ops::{Add, Div, Mul, Sub};
 
+use super::simd::dispatch;
+
 /// The float types the kernels run on: f32 for training, f64 for checking against references.
 pub trait Real:
     Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self>
@@ -20,6 +22,7 @@ impl Real for f32 {
     fn to_f64(self) -> f64 {
         f64::from(self)
     }
+    #[inline]
     fn sqrt(self) -> Self {
         f32::sqrt(self)
     }
@@ -32,6 +35,7 @@ impl Real for f64 {
     fn to_f64(self) -> f64 {
         self
     }
+    #[inline]
     fn sqrt(self) -> Self {
         f64::sqrt(self)
     }
@@ -85,6 +89,20 @@ pub fn sgd_update<T: Real>(
     // PyTorch skips the decay term entirely when it is 0, which matters only for non-finite weights,
     // but costs nothing here: every branch below is resolved at compile time inside the loop.
     let decay = h.weight_decay != 0.0;
+    dispatch(|| sgd_dispatched(param, grad, momentum_buffer, first, h, scalars, decay))
+}
+
+/// The body of `sgd_update`, compiled for the CPU's instruction set (`simd::dispatch`).
+#[inline(always)]
+fn sgd_dispatched<T: Real>(
+    param: &mut [T],
+    grad: &[T],
+    momentum_buffer: &mut [T],
+    first: bool,
+    h: &SgdStep,
+    scalars: SgdScalars<T>,
+    decay: bool,
+) {
     if h.momentum == 0.0 {
         match decay {
             true => sgd_plain_kernel::<T, true>(param, grad, scalars),
@@ -117,6 +135,7 @@ struct SgdScalars<T> {
     weight_decay: T,
 }
 
+#[inline(always)]
 fn sgd_plain_kernel<T: Real, const DECAY: bool>(param: &mut [T], grad: &[T], s: SgdScalars<T>) {
     for (p, &g) in param.iter_mut().zip(grad) {
         let g = if DECAY { g + s.weight_decay * *p } else { g };
@@ -124,6 +143,7 @@ fn sgd_plain_kernel<T: Real, const DECAY: bool>(param: &mut [T], grad: &[T], s: 
     }
 }
 
+#[inline(always)]
 fn sgd_kernel<T: Real, const DECAY: bool, const NESTEROV: bool, const FIRST: bool>(
     param: &mut [T],
     grad: &[T],
@@ -176,11 +196,11 @@ pub fn adam_update<T: Real>(
         weight_decay: T::from_f64(h.weight_decay),
         decay_factor: T::from_f64(1.0 - h.lr * h.weight_decay),
     };
-    match (h.weight_decay != 0.0, h.decoupled) {
+    dispatch(|| match (h.weight_decay != 0.0, h.decoupled) {
         (false, _) => adam_kernel::<T, false, false>(param, grad, exp_avg, exp_avg_sq, scalars),
         (true, false) => adam_kernel::<T, true, false>(param, grad, exp_avg, exp_avg_sq, scalars),
         (true, true) => adam_kernel::<T, false, true>(param, grad, exp_avg, exp_avg_sq, scalars),
-    }
+    })
 }
 
 #[derive(Clone, Copy)]
@@ -196,6 +216,7 @@ struct AdamScalars<T> {
     decay_factor: T,
 }
 
+#[inline(always)]
 fn adam_kernel<T: Real, const L2_DECAY: bool, const DECOUPLED_DECAY: bool>(
     param: &mut [T],
     grad: &[T],

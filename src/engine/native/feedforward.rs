@@ -12,6 +12,7 @@ use crate::engine::data::Task;
 use crate::engine::model::{Layers, Model, ModelShape};
 use crate::engine::ops::for_each_3x3_tap;
 use crate::engine::rng::Rng;
+use crate::engine::simd::dispatch;
 use crate::engine::spec::{Activation, ModelSpec};
 use crate::engine::train::DeviceData;
 
@@ -125,74 +126,80 @@ struct Geometry {
 /// im2col of one NHWC image for a 3x3 kernel with padding 1: `columns` is
 /// `[height * width, 9 * channels]`, columns in (ky, kx, c) order, padding taps zero.
 fn im2col_image(input: &[f32], geometry: Geometry, columns: &mut [f32]) {
-    let Geometry {
-        height,
-        width,
-        channels: c,
-    } = geometry;
-    for y in 0..height {
-        for x in 0..width {
-            let row = &mut columns[(y * width + x) * 9 * c..][..9 * c];
-            for (tap, values) in row.chunks_exact_mut(c).enumerate() {
-                let (sy, sx) = (y + tap / 3, x + tap % 3);
-                if sy < 1 || sy > height || sx < 1 || sx > width {
-                    values.fill(0.0);
-                } else if c == 1 {
-                    // One channel (grey images): a plain store, not a 4-byte memcpy call.
-                    values[0] = input[(sy - 1) * width + sx - 1];
-                } else {
-                    let source = ((sy - 1) * width + sx - 1) * c;
-                    values.copy_from_slice(&input[source..source + c]);
+    dispatch(|| {
+        let Geometry {
+            height,
+            width,
+            channels: c,
+        } = geometry;
+        for y in 0..height {
+            for x in 0..width {
+                let row = &mut columns[(y * width + x) * 9 * c..][..9 * c];
+                for (tap, values) in row.chunks_exact_mut(c).enumerate() {
+                    let (sy, sx) = (y + tap / 3, x + tap % 3);
+                    if sy < 1 || sy > height || sx < 1 || sx > width {
+                        values.fill(0.0);
+                    } else if c == 1 {
+                        // One channel (grey images): a plain store, not a 4-byte memcpy call.
+                        values[0] = input[(sy - 1) * width + sx - 1];
+                    } else {
+                        let source = ((sy - 1) * width + sx - 1) * c;
+                        values.copy_from_slice(&input[source..source + c]);
+                    }
                 }
             }
         }
-    }
+    })
 }
 
 /// The adjoint of `im2col_image`: sums patch gradients back onto the image.
 fn col2im_image(columns: &[f32], geometry: Geometry, image: &mut [f32]) {
-    let c = geometry.channels;
-    image.fill(0.0);
-    for_each_3x3_tap(geometry.height, geometry.width, |pixel, tap, target| {
-        let src = &columns[(pixel * 9 + tap) * c..][..c];
-        for (value, g) in image[target * c..target * c + c].iter_mut().zip(src) {
-            *value += g;
-        }
-    });
+    dispatch(|| {
+        let c = geometry.channels;
+        image.fill(0.0);
+        for_each_3x3_tap(geometry.height, geometry.width, |pixel, tap, target| {
+            let src = &columns[(pixel * 9 + tap) * c..][..c];
+            for (value, g) in image[target * c..target * c + c].iter_mut().zip(src) {
+                *value += g;
+            }
+        });
+    })
 }
 
 /// 2x2 max pooling of one NHWC map (odd edges dropped, the first maximum wins ties, as in
 /// PyTorch); `winner` records which of the window's 4 positions won.
 fn max_pool_image(input: &[f32], geometry: Geometry, pooled: &mut [f32], winner: &mut [u8]) {
-    let Geometry {
-        height,
-        width,
-        channels: c,
-    } = geometry;
-    let out_w = width / 2;
-    for oy in 0..height / 2 {
-        for ox in 0..out_w {
-            let at =
-                |dy: usize, dx: usize| &input[((2 * oy + dy) * width + 2 * ox + dx) * c..][..c];
-            let (p0, p1, p2, p3) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
-            let out = (oy * out_w + ox) * c;
-            let (pooled, winner) = (&mut pooled[out..out + c], &mut winner[out..out + c]);
-            for i in 0..c {
-                let (mut best, mut won) = (p0[i], 0u8);
-                if p1[i] > best {
-                    (best, won) = (p1[i], 1);
+    dispatch(|| {
+        let Geometry {
+            height,
+            width,
+            channels: c,
+        } = geometry;
+        let out_w = width / 2;
+        for oy in 0..height / 2 {
+            for ox in 0..out_w {
+                let at =
+                    |dy: usize, dx: usize| &input[((2 * oy + dy) * width + 2 * ox + dx) * c..][..c];
+                let (p0, p1, p2, p3) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
+                let out = (oy * out_w + ox) * c;
+                let (pooled, winner) = (&mut pooled[out..out + c], &mut winner[out..out + c]);
+                for i in 0..c {
+                    let (mut best, mut won) = (p0[i], 0u8);
+                    if p1[i] > best {
+                        (best, won) = (p1[i], 1);
+                    }
+                    if p2[i] > best {
+                        (best, won) = (p2[i], 2);
+                    }
+                    if p3[i] > best {
+                        (best, won) = (p3[i], 3);
+                    }
+                    pooled[i] = best;
+                    winner[i] = won;
                 }
-                if p2[i] > best {
-                    (best, won) = (p2[i], 2);
-                }
-                if p3[i] > best {
-                    (best, won) = (p3[i], 3);
-                }
-                pooled[i] = best;
-                winner[i] = won;
             }
         }
-    }
+    })
 }
 
 /// The backward pass of ReLU + 2x2 max pool on one image: `activated` holds the ReLU output
@@ -205,36 +212,39 @@ fn pool_relu_backward_image(
     geometry: Geometry,
     activated: &mut [f32],
 ) {
-    let Geometry {
-        height,
-        width,
-        channels: c,
-    } = geometry;
-    let (out_h, out_w) = (height / 2, width / 2);
-    for oy in 0..out_h {
-        for ox in 0..out_w {
-            let out = (oy * out_w + ox) * c;
-            let (grad, winner) = (&pooled_grad[out..out + c], &winner[out..out + c]);
-            for position in 0..4u8 {
-                let (dy, dx) = (usize::from(position / 2), usize::from(position % 2));
-                let at = ((2 * oy + dy) * width + 2 * ox + dx) * c;
-                for ((value, g), won) in activated[at..at + c].iter_mut().zip(grad).zip(winner) {
-                    // `&`, not `&&`: no branch, so the loop vectorizes.
-                    let routed = (*won == position) & (*value > 0.0);
-                    *value = if routed { *g } else { 0.0 };
+    dispatch(|| {
+        let Geometry {
+            height,
+            width,
+            channels: c,
+        } = geometry;
+        let (out_h, out_w) = (height / 2, width / 2);
+        for oy in 0..out_h {
+            for ox in 0..out_w {
+                let out = (oy * out_w + ox) * c;
+                let (grad, winner) = (&pooled_grad[out..out + c], &winner[out..out + c]);
+                for position in 0..4u8 {
+                    let (dy, dx) = (usize::from(position / 2), usize::from(position % 2));
+                    let at = ((2 * oy + dy) * width + 2 * ox + dx) * c;
+                    for ((value, g), won) in activated[at..at + c].iter_mut().zip(grad).zip(winner)
+                    {
+                        // `&`, not `&&`: no branch, so the loop vectorizes.
+                        let routed = (*won == position) & (*value > 0.0);
+                        *value = if routed { *g } else { 0.0 };
+                    }
                 }
             }
         }
-    }
-    if height % 2 == 1 {
-        activated[(height - 1) * width * c..].fill(0.0);
-    }
-    if width % 2 == 1 {
-        for y in 0..height {
-            let at = (y * width + width - 1) * c;
-            activated[at..at + c].fill(0.0);
+        if height % 2 == 1 {
+            activated[(height - 1) * width * c..].fill(0.0);
         }
-    }
+        if width % 2 == 1 {
+            for y in 0..height {
+                let at = (y * width + width - 1) * c;
+                activated[at..at + c].fill(0.0);
+            }
+        }
+    })
 }
 
 /// The buffers of one batch size.
@@ -714,11 +724,13 @@ fn conv_forward(conv: &mut ConvBuffers, source: &[f32], n: usize, weight: &[f32]
     conv.activated
         .par_chunks_mut(outputs * width)
         .for_each(|values| {
-            for row in values.chunks_exact_mut(outputs) {
-                for (value, b) in row.iter_mut().zip(bias) {
-                    *value = (*value + b).max(0.0);
+            dispatch(|| {
+                for row in values.chunks_exact_mut(outputs) {
+                    for (value, b) in row.iter_mut().zip(bias) {
+                        *value = (*value + b).max(0.0);
+                    }
                 }
-            }
+            })
         });
     let pooled_len = conv.pooled.len() / n.max(1);
     conv.pooled

@@ -20,6 +20,7 @@ use super::data::Task;
 use super::model::{Layers, Model, ModelShape};
 use super::ops::{exp, gelu_derivative, gelu_value, max_value, sum};
 use super::rng::Rng;
+use super::simd::dispatch;
 use super::spec::{Activation, ModelSpec};
 use super::train::DeviceData;
 
@@ -237,25 +238,27 @@ pub(super) fn dense_backward(
 
 /// Adds the bias to every row of `z`.
 pub(super) fn bias_forward(z: &mut [f32], bias: &[f32]) {
-    for row in z.chunks_exact_mut(bias.len()) {
-        for (value, b) in row.iter_mut().zip(bias) {
-            *value += b;
+    dispatch(|| {
+        for row in z.chunks_exact_mut(bias.len()) {
+            for (value, b) in row.iter_mut().zip(bias) {
+                *value += b;
+            }
         }
-    }
+    })
 }
 
 pub(super) fn activate(activation: Activation, z: &[f32], a: &mut [f32]) {
-    match activation {
+    dispatch(|| match activation {
         Activation::Relu => z.iter().zip(a).for_each(|(z, a)| *a = z.max(0.0)),
         Activation::Gelu => z.iter().zip(a).for_each(|(z, a)| *a = gelu_value(*z)),
         Activation::Tanh => z.iter().zip(a).for_each(|(z, a)| *a = z.tanh()),
         Activation::Silu => z.iter().zip(a).for_each(|(z, a)| *a = z / (1.0 + exp(-z))),
-    }
+    })
 }
 
 /// `grad *= activation'(z)`, in place.
 pub(super) fn activation_backward(activation: Activation, z: &[f32], grad: &mut [f32]) {
-    match activation {
+    dispatch(|| match activation {
         // A select, not a branch: the sign of z is a coin flip the predictor cannot learn,
         // and the select vectorizes.
         Activation::Relu => z
@@ -274,7 +277,7 @@ pub(super) fn activation_backward(activation: Activation, z: &[f32], grad: &mut 
             let s = 1.0 / (1.0 + exp(-z));
             *g *= s * (1.0 + z * (1.0 - s));
         }),
-    }
+    })
 }
 
 /// Column sums of a row-major `[rows, sums.len()]` matrix into `sums`. A large matrix is
@@ -285,11 +288,13 @@ pub(super) fn column_sums(values: &[f32], sums: &mut [f32]) {
     let rows = values.len() / cols.max(1);
     if values.len() < PARALLEL_SUM_MIN || rows < 2 {
         sums.fill(0.0);
-        for row in values.chunks_exact(cols) {
-            for (sum, value) in sums.iter_mut().zip(row) {
-                *sum += value;
+        dispatch(|| {
+            for row in values.chunks_exact(cols) {
+                for (sum, value) in sums.iter_mut().zip(row) {
+                    *sum += value;
+                }
             }
-        }
+        });
         return;
     }
     let (top, bottom) = values.split_at(rows / 2 * cols);
@@ -310,6 +315,11 @@ pub(super) fn cross_entropy(
     classes: usize,
     grad: &mut [f32],
 ) -> f64 {
+    dispatch(|| cross_entropy_kernel(logits, labels, classes, grad))
+}
+
+#[inline(always)]
+fn cross_entropy_kernel(logits: &[f32], labels: &[u32], classes: usize, grad: &mut [f32]) -> f64 {
     let rows = labels.len();
     let scale = 1.0 / rows as f32;
     let mut total = 0.0f64;
@@ -341,6 +351,11 @@ pub(super) fn classification_loss_and_hits(
     labels: &[u32],
     classes: usize,
 ) -> (f64, usize) {
+    dispatch(|| classification_kernel(logits, labels, classes))
+}
+
+#[inline(always)]
+fn classification_kernel(logits: &[f32], labels: &[u32], classes: usize) -> (f64, usize) {
     let (mut total, mut hits) = (0.0f64, 0usize);
     for (row, &label) in logits.chunks_exact(classes).zip(labels) {
         let max = max_value(row);
@@ -356,13 +371,15 @@ pub(super) fn classification_loss_and_hits(
 /// Mean squared error over every output; leaves d(loss)/d(output) in `grad`.
 pub(super) fn mean_squared_error(output: &[f32], targets: &[f32], grad: &mut [f32]) -> f64 {
     let scale = 2.0 / output.len() as f32;
-    let mut total = 0.0f64;
-    for ((g, &o), &t) in grad.iter_mut().zip(output).zip(targets) {
-        let error = o - t;
-        total += f64::from(error * error);
-        *g = scale * error;
-    }
-    total / output.len() as f64
+    dispatch(|| {
+        let mut total = 0.0f64;
+        for ((g, &o), &t) in grad.iter_mut().zip(output).zip(targets) {
+            let error = o - t;
+            total += f64::from(error * error);
+            *g = scale * error;
+        }
+        total / output.len() as f64
+    })
 }
 
 /// Read access to the f32 values of a contiguous CPU tensor for the length of a step.

@@ -15,6 +15,7 @@ use super::{
 };
 use crate::engine::model::{Layers, Model, ModelShape};
 use crate::engine::ops::{dot, exp, gelu_derivative_with, gelu_tanh, max_value, row_stats, sum};
+use crate::engine::simd::dispatch;
 use crate::engine::spec::ModelSpec;
 use crate::engine::train::DeviceData;
 
@@ -52,24 +53,26 @@ impl Norm {
             .zip(self.inv_std.par_chunks_mut(ROWS_PER_TASK))
             .zip(x.par_chunks(ROWS_PER_TASK * d))
             .for_each(|(((normalized, out), inv_std), x)| {
-                for (((row, normalized), out), inv_std) in x
-                    .chunks_exact(d)
-                    .zip(normalized.chunks_exact_mut(d))
-                    .zip(out.chunks_exact_mut(d))
-                    .zip(inv_std.iter_mut())
-                {
-                    let (mean, inverse) = row_stats(row);
-                    *inv_std = inverse;
-                    for (((value, normalized), out), (g, s)) in row
-                        .iter()
-                        .zip(normalized.iter_mut())
-                        .zip(out.iter_mut())
-                        .zip(gain.iter().zip(shift))
+                dispatch(|| {
+                    for (((row, normalized), out), inv_std) in x
+                        .chunks_exact(d)
+                        .zip(normalized.chunks_exact_mut(d))
+                        .zip(out.chunks_exact_mut(d))
+                        .zip(inv_std.iter_mut())
                     {
-                        *normalized = (value - mean) * inverse;
-                        *out = *normalized * g + s;
+                        let (mean, inverse) = row_stats(row);
+                        *inv_std = inverse;
+                        for (((value, normalized), out), (g, s)) in row
+                            .iter()
+                            .zip(normalized.iter_mut())
+                            .zip(out.iter_mut())
+                            .zip(gain.iter().zip(shift))
+                        {
+                            *normalized = (value - mean) * inverse;
+                            *out = *normalized * g + s;
+                        }
                     }
-                }
+                })
             });
     }
 
@@ -86,19 +89,21 @@ impl Norm {
         let d = gain.len();
         grad_gain.fill(0.0);
         grad_shift.fill(0.0);
-        for (g_row, normalized) in grad_out
-            .chunks_exact(d)
-            .zip(self.normalized.chunks_exact(d))
-        {
-            for ((g, x), (dg, ds)) in g_row
-                .iter()
-                .zip(normalized)
-                .zip(grad_gain.iter_mut().zip(grad_shift.iter_mut()))
+        dispatch(|| {
+            for (g_row, normalized) in grad_out
+                .chunks_exact(d)
+                .zip(self.normalized.chunks_exact(d))
             {
-                *dg += g * x;
-                *ds += g;
+                for ((g, x), (dg, ds)) in g_row
+                    .iter()
+                    .zip(normalized)
+                    .zip(grad_gain.iter_mut().zip(grad_shift.iter_mut()))
+                {
+                    *dg += g * x;
+                    *ds += g;
+                }
             }
-        }
+        });
         let width = d as f32;
         grad_x
             .par_chunks_mut(ROWS_PER_TASK * d)
@@ -106,25 +111,27 @@ impl Norm {
             .zip(self.normalized.par_chunks(ROWS_PER_TASK * d))
             .zip(self.inv_std.par_chunks(ROWS_PER_TASK))
             .for_each(|(((grad_x, grad_out), normalized), inv_std)| {
-                for (((dx, g), x), inv_std) in grad_x
-                    .chunks_exact_mut(d)
-                    .zip(grad_out.chunks_exact(d))
-                    .zip(normalized.chunks_exact(d))
-                    .zip(inv_std)
-                {
-                    // With y = x_hat * gain: dx = inv_std * (dy_hat - mean(dy_hat)
-                    // - x_hat * mean(dy_hat * x_hat)), dy_hat = dy * gain.
-                    let (mut sum, mut dot) = (0.0f32, 0.0f32);
-                    for ((g, x), gain) in g.iter().zip(x).zip(gain) {
-                        let dy_hat = g * gain;
-                        sum += dy_hat;
-                        dot += dy_hat * x;
+                dispatch(|| {
+                    for (((dx, g), x), inv_std) in grad_x
+                        .chunks_exact_mut(d)
+                        .zip(grad_out.chunks_exact(d))
+                        .zip(normalized.chunks_exact(d))
+                        .zip(inv_std)
+                    {
+                        // With y = x_hat * gain: dx = inv_std * (dy_hat - mean(dy_hat)
+                        // - x_hat * mean(dy_hat * x_hat)), dy_hat = dy * gain.
+                        let (mut sum, mut dot) = (0.0f32, 0.0f32);
+                        for ((g, x), gain) in g.iter().zip(x).zip(gain) {
+                            let dy_hat = g * gain;
+                            sum += dy_hat;
+                            dot += dy_hat * x;
+                        }
+                        let (mean, mean_dot) = (sum / width, dot / width);
+                        for (((dx, g), x), gain) in dx.iter_mut().zip(g).zip(x).zip(gain) {
+                            *dx += inv_std * (g * gain - mean - x * mean_dot);
+                        }
                     }
-                    let (mean, mean_dot) = (sum / width, dot / width);
-                    for (((dx, g), x), gain) in dx.iter_mut().zip(g).zip(x).zip(gain) {
-                        *dx += inv_std * (g * gain - mean - x * mean_dot);
-                    }
-                }
+                })
             });
     }
 }
@@ -335,18 +342,20 @@ fn attention_forward(
                     head_part(qkv, d, head_dim, 0, head),
                     head_part(qkv, d, head_dim, 1, head).t(),
                 );
-                for (i, row) in weights.chunks_exact_mut(time).enumerate() {
-                    // Position i sees positions 0..=i; the rest get weight 0 (the -1e9
-                    // mask of the autograd path leaves them about 1.6e-38, exp's floor).
-                    let (visible, hidden) = row.split_at_mut(i + 1);
-                    let max = max_value(visible) * scale;
-                    for s in visible.iter_mut() {
-                        *s = exp(*s * scale - max);
+                dispatch(|| {
+                    for (i, row) in weights.chunks_exact_mut(time).enumerate() {
+                        // Position i sees positions 0..=i; the rest get weight 0 (the -1e9
+                        // mask of the autograd path leaves them about 1.6e-38, exp's floor).
+                        let (visible, hidden) = row.split_at_mut(i + 1);
+                        let max = max_value(visible) * scale;
+                        for s in visible.iter_mut() {
+                            *s = exp(*s * scale - max);
+                        }
+                        let inverse = 1.0 / sum(visible);
+                        visible.iter_mut().for_each(|s| *s *= inverse);
+                        hidden.fill(0.0);
                     }
-                    let inverse = 1.0 / sum(visible);
-                    visible.iter_mut().for_each(|s| *s *= inverse);
-                    hidden.fill(0.0);
-                }
+                });
                 gemm_into(
                     &mut mixed[head * head_dim..],
                     d,
@@ -408,12 +417,14 @@ fn attention_backward(
                     grad_out,
                 );
                 // Through the softmax: dS = P * (dP - rowsum(P * dP)), times the 1/sqrt scale.
-                for (p_row, dp_row) in p.chunks_exact(time).zip(dp.chunks_exact_mut(time)) {
-                    let dot = dot(p_row, dp_row);
-                    for (g, p) in dp_row.iter_mut().zip(p_row) {
-                        *g = p * (*g - dot) * scale;
+                dispatch(|| {
+                    for (p_row, dp_row) in p.chunks_exact(time).zip(dp.chunks_exact_mut(time)) {
+                        let dot = dot(p_row, dp_row);
+                        for (g, p) in dp_row.iter_mut().zip(p_row) {
+                            *g = p * (*g - dot) * scale;
+                        }
                     }
-                }
+                });
                 let ds: &[f32] = dp;
                 // dQ = dS K and dK = dS^T Q.
                 gemm_into(
@@ -522,10 +533,12 @@ fn forward(buffers: &mut Buffers, params: &[&[f32]], n: usize) {
             .zip(block.gelu_tanh.par_chunks_mut(chunk))
             .zip(block.expanded.par_chunks(chunk))
             .for_each(|((a, t), e)| {
-                for ((a, t), &x) in a.iter_mut().zip(t.iter_mut()).zip(e) {
-                    *t = gelu_tanh(x);
-                    *a = 0.5 * x * (1.0 + *t);
-                }
+                dispatch(|| {
+                    for ((a, t), &x) in a.iter_mut().zip(t.iter_mut()).zip(e) {
+                        *t = gelu_tanh(x);
+                        *a = 0.5 * x * (1.0 + *t);
+                    }
+                })
             });
         dense_forward(output, &block.activated, n, p[10], p[11]);
         output
@@ -655,9 +668,11 @@ pub(super) fn forward_backward(
             .zip(block.expanded.par_chunks(chunk))
             .zip(block.gelu_tanh.par_chunks(chunk))
             .for_each(|((g, e), t)| {
-                for ((g, &x), &t) in g.iter_mut().zip(e).zip(t) {
-                    *g *= gelu_derivative_with(x, t);
-                }
+                dispatch(|| {
+                    for ((g, &x), &t) in g.iter_mut().zip(e).zip(t) {
+                        *g *= gelu_derivative_with(x, t);
+                    }
+                })
             });
         dense_backward(
             grad_expanded,

@@ -1,0 +1,190 @@
+//! The instruction set the element-wise kernels run with, chosen at run time.
+//!
+//! The binary is built for baseline x86-64, so a plain loop vectorizes only to SSE2. Each
+//! element-wise kernel (activations, the loss, layer norm, pooling, im2col, the optimizer
+//! updates) wraps its loops in [`dispatch`], which runs them inside a function compiled for
+//! the best instruction set this CPU has (AVX-512 or AVX2 + FMA, through `pulp`, with no
+//! unsafe code here), so the same loops vectorize 16 or 8 lanes wide. Matrix products go
+//! through `gemm`, which detects the CPU the same way (its `x86-v4` feature).
+//!
+//! `LRTUNE_SIMD=scalar|avx2|avx512` caps the level for the whole process (to compare levels
+//! with `lrtune bench`); the tests run the kernels at every level the machine supports with
+//! [`with_level`].
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+/// An instruction-set level, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Baseline x86-64 (SSE2), or any other architecture.
+    Scalar,
+    /// x86-64-v3: AVX2, FMA, BMI1/2, F16C.
+    Avx2,
+    /// x86-64-v4: AVX-512 F, BW, CD, DQ and VL.
+    Avx512,
+}
+
+/// The environment variable that caps the level.
+pub const LEVEL_VAR: &str = "LRTUNE_SIMD";
+
+impl Level {
+    pub const ALL: [Level; 3] = [Level::Scalar, Level::Avx2, Level::Avx512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Scalar => "scalar",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Level> {
+        Level::ALL
+            .into_iter()
+            .find(|level| level.name().eq_ignore_ascii_case(text.trim()))
+    }
+
+    /// Whether this CPU can run the level.
+    pub fn supported(self) -> bool {
+        match self {
+            Level::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => pulp::x86::V3::try_new().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => pulp::x86::V4::try_new().is_some(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Every level this CPU can run, lowest first.
+    pub fn supported_levels() -> Vec<Level> {
+        Level::ALL.into_iter().filter(|l| l.supported()).collect()
+    }
+
+    /// The best level this CPU runs, capped by `cap`.
+    fn best_up_to(cap: Level) -> Level {
+        Level::ALL
+            .into_iter()
+            .rev()
+            .find(|level| *level <= cap && level.supported())
+            .unwrap_or(Level::Scalar)
+    }
+}
+
+/// The process-wide level: the best supported, capped by `LRTUNE_SIMD` when it is set.
+fn process_level() -> Level {
+    static CHOSEN: OnceLock<Level> = OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        let cap = match std::env::var(LEVEL_VAR) {
+            Ok(text) => Level::parse(&text).unwrap_or_else(|| {
+                tracing::warn!(
+                    "{LEVEL_VAR}={text:?} is not one of scalar, avx2, avx512; using the best level"
+                );
+                Level::Avx512
+            }),
+            Err(_) => Level::Avx512,
+        };
+        Level::best_up_to(cap)
+    })
+}
+
+thread_local! {
+    static THREAD_LEVEL: Cell<Option<Level>> = const { Cell::new(None) };
+}
+
+/// The level the kernels run with on this thread.
+pub fn level() -> Level {
+    THREAD_LEVEL.with(Cell::get).unwrap_or_else(process_level)
+}
+
+/// Runs `f` with the kernels on this thread at `level` (or the best supported below it).
+/// Work `f` hands to other threads keeps their own level; a test that needs a whole step at
+/// one level runs it in a thread pool whose threads call [`set_thread_level`].
+pub fn with_level<R>(level: Level, f: impl FnOnce() -> R) -> R {
+    let previous = THREAD_LEVEL.with(|cell| cell.replace(Some(Level::best_up_to(level))));
+    let result = f();
+    THREAD_LEVEL.with(|cell| cell.set(previous));
+    result
+}
+
+/// Fixes this thread's level (a thread pool's start handler).
+pub fn set_thread_level(level: Level) {
+    THREAD_LEVEL.with(|cell| cell.set(Some(Level::best_up_to(level))));
+}
+
+/// Runs `f` compiled for this thread's level. `f` and everything it calls that is inlined
+/// into it (mark small helpers `#[inline]`) are vectorized for that level; a call that is
+/// not inlined runs at baseline, so each kernel dispatches itself.
+#[inline(always)]
+pub fn dispatch<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match level() {
+            Level::Avx512 => {
+                if let Some(simd) = pulp::x86::V4::try_new() {
+                    return simd.vectorize(f);
+                }
+            }
+            Level::Avx2 => {
+                if let Some(simd) = pulp::x86::V3::try_new() {
+                    return simd.vectorize(f);
+                }
+            }
+            Level::Scalar => {}
+        }
+    }
+    f()
+}
+
+/// The CPU's model name from /proc/cpuinfo (Linux), or "unknown", for reports.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .filter_map(|line| line.split_once(':'))
+                .find(|(key, _)| key.trim() == "model name")
+                .map(|(_, value)| value.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_parse_by_name_and_scalar_is_always_supported() {
+        assert_eq!(Level::parse(" AVX512 "), Some(Level::Avx512));
+        assert_eq!(Level::parse("avx2"), Some(Level::Avx2));
+        assert_eq!(Level::parse("scalar"), Some(Level::Scalar));
+        assert_eq!(Level::parse("sse9"), None);
+        assert!(Level::Scalar.supported());
+        assert_eq!(Level::supported_levels()[0], Level::Scalar);
+        assert_eq!(Level::best_up_to(Level::Scalar), Level::Scalar);
+    }
+
+    #[test]
+    fn with_level_sets_this_thread_only_and_restores() {
+        let before = level();
+        with_level(Level::Scalar, || {
+            assert_eq!(level(), Level::Scalar);
+            let other = std::thread::spawn(level).join().unwrap();
+            assert_eq!(other, before);
+        });
+        assert_eq!(level(), before);
+    }
+
+    #[test]
+    fn dispatch_runs_the_closure_at_every_level() {
+        let values: Vec<f32> = (0..1000).map(|i| i as f32 * 0.25).collect();
+        for level in Level::supported_levels() {
+            let total = with_level(level, || {
+                dispatch(|| values.iter().map(|v| v * 2.0).sum::<f32>())
+            });
+            assert_eq!(total, 249_750.0, "{level:?}");
+        }
+    }
+}
