@@ -18,11 +18,9 @@ use crate::engine::optim::Optimizer;
 use crate::engine::rng::Rng;
 use crate::engine::spec::{Activation, ModelSpec, OptimizerSpec};
 use crate::engine::train::{train_step, BatchOrder, DeviceData};
-use crate::engine::{self, JobSpec, Limits};
+use crate::engine::{self, native, simd, JobSpec, Limits};
 
 const PYTORCH_SCRIPT: &str = include_str!("bench_pytorch.py");
-/// The f32 matmul rate measured on this machine (2 threads), for the FLOP floor.
-const MATMUL_FLOPS: f64 = 210e9;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -42,6 +40,9 @@ pub struct BenchArgs {
     /// Skip the mnist10k tune job.
     #[arg(long)]
     pub no_tune: bool,
+    /// Skip the range-test job cases (a whole job's loop on mnist10k, per step).
+    #[arg(long)]
+    pub no_job: bool,
     /// Only the cases whose name contains this (e.g. `cnn`); the tune job still runs unless
     /// --no-tune.
     #[arg(long)]
@@ -227,6 +228,20 @@ fn time_case(case: &Case, warmup: usize, steps: usize) -> anyhow::Result<Timing>
     })
 }
 
+/// The cases also timed as a whole range-test job on mnist10k (loop included).
+const JOB_CASES: [&str; 3] = [
+    "mlp-784-512-512-10-sgd",
+    "mlp-784-512-512-10-adamw",
+    "cnn-16-32-sgd",
+];
+/// Steps of the range-test job, and its learning rates: low enough that no case diverges
+/// and stops early, so both sides time every step.
+const JOB_STEPS: usize = 150;
+const JOB_START_LR: f64 = 1e-5;
+const JOB_END_LR: f64 = 1e-2;
+/// The matmul that measures the machine's rate for the floors.
+const MATMUL_SIZE: usize = 512;
+
 pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
     let wanted = |case: &Case| {
         args.case
@@ -235,17 +250,30 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
     };
     let cases: Vec<Case> = cases().into_iter().filter(wanted).collect();
     let rounds = args.rounds.max(1);
+    let job_data = if args.no_job {
+        None
+    } else {
+        Some(JobData::new(&args)?)
+    };
+    let job_cases = |case: &Case| job_data.is_some() && JOB_CASES.contains(&case.name);
     let mut ours = vec![f64::INFINITY; cases.len()];
+    let mut ours_job = vec![f64::INFINITY; cases.len()];
     let mut theirs: Vec<Option<f64>> = vec![None; cases.len()];
+    let mut theirs_job: Vec<Option<f64>> = vec![None; cases.len()];
     let mut parameters = vec![0; cases.len()];
     let mut reference_info = None;
+    let mut job_steps = vec![0; cases.len()];
     for _ in 0..rounds {
         if !args.no_pytorch {
-            if let Some(reference) = pytorch_reference(&args) {
-                for (best, case) in theirs.iter_mut().zip(&cases) {
-                    if let Some(ms) = reference.get(case.name).and_then(Value::as_f64) {
+            if let Some(reference) = pytorch_reference(&args, job_data.as_ref()) {
+                let best_of = |best: &mut Option<f64>, ms: Option<f64>| {
+                    if let Some(ms) = ms {
                         *best = Some(best.map_or(ms, |b: f64| b.min(ms)));
                     }
+                };
+                for (index, case) in cases.iter().enumerate() {
+                    best_of(&mut theirs[index], reference[case.name].as_f64());
+                    best_of(&mut theirs_job[index], reference["job"][case.name].as_f64());
                 }
                 reference_info = Some(reference);
             }
@@ -254,35 +282,96 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
             let timing = time_case(case, args.warmup, args.steps)?;
             ours[index] = ours[index].min(timing.median_ms);
             parameters[index] = timing.parameters;
+            if let (Some(data), true) = (&job_data, job_cases(case)) {
+                let job = time_range_job(case, data)?;
+                ours_job[index] = ours_job[index].min(job.ms_per_step);
+                job_steps[index] = job.steps;
+            }
         }
     }
+
+    let matmul = native::matmul_flops(MATMUL_SIZE, 0.5);
+    println!("cpu: {}", simd::cpu_model());
+    println!(
+        "lrtune: element-wise kernels {} ({}), matmul by gemm ({}), {} threads",
+        simd::level().name(),
+        match std::env::var(simd::LEVEL_VAR) {
+            Ok(cap) => format!("{}={cap}", simd::LEVEL_VAR),
+            Err(_) => "the best this CPU has".to_string(),
+        },
+        gemm_level(),
+        rayon::current_num_threads(),
+    );
+    match &reference_info {
+        Some(reference) => println!(
+            "pytorch {}: cpu capability {}, {} threads",
+            reference["version"].as_str().unwrap_or("?"),
+            reference["capability"].as_str().unwrap_or("?"),
+            reference["threads"]
+        ),
+        None => println!("pytorch: not run"),
+    }
+    let torch_matmul = reference_info
+        .as_ref()
+        .and_then(|reference| reference["matmul_gflops"].as_f64());
+    println!(
+        "f32 matmul {MATMUL_SIZE}^3, measured now: lrtune {:.0} GFLOP/s, pytorch {}",
+        matmul / 1e9,
+        torch_matmul.map_or("-".to_string(), |rate| format!("{rate:.0} GFLOP/s"))
+    );
+    println!();
     println!(
         "{:<32} {:>10} {:>10} {:>7} {:>9}",
         "case (batch)", "lrtune ms", "torch ms", "ratio", "floor ms"
     );
     for (index, case) in cases.iter().enumerate() {
+        // The floor: the step's 6 x batch x parameters FLOPs of matrix products at the
+        // faster of the two measured matmul rates.
+        let rate = torch_matmul.map_or(matmul, |torch| matmul.max(torch * 1e9));
         let floor = case
             .dense
-            .then(|| 6.0 * case.batch as f64 * parameters[index] as f64 / MATMUL_FLOPS * 1000.0);
-        let torch = theirs[index];
+            .then(|| 6.0 * case.batch as f64 * parameters[index] as f64 / rate * 1000.0);
         println!(
             "{:<32} {:>10.2} {:>10} {:>7} {:>9}",
             format!("{} ({})", case.name, case.batch),
             ours[index],
-            torch.map_or("-".to_string(), |t| format!("{t:.2}")),
-            torch.map_or("-".to_string(), |t| format!("{:.2}", ours[index] / t)),
-            floor.map_or("-".to_string(), |f| format!("{f:.2}")),
+            format_ms(theirs[index]),
+            ratio(ours[index], theirs[index]),
+            format_ms(floor),
         );
     }
     println!(
-        "ms per step: median of {} steps after {} warm-up, fastest of {rounds} rounds",
+        "ms per step (forward, backward, optimizer): median of {} steps after {} warm-up, \
+         fastest of {rounds} rounds",
         args.steps, args.warmup
     );
-    if let Some(reference) = &reference_info {
+    if job_data.is_some() && cases.iter().any(job_cases) {
+        println!();
         println!(
-            "pytorch {} on {} threads",
-            reference["version"].as_str().unwrap_or("?"),
-            reference["threads"]
+            "{:<32} {:>10} {:>10} {:>7} {:>9}",
+            "range-test job on mnist10k", "lrtune ms", "torch ms", "ratio", "bare ms"
+        );
+        for (index, case) in cases.iter().enumerate().filter(|(_, case)| job_cases(case)) {
+            println!(
+                "{:<32} {:>10.2} {:>10} {:>7} {:>9.2}",
+                format!("{} ({})", case.name, case.batch),
+                ours_job[index],
+                format_ms(theirs_job[index]),
+                ratio(ours_job[index], theirs_job[index]),
+                ours[index],
+            );
+        }
+        println!(
+            "ms per step in the loop: a {JOB_STEPS}-step range test ({JOB_START_LR:e} to \
+             {JOB_END_LR:e}) run as a job, from its first point to its last ({} timed); torch: \
+             the same loop written plainly (shuffled batches gathered from tensors, lr set and \
+             loss read every step, smoothing); fastest of {rounds} rounds",
+            job_steps
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(0)
+                .saturating_sub(1)
         );
     }
     if !args.no_tune {
@@ -304,15 +393,133 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
-fn pytorch_reference(args: &BenchArgs) -> Option<Value> {
-    let dir = tempfile_dir().ok()?;
+fn format_ms(ms: Option<f64>) -> String {
+    ms.map_or("-".to_string(), |ms| format!("{ms:.2}"))
+}
+
+fn ratio(ours: f64, theirs: Option<f64>) -> String {
+    theirs.map_or("-".to_string(), |t| format!("{:.2}", ours / t))
+}
+
+/// The instruction set gemm's kernels use: it picks AVX-512 (built with its `x86-v4`
+/// feature), else AVX2 + FMA, by its own run-time check of the same CPU flags.
+fn gemm_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return "avx2";
+        }
+    }
+    "scalar"
+}
+
+/// mnist10k for the job cases, and the same values written out for the PyTorch loop.
+struct JobData {
+    dir: std::path::PathBuf,
+    rows: usize,
+    train_rows: usize,
+}
+
+impl JobData {
+    fn new(args: &BenchArgs) -> anyhow::Result<JobData> {
+        let data = engine::data::mnist10k();
+        let rows = data.rows();
+        let train_rows =
+            rows - (rows as f64 * engine::spec::defaults::validation_fraction()).round() as usize;
+        let dir = tempfile_dir("data")?;
+        if !args.no_pytorch {
+            let (Features::Dense { values, .. }, Targets::Classes { labels, .. }) =
+                (&data.features, &data.targets)
+            else {
+                anyhow::bail!("mnist10k is dense images with class labels");
+            };
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            std::fs::write(dir.join("x.f32"), bytes).context("writing mnist10k for PyTorch")?;
+            let bytes: Vec<u8> = labels.iter().flat_map(|v| v.to_le_bytes()).collect();
+            std::fs::write(dir.join("y.u32"), bytes).context("writing mnist10k for PyTorch")?;
+        }
+        Ok(JobData {
+            dir,
+            rows,
+            train_rows,
+        })
+    }
+}
+
+impl Drop for JobData {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct JobTiming {
+    ms_per_step: f64,
+    /// Points the job recorded (steps run).
+    steps: usize,
+}
+
+/// A range test of the case's model and optimizer on mnist10k, run as a job through
+/// `engine::run_job` with an observer that keeps every event (as a worker's does): the time
+/// from its first curve point to its last, per step.
+fn time_range_job(case: &Case, _data: &JobData) -> anyhow::Result<JobTiming> {
+    let spec = serde_json::json!({
+        "kind": "range_test",
+        "data": {"builtin": "mnist10k"},
+        "model": case.model,
+        "optimizer": case.optimizer,
+        "batch_size": case.batch,
+        "range_test": {"start_lr": JOB_START_LR, "end_lr": JOB_END_LR, "steps": JOB_STEPS},
+    });
+    let spec = JobSpec::from_json(&spec.to_string())?;
+    let loaded = engine::load_local_data(&spec)?;
+    let mut events = Vec::with_capacity(4 * JOB_STEPS);
+    let mut point_times = Vec::with_capacity(JOB_STEPS);
+    engine::run_job(
+        &spec,
+        loaded,
+        &Limits::default(),
+        &AtomicBool::new(false),
+        &mut |event| {
+            if matches!(event, engine::Event::Point(_)) {
+                point_times.push(Instant::now());
+            }
+            events.push(event);
+        },
+    )?;
+    let (Some(first), Some(last)) = (point_times.first(), point_times.last()) else {
+        anyhow::bail!("the range test of {} recorded no points", case.name);
+    };
+    let intervals = point_times.len().saturating_sub(1).max(1);
+    Ok(JobTiming {
+        ms_per_step: (*last - *first).as_secs_f64() * 1000.0 / intervals as f64,
+        steps: point_times.len(),
+    })
+}
+
+fn pytorch_reference(args: &BenchArgs, job: Option<&JobData>) -> Option<Value> {
+    let dir = tempfile_dir("script").ok()?;
     let script = dir.join("bench_pytorch.py");
     std::fs::write(&script, PYTORCH_SCRIPT).ok()?;
-    let output = Command::new(&args.python)
+    let mut command = Command::new(&args.python);
+    command
         .arg(&script)
         .arg(args.warmup.to_string())
-        .arg(args.steps.to_string())
-        .output();
+        .arg(args.steps.to_string());
+    if let Some(job) = job {
+        command
+            .arg(&job.dir)
+            .arg(job.rows.to_string())
+            .arg(job.train_rows.to_string())
+            .arg(JOB_STEPS.to_string())
+            .arg(JOB_START_LR.to_string())
+            .arg(JOB_END_LR.to_string())
+            .arg(JOB_CASES.join(","));
+    }
+    let output = command.output();
     let _ = std::fs::remove_dir_all(&dir);
     match output {
         Ok(output) if output.status.success() => serde_json::from_slice(&output.stdout).ok(),
@@ -331,8 +538,9 @@ fn pytorch_reference(args: &BenchArgs) -> Option<Value> {
     }
 }
 
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("lrtune-bench-{}", std::process::id()));
+/// A fresh folder of this process's own under the temporary directory.
+fn tempfile_dir(purpose: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("lrtune-bench-{}-{purpose}", std::process::id()));
     std::fs::create_dir_all(&dir).context("creating a temporary folder")?;
     Ok(dir)
 }

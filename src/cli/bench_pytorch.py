@@ -1,6 +1,10 @@
 """PyTorch reference for `lrtune bench`: the same models, batch sizes and optimizers, timed the
-same way (median milliseconds per forward + backward + optimizer step). Prints one JSON object.
-Run by `lrtune bench` when torch is importable; not part of the build."""
+same way (median milliseconds per forward + backward + optimizer step); a 512^3 f32 matmul rate;
+and, when given mnist10k as raw files, a range-test loop written plainly in PyTorch for the job
+cases. Prints one JSON object. Run by `lrtune bench` when torch is importable; not part of the
+build.
+
+Arguments: WARMUP STEPS [DATA_DIR ROWS TRAIN_ROWS JOB_STEPS START_LR END_LR JOB_CASES]."""
 import json
 import statistics
 import sys
@@ -10,6 +14,7 @@ import torch
 from torch import nn
 
 WARMUP, STEPS = int(sys.argv[1]), int(sys.argv[2])
+JOB = sys.argv[3:]
 torch.manual_seed(0)
 
 
@@ -73,6 +78,48 @@ def time_case(model, x, y, optimizer):
     return statistics.median(times)
 
 
+def range_loop(model, optimizer, x, y, steps, start_lr, end_lr, batch=128, beta=0.98):
+    """A range test as one would write it in PyTorch: per epoch a shuffled order, each batch
+    gathered from the data tensors by index, the learning rate set every step, the loss read
+    every step and smoothed. Milliseconds per step from the end of the first step to the end of
+    the last."""
+    loss_fn = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(0)
+    rows = x.shape[0]
+    order, position = torch.randperm(rows, generator=generator), 0
+    average, ends, points = 0.0, [], []
+    for step in range(steps):
+        if position + batch > rows:
+            order, position = torch.randperm(rows, generator=generator), 0
+        index = order[position:position + batch]
+        position += batch
+        xb, yb = x[index], y[index]
+        lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        average = beta * average + (1 - beta) * value
+        points.append((step, lr, value, average / (1 - beta ** (step + 1))))
+        ends.append(time.perf_counter())
+    return (ends[-1] - ends[0]) * 1000 / (steps - 1)
+
+
+def matmul_gflops(size=512, seconds=0.5):
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best, spent = float("inf"), 0.0
+    while spent < seconds:
+        start = time.perf_counter()
+        a @ b
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+    return 2 * size ** 3 / best / 1e9
+
+
 def sgd(m):
     return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
 
@@ -90,6 +137,27 @@ results["cnn-16-32-sgd"] = time_case(m, torch.randn(128, 1, 28, 28), torch.randi
 m = CharModel(65, 64, 4, 2, 64)
 results["transformer-64x2-adamw"] = time_case(
     m, torch.randint(0, 65, (32, 64)), torch.randint(0, 65, (32, 64)), torch.optim.AdamW(m.parameters(), lr=1e-3))
+if JOB:
+    data_dir, rows, train_rows, job_steps = JOB[0], int(JOB[1]), int(JOB[2]), int(JOB[3])
+    start_lr, end_lr, job_cases = float(JOB[4]), float(JOB[5]), JOB[6].split(",")
+    with open(f"{data_dir}/x.f32", "rb") as f:
+        x = torch.frombuffer(bytearray(f.read()), dtype=torch.float32).reshape(rows, 1, 28, 28)
+    with open(f"{data_dir}/y.u32", "rb") as f:
+        y = torch.frombuffer(bytearray(f.read()), dtype=torch.int32).long()
+    x, y = x[:train_rows].clone(), y[:train_rows].clone()
+    builders = {
+        "mlp-784-512-512-10-sgd": lambda: (lambda m: (m, sgd(m)))(
+            nn.Sequential(nn.Flatten(), mlp([784, 512, 512, 10]))),
+        "mlp-784-512-512-10-adamw": lambda: (lambda m: (m, torch.optim.AdamW(m.parameters(), lr=1e-3)))(
+            nn.Sequential(nn.Flatten(), mlp([784, 512, 512, 10]))),
+        "cnn-16-32-sgd": lambda: (lambda m: (m, sgd(m)))(cnn()),
+    }
+    results["job"] = {
+        name: range_loop(*builders[name](), x, y, job_steps, start_lr, end_lr)
+        for name in job_cases if name in builders
+    }
+results["matmul_gflops"] = matmul_gflops()
+results["capability"] = torch.backends.cpu.get_cpu_capability()
 results["threads"] = torch.get_num_threads()
 results["version"] = torch.__version__
 print(json.dumps(results))

@@ -715,7 +715,7 @@ impl Default for OneCycleShape {
     }
 }
 
-mod defaults {
+pub(crate) mod defaults {
     pub fn validation_fraction() -> f64 {
         0.2
     }

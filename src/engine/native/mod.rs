@@ -188,6 +188,39 @@ pub(super) fn gemm_into(
     }
 }
 
+/// The f32 rate of this build's matrix product on a `size`^3 problem, in FLOP/s: the best of
+/// repeated products over at least `seconds` (after one warm-up), on the current thread pool.
+/// `lrtune bench` computes its floors from it.
+pub fn matmul_flops(size: usize, seconds: f64) -> f64 {
+    let lhs: Vec<f32> = (0..size * size)
+        .map(|i| (i % 17) as f32 * 0.1 - 0.8)
+        .collect();
+    let rhs: Vec<f32> = (0..size * size)
+        .map(|i| (i % 13) as f32 * 0.1 - 0.6)
+        .collect();
+    let mut out = vec![0f32; size * size];
+    let mut product = || {
+        let started = std::time::Instant::now();
+        matmul(
+            &mut out,
+            size,
+            size,
+            size,
+            Operand::plain(&lhs, size),
+            Operand::plain(&rhs, size),
+        );
+        started.elapsed().as_secs_f64()
+    };
+    product();
+    let (mut best, mut spent) = (f64::INFINITY, 0.0);
+    while spent < seconds {
+        let elapsed = product();
+        best = best.min(elapsed);
+        spent += elapsed;
+    }
+    2.0 * (size as f64).powi(3) / best
+}
+
 /// `out = x W^T + b` for a `[n, inputs]` x and a `[outputs, inputs]` weight.
 pub(super) fn dense_forward(out: &mut [f32], x: &[f32], n: usize, weight: &[f32], bias: &[f32]) {
     let (outputs, inputs) = (bias.len(), weight.len() / bias.len());
@@ -617,6 +650,7 @@ pub fn forward_backward(
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::engine::simd::{with_level, Level};
 
     /// The native step's loss and gradients against candle's autograd on the same model,
     /// batch and dropout draws.
@@ -669,6 +703,142 @@ pub(super) mod tests {
             want.loss
         );
         assert_eq!(accuracy, want.accuracy);
+    }
+
+    /// Random data for a model of `shape`: dense features or token ids.
+    fn random_data(shape: &ModelShape, rows: usize) -> DeviceData {
+        use crate::engine::data::{Dataset, Features, Targets};
+        let mut rng = Rng::new(21);
+        let per_row: usize = shape.input.iter().product();
+        let data = match shape.task {
+            Task::LanguageModel => {
+                let mut ids = || -> Vec<u32> {
+                    (0..rows * per_row)
+                        .map(|_| rng.below(shape.output) as u32)
+                        .collect()
+                };
+                Dataset {
+                    features: Features::Tokens {
+                        ids: ids(),
+                        context: per_row,
+                    },
+                    targets: Targets::Tokens {
+                        ids: ids(),
+                        vocab: shape.output,
+                    },
+                }
+            }
+            task => Dataset {
+                features: Features::Dense {
+                    values: (0..rows * per_row).map(|_| rng.normal() as f32).collect(),
+                    sample_shape: shape.input.clone(),
+                },
+                targets: match task {
+                    Task::Regression => Targets::Values {
+                        values: (0..rows * shape.output)
+                            .map(|_| rng.normal() as f32)
+                            .collect(),
+                        dims: shape.output,
+                    },
+                    _ => Targets::Classes {
+                        labels: (0..rows).map(|_| rng.below(shape.output) as u32).collect(),
+                        classes: shape.output,
+                    },
+                },
+            },
+        };
+        DeviceData::new(&data, &candle_core::Device::Cpu).unwrap()
+    }
+
+    /// One training step's loss and gradients and the evaluation of a fresh model, with every
+    /// kernel on every thread at `level` (gemm picks its own, the same at every level).
+    fn step_at(level: Level, spec: &ModelSpec, shape: &ModelShape) -> (f64, Vec<Vec<f32>>, f64) {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .start_handler(move |_| crate::engine::simd::set_thread_level(level))
+            .build()
+            .unwrap();
+        pool.install(|| {
+            with_level(level, || {
+                let model = Model::build(spec, shape, 4, &candle_core::Device::Cpu).unwrap();
+                let data = random_data(shape, 48);
+                let rows: Vec<usize> = (0..32).map(|i| (i * 5 + 1) % 48).collect();
+                let mut workspace = None;
+                let loss = forward_backward(&model, &mut workspace, &data, &rows, &mut Rng::new(3))
+                    .unwrap();
+                let (eval_loss, _) = evaluate(&model, &mut workspace, &data, 32).unwrap();
+                (loss, workspace.unwrap().grads, eval_loss)
+            })
+        })
+    }
+
+    /// The element-wise kernels compute the same IEEE operations at every instruction-set
+    /// level (no fused multiply-adds, reductions in the same order), so a whole step at each
+    /// level this machine supports equals the scalar step bit for bit.
+    #[test]
+    fn every_simd_level_gives_the_scalar_step_bit_for_bit() {
+        let dense = |input: Vec<usize>, output, task| ModelShape {
+            input,
+            output,
+            task,
+        };
+        let mlp = |activation, dropout| ModelSpec::Mlp {
+            hidden: vec![67, 33],
+            activation,
+            dropout,
+        };
+        let cases = [
+            (
+                mlp(Activation::Relu, 0.2),
+                dense(vec![29], 10, Task::Classification),
+            ),
+            (
+                mlp(Activation::Gelu, 0.0),
+                dense(vec![29], 10, Task::Classification),
+            ),
+            (
+                mlp(Activation::Tanh, 0.0),
+                dense(vec![29], 3, Task::Regression),
+            ),
+            (
+                mlp(Activation::Silu, 0.0),
+                dense(vec![29], 10, Task::Classification),
+            ),
+            (
+                ModelSpec::Cnn {
+                    channels: vec![8, 19],
+                    hidden: 24,
+                },
+                dense(vec![3, 9, 11], 10, Task::Classification),
+            ),
+            (
+                ModelSpec::Transformer {
+                    d_model: 48,
+                    heads: 4,
+                    layers: 2,
+                    context: 21,
+                },
+                dense(vec![21], 13, Task::LanguageModel),
+            ),
+        ];
+        let levels = Level::supported_levels();
+        eprintln!("levels on this machine: {levels:?}");
+        for (spec, shape) in &cases {
+            let (loss, grads, eval) = step_at(Level::Scalar, spec, shape);
+            assert!(loss.is_finite() && eval.is_finite(), "{spec:?}");
+            for &level in &levels[1..] {
+                let (level_loss, level_grads, level_eval) = step_at(level, spec, shape);
+                assert_eq!(level_loss.to_bits(), loss.to_bits(), "{level:?} {spec:?}");
+                assert_eq!(level_eval.to_bits(), eval.to_bits(), "{level:?} {spec:?}");
+                for (index, (got, want)) in level_grads.iter().zip(&grads).enumerate() {
+                    let same = got
+                        .iter()
+                        .zip(want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{level:?} {spec:?}: gradient {index} differs");
+                }
+            }
+        }
     }
 
     #[test]
