@@ -61,7 +61,7 @@ pub fn normalize_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 /// units in the last place), 2^k put straight into the exponent bits. Inputs are clamped to
 /// [-87, 88], where e^x is a normal f32: below, the result is about 1.6e-38 instead of a
 /// denormal or 0, which no softmax or GELU here can tell apart.
-#[inline]
+#[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split in a high part with few enough bits that k * LN2_HIGH is exact, and the
@@ -89,7 +89,7 @@ pub(crate) fn exp(x: f32) -> f32 {
 const LANES: usize = 8;
 
 /// The sum of `values`, summed in `LANES` interleaved partial sums.
-#[inline]
+#[inline(always)]
 pub(crate) fn sum(values: &[f32]) -> f32 {
     let mut lanes = [0f32; LANES];
     let chunks = values.chunks_exact(LANES);
@@ -103,7 +103,7 @@ pub(crate) fn sum(values: &[f32]) -> f32 {
 }
 
 /// The dot product of two equally long slices, in `LANES` partial sums.
-#[inline]
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut lanes = [0f32; LANES];
@@ -123,7 +123,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The largest of `values` (negative infinity when empty; NaNs are skipped).
-#[inline]
+#[inline(always)]
 pub(crate) fn max_value(values: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let chunks = values.chunks_exact(LANES);
@@ -144,30 +144,30 @@ pub(crate) fn max_value(values: &[f32]) -> f32 {
 /// tanh with one `exp`: (e^2x - 1) / (e^2x + 1). Its absolute error (about 1e-7) is all
 /// GELU's `1 + tanh` can see, and it costs a fraction of libm's `tanhf`, which dominated a
 /// transformer's step. Past |x| = 9, tanh is 1 to f32 precision.
-#[inline]
+#[inline(always)]
 fn fast_tanh(x: f32) -> f32 {
     let e = exp(2.0 * x.clamp(-9.0, 9.0));
     (e - 1.0) / (e + 1.0)
 }
 
-#[inline]
+#[inline(always)]
 pub(crate) fn gelu_value(x: f32) -> f32 {
     0.5 * x * (1.0 + gelu_tanh(x))
 }
 
-#[inline]
+#[inline(always)]
 pub(crate) fn gelu_derivative(x: f32) -> f32 {
     gelu_derivative_with(x, gelu_tanh(x))
 }
 
 /// The tanh inside GELU, tanh(sqrt(2 / pi) (x + 0.044715 x^3)): GELU(x) = x (1 + t) / 2.
-#[inline]
+#[inline(always)]
 pub(crate) fn gelu_tanh(x: f32) -> f32 {
     fast_tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x))
 }
 
 /// GELU's derivative at x given its inner tanh `t` (saved by a forward pass that kept it).
-#[inline]
+#[inline(always)]
 pub(crate) fn gelu_derivative_with(x: f32, t: f32) -> f32 {
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x)
 }
@@ -340,7 +340,7 @@ impl CustomOp2 for SoftmaxBackward {
 struct Normalize;
 
 /// Mean and 1 / standard deviation of a row.
-#[inline]
+#[inline(always)]
 pub(crate) fn row_stats(row: &[f32]) -> (f32, f32) {
     let n = row.len() as f32;
     let mean = sum(row) / n;
@@ -569,7 +569,7 @@ impl ImageDims {
 /// Calls `f(pixel, tap, source_pixel)` for the taps (0..9, row-major) of every pixel's 3x3
 /// window, padding 1, that fall inside a `height x width` image; pixels are numbered
 /// row-major. Used by the NCHW im2col/col2im here and the NHWC col2im of the native step.
-#[inline]
+#[inline(always)]
 pub(crate) fn for_each_3x3_tap(
     height: usize,
     width: usize,

@@ -6,6 +6,7 @@ use std::cell::RefCell;
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Tensor, Var};
+use rayon::prelude::*;
 
 use super::spec::OptimizerSpec;
 use super::update::{adam_update, sgd_update, AdamStep, SgdStep};
@@ -225,25 +226,64 @@ enum FusedUpdate<'a> {
     },
 }
 
+/// Parameters of this many weights or more are updated in chunks of `UPDATE_CHUNK` on the
+/// thread pool. The update is element by element, so the split changes no value.
+const PARALLEL_UPDATE_MIN: usize = 1 << 16;
+const UPDATE_CHUNK: usize = 1 << 14;
+
 impl FusedUpdate<'_> {
     fn run(&self, param: &mut [f32], grad: &[f32]) {
+        let chunk = if param.len() >= PARALLEL_UPDATE_MIN && rayon::current_num_threads() > 1 {
+            UPDATE_CHUNK
+        } else {
+            param.len().max(1)
+        };
         match self {
             FusedUpdate::Sgd {
                 hyper,
                 first,
                 buffer,
-            } => sgd_update(param, grad, &mut buffer.borrow_mut()[..], *first, hyper),
+            } => {
+                let mut buffer = buffer.borrow_mut();
+                if buffer.len() != param.len() {
+                    // No momentum buffer to split (plain SGD never reads it).
+                    return sgd_update(param, grad, &mut buffer[..], *first, hyper);
+                }
+                assert_eq!(
+                    grad.len(),
+                    param.len(),
+                    "gradient length differs from the parameter's"
+                );
+                param
+                    .par_chunks_mut(chunk)
+                    .zip(grad.par_chunks(chunk))
+                    .zip(buffer.par_chunks_mut(chunk))
+                    .for_each(|((param, grad), buffer)| {
+                        sgd_update(param, grad, buffer, *first, hyper)
+                    });
+            }
             FusedUpdate::Adam {
                 hyper,
                 exp_avg,
                 exp_avg_sq,
-            } => adam_update(
-                param,
-                grad,
-                &mut exp_avg.borrow_mut()[..],
-                &mut exp_avg_sq.borrow_mut()[..],
-                hyper,
-            ),
+            } => {
+                let (mut exp_avg, mut exp_avg_sq) = (exp_avg.borrow_mut(), exp_avg_sq.borrow_mut());
+                // Checked here too: the chunks below would end at the shortest slice.
+                assert!(
+                    grad.len() == param.len()
+                        && exp_avg.len() == param.len()
+                        && exp_avg_sq.len() == param.len(),
+                    "gradient or moment length differs from the parameter's"
+                );
+                param
+                    .par_chunks_mut(chunk)
+                    .zip(grad.par_chunks(chunk))
+                    .zip(exp_avg.par_chunks_mut(chunk))
+                    .zip(exp_avg_sq.par_chunks_mut(chunk))
+                    .for_each(|(((param, grad), exp_avg), exp_avg_sq)| {
+                        adam_update(param, grad, exp_avg, exp_avg_sq, hyper)
+                    });
+            }
         }
     }
 }

@@ -114,29 +114,58 @@ pub fn set_thread_level(level: Level) {
     THREAD_LEVEL.with(|cell| cell.set(Some(Level::best_up_to(level))));
 }
 
-/// Runs `f` compiled for this thread's level. `f` and everything it calls that is inlined
-/// into it (mark small helpers `#[inline]`) are vectorized for that level; a call that is
-/// not inlined runs at baseline, so each kernel dispatches itself.
+/// Runs `kernel` compiled for this thread's level: its `with_simd` (marked
+/// `#[inline(always)]`, as [`simd_kernel!`] writes it) is inlined into a function built with
+/// that level's target features, so its loops vectorize for them.
 #[inline(always)]
-pub fn dispatch<R>(f: impl FnOnce() -> R) -> R {
+pub fn dispatch<K: pulp::WithSimd>(kernel: K) -> K::Output {
     #[cfg(target_arch = "x86_64")]
-    {
-        match level() {
-            Level::Avx512 => {
-                if let Some(simd) = pulp::x86::V4::try_new() {
-                    return simd.vectorize(f);
-                }
+    match level() {
+        Level::Avx512 => {
+            if let Some(simd) = pulp::x86::V4::try_new() {
+                return pulp::Simd::vectorize(simd, kernel);
             }
-            Level::Avx2 => {
-                if let Some(simd) = pulp::x86::V3::try_new() {
-                    return simd.vectorize(f);
-                }
-            }
-            Level::Scalar => {}
         }
+        Level::Avx2 => {
+            if let Some(simd) = pulp::x86::V3::try_new() {
+                return pulp::Simd::vectorize(simd, kernel);
+            }
+        }
+        Level::Scalar => {}
     }
-    f()
+    kernel.with_simd(pulp::Scalar)
 }
+
+/// Defines a function whose body runs compiled for the thread's SIMD level ([`dispatch`]).
+///
+/// A closure handed to a function with target features is compiled with them only if the
+/// compiler inlines it there, which it declines for loops of any size (measured: the
+/// kernels stayed at SSE2). So each kernel's body becomes the `#[inline(always)]` method of a
+/// one-off type holding its arguments, and is always inlined. Arguments are plain
+/// `name: Type` pairs; everything else is an ordinary function.
+macro_rules! simd_kernel {
+    (
+        $(#[$meta:meta])*
+        $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block
+    ) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            struct Kernel<T>(T);
+            impl pulp::WithSimd for Kernel<($($ty,)*)> {
+                type Output = $crate::engine::simd::simd_kernel!(@output $($ret)?);
+                #[inline(always)]
+                fn with_simd<S: pulp::Simd>(self, _simd: S) -> Self::Output {
+                    let ($($arg,)*) = self.0;
+                    $body
+                }
+            }
+            $crate::engine::simd::dispatch(Kernel(($($arg,)*)))
+        }
+    };
+    (@output) => { () };
+    (@output $ret:ty) => { $ret };
+}
+pub(crate) use simd_kernel;
 
 /// The CPU's model name from /proc/cpuinfo (Linux), or "unknown", for reports.
 pub fn cpu_model() -> String {
@@ -177,13 +206,17 @@ mod tests {
         assert_eq!(level(), before);
     }
 
+    simd_kernel! {
+        fn doubled_sum(values: &[f32]) -> f32 {
+            values.iter().map(|v| v * 2.0).sum::<f32>()
+        }
+    }
+
     #[test]
-    fn dispatch_runs_the_closure_at_every_level() {
+    fn a_kernel_runs_at_every_level() {
         let values: Vec<f32> = (0..1000).map(|i| i as f32 * 0.25).collect();
         for level in Level::supported_levels() {
-            let total = with_level(level, || {
-                dispatch(|| values.iter().map(|v| v * 2.0).sum::<f32>())
-            });
+            let total = with_level(level, || doubled_sum(&values));
             assert_eq!(total, 249_750.0, "{level:?}");
         }
     }

@@ -22,7 +22,7 @@ impl Real for f32 {
     fn to_f64(self) -> f64 {
         f64::from(self)
     }
-    #[inline]
+    #[inline(always)]
     fn sqrt(self) -> Self {
         f32::sqrt(self)
     }
@@ -35,7 +35,7 @@ impl Real for f64 {
     fn to_f64(self) -> f64 {
         self
     }
-    #[inline]
+    #[inline(always)]
     fn sqrt(self) -> Self {
         f64::sqrt(self)
     }
@@ -89,10 +89,46 @@ pub fn sgd_update<T: Real>(
     // PyTorch skips the decay term entirely when it is 0, which matters only for non-finite weights,
     // but costs nothing here: every branch below is resolved at compile time inside the loop.
     let decay = h.weight_decay != 0.0;
-    dispatch(|| sgd_dispatched(param, grad, momentum_buffer, first, h, scalars, decay))
+    dispatch(SgdKernel {
+        param,
+        grad,
+        momentum_buffer,
+        first,
+        h,
+        scalars,
+        decay,
+    })
 }
 
-/// The body of `sgd_update`, compiled for the CPU's instruction set (`simd::dispatch`).
+/// `sgd_update`'s loop, run compiled for the CPU's instruction set (`simd::dispatch`).
+struct SgdKernel<'a, T> {
+    param: &'a mut [T],
+    grad: &'a [T],
+    momentum_buffer: &'a mut [T],
+    first: bool,
+    h: &'a SgdStep,
+    scalars: SgdScalars<T>,
+    decay: bool,
+}
+
+impl<T: Real> pulp::WithSimd for SgdKernel<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let SgdKernel {
+            param,
+            grad,
+            momentum_buffer,
+            first,
+            h,
+            scalars,
+            decay,
+        } = self;
+        sgd_dispatched(param, grad, momentum_buffer, first, h, scalars, decay);
+    }
+}
+
 #[inline(always)]
 fn sgd_dispatched<T: Real>(
     param: &mut [T],
@@ -196,10 +232,14 @@ pub fn adam_update<T: Real>(
         weight_decay: T::from_f64(h.weight_decay),
         decay_factor: T::from_f64(1.0 - h.lr * h.weight_decay),
     };
-    dispatch(|| match (h.weight_decay != 0.0, h.decoupled) {
-        (false, _) => adam_kernel::<T, false, false>(param, grad, exp_avg, exp_avg_sq, scalars),
-        (true, false) => adam_kernel::<T, true, false>(param, grad, exp_avg, exp_avg_sq, scalars),
-        (true, true) => adam_kernel::<T, false, true>(param, grad, exp_avg, exp_avg_sq, scalars),
+    dispatch(AdamKernel {
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        scalars,
+        l2_decay: h.weight_decay != 0.0 && !h.decoupled,
+        decoupled_decay: h.weight_decay != 0.0 && h.decoupled,
     })
 }
 
@@ -214,6 +254,43 @@ struct AdamScalars<T> {
     step_size: T,
     weight_decay: T,
     decay_factor: T,
+}
+
+/// `adam_update`'s loop, run compiled for the CPU's instruction set (`simd::dispatch`).
+struct AdamKernel<'a, T> {
+    param: &'a mut [T],
+    grad: &'a [T],
+    exp_avg: &'a mut [T],
+    exp_avg_sq: &'a mut [T],
+    scalars: AdamScalars<T>,
+    l2_decay: bool,
+    decoupled_decay: bool,
+}
+
+impl<T: Real> pulp::WithSimd for AdamKernel<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let AdamKernel {
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            scalars,
+            l2_decay,
+            decoupled_decay,
+        } = self;
+        match (l2_decay, decoupled_decay) {
+            (false, false) => {
+                adam_kernel::<T, false, false>(param, grad, exp_avg, exp_avg_sq, scalars)
+            }
+            (true, _) => adam_kernel::<T, true, false>(param, grad, exp_avg, exp_avg_sq, scalars),
+            (false, true) => {
+                adam_kernel::<T, false, true>(param, grad, exp_avg, exp_avg_sq, scalars)
+            }
+        }
+    }
 }
 
 #[inline(always)]

@@ -12,7 +12,7 @@ use crate::engine::data::Task;
 use crate::engine::model::{Layers, Model, ModelShape};
 use crate::engine::ops::for_each_3x3_tap;
 use crate::engine::rng::Rng;
-use crate::engine::simd::dispatch;
+use crate::engine::simd::simd_kernel;
 use crate::engine::spec::{Activation, ModelSpec};
 use crate::engine::train::DeviceData;
 
@@ -123,10 +123,10 @@ struct Geometry {
     channels: usize,
 }
 
-/// im2col of one NHWC image for a 3x3 kernel with padding 1: `columns` is
-/// `[height * width, 9 * channels]`, columns in (ky, kx, c) order, padding taps zero.
-fn im2col_image(input: &[f32], geometry: Geometry, columns: &mut [f32]) {
-    dispatch(|| {
+simd_kernel! {
+    /// im2col of one NHWC image for a 3x3 kernel with padding 1: `columns` is
+    /// `[height * width, 9 * channels]`, columns in (ky, kx, c) order, padding taps zero.
+    fn im2col_image(input: &[f32], geometry: Geometry, columns: &mut [f32]) {
         let Geometry {
             height,
             width,
@@ -149,12 +149,12 @@ fn im2col_image(input: &[f32], geometry: Geometry, columns: &mut [f32]) {
                 }
             }
         }
-    })
+    }
 }
 
-/// The adjoint of `im2col_image`: sums patch gradients back onto the image.
-fn col2im_image(columns: &[f32], geometry: Geometry, image: &mut [f32]) {
-    dispatch(|| {
+simd_kernel! {
+    /// The adjoint of `im2col_image`: sums patch gradients back onto the image.
+    fn col2im_image(columns: &[f32], geometry: Geometry, image: &mut [f32]) {
         let c = geometry.channels;
         image.fill(0.0);
         for_each_3x3_tap(geometry.height, geometry.width, |pixel, tap, target| {
@@ -163,13 +163,13 @@ fn col2im_image(columns: &[f32], geometry: Geometry, image: &mut [f32]) {
                 *value += g;
             }
         });
-    })
+    }
 }
 
-/// 2x2 max pooling of one NHWC map (odd edges dropped, the first maximum wins ties, as in
-/// PyTorch); `winner` records which of the window's 4 positions won.
-fn max_pool_image(input: &[f32], geometry: Geometry, pooled: &mut [f32], winner: &mut [u8]) {
-    dispatch(|| {
+simd_kernel! {
+    /// 2x2 max pooling of one NHWC map (odd edges dropped, the first maximum wins ties, as in
+    /// PyTorch); `winner` records which of the window's 4 positions won.
+    fn max_pool_image(input: &[f32], geometry: Geometry, pooled: &mut [f32], winner: &mut [u8]) {
         let Geometry {
             height,
             width,
@@ -199,20 +199,20 @@ fn max_pool_image(input: &[f32], geometry: Geometry, pooled: &mut [f32], winner:
                 }
             }
         }
-    })
+    }
 }
 
-/// The backward pass of ReLU + 2x2 max pool on one image: `activated` holds the ReLU output
-/// on entry and d(loss)/d(pre-activation) on exit. Each window's gradient goes to its
-/// winner if the ReLU let it through; every other position, including rows and columns
-/// an odd size left out of the pool, gets zero.
-fn pool_relu_backward_image(
-    pooled_grad: &[f32],
-    winner: &[u8],
-    geometry: Geometry,
-    activated: &mut [f32],
-) {
-    dispatch(|| {
+simd_kernel! {
+    /// The backward pass of ReLU + 2x2 max pool on one image: `activated` holds the ReLU output
+    /// on entry and d(loss)/d(pre-activation) on exit. Each window's gradient goes to its
+    /// winner if the ReLU let it through; every other position, including rows and columns
+    /// an odd size left out of the pool, gets zero.
+    fn pool_relu_backward_image(
+        pooled_grad: &[f32],
+        winner: &[u8],
+        geometry: Geometry,
+        activated: &mut [f32],
+    ) {
         let Geometry {
             height,
             width,
@@ -244,7 +244,7 @@ fn pool_relu_backward_image(
                 activated[at..at + c].fill(0.0);
             }
         }
-    })
+    }
 }
 
 /// The buffers of one batch size.
@@ -723,21 +723,24 @@ fn conv_forward(conv: &mut ConvBuffers, source: &[f32], n: usize, weight: &[f32]
     );
     conv.activated
         .par_chunks_mut(outputs * width)
-        .for_each(|values| {
-            dispatch(|| {
-                for row in values.chunks_exact_mut(outputs) {
-                    for (value, b) in row.iter_mut().zip(bias) {
-                        *value = (*value + b).max(0.0);
-                    }
-                }
-            })
-        });
+        .for_each(|values| bias_relu(values, bias));
     let pooled_len = conv.pooled.len() / n.max(1);
     conv.pooled
         .par_chunks_mut(pooled_len)
         .zip(conv.winner.par_chunks_mut(pooled_len))
         .zip(conv.activated.par_chunks(height * width * outputs))
         .for_each(|((pooled, winner), image)| max_pool_image(image, output, pooled, winner));
+}
+
+simd_kernel! {
+    /// `values = max(values + bias, 0)` on rows of `bias.len()` channels.
+    fn bias_relu(values: &mut [f32], bias: &[f32]) {
+        for row in values.chunks_exact_mut(bias.len()) {
+            for (value, b) in row.iter_mut().zip(bias) {
+                *value = (*value + b).max(0.0);
+            }
+        }
+    }
 }
 
 /// `conv.pooled` holds d(loss)/d(pooled output) on entry. Writes the weight and bias

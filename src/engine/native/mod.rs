@@ -20,7 +20,7 @@ use super::data::Task;
 use super::model::{Layers, Model, ModelShape};
 use super::ops::{exp, gelu_derivative, gelu_value, max_value, sum};
 use super::rng::Rng;
-use super::simd::dispatch;
+use super::simd::simd_kernel;
 use super::spec::{Activation, ModelSpec};
 use super::train::DeviceData;
 
@@ -269,48 +269,52 @@ pub(super) fn dense_backward(
     }
 }
 
-/// Adds the bias to every row of `z`.
-pub(super) fn bias_forward(z: &mut [f32], bias: &[f32]) {
-    dispatch(|| {
+simd_kernel! {
+    /// Adds the bias to every row of `z`.
+    pub(super) fn bias_forward(z: &mut [f32], bias: &[f32]) {
         for row in z.chunks_exact_mut(bias.len()) {
             for (value, b) in row.iter_mut().zip(bias) {
                 *value += b;
             }
         }
-    })
+    }
 }
 
-pub(super) fn activate(activation: Activation, z: &[f32], a: &mut [f32]) {
-    dispatch(|| match activation {
-        Activation::Relu => z.iter().zip(a).for_each(|(z, a)| *a = z.max(0.0)),
-        Activation::Gelu => z.iter().zip(a).for_each(|(z, a)| *a = gelu_value(*z)),
-        Activation::Tanh => z.iter().zip(a).for_each(|(z, a)| *a = z.tanh()),
-        Activation::Silu => z.iter().zip(a).for_each(|(z, a)| *a = z / (1.0 + exp(-z))),
-    })
+simd_kernel! {
+    pub(super) fn activate(activation: Activation, z: &[f32], a: &mut [f32]) {
+        match activation {
+            Activation::Relu => z.iter().zip(a).for_each(|(z, a)| *a = z.max(0.0)),
+            Activation::Gelu => z.iter().zip(a).for_each(|(z, a)| *a = gelu_value(*z)),
+            Activation::Tanh => z.iter().zip(a).for_each(|(z, a)| *a = z.tanh()),
+            Activation::Silu => z.iter().zip(a).for_each(|(z, a)| *a = z / (1.0 + exp(-z))),
+        }
+    }
 }
 
-/// `grad *= activation'(z)`, in place.
-pub(super) fn activation_backward(activation: Activation, z: &[f32], grad: &mut [f32]) {
-    dispatch(|| match activation {
-        // A select, not a branch: the sign of z is a coin flip the predictor cannot learn,
-        // and the select vectorizes.
-        Activation::Relu => z
-            .iter()
-            .zip(grad)
-            .for_each(|(z, g)| *g = if *z > 0.0 { *g } else { 0.0 }),
-        Activation::Gelu => z
-            .iter()
-            .zip(grad)
-            .for_each(|(z, g)| *g *= gelu_derivative(*z)),
-        Activation::Tanh => z.iter().zip(grad).for_each(|(z, g)| {
-            let t = z.tanh();
-            *g *= 1.0 - t * t;
-        }),
-        Activation::Silu => z.iter().zip(grad).for_each(|(z, g)| {
-            let s = 1.0 / (1.0 + exp(-z));
-            *g *= s * (1.0 + z * (1.0 - s));
-        }),
-    })
+simd_kernel! {
+    /// `grad *= activation'(z)`, in place.
+    pub(super) fn activation_backward(activation: Activation, z: &[f32], grad: &mut [f32]) {
+        match activation {
+            // A select, not a branch: the sign of z is a coin flip the predictor cannot
+            // learn, and the select vectorizes.
+            Activation::Relu => z
+                .iter()
+                .zip(grad)
+                .for_each(|(z, g)| *g = if *z > 0.0 { *g } else { 0.0 }),
+            Activation::Gelu => z
+                .iter()
+                .zip(grad)
+                .for_each(|(z, g)| *g *= gelu_derivative(*z)),
+            Activation::Tanh => z.iter().zip(grad).for_each(|(z, g)| {
+                let t = z.tanh();
+                *g *= 1.0 - t * t;
+            }),
+            Activation::Silu => z.iter().zip(grad).for_each(|(z, g)| {
+                let s = 1.0 / (1.0 + exp(-z));
+                *g *= s * (1.0 + z * (1.0 - s));
+            }),
+        }
+    }
 }
 
 /// Column sums of a row-major `[rows, sums.len()]` matrix into `sums`. A large matrix is
@@ -320,14 +324,7 @@ pub(super) fn column_sums(values: &[f32], sums: &mut [f32]) {
     let cols = sums.len();
     let rows = values.len() / cols.max(1);
     if values.len() < PARALLEL_SUM_MIN || rows < 2 {
-        sums.fill(0.0);
-        dispatch(|| {
-            for row in values.chunks_exact(cols) {
-                for (sum, value) in sums.iter_mut().zip(row) {
-                    *sum += value;
-                }
-            }
-        });
+        column_sums_serial(values, sums);
         return;
     }
     let (top, bottom) = values.split_at(rows / 2 * cols);
@@ -341,70 +338,76 @@ pub(super) fn column_sums(values: &[f32], sums: &mut [f32]) {
     }
 }
 
-/// Mean cross-entropy over rows of logits; leaves d(loss)/d(logits) in `grad`.
-pub(super) fn cross_entropy(
-    logits: &[f32],
-    labels: &[u32],
-    classes: usize,
-    grad: &mut [f32],
-) -> f64 {
-    dispatch(|| cross_entropy_kernel(logits, labels, classes, grad))
-}
-
-#[inline(always)]
-fn cross_entropy_kernel(logits: &[f32], labels: &[u32], classes: usize, grad: &mut [f32]) -> f64 {
-    let rows = labels.len();
-    let scale = 1.0 / rows as f32;
-    let mut total = 0.0f64;
-    for ((row, grad_row), &label) in logits
-        .chunks_exact(classes)
-        .zip(grad.chunks_exact_mut(classes))
-        .zip(labels)
-    {
-        let max = max_value(row);
-        for (g, &value) in grad_row.iter_mut().zip(row) {
-            *g = exp(value - max);
+simd_kernel! {
+    fn column_sums_serial(values: &[f32], sums: &mut [f32]) {
+        sums.fill(0.0);
+        for row in values.chunks_exact(sums.len()) {
+            for (sum, value) in sums.iter_mut().zip(row) {
+                *sum += value;
+            }
         }
-        let sum = sum(grad_row);
-        let label = label as usize;
-        total += f64::from(sum.ln() - (row[label] - max));
-        let inverse = scale / sum;
-        for g in grad_row.iter_mut() {
-            *g *= inverse;
+    }
+}
+
+simd_kernel! {
+    /// Mean cross-entropy over rows of logits; leaves d(loss)/d(logits) in `grad`.
+    pub(super) fn cross_entropy(
+        logits: &[f32],
+        labels: &[u32],
+        classes: usize,
+        grad: &mut [f32],
+    ) -> f64 {
+        let rows = labels.len();
+        let scale = 1.0 / rows as f32;
+        let mut total = 0.0f64;
+        for ((row, grad_row), &label) in logits
+            .chunks_exact(classes)
+            .zip(grad.chunks_exact_mut(classes))
+            .zip(labels)
+        {
+            let max = max_value(row);
+            for (g, &value) in grad_row.iter_mut().zip(row) {
+                *g = exp(value - max);
+            }
+            let sum = sum(grad_row);
+            let label = label as usize;
+            total += f64::from(sum.ln() - (row[label] - max));
+            let inverse = scale / sum;
+            for g in grad_row.iter_mut() {
+                *g *= inverse;
+            }
+            grad_row[label] -= scale;
         }
-        grad_row[label] -= scale;
+        total / rows as f64
     }
-    total / rows as f64
 }
 
-/// Cross-entropy summed over rows of logits, and how many rows have their largest logit
-/// (the first, on ties) at the label.
-pub(super) fn classification_loss_and_hits(
-    logits: &[f32],
-    labels: &[u32],
-    classes: usize,
-) -> (f64, usize) {
-    dispatch(|| classification_kernel(logits, labels, classes))
-}
-
-#[inline(always)]
-fn classification_kernel(logits: &[f32], labels: &[u32], classes: usize) -> (f64, usize) {
-    let (mut total, mut hits) = (0.0f64, 0usize);
-    for (row, &label) in logits.chunks_exact(classes).zip(labels) {
-        let max = max_value(row);
-        let sum: f32 = row.iter().map(|v| exp(v - max)).sum();
-        let label = label as usize;
-        total += f64::from(sum.ln() - (row[label] - max));
-        let predicted = (0..classes).fold(0, |best, i| if row[i] > row[best] { i } else { best });
-        hits += usize::from(predicted == label);
+simd_kernel! {
+    /// Cross-entropy summed over rows of logits, and how many rows have their largest logit
+    /// (the first, on ties) at the label.
+    pub(super) fn classification_loss_and_hits(
+        logits: &[f32],
+        labels: &[u32],
+        classes: usize,
+    ) -> (f64, usize) {
+        let (mut total, mut hits) = (0.0f64, 0usize);
+        for (row, &label) in logits.chunks_exact(classes).zip(labels) {
+            let max = max_value(row);
+            let sum: f32 = row.iter().map(|v| exp(v - max)).sum();
+            let label = label as usize;
+            total += f64::from(sum.ln() - (row[label] - max));
+            let predicted =
+                (0..classes).fold(0, |best, i| if row[i] > row[best] { i } else { best });
+            hits += usize::from(predicted == label);
+        }
+        (total, hits)
     }
-    (total, hits)
 }
 
-/// Mean squared error over every output; leaves d(loss)/d(output) in `grad`.
-pub(super) fn mean_squared_error(output: &[f32], targets: &[f32], grad: &mut [f32]) -> f64 {
-    let scale = 2.0 / output.len() as f32;
-    dispatch(|| {
+simd_kernel! {
+    /// Mean squared error over every output; leaves d(loss)/d(output) in `grad`.
+    pub(super) fn mean_squared_error(output: &[f32], targets: &[f32], grad: &mut [f32]) -> f64 {
+        let scale = 2.0 / output.len() as f32;
         let mut total = 0.0f64;
         for ((g, &o), &t) in grad.iter_mut().zip(output).zip(targets) {
             let error = o - t;
@@ -412,7 +415,7 @@ pub(super) fn mean_squared_error(output: &[f32], targets: &[f32], grad: &mut [f3
             *g = scale * error;
         }
         total / output.len() as f64
-    })
+    }
 }
 
 /// Read access to the f32 values of a contiguous CPU tensor for the length of a step.

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::engine::model::{Layers, Model, ModelShape};
 use crate::engine::ops::{dot, exp, gelu_derivative_with, gelu_tanh, max_value, row_stats, sum};
-use crate::engine::simd::dispatch;
+use crate::engine::simd::simd_kernel;
 use crate::engine::spec::ModelSpec;
 use crate::engine::train::DeviceData;
 
@@ -53,26 +53,7 @@ impl Norm {
             .zip(self.inv_std.par_chunks_mut(ROWS_PER_TASK))
             .zip(x.par_chunks(ROWS_PER_TASK * d))
             .for_each(|(((normalized, out), inv_std), x)| {
-                dispatch(|| {
-                    for (((row, normalized), out), inv_std) in x
-                        .chunks_exact(d)
-                        .zip(normalized.chunks_exact_mut(d))
-                        .zip(out.chunks_exact_mut(d))
-                        .zip(inv_std.iter_mut())
-                    {
-                        let (mean, inverse) = row_stats(row);
-                        *inv_std = inverse;
-                        for (((value, normalized), out), (g, s)) in row
-                            .iter()
-                            .zip(normalized.iter_mut())
-                            .zip(out.iter_mut())
-                            .zip(gain.iter().zip(shift))
-                        {
-                            *normalized = (value - mean) * inverse;
-                            *out = *normalized * g + s;
-                        }
-                    }
-                })
+                norm_forward_rows(x, gain, shift, normalized, out, inv_std)
             });
     }
 
@@ -87,52 +68,155 @@ impl Norm {
         grad_x: &mut [f32],
     ) {
         let d = gain.len();
-        grad_gain.fill(0.0);
-        grad_shift.fill(0.0);
-        dispatch(|| {
-            for (g_row, normalized) in grad_out
-                .chunks_exact(d)
-                .zip(self.normalized.chunks_exact(d))
-            {
-                for ((g, x), (dg, ds)) in g_row
-                    .iter()
-                    .zip(normalized)
-                    .zip(grad_gain.iter_mut().zip(grad_shift.iter_mut()))
-                {
-                    *dg += g * x;
-                    *ds += g;
-                }
-            }
-        });
-        let width = d as f32;
+        norm_parameter_grads(grad_out, &self.normalized, grad_gain, grad_shift);
         grad_x
             .par_chunks_mut(ROWS_PER_TASK * d)
             .zip(grad_out.par_chunks(ROWS_PER_TASK * d))
             .zip(self.normalized.par_chunks(ROWS_PER_TASK * d))
             .zip(self.inv_std.par_chunks(ROWS_PER_TASK))
             .for_each(|(((grad_x, grad_out), normalized), inv_std)| {
-                dispatch(|| {
-                    for (((dx, g), x), inv_std) in grad_x
-                        .chunks_exact_mut(d)
-                        .zip(grad_out.chunks_exact(d))
-                        .zip(normalized.chunks_exact(d))
-                        .zip(inv_std)
-                    {
-                        // With y = x_hat * gain: dx = inv_std * (dy_hat - mean(dy_hat)
-                        // - x_hat * mean(dy_hat * x_hat)), dy_hat = dy * gain.
-                        let (mut sum, mut dot) = (0.0f32, 0.0f32);
-                        for ((g, x), gain) in g.iter().zip(x).zip(gain) {
-                            let dy_hat = g * gain;
-                            sum += dy_hat;
-                            dot += dy_hat * x;
-                        }
-                        let (mean, mean_dot) = (sum / width, dot / width);
-                        for (((dx, g), x), gain) in dx.iter_mut().zip(g).zip(x).zip(gain) {
-                            *dx += inv_std * (g * gain - mean - x * mean_dot);
-                        }
-                    }
-                })
+                norm_input_grads(grad_out, normalized, inv_std, gain, grad_x)
             });
+    }
+}
+
+simd_kernel! {
+    /// Layer norm of rows of `gain.len()` values: `normalized` = (x - mean) / std, `out` =
+    /// normalized * gain + shift, `inv_std` = 1 / std per row.
+    fn norm_forward_rows(
+        x: &[f32],
+        gain: &[f32],
+        shift: &[f32],
+        normalized: &mut [f32],
+        out: &mut [f32],
+        inv_std: &mut [f32],
+    ) {
+        let d = gain.len();
+        for (((row, normalized), out), inv_std) in x
+            .chunks_exact(d)
+            .zip(normalized.chunks_exact_mut(d))
+            .zip(out.chunks_exact_mut(d))
+            .zip(inv_std.iter_mut())
+        {
+            let (mean, inverse) = row_stats(row);
+            *inv_std = inverse;
+            for (((value, normalized), out), (g, s)) in row
+                .iter()
+                .zip(normalized.iter_mut())
+                .zip(out.iter_mut())
+                .zip(gain.iter().zip(shift))
+            {
+                *normalized = (value - mean) * inverse;
+                *out = *normalized * g + s;
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// A layer norm's gain and shift gradients: column sums of `grad_out * normalized` and of
+    /// `grad_out`.
+    fn norm_parameter_grads(
+        grad_out: &[f32],
+        normalized: &[f32],
+        grad_gain: &mut [f32],
+        grad_shift: &mut [f32],
+    ) {
+        let d = grad_gain.len();
+        grad_gain.fill(0.0);
+        grad_shift.fill(0.0);
+        for (g_row, normalized) in grad_out.chunks_exact(d).zip(normalized.chunks_exact(d)) {
+            for ((g, x), (dg, ds)) in g_row
+                .iter()
+                .zip(normalized)
+                .zip(grad_gain.iter_mut().zip(grad_shift.iter_mut()))
+            {
+                *dg += g * x;
+                *ds += g;
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// Adds a layer norm's d(loss)/d(x) into `grad_x`, rows of `gain.len()` values.
+    fn norm_input_grads(
+        grad_out: &[f32],
+        normalized: &[f32],
+        inv_std: &[f32],
+        gain: &[f32],
+        grad_x: &mut [f32],
+    ) {
+        let d = gain.len();
+        let width = d as f32;
+        for (((dx, g), x), inv_std) in grad_x
+            .chunks_exact_mut(d)
+            .zip(grad_out.chunks_exact(d))
+            .zip(normalized.chunks_exact(d))
+            .zip(inv_std)
+        {
+            // With y = x_hat * gain: dx = inv_std * (dy_hat - mean(dy_hat)
+            // - x_hat * mean(dy_hat * x_hat)), dy_hat = dy * gain.
+            let (mut sum, mut dot) = (0.0f32, 0.0f32);
+            for ((g, x), gain) in g.iter().zip(x).zip(gain) {
+                let dy_hat = g * gain;
+                sum += dy_hat;
+                dot += dy_hat * x;
+            }
+            let (mean, mean_dot) = (sum / width, dot / width);
+            for (((dx, g), x), gain) in dx.iter_mut().zip(g).zip(x).zip(gain) {
+                *dx += inv_std * (g * gain - mean - x * mean_dot);
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// Causal softmax, in place, of each row of a `[time, time]` block of attention scores
+    /// times `scale`: row i keeps positions 0..=i and the rest get weight 0 (the -1e9 mask of
+    /// the autograd path leaves them about 1.6e-38, exp's floor).
+    fn causal_softmax(weights: &mut [f32], time: usize, scale: f32) {
+        for (i, row) in weights.chunks_exact_mut(time).enumerate() {
+            let (visible, hidden) = row.split_at_mut(i + 1);
+            let max = max_value(visible) * scale;
+            for s in visible.iter_mut() {
+                *s = exp(*s * scale - max);
+            }
+            let inverse = 1.0 / sum(visible);
+            visible.iter_mut().for_each(|s| *s *= inverse);
+            hidden.fill(0.0);
+        }
+    }
+}
+
+simd_kernel! {
+    /// Through the softmax, in place: dS = P * (dP - rowsum(P * dP)) * scale, row by row.
+    fn softmax_backward(p: &[f32], dp: &mut [f32], time: usize, scale: f32) {
+        for (p_row, dp_row) in p.chunks_exact(time).zip(dp.chunks_exact_mut(time)) {
+            let dot = dot(p_row, dp_row);
+            for (g, p) in dp_row.iter_mut().zip(p_row) {
+                *g = p * (*g - dot) * scale;
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// GELU (tanh form) forward, keeping its inner tanh for the backward pass.
+    fn gelu_forward(x: &[f32], activated: &mut [f32], tanh: &mut [f32]) {
+        for ((a, t), &x) in activated.iter_mut().zip(tanh.iter_mut()).zip(x) {
+            *t = gelu_tanh(x);
+            *a = 0.5 * x * (1.0 + *t);
+        }
+    }
+}
+
+simd_kernel! {
+    /// `grad *= GELU'(x)`, from the tanh the forward pass kept.
+    fn gelu_backward(x: &[f32], tanh: &[f32], grad: &mut [f32]) {
+        for ((g, &x), &t) in grad.iter_mut().zip(x).zip(tanh) {
+            *g *= gelu_derivative_with(x, t);
+        }
     }
 }
 
@@ -342,20 +426,7 @@ fn attention_forward(
                     head_part(qkv, d, head_dim, 0, head),
                     head_part(qkv, d, head_dim, 1, head).t(),
                 );
-                dispatch(|| {
-                    for (i, row) in weights.chunks_exact_mut(time).enumerate() {
-                        // Position i sees positions 0..=i; the rest get weight 0 (the -1e9
-                        // mask of the autograd path leaves them about 1.6e-38, exp's floor).
-                        let (visible, hidden) = row.split_at_mut(i + 1);
-                        let max = max_value(visible) * scale;
-                        for s in visible.iter_mut() {
-                            *s = exp(*s * scale - max);
-                        }
-                        let inverse = 1.0 / sum(visible);
-                        visible.iter_mut().for_each(|s| *s *= inverse);
-                        hidden.fill(0.0);
-                    }
-                });
+                causal_softmax(weights, time, scale);
                 gemm_into(
                     &mut mixed[head * head_dim..],
                     d,
@@ -416,15 +487,7 @@ fn attention_backward(
                     Operand::transposed(p, time),
                     grad_out,
                 );
-                // Through the softmax: dS = P * (dP - rowsum(P * dP)), times the 1/sqrt scale.
-                dispatch(|| {
-                    for (p_row, dp_row) in p.chunks_exact(time).zip(dp.chunks_exact_mut(time)) {
-                        let dot = dot(p_row, dp_row);
-                        for (g, p) in dp_row.iter_mut().zip(p_row) {
-                            *g = p * (*g - dot) * scale;
-                        }
-                    }
-                });
+                softmax_backward(p, dp, time, scale);
                 let ds: &[f32] = dp;
                 // dQ = dS K and dK = dS^T Q.
                 gemm_into(
@@ -532,14 +595,7 @@ fn forward(buffers: &mut Buffers, params: &[&[f32]], n: usize) {
             .par_chunks_mut(chunk)
             .zip(block.gelu_tanh.par_chunks_mut(chunk))
             .zip(block.expanded.par_chunks(chunk))
-            .for_each(|((a, t), e)| {
-                dispatch(|| {
-                    for ((a, t), &x) in a.iter_mut().zip(t.iter_mut()).zip(e) {
-                        *t = gelu_tanh(x);
-                        *a = 0.5 * x * (1.0 + *t);
-                    }
-                })
-            });
+            .for_each(|((a, t), e)| gelu_forward(e, a, t));
         dense_forward(output, &block.activated, n, p[10], p[11]);
         output
             .iter_mut()
@@ -667,13 +723,7 @@ pub(super) fn forward_backward(
             .par_chunks_mut(chunk)
             .zip(block.expanded.par_chunks(chunk))
             .zip(block.gelu_tanh.par_chunks(chunk))
-            .for_each(|((g, e), t)| {
-                dispatch(|| {
-                    for ((g, &x), &t) in g.iter_mut().zip(e).zip(t) {
-                        *g *= gelu_derivative_with(x, t);
-                    }
-                })
-            });
+            .for_each(|((g, e), t)| gelu_backward(e, t, g));
         dense_backward(
             grad_expanded,
             &block.norm_mlp.out,
