@@ -1,6 +1,9 @@
 //! `lrtune bench`: milliseconds per training step (forward + backward + optimizer) for the
-//! reference cases, the wall time of a `tune` job on mnist10k, and peak memory; and, when
-//! `torch` is importable, the same cases in PyTorch run side by side (bench_pytorch.py).
+//! reference cases, per step of a whole range-test job on mnist10k for three of them, the wall
+//! time of a `tune` job on mnist10k, and peak memory; and, when `torch` is importable, the
+//! same work in PyTorch run side by side (bench_pytorch.py). It reports the CPU, the SIMD
+//! levels it dispatched to, the threads and PyTorch's CPU capability, and computes the floors
+//! from a matrix product timed in the same run.
 
 use std::process::Command;
 use std::sync::atomic::AtomicBool;

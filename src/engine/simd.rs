@@ -167,17 +167,25 @@ macro_rules! simd_kernel {
 }
 pub(crate) use simd_kernel;
 
-/// The CPU's model name from /proc/cpuinfo (Linux), or "unknown", for reports.
+/// The CPU's model name from /proc/cpuinfo (Linux) with its family and model numbers (a
+/// virtual machine may show only "AMD EPYC"), or "unknown", for reports.
 pub fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .filter_map(|line| line.split_once(':'))
-                .find(|(key, _)| key.trim() == "model name")
-                .map(|(_, value)| value.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".to_string())
+    let Ok(text) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return "unknown".to_string();
+    };
+    let field = |name: &str| {
+        text.lines()
+            .filter_map(|line| line.split_once(':'))
+            .find(|(key, _)| key.trim() == name)
+            .map(|(_, value)| value.trim().to_string())
+    };
+    match (field("model name"), field("cpu family"), field("model")) {
+        (Some(name), Some(family), Some(model)) => {
+            format!("{name} (family {family}, model {model})")
+        }
+        (Some(name), _, _) => name,
+        _ => "unknown".to_string(),
+    }
 }
 
 #[cfg(test)]
