@@ -17,6 +17,7 @@ use super::rng::Rng;
 use super::schedule::{
     Cosine, CosineWarmRestarts, PlateauTracker, ReduceOnPlateau, Schedule, StepLr, WarmupCosine,
 };
+use super::sequential::load_initial_weights;
 use super::spec::{JobKind, JobSpec, Limits, Recipe, RecipeSchedule, SpecError};
 use super::train::{evaluate, train_step, BatchOrder, DeviceData, Evaluation};
 use super::tune::{one_cycle, select_device, tune_with};
@@ -27,6 +28,9 @@ pub const RACE_POINTS: usize = 25;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompareResult {
+    /// The validation loss of the first seed's initial weights, before any step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_val_loss: Option<f64>,
     pub recipes: Vec<RecipeResult>,
     pub target: Target,
     /// Recipe names, best first.
@@ -198,9 +202,17 @@ pub fn run_compare(
     };
     let train = DeviceData::new(&prepared.train, &device)?;
     let validation = DeviceData::new(&prepared.validation, &device)?;
+    let weights = load_initial_weights(spec.init.as_ref())?;
     let mut models = Vec::with_capacity(seeds);
+    let mut initial_val_loss = None;
     for seed_index in 0..seeds {
         let model = Model::build(&spec.model, &shape, spec.seed + seed_index as u64, &device)?;
+        if let Some(weights) = &weights {
+            model.load_state_dict(weights)?;
+        }
+        if seed_index == 0 {
+            initial_val_loss = Some(evaluate(&model, &validation)?.loss);
+        }
         let initial = model.snapshot()?;
         models.push((model, initial));
     }
@@ -228,6 +240,7 @@ pub fn run_compare(
     let race_seconds = race_started.elapsed().as_secs_f64();
     let (target, ranking, verdict) = judge(&mut results, spec.compare_target(), seeds);
     Ok(CompareResult {
+        initial_val_loss,
         recipes: results,
         target,
         ranking,

@@ -10,6 +10,7 @@ use super::data::Task;
 use super::native;
 use super::ops;
 use super::rng::Rng;
+use super::sequential::{self, Sequential};
 use super::spec::{Activation, ModelSpec, SpecError};
 
 /// What the model reads and predicts, taken from the training data.
@@ -132,6 +133,7 @@ pub(crate) enum Layers {
         heads: usize,
         causal_mask: Tensor,
     },
+    Sequential(Sequential),
 }
 
 pub struct Model {
@@ -196,16 +198,55 @@ impl Model {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Deep copies of every weight (a `Var` clone would share storage with the live one).
+    /// Deep copies of every weight and running statistic (a `Var` clone would share storage
+    /// with the live one).
     pub fn snapshot(&self) -> candle_core::Result<Vec<Tensor>> {
-        self.vars.iter().map(|var| var.as_tensor().copy()).collect()
+        self.state_vars()
+            .map(|var| var.as_tensor().copy())
+            .collect()
     }
 
     pub fn restore(&self, snapshot: &[Tensor]) -> candle_core::Result<()> {
-        for (var, saved) in self.vars.iter().zip(snapshot) {
+        for (var, saved) in self.state_vars().zip(snapshot) {
             var.set(saved)?;
         }
         Ok(())
+    }
+
+    /// The parameters, then batch norm's running statistics: everything training changes.
+    fn state_vars(&self) -> impl Iterator<Item = &Var> {
+        let buffers = match &self.layers {
+            Layers::Sequential(model) => Some(model.buffers()),
+            _ => None,
+        };
+        self.vars.iter().chain(buffers.into_iter().flatten())
+    }
+
+    /// Sets the weights from a PyTorch `state_dict()` (layer-list models only).
+    pub fn load_state_dict(
+        &self,
+        tensors: &std::collections::HashMap<String, Tensor>,
+    ) -> Result<(), SpecError> {
+        match &self.layers {
+            Layers::Sequential(model) => model.load_state_dict(tensors),
+            _ => Err(SpecError::new(
+                "init.weights",
+                format!(
+                    "initial weights need a layer-list model (arch \"sequential\"), not arch \"{}\"",
+                    self.arch()
+                ),
+            )),
+        }
+    }
+
+    fn arch(&self) -> &'static str {
+        match &self.layers {
+            Layers::Linear(_) => "linear",
+            Layers::Mlp { .. } => "mlp",
+            Layers::Cnn { .. } => "cnn",
+            Layers::Transformer { .. } => "transformer",
+            Layers::Sequential(_) => "sequential",
+        }
     }
 
     /// Predictions for a batch. `dropout_rng` is `Some` in training mode.
@@ -272,6 +313,7 @@ impl Model {
                 }
                 head.forward(&final_norm.forward(&h)?)
             }
+            Layers::Sequential(model) => model.forward(x, dropout_rng),
         }
     }
 
@@ -411,11 +453,17 @@ pub enum ModelError {
 /// before anything is allocated): the same messages either way.
 pub fn check_fits(spec: &ModelSpec, shape: &ModelShape) -> Result<(), SpecError> {
     let is_tokens = shape.task == Task::LanguageModel;
+    if let ModelSpec::Sequential { layers, .. } = spec {
+        if shape.output == 0 {
+            return Err(SpecError::new("data", "the data has no outputs to predict"));
+        }
+        return sequential::plan(layers, &shape.input, shape.task, shape.output).map(|_| ());
+    }
     if is_tokens && !matches!(spec, ModelSpec::Transformer { .. }) {
         return Err(SpecError::new(
             "model.arch",
             format!(
-                "a character language model needs arch \"transformer\", got \"{}\"",
+                "a character language model needs arch \"transformer\" or \"sequential\", got \"{}\"",
                 spec.arch()
             ),
         ));
@@ -516,6 +564,10 @@ pub fn parameter_count(spec: &ModelSpec, shape: &ModelShape) -> u64 {
                 .saturating_add(d.saturating_mul(2))
                 .saturating_add(dense(d, output))
         }
+        ModelSpec::Sequential { layers, .. } => {
+            sequential::plan(layers, &shape.input, shape.task, shape.output)
+                .map_or(u64::MAX, |plan| plan.parameters)
+        }
     }
 }
 
@@ -528,6 +580,10 @@ fn build_layers(
     check_fits(spec, shape)?;
     let features: usize = shape.input.iter().product();
     Ok(match spec {
+        ModelSpec::Sequential { layers, .. } => {
+            let plan = sequential::plan(layers, &shape.input, shape.task, shape.output)?;
+            Layers::Sequential(Sequential::build(&plan, rng, device)?)
+        }
         ModelSpec::Linear => Layers::Linear(Dense::new(features, shape.output, rng, device)?),
         ModelSpec::Mlp {
             hidden,
@@ -609,6 +665,7 @@ fn build_layers(
 fn collect_vars(layers: &Layers) -> Vec<Var> {
     let mut vars = Vec::new();
     match layers {
+        Layers::Sequential(model) => vars.extend(model.vars().cloned()),
         Layers::Linear(layer) => vars.extend(layer.vars().into_iter().cloned()),
         Layers::Mlp { layers, .. } => {
             for layer in layers {

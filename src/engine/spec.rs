@@ -7,6 +7,7 @@ use std::fmt;
 
 use super::data::Task;
 use super::schedule::{Anneal, PlateauMode, ThresholdMode};
+use super::sequential::LayerSpec;
 
 /// An invalid spec: which field, and what to change.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -79,6 +80,9 @@ pub struct JobSpec {
     pub sweep: SweepSpec,
     #[serde(default, skip_serializing_if = "Budget::is_default")]
     pub budget: Budget,
+    /// Initial weights instead of random ones (layer-list models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitSpec>,
     /// `compare` only: the recipes raced (default: the five of [`Recipe::DEFAULTS`]).
     #[serde(
         default,
@@ -93,6 +97,21 @@ pub struct JobSpec {
     /// the best final loss divided by it) a recipe must reach to count as there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<f64>,
+}
+
+/// Where a job's initial weights come from: `{"weights": {"path": "w.safetensors"}}`, the
+/// `state_dict()` of the equivalent `torch.nn.Sequential` saved with safetensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitSpec {
+    pub weights: WeightsSource,
+}
+
+/// A safetensors file on this machine (`lrtune run` and `check`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightsSource {
+    pub path: String,
 }
 
 /// A training recipe: an optimizer and a schedule, raced at its own tuned learning rate. In a
@@ -444,6 +463,13 @@ pub enum ModelSpec {
         context: usize,
     },
     Linear,
+    /// The user's own network as a list of PyTorch layers (`sequential.rs`).
+    Sequential {
+        layers: Vec<LayerSpec>,
+        /// The tokens a language model reads (text data only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        context: Option<usize>,
+    },
 }
 
 impl Default for ModelSpec {
@@ -463,6 +489,7 @@ impl ModelSpec {
             ModelSpec::Cnn { .. } => "cnn",
             ModelSpec::Transformer { .. } => "transformer",
             ModelSpec::Linear => "linear",
+            ModelSpec::Sequential { .. } => "sequential",
         }
     }
 
@@ -470,6 +497,7 @@ impl ModelSpec {
     pub fn context(&self) -> Option<usize> {
         match self {
             ModelSpec::Transformer { context, .. } => Some(*context),
+            ModelSpec::Sequential { context, .. } => *context,
             _ => None,
         }
     }
@@ -968,6 +996,20 @@ impl JobSpec {
             }
         }
         self.validate_data(limits)?;
+        if let Some(init) = &self.init {
+            if !matches!(self.model, ModelSpec::Sequential { .. }) {
+                return Err(SpecError::new(
+                    "init.weights",
+                    format!(
+                        "initial weights need a layer-list model (arch \"sequential\"), not arch \"{}\"",
+                        self.model.arch()
+                    ),
+                ));
+            }
+            if init.weights.path.trim().is_empty() {
+                return Err(SpecError::new("init.weights.path", "must not be empty"));
+            }
+        }
         let fraction = self.validation_fraction;
         if !(fraction > 0.0 && fraction < 1.0) {
             return Err(SpecError::new(
@@ -1237,6 +1279,12 @@ impl JobSpec {
                 }
             }
             ModelSpec::Linear => {}
+            ModelSpec::Sequential { layers, context } => {
+                super::sequential::validate(layers, "model.layers")?;
+                if context.is_some_and(|context| context < 2) {
+                    return Err(SpecError::new("model.context", "must be at least 2"));
+                }
+            }
         }
         Ok(())
     }

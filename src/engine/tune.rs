@@ -15,6 +15,7 @@ use super::optim::Optimizer;
 use super::prepare::{prepare, LoadedData};
 use super::range_test::{run_range_test, CurvePoint, RangeTestInputs};
 use super::schedule::{OneCycle, Schedule};
+use super::sequential::load_initial_weights;
 use super::spec::{
     Budget, Candidates, DeviceChoice, JobKind, JobSpec, Limits, OptimizerSpec, SpecError,
 };
@@ -23,11 +24,15 @@ use super::sweep::{
     auto_candidates, band, final_candidates, plan_search, refine_peak, OpenEdge, Search,
     SweepCandidate, SweepRun,
 };
-use super::train::{BatchOrder, DeviceData};
+use super::train::{evaluate, BatchOrder, DeviceData};
 use super::{Control, EngineError, Event};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobResult {
+    /// The validation loss of the initial weights, before any step (dropout off, batch norm
+    /// on its running statistics). Absent in results stored before it was reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_val_loss: Option<f64>,
     pub recommendation: Recommendation,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub range_test: Option<RangeTestSummary>,
@@ -160,9 +165,19 @@ pub(crate) fn tune_with(
         output: prepared.train.output_dim(),
         task: prepared.train.task(),
     };
-    let model = Model::build(&spec.model, &shape, spec.seed, &device)?;
+    let weights = load_initial_weights(spec.init.as_ref())?;
+    let build = |seed: u64| -> Result<Model, EngineError> {
+        let model = Model::build(&spec.model, &shape, seed, &device)?;
+        if let Some(weights) = &weights {
+            model.load_state_dict(weights)?;
+        }
+        Ok(model)
+    };
+    let model = build(spec.seed)?;
     let train = DeviceData::new(&prepared.train, &device)?;
     let validation = DeviceData::new(&prepared.validation, &device)?;
+    // Where training starts (and, for loaded weights, the check that they loaded right).
+    let initial_val_loss = evaluate(&model, &validation)?.loss;
     let steps_per_epoch = BatchOrder::steps_per_epoch(train.rows, spec.batch_size);
     let plan_steps = spec.plan.epochs * steps_per_epoch;
     let fixed_steps = spec
@@ -291,9 +306,7 @@ pub(crate) fn tune_with(
             .into());
         }
         control.emit(Event::Stage("sweep"));
-        let build_model = |seed: u64| -> Result<Model, EngineError> {
-            Ok(Model::build(&spec.model, &shape, seed, &device)?)
-        };
+        let build_model = |seed: u64| -> Result<Model, EngineError> { build(seed) };
         let search = Search {
             model: &model,
             build_model: &build_model,
@@ -361,6 +374,7 @@ pub(crate) fn tune_with(
     let total_steps = control.steps_done();
     Ok(JobOutput {
         result: JobResult {
+            initial_val_loss: Some(initial_val_loss),
             recommendation,
             range_test: range_summary,
             sweep: judged,

@@ -143,6 +143,12 @@ pub async fn submit(
 
 /// What can be checked about the data before a job is queued.
 async fn check_data(state: &AppState, spec: &JobSpec) -> Result<(), ApiError> {
+    if spec.init.is_some() {
+        return Err(ApiError::invalid(
+            "init.weights.path",
+            "the server does not read local files, and it takes no uploaded weights yet: run a job with initial weights with `lrtune run`",
+        ));
+    }
     let data = &spec.data;
     if data.path.is_some() {
         return Err(ApiError::invalid(

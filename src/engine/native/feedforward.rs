@@ -310,6 +310,7 @@ impl Buffers {
                 input_len = rows * features;
             }
             Layers::Transformer { .. } => unreachable!("transformers have their own buffers"),
+            Layers::Sequential(_) => unreachable!("layer lists run on candle"),
         }
         let last = dense_sizes.len() - 1;
         let dense = dense_sizes
@@ -393,7 +394,7 @@ pub(super) fn planned_bytes(spec: &ModelSpec, shape: &ModelShape, rows: u64) -> 
             dense.push(output);
             hidden_activation = true;
         }
-        ModelSpec::Transformer { .. } => return 0,
+        ModelSpec::Transformer { .. } | ModelSpec::Sequential { .. } => return 0,
     }
     let last = dense.len() - 1;
     for (index, &outputs) in dense.iter().enumerate() {

@@ -484,9 +484,22 @@ impl Buffers {
 
 /// The bytes a workspace for batches of `rows` rows takes (buffers, not the gradients), from
 /// the spec alone: admission checks a job's memory with it before anything is built.
+///
+/// A layer list runs on candle, which keeps every layer's output and its gradient for the
+/// backward pass, plus temporaries: counted as 4 values per activation value per row.
 pub fn planned_buffer_bytes(spec: &ModelSpec, shape: &ModelShape, rows: usize) -> u64 {
     match spec {
         ModelSpec::Transformer { .. } => transformer::planned_bytes(spec, shape, rows as u64),
+        ModelSpec::Sequential { layers, .. } => {
+            super::sequential::plan(layers, &shape.input, shape.task, shape.output).map_or(
+                u64::MAX,
+                |plan| {
+                    plan.activations_per_sample
+                        .saturating_mul(rows as u64)
+                        .saturating_mul(4 * 4)
+                },
+            )
+        }
         _ => feedforward::planned_bytes(spec, shape, rows as u64),
     }
 }
@@ -502,9 +515,10 @@ impl Workspace {
     }
 }
 
-/// Which models the native step runs: all of them, on the CPU.
+/// Which models the native step runs: the four architectures, on the CPU (layer lists run
+/// on candle).
 pub fn supports(model: &Model) -> bool {
-    model.device().is_cpu()
+    model.device().is_cpu() && !matches!(model.layers(), Layers::Sequential(_))
 }
 
 /// The workspace for batches of `rows` rows of `data`, (re)built when the model has none or

@@ -1,0 +1,1224 @@
+//! Layer-list models (`"arch": "sequential"`): a user's own network as a list of PyTorch
+//! layers, with PyTorch's semantics, default initialisation and `state_dict()` names, trained
+//! through candle's autograd.
+//!
+//! The list is checked against the data's per-sample shape before anything is built
+//! ([`plan`]): every layer's input and output shape is known, and a layer that cannot take
+//! its input is a spec error naming its index and both shapes. The same plan counts the
+//! parameters and sizes the activations for admission, and builds the model.
+//!
+//! Weights can start from a PyTorch checkpoint: [`Sequential::load_state_dict`] takes the
+//! tensors of `safetensors.torch.save_file(model.state_dict(), path)` for the equivalent
+//! `torch.nn.Sequential`, by name (`"0.weight"`, `"1.running_mean"`, a residual block's
+//! `"2.0.weight"`).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
+
+use super::data::Task;
+use super::ops;
+use super::rng::Rng;
+use super::spec::SpecError;
+
+/// Batch norm's defaults, PyTorch's.
+const BATCH_NORM_MOMENTUM: f64 = 0.1;
+const NORM_EPS: f64 = 1e-5;
+
+/// One layer of a layer list, with PyTorch's parameter names and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LayerSpec {
+    /// `nn.Linear(in, out)` on the last dimension.
+    Linear { out: usize },
+    /// `nn.Conv2d(in, out, kernel, stride, padding)`.
+    Conv2d {
+        out: usize,
+        kernel: usize,
+        #[serde(default = "one")]
+        stride: usize,
+        #[serde(default)]
+        padding: usize,
+    },
+    /// `nn.MaxPool2d(size, stride)`; the stride defaults to the size.
+    MaxPool2d {
+        size: usize,
+        #[serde(default)]
+        stride: Option<usize>,
+    },
+    /// `nn.AvgPool2d(size, stride)`.
+    AvgPool2d {
+        size: usize,
+        #[serde(default)]
+        stride: Option<usize>,
+    },
+    /// `nn.AdaptiveAvgPool2d(1)`.
+    AdaptiveAvgPool2d,
+    /// `nn.BatchNorm1d` after `[features]`, `nn.BatchNorm2d` after `[channels, h, w]`.
+    BatchNorm,
+    /// `nn.LayerNorm` over the last dimension.
+    LayerNorm,
+    Dropout { p: f64 },
+    /// `nn.Flatten()`: every per-sample dimension into one.
+    Flatten,
+    /// `nn.Embedding(vocab, dim)` on token ids (text data); the vocabulary is the data's.
+    Embedding { dim: usize },
+    Relu,
+    Gelu {
+        #[serde(default)]
+        approximate: GeluApproximation,
+    },
+    Tanh,
+    Sigmoid,
+    Silu,
+    /// A block whose output is added to its input (`x + block(x)`); its layers are named as
+    /// a nested `nn.Sequential`'s.
+    Residual { layers: Vec<LayerSpec> },
+}
+
+fn one() -> usize {
+    1
+}
+
+/// `nn.GELU(approximate=...)`: the exact erf form (PyTorch's default) or the tanh form.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GeluApproximation {
+    #[default]
+    None,
+    Tanh,
+}
+
+impl LayerSpec {
+    fn name(&self) -> &'static str {
+        match self {
+            LayerSpec::Linear { .. } => "linear",
+            LayerSpec::Conv2d { .. } => "conv2d",
+            LayerSpec::MaxPool2d { .. } => "max_pool2d",
+            LayerSpec::AvgPool2d { .. } => "avg_pool2d",
+            LayerSpec::AdaptiveAvgPool2d => "adaptive_avg_pool2d",
+            LayerSpec::BatchNorm => "batch_norm",
+            LayerSpec::LayerNorm => "layer_norm",
+            LayerSpec::Dropout { .. } => "dropout",
+            LayerSpec::Flatten => "flatten",
+            LayerSpec::Embedding { .. } => "embedding",
+            LayerSpec::Relu => "relu",
+            LayerSpec::Gelu { .. } => "gelu",
+            LayerSpec::Tanh => "tanh",
+            LayerSpec::Sigmoid => "sigmoid",
+            LayerSpec::Silu => "silu",
+            LayerSpec::Residual { .. } => "residual",
+        }
+    }
+}
+
+/// Checks the layers' own settings (sizes, rates), shape-independent; `field` is the list's
+/// path in the spec (`model.layers`).
+pub fn validate(layers: &[LayerSpec], field: &str) -> Result<(), SpecError> {
+    if layers.is_empty() {
+        return Err(SpecError::new(field, "give at least one layer"));
+    }
+    for (index, layer) in layers.iter().enumerate() {
+        let at = format!("{field}[{index}]");
+        let positive = |name: &str, value: usize| {
+            if value == 0 {
+                Err(SpecError::new(
+                    format!("{at}.{name}"),
+                    format!("{} needs {name} of at least 1", layer.name()),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match layer {
+            LayerSpec::Linear { out } => positive("out", *out)?,
+            LayerSpec::Conv2d {
+                out,
+                kernel,
+                stride,
+                ..
+            } => {
+                positive("out", *out)?;
+                positive("kernel", *kernel)?;
+                positive("stride", *stride)?;
+            }
+            LayerSpec::MaxPool2d { size, stride } | LayerSpec::AvgPool2d { size, stride } => {
+                positive("size", *size)?;
+                if let Some(stride) = stride {
+                    positive("stride", *stride)?;
+                    if stride != size {
+                        return Err(SpecError::new(
+                            format!("{at}.stride"),
+                            format!(
+                                "{} with a stride other than its size ({stride} vs {size}) is \
+                                 not supported; leave stride out",
+                                layer.name()
+                            ),
+                        ));
+                    }
+                }
+            }
+            LayerSpec::Dropout { p } => {
+                if !(0.0..1.0).contains(p) {
+                    return Err(SpecError::new(
+                        format!("{at}.p"),
+                        format!("must be in [0, 1), got {p}"),
+                    ));
+                }
+            }
+            LayerSpec::Embedding { dim } => positive("dim", *dim)?,
+            LayerSpec::Residual { layers } => validate(layers, &format!("{at}.layers"))?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// What reaches a layer, per sample.
+#[derive(Debug, Clone, PartialEq)]
+enum Sample {
+    /// Token ids, `time` of them, below `vocab`.
+    Tokens { time: usize, vocab: usize },
+    Values(Vec<usize>),
+}
+
+impl Sample {
+    fn describe(&self) -> String {
+        match self {
+            Sample::Tokens { time, .. } => format!("[{time}] token ids"),
+            Sample::Values(dims) => format!("{dims:?}"),
+        }
+    }
+}
+
+/// A layer with every size fixed by the shape that reaches it.
+#[derive(Debug, Clone)]
+enum Planned {
+    Linear { inputs: usize, outputs: usize },
+    Conv2d {
+        inputs: usize,
+        outputs: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    },
+    MaxPool2d { size: usize },
+    AvgPool2d { size: usize },
+    AdaptiveAvgPool2d,
+    /// `spatial`: over `[channels, h, w]` (BatchNorm2d), else over `[features]`.
+    BatchNorm { features: usize, spatial: bool },
+    LayerNorm { size: usize },
+    Dropout { p: f64 },
+    Flatten,
+    Embedding { vocab: usize, dim: usize },
+    Relu,
+    Gelu(GeluApproximation),
+    Tanh,
+    Sigmoid,
+    Silu,
+    Residual(Vec<Planned>),
+}
+
+/// The checked plan of a layer list: each layer's sizes, the per-sample output shape, the
+/// parameter count and the activation values per sample (for admission).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    layers: Vec<Planned>,
+    output: Vec<usize>,
+    pub parameters: u64,
+    pub activations_per_sample: u64,
+}
+
+/// Plans `layers` for samples of `input` (token ids of length `input[0]` for a language
+/// model, whose vocabulary is `outputs`), and checks that the last layer gives what the task
+/// needs: `[classes]`, `[outputs]` or `[time, vocab]`.
+pub fn plan(
+    layers: &[LayerSpec],
+    input: &[usize],
+    task: Task,
+    outputs: usize,
+) -> Result<Plan, SpecError> {
+    let sample = match task {
+        Task::LanguageModel => Sample::Tokens {
+            time: input.first().copied().unwrap_or(0),
+            vocab: outputs,
+        },
+        _ => Sample::Values(input.to_vec()),
+    };
+    let mut counts = (0u64, 0u64);
+    let (planned, output) = plan_list(layers, sample, "model.layers", &mut counts)?;
+    let Sample::Values(output) = output else {
+        return Err(SpecError::new(
+            "model.layers",
+            "the layers never embed the token ids: start with an embedding layer",
+        ));
+    };
+    let wanted = match task {
+        Task::LanguageModel => vec![input.first().copied().unwrap_or(0), outputs],
+        _ => vec![outputs],
+    };
+    if output != wanted {
+        let what = match task {
+            Task::Classification => format!("classification into {outputs} classes"),
+            Task::Regression => format!("regression onto {outputs} values"),
+            Task::LanguageModel => format!("next-token prediction over {outputs} symbols"),
+        };
+        return Err(SpecError::new(
+            "model.layers",
+            format!(
+                "the last layer gives {output:?} per sample, but {what} needs {wanted:?}: end \
+                 with a linear layer of out {outputs}"
+            ),
+        ));
+    }
+    Ok(Plan {
+        layers: planned,
+        output,
+        parameters: counts.0,
+        activations_per_sample: counts.1,
+    })
+}
+
+fn plan_list(
+    layers: &[LayerSpec],
+    mut sample: Sample,
+    field: &str,
+    counts: &mut (u64, u64),
+) -> Result<(Vec<Planned>, Sample), SpecError> {
+    let mut planned = Vec::with_capacity(layers.len());
+    for (index, layer) in layers.iter().enumerate() {
+        let at = format!("{field}[{index}]");
+        let (layer, next) = plan_layer(layer, &sample, &at, counts)?;
+        if let Sample::Values(dims) = &next {
+            counts.1 = counts
+                .1
+                .saturating_add(dims.iter().map(|&d| d as u64).product());
+        }
+        planned.push(layer);
+        sample = next;
+    }
+    Ok((planned, sample))
+}
+
+fn plan_layer(
+    layer: &LayerSpec,
+    sample: &Sample,
+    at: &str,
+    counts: &mut (u64, u64),
+) -> Result<(Planned, Sample), SpecError> {
+    let name = layer.name();
+    let mismatch = |needs: &str| {
+        SpecError::new(
+            at,
+            format!("{name} needs {needs}, but its input is {}", sample.describe()),
+        )
+    };
+    let dims = match (layer, sample) {
+        (LayerSpec::Embedding { dim }, Sample::Tokens { time, vocab }) => {
+            counts.0 = counts.0.saturating_add((*vocab as u64).saturating_mul(*dim as u64));
+            return Ok((
+                Planned::Embedding {
+                    vocab: *vocab,
+                    dim: *dim,
+                },
+                Sample::Values(vec![*time, *dim]),
+            ));
+        }
+        (LayerSpec::Embedding { .. }, Sample::Values(_)) => {
+            return Err(mismatch("token ids (text data)"));
+        }
+        (_, Sample::Tokens { .. }) => {
+            return Err(mismatch("values: the token ids must go through an embedding first"));
+        }
+        (_, Sample::Values(dims)) => dims.clone(),
+    };
+    let add_parameters = |counts: &mut (u64, u64), values: u64| {
+        counts.0 = counts.0.saturating_add(values);
+    };
+    let same = Sample::Values(dims.clone());
+    Ok(match layer {
+        LayerSpec::Linear { out } => {
+            let Some(&inputs) = dims.last() else {
+                return Err(mismatch("at least one dimension"));
+            };
+            add_parameters(counts, (inputs as u64 + 1).saturating_mul(*out as u64));
+            let mut next = dims.clone();
+            *next.last_mut().expect("checked above") = *out;
+            (
+                Planned::Linear {
+                    inputs,
+                    outputs: *out,
+                },
+                Sample::Values(next),
+            )
+        }
+        LayerSpec::Conv2d {
+            out,
+            kernel,
+            stride,
+            padding,
+        } => {
+            let &[channels, height, width] = &dims[..] else {
+                return Err(mismatch("[channels, height, width]"));
+            };
+            let size = |side: usize| (side + 2 * padding).checked_sub(*kernel).map(|s| s / stride + 1);
+            let (Some(out_h), Some(out_w)) = (size(height), size(width)) else {
+                return Err(SpecError::new(
+                    at,
+                    format!(
+                        "conv2d's kernel {kernel} with padding {padding} does not fit its input \
+                         {dims:?}"
+                    ),
+                ));
+            };
+            let fan_in = (channels * kernel * kernel) as u64;
+            add_parameters(counts, (fan_in + 1).saturating_mul(*out as u64));
+            (
+                Planned::Conv2d {
+                    inputs: channels,
+                    outputs: *out,
+                    kernel: *kernel,
+                    stride: *stride,
+                    padding: *padding,
+                },
+                Sample::Values(vec![*out, out_h, out_w]),
+            )
+        }
+        LayerSpec::MaxPool2d { size, .. } | LayerSpec::AvgPool2d { size, .. } => {
+            let &[channels, height, width] = &dims[..] else {
+                return Err(mismatch("[channels, height, width]"));
+            };
+            if height < *size || width < *size {
+                return Err(SpecError::new(
+                    at,
+                    format!("{name} of size {size} does not fit its input {dims:?}"),
+                ));
+            }
+            let planned = match layer {
+                LayerSpec::MaxPool2d { .. } => Planned::MaxPool2d { size: *size },
+                _ => Planned::AvgPool2d { size: *size },
+            };
+            (
+                planned,
+                Sample::Values(vec![channels, height / size, width / size]),
+            )
+        }
+        LayerSpec::AdaptiveAvgPool2d => {
+            let &[channels, _, _] = &dims[..] else {
+                return Err(mismatch("[channels, height, width]"));
+            };
+            (Planned::AdaptiveAvgPool2d, Sample::Values(vec![channels, 1, 1]))
+        }
+        LayerSpec::BatchNorm => {
+            let (features, spatial) = match dims[..] {
+                [features] => (features, false),
+                [channels, _, _] => (channels, true),
+                _ => return Err(mismatch("[features] or [channels, height, width]")),
+            };
+            add_parameters(counts, 2 * features as u64);
+            (Planned::BatchNorm { features, spatial }, same)
+        }
+        LayerSpec::LayerNorm => {
+            let Some(&size) = dims.last() else {
+                return Err(mismatch("at least one dimension"));
+            };
+            add_parameters(counts, 2 * size as u64);
+            (Planned::LayerNorm { size }, same)
+        }
+        LayerSpec::Dropout { p } => (Planned::Dropout { p: *p }, same),
+        LayerSpec::Flatten => {
+            let total = dims.iter().product();
+            (Planned::Flatten, Sample::Values(vec![total]))
+        }
+        LayerSpec::Relu => (Planned::Relu, same),
+        LayerSpec::Gelu { approximate } => (Planned::Gelu(*approximate), same),
+        LayerSpec::Tanh => (Planned::Tanh, same),
+        LayerSpec::Sigmoid => (Planned::Sigmoid, same),
+        LayerSpec::Silu => (Planned::Silu, same),
+        LayerSpec::Residual { layers } => {
+            let (inner, output) = plan_list(layers, same.clone(), &format!("{at}.layers"), counts)?;
+            if output != same {
+                return Err(SpecError::new(
+                    at,
+                    format!(
+                        "a residual block adds its output to its input, but it turns {} into {}",
+                        same.describe(),
+                        output.describe()
+                    ),
+                ));
+            }
+            (Planned::Residual(inner), same)
+        }
+        LayerSpec::Embedding { .. } => unreachable!("handled above"),
+    })
+}
+
+/// A built layer. Parameters are `Var`s the optimizer steps; batch norm's running statistics
+/// are `Var`s it does not (updated in place in training mode).
+enum Layer {
+    Linear {
+        weight: Var,
+        bias: Var,
+    },
+    Conv2d {
+        weight: Var,
+        bias: Var,
+        stride: usize,
+        padding: usize,
+    },
+    MaxPool2d(usize),
+    AvgPool2d(usize),
+    AdaptiveAvgPool2d,
+    BatchNorm {
+        weight: Var,
+        bias: Var,
+        running_mean: Var,
+        running_var: Var,
+        spatial: bool,
+    },
+    LayerNorm {
+        weight: Var,
+        bias: Var,
+    },
+    Dropout(f64),
+    Flatten,
+    Embedding(Var),
+    Relu,
+    Gelu(GeluApproximation),
+    Tanh,
+    Sigmoid,
+    Silu,
+    Residual(Vec<Layer>),
+}
+
+/// A layer-list model on candle.
+pub struct Sequential {
+    layers: Vec<Layer>,
+    /// Trainable parameters by `state_dict()` name, in `named_parameters()` order.
+    parameters: Vec<(String, Var)>,
+    /// Batch norm's running statistics by name.
+    buffers: Vec<(String, Var)>,
+}
+
+impl Sequential {
+    /// Builds the planned layers with PyTorch's default initialisation, drawn from `rng`.
+    pub fn build(plan: &Plan, rng: &mut Rng, device: &Device) -> candle_core::Result<Sequential> {
+        let mut parameters = Vec::new();
+        let mut buffers = Vec::new();
+        let layers = build_list(&plan.layers, "", rng, device, &mut parameters, &mut buffers)?;
+        Ok(Sequential {
+            layers,
+            parameters,
+            buffers,
+        })
+    }
+
+    /// The parameters in `named_parameters()` order.
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.parameters.iter().map(|(_, var)| var)
+    }
+
+    /// Batch norm's running statistics (part of a snapshot, not of the optimizer's state).
+    pub fn buffers(&self) -> impl Iterator<Item = &Var> {
+        self.buffers.iter().map(|(_, var)| var)
+    }
+
+    /// The forward pass; `train` is the dropout generator in training mode (`None`: eval
+    /// mode, dropout off and batch norm on its running statistics).
+    pub fn forward(&self, x: &Tensor, train: Option<&mut Rng>) -> candle_core::Result<Tensor> {
+        let mut train = train;
+        forward_list(&self.layers, x, &mut train)
+    }
+
+    /// Sets every parameter and running statistic from `tensors`, keyed by `state_dict()`
+    /// names. A missing, extra or mis-shaped tensor is an error naming it; `num_batches_tracked`
+    /// is accepted and ignored (no momentum of `None` here).
+    pub fn load_state_dict(&self, tensors: &HashMap<String, Tensor>) -> Result<(), SpecError> {
+        const FIELD: &str = "init.weights";
+        let mut expected: Vec<&str> = Vec::new();
+        for (name, var) in self.parameters.iter().chain(&self.buffers) {
+            expected.push(name);
+            let Some(tensor) = tensors.get(name) else {
+                return Err(SpecError::new(
+                    FIELD,
+                    format!(
+                        "the weights have no tensor \"{name}\" (shape {:?}); they must be the \
+                         state_dict() of the equivalent torch.nn.Sequential",
+                        var.dims()
+                    ),
+                ));
+            };
+            if tensor.dims() != var.dims() {
+                return Err(SpecError::new(
+                    FIELD,
+                    format!(
+                        "tensor \"{name}\" has shape {:?}, but the model's is {:?}",
+                        tensor.dims(),
+                        var.dims()
+                    ),
+                ));
+            }
+            let converted = tensor
+                .to_dtype(DType::F32)
+                .and_then(|t| t.to_device(var.device()))
+                .and_then(|t| var.set(&t));
+            if let Err(error) = converted {
+                return Err(SpecError::new(
+                    FIELD,
+                    format!("tensor \"{name}\" could not be loaded: {error}"),
+                ));
+            }
+        }
+        let mut extra: Vec<&String> = tensors
+            .keys()
+            .filter(|name| !expected.contains(&name.as_str()))
+            .filter(|name| {
+                // Batch norm's counter, wherever the model has a batch norm.
+                !name.strip_suffix("num_batches_tracked").is_some_and(|prefix| {
+                    expected.contains(&format!("{prefix}running_mean").as_str())
+                })
+            })
+            .collect();
+        extra.sort();
+        if let Some(first) = extra.first() {
+            return Err(SpecError::new(
+                FIELD,
+                format!(
+                    "the weights have {} tensor(s) the model does not, first \"{first}\" (shape \
+                     {:?}): is the layer list the same as the PyTorch model's?",
+                    extra.len(),
+                    tensors[*first].dims()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The tensors of the safetensors file a spec's `init.weights` names, if any.
+pub fn load_initial_weights(
+    init: Option<&super::spec::InitSpec>,
+) -> Result<Option<HashMap<String, Tensor>>, SpecError> {
+    let Some(init) = init else {
+        return Ok(None);
+    };
+    let path = &init.weights.path;
+    let bytes = std::fs::read(path).map_err(|error| {
+        SpecError::new("init.weights.path", format!("cannot read {path}: {error}"))
+    })?;
+    read_safetensors(&bytes).map(Some)
+}
+
+/// Reads a safetensors file's tensors (any float dtype; converted when loaded).
+pub fn read_safetensors(bytes: &[u8]) -> Result<HashMap<String, Tensor>, SpecError> {
+    candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|error| {
+        SpecError::new(
+            "init.weights",
+            format!("not a readable safetensors file: {error}"),
+        )
+    })
+}
+
+fn uniform(shape: &[usize], bound: f64, rng: &mut Rng, device: &Device) -> candle_core::Result<Var> {
+    let values: Vec<f32> = (0..shape.iter().product())
+        .map(|_| rng.uniform(-bound, bound) as f32)
+        .collect();
+    Var::from_tensor(&Tensor::from_vec(values, shape, device)?)
+}
+
+fn filled(size: usize, value: f32, device: &Device) -> candle_core::Result<Var> {
+    Var::from_tensor(&Tensor::from_vec(vec![value; size], size, device)?)
+}
+
+fn build_list(
+    planned: &[Planned],
+    prefix: &str,
+    rng: &mut Rng,
+    device: &Device,
+    parameters: &mut Vec<(String, Var)>,
+    buffers: &mut Vec<(String, Var)>,
+) -> candle_core::Result<Vec<Layer>> {
+    let mut layers = Vec::with_capacity(planned.len());
+    for (index, layer) in planned.iter().enumerate() {
+        let name = |suffix: &str| format!("{prefix}{index}.{suffix}");
+        let mut parameter = |suffix: &str, var: Var| {
+            parameters.push((name(suffix), var.clone()));
+            var
+        };
+        layers.push(match layer {
+            Planned::Linear { inputs, outputs } => {
+                // nn.Linear: weight and bias U(-1/sqrt(in), 1/sqrt(in)).
+                let bound = 1.0 / (*inputs as f64).sqrt();
+                Layer::Linear {
+                    weight: parameter("weight", uniform(&[*outputs, *inputs], bound, rng, device)?),
+                    bias: parameter("bias", uniform(&[*outputs], bound, rng, device)?),
+                }
+            }
+            Planned::Conv2d {
+                inputs,
+                outputs,
+                kernel,
+                stride,
+                padding,
+            } => {
+                // nn.Conv2d: kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+                // for the weight, and the same bound for the bias.
+                let bound = 1.0 / ((inputs * kernel * kernel) as f64).sqrt();
+                let shape = [*outputs, *inputs, *kernel, *kernel];
+                Layer::Conv2d {
+                    weight: parameter("weight", uniform(&shape, bound, rng, device)?),
+                    bias: parameter("bias", uniform(&[*outputs], bound, rng, device)?),
+                    stride: *stride,
+                    padding: *padding,
+                }
+            }
+            Planned::MaxPool2d { size } => Layer::MaxPool2d(*size),
+            Planned::AvgPool2d { size } => Layer::AvgPool2d(*size),
+            Planned::AdaptiveAvgPool2d => Layer::AdaptiveAvgPool2d,
+            Planned::BatchNorm { features, spatial } => {
+                let weight = parameter("weight", filled(*features, 1.0, device)?);
+                let bias = parameter("bias", filled(*features, 0.0, device)?);
+                let running_mean = filled(*features, 0.0, device)?;
+                let running_var = filled(*features, 1.0, device)?;
+                buffers.push((name("running_mean"), running_mean.clone()));
+                buffers.push((name("running_var"), running_var.clone()));
+                Layer::BatchNorm {
+                    weight,
+                    bias,
+                    running_mean,
+                    running_var,
+                    spatial: *spatial,
+                }
+            }
+            Planned::LayerNorm { size } => Layer::LayerNorm {
+                weight: parameter("weight", filled(*size, 1.0, device)?),
+                bias: parameter("bias", filled(*size, 0.0, device)?),
+            },
+            Planned::Dropout { p } => Layer::Dropout(*p),
+            Planned::Flatten => Layer::Flatten,
+            Planned::Embedding { vocab, dim } => {
+                // nn.Embedding: N(0, 1).
+                let values: Vec<f32> = (0..vocab * dim).map(|_| rng.normal() as f32).collect();
+                let var = Var::from_tensor(&Tensor::from_vec(values, (*vocab, *dim), device)?)?;
+                Layer::Embedding(parameter("weight", var))
+            }
+            Planned::Relu => Layer::Relu,
+            Planned::Gelu(approximate) => Layer::Gelu(*approximate),
+            Planned::Tanh => Layer::Tanh,
+            Planned::Sigmoid => Layer::Sigmoid,
+            Planned::Silu => Layer::Silu,
+            Planned::Residual(inner) => Layer::Residual(build_list(
+                inner,
+                &format!("{prefix}{index}."),
+                rng,
+                device,
+                parameters,
+                buffers,
+            )?),
+        });
+    }
+    Ok(layers)
+}
+
+fn forward_list(
+    layers: &[Layer],
+    x: &Tensor,
+    train: &mut Option<&mut Rng>,
+) -> candle_core::Result<Tensor> {
+    let mut h = x.clone();
+    for layer in layers {
+        h = forward_layer(layer, &h, train)?;
+    }
+    Ok(h)
+}
+
+fn forward_layer(
+    layer: &Layer,
+    x: &Tensor,
+    train: &mut Option<&mut Rng>,
+) -> candle_core::Result<Tensor> {
+    match layer {
+        Layer::Linear { weight, bias } => linear(x, weight, bias),
+        Layer::Conv2d {
+            weight,
+            bias,
+            stride,
+            padding,
+        } => x
+            .conv2d(weight.as_tensor(), *padding, *stride, 1, 1)?
+            .broadcast_add(&bias.as_tensor().reshape((1, (), 1, 1))?),
+        Layer::MaxPool2d(size) => max_pool(x, *size),
+        Layer::AvgPool2d(size) => windows(x, *size)?.mean(D::Minus1),
+        Layer::AdaptiveAvgPool2d => x.mean_keepdim(3)?.mean_keepdim(2),
+        Layer::BatchNorm {
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            spatial,
+        } => batch_norm(
+            x,
+            [weight, bias, running_mean, running_var],
+            *spatial,
+            train.is_some(),
+        ),
+        Layer::LayerNorm { weight, bias } => ops::normalize_last_dim(x)?
+            .broadcast_mul(weight.as_tensor())?
+            .broadcast_add(bias.as_tensor()),
+        Layer::Dropout(p) => match train.as_deref_mut() {
+            Some(rng) if *p > 0.0 => dropout(x, *p, rng),
+            _ => Ok(x.clone()),
+        },
+        Layer::Flatten => x.flatten_from(1),
+        Layer::Embedding(weight) => {
+            let (batch, time) = x.dims2()?;
+            let dim = weight.dim(1)?;
+            weight
+                .as_tensor()
+                .index_select(&x.flatten_all()?, 0)?
+                .reshape((batch, time, dim))
+        }
+        Layer::Relu => x.relu(),
+        Layer::Gelu(GeluApproximation::None) => x.gelu_erf(),
+        Layer::Gelu(GeluApproximation::Tanh) => x.gelu(),
+        Layer::Tanh => x.tanh(),
+        Layer::Sigmoid => candle_nn::ops::sigmoid(x),
+        Layer::Silu => x.silu(),
+        Layer::Residual(inner) => x + forward_list(inner, x, train)?,
+    }
+}
+
+/// `x W^T + b` on the last dimension of a tensor of any rank.
+fn linear(x: &Tensor, weight: &Var, bias: &Var) -> candle_core::Result<Tensor> {
+    let weight_t = weight.as_tensor().t()?;
+    let dims = x.dims();
+    let (leading, inputs) = dims.split_at(dims.len() - 1);
+    let rows: usize = leading.iter().product();
+    let mut out_shape = leading.to_vec();
+    out_shape.push(weight_t.dim(1)?);
+    x.reshape((rows, inputs[0]))?
+        .matmul(&weight_t)?
+        .broadcast_add(bias.as_tensor())?
+        .reshape(out_shape)
+}
+
+/// The non-overlapping `size x size` windows of `[n, c, h, w]` as `[n, c, h/size, w/size,
+/// size * size]` (rows and columns past the last whole window dropped, as PyTorch does).
+fn windows(x: &Tensor, size: usize) -> candle_core::Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (out_h, out_w) = (h / size, w / size);
+    x.narrow(2, 0, out_h * size)?
+        .narrow(3, 0, out_w * size)?
+        .reshape((n, c, out_h, size, out_w, size))?
+        .permute((0, 1, 2, 4, 3, 5))?
+        .contiguous()?
+        .reshape((n, c, out_h, out_w, size * size))
+}
+
+/// Max pooling whose gradient goes whole to each window's first maximum, as PyTorch's does:
+/// the window's values times a one-hot mask of its argmax (a constant), summed.
+fn max_pool(x: &Tensor, size: usize) -> candle_core::Result<Tensor> {
+    let windows = windows(x, size)?;
+    let first_max = windows.detach().argmax_keepdim(D::Minus1)?;
+    let positions = Tensor::arange(0u32, (size * size) as u32, x.device())?;
+    let mask = first_max
+        .broadcast_eq(&positions.reshape((1, 1, 1, 1, size * size))?)?
+        .to_dtype(x.dtype())?;
+    (windows * mask)?.sum(D::Minus1)
+}
+
+/// Batch norm over the batch (and the spatial positions of `[n, c, h, w]`): in training the
+/// batch's statistics normalise and update the running ones (momentum 0.1, the variance
+/// unbiased as PyTorch keeps it); in eval the running ones normalise.
+fn batch_norm(
+    x: &Tensor,
+    [weight, bias, running_mean, running_var]: [&Var; 4],
+    spatial: bool,
+    training: bool,
+) -> candle_core::Result<Tensor> {
+    let features = weight.dim(0)?;
+    // Per-feature values as `[features, values]`.
+    let per_feature = if spatial {
+        x.transpose(0, 1)?.contiguous()?.reshape((features, ()))?
+    } else {
+        x.t()?.contiguous()?
+    };
+    let broadcast_shape: Vec<usize> = if spatial {
+        vec![1, features, 1, 1]
+    } else {
+        vec![1, features]
+    };
+    let shaped = |t: &Tensor| t.reshape(broadcast_shape.as_slice());
+    let (mean, var) = if training {
+        let count = per_feature.dim(1)?;
+        let mean = per_feature.mean(1)?;
+        let centered = per_feature.broadcast_sub(&mean.unsqueeze(1)?)?;
+        let var = centered.sqr()?.mean(1)?;
+        let unbiased = (var.detach() * (count as f64 / (count.max(2) - 1) as f64))?;
+        let m = BATCH_NORM_MOMENTUM;
+        running_mean.set(&((running_mean.as_tensor() * (1.0 - m))? + (mean.detach() * m)?)?)?;
+        running_var.set(&((running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?)?;
+        (mean, var)
+    } else {
+        (
+            running_mean.as_tensor().detach(),
+            running_var.as_tensor().detach(),
+        )
+    };
+    let inverse_std = (var + NORM_EPS)?.sqrt()?.recip()?;
+    x.broadcast_sub(&shaped(&mean)?)?
+        .broadcast_mul(&shaped(&(inverse_std * weight.as_tensor())?)?)?
+        .broadcast_add(&shaped(bias.as_tensor())?)
+}
+
+/// Inverted dropout with a mask from the engine's seeded generator.
+fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> candle_core::Result<Tensor> {
+    let keep = 1.0 - p;
+    let scale = (1.0 / keep) as f32;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.next_f64() < keep { scale } else { 0.0 })
+        .collect();
+    x * Tensor::from_vec(mask, x.shape(), x.device())?
+}
+
+impl Plan {
+    /// The per-sample output shape.
+    pub fn output(&self) -> &[usize] {
+        &self.output
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::*;
+    use crate::engine::model::{Model, ModelShape};
+    use crate::engine::spec::ModelSpec;
+
+    const GOLDEN: &str = include_str!("../../tests/golden/sequential.json");
+
+    #[derive(Deserialize)]
+    struct Golden {
+        cases: Vec<Case>,
+    }
+
+    #[derive(Deserialize)]
+    struct Case {
+        name: String,
+        input_shape: Vec<usize>,
+        task: String,
+        outputs: usize,
+        layers: Vec<LayerSpec>,
+        weights: String,
+        x: Vec<f64>,
+        y: Vec<f64>,
+        eval_loss: f64,
+        train_loss: f64,
+        grads: HashMap<String, Vec<f64>>,
+        running_after: HashMap<String, Vec<f64>>,
+        param_order: Vec<String>,
+    }
+
+    impl Case {
+        fn task(&self) -> Task {
+            match self.task.as_str() {
+                "classification" => Task::Classification,
+                "regression" => Task::Regression,
+                _ => Task::LanguageModel,
+            }
+        }
+
+        fn model(&self) -> Model {
+            let spec = ModelSpec::Sequential {
+                layers: self.layers.clone(),
+                context: None,
+            };
+            let shape = ModelShape {
+                input: self.input_shape.clone(),
+                output: self.outputs,
+                task: self.task(),
+            };
+            Model::build(&spec, &shape, 0, &Device::Cpu).unwrap()
+        }
+
+        fn weights(&self) -> HashMap<String, Tensor> {
+            let path = format!(
+                "{}/tests/golden/sequential/{}",
+                env!("CARGO_MANIFEST_DIR"),
+                self.weights
+            );
+            read_safetensors(&std::fs::read(path).unwrap()).unwrap()
+        }
+
+        /// The batch as the data pipeline hands it over: f32 samples or u32 token ids, u32
+        /// labels or f32 targets.
+        fn batch(&self) -> (Tensor, Tensor) {
+            let rows = match self.task() {
+                Task::LanguageModel => self.x.len() / self.input_shape[0],
+                _ => self.x.len() / self.input_shape.iter().product::<usize>(),
+            };
+            let mut x_shape = vec![rows];
+            x_shape.extend(&self.input_shape);
+            let x = match self.task() {
+                Task::LanguageModel => {
+                    let ids: Vec<u32> = self.x.iter().map(|&v| v as u32).collect();
+                    Tensor::from_vec(ids, x_shape, &Device::Cpu)
+                }
+                _ => {
+                    let values: Vec<f32> = self.x.iter().map(|&v| v as f32).collect();
+                    Tensor::from_vec(values, x_shape, &Device::Cpu)
+                }
+            }
+            .unwrap();
+            let y = match self.task() {
+                Task::Regression => {
+                    let values: Vec<f32> = self.y.iter().map(|&v| v as f32).collect();
+                    Tensor::from_vec(values, (rows, self.outputs), &Device::Cpu)
+                }
+                Task::Classification => {
+                    let labels: Vec<u32> = self.y.iter().map(|&v| v as u32).collect();
+                    Tensor::from_vec(labels, rows, &Device::Cpu)
+                }
+                Task::LanguageModel => {
+                    let ids: Vec<u32> = self.y.iter().map(|&v| v as u32).collect();
+                    Tensor::from_vec(ids, (rows, self.input_shape[0]), &Device::Cpu)
+                }
+            }
+            .unwrap();
+            (x, y)
+        }
+    }
+
+    fn golden() -> Vec<Case> {
+        let golden: Golden = serde_json::from_str(GOLDEN).unwrap();
+        assert_eq!(golden.cases.len(), 5);
+        golden.cases
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        // Relative to the largest value; a gradient that is zero in exact arithmetic (a bias
+        // before batch norm) is float noise on both sides, held to 1e-6 absolute.
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-2);
+        for (index, (&got, &want)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (f64::from(got) - want).abs() <= 1e-4 * scale,
+                "{what}[{index}]: {got} vs PyTorch's {want} (largest {scale})"
+            );
+        }
+    }
+
+    fn values(tensor: &Tensor) -> Vec<f32> {
+        tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// PyTorch's own network with its saved weights: the eval-mode loss (lrtune's
+    /// `initial_val_loss`), the train-mode loss, every parameter's gradient and batch norm's
+    /// updated running statistics.
+    #[test]
+    fn layer_lists_match_pytorch_golden_losses_gradients_and_running_statistics() {
+        for case in golden() {
+            let model = case.model();
+            model.load_state_dict(&case.weights()).unwrap();
+            let Layers(sequential) = layers_of(&model);
+            let names: Vec<&str> = sequential
+                .parameters
+                .iter()
+                .map(|(name, _)| name.as_str())
+                .collect();
+            assert_eq!(names, case.param_order, "{}: parameter order", case.name);
+
+            let (x, y) = case.batch();
+            let eval = model.forward(&x, &y, None).unwrap();
+            let eval_loss = f64::from(eval.loss.to_scalar::<f32>().unwrap());
+            assert!(
+                (eval_loss - case.eval_loss).abs() <= 1e-4 * case.eval_loss.abs(),
+                "{}: eval loss {eval_loss} vs PyTorch's {}",
+                case.name,
+                case.eval_loss
+            );
+
+            let train = model.forward(&x, &y, Some(&mut Rng::new(1))).unwrap();
+            let train_loss = f64::from(train.loss.to_scalar::<f32>().unwrap());
+            assert!(
+                (train_loss - case.train_loss).abs() <= 1e-4 * case.train_loss.abs(),
+                "{}: train loss {train_loss} vs PyTorch's {}",
+                case.name,
+                case.train_loss
+            );
+            let grads = train.loss.backward().unwrap();
+            for (name, var) in &sequential.parameters {
+                let grad = grads.get(var.as_tensor()).unwrap();
+                assert_close(&values(grad), &case.grads[name], &format!("{} grad {name}", case.name));
+            }
+            for (name, var) in &sequential.buffers {
+                assert_close(
+                    &values(var.as_tensor()),
+                    &case.running_after[name],
+                    &format!("{} {name} after a training step", case.name),
+                );
+            }
+        }
+    }
+
+    fn layers(json: &str) -> Vec<LayerSpec> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn plan_error(json: &str, input: &[usize], task: Task, outputs: usize) -> SpecError {
+        plan(&layers(json), input, task, outputs).unwrap_err()
+    }
+
+    #[test]
+    fn a_shape_error_names_the_layer_and_both_shapes() {
+        let error = plan_error(
+            r#"[{"type": "linear", "out": 8}, {"type": "conv2d", "out": 4, "kernel": 3}]"#,
+            &[6],
+            Task::Classification,
+            3,
+        );
+        assert_eq!(error.field, "model.layers[1]");
+        assert_eq!(
+            error.message,
+            "conv2d needs [channels, height, width], but its input is [8]"
+        );
+
+        let error = plan_error(
+            r#"[{"type": "linear", "out": 8},
+                {"type": "residual", "layers": [{"type": "linear", "out": 5}]},
+                {"type": "linear", "out": 3}]"#,
+            &[6],
+            Task::Classification,
+            3,
+        );
+        assert_eq!(error.field, "model.layers[1]");
+        assert_eq!(
+            error.message,
+            "a residual block adds its output to its input, but it turns [8] into [5]"
+        );
+
+        let error = plan_error(
+            r#"[{"type": "conv2d", "out": 4, "kernel": 5}]"#,
+            &[1, 3, 3],
+            Task::Classification,
+            3,
+        );
+        assert_eq!(error.field, "model.layers[0]");
+        assert!(error.message.contains("[1, 3, 3]"), "{}", error.message);
+
+        let error = plan_error(
+            r#"[{"type": "flatten"}, {"type": "linear", "out": 7}]"#,
+            &[1, 4, 4],
+            Task::Classification,
+            10,
+        );
+        assert_eq!(error.field, "model.layers");
+        assert!(
+            error.message.starts_with(
+                "the last layer gives [7] per sample, but classification into 10 classes needs [10]"
+            ),
+            "{}",
+            error.message
+        );
+
+        let error = plan_error(
+            r#"[{"type": "linear", "out": 7}]"#,
+            &[12],
+            Task::LanguageModel,
+            7,
+        );
+        assert_eq!(error.field, "model.layers[0]");
+        assert!(error.message.contains("[12] token ids"), "{}", error.message);
+
+        let error = validate(
+            &layers(r#"[{"type": "residual", "layers": [{"type": "dropout", "p": 1.5}]}]"#),
+            "model.layers",
+        )
+        .unwrap_err();
+        assert_eq!(error.field, "model.layers[0].layers[0].p");
+    }
+
+    #[test]
+    fn a_plan_counts_parameters_as_pytorch_does() {
+        // conv 1->4 k3: 40; bn: 8; linear 4*4*4 -> 8: 520; layer_norm: 16; linear 8->4: 36.
+        let plan = plan(
+            &layers(
+                r#"[{"type": "conv2d", "out": 4, "kernel": 3, "padding": 1},
+                    {"type": "batch_norm"}, {"type": "relu"}, {"type": "max_pool2d", "size": 2},
+                    {"type": "flatten"}, {"type": "linear", "out": 8}, {"type": "layer_norm"},
+                    {"type": "linear", "out": 4}]"#,
+            ),
+            &[1, 9, 9],
+            Task::Classification,
+            4,
+        )
+        .unwrap();
+        assert_eq!(plan.parameters, 40 + 8 + 520 + 16 + 36);
+        assert_eq!(plan.output(), &[4]);
+    }
+
+    #[test]
+    fn missing_extra_and_misshaped_tensors_are_named() {
+        let case = golden().into_iter().find(|c| c.name == "cnn_bn").unwrap();
+        let model = case.model();
+        let mut weights = case.weights();
+        assert!(weights.contains_key("1.num_batches_tracked"));
+        model.load_state_dict(&weights).unwrap();
+
+        let mut missing = weights.clone();
+        missing.remove("1.running_var");
+        let error = model.load_state_dict(&missing).unwrap_err();
+        assert_eq!(error.field, "init.weights");
+        assert!(error.message.contains("no tensor \"1.running_var\""), "{}", error.message);
+
+        let mut extra = weights.clone();
+        extra.insert("12.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+        let error = model.load_state_dict(&extra).unwrap_err();
+        assert!(error.message.contains("first \"12.weight\""), "{}", error.message);
+
+        weights.insert("6.weight".into(), Tensor::zeros((8, 3), DType::F32, &Device::Cpu).unwrap());
+        let error = model.load_state_dict(&weights).unwrap_err();
+        assert!(
+            error.message.contains("\"6.weight\" has shape [8, 3], but the model's is [8, 64]"),
+            "{}",
+            error.message
+        );
+    }
+
+    /// Ties in a window (a ReLU's zeros, repeated values) send the whole gradient to the
+    /// first maximum, as PyTorch's max_pool2d does.
+    #[test]
+    fn max_pool_gradient_goes_to_the_first_maximum() {
+        let x = Var::from_tensor(
+            &Tensor::from_vec(
+                vec![1f32, 3., 3., 0., 2., 2., 2., 2., 5., 1., 1., 5., 0., 0., 0., 0.],
+                (1, 1, 4, 4),
+                &Device::Cpu,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let pooled = max_pool(x.as_tensor(), 2).unwrap();
+        assert_eq!(values(&pooled), vec![3., 3., 5., 5.]);
+        let grads = pooled.sum_all().unwrap().backward().unwrap();
+        let grad = values(grads.get(x.as_tensor()).unwrap());
+        // Windows: [1 3; 2 2] -> position (0,1); [3 0; 2 2] -> (0,2); [5 1; 0 0] -> (2,0);
+        // [1 5; 0 0] -> (2,3).
+        let mut want = vec![0f32; 16];
+        for at in [1, 2, 8, 11] {
+            want[at] = 1.0;
+        }
+        assert_eq!(grad, want);
+    }
+
+    struct Layers<'a>(&'a Sequential);
+
+    fn layers_of(model: &Model) -> Layers<'_> {
+        match model.layers() {
+            crate::engine::model::Layers::Sequential(sequential) => Layers(sequential),
+            _ => panic!("not a layer list"),
+        }
+    }
+}
