@@ -31,7 +31,9 @@ const NORM_EPS: f64 = 1e-5;
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LayerSpec {
     /// `nn.Linear(in, out)` on the last dimension.
-    Linear { out: usize },
+    Linear {
+        out: usize,
+    },
     /// `nn.Conv2d(in, out, kernel, stride, padding)`.
     Conv2d {
         out: usize,
@@ -59,11 +61,15 @@ pub enum LayerSpec {
     BatchNorm,
     /// `nn.LayerNorm` over the last dimension.
     LayerNorm,
-    Dropout { p: f64 },
+    Dropout {
+        p: f64,
+    },
     /// `nn.Flatten()`: every per-sample dimension into one.
     Flatten,
     /// `nn.Embedding(vocab, dim)` on token ids (text data); the vocabulary is the data's.
-    Embedding { dim: usize },
+    Embedding {
+        dim: usize,
+    },
     Relu,
     Gelu {
         #[serde(default)]
@@ -74,7 +80,9 @@ pub enum LayerSpec {
     Silu,
     /// A block whose output is added to its input (`x + block(x)`); its layers are named as
     /// a nested `nn.Sequential`'s.
-    Residual { layers: Vec<LayerSpec> },
+    Residual {
+        layers: Vec<LayerSpec>,
+    },
 }
 
 fn one() -> usize {
@@ -159,13 +167,11 @@ pub fn validate(layers: &[LayerSpec], field: &str) -> Result<(), SpecError> {
                     }
                 }
             }
-            LayerSpec::Dropout { p } => {
-                if !(0.0..1.0).contains(p) {
-                    return Err(SpecError::new(
-                        format!("{at}.p"),
-                        format!("must be in [0, 1), got {p}"),
-                    ));
-                }
+            LayerSpec::Dropout { p } if !(0.0..1.0).contains(p) => {
+                return Err(SpecError::new(
+                    format!("{at}.p"),
+                    format!("must be in [0, 1), got {p}"),
+                ));
             }
             LayerSpec::Embedding { dim } => positive("dim", *dim)?,
             LayerSpec::Residual { layers } => validate(layers, &format!("{at}.layers"))?,
@@ -179,7 +185,10 @@ pub fn validate(layers: &[LayerSpec], field: &str) -> Result<(), SpecError> {
 #[derive(Debug, Clone, PartialEq)]
 enum Sample {
     /// Token ids, `time` of them, below `vocab`.
-    Tokens { time: usize, vocab: usize },
+    Tokens {
+        time: usize,
+        vocab: usize,
+    },
     Values(Vec<usize>),
 }
 
@@ -195,7 +204,10 @@ impl Sample {
 /// A layer with every size fixed by the shape that reaches it.
 #[derive(Debug, Clone)]
 enum Planned {
-    Linear { inputs: usize, outputs: usize },
+    Linear {
+        inputs: usize,
+        outputs: usize,
+    },
     Conv2d {
         inputs: usize,
         outputs: usize,
@@ -203,15 +215,29 @@ enum Planned {
         stride: usize,
         padding: usize,
     },
-    MaxPool2d { size: usize },
-    AvgPool2d { size: usize },
+    MaxPool2d {
+        size: usize,
+    },
+    AvgPool2d {
+        size: usize,
+    },
     AdaptiveAvgPool2d,
     /// `spatial`: over `[channels, h, w]` (BatchNorm2d), else over `[features]`.
-    BatchNorm { features: usize, spatial: bool },
-    LayerNorm { size: usize },
-    Dropout { p: f64 },
+    BatchNorm {
+        features: usize,
+        spatial: bool,
+    },
+    LayerNorm {
+        size: usize,
+    },
+    Dropout {
+        p: f64,
+    },
     Flatten,
-    Embedding { vocab: usize, dim: usize },
+    Embedding {
+        vocab: usize,
+        dim: usize,
+    },
     Relu,
     Gelu(GeluApproximation),
     Tanh,
@@ -311,12 +337,17 @@ fn plan_layer(
     let mismatch = |needs: &str| {
         SpecError::new(
             at,
-            format!("{name} needs {needs}, but its input is {}", sample.describe()),
+            format!(
+                "{name} needs {needs}, but its input is {}",
+                sample.describe()
+            ),
         )
     };
     let dims = match (layer, sample) {
         (LayerSpec::Embedding { dim }, Sample::Tokens { time, vocab }) => {
-            counts.0 = counts.0.saturating_add((*vocab as u64).saturating_mul(*dim as u64));
+            counts.0 = counts
+                .0
+                .saturating_add((*vocab as u64).saturating_mul(*dim as u64));
             return Ok((
                 Planned::Embedding {
                     vocab: *vocab,
@@ -329,7 +360,9 @@ fn plan_layer(
             return Err(mismatch("token ids (text data)"));
         }
         (_, Sample::Tokens { .. }) => {
-            return Err(mismatch("values: the token ids must go through an embedding first"));
+            return Err(mismatch(
+                "values: the token ids must go through an embedding first",
+            ));
         }
         (_, Sample::Values(dims)) => dims.clone(),
     };
@@ -362,7 +395,11 @@ fn plan_layer(
             let &[channels, height, width] = &dims[..] else {
                 return Err(mismatch("[channels, height, width]"));
             };
-            let size = |side: usize| (side + 2 * padding).checked_sub(*kernel).map(|s| s / stride + 1);
+            let size = |side: usize| {
+                (side + 2 * padding)
+                    .checked_sub(*kernel)
+                    .map(|s| s / stride + 1)
+            };
             let (Some(out_h), Some(out_w)) = (size(height), size(width)) else {
                 return Err(SpecError::new(
                     at,
@@ -408,7 +445,10 @@ fn plan_layer(
             let &[channels, _, _] = &dims[..] else {
                 return Err(mismatch("[channels, height, width]"));
             };
-            (Planned::AdaptiveAvgPool2d, Sample::Values(vec![channels, 1, 1]))
+            (
+                Planned::AdaptiveAvgPool2d,
+                Sample::Values(vec![channels, 1, 1]),
+            )
         }
         LayerSpec::BatchNorm => {
             let (features, spatial) = match dims[..] {
@@ -454,9 +494,9 @@ fn plan_layer(
     })
 }
 
-/// A built layer. Parameters are `Var`s the optimizer steps; batch norm's running statistics
+/// A built layer (a PyTorch module). Parameters are `Var`s the optimizer steps; batch norm's running statistics
 /// are `Var`s it does not (updated in place in training mode).
-enum Layer {
+enum Module {
     Linear {
         weight: Var,
         bias: Var,
@@ -489,12 +529,12 @@ enum Layer {
     Tanh,
     Sigmoid,
     Silu,
-    Residual(Vec<Layer>),
+    Residual(Vec<Module>),
 }
 
 /// A layer-list model on candle.
 pub struct Sequential {
-    layers: Vec<Layer>,
+    layers: Vec<Module>,
     /// Trainable parameters by `state_dict()` name, in `named_parameters()` order.
     parameters: Vec<(String, Var)>,
     /// Batch norm's running statistics by name.
@@ -575,9 +615,11 @@ impl Sequential {
             .filter(|name| !expected.contains(&name.as_str()))
             .filter(|name| {
                 // Batch norm's counter, wherever the model has a batch norm.
-                !name.strip_suffix("num_batches_tracked").is_some_and(|prefix| {
-                    expected.contains(&format!("{prefix}running_mean").as_str())
-                })
+                !name
+                    .strip_suffix("num_batches_tracked")
+                    .is_some_and(|prefix| {
+                        expected.contains(&format!("{prefix}running_mean").as_str())
+                    })
             })
             .collect();
         extra.sort();
@@ -620,7 +662,12 @@ pub fn read_safetensors(bytes: &[u8]) -> Result<HashMap<String, Tensor>, SpecErr
     })
 }
 
-fn uniform(shape: &[usize], bound: f64, rng: &mut Rng, device: &Device) -> candle_core::Result<Var> {
+fn uniform(
+    shape: &[usize],
+    bound: f64,
+    rng: &mut Rng,
+    device: &Device,
+) -> candle_core::Result<Var> {
     let values: Vec<f32> = (0..shape.iter().product())
         .map(|_| rng.uniform(-bound, bound) as f32)
         .collect();
@@ -638,7 +685,7 @@ fn build_list(
     device: &Device,
     parameters: &mut Vec<(String, Var)>,
     buffers: &mut Vec<(String, Var)>,
-) -> candle_core::Result<Vec<Layer>> {
+) -> candle_core::Result<Vec<Module>> {
     let mut layers = Vec::with_capacity(planned.len());
     for (index, layer) in planned.iter().enumerate() {
         let name = |suffix: &str| format!("{prefix}{index}.{suffix}");
@@ -650,7 +697,7 @@ fn build_list(
             Planned::Linear { inputs, outputs } => {
                 // nn.Linear: weight and bias U(-1/sqrt(in), 1/sqrt(in)).
                 let bound = 1.0 / (*inputs as f64).sqrt();
-                Layer::Linear {
+                Module::Linear {
                     weight: parameter("weight", uniform(&[*outputs, *inputs], bound, rng, device)?),
                     bias: parameter("bias", uniform(&[*outputs], bound, rng, device)?),
                 }
@@ -666,16 +713,16 @@ fn build_list(
                 // for the weight, and the same bound for the bias.
                 let bound = 1.0 / ((inputs * kernel * kernel) as f64).sqrt();
                 let shape = [*outputs, *inputs, *kernel, *kernel];
-                Layer::Conv2d {
+                Module::Conv2d {
                     weight: parameter("weight", uniform(&shape, bound, rng, device)?),
                     bias: parameter("bias", uniform(&[*outputs], bound, rng, device)?),
                     stride: *stride,
                     padding: *padding,
                 }
             }
-            Planned::MaxPool2d { size } => Layer::MaxPool2d(*size),
-            Planned::AvgPool2d { size } => Layer::AvgPool2d(*size),
-            Planned::AdaptiveAvgPool2d => Layer::AdaptiveAvgPool2d,
+            Planned::MaxPool2d { size } => Module::MaxPool2d(*size),
+            Planned::AvgPool2d { size } => Module::AvgPool2d(*size),
+            Planned::AdaptiveAvgPool2d => Module::AdaptiveAvgPool2d,
             Planned::BatchNorm { features, spatial } => {
                 let weight = parameter("weight", filled(*features, 1.0, device)?);
                 let bias = parameter("bias", filled(*features, 0.0, device)?);
@@ -683,7 +730,7 @@ fn build_list(
                 let running_var = filled(*features, 1.0, device)?;
                 buffers.push((name("running_mean"), running_mean.clone()));
                 buffers.push((name("running_var"), running_var.clone()));
-                Layer::BatchNorm {
+                Module::BatchNorm {
                     weight,
                     bias,
                     running_mean,
@@ -691,24 +738,24 @@ fn build_list(
                     spatial: *spatial,
                 }
             }
-            Planned::LayerNorm { size } => Layer::LayerNorm {
+            Planned::LayerNorm { size } => Module::LayerNorm {
                 weight: parameter("weight", filled(*size, 1.0, device)?),
                 bias: parameter("bias", filled(*size, 0.0, device)?),
             },
-            Planned::Dropout { p } => Layer::Dropout(*p),
-            Planned::Flatten => Layer::Flatten,
+            Planned::Dropout { p } => Module::Dropout(*p),
+            Planned::Flatten => Module::Flatten,
             Planned::Embedding { vocab, dim } => {
                 // nn.Embedding: N(0, 1).
                 let values: Vec<f32> = (0..vocab * dim).map(|_| rng.normal() as f32).collect();
                 let var = Var::from_tensor(&Tensor::from_vec(values, (*vocab, *dim), device)?)?;
-                Layer::Embedding(parameter("weight", var))
+                Module::Embedding(parameter("weight", var))
             }
-            Planned::Relu => Layer::Relu,
-            Planned::Gelu(approximate) => Layer::Gelu(*approximate),
-            Planned::Tanh => Layer::Tanh,
-            Planned::Sigmoid => Layer::Sigmoid,
-            Planned::Silu => Layer::Silu,
-            Planned::Residual(inner) => Layer::Residual(build_list(
+            Planned::Relu => Module::Relu,
+            Planned::Gelu(approximate) => Module::Gelu(*approximate),
+            Planned::Tanh => Module::Tanh,
+            Planned::Sigmoid => Module::Sigmoid,
+            Planned::Silu => Module::Silu,
+            Planned::Residual(inner) => Module::Residual(build_list(
                 inner,
                 &format!("{prefix}{index}."),
                 rng,
@@ -722,7 +769,7 @@ fn build_list(
 }
 
 fn forward_list(
-    layers: &[Layer],
+    layers: &[Module],
     x: &Tensor,
     train: &mut Option<&mut Rng>,
 ) -> candle_core::Result<Tensor> {
@@ -734,13 +781,13 @@ fn forward_list(
 }
 
 fn forward_layer(
-    layer: &Layer,
+    layer: &Module,
     x: &Tensor,
     train: &mut Option<&mut Rng>,
 ) -> candle_core::Result<Tensor> {
     match layer {
-        Layer::Linear { weight, bias } => linear(x, weight, bias),
-        Layer::Conv2d {
+        Module::Linear { weight, bias } => linear(x, weight, bias),
+        Module::Conv2d {
             weight,
             bias,
             stride,
@@ -748,10 +795,10 @@ fn forward_layer(
         } => x
             .conv2d(weight.as_tensor(), *padding, *stride, 1, 1)?
             .broadcast_add(&bias.as_tensor().reshape((1, (), 1, 1))?),
-        Layer::MaxPool2d(size) => max_pool(x, *size),
-        Layer::AvgPool2d(size) => windows(x, *size)?.mean(D::Minus1),
-        Layer::AdaptiveAvgPool2d => x.mean_keepdim(3)?.mean_keepdim(2),
-        Layer::BatchNorm {
+        Module::MaxPool2d(size) => max_pool(x, *size),
+        Module::AvgPool2d(size) => windows(x, *size)?.mean(D::Minus1),
+        Module::AdaptiveAvgPool2d => x.mean_keepdim(3)?.mean_keepdim(2),
+        Module::BatchNorm {
             weight,
             bias,
             running_mean,
@@ -763,15 +810,15 @@ fn forward_layer(
             *spatial,
             train.is_some(),
         ),
-        Layer::LayerNorm { weight, bias } => ops::normalize_last_dim(x)?
+        Module::LayerNorm { weight, bias } => ops::normalize_last_dim(x)?
             .broadcast_mul(weight.as_tensor())?
             .broadcast_add(bias.as_tensor()),
-        Layer::Dropout(p) => match train.as_deref_mut() {
+        Module::Dropout(p) => match train.as_deref_mut() {
             Some(rng) if *p > 0.0 => dropout(x, *p, rng),
             _ => Ok(x.clone()),
         },
-        Layer::Flatten => x.flatten_from(1),
-        Layer::Embedding(weight) => {
+        Module::Flatten => x.flatten_from(1),
+        Module::Embedding(weight) => {
             let (batch, time) = x.dims2()?;
             let dim = weight.dim(1)?;
             weight
@@ -779,13 +826,13 @@ fn forward_layer(
                 .index_select(&x.flatten_all()?, 0)?
                 .reshape((batch, time, dim))
         }
-        Layer::Relu => x.relu(),
-        Layer::Gelu(GeluApproximation::None) => x.gelu_erf(),
-        Layer::Gelu(GeluApproximation::Tanh) => x.gelu(),
-        Layer::Tanh => x.tanh(),
-        Layer::Sigmoid => candle_nn::ops::sigmoid(x),
-        Layer::Silu => x.silu(),
-        Layer::Residual(inner) => x + forward_list(inner, x, train)?,
+        Module::Relu => x.relu(),
+        Module::Gelu(GeluApproximation::None) => x.gelu_erf(),
+        Module::Gelu(GeluApproximation::Tanh) => x.gelu(),
+        Module::Tanh => x.tanh(),
+        Module::Sigmoid => candle_nn::ops::sigmoid(x),
+        Module::Silu => x.silu(),
+        Module::Residual(inner) => x + forward_list(inner, x, train)?,
     }
 }
 
@@ -1051,7 +1098,11 @@ mod tests {
             let grads = train.loss.backward().unwrap();
             for (name, var) in &sequential.parameters {
                 let grad = grads.get(var.as_tensor()).unwrap();
-                assert_close(&values(grad), &case.grads[name], &format!("{} grad {name}", case.name));
+                assert_close(
+                    &values(grad),
+                    &case.grads[name],
+                    &format!("{} grad {name}", case.name),
+                );
             }
             for (name, var) in &sequential.buffers {
                 assert_close(
@@ -1130,7 +1181,11 @@ mod tests {
             7,
         );
         assert_eq!(error.field, "model.layers[0]");
-        assert!(error.message.contains("[12] token ids"), "{}", error.message);
+        assert!(
+            error.message.contains("[12] token ids"),
+            "{}",
+            error.message
+        );
 
         let error = validate(
             &layers(r#"[{"type": "residual", "layers": [{"type": "dropout", "p": 1.5}]}]"#),
@@ -1171,17 +1226,33 @@ mod tests {
         missing.remove("1.running_var");
         let error = model.load_state_dict(&missing).unwrap_err();
         assert_eq!(error.field, "init.weights");
-        assert!(error.message.contains("no tensor \"1.running_var\""), "{}", error.message);
+        assert!(
+            error.message.contains("no tensor \"1.running_var\""),
+            "{}",
+            error.message
+        );
 
         let mut extra = weights.clone();
-        extra.insert("12.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+        extra.insert(
+            "12.weight".into(),
+            Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        );
         let error = model.load_state_dict(&extra).unwrap_err();
-        assert!(error.message.contains("first \"12.weight\""), "{}", error.message);
+        assert!(
+            error.message.contains("first \"12.weight\""),
+            "{}",
+            error.message
+        );
 
-        weights.insert("6.weight".into(), Tensor::zeros((8, 3), DType::F32, &Device::Cpu).unwrap());
+        weights.insert(
+            "6.weight".into(),
+            Tensor::zeros((8, 3), DType::F32, &Device::Cpu).unwrap(),
+        );
         let error = model.load_state_dict(&weights).unwrap_err();
         assert!(
-            error.message.contains("\"6.weight\" has shape [8, 3], but the model's is [8, 64]"),
+            error
+                .message
+                .contains("\"6.weight\" has shape [8, 3], but the model's is [8, 64]"),
             "{}",
             error.message
         );
@@ -1193,7 +1264,9 @@ mod tests {
     fn max_pool_gradient_goes_to_the_first_maximum() {
         let x = Var::from_tensor(
             &Tensor::from_vec(
-                vec![1f32, 3., 3., 0., 2., 2., 2., 2., 5., 1., 1., 5., 0., 0., 0., 0.],
+                vec![
+                    1f32, 3., 3., 0., 2., 2., 2., 2., 5., 1., 1., 5., 0., 0., 0., 0.,
+                ],
                 (1, 1, 4, 4),
                 &Device::Cpu,
             )

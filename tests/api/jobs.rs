@@ -77,6 +77,39 @@ async fn an_unknown_field_is_a_422_naming_it() {
 }
 
 #[tokio::test]
+async fn a_layer_list_that_does_not_fit_the_data_is_a_422_naming_the_layer() {
+    let app = spawn_app().await;
+    let mut spec = tiny_spec();
+    spec["model"] = json!({"arch": "sequential", "layers": [
+        {"type": "linear", "out": 8},
+        {"type": "residual", "layers": [{"type": "conv2d", "out": 2, "kernel": 3}]},
+        {"type": "linear", "out": 3}]});
+    let (status, body) = json_of(app.post_json("/v1/jobs", &spec).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let error = assert_error(&body, "invalid_spec");
+    assert_eq!(error["field"], "model.layers[1].layers[0]");
+    assert_eq!(
+        error["message"],
+        "conv2d needs [channels, height, width], but its input is [8]"
+    );
+
+    // A list that fits is queued.
+    spec["model"]["layers"][1] = json!({"type": "residual", "layers": [
+        {"type": "layer_norm"}, {"type": "linear", "out": 8}, {"type": "gelu"}]});
+    let (status, body) = json_of(app.post_json("/v1/jobs", &spec).await).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+
+    // Initial weights from a file are for `lrtune run`: the server reads no local paths.
+    spec["init"] = json!({"weights": {"path": "w.safetensors"}});
+    let (status, body) = json_of(app.post_json("/v1/jobs", &spec).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        assert_error(&body, "invalid_input")["field"],
+        "init.weights.path"
+    );
+}
+
+#[tokio::test]
 async fn a_range_test_with_min_lr_above_max_lr_is_rejected() {
     let app = spawn_app().await;
     let mut spec = tiny_spec();

@@ -5,6 +5,7 @@
 mod cli;
 mod compare;
 mod jobs;
+mod sequential;
 
 use std::sync::atomic::AtomicBool;
 

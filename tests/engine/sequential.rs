@@ -1,0 +1,148 @@
+//! Layer-list models end to end: PyTorch weights loaded through a job give PyTorch's
+//! validation loss as `initial_val_loss`, a layer list trains on real data, and a list that
+//! does not fit the data is refused before any work with the layer named.
+
+use std::io::Write;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::run;
+
+fn golden_case(name: &str) -> Value {
+    let golden: Value =
+        serde_json::from_str(include_str!("../golden/sequential.json")).expect("golden parses");
+    golden["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|case| case["name"] == name)
+        .unwrap()
+        .clone()
+}
+
+/// PyTorch's `residual_mlp` (linear, residual blocks with layer norm and tanh-GELU, silu,
+/// batch norm, sigmoid) with its saved weights: its 10 reference rows are the job's
+/// validation file, so the job's `initial_val_loss` is PyTorch's eval-mode loss.
+#[test]
+fn pytorch_weights_give_pytorchs_validation_loss_before_any_step() {
+    let case = golden_case("residual_mlp");
+    let features = 6;
+    let x: Vec<f64> = case["x"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let y: Vec<u64> = case["y"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let header = "a,b,c,d,e,f,label\n";
+    let row = |values: &[f64], label: u64| {
+        let cells: Vec<String> = values.iter().map(|v| format!("{v:?}")).collect();
+        format!("{},{label}\n", cells.join(","))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut validation = String::from(header);
+    for (values, &label) in x.chunks(features).zip(&y) {
+        validation.push_str(&row(values, label));
+    }
+    // Training rows of every class, so the classes keep their indices.
+    let mut train = String::from(header);
+    for index in 0..60u64 {
+        let values: Vec<f64> = (0..features)
+            .map(|f| ((index * 7 + f as u64 * 3) % 11) as f64 / 5.0 - 1.0)
+            .collect();
+        train.push_str(&row(&values, index % 3));
+    }
+    let (train_path, validation_path) = (dir.path().join("train.csv"), dir.path().join("val.csv"));
+    std::fs::write(&train_path, train).unwrap();
+    std::fs::write(&validation_path, validation).unwrap();
+    let weights = format!(
+        "{}/tests/golden/sequential/{}",
+        env!("CARGO_MANIFEST_DIR"),
+        case["weights"].as_str().unwrap()
+    );
+    let spec = serde_json::json!({
+        "kind": "range_test",
+        "data": {"path": train_path, "validation_path": validation_path},
+        "normalize": "none",
+        "model": {"arch": "sequential", "layers": case["layers"]},
+        "init": {"weights": {"path": weights}},
+        "batch_size": 10,
+        "range_test": {"steps": 20}
+    });
+    let (output, _) = run(&spec.to_string());
+    let initial = output.result.initial_val_loss.unwrap();
+    let want = case["eval_loss"].as_f64().unwrap();
+    assert!(
+        (initial - want).abs() <= 1e-4 * want,
+        "initial_val_loss {initial} vs PyTorch's {want}"
+    );
+    assert_eq!(output.result.model.arch, "sequential");
+}
+
+/// The issue's layer-list CNN (conv2d, batch norm, relu, max pool, dropout, flatten,
+/// linear) on mnist: the range test runs, the loss falls, and the result reports where it
+/// started.
+#[test]
+fn a_layer_list_cnn_range_test_runs_on_mnist() {
+    let spec = r#"{
+        "kind": "range_test",
+        "data": {"builtin": "mnist10k"},
+        "model": {"arch": "sequential", "layers": [
+            {"type": "conv2d", "out": 4, "kernel": 3, "stride": 2, "padding": 1},
+            {"type": "batch_norm"}, {"type": "relu"}, {"type": "max_pool2d", "size": 2},
+            {"type": "dropout", "p": 0.1}, {"type": "flatten"},
+            {"type": "linear", "out": 16}, {"type": "gelu"}, {"type": "layer_norm"},
+            {"type": "linear", "out": 10}]},
+        "batch_size": 64,
+        "range_test": {"start_lr": 1e-4, "end_lr": 1, "steps": 30}
+    }"#;
+    let (output, _) = run(spec);
+    let initial = output.result.initial_val_loss.unwrap();
+    // Ten classes from random weights: about ln 10.
+    assert!((initial - 10f64.ln()).abs() < 0.5, "{initial}");
+    let curve = &output.curve;
+    assert!(curve.len() >= 20, "{}", curve.len());
+    let first = curve[0].smoothed;
+    let best = curve
+        .iter()
+        .map(|p| p.smoothed)
+        .fold(f64::INFINITY, f64::min);
+    assert!(best < first - 0.1, "the loss never fell: {first} -> {best}");
+}
+
+/// A layer list that does not fit the data: `lrtune check` exits 2 naming the layer and
+/// both shapes, before loading anything heavy.
+#[test]
+fn check_refuses_a_layer_list_that_does_not_fit_the_data() {
+    let spec = r#"{"data": {"builtin": "spirals", "samples": 256},
+        "model": {"arch": "sequential", "layers": [
+            {"type": "linear", "out": 8}, {"type": "max_pool2d", "size": 2},
+            {"type": "linear", "out": 3}]}}"#;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lrtune"))
+        .args(["check", "--lr", "0.01", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(spec.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("model.layers[1]")
+            && stderr.contains("max_pool2d needs [channels, height, width], but its input is [8]"),
+        "{stderr}"
+    );
+}
