@@ -20,7 +20,7 @@ use super::schedule::{
 use super::sequential::load_initial_weights;
 use super::spec::{JobKind, JobSpec, Limits, Recipe, RecipeSchedule, SpecError};
 use super::train::{evaluate, train_step, BatchOrder, DeviceData, Evaluation};
-use super::tune::{one_cycle, select_device, tune_with};
+use super::tune::{build_job_model, one_cycle, select_device, tune_with};
 use super::{Control, EngineError, Event};
 
 /// Validation points per full run after the start (plus one at step 0).
@@ -206,10 +206,13 @@ pub fn run_compare(
     let mut models = Vec::with_capacity(seeds);
     let mut initial_val_loss = None;
     for seed_index in 0..seeds {
-        let model = Model::build(&spec.model, &shape, spec.seed + seed_index as u64, &device)?;
-        if let Some(weights) = &weights {
-            model.load_state_dict(weights)?;
-        }
+        let model = build_job_model(
+            spec,
+            &shape,
+            spec.seed + seed_index as u64,
+            &device,
+            weights.as_ref(),
+        )?;
         if seed_index == 0 {
             initial_val_loss = Some(evaluate(&model, &validation)?.loss);
         }

@@ -141,6 +141,8 @@ pub struct Model {
     shape: ModelShape,
     vars: Vec<Var>,
     device: Device,
+    /// Whether the hand-written CPU step runs this model (else candle's autograd).
+    native: bool,
     /// The buffers of the hand-written CPU training step (see `native/mod.rs`), kept between steps.
     workspace: Mutex<Option<native::Workspace>>,
 }
@@ -162,10 +164,12 @@ impl Model {
         let mut rng = Rng::derive(seed, 0x1417);
         let layers = build_layers(spec, shape, &mut rng, device)?;
         let vars = collect_vars(&layers);
+        let native = device.is_cpu() && !matches!(layers, Layers::Sequential(_));
         Ok(Model {
             layers,
             shape: shape.clone(),
             vars,
+            native,
             device: device.clone(),
             workspace: Mutex::new(None),
         })
@@ -173,6 +177,26 @@ impl Model {
 
     pub fn vars(&self) -> &[Var] {
         &self.vars
+    }
+
+    /// Whether the hand-written CPU step trains and evaluates this model: the built-in
+    /// architectures on the CPU, unless [`Model::use_candle`] was called.
+    pub fn runs_native(&self) -> bool {
+        self.native
+    }
+
+    /// Trains and evaluates through candle's autograd instead of the native step.
+    pub fn use_candle(&mut self) {
+        self.native = false;
+    }
+
+    /// `"native"` or `"candle"`.
+    pub fn backend_name(&self) -> &'static str {
+        if self.native {
+            "native"
+        } else {
+            "candle"
+        }
     }
 
     pub fn parameter_count(&self) -> usize {

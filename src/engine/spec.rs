@@ -74,6 +74,8 @@ pub struct JobSpec {
     pub seed: u64,
     #[serde(default)]
     pub device: DeviceChoice,
+    #[serde(default, skip_serializing_if = "BackendChoice::is_auto")]
+    pub backend: BackendChoice,
     #[serde(default)]
     pub range_test: RangeTestSpec,
     #[serde(default)]
@@ -560,6 +562,24 @@ impl OptimizerSpec {
     }
 }
 
+/// Which training step runs the model: the hand-written CPU step (`native`: the four
+/// built-in architectures), candle's autograd (`candle`: any model, any device; the reference
+/// the native step is tested against), or `auto`: native on the CPU when it runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendChoice {
+    #[default]
+    Auto,
+    Native,
+    Candle,
+}
+
+impl BackendChoice {
+    pub fn is_auto(&self) -> bool {
+        *self == BackendChoice::Auto
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceChoice {
@@ -996,6 +1016,20 @@ impl JobSpec {
             }
         }
         self.validate_data(limits)?;
+        if self.backend == BackendChoice::Native {
+            if matches!(self.model, ModelSpec::Sequential { .. }) {
+                return Err(SpecError::new(
+                    "backend",
+                    "the native backend does not run layer lists (arch \"sequential\") yet: use \"auto\" or \"candle\"",
+                ));
+            }
+            if self.device == DeviceChoice::Cuda {
+                return Err(SpecError::new(
+                    "backend",
+                    "the native backend runs on the CPU: use device \"cpu\" or backend \"candle\"",
+                ));
+            }
+        }
         if let Some(init) = &self.init {
             if !matches!(self.model, ModelSpec::Sequential { .. }) {
                 return Err(SpecError::new(

@@ -17,7 +17,8 @@ use super::range_test::{run_range_test, CurvePoint, RangeTestInputs};
 use super::schedule::{OneCycle, Schedule};
 use super::sequential::load_initial_weights;
 use super::spec::{
-    Budget, Candidates, DeviceChoice, JobKind, JobSpec, Limits, OptimizerSpec, SpecError,
+    BackendChoice, Budget, Candidates, DeviceChoice, JobKind, JobSpec, Limits, OptimizerSpec,
+    SpecError,
 };
 use super::suggest::{self, CurveEnd, Suggestions};
 use super::sweep::{
@@ -85,6 +86,9 @@ pub struct Timing {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSummary {
     pub arch: String,
+    /// `"native"` or `"candle"` (absent in results stored before it was reported).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backend: String,
     pub parameters: usize,
     pub device: String,
     pub steps_per_epoch: usize,
@@ -166,13 +170,7 @@ pub(crate) fn tune_with(
         task: prepared.train.task(),
     };
     let weights = load_initial_weights(spec.init.as_ref())?;
-    let build = |seed: u64| -> Result<Model, EngineError> {
-        let model = Model::build(&spec.model, &shape, seed, &device)?;
-        if let Some(weights) = &weights {
-            model.load_state_dict(weights)?;
-        }
-        Ok(model)
-    };
+    let build = |seed: u64| build_job_model(spec, &shape, seed, &device, weights.as_ref());
     let model = build(spec.seed)?;
     let train = DeviceData::new(&prepared.train, &device)?;
     let validation = DeviceData::new(&prepared.validation, &device)?;
@@ -393,6 +391,7 @@ pub(crate) fn tune_with(
             data: prepared.info,
             model: ModelSummary {
                 arch: spec.model.arch().to_string(),
+                backend: model.backend_name().to_string(),
                 parameters: model.parameter_count(),
                 device: device_name(&device),
                 steps_per_epoch,
@@ -401,6 +400,25 @@ pub(crate) fn tune_with(
         },
         curve,
     })
+}
+
+/// A job's model: built for its spec with `seed`, on the backend it asks for, from its
+/// initial weights if it has them.
+pub(crate) fn build_job_model(
+    spec: &JobSpec,
+    shape: &ModelShape,
+    seed: u64,
+    device: &Device,
+    weights: Option<&std::collections::HashMap<String, candle_core::Tensor>>,
+) -> Result<Model, EngineError> {
+    let mut model = Model::build(&spec.model, shape, seed, device)?;
+    if spec.backend == BackendChoice::Candle {
+        model.use_candle();
+    }
+    if let Some(weights) = weights {
+        model.load_state_dict(weights)?;
+    }
+    Ok(model)
 }
 
 /// A OneCycle schedule needs a few steps per phase; with too little data per epoch (or too

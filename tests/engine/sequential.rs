@@ -146,3 +146,62 @@ fn check_refuses_a_layer_list_that_does_not_fit_the_data() {
         "{stderr}"
     );
 }
+
+/// The same preset trained by the native step and by candle's autograd: the range test's
+/// suggestions agree within 1.5x (the two compute the same function; their sums differ in the
+/// last bits), and each result says which backend ran.
+#[test]
+fn native_and_candle_backends_agree_on_the_range_test() {
+    for model in [
+        r#"{"arch": "mlp", "hidden": [32, 32], "activation": "gelu"}"#,
+        r#"{"arch": "cnn", "channels": [4], "hidden": 16}"#,
+    ] {
+        let spec = |backend: &str| {
+            format!(
+                r#"{{"kind": "range_test", "data": {{"builtin": "mnist10k"}}, "model": {model},
+                    "backend": "{backend}", "batch_size": 32,
+                    "range_test": {{"start_lr": 1e-5, "end_lr": 10, "steps": 60}}}}"#
+            )
+        };
+        let (native, _) = run(&spec("native"));
+        let (candle, _) = run(&spec("candle"));
+        assert_eq!(native.result.model.backend, "native");
+        assert_eq!(candle.result.model.backend, "candle");
+        let (a, b) = (
+            native.result.range_test.unwrap().suggestions,
+            candle.result.range_test.unwrap().suggestions,
+        );
+        for (name, x, y) in [
+            ("valley", a.valley, b.valley),
+            ("minimum", a.minimum, b.minimum),
+            ("steepest", a.steepest, b.steepest),
+        ] {
+            let (x, y) = (x.unwrap(), y.unwrap());
+            assert!(
+                (x / y).max(y / x) <= 1.5,
+                "{model}: {name} {x} (native) vs {y} (candle)"
+            );
+        }
+        let (x, y) = (
+            native.result.initial_val_loss.unwrap(),
+            candle.result.initial_val_loss.unwrap(),
+        );
+        assert!(
+            (x - y).abs() <= 1e-5 * x,
+            "{model}: initial_val_loss {x} vs {y}"
+        );
+    }
+}
+
+#[test]
+fn the_native_backend_refuses_a_layer_list() {
+    let spec = lrtune::engine::JobSpec::from_json(
+        r#"{"data": {"builtin": "spirals"}, "backend": "native",
+            "model": {"arch": "sequential", "layers": [{"type": "linear", "out": 3}]}}"#,
+    )
+    .unwrap();
+    let error = spec
+        .validate(&lrtune::engine::Limits::default())
+        .unwrap_err();
+    assert_eq!(error.field, "backend");
+}

@@ -516,9 +516,9 @@ impl Workspace {
 }
 
 /// Which models the native step runs: the four architectures, on the CPU (layer lists run
-/// on candle).
+/// on candle), unless the job asked for candle.
 pub fn supports(model: &Model) -> bool {
-    model.device().is_cpu() && !matches!(model.layers(), Layers::Sequential(_))
+    model.runs_native()
 }
 
 /// The workspace for batches of `rows` rows of `data`, (re)built when the model has none or
