@@ -164,7 +164,7 @@ impl Model {
         let mut rng = Rng::derive(seed, 0x1417);
         let layers = build_layers(spec, shape, &mut rng, device)?;
         let vars = collect_vars(&layers);
-        let native = device.is_cpu() && !matches!(layers, Layers::Sequential(_));
+        let native = device.is_cpu();
         Ok(Model {
             layers,
             shape: shape.clone(),

@@ -23,8 +23,8 @@ use super::rng::Rng;
 use super::spec::SpecError;
 
 /// Batch norm's defaults, PyTorch's.
-const BATCH_NORM_MOMENTUM: f64 = 0.1;
-const NORM_EPS: f64 = 1e-5;
+pub(crate) const BATCH_NORM_MOMENTUM: f64 = 0.1;
+pub(crate) const NORM_EPS: f64 = 1e-5;
 
 /// One layer of a layer list, with PyTorch's parameter names and defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -247,7 +247,8 @@ enum Planned {
 }
 
 /// The checked plan of a layer list: each layer's sizes, the per-sample output shape, the
-/// parameter count and the activation values per sample (for admission).
+/// parameter count and the activation values per sample, convolution patches included (for
+/// admission).
 #[derive(Debug, Clone)]
 pub struct Plan {
     layers: Vec<Planned>,
@@ -411,6 +412,11 @@ fn plan_layer(
             };
             let fan_in = (channels * kernel * kernel) as u64;
             add_parameters(counts, (fan_in + 1).saturating_mul(*out as u64));
+            // The native step's patches, their gradient and the pixel-major output.
+            let pixels = (out_h * out_w) as u64;
+            counts.1 = counts.1.saturating_add(
+                pixels.saturating_mul(fan_in.saturating_mul(2).saturating_add(*out as u64)),
+            );
             (
                 Planned::Conv2d {
                     inputs: channels,
@@ -496,7 +502,7 @@ fn plan_layer(
 
 /// A built layer (a PyTorch module). Parameters are `Var`s the optimizer steps; batch norm's running statistics
 /// are `Var`s it does not (updated in place in training mode).
-enum Module {
+pub(crate) enum Module {
     Linear {
         weight: Var,
         bias: Var,
@@ -554,9 +560,19 @@ impl Sequential {
         })
     }
 
+    /// The built layers (the native step walks them in order).
+    pub(crate) fn modules(&self) -> &[Module] {
+        &self.layers
+    }
+
     /// The parameters in `named_parameters()` order.
     pub fn vars(&self) -> impl Iterator<Item = &Var> {
         self.parameters.iter().map(|(_, var)| var)
+    }
+
+    /// The running statistics' `state_dict()` names, in [`Sequential::buffers`] order.
+    pub fn buffer_names(&self) -> impl Iterator<Item = &String> {
+        self.buffers.iter().map(|(name, _)| name)
     }
 
     /// Batch norm's running statistics (part of a snapshot, not of the optimizer's state).
@@ -792,7 +808,7 @@ fn forward_layer(
             bias,
             stride,
             padding,
-        } => x
+        } => even_remainders(x, weight.dim(2)?, *stride, *padding)?
             .conv2d(weight.as_tensor(), *padding, *stride, 1, 1)?
             .broadcast_add(&bias.as_tensor().reshape((1, (), 1, 1))?),
         Module::MaxPool2d(size) => max_pool(x, *size),
@@ -833,6 +849,29 @@ fn forward_layer(
         Module::Sigmoid => candle_nn::ops::sigmoid(x),
         Module::Silu => x.silu(),
         Module::Residual(inner) => x + forward_list(inner, x, train)?,
+    }
+}
+
+/// A strided convolution's input, padded with zeros at the bottom or right so that height and
+/// width leave the same remainder past the last window. candle 0.11's convolution backward
+/// takes one output padding, from the height, for both sides, and fails on a width that
+/// leaves another. The zeros sit where no window reads, so the output is unchanged.
+fn even_remainders(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    if stride == 1 {
+        return Ok(x.clone());
+    }
+    let (_, _, height, width) = x.dims4()?;
+    let remainder = |side: usize| (side + 2 * padding - kernel) % stride;
+    let (r_h, r_w) = (remainder(height), remainder(width));
+    match r_h.cmp(&r_w) {
+        std::cmp::Ordering::Less => x.pad_with_zeros(2, 0, r_w - r_h),
+        std::cmp::Ordering::Greater => x.pad_with_zeros(3, 0, r_h - r_w),
+        std::cmp::Ordering::Equal => Ok(x.clone()),
     }
 }
 

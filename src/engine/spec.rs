@@ -562,9 +562,9 @@ impl OptimizerSpec {
     }
 }
 
-/// Which training step runs the model: the hand-written CPU step (`native`: the four
-/// built-in architectures), candle's autograd (`candle`: any model, any device; the reference
-/// the native step is tested against), or `auto`: native on the CPU when it runs the model.
+/// Which training step runs the model: the hand-written CPU step (`native`), candle's
+/// autograd (`candle`: any device; the reference the native step is tested against), or
+/// `auto`: native on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendChoice {
@@ -1016,19 +1016,11 @@ impl JobSpec {
             }
         }
         self.validate_data(limits)?;
-        if self.backend == BackendChoice::Native {
-            if matches!(self.model, ModelSpec::Sequential { .. }) {
-                return Err(SpecError::new(
-                    "backend",
-                    "the native backend does not run layer lists (arch \"sequential\") yet: use \"auto\" or \"candle\"",
-                ));
-            }
-            if self.device == DeviceChoice::Cuda {
-                return Err(SpecError::new(
-                    "backend",
-                    "the native backend runs on the CPU: use device \"cpu\" or backend \"candle\"",
-                ));
-            }
+        if self.backend == BackendChoice::Native && self.device == DeviceChoice::Cuda {
+            return Err(SpecError::new(
+                "backend",
+                "the native backend runs on the CPU: use device \"cpu\" or backend \"candle\"",
+            ));
         }
         if let Some(init) = &self.init {
             if !matches!(self.model, ModelSpec::Sequential { .. }) {

@@ -155,6 +155,19 @@ fn native_and_candle_backends_agree_on_the_range_test() {
     for model in [
         r#"{"arch": "mlp", "hidden": [32, 32], "activation": "gelu"}"#,
         r#"{"arch": "cnn", "channels": [4], "hidden": 16}"#,
+        // The issue's layer-list CNN and a residual MLP with layer norm and GELU.
+        r#"{"arch": "sequential", "layers": [
+            {"type": "conv2d", "out": 8, "kernel": 3, "padding": 1},
+            {"type": "batch_norm"}, {"type": "relu"}, {"type": "max_pool2d", "size": 2},
+            {"type": "dropout", "p": 0.1}, {"type": "flatten"},
+            {"type": "linear", "out": 32}, {"type": "relu"}, {"type": "linear", "out": 10}]}"#,
+        r#"{"arch": "sequential", "layers": [
+            {"type": "flatten"}, {"type": "linear", "out": 64},
+            {"type": "residual", "layers": [
+                {"type": "layer_norm"}, {"type": "linear", "out": 64}, {"type": "gelu"}]},
+            {"type": "residual", "layers": [
+                {"type": "layer_norm"}, {"type": "linear", "out": 64}, {"type": "gelu"}]},
+            {"type": "layer_norm"}, {"type": "linear", "out": 10}]}"#,
     ] {
         let spec = |backend: &str| {
             format!(
@@ -194,9 +207,9 @@ fn native_and_candle_backends_agree_on_the_range_test() {
 }
 
 #[test]
-fn the_native_backend_refuses_a_layer_list() {
+fn the_native_backend_refuses_cuda() {
     let spec = lrtune::engine::JobSpec::from_json(
-        r#"{"data": {"builtin": "spirals"}, "backend": "native",
+        r#"{"data": {"builtin": "spirals"}, "backend": "native", "device": "cuda",
             "model": {"arch": "sequential", "layers": [{"type": "linear", "out": 3}]}}"#,
     )
     .unwrap();

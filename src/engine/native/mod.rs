@@ -25,6 +25,7 @@ use super::spec::{Activation, ModelSpec};
 use super::train::DeviceData;
 
 mod feedforward;
+mod layers;
 mod transformer;
 
 /// Matrix products below this many multiply-adds run on one thread; above it gemm decides how
@@ -463,6 +464,7 @@ pub struct Workspace {
 enum Buffers {
     FeedForward(feedforward::Buffers),
     Transformer(Box<transformer::Buffers>),
+    Layers(Box<layers::Buffers>),
 }
 
 impl Buffers {
@@ -471,6 +473,7 @@ impl Buffers {
         match self {
             Buffers::FeedForward(buffers) => buffers.rows(),
             Buffers::Transformer(buffers) => buffers.batch(),
+            Buffers::Layers(buffers) => buffers.rows(),
         }
     }
 
@@ -478,6 +481,7 @@ impl Buffers {
         match self {
             Buffers::FeedForward(buffers) => buffers.rows() == rows,
             Buffers::Transformer(buffers) => buffers.fits(rows, time),
+            Buffers::Layers(buffers) => buffers.rows() == rows,
         }
     }
 }
@@ -485,8 +489,9 @@ impl Buffers {
 /// The bytes a workspace for batches of `rows` rows takes (buffers, not the gradients), from
 /// the spec alone: admission checks a job's memory with it before anything is built.
 ///
-/// A layer list runs on candle, which keeps every layer's output and its gradient for the
-/// backward pass, plus temporaries: counted as 4 values per activation value per row.
+/// A layer list keeps each layer's output and its gradient, and batch norm, layer norm and
+/// dropout one saved copy (candle keeps about as much): 3 values per activation value per
+/// row, convolutions' patch buffers included in the plan's count.
 pub fn planned_buffer_bytes(spec: &ModelSpec, shape: &ModelShape, rows: usize) -> u64 {
     match spec {
         ModelSpec::Transformer { .. } => transformer::planned_bytes(spec, shape, rows as u64),
@@ -496,7 +501,7 @@ pub fn planned_buffer_bytes(spec: &ModelSpec, shape: &ModelShape, rows: usize) -
                 |plan| {
                     plan.activations_per_sample
                         .saturating_mul(rows as u64)
-                        .saturating_mul(4 * 4)
+                        .saturating_mul(3 * 4)
                 },
             )
         }
@@ -511,12 +516,13 @@ impl Workspace {
         match &self.buffers {
             Buffers::FeedForward(buffers) => buffers.allocated_bytes(),
             Buffers::Transformer(buffers) => buffers.allocated_bytes(),
+            Buffers::Layers(buffers) => buffers.allocated_bytes(),
         }
     }
 }
 
-/// Which models the native step runs: the four architectures, on the CPU (layer lists run
-/// on candle), unless the job asked for candle.
+/// Which models the native step runs: every model on the CPU, unless the job asked for
+/// candle.
 pub fn supports(model: &Model) -> bool {
     model.runs_native()
 }
@@ -559,6 +565,7 @@ fn workspace_for<'w>(
             Layers::Transformer { .. } => {
                 Buffers::Transformer(Box::new(transformer::Buffers::new(model, rows, time)))
             }
+            Layers::Sequential(_) => Buffers::Layers(Box::new(layers::Buffers::new(model, rows)?)),
             _ => Buffers::FeedForward(feedforward::Buffers::new(model, rows)),
         };
         *workspace = Some(Workspace {
@@ -619,6 +626,7 @@ pub fn evaluate(
             Buffers::Transformer(buffers) => {
                 transformer::evaluate_batch(buffers, &params, data, &rows, len)?
             }
+            Buffers::Layers(buffers) => layers::evaluate_batch(buffers, &params, data, &rows, len)?,
         };
         loss_sum += loss;
         hits += correct;
@@ -661,6 +669,14 @@ pub fn forward_backward(
         Buffers::Transformer(buffers) => {
             transformer::forward_backward(buffers, &params, &mut workspace.grads, data, rows)
         }
+        Buffers::Layers(buffers) => layers::forward_backward(
+            buffers,
+            &params,
+            &mut workspace.grads,
+            data,
+            rows,
+            dropout_rng,
+        ),
     }
 }
 
@@ -695,7 +711,9 @@ pub(super) mod tests {
                 .to_vec1::<f32>()
                 .unwrap();
             assert_eq!(native.len(), want.len(), "variable {index}");
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            // Relative to the variable's largest gradient; one that is zero in exact arithmetic
+            // (a bias before batch norm) is float noise on both sides, held to 1e-7.
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
             for (position, (got, want)) in native.iter().zip(&want).enumerate() {
                 assert!(
                     (got - want).abs() <= 1e-4 * scale,
@@ -836,6 +854,23 @@ pub(super) mod tests {
                     context: 21,
                 },
                 dense(vec![21], 13, Task::LanguageModel),
+            ),
+            (
+                ModelSpec::Sequential {
+                    layers: serde_json::from_str(
+                        r#"[{"type": "conv2d", "out": 6, "kernel": 3, "stride": 2, "padding": 1},
+                            {"type": "batch_norm"}, {"type": "gelu"},
+                            {"type": "max_pool2d", "size": 2}, {"type": "dropout", "p": 0.2},
+                            {"type": "flatten"}, {"type": "linear", "out": 19},
+                            {"type": "residual", "layers": [
+                                {"type": "layer_norm"}, {"type": "linear", "out": 19},
+                                {"type": "sigmoid"}]},
+                            {"type": "linear", "out": 10}]"#,
+                    )
+                    .unwrap(),
+                    context: None,
+                },
+                dense(vec![3, 13, 11], 10, Task::Classification),
             ),
         ];
         let levels = Level::supported_levels();

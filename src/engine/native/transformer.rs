@@ -83,7 +83,7 @@ impl Norm {
 simd_kernel! {
     /// Layer norm of rows of `gain.len()` values: `normalized` = (x - mean) / std, `out` =
     /// normalized * gain + shift, `inv_std` = 1 / std per row.
-    fn norm_forward_rows(
+    pub(super) fn norm_forward_rows(
         x: &[f32],
         gain: &[f32],
         shift: &[f32],
@@ -116,7 +116,7 @@ simd_kernel! {
 simd_kernel! {
     /// A layer norm's gain and shift gradients: column sums of `grad_out * normalized` and of
     /// `grad_out`.
-    fn norm_parameter_grads(
+    pub(super) fn norm_parameter_grads(
         grad_out: &[f32],
         normalized: &[f32],
         grad_gain: &mut [f32],
@@ -140,7 +140,7 @@ simd_kernel! {
 
 simd_kernel! {
     /// Adds a layer norm's d(loss)/d(x) into `grad_x`, rows of `gain.len()` values.
-    fn norm_input_grads(
+    pub(super) fn norm_input_grads(
         grad_out: &[f32],
         normalized: &[f32],
         inv_std: &[f32],

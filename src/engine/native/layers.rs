@@ -1,0 +1,1515 @@
+//! The native step of layer-list models (`"arch": "sequential"`): each PyTorch layer's
+//! forward and backward pass written out over buffers kept from step to step, in PyTorch's
+//! NCHW layout, with the same function as the candle model in `sequential.rs` (the tests hold
+//! the two together, and both to PyTorch's golden gradients).
+//!
+//! Matrix products (linear, and convolutions as im2col + one product over the whole batch)
+//! go through `gemm`; the rest are plain loops in fixed order, so a step's result does not
+//! depend on the thread count.
+
+use candle_core::{Tensor, Var};
+use rayon::prelude::*;
+
+use super::transformer::{norm_forward_rows, norm_input_grads, norm_parameter_grads};
+use super::{
+    classification_loss_and_hits, column_sums, cross_entropy, dense_backward, dense_forward,
+    matmul, mean_squared_error, HostValues, Operand,
+};
+use crate::engine::data::Task;
+use crate::engine::model::{Layers, Model};
+use crate::engine::ops::{exp, gelu_derivative, gelu_value};
+use crate::engine::rng::Rng;
+use crate::engine::sequential::{GeluApproximation, Module, BATCH_NORM_MOMENTUM, NORM_EPS};
+use crate::engine::simd::simd_kernel;
+use crate::engine::train::DeviceData;
+
+#[derive(Debug, Clone, Copy)]
+enum Act {
+    Relu,
+    GeluErf,
+    GeluTanh,
+    Tanh,
+    Sigmoid,
+    Silu,
+}
+
+/// A convolution's sizes: input `[channels, height, width]`, output `[outputs, out_h, out_w]`.
+#[derive(Debug, Clone, Copy)]
+struct Conv {
+    channels: usize,
+    height: usize,
+    width: usize,
+    outputs: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    out_h: usize,
+    out_w: usize,
+}
+
+impl Conv {
+    fn pixels(&self) -> usize {
+        self.out_h * self.out_w
+    }
+
+    /// Values per patch: `channels * kernel * kernel`, in (c, ky, kx) order, the order of
+    /// PyTorch's `[out, c, k, k]` weight flattened.
+    fn depth(&self) -> usize {
+        self.channels * self.kernel * self.kernel
+    }
+}
+
+/// A pooling window's sizes on `[channels, height, width]`.
+#[derive(Debug, Clone, Copy)]
+struct Pool {
+    channels: usize,
+    height: usize,
+    width: usize,
+    size: usize,
+}
+
+impl Pool {
+    fn out_h(&self) -> usize {
+        self.height / self.size
+    }
+
+    fn out_w(&self) -> usize {
+        self.width / self.size
+    }
+}
+
+enum Kind {
+    /// Parameters `weight` (index into the model's variables) and `weight + 1`.
+    Linear {
+        weight: usize,
+        inputs: usize,
+    },
+    Conv2d {
+        weight: usize,
+        conv: Conv,
+        /// im2col of the batch, `[n * pixels, depth]`.
+        columns: Vec<f32>,
+        /// The output (forward) or its gradient (backward) pixel-major, `[n * pixels, out]`.
+        rows: Vec<f32>,
+        /// d(loss)/d(columns).
+        column_grad: Vec<f32>,
+    },
+    MaxPool2d {
+        pool: Pool,
+        /// Per output value, the index of its window's first maximum in the sample's input.
+        winner: Vec<u32>,
+    },
+    AvgPool2d(Pool),
+    /// Values per channel plane, averaged to one.
+    AdaptiveAvgPool2d(usize),
+    BatchNorm {
+        weight: usize,
+        features: usize,
+        /// Values per feature per sample (1 after `[features]`, h * w after `[c, h, w]`).
+        plane: usize,
+        running_mean: Var,
+        running_var: Var,
+        normalized: Vec<f32>,
+        inv_std: Vec<f32>,
+    },
+    LayerNorm {
+        weight: usize,
+        normalized: Vec<f32>,
+        inv_std: Vec<f32>,
+    },
+    Dropout {
+        p: f64,
+        mask: Vec<f32>,
+        /// Whether the last forward pass dropped (training with p > 0).
+        active: bool,
+    },
+    Flatten,
+    Embedding {
+        weight: usize,
+        dim: usize,
+    },
+    Activation(Act),
+    Residual {
+        chain: Chain,
+        /// The inner layers' d(loss)/d(block input).
+        input_grad: Vec<f32>,
+    },
+}
+
+struct Node {
+    kind: Kind,
+    out: Vec<f32>,
+    grad: Vec<f32>,
+}
+
+struct Chain {
+    nodes: Vec<Node>,
+}
+
+/// What reaches a chain: values, or token ids for an embedding.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    Values(&'a [f32]),
+    Tokens(&'a [u32]),
+}
+
+impl<'a> Input<'a> {
+    fn values(self) -> &'a [f32] {
+        match self {
+            Input::Values(values) => values,
+            Input::Tokens(_) => unreachable!("the plan puts an embedding first on token ids"),
+        }
+    }
+}
+
+/// The buffers of one batch size.
+pub(super) struct Buffers {
+    rows: usize,
+    task: Task,
+    /// Per-sample input values (dense data) or ids per sequence (text).
+    input: Vec<f32>,
+    tokens: Vec<u32>,
+    /// Values per sample at the input, and per sample at the output.
+    input_len: usize,
+    output_len: usize,
+    chain: Chain,
+    labels: Vec<u32>,
+    targets: Vec<f32>,
+    /// Output values per prediction (classes, regression dims, vocabulary).
+    classes: usize,
+    /// Predictions per sample (1, or the sequence length of a language model).
+    per_sample: usize,
+}
+
+impl Buffers {
+    pub(super) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub(super) fn new(model: &Model, rows: usize) -> candle_core::Result<Buffers> {
+        let Layers::Sequential(sequential) = model.layers() else {
+            candle_core::bail!("native step: not a layer list");
+        };
+        let shape = model.shape();
+        let mut next_param = 0;
+        let (chain, dims) = build_chain(
+            sequential.modules(),
+            shape.input.clone(),
+            rows,
+            &mut next_param,
+        )?;
+        let input_len: usize = shape.input.iter().product();
+        let output_len: usize = dims.iter().product();
+        let per_sample = match shape.task {
+            Task::LanguageModel => shape.input[0],
+            _ => 1,
+        };
+        let tokens = shape.task == Task::LanguageModel;
+        Ok(Buffers {
+            rows,
+            task: shape.task,
+            input: vec![0.0; if tokens { 0 } else { rows * input_len }],
+            tokens: vec![0; if tokens { rows * input_len } else { 0 }],
+            input_len,
+            output_len,
+            chain,
+            labels: vec![
+                0;
+                if shape.task == Task::Regression {
+                    0
+                } else {
+                    rows * per_sample
+                }
+            ],
+            targets: vec![
+                0.0;
+                if shape.task == Task::Regression {
+                    rows * shape.output
+                } else {
+                    0
+                }
+            ],
+            classes: shape.output,
+            per_sample,
+        })
+    }
+
+    #[cfg(test)]
+    pub(super) fn allocated_bytes(&self) -> usize {
+        fn chain_bytes(chain: &Chain) -> usize {
+            chain
+                .nodes
+                .iter()
+                .map(|node| {
+                    let own = (node.out.len() + node.grad.len()) * 4;
+                    own + match &node.kind {
+                        Kind::Conv2d {
+                            columns,
+                            rows,
+                            column_grad,
+                            ..
+                        } => (columns.len() + rows.len() + column_grad.len()) * 4,
+                        Kind::MaxPool2d { winner, .. } => winner.len() * 4,
+                        Kind::BatchNorm {
+                            normalized,
+                            inv_std,
+                            ..
+                        }
+                        | Kind::LayerNorm {
+                            normalized,
+                            inv_std,
+                            ..
+                        } => (normalized.len() + inv_std.len()) * 4,
+                        Kind::Dropout { mask, .. } => mask.len() * 4,
+                        Kind::Residual { chain, input_grad } => {
+                            chain_bytes(chain) + input_grad.len() * 4
+                        }
+                        _ => 0,
+                    }
+                })
+                .sum()
+        }
+        chain_bytes(&self.chain) + (self.input.len() + self.targets.len()) * 4
+    }
+}
+
+/// The nodes for `modules` on samples of `dims` (token ids: `[time]`), numbering the
+/// parameters in the model's order; returns the per-sample output dims.
+fn build_chain(
+    modules: &[Module],
+    mut dims: Vec<usize>,
+    rows: usize,
+    next_param: &mut usize,
+) -> candle_core::Result<(Chain, Vec<usize>)> {
+    let mut nodes = Vec::with_capacity(modules.len());
+    for module in modules {
+        let mut param = |count: usize| {
+            let index = *next_param;
+            *next_param += count;
+            index
+        };
+        let (kind, next): (Kind, Vec<usize>) = match module {
+            Module::Linear { weight, .. } => {
+                let (outputs, inputs) = weight.dims2()?;
+                let mut next = dims.clone();
+                *next.last_mut().expect("planned") = outputs;
+                (
+                    Kind::Linear {
+                        weight: param(2),
+                        inputs,
+                    },
+                    next,
+                )
+            }
+            Module::Conv2d {
+                weight,
+                stride,
+                padding,
+                ..
+            } => {
+                let (outputs, channels, kernel, _) = weight.dims4()?;
+                let [_, height, width] = dims[..] else {
+                    candle_core::bail!("native step: conv2d on {dims:?}");
+                };
+                let side = |size: usize| (size + 2 * padding - kernel) / stride + 1;
+                let conv = Conv {
+                    channels,
+                    height,
+                    width,
+                    outputs,
+                    kernel,
+                    stride: *stride,
+                    padding: *padding,
+                    out_h: side(height),
+                    out_w: side(width),
+                };
+                (
+                    Kind::Conv2d {
+                        weight: param(2),
+                        conv,
+                        columns: vec![0.0; rows * conv.pixels() * conv.depth()],
+                        rows: vec![0.0; rows * conv.pixels() * outputs],
+                        column_grad: vec![0.0; rows * conv.pixels() * conv.depth()],
+                    },
+                    vec![outputs, conv.out_h, conv.out_w],
+                )
+            }
+            Module::MaxPool2d(size) | Module::AvgPool2d(size) => {
+                let [channels, height, width] = dims[..] else {
+                    candle_core::bail!("native step: pooling on {dims:?}");
+                };
+                let pool = Pool {
+                    channels,
+                    height,
+                    width,
+                    size: *size,
+                };
+                let next = vec![channels, pool.out_h(), pool.out_w()];
+                let kind = match module {
+                    Module::MaxPool2d(_) => Kind::MaxPool2d {
+                        pool,
+                        winner: vec![0; rows * next.iter().product::<usize>()],
+                    },
+                    _ => Kind::AvgPool2d(pool),
+                };
+                (kind, next)
+            }
+            Module::AdaptiveAvgPool2d => {
+                let [channels, height, width] = dims[..] else {
+                    candle_core::bail!("native step: pooling on {dims:?}");
+                };
+                (
+                    Kind::AdaptiveAvgPool2d(height * width),
+                    vec![channels, 1, 1],
+                )
+            }
+            Module::BatchNorm {
+                running_mean,
+                running_var,
+                spatial,
+                ..
+            } => {
+                let features = dims[0];
+                let plane = if *spatial { dims[1] * dims[2] } else { 1 };
+                (
+                    Kind::BatchNorm {
+                        weight: param(2),
+                        features,
+                        plane,
+                        running_mean: running_mean.clone(),
+                        running_var: running_var.clone(),
+                        normalized: vec![0.0; rows * features * plane],
+                        inv_std: vec![0.0; features],
+                    },
+                    dims.clone(),
+                )
+            }
+            Module::LayerNorm { .. } => {
+                let size = *dims.last().expect("planned");
+                let total = rows * dims.iter().product::<usize>();
+                (
+                    Kind::LayerNorm {
+                        weight: param(2),
+                        normalized: vec![0.0; total],
+                        inv_std: vec![0.0; total / size],
+                    },
+                    dims.clone(),
+                )
+            }
+            Module::Dropout(p) => (
+                Kind::Dropout {
+                    p: *p,
+                    mask: vec![0.0; rows * dims.iter().product::<usize>()],
+                    active: false,
+                },
+                dims.clone(),
+            ),
+            Module::Flatten => (Kind::Flatten, vec![dims.iter().product()]),
+            Module::Embedding(weight) => {
+                let dim = weight.dim(1)?;
+                (
+                    Kind::Embedding {
+                        weight: param(1),
+                        dim,
+                    },
+                    vec![dims[0], dim],
+                )
+            }
+            Module::Relu => (Kind::Activation(Act::Relu), dims.clone()),
+            Module::Gelu(GeluApproximation::None) => (Kind::Activation(Act::GeluErf), dims.clone()),
+            Module::Gelu(GeluApproximation::Tanh) => {
+                (Kind::Activation(Act::GeluTanh), dims.clone())
+            }
+            Module::Tanh => (Kind::Activation(Act::Tanh), dims.clone()),
+            Module::Sigmoid => (Kind::Activation(Act::Sigmoid), dims.clone()),
+            Module::Silu => (Kind::Activation(Act::Silu), dims.clone()),
+            Module::Residual(inner) => {
+                let (chain, _) = build_chain(inner, dims.clone(), rows, next_param)?;
+                let len = rows * dims.iter().product::<usize>();
+                (
+                    Kind::Residual {
+                        chain,
+                        input_grad: vec![0.0; len],
+                    },
+                    dims.clone(),
+                )
+            }
+        };
+        let len = rows * next.iter().product::<usize>();
+        nodes.push(Node {
+            kind,
+            out: vec![0.0; len],
+            grad: vec![0.0; len],
+        });
+        dims = next;
+    }
+    Ok((Chain { nodes }, dims))
+}
+
+/// Copies the batch's rows into the buffers: samples (or token ids) and targets.
+fn gather(data: &DeviceData, rows: &[usize], buffers: &mut Buffers) -> candle_core::Result<()> {
+    let width = buffers.input_len;
+    let x = HostValues::of(&data.x)?;
+    if buffers.task == Task::LanguageModel {
+        let ids = x.u32()?;
+        for (dst, &row) in buffers.tokens.chunks_exact_mut(width).zip(rows) {
+            dst.copy_from_slice(&ids[row * width..(row + 1) * width]);
+        }
+    } else {
+        let values = x.f32()?;
+        for (dst, &row) in buffers.input.chunks_exact_mut(width).zip(rows) {
+            dst.copy_from_slice(&values[row * width..(row + 1) * width]);
+        }
+    }
+    let y = HostValues::of(&data.y)?;
+    let classes = buffers.classes;
+    match buffers.task {
+        Task::Regression => {
+            let values = y.f32()?;
+            for (dst, &row) in buffers.targets.chunks_exact_mut(classes).zip(rows) {
+                dst.copy_from_slice(&values[row * classes..(row + 1) * classes]);
+            }
+        }
+        _ => {
+            let labels = y.u32()?;
+            let per = buffers.per_sample;
+            for (dst, &row) in buffers.labels.chunks_exact_mut(per).zip(rows) {
+                dst.copy_from_slice(&labels[row * per..(row + 1) * per]);
+            }
+            if let Some(bad) = buffers.labels.iter().find(|&&l| l as usize >= classes) {
+                candle_core::bail!("class {bad} is outside 0..{classes}");
+            }
+        }
+    }
+    if let Some(bad) = buffers.tokens.iter().find(|&&id| id as usize >= classes) {
+        candle_core::bail!("token id {bad} is outside the vocabulary of {classes}");
+    }
+    Ok(())
+}
+
+/// Forward through every node; `train` is the dropout generator in training mode.
+fn forward_chain(
+    chain: &mut Chain,
+    input: Input<'_>,
+    n: usize,
+    params: &[&[f32]],
+    train: &mut Option<&mut Rng>,
+) -> candle_core::Result<()> {
+    for index in 0..chain.nodes.len() {
+        let (before, rest) = chain.nodes.split_at_mut(index);
+        let node_input = before
+            .last()
+            .map_or(input, |previous| Input::Values(&previous.out));
+        forward_node(&mut rest[0], node_input, n, params, train)?;
+    }
+    Ok(())
+}
+
+fn forward_node(
+    node: &mut Node,
+    input: Input<'_>,
+    n: usize,
+    params: &[&[f32]],
+    train: &mut Option<&mut Rng>,
+) -> candle_core::Result<()> {
+    let Node { kind, out, .. } = node;
+    match kind {
+        Kind::Linear { weight, inputs } => {
+            let x = input.values();
+            dense_forward(
+                out,
+                x,
+                x.len() / *inputs,
+                params[*weight],
+                params[*weight + 1],
+            );
+        }
+        Kind::Conv2d {
+            weight,
+            conv,
+            columns,
+            rows,
+            ..
+        } => {
+            let conv = *conv;
+            let x = input.values();
+            let per_image = conv.channels * conv.height * conv.width;
+            columns
+                .par_chunks_mut(conv.pixels() * conv.depth())
+                .zip(x.par_chunks(per_image))
+                .for_each(|(columns, image)| im2col(image, conv, columns));
+            matmul(
+                rows,
+                n * conv.pixels(),
+                conv.outputs,
+                conv.depth(),
+                Operand::plain(columns, conv.depth()),
+                Operand::transposed(params[*weight], conv.depth()),
+            );
+            pixels_to_planes(rows, params[*weight + 1], conv.pixels(), out);
+        }
+        Kind::MaxPool2d { pool, winner } => {
+            let x = input.values();
+            let per_in = pool.channels * pool.height * pool.width;
+            let per_out = pool.channels * pool.out_h() * pool.out_w();
+            for ((x, out), winner) in x
+                .chunks_exact(per_in)
+                .zip(out.chunks_exact_mut(per_out))
+                .zip(winner.chunks_exact_mut(per_out))
+            {
+                max_pool(x, *pool, out, winner);
+            }
+        }
+        Kind::AvgPool2d(pool) => {
+            let x = input.values();
+            let per_in = pool.channels * pool.height * pool.width;
+            let per_out = pool.channels * pool.out_h() * pool.out_w();
+            for (x, out) in x.chunks_exact(per_in).zip(out.chunks_exact_mut(per_out)) {
+                avg_pool(x, *pool, out);
+            }
+        }
+        Kind::AdaptiveAvgPool2d(plane) => {
+            let x = input.values();
+            let scale = 1.0 / *plane as f64;
+            for (value, plane_values) in out.iter_mut().zip(x.chunks_exact(*plane)) {
+                let sum: f64 = plane_values.iter().map(|&v| f64::from(v)).sum();
+                *value = (sum * scale) as f32;
+            }
+        }
+        Kind::BatchNorm {
+            weight,
+            features,
+            plane,
+            running_mean,
+            running_var,
+            normalized,
+            inv_std,
+        } => {
+            let x = input.values();
+            let (gain, shift) = (params[*weight], params[*weight + 1]);
+            if train.is_some() {
+                let (mean, var) = batch_statistics(x, *features, *plane);
+                for (f, inv) in inv_std.iter_mut().enumerate() {
+                    *inv = (1.0 / (var[f] + NORM_EPS).sqrt()) as f32;
+                }
+                for_each_feature_value(*features, *plane, n, |f, at| {
+                    normalized[at] = (x[at] - mean[f] as f32) * inv_std[f];
+                    out[at] = normalized[at] * gain[f] + shift[f];
+                });
+                update_running(running_mean, running_var, &mean, &var, n * *plane)?;
+            } else {
+                let mean = Tensor::to_vec1::<f32>(running_mean.as_tensor())?;
+                let var = Tensor::to_vec1::<f32>(running_var.as_tensor())?;
+                let scale: Vec<f32> = (0..*features)
+                    .map(|f| gain[f] / (f64::from(var[f]) + NORM_EPS).sqrt() as f32)
+                    .collect();
+                for_each_feature_value(*features, *plane, n, |f, at| {
+                    out[at] = (x[at] - mean[f]) * scale[f] + shift[f];
+                });
+            }
+        }
+        Kind::LayerNorm {
+            weight,
+            normalized,
+            inv_std,
+            ..
+        } => norm_forward_rows(
+            input.values(),
+            params[*weight],
+            params[*weight + 1],
+            normalized,
+            out,
+            inv_std,
+        ),
+        Kind::Dropout { p, mask, active } => {
+            let x = input.values();
+            *active = false;
+            if let Some(rng) = train.as_deref_mut() {
+                if *p > 0.0 {
+                    let keep = 1.0 - *p;
+                    let scale = (1.0 / keep) as f32;
+                    for m in mask.iter_mut() {
+                        *m = if rng.next_f64() < keep { scale } else { 0.0 };
+                    }
+                    *active = true;
+                }
+            }
+            if *active {
+                for ((o, &v), &m) in out.iter_mut().zip(x).zip(mask.iter()) {
+                    *o = v * m;
+                }
+            } else {
+                out.copy_from_slice(x);
+            }
+        }
+        Kind::Flatten => out.copy_from_slice(input.values()),
+        Kind::Embedding { weight, dim } => {
+            let Input::Tokens(ids) = input else {
+                candle_core::bail!("native step: an embedding needs token ids");
+            };
+            let table = params[*weight];
+            for (row, &id) in out.chunks_exact_mut(*dim).zip(ids) {
+                row.copy_from_slice(&table[id as usize * *dim..][..*dim]);
+            }
+        }
+        Kind::Activation(act) => activation_forward(*act, input.values(), out),
+        Kind::Residual { chain, .. } => {
+            let x = input.values();
+            forward_chain(chain, Input::Values(x), n, params, train)?;
+            let inner = &chain.nodes.last().expect("a residual block has layers").out;
+            for ((o, &a), &b) in out.iter_mut().zip(x).zip(inner) {
+                *o = a + b;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Backward through every node, last first: each node's `grad` holds d(loss)/d(its output)
+/// when its turn comes. Writes every parameter's gradient and, when given, d(loss)/d(input).
+fn backward_chain(
+    chain: &mut Chain,
+    input: Input<'_>,
+    params: &[&[f32]],
+    grads: &mut [Vec<f32>],
+    mut input_grad: Option<&mut [f32]>,
+) {
+    for index in (0..chain.nodes.len()).rev() {
+        let (before, rest) = chain.nodes.split_at_mut(index);
+        let node = &mut rest[0];
+        match before.last_mut() {
+            Some(previous) => {
+                let Node { out, grad, .. } = previous;
+                backward_node(node, Input::Values(out), params, grads, Some(grad));
+            }
+            None => backward_node(node, input, params, grads, input_grad.as_deref_mut()),
+        }
+    }
+}
+
+fn backward_node(
+    node: &mut Node,
+    input: Input<'_>,
+    params: &[&[f32]],
+    grads: &mut [Vec<f32>],
+    grad_in: Option<&mut [f32]>,
+) {
+    let Node { kind, out, grad } = node;
+    let grad_out: &[f32] = grad;
+    match kind {
+        Kind::Linear { weight, inputs } => {
+            let x = input.values();
+            let (weight_grad, bias_grad) = grads[*weight..].split_at_mut(1);
+            dense_backward(
+                grad_out,
+                x,
+                x.len() / *inputs,
+                params[*weight],
+                &mut weight_grad[0],
+                &mut bias_grad[0],
+                grad_in,
+            );
+        }
+        Kind::Conv2d {
+            weight,
+            conv,
+            columns,
+            rows,
+            column_grad,
+        } => {
+            let conv = *conv;
+            let n = rows.len() / (conv.pixels() * conv.outputs);
+            planes_to_pixels(grad_out, conv.pixels(), conv.outputs, rows);
+            let (weight_grad, bias_grad) = grads[*weight..].split_at_mut(1);
+            column_sums(rows, &mut bias_grad[0]);
+            matmul(
+                &mut weight_grad[0],
+                conv.outputs,
+                conv.depth(),
+                n * conv.pixels(),
+                Operand::transposed(rows, conv.outputs),
+                Operand::plain(columns, conv.depth()),
+            );
+            if let Some(grad_in) = grad_in {
+                matmul(
+                    column_grad,
+                    n * conv.pixels(),
+                    conv.depth(),
+                    conv.outputs,
+                    Operand::plain(rows, conv.outputs),
+                    Operand::plain(params[*weight], conv.depth()),
+                );
+                let per_image = conv.channels * conv.height * conv.width;
+                grad_in
+                    .par_chunks_mut(per_image)
+                    .zip(column_grad.par_chunks(conv.pixels() * conv.depth()))
+                    .for_each(|(image, columns)| col2im(columns, conv, image));
+            }
+        }
+        Kind::MaxPool2d { pool, winner } => {
+            if let Some(grad_in) = grad_in {
+                grad_in.fill(0.0);
+                let per_in = pool.channels * pool.height * pool.width;
+                let per_out = pool.channels * pool.out_h() * pool.out_w();
+                for ((grad_in, grad_out), winner) in grad_in
+                    .chunks_exact_mut(per_in)
+                    .zip(grad_out.chunks_exact(per_out))
+                    .zip(winner.chunks_exact(per_out))
+                {
+                    for (&g, &at) in grad_out.iter().zip(winner) {
+                        grad_in[at as usize] += g;
+                    }
+                }
+            }
+        }
+        Kind::AvgPool2d(pool) => {
+            if let Some(grad_in) = grad_in {
+                let per_in = pool.channels * pool.height * pool.width;
+                let per_out = pool.channels * pool.out_h() * pool.out_w();
+                for (grad_in, grad_out) in grad_in
+                    .chunks_exact_mut(per_in)
+                    .zip(grad_out.chunks_exact(per_out))
+                {
+                    avg_pool_backward(grad_out, *pool, grad_in);
+                }
+            }
+        }
+        Kind::AdaptiveAvgPool2d(plane) => {
+            if let Some(grad_in) = grad_in {
+                let scale = 1.0 / *plane as f32;
+                for (values, &g) in grad_in.chunks_exact_mut(*plane).zip(grad_out) {
+                    values.fill(g * scale);
+                }
+            }
+        }
+        Kind::BatchNorm {
+            weight,
+            features,
+            plane,
+            normalized,
+            inv_std,
+            ..
+        } => {
+            let (features, plane) = (*features, *plane);
+            let n = normalized.len() / (features * plane);
+            let (weight_grad, bias_grad) = grads[*weight..].split_at_mut(1);
+            let (gain_grad, shift_grad) = (&mut weight_grad[0], &mut bias_grad[0]);
+            let mut sums = vec![(0f64, 0f64); features];
+            for_each_feature_value(features, plane, n, |f, at| {
+                let g = f64::from(grad_out[at]);
+                sums[f].0 += g * f64::from(normalized[at]);
+                sums[f].1 += g;
+            });
+            for (f, &(dot, sum)) in sums.iter().enumerate() {
+                gain_grad[f] = dot as f32;
+                shift_grad[f] = sum as f32;
+            }
+            if let Some(grad_in) = grad_in {
+                let count = (n * plane) as f64;
+                let gain = params[*weight];
+                for_each_feature_value(features, plane, n, |f, at| {
+                    let (dot, sum) = sums[f];
+                    let scale = f64::from(gain[f]) * f64::from(inv_std[f]) / count;
+                    grad_in[at] = (scale
+                        * (count * f64::from(grad_out[at]) - sum - f64::from(normalized[at]) * dot))
+                        as f32;
+                });
+            }
+        }
+        Kind::LayerNorm {
+            weight,
+            normalized,
+            inv_std,
+            ..
+        } => {
+            let (weight_grad, bias_grad) = grads[*weight..].split_at_mut(1);
+            norm_parameter_grads(grad_out, normalized, &mut weight_grad[0], &mut bias_grad[0]);
+            if let Some(grad_in) = grad_in {
+                grad_in.fill(0.0);
+                norm_input_grads(grad_out, normalized, inv_std, params[*weight], grad_in);
+            }
+        }
+        Kind::Dropout { mask, active, .. } => {
+            if let Some(grad_in) = grad_in {
+                if *active {
+                    for ((d, &g), &m) in grad_in.iter_mut().zip(grad_out).zip(mask.iter()) {
+                        *d = g * m;
+                    }
+                } else {
+                    grad_in.copy_from_slice(grad_out);
+                }
+            }
+        }
+        Kind::Flatten => {
+            if let Some(grad_in) = grad_in {
+                grad_in.copy_from_slice(grad_out);
+            }
+        }
+        Kind::Embedding { weight, dim } => {
+            let Input::Tokens(ids) = input else {
+                unreachable!("an embedding reads token ids");
+            };
+            let table_grad = &mut grads[*weight];
+            table_grad.fill(0.0);
+            for (g, &id) in grad_out.chunks_exact(*dim).zip(ids) {
+                for (t, &v) in table_grad[id as usize * *dim..][..*dim].iter_mut().zip(g) {
+                    *t += v;
+                }
+            }
+        }
+        Kind::Activation(act) => {
+            if let Some(grad_in) = grad_in {
+                activation_backward(*act, input.values(), out, grad_out, grad_in);
+            }
+        }
+        Kind::Residual { chain, input_grad } => {
+            let last = chain.nodes.last_mut().expect("a residual block has layers");
+            last.grad.copy_from_slice(grad_out);
+            backward_chain(chain, input, params, grads, Some(input_grad));
+            if let Some(grad_in) = grad_in {
+                for ((d, &g), &inner) in grad_in.iter_mut().zip(grad_out).zip(input_grad.iter()) {
+                    *d = g + inner;
+                }
+            }
+        }
+    }
+}
+
+/// Calls `f(feature, index)` for every value of a batch of `n` samples laid out
+/// `[features, plane]` each, feature by feature in a fixed order.
+fn for_each_feature_value(
+    features: usize,
+    plane: usize,
+    n: usize,
+    mut f: impl FnMut(usize, usize),
+) {
+    for feature in 0..features {
+        for sample in 0..n {
+            let start = (sample * features + feature) * plane;
+            for at in start..start + plane {
+                f(feature, at);
+            }
+        }
+    }
+}
+
+/// Per feature, the batch mean and biased variance (f64 sums in a fixed order).
+fn batch_statistics(x: &[f32], features: usize, plane: usize) -> (Vec<f64>, Vec<f64>) {
+    let n = x.len() / (features * plane);
+    let count = (n * plane) as f64;
+    let mut mean = vec![0f64; features];
+    for_each_feature_value(features, plane, n, |f, at| mean[f] += f64::from(x[at]));
+    mean.iter_mut().for_each(|m| *m /= count);
+    let mut var = vec![0f64; features];
+    for_each_feature_value(features, plane, n, |f, at| {
+        let d = f64::from(x[at]) - mean[f];
+        var[f] += d * d;
+    });
+    var.iter_mut().for_each(|v| *v /= count);
+    (mean, var)
+}
+
+/// PyTorch's running statistics: momentum 0.1, the variance unbiased.
+fn update_running(
+    running_mean: &Var,
+    running_var: &Var,
+    mean: &[f64],
+    var: &[f64],
+    count: usize,
+) -> candle_core::Result<()> {
+    let m = BATCH_NORM_MOMENTUM;
+    let correction = count as f64 / (count.max(2) - 1) as f64;
+    let old_mean = running_mean.as_tensor().to_vec1::<f32>()?;
+    let old_var = running_var.as_tensor().to_vec1::<f32>()?;
+    let new_mean: Vec<f32> = old_mean
+        .iter()
+        .zip(mean)
+        .map(|(&old, &batch)| ((1.0 - m) * f64::from(old) + m * batch) as f32)
+        .collect();
+    let new_var: Vec<f32> = old_var
+        .iter()
+        .zip(var)
+        .map(|(&old, &batch)| ((1.0 - m) * f64::from(old) + m * batch * correction) as f32)
+        .collect();
+    let device = running_mean.device();
+    running_mean.set(&Tensor::from_vec(new_mean, old_mean.len(), device)?)?;
+    running_var.set(&Tensor::from_vec(new_var, old_var.len(), device)?)
+}
+
+simd_kernel! {
+    /// im2col of one `[channels, height, width]` image: `columns` is `[pixels, depth]`, each
+    /// row a patch in (c, ky, kx) order, zero where the window overhangs the padding.
+    fn im2col(image: &[f32], conv: Conv, columns: &mut [f32]) {
+        let depth = conv.depth();
+        for oy in 0..conv.out_h {
+            for ox in 0..conv.out_w {
+                let row = &mut columns[(oy * conv.out_w + ox) * depth..][..depth];
+                let mut column = 0;
+                for c in 0..conv.channels {
+                    let plane = &image[c * conv.height * conv.width..][..conv.height * conv.width];
+                    for ky in 0..conv.kernel {
+                        let y = (oy * conv.stride + ky) as isize - conv.padding as isize;
+                        for kx in 0..conv.kernel {
+                            let x = (ox * conv.stride + kx) as isize - conv.padding as isize;
+                            let inside = y >= 0
+                                && (y as usize) < conv.height
+                                && x >= 0
+                                && (x as usize) < conv.width;
+                            row[column] = if inside {
+                                plane[y as usize * conv.width + x as usize]
+                            } else {
+                                0.0
+                            };
+                            column += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// The adjoint of `im2col`: sums patch gradients back onto one image.
+    fn col2im(columns: &[f32], conv: Conv, image: &mut [f32]) {
+        image.fill(0.0);
+        let depth = conv.depth();
+        for oy in 0..conv.out_h {
+            for ox in 0..conv.out_w {
+                let row = &columns[(oy * conv.out_w + ox) * depth..][..depth];
+                let mut column = 0;
+                for c in 0..conv.channels {
+                    let plane = c * conv.height * conv.width;
+                    for ky in 0..conv.kernel {
+                        let y = (oy * conv.stride + ky) as isize - conv.padding as isize;
+                        for kx in 0..conv.kernel {
+                            let x = (ox * conv.stride + kx) as isize - conv.padding as isize;
+                            if y >= 0
+                                && (y as usize) < conv.height
+                                && x >= 0
+                                && (x as usize) < conv.width
+                            {
+                                image[plane + y as usize * conv.width + x as usize] += row[column];
+                            }
+                            column += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// `[n * pixels, outputs]` rows plus the bias into `[n, outputs, pixels]` planes.
+    fn pixels_to_planes(rows: &[f32], bias: &[f32], pixels: usize, out: &mut [f32]) {
+        let outputs = bias.len();
+        for (image_rows, image) in rows
+            .chunks_exact(pixels * outputs)
+            .zip(out.chunks_exact_mut(pixels * outputs))
+        {
+            for (o, plane) in image.chunks_exact_mut(pixels).enumerate() {
+                for (p, value) in plane.iter_mut().enumerate() {
+                    *value = image_rows[p * outputs + o] + bias[o];
+                }
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// `[n, outputs, pixels]` planes into `[n * pixels, outputs]` rows.
+    fn planes_to_pixels(planes: &[f32], pixels: usize, outputs: usize, rows: &mut [f32]) {
+        for (image, image_rows) in planes
+            .chunks_exact(pixels * outputs)
+            .zip(rows.chunks_exact_mut(pixels * outputs))
+        {
+            for (o, plane) in image.chunks_exact(pixels).enumerate() {
+                for (p, &value) in plane.iter().enumerate() {
+                    image_rows[p * outputs + o] = value;
+                }
+            }
+        }
+    }
+}
+
+/// Max pooling of one sample: each window's first maximum in row-major order (PyTorch's
+/// choice on ties), its index in the sample recorded for the backward pass.
+fn max_pool(x: &[f32], pool: Pool, out: &mut [f32], winner: &mut [u32]) {
+    let (out_h, out_w, size) = (pool.out_h(), pool.out_w(), pool.size);
+    let plane = pool.height * pool.width;
+    for c in 0..pool.channels {
+        for oy in 0..out_h {
+            for ox in 0..out_w {
+                let mut best_at = c * plane + oy * size * pool.width + ox * size;
+                let mut best = x[best_at];
+                for dy in 0..size {
+                    for dx in 0..size {
+                        let at = c * plane + (oy * size + dy) * pool.width + ox * size + dx;
+                        if x[at] > best {
+                            best = x[at];
+                            best_at = at;
+                        }
+                    }
+                }
+                let o = (c * out_h + oy) * out_w + ox;
+                out[o] = best;
+                winner[o] = best_at as u32;
+            }
+        }
+    }
+}
+
+fn avg_pool(x: &[f32], pool: Pool, out: &mut [f32]) {
+    let (out_h, out_w, size) = (pool.out_h(), pool.out_w(), pool.size);
+    let plane = pool.height * pool.width;
+    let scale = 1.0 / (size * size) as f32;
+    for c in 0..pool.channels {
+        for oy in 0..out_h {
+            for ox in 0..out_w {
+                let mut sum = 0f32;
+                for dy in 0..size {
+                    let row = c * plane + (oy * size + dy) * pool.width + ox * size;
+                    sum += x[row..row + size].iter().sum::<f32>();
+                }
+                out[(c * out_h + oy) * out_w + ox] = sum * scale;
+            }
+        }
+    }
+}
+
+/// Each window's gradient shared equally by its values; rows and columns past the last whole
+/// window get zero.
+fn avg_pool_backward(grad_out: &[f32], pool: Pool, grad_in: &mut [f32]) {
+    grad_in.fill(0.0);
+    let (out_h, out_w, size) = (pool.out_h(), pool.out_w(), pool.size);
+    let plane = pool.height * pool.width;
+    let scale = 1.0 / (size * size) as f32;
+    for c in 0..pool.channels {
+        for oy in 0..out_h {
+            for ox in 0..out_w {
+                let g = grad_out[(c * out_h + oy) * out_w + ox] * scale;
+                for dy in 0..size {
+                    let row = c * plane + (oy * size + dy) * pool.width + ox * size;
+                    grad_in[row..row + size].fill(g);
+                }
+            }
+        }
+    }
+}
+
+/// erf(x) to about 1.5e-7 (Abramowitz and Stegun 7.1.26), with this crate's `exp` so that
+/// loops over it vectorize.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp(-x * x);
+    if x < 0.0 {
+        -y
+    } else {
+        y
+    }
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1 / sqrt(2 pi).
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+simd_kernel! {
+    fn activation_forward(act: Act, x: &[f32], out: &mut [f32]) {
+        let pairs = x.iter().zip(out.iter_mut());
+        match act {
+            Act::Relu => pairs.for_each(|(&x, o)| *o = x.max(0.0)),
+            Act::GeluErf => pairs.for_each(|(&x, o)| *o = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2))),
+            Act::GeluTanh => pairs.for_each(|(&x, o)| *o = gelu_value(x)),
+            Act::Tanh => pairs.for_each(|(&x, o)| *o = x.tanh()),
+            Act::Sigmoid => pairs.for_each(|(&x, o)| *o = 1.0 / (1.0 + exp(-x))),
+            Act::Silu => pairs.for_each(|(&x, o)| *o = x / (1.0 + exp(-x))),
+        }
+    }
+}
+
+simd_kernel! {
+    /// `grad_in = grad_out * act'(x)`; `out` is the forward output.
+    fn activation_backward(act: Act, x: &[f32], out: &[f32], grad_out: &[f32], grad_in: &mut [f32]) {
+        let each = x.iter().zip(out).zip(grad_out).zip(grad_in.iter_mut());
+        match act {
+            Act::Relu => each.for_each(|(((&x, _), &g), d)| *d = if x > 0.0 { g } else { 0.0 }),
+            Act::GeluErf => each.for_each(|(((&x, _), &g), d)| {
+                let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+                *d = g * (cdf + x * INV_SQRT_2PI * exp(-0.5 * x * x));
+            }),
+            Act::GeluTanh => each.for_each(|(((&x, _), &g), d)| *d = g * gelu_derivative(x)),
+            Act::Tanh => each.for_each(|(((_, &t), &g), d)| *d = g * (1.0 - t * t)),
+            Act::Sigmoid => each.for_each(|(((_, &s), &g), d)| *d = g * s * (1.0 - s)),
+            Act::Silu => each.for_each(|(((&x, _), &g), d)| {
+                let s = 1.0 / (1.0 + exp(-x));
+                *d = g * s * (1.0 + x * (1.0 - s));
+            }),
+        }
+    }
+}
+
+/// The loss summed over the first `len` rows of the batch `rows` (the rest pad it) and the
+/// right predictions among them, through the eval-mode forward pass.
+pub(super) fn evaluate_batch(
+    buffers: &mut Buffers,
+    params: &[&[f32]],
+    data: &DeviceData,
+    rows: &[usize],
+    len: usize,
+) -> candle_core::Result<(f64, usize)> {
+    gather(data, rows, buffers)?;
+    let input = if buffers.task == Task::LanguageModel {
+        Input::Tokens(&buffers.tokens)
+    } else {
+        Input::Values(&buffers.input)
+    };
+    forward_chain(&mut buffers.chain, input, rows.len(), params, &mut None)?;
+    let output = &buffers.chain.nodes.last().expect("a model has layers").out;
+    let outputs = &output[..len * buffers.output_len];
+    Ok(match buffers.task {
+        Task::Classification => {
+            classification_loss_and_hits(outputs, &buffers.labels[..len], buffers.classes)
+        }
+        Task::LanguageModel => {
+            let per = buffers.per_sample;
+            let (loss, hits) = classification_loss_and_hits(
+                outputs,
+                &buffers.labels[..len * per],
+                buffers.classes,
+            );
+            (loss / per as f64, hits)
+        }
+        Task::Regression => {
+            let width = buffers.classes;
+            let squared: f64 = outputs
+                .iter()
+                .zip(&buffers.targets[..len * width])
+                .map(|(o, t)| f64::from((o - t) * (o - t)))
+                .sum();
+            (squared / width as f64, 0)
+        }
+    })
+}
+
+/// Forward and backward pass on the batch `rows`; see `super::forward_backward`.
+pub(super) fn forward_backward(
+    buffers: &mut Buffers,
+    params: &[&[f32]],
+    grads: &mut [Vec<f32>],
+    data: &DeviceData,
+    rows: &[usize],
+    dropout_rng: &mut Rng,
+) -> candle_core::Result<f64> {
+    gather(data, rows, buffers)?;
+    let n = rows.len();
+    let Buffers {
+        task,
+        input,
+        tokens,
+        chain,
+        labels,
+        targets,
+        classes,
+        ..
+    } = buffers;
+    let chain_input = if *task == Task::LanguageModel {
+        Input::Tokens(tokens)
+    } else {
+        Input::Values(input)
+    };
+    forward_chain(chain, chain_input, n, params, &mut Some(dropout_rng))?;
+    let last = chain.nodes.last_mut().expect("a model has layers");
+    let loss = match task {
+        Task::Regression => mean_squared_error(&last.out, targets, &mut last.grad),
+        _ => cross_entropy(&last.out, labels, *classes, &mut last.grad),
+    };
+    if !loss.is_finite() {
+        return Ok(loss);
+    }
+    backward_chain(chain, chain_input, params, grads, None);
+    Ok(loss)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::Device;
+    use serde::Deserialize;
+
+    use super::*;
+    use crate::engine::model::ModelShape;
+    use crate::engine::native::tests::{assert_evaluation_matches_candle, assert_matches_autograd};
+    use crate::engine::native::{evaluate, forward_backward};
+    use crate::engine::sequential::{read_safetensors, LayerSpec};
+    use crate::engine::spec::ModelSpec;
+
+    #[derive(Deserialize)]
+    struct Golden {
+        cases: Vec<Case>,
+    }
+
+    #[derive(Deserialize)]
+    struct Case {
+        name: String,
+        input_shape: Vec<usize>,
+        task: String,
+        outputs: usize,
+        layers: Vec<LayerSpec>,
+        weights: String,
+        x: Vec<f64>,
+        y: Vec<f64>,
+        eval_loss: f64,
+        train_loss: f64,
+        grads: HashMap<String, Vec<f64>>,
+        running_after: HashMap<String, Vec<f64>>,
+        param_order: Vec<String>,
+    }
+
+    fn task_of(name: &str) -> Task {
+        match name {
+            "classification" => Task::Classification,
+            "regression" => Task::Regression,
+            _ => Task::LanguageModel,
+        }
+    }
+
+    fn data(case: &Case) -> DeviceData {
+        let task = task_of(&case.task);
+        let per_row: usize = case.input_shape.iter().product();
+        let rows = case.x.len() / per_row;
+        let mut x_shape = vec![rows];
+        x_shape.extend(&case.input_shape);
+        let device = Device::Cpu;
+        let x = match task {
+            Task::LanguageModel => {
+                Tensor::from_vec(case.x.iter().map(|&v| v as u32).collect(), x_shape, &device)
+            }
+            _ => Tensor::from_vec(case.x.iter().map(|&v| v as f32).collect(), x_shape, &device),
+        }
+        .unwrap();
+        let y = match task {
+            Task::Regression => Tensor::from_vec(
+                case.y.iter().map(|&v| v as f32).collect(),
+                (rows, case.outputs),
+                &device,
+            ),
+            Task::Classification => {
+                Tensor::from_vec(case.y.iter().map(|&v| v as u32).collect(), rows, &device)
+            }
+            Task::LanguageModel => Tensor::from_vec(
+                case.y.iter().map(|&v| v as u32).collect(),
+                (rows, per_row),
+                &device,
+            ),
+        }
+        .unwrap();
+        DeviceData { x, y, rows, task }
+    }
+
+    fn model(case: &Case, weights: bool) -> Model {
+        let spec = ModelSpec::Sequential {
+            layers: case.layers.clone(),
+            context: None,
+        };
+        let shape = ModelShape {
+            input: case.input_shape.clone(),
+            output: case.outputs,
+            task: task_of(&case.task),
+        };
+        let model = Model::build(&spec, &shape, 0, &Device::Cpu).unwrap();
+        if weights {
+            let path = format!(
+                "{}/tests/golden/sequential/{}",
+                env!("CARGO_MANIFEST_DIR"),
+                case.weights
+            );
+            model
+                .load_state_dict(&read_safetensors(&std::fs::read(path).unwrap()).unwrap())
+                .unwrap();
+        }
+        model
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-2);
+        for (index, (&got, &want)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (f64::from(got) - want).abs() <= 1e-4 * scale,
+                "{what}[{index}]: {got} vs PyTorch's {want}"
+            );
+        }
+    }
+
+    /// The native step on PyTorch's five golden networks: the eval-mode loss of the saved
+    /// weights, then the training loss, every gradient and batch norm's running statistics.
+    #[test]
+    fn the_native_step_matches_pytorch_on_the_golden_networks() {
+        let golden: Golden =
+            serde_json::from_str(include_str!("../../../tests/golden/sequential.json")).unwrap();
+        for case in &golden.cases {
+            let model = model(case, true);
+            let data = data(case);
+            let rows: Vec<usize> = (0..data.rows).collect();
+            let mut workspace = None;
+            let (eval_loss, _) = evaluate(&model, &mut workspace, &data, data.rows).unwrap();
+            assert!(
+                (eval_loss - case.eval_loss).abs() <= 1e-4 * case.eval_loss,
+                "{}: eval loss {eval_loss} vs PyTorch's {}",
+                case.name,
+                case.eval_loss
+            );
+            let loss =
+                forward_backward(&model, &mut workspace, &data, &rows, &mut Rng::new(1)).unwrap();
+            assert!(
+                (loss - case.train_loss).abs() <= 1e-4 * case.train_loss,
+                "{}: train loss {loss} vs PyTorch's {}",
+                case.name,
+                case.train_loss
+            );
+            let grads = &workspace.as_ref().unwrap().grads;
+            assert_eq!(grads.len(), case.param_order.len(), "{}", case.name);
+            for (name, grad) in case.param_order.iter().zip(grads) {
+                assert_close(
+                    grad,
+                    &case.grads[name],
+                    &format!("{} grad {name}", case.name),
+                );
+            }
+            let Layers::Sequential(sequential) = model.layers() else {
+                unreachable!()
+            };
+            let names: Vec<&String> = case.running_after.keys().collect();
+            assert_eq!(names.len(), sequential.buffers().count(), "{}", case.name);
+            for (name, var) in sequential.buffer_names().zip(sequential.buffers()) {
+                let values = var.as_tensor().to_vec1::<f32>().unwrap();
+                assert_close(
+                    &values,
+                    &case.running_after[name],
+                    &format!("{} {name}", case.name),
+                );
+            }
+        }
+    }
+
+    fn random_data(shape: &ModelShape, rows: usize) -> DeviceData {
+        let mut rng = Rng::new(17);
+        let per_row: usize = shape.input.iter().product();
+        let device = Device::Cpu;
+        let mut dims = vec![rows];
+        dims.extend(&shape.input);
+        let (x, y) = match shape.task {
+            Task::LanguageModel => {
+                let mut ids = |count| -> Vec<u32> {
+                    (0..count).map(|_| rng.below(shape.output) as u32).collect()
+                };
+                (
+                    Tensor::from_vec(ids(rows * per_row), dims, &device),
+                    Tensor::from_vec(ids(rows * per_row), (rows, per_row), &device),
+                )
+            }
+            Task::Classification => (
+                Tensor::from_vec(
+                    (0..rows * per_row).map(|_| rng.normal() as f32).collect(),
+                    dims,
+                    &device,
+                ),
+                Tensor::from_vec(
+                    (0..rows).map(|_| rng.below(shape.output) as u32).collect(),
+                    rows,
+                    &device,
+                ),
+            ),
+            Task::Regression => (
+                Tensor::from_vec(
+                    (0..rows * per_row).map(|_| rng.normal() as f32).collect(),
+                    dims,
+                    &device,
+                ),
+                Tensor::from_vec(
+                    (0..rows * shape.output)
+                        .map(|_| rng.normal() as f32)
+                        .collect(),
+                    (rows, shape.output),
+                    &device,
+                ),
+            ),
+        };
+        DeviceData {
+            x: x.unwrap(),
+            y: y.unwrap(),
+            rows,
+            task: shape.task,
+        }
+    }
+
+    /// Layer lists with what the golden networks leave out (dropout, several channels into
+    /// a strided and padded convolution, residual convolutions, every activation): the
+    /// native step's loss, gradients and evaluation against candle's autograd.
+    #[test]
+    fn the_native_step_matches_candle_on_every_layer_type() {
+        let cases = [
+            (
+                r#"[{"type": "conv2d", "out": 5, "kernel": 3, "stride": 2, "padding": 2},
+                    {"type": "batch_norm"}, {"type": "silu"},
+                    {"type": "residual", "layers": [
+                        {"type": "conv2d", "out": 5, "kernel": 3, "padding": 1},
+                        {"type": "tanh"}]},
+                    {"type": "max_pool2d", "size": 2}, {"type": "dropout", "p": 0.3},
+                    {"type": "avg_pool2d", "size": 2}, {"type": "flatten"},
+                    {"type": "linear", "out": 9}, {"type": "sigmoid"},
+                    {"type": "dropout", "p": 0.2}, {"type": "linear", "out": 4}]"#,
+                vec![3, 11, 10],
+                Task::Classification,
+                4,
+            ),
+            (
+                r#"[{"type": "linear", "out": 12}, {"type": "gelu"},
+                    {"type": "residual", "layers": [
+                        {"type": "layer_norm"}, {"type": "linear", "out": 12},
+                        {"type": "gelu", "approximate": "tanh"}, {"type": "dropout", "p": 0.1}]},
+                    {"type": "batch_norm"}, {"type": "relu"}, {"type": "linear", "out": 2}]"#,
+                vec![7],
+                Task::Regression,
+                2,
+            ),
+            (
+                r#"[{"type": "embedding", "dim": 6}, {"type": "layer_norm"},
+                    {"type": "residual", "layers": [{"type": "linear", "out": 6}, {"type": "relu"}]},
+                    {"type": "linear", "out": 5}]"#,
+                vec![8],
+                Task::LanguageModel,
+                5,
+            ),
+            (
+                r#"[{"type": "conv2d", "out": 4, "kernel": 2}, {"type": "adaptive_avg_pool2d"},
+                    {"type": "flatten"}, {"type": "linear", "out": 3}]"#,
+                vec![2, 5, 5],
+                Task::Classification,
+                3,
+            ),
+        ];
+        for (layers, input, task, output) in cases {
+            let spec = ModelSpec::Sequential {
+                layers: serde_json::from_str(layers).unwrap(),
+                context: None,
+            };
+            let shape = ModelShape {
+                input,
+                output,
+                task,
+            };
+            let model = Model::build(&spec, &shape, 5, &Device::Cpu).unwrap();
+            let train = random_data(&shape, 24);
+            let rows: Vec<usize> = (0..12).map(|i| (i * 5 + 2) % 24).collect();
+            assert_matches_autograd(&model, &train, &rows);
+            assert_evaluation_matches_candle(&model, &train);
+        }
+    }
+}
