@@ -91,6 +91,15 @@ fn mlp(hidden: &[usize]) -> ModelSpec {
     }
 }
 
+/// The layer-list case: a CNN with batch norm, dropout, GELU and layer norm (the README's
+/// example; `layers_cnn` in bench_pytorch.py).
+const LAYER_LIST_CNN: &str = r#"[
+    {"type": "conv2d", "out": 32, "kernel": 3, "padding": 1},
+    {"type": "batch_norm"}, {"type": "relu"}, {"type": "max_pool2d", "size": 2},
+    {"type": "dropout", "p": 0.1}, {"type": "flatten"},
+    {"type": "linear", "out": 128}, {"type": "gelu"}, {"type": "layer_norm"},
+    {"type": "linear", "out": 10}]"#;
+
 fn cases() -> Vec<Case> {
     vec![
         Case {
@@ -128,6 +137,20 @@ fn cases() -> Vec<Case> {
             model: ModelSpec::Cnn {
                 channels: vec![16, 32],
                 hidden: 128,
+            },
+            optimizer: sgd(),
+            input: vec![1, 28, 28],
+            outputs: 10,
+            task: Task::Classification,
+            batch: 128,
+            dense: false,
+        },
+        Case {
+            name: "layers-cnn-bn-sgd",
+            model: ModelSpec::Sequential {
+                layers: serde_json::from_str(LAYER_LIST_CNN)
+                    .expect("the bench's layer list parses"),
+                context: None,
             },
             optimizer: sgd(),
             input: vec![1, 28, 28],

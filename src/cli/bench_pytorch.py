@@ -34,6 +34,13 @@ def cnn():
         nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
+def layers_cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Dropout(0.1), nn.Flatten(), nn.Linear(32 * 14 * 14, 128), nn.GELU(),
+        nn.LayerNorm(128), nn.Linear(128, 10))
+
+
 class Block(nn.Module):
     def __init__(self, d, heads):
         super().__init__()
@@ -134,6 +141,8 @@ m = mlp([64, 128, 128, 10])
 results["mlp-64-128-128-10-sgd"] = time_case(m, torch.randn(128, 64), torch.randint(0, 10, (128,)), sgd(m))
 m = cnn()
 results["cnn-16-32-sgd"] = time_case(m, torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,)), sgd(m))
+m = layers_cnn()
+results["layers-cnn-bn-sgd"] = time_case(m, torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,)), sgd(m))
 m = CharModel(65, 64, 4, 2, 64)
 results["transformer-64x2-adamw"] = time_case(
     m, torch.randint(0, 65, (32, 64)), torch.randint(0, 65, (32, 64)), torch.optim.AdamW(m.parameters(), lr=1e-3))

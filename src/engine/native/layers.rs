@@ -17,7 +17,7 @@ use super::{
 };
 use crate::engine::data::Task;
 use crate::engine::model::{Layers, Model};
-use crate::engine::ops::{exp, gelu_derivative, gelu_value};
+use crate::engine::ops::{dot, exp, gelu_derivative, gelu_value, sum};
 use crate::engine::rng::Rng;
 use crate::engine::sequential::{GeluApproximation, Module, BATCH_NORM_MOMENTUM, NORM_EPS};
 use crate::engine::simd::simd_kernel;
@@ -592,20 +592,18 @@ fn forward_node(
                 for (f, inv) in inv_std.iter_mut().enumerate() {
                     *inv = (1.0 / (var[f] + NORM_EPS).sqrt()) as f32;
                 }
-                for_each_feature_value(*features, *plane, n, |f, at| {
-                    normalized[at] = (x[at] - mean[f] as f32) * inv_std[f];
-                    out[at] = normalized[at] * gain[f] + shift[f];
-                });
+                let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+                batch_norm_apply(x, &mean32, inv_std, gain, shift, *plane, normalized, out);
                 update_running(running_mean, running_var, &mean, &var, n * *plane)?;
             } else {
                 let mean = Tensor::to_vec1::<f32>(running_mean.as_tensor())?;
                 let var = Tensor::to_vec1::<f32>(running_var.as_tensor())?;
-                let scale: Vec<f32> = (0..*features)
-                    .map(|f| gain[f] / (f64::from(var[f]) + NORM_EPS).sqrt() as f32)
+                let inv: Vec<f32> = var
+                    .iter()
+                    .map(|&v| (1.0 / (f64::from(v) + NORM_EPS).sqrt()) as f32)
                     .collect();
-                for_each_feature_value(*features, *plane, n, |f, at| {
-                    out[at] = (x[at] - mean[f]) * scale[f] + shift[f];
-                });
+                // `normalized` is scratch here: eval mode has no backward pass.
+                batch_norm_apply(x, &mean, &inv, gain, shift, *plane, normalized, out);
             }
         }
         Kind::LayerNorm {
@@ -794,26 +792,27 @@ fn backward_node(
             let n = normalized.len() / (features * plane);
             let (weight_grad, bias_grad) = grads[*weight..].split_at_mut(1);
             let (gain_grad, shift_grad) = (&mut weight_grad[0], &mut bias_grad[0]);
-            let mut sums = vec![(0f64, 0f64); features];
-            for_each_feature_value(features, plane, n, |f, at| {
-                let g = f64::from(grad_out[at]);
-                sums[f].0 += g * f64::from(normalized[at]);
-                sums[f].1 += g;
-            });
-            for (f, &(dot, sum)) in sums.iter().enumerate() {
-                gain_grad[f] = dot as f32;
-                shift_grad[f] = sum as f32;
+            let (dots, sums) = batch_norm_grad_sums(grad_out, normalized, features, plane);
+            for f in 0..features {
+                gain_grad[f] = dots[f] as f32;
+                shift_grad[f] = sums[f] as f32;
             }
             if let Some(grad_in) = grad_in {
+                // dx = gain * inv_std / m * (m dy - sum(dy) - x_hat sum(dy x_hat)), m values
+                // per feature: as `a dy + b x_hat + c` per feature.
                 let count = (n * plane) as f64;
                 let gain = params[*weight];
-                for_each_feature_value(features, plane, n, |f, at| {
-                    let (dot, sum) = sums[f];
-                    let scale = f64::from(gain[f]) * f64::from(inv_std[f]) / count;
-                    grad_in[at] = (scale
-                        * (count * f64::from(grad_out[at]) - sum - f64::from(normalized[at]) * dot))
-                        as f32;
-                });
+                let coefficients: Vec<[f32; 3]> = (0..features)
+                    .map(|f| {
+                        let scale = f64::from(gain[f]) * f64::from(inv_std[f]) / count;
+                        [
+                            (scale * count) as f32,
+                            (-scale * dots[f]) as f32,
+                            (-scale * sums[f]) as f32,
+                        ]
+                    })
+                    .collect();
+                batch_norm_input_grad(grad_out, normalized, &coefficients, plane, grad_in);
             }
         }
         Kind::LayerNorm {
@@ -875,38 +874,124 @@ fn backward_node(
     }
 }
 
-/// Calls `f(feature, index)` for every value of a batch of `n` samples laid out
-/// `[features, plane]` each, feature by feature in a fixed order.
-fn for_each_feature_value(
-    features: usize,
-    plane: usize,
-    n: usize,
-    mut f: impl FnMut(usize, usize),
-) {
-    for feature in 0..features {
-        for sample in 0..n {
-            let start = (sample * features + feature) * plane;
-            for at in start..start + plane {
-                f(feature, at);
+simd_kernel! {
+    /// Per feature, the batch mean and biased variance of `[n, features, plane]` values: each
+    /// sample's plane summed in lanes, the planes added in f64 in sample order.
+    fn batch_statistics(x: &[f32], features: usize, plane: usize) -> (Vec<f64>, Vec<f64>) {
+        let count = (x.len() / features) as f64;
+        let mut mean = vec![0f64; features];
+        for sample in x.chunks_exact(features * plane) {
+            for (m, values) in mean.iter_mut().zip(sample.chunks_exact(plane)) {
+                *m += f64::from(sum(values));
+            }
+        }
+        mean.iter_mut().for_each(|m| *m /= count);
+        let mut var = vec![0f64; features];
+        for sample in x.chunks_exact(features * plane) {
+            for ((v, values), &m) in var.iter_mut().zip(sample.chunks_exact(plane)).zip(&mean) {
+                let m = m as f32;
+                let mut lanes = [0f32; 8];
+                let chunks = values.chunks_exact(8);
+                let tail: f32 = chunks.remainder().iter().map(|&x| (x - m) * (x - m)).sum();
+                for chunk in chunks {
+                    for (lane, &x) in lanes.iter_mut().zip(chunk) {
+                        *lane += (x - m) * (x - m);
+                    }
+                }
+                *v += f64::from(lanes.iter().sum::<f32>() + tail);
+            }
+        }
+        var.iter_mut().for_each(|v| *v /= count);
+        (mean, var)
+    }
+}
+
+simd_kernel! {
+    /// `normalized = (x - mean) * inv_std`, `out = normalized * gain + shift`, per feature of
+    /// `[n, features, plane]` values.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_apply(
+        x: &[f32],
+        mean: &[f32],
+        inv_std: &[f32],
+        gain: &[f32],
+        shift: &[f32],
+        plane: usize,
+        normalized: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let features = mean.len();
+        for ((x, normalized), out) in x
+            .chunks_exact(features * plane)
+            .zip(normalized.chunks_exact_mut(features * plane))
+            .zip(out.chunks_exact_mut(features * plane))
+        {
+            for (f, ((x, normalized), out)) in x
+                .chunks_exact(plane)
+                .zip(normalized.chunks_exact_mut(plane))
+                .zip(out.chunks_exact_mut(plane))
+                .enumerate()
+            {
+                let (m, inv, g, b) = (mean[f], inv_std[f], gain[f], shift[f]);
+                for ((&x, n), o) in x.iter().zip(normalized.iter_mut()).zip(out.iter_mut()) {
+                    *n = (x - m) * inv;
+                    *o = *n * g + b;
+                }
             }
         }
     }
 }
 
-/// Per feature, the batch mean and biased variance (f64 sums in a fixed order).
-fn batch_statistics(x: &[f32], features: usize, plane: usize) -> (Vec<f64>, Vec<f64>) {
-    let n = x.len() / (features * plane);
-    let count = (n * plane) as f64;
-    let mut mean = vec![0f64; features];
-    for_each_feature_value(features, plane, n, |f, at| mean[f] += f64::from(x[at]));
-    mean.iter_mut().for_each(|m| *m /= count);
-    let mut var = vec![0f64; features];
-    for_each_feature_value(features, plane, n, |f, at| {
-        let d = f64::from(x[at]) - mean[f];
-        var[f] += d * d;
-    });
-    var.iter_mut().for_each(|v| *v /= count);
-    (mean, var)
+simd_kernel! {
+    /// Per feature, sum(dy * x_hat) and sum(dy), planes added in f64 in sample order.
+    fn batch_norm_grad_sums(
+        grad_out: &[f32],
+        normalized: &[f32],
+        features: usize,
+        plane: usize,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let (mut dots, mut sums) = (vec![0f64; features], vec![0f64; features]);
+        for (g, x) in grad_out
+            .chunks_exact(features * plane)
+            .zip(normalized.chunks_exact(features * plane))
+        {
+            for (f, (g, x)) in g.chunks_exact(plane).zip(x.chunks_exact(plane)).enumerate() {
+                dots[f] += f64::from(dot(g, x));
+                sums[f] += f64::from(sum(g));
+            }
+        }
+        (dots, sums)
+    }
+}
+
+simd_kernel! {
+    /// `grad_in = a dy + b x_hat + c` with each feature's `[a, b, c]`.
+    fn batch_norm_input_grad(
+        grad_out: &[f32],
+        normalized: &[f32],
+        coefficients: &[[f32; 3]],
+        plane: usize,
+        grad_in: &mut [f32],
+    ) {
+        let features = coefficients.len();
+        for ((g, x), d) in grad_out
+            .chunks_exact(features * plane)
+            .zip(normalized.chunks_exact(features * plane))
+            .zip(grad_in.chunks_exact_mut(features * plane))
+        {
+            for (f, ((g, x), d)) in g
+                .chunks_exact(plane)
+                .zip(x.chunks_exact(plane))
+                .zip(d.chunks_exact_mut(plane))
+                .enumerate()
+            {
+                let [a, b, c] = coefficients[f];
+                for ((&g, &x), d) in g.iter().zip(x).zip(d.iter_mut()) {
+                    *d = a * g + b * x + c;
+                }
+            }
+        }
+    }
 }
 
 /// PyTorch's running statistics: momentum 0.1, the variance unbiased.
