@@ -12,8 +12,8 @@ use rayon::prelude::*;
 
 use super::transformer::{norm_forward_rows, norm_input_grads, norm_parameter_grads};
 use super::{
-    classification_loss_and_hits, column_sums, cross_entropy, dense_backward, dense_forward,
-    matmul, mean_squared_error, HostValues, Operand,
+    classification_loss_and_hits, cross_entropy, dense_backward, dense_forward, matmul,
+    mean_squared_error, HostValues, Operand,
 };
 use crate::engine::data::Task;
 use crate::engine::model::{Layers, Model};
@@ -87,9 +87,10 @@ enum Kind {
     Conv2d {
         weight: usize,
         conv: Conv,
-        /// im2col of the batch, `[n * pixels, depth]`.
+        /// im2col of the batch, tap-major: `[depth, n * pixels]`, one row per (c, ky, kx).
         columns: Vec<f32>,
-        /// The output (forward) or its gradient (backward) pixel-major, `[n * pixels, out]`.
+        /// The output (forward) or its gradient (backward) channel-major over the batch,
+        /// `[out, n * pixels]`.
         rows: Vec<f32>,
         /// d(loss)/d(columns).
         column_grad: Vec<f32>,
@@ -533,20 +534,20 @@ fn forward_node(
         } => {
             let conv = *conv;
             let x = input.values();
-            let per_image = conv.channels * conv.height * conv.width;
+            let batch_pixels = n * conv.pixels();
             columns
-                .par_chunks_mut(conv.pixels() * conv.depth())
-                .zip(x.par_chunks(per_image))
-                .for_each(|(columns, image)| im2col(image, conv, columns));
+                .par_chunks_mut(batch_pixels)
+                .enumerate()
+                .for_each(|(tap, row)| im2col_tap(x, conv, tap, row));
             matmul(
                 rows,
-                n * conv.pixels(),
                 conv.outputs,
+                batch_pixels,
                 conv.depth(),
-                Operand::plain(columns, conv.depth()),
-                Operand::transposed(params[*weight], conv.depth()),
+                Operand::plain(params[*weight], conv.depth()),
+                Operand::plain(columns, batch_pixels),
             );
-            pixels_to_planes(rows, params[*weight + 1], conv.pixels(), out);
+            channels_to_samples(rows, params[*weight + 1], conv.pixels(), out);
         }
         Kind::MaxPool2d { pool, winner } => {
             let x = input.values();
@@ -716,32 +717,34 @@ fn backward_node(
             column_grad,
         } => {
             let conv = *conv;
-            let n = rows.len() / (conv.pixels() * conv.outputs);
-            planes_to_pixels(grad_out, conv.pixels(), conv.outputs, rows);
+            let batch_pixels = rows.len() / conv.outputs;
+            samples_to_channels(grad_out, conv.pixels(), conv.outputs, rows);
             let (weight_grad, bias_grad) = grads[*weight..].split_at_mut(1);
-            column_sums(rows, &mut bias_grad[0]);
+            for (sum, row) in bias_grad[0].iter_mut().zip(rows.chunks_exact(batch_pixels)) {
+                *sum = row_sum(row);
+            }
             matmul(
                 &mut weight_grad[0],
                 conv.outputs,
                 conv.depth(),
-                n * conv.pixels(),
-                Operand::transposed(rows, conv.outputs),
-                Operand::plain(columns, conv.depth()),
+                batch_pixels,
+                Operand::plain(rows, batch_pixels),
+                Operand::transposed(columns, batch_pixels),
             );
             if let Some(grad_in) = grad_in {
                 matmul(
                     column_grad,
-                    n * conv.pixels(),
                     conv.depth(),
+                    batch_pixels,
                     conv.outputs,
-                    Operand::plain(rows, conv.outputs),
-                    Operand::plain(params[*weight], conv.depth()),
+                    Operand::transposed(params[*weight], conv.depth()),
+                    Operand::plain(rows, batch_pixels),
                 );
                 let per_image = conv.channels * conv.height * conv.width;
                 grad_in
                     .par_chunks_mut(per_image)
-                    .zip(column_grad.par_chunks(conv.pixels() * conv.depth()))
-                    .for_each(|(image, columns)| col2im(columns, conv, image));
+                    .enumerate()
+                    .for_each(|(image, grad)| col2im(column_grad, conv, image, batch_pixels, grad));
             }
         }
         Kind::MaxPool2d { pool, winner } => {
@@ -1021,32 +1024,58 @@ fn update_running(
     running_var.set(&Tensor::from_vec(new_var, old_var.len(), device)?)
 }
 
+/// For output coordinate `o` along a side of `size` inputs, the input coordinate a tap at
+/// kernel offset `k` reads, if inside the image.
+#[inline(always)]
+fn source(o: usize, k: usize, conv: &Conv, size: usize) -> Option<usize> {
+    (o * conv.stride + k)
+        .checked_sub(conv.padding)
+        .filter(|&at| at < size)
+}
+
+/// The output columns `[first, last)` whose tap at offset `kx` reads inside the image.
+fn inside_columns(kx: usize, conv: &Conv) -> (usize, usize) {
+    let first = (0..conv.out_w)
+        .find(|&ox| source(ox, kx, conv, conv.width).is_some())
+        .unwrap_or(conv.out_w);
+    let last = (first..conv.out_w)
+        .find(|&ox| source(ox, kx, conv, conv.width).is_none())
+        .unwrap_or(conv.out_w);
+    (first, last)
+}
+
 simd_kernel! {
-    /// im2col of one `[channels, height, width]` image: `columns` is `[pixels, depth]`, each
-    /// row a patch in (c, ky, kx) order, zero where the window overhangs the padding.
-    fn im2col(image: &[f32], conv: Conv, columns: &mut [f32]) {
-        let depth = conv.depth();
-        for oy in 0..conv.out_h {
-            for ox in 0..conv.out_w {
-                let row = &mut columns[(oy * conv.out_w + ox) * depth..][..depth];
-                let mut column = 0;
-                for c in 0..conv.channels {
-                    let plane = &image[c * conv.height * conv.width..][..conv.height * conv.width];
-                    for ky in 0..conv.kernel {
-                        let y = (oy * conv.stride + ky) as isize - conv.padding as isize;
-                        for kx in 0..conv.kernel {
-                            let x = (ox * conv.stride + kx) as isize - conv.padding as isize;
-                            let inside = y >= 0
-                                && (y as usize) < conv.height
-                                && x >= 0
-                                && (x as usize) < conv.width;
-                            row[column] = if inside {
-                                plane[y as usize * conv.width + x as usize]
-                            } else {
-                                0.0
-                            };
-                            column += 1;
-                        }
+    /// One row of the batch's im2col: tap `tap` = (c, ky, kx) for every output pixel of
+    /// every image, zero where the window overhangs the padding. With stride 1 each output row
+    /// is a copy of an input row segment.
+    fn im2col_tap(x: &[f32], conv: Conv, tap: usize, row: &mut [f32]) {
+        let (c, ky, kx) = (
+            tap / (conv.kernel * conv.kernel),
+            tap / conv.kernel % conv.kernel,
+            tap % conv.kernel,
+        );
+        let (first, last) = inside_columns(kx, &conv);
+        let image_len = conv.channels * conv.height * conv.width;
+        for (image, out) in row.chunks_exact_mut(conv.pixels()).enumerate() {
+            let plane = &x[image * image_len + c * conv.height * conv.width..]
+                [..conv.height * conv.width];
+            for (oy, out) in out.chunks_exact_mut(conv.out_w).enumerate() {
+                let Some(y) = source(oy, ky, &conv, conv.height) else {
+                    out.fill(0.0);
+                    continue;
+                };
+                out[..first].fill(0.0);
+                out[last..].fill(0.0);
+                if first == last {
+                    continue;
+                }
+                let line = &plane[y * conv.width..][..conv.width];
+                let start = first * conv.stride + kx - conv.padding;
+                if conv.stride == 1 {
+                    out[first..last].copy_from_slice(&line[start..start + last - first]);
+                } else {
+                    for (o, value) in out[first..last].iter_mut().enumerate() {
+                        *value = line[start + o * conv.stride];
                     }
                 }
             }
@@ -1055,29 +1084,35 @@ simd_kernel! {
 }
 
 simd_kernel! {
-    /// The adjoint of `im2col`: sums patch gradients back onto one image.
-    fn col2im(columns: &[f32], conv: Conv, image: &mut [f32]) {
-        image.fill(0.0);
-        let depth = conv.depth();
-        for oy in 0..conv.out_h {
-            for ox in 0..conv.out_w {
-                let row = &columns[(oy * conv.out_w + ox) * depth..][..depth];
-                let mut column = 0;
-                for c in 0..conv.channels {
-                    let plane = c * conv.height * conv.width;
-                    for ky in 0..conv.kernel {
-                        let y = (oy * conv.stride + ky) as isize - conv.padding as isize;
-                        for kx in 0..conv.kernel {
-                            let x = (ox * conv.stride + kx) as isize - conv.padding as isize;
-                            if y >= 0
-                                && (y as usize) < conv.height
-                                && x >= 0
-                                && (x as usize) < conv.width
-                            {
-                                image[plane + y as usize * conv.width + x as usize] += row[column];
-                            }
-                            column += 1;
-                        }
+    /// The adjoint of `im2col_tap` for one image: sums its patch gradients (its pixels'
+    /// columns of every tap row of `columns`, `[depth, batch_pixels]`) back onto the image.
+    fn col2im(columns: &[f32], conv: Conv, image: usize, batch_pixels: usize, grad: &mut [f32]) {
+        grad.fill(0.0);
+        for (tap, row) in columns.chunks_exact(batch_pixels).enumerate() {
+            let (c, ky, kx) = (
+                tap / (conv.kernel * conv.kernel),
+                tap / conv.kernel % conv.kernel,
+                tap % conv.kernel,
+            );
+            let (first, last) = inside_columns(kx, &conv);
+            if first == last {
+                continue;
+            }
+            let plane = &mut grad[c * conv.height * conv.width..][..conv.height * conv.width];
+            let pixels = &row[image * conv.pixels()..][..conv.pixels()];
+            for (oy, values) in pixels.chunks_exact(conv.out_w).enumerate() {
+                let Some(y) = source(oy, ky, &conv, conv.height) else {
+                    continue;
+                };
+                let line = &mut plane[y * conv.width..][..conv.width];
+                let start = first * conv.stride + kx - conv.padding;
+                if conv.stride == 1 {
+                    for (g, &v) in line[start..start + last - first].iter_mut().zip(&values[first..last]) {
+                        *g += v;
+                    }
+                } else {
+                    for (o, &v) in values[first..last].iter().enumerate() {
+                        line[start + o * conv.stride] += v;
                     }
                 }
             }
@@ -1086,16 +1121,15 @@ simd_kernel! {
 }
 
 simd_kernel! {
-    /// `[n * pixels, outputs]` rows plus the bias into `[n, outputs, pixels]` planes.
-    fn pixels_to_planes(rows: &[f32], bias: &[f32], pixels: usize, out: &mut [f32]) {
+    /// `[out, n * pixels]` (channel-major over the batch) plus the bias into `[n, out, pixels]`.
+    fn channels_to_samples(rows: &[f32], bias: &[f32], pixels: usize, out: &mut [f32]) {
         let outputs = bias.len();
-        for (image_rows, image) in rows
-            .chunks_exact(pixels * outputs)
-            .zip(out.chunks_exact_mut(pixels * outputs))
-        {
-            for (o, plane) in image.chunks_exact_mut(pixels).enumerate() {
-                for (p, value) in plane.iter_mut().enumerate() {
-                    *value = image_rows[p * outputs + o] + bias[o];
+        let batch_pixels = rows.len() / outputs;
+        for (image, sample) in out.chunks_exact_mut(outputs * pixels).enumerate() {
+            for (o, plane) in sample.chunks_exact_mut(pixels).enumerate() {
+                let from = &rows[o * batch_pixels + image * pixels..][..pixels];
+                for (value, &v) in plane.iter_mut().zip(from) {
+                    *value = v + bias[o];
                 }
             }
         }
@@ -1103,18 +1137,20 @@ simd_kernel! {
 }
 
 simd_kernel! {
-    /// `[n, outputs, pixels]` planes into `[n * pixels, outputs]` rows.
-    fn planes_to_pixels(planes: &[f32], pixels: usize, outputs: usize, rows: &mut [f32]) {
-        for (image, image_rows) in planes
-            .chunks_exact(pixels * outputs)
-            .zip(rows.chunks_exact_mut(pixels * outputs))
-        {
-            for (o, plane) in image.chunks_exact(pixels).enumerate() {
-                for (p, &value) in plane.iter().enumerate() {
-                    image_rows[p * outputs + o] = value;
-                }
+    /// `[n, out, pixels]` into `[out, n * pixels]`.
+    fn samples_to_channels(samples: &[f32], pixels: usize, outputs: usize, rows: &mut [f32]) {
+        let batch_pixels = rows.len() / outputs;
+        for (image, sample) in samples.chunks_exact(outputs * pixels).enumerate() {
+            for (o, plane) in sample.chunks_exact(pixels).enumerate() {
+                rows[o * batch_pixels + image * pixels..][..pixels].copy_from_slice(plane);
             }
         }
+    }
+}
+
+simd_kernel! {
+    fn row_sum(row: &[f32]) -> f32 {
+        sum(row)
     }
 }
 
