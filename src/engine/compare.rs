@@ -202,7 +202,7 @@ pub fn run_compare(
     };
     let train = DeviceData::new(&prepared.train, &device)?;
     let validation = DeviceData::new(&prepared.validation, &device)?;
-    let weights = load_initial_weights(spec.init.as_ref())?;
+    let weights = load_initial_weights(spec.init.as_ref(), loaded.initial_weights.as_deref())?;
     let mut models = Vec::with_capacity(seeds);
     let mut initial_val_loss = None;
     for seed_index in 0..seeds {

@@ -65,6 +65,7 @@ impl Problem {
             ProblemData::Custom(generate) => LoadedData {
                 train: generate(spec.seed),
                 validation: None,
+                initial_weights: None,
             },
         };
         if loaded.validation.is_some() {
@@ -75,6 +76,7 @@ impl Problem {
         Ok(LoadedData {
             train,
             validation: Some(validation),
+            initial_weights: None,
         })
     }
 }

@@ -3,6 +3,7 @@
 //! normalising, and checking that the batch size fits.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use super::data::{self, DataError, Dataset, DatasetInfo, Standardizer, Task};
 use super::spec::{Builtin, JobSpec, Normalize, SpecError};
@@ -16,6 +17,11 @@ pub const DEFAULT_SAMPLES: usize = 4096;
 pub struct LoadedData {
     pub train: Dataset,
     pub validation: Option<Dataset>,
+    /// The safetensors bytes of uploaded initial weights (`init.weights.id`), fetched by the
+    /// service before the job starts; the engine reads no store. `None` for a local file
+    /// (`init.weights.path`, read when the model is built) and for random weights. Shared,
+    /// since a race hands the same data to each of its tunes.
+    pub initial_weights: Option<Arc<[u8]>>,
 }
 
 /// The file formats a dataset can come in.
@@ -40,6 +46,7 @@ pub fn load_local_data(spec: &JobSpec) -> Result<LoadedData, EngineError> {
         return Ok(LoadedData {
             train,
             validation: None,
+            initial_weights: None,
         });
     }
     if let Some(path) = &data.path {
@@ -111,6 +118,7 @@ pub fn read_pair(
         return Ok(LoadedData {
             train,
             validation: None,
+            initial_weights: None,
         });
     };
     if format == Format::Text {
@@ -126,6 +134,7 @@ pub fn read_pair(
         return Ok(LoadedData {
             train,
             validation: Some(validation),
+            initial_weights: None,
         });
     }
     let header = |bytes: &[u8]| -> Vec<u8> {
@@ -163,6 +172,7 @@ pub fn read_pair(
     Ok(LoadedData {
         train: all.select(&train_rows),
         validation: Some(all.select(&validation_rows)),
+        initial_weights: None,
     })
 }
 

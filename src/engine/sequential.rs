@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::data::Task;
 use super::ops;
 use super::rng::Rng;
-use super::spec::SpecError;
+use super::spec::{InitSpec, SpecError, WeightsSource};
 
 /// Batch norm's defaults, PyTorch's.
 pub(crate) const BATCH_NORM_MOMENTUM: f64 = 0.1;
@@ -654,18 +654,31 @@ impl Sequential {
     }
 }
 
-/// The tensors of the safetensors file a spec's `init.weights` names, if any.
+/// The tensors of a spec's `init.weights`, if any: a local file is read here, uploaded
+/// weights are the `fetched` bytes the service read from its store.
 pub fn load_initial_weights(
-    init: Option<&super::spec::InitSpec>,
+    init: Option<&InitSpec>,
+    fetched: Option<&[u8]>,
 ) -> Result<Option<HashMap<String, Tensor>>, SpecError> {
     let Some(init) = init else {
         return Ok(None);
     };
-    let path = &init.weights.path;
-    let bytes = std::fs::read(path).map_err(|error| {
-        SpecError::new("init.weights.path", format!("cannot read {path}: {error}"))
-    })?;
-    read_safetensors(&bytes).map(Some)
+    match (&init.weights, fetched) {
+        (WeightsSource::Path(path), _) => {
+            let bytes = std::fs::read(path).map_err(|error| {
+                SpecError::new("init.weights.path", format!("cannot read {path}: {error}"))
+            })?;
+            read_safetensors(&bytes).map(Some)
+        }
+        (WeightsSource::Id(_), Some(bytes)) => read_safetensors(bytes).map(Some),
+        (WeightsSource::Id(id), None) => Err(SpecError::new(
+            "init.weights.id",
+            format!(
+                "weights {id} are stored on a server: submit the job there, or give \
+                 init.weights.path to run it here"
+            ),
+        )),
+    }
 }
 
 /// Reads a safetensors file's tensors (any float dtype; converted when loaded).
@@ -1295,6 +1308,38 @@ mod tests {
             "{}",
             error.message
         );
+    }
+
+    #[test]
+    fn initial_weights_come_from_the_path_or_the_fetched_bytes_of_an_id() {
+        let case = golden().into_iter().find(|c| c.name == "cnn_bn").unwrap();
+        let path = format!(
+            "{}/tests/golden/sequential/{}",
+            env!("CARGO_MANIFEST_DIR"),
+            case.weights
+        );
+        let init = |weights: WeightsSource| InitSpec { weights };
+        let from_path = load_initial_weights(Some(&init(WeightsSource::Path(path.clone()))), None)
+            .unwrap()
+            .unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let uploaded = init(WeightsSource::Id("weights_1".into()));
+        let from_bytes = load_initial_weights(Some(&uploaded), Some(&bytes))
+            .unwrap()
+            .unwrap();
+        let mut names: Vec<_> = from_bytes.keys().collect();
+        names.sort();
+        let mut want: Vec<_> = from_path.keys().collect();
+        want.sort();
+        assert_eq!(names, want);
+        case.model().load_state_dict(&from_bytes).unwrap();
+
+        // An id without its bytes is the server's to fetch; `lrtune run` cannot.
+        let error = load_initial_weights(Some(&uploaded), None).unwrap_err();
+        assert_eq!(error.field, "init.weights.id");
+        let error = load_initial_weights(Some(&uploaded), Some(b"garbage")).unwrap_err();
+        assert_eq!(error.field, "init.weights");
+        assert!(load_initial_weights(None, Some(&bytes)).unwrap().is_none());
     }
 
     /// Ties in a window (a ReLU's zeros, repeated values) send the whole gradient to the

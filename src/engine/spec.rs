@@ -101,19 +101,47 @@ pub struct JobSpec {
     pub target: Option<f64>,
 }
 
-/// Where a job's initial weights come from: `{"weights": {"path": "w.safetensors"}}`, the
-/// `state_dict()` of the equivalent `torch.nn.Sequential` saved with safetensors.
+/// Where a job's initial weights come from: `{"weights": {"path": "w.safetensors"}}` or
+/// `{"weights": {"id": "weights_..."}}`, the `state_dict()` of the equivalent
+/// `torch.nn.Sequential` saved with safetensors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InitSpec {
     pub weights: WeightsSource,
 }
 
-/// A safetensors file on this machine (`lrtune run` and `check`).
+/// Exactly one of a file or an upload, so that no reader has to choose between the two.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", try_from = "WeightsFields")]
+pub enum WeightsSource {
+    /// A safetensors file on this machine (`lrtune run` and `check`).
+    Path(String),
+    /// A file uploaded with `POST /v1/weights` (the server, which reads no local files).
+    Id(String),
+}
+
+/// `init.weights` as written, before exactly one source is required of it.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WeightsSource {
-    pub path: String,
+struct WeightsFields {
+    path: Option<String>,
+    id: Option<String>,
+}
+
+impl TryFrom<WeightsFields> for WeightsSource {
+    type Error = String;
+
+    fn try_from(fields: WeightsFields) -> Result<WeightsSource, String> {
+        match (fields.path, fields.id) {
+            (Some(path), None) => Ok(WeightsSource::Path(path)),
+            (None, Some(id)) => Ok(WeightsSource::Id(id)),
+            (Some(_), Some(_)) => Err("give either path or id, not both".to_string()),
+            (None, None) => Err(
+                "give path (a safetensors file) or id (weights uploaded with POST /v1/weights)"
+                    .to_string(),
+            ),
+        }
+    }
 }
 
 /// A training recipe: an optimizer and a schedule, raced at its own tuned learning rate. In a
@@ -1032,8 +1060,12 @@ impl JobSpec {
                     ),
                 ));
             }
-            if init.weights.path.trim().is_empty() {
-                return Err(SpecError::new("init.weights.path", "must not be empty"));
+            let (field, value) = match &init.weights {
+                WeightsSource::Path(path) => ("init.weights.path", path),
+                WeightsSource::Id(id) => ("init.weights.id", id),
+            };
+            if value.trim().is_empty() {
+                return Err(SpecError::new(field, "must not be empty"));
             }
         }
         let fraction = self.validation_fraction;
@@ -1715,6 +1747,49 @@ mod tests {
         assert_eq!(error.field, "data");
         let error = invalid(r#"{"data": {"builtin": "mnist10k", "samples": 100}}"#);
         assert_eq!(error.field, "data.samples");
+    }
+
+    #[test]
+    fn initial_weights_come_from_exactly_one_of_a_path_and_an_id() {
+        let with = |weights: &str| {
+            parse(&format!(
+                r#"{{"data": {{"builtin": "spirals"}},
+                    "model": {{"arch": "sequential", "layers": [{{"type": "linear", "out": 3}}]}},
+                    "init": {{"weights": {weights}}}}}"#
+            ))
+        };
+        let spec = with(r#"{"id": "weights_1"}"#).unwrap();
+        let weights = &spec.init.as_ref().unwrap().weights;
+        assert_eq!(weights, &WeightsSource::Id("weights_1".into()));
+        // The canonical spec the server stores reads back the same.
+        let stored = serde_json::to_string(&spec).unwrap();
+        assert!(
+            stored.contains(r#""init":{"weights":{"id":"weights_1"}}"#),
+            "{stored}"
+        );
+        assert_eq!(JobSpec::from_json(&stored).unwrap(), spec);
+        let spec = with(r#"{"path": "w.safetensors"}"#).unwrap();
+        assert_eq!(
+            spec.init.unwrap().weights,
+            WeightsSource::Path("w.safetensors".into())
+        );
+
+        for weights in [r#"{"path": "w.safetensors", "id": "weights_1"}"#, "{}"] {
+            assert_eq!(
+                with(weights).unwrap_err().field,
+                "init.weights",
+                "{weights}"
+            );
+        }
+        assert_eq!(
+            with(r#"{"url": "x"}"#).unwrap_err().field,
+            "init.weights.url"
+        );
+        let error = with(r#"{"id": " "}"#)
+            .unwrap()
+            .validate(&Limits::default())
+            .unwrap_err();
+        assert_eq!(error.field, "init.weights.id");
     }
 
     #[test]

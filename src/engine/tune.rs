@@ -156,6 +156,7 @@ pub(crate) fn tune_with(
     schedule_for: &dyn Fn(f64, usize) -> Schedule,
 ) -> Result<JobOutput, EngineError> {
     let started = Instant::now();
+    let fetched_weights = loaded.initial_weights.clone();
     let prepared = prepare(spec, loaded)?;
     // Nothing is built before the job's cost is known to fit the limits.
     let cost = admit(
@@ -169,7 +170,7 @@ pub(crate) fn tune_with(
         output: prepared.train.output_dim(),
         task: prepared.train.task(),
     };
-    let weights = load_initial_weights(spec.init.as_ref())?;
+    let weights = load_initial_weights(spec.init.as_ref(), fetched_weights.as_deref())?;
     let build = |seed: u64| build_job_model(spec, &shape, seed, &device, weights.as_ref());
     let model = build(spec.seed)?;
     let train = DeviceData::new(&prepared.train, &device)?;

@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{ApiJson, ApiQuery};
 use super::{ApiError, AppState, ErrorBody};
 use crate::engine::admission::admit_job;
-use crate::engine::spec::JobKind;
+use crate::engine::spec::{JobKind, WeightsSource};
 use crate::engine::JobSpec;
 use crate::store::{
     new_id, JobError, JobRow, JobStatus, ListFilter, NewJob, PointRow, RacePointRow, SweepRunRow,
@@ -102,7 +102,7 @@ impl Job {
 }
 
 /// Queues a job. The spec is checked completely first: unknown fields, values, limits, and
-/// that the datasets it names exist.
+/// that the datasets and weights it names exist.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
     request_body(content = Object, description = "A job spec (DESIGN section 2)"),
     responses(
@@ -143,11 +143,22 @@ pub async fn submit(
 
 /// What can be checked about the data before a job is queued.
 async fn check_data(state: &AppState, spec: &JobSpec) -> Result<(), ApiError> {
-    if spec.init.is_some() {
-        return Err(ApiError::invalid(
-            "init.weights.path",
-            "the server does not read local files, and it takes no uploaded weights yet: run a job with initial weights with `lrtune run`",
-        ));
+    match spec.init.as_ref().map(|init| &init.weights) {
+        Some(WeightsSource::Path(_)) => {
+            return Err(ApiError::invalid(
+                "init.weights.path",
+                "the server does not read local files: upload the file with POST /v1/weights and give init.weights.id",
+            ));
+        }
+        Some(WeightsSource::Id(id)) => {
+            state.store.get_weights(id).await?.ok_or_else(|| {
+                ApiError::invalid(
+                    "init.weights.id",
+                    format!("no weights {id}: upload them with POST /v1/weights"),
+                )
+            })?;
+        }
+        None => {}
     }
     let data = &spec.data;
     if data.path.is_some() {

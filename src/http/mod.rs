@@ -15,6 +15,7 @@ mod paging;
 pub mod startup;
 mod static_files;
 mod tools;
+mod weights;
 
 use std::sync::Arc;
 
@@ -52,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .merge(jobs::router())
         .merge(events::router())
         .merge(datasets::router(state.settings.max_upload_bytes))
+        .merge(weights::router(state.settings.max_upload_bytes))
         .merge(tools::router())
         .fallback(|| async { ApiError::NotFound("route".to_string()) })
         .route_layer(axum::middleware::from_fn_with_state(

@@ -9,7 +9,7 @@ use utoipa::openapi::{Content, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{datasets, error, events, health, jobs, tools, AppState};
+use super::{datasets, error, events, health, jobs, tools, weights, AppState};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,12 +17,14 @@ use super::{datasets, error, events, health, jobs, tools, AppState};
     paths(
         jobs::submit, jobs::list, jobs::show, jobs::curve, events::events, jobs::cancel,
         datasets::upload, datasets::list, datasets::show,
+        weights::upload, weights::list, weights::show,
         tools::analyze, tools::schedules,
         health::healthz, health::metrics,
     ),
     components(schemas(
         error::ErrorBody, error::ErrorDetail, jobs::Job, jobs::JobList, jobs::Progress,
         jobs::Curve, jobs::CurvePoint, jobs::SweepRun, jobs::RacePoint, datasets::DatasetView, datasets::DatasetList, tools::AnalyzeRequest,
+        weights::WeightsView, weights::WeightsList, weights::TensorView,
         health::Health, jobs::CurveFormat, datasets::UploadFormat, datasets::UploadTask,
         crate::store::JobStatus, crate::store::JobError,
     )),

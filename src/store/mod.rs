@@ -15,6 +15,7 @@ pub mod scratch;
 mod sqlite;
 #[cfg(test)]
 mod tests;
+mod weights;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ pub use job::{
     can_transition, nan_as_null, Attempt, FinalState, JobError, JobRow, JobStatus, ListFilter,
     NewJob, PointRow, ProgressUpdate, RacePointRow, ReapOutcome, SweepRunRow,
 };
+pub use weights::{NewWeights, StoredWeights, TensorShape, WeightsRow};
 
 use postgres::PgStore;
 use sqlite::SqliteStore;
@@ -474,6 +476,27 @@ impl Store {
         before: Option<i64>,
     ) -> Result<Vec<(i64, DatasetRow)>, StoreError> {
         dispatch!(self, store => store.list_datasets(limit, before).await)
+    }
+
+    pub async fn insert_weights(&self, weights: NewWeights) -> Result<WeightsRow, StoreError> {
+        dispatch!(self, store => store.insert_weights(weights).await)
+    }
+
+    pub async fn get_weights(&self, id: &str) -> Result<Option<WeightsRow>, StoreError> {
+        dispatch!(self, store => store.get_weights(id).await)
+    }
+
+    pub async fn load_weights(&self, id: &str) -> Result<Option<StoredWeights>, StoreError> {
+        dispatch!(self, store => store.load_weights(id).await)
+    }
+
+    /// Newest first, with each one's place in the list (the paging cursor).
+    pub async fn list_weights(
+        &self,
+        limit: i64,
+        before: Option<i64>,
+    ) -> Result<Vec<(i64, WeightsRow)>, StoreError> {
+        dispatch!(self, store => store.list_weights(limit, before).await)
     }
 
     /// Closes the pool (and PostgreSQL's listening connection).

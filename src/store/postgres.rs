@@ -18,9 +18,11 @@ use tokio::task::JoinHandle;
 
 use super::dataset::{shape_json, DatasetRecord, ListedRecord, StoredRecord};
 use super::job::JobRecord;
+use super::weights::{shapes_json, ListedWeightsRecord, StoredWeightsRecord, WeightsRecord};
 use super::{
-    Attempt, Change, DatasetRow, FinalState, JobRow, ListFilter, NewDataset, NewJob, PointRow,
-    ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset, SweepRunRow,
+    Attempt, Change, DatasetRow, FinalState, JobRow, ListFilter, NewDataset, NewJob, NewWeights,
+    PointRow, ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset, StoredWeights,
+    SweepRunRow, WeightsRow,
 };
 
 /// The NOTIFY channel every process listens on.
@@ -41,6 +43,12 @@ macro_rules! job_columns {
          result, attempts, worker, cancel_requested, iso_time(heartbeat_at) AS heartbeat_at, \
          iso_time(lease_until) AS lease_until, iso_time(created_at) AS created_at, \
          iso_time(started_at) AS started_at, iso_time(finished_at) AS finished_at"
+    };
+}
+
+macro_rules! weights_columns {
+    () => {
+        "id, name, bytes, sha256, tensors, shapes, iso_time(created_at) AS created_at"
     };
 }
 
@@ -498,6 +506,73 @@ impl PgStore {
             " FROM dataset WHERE ($1::bigint IS NULL OR seq < $1) ORDER BY seq DESC LIMIT $2"
         );
         let records: Vec<ListedRecord> = sqlx::query_as(sql)
+            .bind(before)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        records
+            .into_iter()
+            .map(|listed| Ok((listed.seq, listed.record.try_into()?)))
+            .collect()
+    }
+
+    pub(super) async fn insert_weights(
+        &self,
+        weights: NewWeights,
+    ) -> Result<WeightsRow, StoreError> {
+        let row = weights.row;
+        let sql = concat!(
+            "INSERT INTO weights (id, name, bytes, sha256, tensors, shapes, data, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+             RETURNING ",
+            weights_columns!()
+        );
+        let record: WeightsRecord = sqlx::query_as(sql)
+            .bind(&row.id)
+            .bind(&row.name)
+            .bind(row.bytes)
+            .bind(&row.sha256)
+            .bind(row.tensors)
+            .bind(shapes_json(&row.shapes)?)
+            .bind(weights.data)
+            .fetch_one(&self.pool)
+            .await?;
+        record.try_into()
+    }
+
+    pub(super) async fn get_weights(&self, id: &str) -> Result<Option<WeightsRow>, StoreError> {
+        let sql = concat!("SELECT ", weights_columns!(), " FROM weights WHERE id = $1");
+        let record: Option<WeightsRecord> = sqlx::query_as(sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        record.map(WeightsRow::try_from).transpose()
+    }
+
+    pub(super) async fn load_weights(&self, id: &str) -> Result<Option<StoredWeights>, StoreError> {
+        let sql = concat!(
+            "SELECT ",
+            weights_columns!(),
+            ", data FROM weights WHERE id = $1"
+        );
+        let record: Option<StoredWeightsRecord> = sqlx::query_as(sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        record.map(StoredWeights::try_from).transpose()
+    }
+
+    pub(super) async fn list_weights(
+        &self,
+        limit: i64,
+        before: Option<i64>,
+    ) -> Result<Vec<(i64, WeightsRow)>, StoreError> {
+        let sql = concat!(
+            "SELECT seq, ",
+            weights_columns!(),
+            " FROM weights WHERE ($1::bigint IS NULL OR seq < $1) ORDER BY seq DESC LIMIT $2"
+        );
+        let records: Vec<ListedWeightsRecord> = sqlx::query_as(sql)
             .bind(before)
             .bind(limit)
             .fetch_all(&self.pool)

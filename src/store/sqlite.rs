@@ -15,9 +15,11 @@ use sqlx::{ConnectOptions, Connection, Sqlite, SqlitePool, Transaction};
 
 use super::dataset::{shape_json, DatasetRecord, ListedRecord, StoredRecord};
 use super::job::JobRecord;
+use super::weights::{shapes_json, ListedWeightsRecord, StoredWeightsRecord, WeightsRecord};
 use super::{
-    Attempt, DatasetRow, FinalState, JobRow, ListFilter, NewDataset, NewJob, PointRow,
-    ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset, SweepRunRow,
+    Attempt, DatasetRow, FinalState, JobRow, ListFilter, NewDataset, NewJob, NewWeights, PointRow,
+    ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset, StoredWeights,
+    SweepRunRow, WeightsRow,
 };
 
 /// The current time as SQLite writes it: UTC ISO 8601 with milliseconds. A macro so that
@@ -493,6 +495,71 @@ impl SqliteStore {
             "SELECT seq, id, name, format, target, rows, features, sample_shape, classes,
                  vocabulary, task, sha256, bytes, created_at
              FROM dataset WHERE (?1 IS NULL OR seq < ?1) ORDER BY seq DESC LIMIT ?2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        records
+            .into_iter()
+            .map(|listed| Ok((listed.seq, listed.record.try_into()?)))
+            .collect()
+    }
+
+    pub(super) async fn insert_weights(
+        &self,
+        weights: NewWeights,
+    ) -> Result<WeightsRow, StoreError> {
+        let row = weights.row;
+        let sql = concat!(
+            "INSERT INTO weights (id, name, bytes, sha256, tensors, shapes, data, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ",
+            now!(),
+            ") RETURNING id, name, bytes, sha256, tensors, shapes, created_at"
+        );
+        let record: WeightsRecord = sqlx::query_as(sql)
+            .bind(&row.id)
+            .bind(&row.name)
+            .bind(row.bytes)
+            .bind(&row.sha256)
+            .bind(row.tensors)
+            .bind(shapes_json(&row.shapes)?)
+            .bind(weights.data)
+            .fetch_one(&self.pool)
+            .await?;
+        record.try_into()
+    }
+
+    pub(super) async fn get_weights(&self, id: &str) -> Result<Option<WeightsRow>, StoreError> {
+        let record: Option<WeightsRecord> = sqlx::query_as(
+            "SELECT id, name, bytes, sha256, tensors, shapes, created_at
+             FROM weights WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        record.map(WeightsRow::try_from).transpose()
+    }
+
+    pub(super) async fn load_weights(&self, id: &str) -> Result<Option<StoredWeights>, StoreError> {
+        let record: Option<StoredWeightsRecord> = sqlx::query_as(
+            "SELECT id, name, bytes, sha256, tensors, shapes, data, created_at
+             FROM weights WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        record.map(StoredWeights::try_from).transpose()
+    }
+
+    pub(super) async fn list_weights(
+        &self,
+        limit: i64,
+        before: Option<i64>,
+    ) -> Result<Vec<(i64, WeightsRow)>, StoreError> {
+        let records: Vec<ListedWeightsRecord> = sqlx::query_as(
+            "SELECT seq, id, name, bytes, sha256, tensors, shapes, created_at
+             FROM weights WHERE (?1 IS NULL OR seq < ?1) ORDER BY seq DESC LIMIT ?2",
         )
         .bind(before)
         .bind(limit)

@@ -80,6 +80,7 @@ store_suite!(
     cancels_stop_queued_jobs_and_flag_running_ones,
     failed_and_canceled_attempts_keep_their_points,
     datasets_keep_their_bytes_and_page_newest_first,
+    weights_keep_their_bytes_and_tensor_shapes_and_page_newest_first,
     changes_are_announced_to_the_process_that_made_them,
     health_is_ok_and_names_the_backend,
 );
@@ -757,6 +758,75 @@ async fn datasets_keep_their_bytes_and_page_newest_first(db: &TestDb) {
         .collect();
     assert_eq!(names, ["set-2", "set-1"]);
     let rest = store.list_datasets(2, Some(page[1].0)).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].1, stored[0]);
+}
+
+async fn weights_keep_their_bytes_and_tensor_shapes_and_page_newest_first(db: &TestDb) {
+    let store = db.open().await;
+    let data: Vec<u8> = (0..=255u8).cycle().take(50_000).collect();
+    let mut stored = Vec::new();
+    for index in 0..3 {
+        let row = WeightsRow {
+            id: new_id("weights"),
+            name: Some(format!("w-{index}")),
+            bytes: data.len() as i64,
+            sha256: "cd".repeat(32),
+            tensors: 2,
+            shapes: vec![
+                TensorShape {
+                    name: "0.bias".into(),
+                    shape: vec![16],
+                },
+                TensorShape {
+                    name: "0.weight".into(),
+                    shape: vec![16, 6 + index],
+                },
+            ],
+            created_at: String::new(),
+        };
+        let inserted = store
+            .insert_weights(NewWeights {
+                row: row.clone(),
+                data: data.clone(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            WeightsRow {
+                created_at: String::new(),
+                ..inserted.clone()
+            },
+            row
+        );
+        assert!(inserted.created_at.ends_with('Z'));
+        stored.push(inserted);
+    }
+    let loaded = store.load_weights(&stored[1].id).await.unwrap().unwrap();
+    assert_eq!(loaded.row, stored[1]);
+    assert_eq!(loaded.data, data);
+    assert_eq!(
+        store.get_weights(&stored[2].id).await.unwrap().unwrap(),
+        stored[2]
+    );
+    assert!(store
+        .get_weights("weights_missing")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .load_weights("weights_missing")
+        .await
+        .unwrap()
+        .is_none());
+
+    let page = store.list_weights(2, None).await.unwrap();
+    let names: Vec<_> = page
+        .iter()
+        .map(|(_, row)| row.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["w-2", "w-1"]);
+    let rest = store.list_weights(2, Some(page[1].0)).await.unwrap();
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].1, stored[0]);
 }

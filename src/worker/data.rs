@@ -1,6 +1,8 @@
 //! A job's data: the builtins through the engine, uploaded datasets parsed from their stored
 //! bytes with the engine's readers and the job's spec.
 
+use std::sync::Arc;
+
 use crate::engine::admission::DataShape;
 use crate::engine::data::{self, Dataset, Task};
 use crate::engine::prepare::{read_bytes, text_context, Format};
@@ -13,9 +15,19 @@ pub struct JobDatasets {
     pub validation: Option<StoredDataset>,
 }
 
-pub fn load(spec: &JobSpec, datasets: Option<JobDatasets>) -> Result<LoadedData, EngineError> {
+/// The job's data, with the stored bytes of its uploaded initial weights (`init.weights.id`)
+/// for the engine, which reads no store.
+pub fn load(
+    spec: &JobSpec,
+    datasets: Option<JobDatasets>,
+    initial_weights: Option<Vec<u8>>,
+) -> Result<LoadedData, EngineError> {
+    let initial_weights = initial_weights.map(Arc::from);
     let Some(datasets) = datasets else {
-        return engine::load_local_data(spec);
+        return Ok(LoadedData {
+            initial_weights,
+            ..engine::load_local_data(spec)?
+        });
     };
     let train = parse(&datasets.train, spec, "data.dataset_id")?;
     let validation = datasets
@@ -23,7 +35,11 @@ pub fn load(spec: &JobSpec, datasets: Option<JobDatasets>) -> Result<LoadedData,
         .as_ref()
         .map(|stored| parse(stored, spec, "data.validation_dataset_id"))
         .transpose()?;
-    Ok(LoadedData { train, validation })
+    Ok(LoadedData {
+        train,
+        validation,
+        initial_weights,
+    })
 }
 
 /// The shape of a job's data before it is loaded: a builtin's, or that of the stored

@@ -22,7 +22,7 @@ pub use data::{parse_task, planned_shape, JobDatasets};
 use crate::config::QueueConfig;
 use crate::engine::admission::admit_job;
 use crate::engine::compare::{run_compare, CompareResult};
-use crate::engine::spec::JobKind;
+use crate::engine::spec::{JobKind, WeightsSource};
 use crate::engine::{self, EngineError, Event, JobOutput, JobSpec, Limits, LoadedData};
 use crate::store::{
     nan_as_null, Attempt, Change, FinalState, JobError, JobRow, PointRow, ProgressUpdate,
@@ -366,6 +366,7 @@ impl Worker {
     async fn execute(&self, job: &JobRow, flusher: &mut Flusher) -> Result<FinalState, JobError> {
         let spec = JobSpec::from_json(&job.spec).map_err(spec_error)?;
         let datasets = self.fetch_datasets(&spec).await?;
+        let initial_weights = self.fetch_weights(&spec).await?;
         // Admission again (limits may have changed since the submit, or the job was written
         // by another process): a job that does not fit fails here, before anything is loaded
         // or built, and is not retried.
@@ -396,7 +397,7 @@ impl Worker {
             let mut observer = |event: Event| {
                 let _ = events.send(event);
             };
-            let loaded = data::load(&spec, datasets)?;
+            let loaded = data::load(&spec, datasets, initial_weights)?;
             runner.run(&spec, loaded, &limits, &engine_cancel, &mut observer)
         })
         .map_err(|error| JobError {
@@ -546,6 +547,30 @@ impl Worker {
                     code: "internal".into(),
                     message: "the dataset could not be read".into(),
                     field: Some(field.to_string()),
+                })
+            }
+        }
+    }
+
+    /// The stored bytes of the uploaded weights a job starts from (`init.weights.id`).
+    async fn fetch_weights(&self, spec: &JobSpec) -> Result<Option<Vec<u8>>, JobError> {
+        let Some(WeightsSource::Id(id)) = spec.init.as_ref().map(|init| &init.weights) else {
+            return Ok(None);
+        };
+        let field = Some("init.weights.id".to_string());
+        match self.store.load_weights(id).await {
+            Ok(Some(weights)) => Ok(Some(weights.data)),
+            Ok(None) => Err(JobError {
+                code: "invalid_spec".into(),
+                message: format!("no weights {id}"),
+                field,
+            }),
+            Err(error) => {
+                error!(%error, "loading weights");
+                Err(JobError {
+                    code: "internal".into(),
+                    message: "the weights could not be read".into(),
+                    field,
                 })
             }
         }

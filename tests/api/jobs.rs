@@ -103,9 +103,14 @@ async fn a_layer_list_that_does_not_fit_the_data_is_a_422_naming_the_layer() {
     spec["init"] = json!({"weights": {"path": "w.safetensors"}});
     let (status, body) = json_of(app.post_json("/v1/jobs", &spec).await).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(
-        assert_error(&body, "invalid_input")["field"],
-        "init.weights.path"
+    let error = assert_error(&body, "invalid_input");
+    assert_eq!(error["field"], "init.weights.path");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("POST /v1/weights"),
+        "{body}"
     );
 }
 

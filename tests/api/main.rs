@@ -13,3 +13,4 @@ mod outage;
 mod priority;
 mod race;
 mod service;
+mod weights;

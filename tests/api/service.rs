@@ -88,6 +88,8 @@ async fn the_openapi_document_lists_every_endpoint_and_swagger_ui_is_served() {
         "/v1/jobs/{id}/cancel",
         "/v1/datasets",
         "/v1/datasets/{id}",
+        "/v1/weights",
+        "/v1/weights/{id}",
         "/v1/analyze",
         "/v1/schedules",
         "/healthz",

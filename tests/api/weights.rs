@@ -1,0 +1,165 @@
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+/// The `state_dict()` of PyTorch's residual MLP golden network: 6 inputs, 3 classes.
+fn golden_weights() -> Vec<u8> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/sequential/residual_mlp.safetensors"
+    );
+    std::fs::read(path).expect("the golden weights")
+}
+
+/// PyTorch's `residual_mlp` golden case (tests/golden/sequential.json): its layer list,
+/// reference rows and eval-mode loss.
+fn golden_case() -> Value {
+    let golden: Value =
+        serde_json::from_str(include_str!("../golden/sequential.json")).expect("golden parses");
+    golden["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|case| case["name"] == "residual_mlp")
+        .unwrap()
+        .clone()
+}
+
+/// The case's 10 reference rows as a validation CSV, and training rows of every class (so
+/// that the classes keep their indices), both with six features.
+fn golden_csvs(case: &Value) -> (String, String) {
+    let header = "a,b,c,d,e,f,label\n";
+    let row = |values: &[f64], label: u64| {
+        let cells: Vec<String> = values.iter().map(|v| format!("{v:?}")).collect();
+        format!("{},{label}\n", cells.join(","))
+    };
+    let x: Vec<f64> = case["x"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let mut validation = String::from(header);
+    for (values, label) in x.chunks(6).zip(case["y"].as_array().unwrap()) {
+        validation.push_str(&row(values, label.as_u64().unwrap()));
+    }
+    let mut train = String::from(header);
+    for index in 0..60u64 {
+        let values: Vec<f64> = (0..6u64)
+            .map(|f| ((index * 7 + f * 3) % 11) as f64 / 5.0 - 1.0)
+            .collect();
+        train.push_str(&row(&values, index % 3));
+    }
+    (train, validation)
+}
+
+#[tokio::test]
+async fn uploaded_pytorch_weights_are_described_and_a_job_starts_from_them() {
+    let app = spawn_app().await;
+    let file = golden_weights();
+    let (status, weights) = json_of(
+        app.post_raw("/v1/weights?name=residual", file.clone())
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{weights}");
+    assert_eq!(weights["name"], "residual");
+    assert_eq!(weights["bytes"], file.len());
+    assert_eq!(weights["sha256"].as_str().unwrap().len(), 64);
+    let shapes = weights["shapes"].as_array().unwrap();
+    assert_eq!(weights["tensors"], shapes.len());
+    let names: Vec<&str> = shapes.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"1.0.weight"), "{names:?}");
+    assert!(names.windows(2).all(|pair| pair[0] < pair[1]), "{names:?}");
+    let first = shapes.iter().find(|t| t["name"] == "0.weight").unwrap();
+    assert_eq!(first["shape"], json!([8, 6]));
+    let id = weights["id"].as_str().unwrap();
+    assert!(id.starts_with("weights_"), "{id}");
+
+    let (status, shown) = json_of(app.get(&format!("/v1/weights/{id}")).await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(shown, weights);
+    let (status, list) = json_of(app.get("/v1/weights?limit=5").await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["weights"][0]["id"], id);
+    assert!(list["next_cursor"].is_null());
+
+    let case = golden_case();
+    let (train, validation) = golden_csvs(&case);
+    let mut dataset_ids = Vec::new();
+    for csv in [train, validation] {
+        let (status, dataset) = json_of(
+            app.post_raw("/v1/datasets?format=csv&target=label", csv)
+                .await,
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{dataset}");
+        dataset_ids.push(dataset["id"].clone());
+    }
+    let spec = json!({
+        "kind": "range_test",
+        "data": {"dataset_id": dataset_ids[0], "validation_dataset_id": dataset_ids[1]},
+        "normalize": "none",
+        "model": {"arch": "sequential", "layers": case["layers"]},
+        "init": {"weights": {"id": id}},
+        "batch_size": 10,
+        "range_test": {"steps": 20}
+    });
+    let job = app.submit(&spec).await;
+    let job = app.wait_until_finished(&job).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    // The job starts where PyTorch's network is on the reference rows.
+    let initial = job["result"]["initial_val_loss"].as_f64().unwrap();
+    let want = case["eval_loss"].as_f64().unwrap();
+    assert!(
+        (initial - want).abs() <= 1e-4 * want,
+        "initial_val_loss {initial} vs PyTorch's {want}"
+    );
+
+    // The stored tensors reach the model: a narrower network cannot take them.
+    let mut narrower = spec.clone();
+    narrower["model"]["layers"][0]["out"] = json!(4);
+    narrower["model"]["layers"][1]["layers"][1]["out"] = json!(4);
+    narrower["model"]["layers"][3]["layers"][0]["out"] = json!(4);
+    let job = app.submit(&narrower).await;
+    let job = app.wait_until_finished(&job).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["field"], "init.weights", "{job}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(message.contains("\"0.weight\""), "{message}");
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_safetensors_is_a_422_naming_the_body() {
+    let app = spawn_app().await;
+    for body in [&b"not a safetensors file"[..], &[0xff; 16][..], &b""[..]] {
+        let (status, error) = json_of(app.post_raw("/v1/weights", body.to_vec()).await).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
+        assert_eq!(error["error"]["field"], "body", "{error}");
+    }
+    let (_, list) = json_of(app.get("/v1/weights").await).await;
+    assert_eq!(list["weights"], json!([]));
+}
+
+#[tokio::test]
+async fn unknown_weights_are_a_404_and_a_job_naming_them_is_a_422() {
+    let app = spawn_app().await;
+    let (status, body) = json_of(app.get("/v1/weights/weights_missing").await).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_error(&body, "not_found");
+
+    let mut spec = tiny_spec();
+    spec["model"] = json!({"arch": "sequential", "layers": [
+        {"type": "linear", "out": 8}, {"type": "relu"}, {"type": "linear", "out": 2}]});
+    spec["init"] = json!({"weights": {"id": "weights_missing"}});
+    let (status, body) = json_of(app.post_json("/v1/jobs", &spec).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let error = assert_error(&body, "invalid_input");
+    assert_eq!(error["field"], "init.weights.id");
+
+    spec["init"] = json!({"weights": {"id": "weights_missing", "path": "w.safetensors"}});
+    let (status, body) = json_of(app.post_json("/v1/jobs", &spec).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(assert_error(&body, "invalid_spec")["field"], "init.weights");
+}
