@@ -440,6 +440,53 @@ mod tests {
         }
     }
 
+    /// A layer list's planned step memory covers what its native step allocates, without
+    /// more than doubling it (convolution patches are counted with the activations).
+    #[test]
+    fn a_layer_lists_planned_buffers_cover_its_native_step() {
+        for text in [
+            r#"{"data": {"builtin": "mnist10k"}, "batch_size": 32, "model": {"arch": "sequential", "layers": [
+                {"type": "conv2d", "out": 8, "kernel": 3, "padding": 1}, {"type": "batch_norm"},
+                {"type": "relu"}, {"type": "max_pool2d", "size": 2}, {"type": "dropout", "p": 0.1},
+                {"type": "flatten"}, {"type": "linear", "out": 32}, {"type": "layer_norm"},
+                {"type": "linear", "out": 10}]}}"#,
+            r#"{"data": {"builtin": "spirals", "samples": 512}, "batch_size": 64, "model": {"arch": "sequential", "layers": [
+                {"type": "linear", "out": 32},
+                {"type": "residual", "layers": [{"type": "layer_norm"}, {"type": "linear", "out": 32}, {"type": "gelu"}]},
+                {"type": "linear", "out": 3}]}}"#,
+        ] {
+            let spec = spec(text);
+            let prepared = prepare(&spec, load_local_data(&spec).unwrap()).unwrap();
+            let shape = DataShape::of_splits(&prepared.train, &prepared.validation);
+            let device = candle_core::Device::Cpu;
+            let model = Model::build(&spec.model, &shape.model_shape(), 0, &device).unwrap();
+            let rows = step_rows(&spec, &shape);
+            let train = DeviceData::new(&prepared.train, &device).unwrap();
+            let mut optimizer = crate::engine::optim::Optimizer::new(&spec.optimizer, model.vars());
+            let batch: Vec<usize> = BatchOrder::new(train.rows, rows, 0).next_batch().to_vec();
+            crate::engine::train::train_step(
+                &model,
+                &mut optimizer,
+                &train,
+                &batch,
+                0.01,
+                0.9,
+                &mut Rng::new(1),
+            )
+            .unwrap();
+            let allocated = model
+                .workspace()
+                .as_ref()
+                .expect("the step built its buffers")
+                .allocated_buffer_bytes() as u64;
+            let planned = native::planned_buffer_bytes(&spec.model, &shape.model_shape(), rows);
+            assert!(
+                planned >= allocated && planned <= 2 * allocated,
+                "{text}: planned {planned}, allocated {allocated}"
+            );
+        }
+    }
+
     #[test]
     fn a_model_too_large_to_count_is_refused_without_building_it() {
         let error = refused(
