@@ -430,8 +430,7 @@ mod tests {
                 &mut Rng::new(1),
             )
             .unwrap();
-            let allocated = model
-                .workspace()
+            let allocated = native::workspace_slot(&mut model.backend_state())
                 .as_ref()
                 .expect("the step built its buffers")
                 .allocated_buffer_bytes() as u64;
@@ -474,8 +473,7 @@ mod tests {
                 &mut Rng::new(1),
             )
             .unwrap();
-            let allocated = model
-                .workspace()
+            let allocated = native::workspace_slot(&mut model.backend_state())
                 .as_ref()
                 .expect("the step built its buffers")
                 .allocated_buffer_bytes() as u64;

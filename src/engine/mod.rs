@@ -3,6 +3,7 @@
 //! cancel flag is checked every step. `lrtune run` and the service's workers both call `run_job`.
 
 pub mod admission;
+pub mod batch;
 pub mod compare;
 pub mod data;
 pub mod evaluate;

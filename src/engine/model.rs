@@ -2,12 +2,12 @@
 //! weights drawn from the engine's own seeded generator so that a run is reproducible, and the
 //! loss each task trains on.
 
+use std::any::Any;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 
 use super::data::Task;
-use super::native;
 use super::ops;
 use super::rng::Rng;
 use super::sequential::{self, Sequential};
@@ -143,8 +143,9 @@ pub struct Model {
     device: Device,
     /// Whether the hand-written CPU step runs this model (else candle's autograd).
     native: bool,
-    /// The buffers of the hand-written CPU training step (see `native/mod.rs`), kept between steps.
-    workspace: Mutex<Option<native::Workspace>>,
+    /// What the training backend keeps between steps (the native step's buffers), typed by
+    /// the backend: the model does not depend on any backend.
+    backend_state: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
 /// The output of one forward pass and its loss.
@@ -171,7 +172,7 @@ impl Model {
             vars,
             native,
             device: device.clone(),
-            workspace: Mutex::new(None),
+            backend_state: Mutex::new(None),
         })
     }
 
@@ -215,9 +216,9 @@ impl Model {
         &self.layers
     }
 
-    /// The native step's buffers (one training loop per model, so never contended).
-    pub(crate) fn workspace(&self) -> std::sync::MutexGuard<'_, Option<native::Workspace>> {
-        self.workspace
+    /// The backend's state between steps (one training loop per model, so never contended).
+    pub(crate) fn backend_state(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn Any + Send>>> {
+        self.backend_state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }

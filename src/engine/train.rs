@@ -2,100 +2,14 @@
 //! once, batches gathered by index in a seeded order, one forward/backward/update per step,
 //! and evaluation on a held-out split.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 
-use super::data::{epoch_order, Dataset, Features, Targets, Task};
+pub use super::batch::{BatchOrder, DeviceData};
+use super::data::Task;
 use super::model::{correct_count, Model};
 use super::native;
 use super::optim::Optimizer;
 use super::rng::Rng;
-
-/// A dataset as tensors on the training device; batches are gathered with `index_select`
-/// so that no per-batch copy goes through host memory.
-pub struct DeviceData {
-    pub x: Tensor,
-    pub y: Tensor,
-    pub rows: usize,
-    pub task: Task,
-}
-
-impl DeviceData {
-    pub fn new(data: &Dataset, device: &Device) -> candle_core::Result<Self> {
-        let rows = data.rows();
-        let x = match &data.features {
-            Features::Dense {
-                values,
-                sample_shape,
-            } => {
-                let mut shape = vec![rows];
-                shape.extend(sample_shape);
-                Tensor::from_slice(values, shape, device)?
-            }
-            Features::Tokens { ids, context } => Tensor::from_slice(ids, (rows, *context), device)?,
-        };
-        let y = match &data.targets {
-            Targets::Classes { labels, .. } => Tensor::from_slice(labels, rows, device)?,
-            Targets::Values { values, dims } => Tensor::from_slice(values, (rows, *dims), device)?,
-            Targets::Tokens { ids, .. } => {
-                Tensor::from_slice(ids, (rows, ids.len() / rows.max(1)), device)?
-            }
-        };
-        Ok(Self {
-            x,
-            y,
-            rows,
-            task: data.task(),
-        })
-    }
-
-    pub fn batch(&self, rows: &[usize]) -> candle_core::Result<(Tensor, Tensor)> {
-        let index: Vec<u32> = rows.iter().map(|&row| row as u32).collect();
-        let index = Tensor::from_vec(index, rows.len(), self.x.device())?;
-        Ok((
-            self.x.index_select(&index, 0)?,
-            self.y.index_select(&index, 0)?,
-        ))
-    }
-}
-
-/// An endless stream of full batches over seeded, per-epoch shuffled orders (the last
-/// partial batch of an epoch is dropped so every step sees the same batch size).
-pub struct BatchOrder {
-    rows: usize,
-    batch_size: usize,
-    seed: u64,
-    epoch: u64,
-    order: Vec<usize>,
-    position: usize,
-}
-
-impl BatchOrder {
-    pub fn new(rows: usize, batch_size: usize, seed: u64) -> Self {
-        Self {
-            rows,
-            batch_size,
-            seed,
-            epoch: 0,
-            order: epoch_order(rows, seed, 0),
-            position: 0,
-        }
-    }
-
-    pub fn steps_per_epoch(rows: usize, batch_size: usize) -> usize {
-        rows / batch_size
-    }
-
-    pub fn next_batch(&mut self) -> &[usize] {
-        if self.position + self.batch_size > self.rows {
-            self.epoch += 1;
-            self.order = epoch_order(self.rows, self.seed, self.epoch);
-            self.position = 0;
-        }
-        let batch = &self.order[self.position..self.position + self.batch_size];
-        self.position += self.batch_size;
-        batch
-    }
-}
 
 /// One optimizer step; returns the batch's loss before the update. A non-finite loss is
 /// returned without stepping (a finite loss whose gradients overflow still steps, as in
@@ -113,8 +27,9 @@ pub fn train_step(
         // On a pool thread, so that the caller's thread sleeps instead of competing with
         // the pool's threads for the cores between the step's parallel sections.
         return on_pool(|| {
-            let mut workspace = model.workspace();
-            let loss = native::forward_backward(model, &mut workspace, data, rows, dropout_rng)?;
+            let mut state = model.backend_state();
+            let workspace = native::workspace_slot(&mut state);
+            let loss = native::forward_backward(model, workspace, data, rows, dropout_rng)?;
             if loss.is_finite() {
                 let grads = &workspace.as_ref().expect("set by forward_backward").grads;
                 optimizer.step_host(grads, lr, momentum)?;
@@ -157,8 +72,9 @@ pub(crate) const EVAL_CHUNK: usize = 256;
 pub fn evaluate(model: &Model, data: &DeviceData) -> candle_core::Result<Evaluation> {
     if native::supports(model) {
         return on_pool(|| {
-            let mut workspace = model.workspace();
-            let (loss, accuracy) = native::evaluate(model, &mut workspace, data, EVAL_CHUNK)?;
+            let mut state = model.backend_state();
+            let workspace = native::workspace_slot(&mut state);
+            let (loss, accuracy) = native::evaluate(model, workspace, data, EVAL_CHUNK)?;
             Ok(Evaluation { loss, accuracy })
         });
     }

@@ -8,13 +8,13 @@ use super::{
     activate, activation_backward, classification_loss_and_hits, column_sums, cross_entropy,
     dense_backward, dense_forward, matmul, mean_squared_error, HostValues, Operand,
 };
+use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
 use crate::engine::model::{Layers, Model, ModelShape};
 use crate::engine::ops::for_each_3x3_tap;
 use crate::engine::rng::Rng;
 use crate::engine::simd::simd_kernel;
 use crate::engine::spec::{Activation, ModelSpec};
-use crate::engine::train::DeviceData;
 
 /// A fully connected layer's buffers: pre-activation `z`, output `a` (after activation and
 /// dropout; unused for the last layer) and the dropout mask.

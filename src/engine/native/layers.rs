@@ -15,13 +15,13 @@ use super::{
     classification_loss_and_hits, cross_entropy, dense_backward, dense_forward, matmul,
     mean_squared_error, HostValues, Operand,
 };
+use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
 use crate::engine::model::{Layers, Model};
 use crate::engine::ops::{dot, exp, gelu_derivative, gelu_value, sum};
 use crate::engine::rng::Rng;
 use crate::engine::sequential::{GeluApproximation, Module, BATCH_NORM_MOMENTUM, NORM_EPS};
 use crate::engine::simd::simd_kernel;
-use crate::engine::train::DeviceData;
 
 #[derive(Debug, Clone, Copy)]
 enum Act {

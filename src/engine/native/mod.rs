@@ -13,16 +13,18 @@
 //! Non-CPU devices keep the autograd path. The tests hold this step to candle's gradients on
 //! every layer kind.
 
+use std::any::Any;
+
 use candle_core::{CpuStorage, Storage, Tensor};
 use gemm::Parallelism;
 
+use super::batch::DeviceData;
 use super::data::Task;
 use super::model::{Layers, Model, ModelShape};
 use super::ops::{exp, gelu_derivative, gelu_value, max_value, sum};
 use super::rng::Rng;
 use super::simd::simd_kernel;
 use super::spec::{Activation, ModelSpec};
-use super::train::DeviceData;
 
 mod feedforward;
 mod layers;
@@ -519,6 +521,14 @@ impl Workspace {
             Buffers::Layers(buffers) => buffers.allocated_bytes(),
         }
     }
+}
+
+/// The native workspace in a model's backend state (created empty on first use).
+pub(crate) fn workspace_slot(state: &mut Option<Box<dyn Any + Send>>) -> &mut Option<Workspace> {
+    state
+        .get_or_insert_with(|| Box::new(None::<Workspace>))
+        .downcast_mut::<Option<Workspace>>()
+        .expect("a model's backend state is the native workspace")
 }
 
 /// Which models the native step runs: every model on the CPU, unless the job asked for

@@ -13,11 +13,11 @@ use super::{
     classification_loss_and_hits, cross_entropy, dense_backward, dense_forward, gemm_into, matmul,
     HostValues, Operand,
 };
+use crate::engine::batch::DeviceData;
 use crate::engine::model::{Layers, Model, ModelShape};
 use crate::engine::ops::{dot, exp, gelu_derivative_with, gelu_tanh, max_value, row_stats, sum};
 use crate::engine::simd::simd_kernel;
 use crate::engine::spec::ModelSpec;
-use crate::engine::train::DeviceData;
 
 /// Variables per block, in `Model::vars` order: two layer norms (gain, shift), then the
 /// weight and bias of qkv, projection, expand and contract.
@@ -787,11 +787,11 @@ pub(super) fn forward_backward(
 mod tests {
     use candle_core::Device;
 
+    use crate::engine::batch::DeviceData;
     use crate::engine::data::{Dataset, Features, Targets, Task};
     use crate::engine::model::{Model, ModelShape};
     use crate::engine::rng::Rng;
     use crate::engine::spec::ModelSpec;
-    use crate::engine::train::DeviceData;
 
     #[test]
     fn transformer_gradients_match_autograd() {
