@@ -189,13 +189,18 @@ pub fn read_bytes(
     })
 }
 
-/// The characters of context a spec reads text with: only a transformer reads text.
+/// The characters of context a spec reads text with: a transformer's, or a layer list's
+/// `model.context`.
 pub fn text_context(spec: &JobSpec) -> Result<usize, SpecError> {
-    spec.model.context().ok_or_else(|| {
-        SpecError::new(
+    spec.model.context().ok_or_else(|| match spec.model {
+        super::spec::ModelSpec::Sequential { .. } => SpecError::new(
+            "model.context",
+            "text data trains a character language model: give the layer list a context (the characters it reads), e.g. 64",
+        ),
+        _ => SpecError::new(
             "model.arch",
-            "text data trains a character language model: use arch \"transformer\"",
-        )
+            "text data trains a character language model: use arch \"transformer\", or a layer list starting with an embedding and a model.context",
+        ),
     })
 }
 

@@ -185,11 +185,13 @@ async fn check_data(state: &AppState, spec: &JobSpec) -> Result<(), ApiError> {
                 "model.arch",
                 if wants_text {
                     format!(
-                        "dataset {id} is {} data: a transformer needs a text dataset",
+                        "dataset {id} is {} data: a language model (a transformer, or a layer list with a context) needs a text dataset",
                         dataset.format
                     )
                 } else {
-                    format!("dataset {id} is a text corpus: use arch \"transformer\"")
+                    format!(
+                        "dataset {id} is a text corpus: use arch \"transformer\", or a layer list starting with an embedding and a model.context"
+                    )
                 },
             ));
         }

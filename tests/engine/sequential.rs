@@ -218,3 +218,38 @@ fn the_native_backend_refuses_cuda() {
         .unwrap_err();
     assert_eq!(error.field, "backend");
 }
+
+/// A character language model as a layer list: text data, `model.context`, an embedding
+/// first. Without the context the spec is refused naming it.
+#[test]
+fn a_layer_list_language_model_trains_on_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    let text = "the quick brown fox jumps over the lazy dog. ".repeat(80);
+    std::fs::write(&corpus, text).unwrap();
+    let spec = |context: &str| {
+        format!(
+            r#"{{"kind": "range_test", "data": {{"path": {path:?}}},
+                "model": {{"arch": "sequential", {context} "layers": [
+                    {{"type": "embedding", "dim": 16}}, {{"type": "layer_norm"}},
+                    {{"type": "residual", "layers": [
+                        {{"type": "linear", "out": 16}}, {{"type": "gelu"}}]}},
+                    {{"type": "linear", "out": 28}}]}},
+                "batch_size": 16, "range_test": {{"start_lr": 1e-4, "end_lr": 1, "steps": 30}}}}"#,
+            path = corpus.to_str().unwrap()
+        )
+    };
+    let parsed = lrtune::engine::JobSpec::from_json(&spec("")).unwrap();
+    let error = match lrtune::engine::load_local_data(&parsed) {
+        Err(lrtune::engine::EngineError::Spec(error)) => error,
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("text without a context was accepted"),
+    };
+    assert_eq!(error.field, "model.context");
+
+    let (output, _) = run(&spec(r#""context": 12,"#));
+    assert_eq!(output.result.model.backend, "native");
+    let initial = output.result.initial_val_loss.unwrap();
+    assert!(initial.is_finite() && initial > 0.5, "{initial}");
+    assert!(output.curve.len() >= 20);
+}
