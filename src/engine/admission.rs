@@ -338,7 +338,7 @@ fn held_bytes(data: &Dataset) -> u64 {
 mod tests {
     use super::*;
     use crate::engine::model::Model;
-    use crate::engine::prepare::{load_local_data, prepare};
+    use crate::engine::prepare::{load_local_data, prepare, LoadedData};
     use crate::engine::rng::Rng;
     use crate::engine::train::{BatchOrder, DeviceData};
 
@@ -408,35 +408,45 @@ mod tests {
                 .unwrap(),
                 None => load_local_data(&spec).unwrap(),
             };
-            let prepared = prepare(&spec, loaded).unwrap();
-            let shape = DataShape::of_splits(&prepared.train, &prepared.validation);
-            let cost = admit(&spec, &shape, &Limits::default()).unwrap();
-            let device = candle_core::Device::Cpu;
-            let model = Model::build(&spec.model, &shape.model_shape(), 0, &device).unwrap();
-            assert_eq!(cost.parameters, model.parameter_count() as u64, "{text}");
-
-            // A step at the planned size: the larger of the batch and an evaluation chunk.
-            let rows = step_rows(&spec, &shape);
-            let train = DeviceData::new(&prepared.train, &device).unwrap();
-            let mut optimizer = crate::engine::optim::Optimizer::new(&spec.optimizer, model.vars());
-            let batch: Vec<usize> = BatchOrder::new(train.rows, rows, 0).next_batch().to_vec();
-            crate::engine::train::train_step(
-                &model,
-                &mut optimizer,
-                &train,
-                &batch,
-                0.01,
-                0.9,
-                &mut Rng::new(1),
-            )
-            .unwrap();
-            let allocated = native::workspace_slot(&mut model.backend_state())
-                .as_ref()
-                .expect("the step built its buffers")
-                .allocated_buffer_bytes() as u64;
-            let planned = native::planned_buffer_bytes(&spec.model, &shape.model_shape(), rows);
+            let (parameters, planned, allocated) = planned_and_allocated(&spec, loaded);
+            assert_eq!(parameters.0, parameters.1, "{text}");
             assert_eq!(planned, allocated, "{text}");
         }
+    }
+
+    /// For a spec and its data: the parameters admission counts and the model has, and the
+    /// step buffers admission plans and the native step allocates, for a step at the planned
+    /// size (the larger of the batch and an evaluation chunk).
+    fn planned_and_allocated(spec: &JobSpec, loaded: LoadedData) -> ((u64, u64), u64, u64) {
+        let prepared = prepare(spec, loaded).unwrap();
+        let shape = DataShape::of_splits(&prepared.train, &prepared.validation);
+        let cost = admit(spec, &shape, &Limits::default()).unwrap();
+        let device = candle_core::Device::Cpu;
+        let model = Model::build(&spec.model, &shape.model_shape(), 0, &device).unwrap();
+        let rows = step_rows(spec, &shape);
+        let train = DeviceData::new(&prepared.train, &device).unwrap();
+        let mut optimizer = crate::engine::optim::Optimizer::new(&spec.optimizer, model.vars());
+        let batch: Vec<usize> = BatchOrder::new(train.rows, rows, 0).next_batch().to_vec();
+        crate::engine::train::train_step(
+            &model,
+            &mut optimizer,
+            &train,
+            &batch,
+            0.01,
+            0.9,
+            &mut Rng::new(1),
+        )
+        .unwrap();
+        let allocated = native::workspace_slot(&mut model.backend_state())
+            .as_ref()
+            .expect("the step built its buffers")
+            .allocated_buffer_bytes() as u64;
+        let planned = native::planned_buffer_bytes(&spec.model, &shape.model_shape(), rows);
+        (
+            (cost.parameters, model.parameter_count() as u64),
+            planned,
+            allocated,
+        )
     }
 
     /// A layer list's planned step memory covers what its native step allocates, without
@@ -455,29 +465,9 @@ mod tests {
                 {"type": "linear", "out": 3}]}}"#,
         ] {
             let spec = spec(text);
-            let prepared = prepare(&spec, load_local_data(&spec).unwrap()).unwrap();
-            let shape = DataShape::of_splits(&prepared.train, &prepared.validation);
-            let device = candle_core::Device::Cpu;
-            let model = Model::build(&spec.model, &shape.model_shape(), 0, &device).unwrap();
-            let rows = step_rows(&spec, &shape);
-            let train = DeviceData::new(&prepared.train, &device).unwrap();
-            let mut optimizer = crate::engine::optim::Optimizer::new(&spec.optimizer, model.vars());
-            let batch: Vec<usize> = BatchOrder::new(train.rows, rows, 0).next_batch().to_vec();
-            crate::engine::train::train_step(
-                &model,
-                &mut optimizer,
-                &train,
-                &batch,
-                0.01,
-                0.9,
-                &mut Rng::new(1),
-            )
-            .unwrap();
-            let allocated = native::workspace_slot(&mut model.backend_state())
-                .as_ref()
-                .expect("the step built its buffers")
-                .allocated_buffer_bytes() as u64;
-            let planned = native::planned_buffer_bytes(&spec.model, &shape.model_shape(), rows);
+            let (parameters, planned, allocated) =
+                planned_and_allocated(&spec, load_local_data(&spec).unwrap());
+            assert_eq!(parameters.0, parameters.1, "{text}");
             assert!(
                 planned >= allocated && planned <= 2 * allocated,
                 "{text}: planned {planned}, allocated {allocated}"

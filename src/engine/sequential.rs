@@ -988,11 +988,14 @@ impl Plan {
     }
 }
 
+/// PyTorch's golden layer-list networks (`tests/golden/make_sequential.py`), for the tests of
+/// both backends.
 #[cfg(test)]
-mod tests {
+pub(crate) mod golden {
     use serde::Deserialize;
 
     use super::*;
+    use crate::engine::batch::DeviceData;
     use crate::engine::model::{Model, ModelShape};
     use crate::engine::spec::ModelSpec;
 
@@ -1004,24 +1007,36 @@ mod tests {
     }
 
     #[derive(Deserialize)]
-    struct Case {
-        name: String,
-        input_shape: Vec<usize>,
-        task: String,
-        outputs: usize,
-        layers: Vec<LayerSpec>,
-        weights: String,
-        x: Vec<f64>,
-        y: Vec<f64>,
-        eval_loss: f64,
-        train_loss: f64,
-        grads: HashMap<String, Vec<f64>>,
-        running_after: HashMap<String, Vec<f64>>,
-        param_order: Vec<String>,
+    pub(crate) struct Case {
+        pub(crate) name: String,
+        pub(crate) input_shape: Vec<usize>,
+        pub(crate) task: String,
+        pub(crate) outputs: usize,
+        pub(crate) layers: Vec<LayerSpec>,
+        pub(crate) weights: String,
+        pub(crate) x: Vec<f64>,
+        pub(crate) y: Vec<f64>,
+        pub(crate) eval_loss: f64,
+        pub(crate) train_loss: f64,
+        pub(crate) grads: HashMap<String, Vec<f64>>,
+        pub(crate) running_after: HashMap<String, Vec<f64>>,
+        pub(crate) param_order: Vec<String>,
     }
 
     impl Case {
-        fn task(&self) -> Task {
+        /// The batch as a split the native step reads.
+        pub(crate) fn device_data(&self) -> DeviceData {
+            let (x, y) = self.batch();
+            let rows = x.dim(0).unwrap();
+            DeviceData {
+                x,
+                y,
+                rows,
+                task: self.task(),
+            }
+        }
+
+        pub(crate) fn task(&self) -> Task {
             match self.task.as_str() {
                 "classification" => Task::Classification,
                 "regression" => Task::Regression,
@@ -1029,7 +1044,7 @@ mod tests {
             }
         }
 
-        fn model(&self) -> Model {
+        pub(crate) fn model(&self) -> Model {
             let spec = ModelSpec::Sequential {
                 layers: self.layers.clone(),
                 context: None,
@@ -1042,7 +1057,7 @@ mod tests {
             Model::build(&spec, &shape, 0, &Device::Cpu).unwrap()
         }
 
-        fn weights(&self) -> HashMap<String, Tensor> {
+        pub(crate) fn weights(&self) -> HashMap<String, Tensor> {
             let path = format!(
                 "{}/tests/golden/sequential/{}",
                 env!("CARGO_MANIFEST_DIR"),
@@ -1053,7 +1068,7 @@ mod tests {
 
         /// The batch as the data pipeline hands it over: f32 samples or u32 token ids, u32
         /// labels or f32 targets.
-        fn batch(&self) -> (Tensor, Tensor) {
+        pub(crate) fn batch(&self) -> (Tensor, Tensor) {
             let rows = match self.task() {
                 Task::LanguageModel => self.x.len() / self.input_shape[0],
                 _ => self.x.len() / self.input_shape.iter().product::<usize>(),
@@ -1090,13 +1105,13 @@ mod tests {
         }
     }
 
-    fn golden() -> Vec<Case> {
+    pub(crate) fn cases() -> Vec<Case> {
         let golden: Golden = serde_json::from_str(GOLDEN).unwrap();
         assert_eq!(golden.cases.len(), 5);
         golden.cases
     }
 
-    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+    pub(crate) fn assert_close(got: &[f32], want: &[f64], what: &str) {
         assert_eq!(got.len(), want.len(), "{what}: length");
         // Relative to the largest value; a gradient that is zero in exact arithmetic (a bias
         // before batch norm) is float noise on both sides, held to 1e-6 absolute.
@@ -1108,6 +1123,13 @@ mod tests {
             );
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::golden::{assert_close, cases as golden};
+    use super::*;
+    use crate::engine::model::Model;
 
     fn values(tensor: &Tensor) -> Vec<f32> {
         tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap()

@@ -1358,125 +1358,23 @@ pub(super) fn forward_backward(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use candle_core::Device;
-    use serde::Deserialize;
 
     use super::*;
     use crate::engine::model::ModelShape;
     use crate::engine::native::tests::{assert_evaluation_matches_candle, assert_matches_autograd};
     use crate::engine::native::{evaluate, forward_backward};
-    use crate::engine::sequential::{read_safetensors, LayerSpec};
+    use crate::engine::sequential::golden;
     use crate::engine::spec::ModelSpec;
-
-    #[derive(Deserialize)]
-    struct Golden {
-        cases: Vec<Case>,
-    }
-
-    #[derive(Deserialize)]
-    struct Case {
-        name: String,
-        input_shape: Vec<usize>,
-        task: String,
-        outputs: usize,
-        layers: Vec<LayerSpec>,
-        weights: String,
-        x: Vec<f64>,
-        y: Vec<f64>,
-        eval_loss: f64,
-        train_loss: f64,
-        grads: HashMap<String, Vec<f64>>,
-        running_after: HashMap<String, Vec<f64>>,
-        param_order: Vec<String>,
-    }
-
-    fn task_of(name: &str) -> Task {
-        match name {
-            "classification" => Task::Classification,
-            "regression" => Task::Regression,
-            _ => Task::LanguageModel,
-        }
-    }
-
-    fn data(case: &Case) -> DeviceData {
-        let task = task_of(&case.task);
-        let per_row: usize = case.input_shape.iter().product();
-        let rows = case.x.len() / per_row;
-        let mut x_shape = vec![rows];
-        x_shape.extend(&case.input_shape);
-        let device = Device::Cpu;
-        let x = match task {
-            Task::LanguageModel => {
-                Tensor::from_vec(case.x.iter().map(|&v| v as u32).collect(), x_shape, &device)
-            }
-            _ => Tensor::from_vec(case.x.iter().map(|&v| v as f32).collect(), x_shape, &device),
-        }
-        .unwrap();
-        let y = match task {
-            Task::Regression => Tensor::from_vec(
-                case.y.iter().map(|&v| v as f32).collect(),
-                (rows, case.outputs),
-                &device,
-            ),
-            Task::Classification => {
-                Tensor::from_vec(case.y.iter().map(|&v| v as u32).collect(), rows, &device)
-            }
-            Task::LanguageModel => Tensor::from_vec(
-                case.y.iter().map(|&v| v as u32).collect(),
-                (rows, per_row),
-                &device,
-            ),
-        }
-        .unwrap();
-        DeviceData { x, y, rows, task }
-    }
-
-    fn model(case: &Case, weights: bool) -> Model {
-        let spec = ModelSpec::Sequential {
-            layers: case.layers.clone(),
-            context: None,
-        };
-        let shape = ModelShape {
-            input: case.input_shape.clone(),
-            output: case.outputs,
-            task: task_of(&case.task),
-        };
-        let model = Model::build(&spec, &shape, 0, &Device::Cpu).unwrap();
-        if weights {
-            let path = format!(
-                "{}/tests/golden/sequential/{}",
-                env!("CARGO_MANIFEST_DIR"),
-                case.weights
-            );
-            model
-                .load_state_dict(&read_safetensors(&std::fs::read(path).unwrap()).unwrap())
-                .unwrap();
-        }
-        model
-    }
-
-    fn assert_close(got: &[f32], want: &[f64], what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}: length");
-        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-2);
-        for (index, (&got, &want)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (f64::from(got) - want).abs() <= 1e-4 * scale,
-                "{what}[{index}]: {got} vs PyTorch's {want}"
-            );
-        }
-    }
 
     /// The native step on PyTorch's five golden networks: the eval-mode loss of the saved
     /// weights, then the training loss, every gradient and batch norm's running statistics.
     #[test]
     fn the_native_step_matches_pytorch_on_the_golden_networks() {
-        let golden: Golden =
-            serde_json::from_str(include_str!("../../../tests/golden/sequential.json")).unwrap();
-        for case in &golden.cases {
-            let model = model(case, true);
-            let data = data(case);
+        for case in golden::cases() {
+            let model = case.model();
+            model.load_state_dict(&case.weights()).unwrap();
+            let data = case.device_data();
             let rows: Vec<usize> = (0..data.rows).collect();
             let mut workspace = None;
             let (eval_loss, _) = evaluate(&model, &mut workspace, &data, data.rows).unwrap();
@@ -1497,7 +1395,7 @@ mod tests {
             let grads = &workspace.as_ref().unwrap().grads;
             assert_eq!(grads.len(), case.param_order.len(), "{}", case.name);
             for (name, grad) in case.param_order.iter().zip(grads) {
-                assert_close(
+                golden::assert_close(
                     grad,
                     &case.grads[name],
                     &format!("{} grad {name}", case.name),
@@ -1506,11 +1404,15 @@ mod tests {
             let Layers::Sequential(sequential) = model.layers() else {
                 unreachable!()
             };
-            let names: Vec<&String> = case.running_after.keys().collect();
-            assert_eq!(names.len(), sequential.buffers().count(), "{}", case.name);
+            assert_eq!(
+                case.running_after.len(),
+                sequential.buffers().count(),
+                "{}",
+                case.name
+            );
             for (name, var) in sequential.buffer_names().zip(sequential.buffers()) {
                 let values = var.as_tensor().to_vec1::<f32>().unwrap();
-                assert_close(
+                golden::assert_close(
                     &values,
                     &case.running_after[name],
                     &format!("{} {name}", case.name),
