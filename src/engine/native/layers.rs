@@ -57,6 +57,16 @@ impl Conv {
     fn depth(&self) -> usize {
         self.channels * self.kernel * self.kernel
     }
+
+    /// The (c, ky, kx) of the patch value at `tap`.
+    fn tap(&self, tap: usize) -> (usize, usize, usize) {
+        let area = self.kernel * self.kernel;
+        (
+            tap / area,
+            tap / self.kernel % self.kernel,
+            tap % self.kernel,
+        )
+    }
 }
 
 /// A pooling window's sizes on `[channels, height, width]`.
@@ -1049,11 +1059,7 @@ simd_kernel! {
     /// every image, zero where the window overhangs the padding. With stride 1 each output row
     /// is a copy of an input row segment.
     fn im2col_tap(x: &[f32], conv: Conv, tap: usize, row: &mut [f32]) {
-        let (c, ky, kx) = (
-            tap / (conv.kernel * conv.kernel),
-            tap / conv.kernel % conv.kernel,
-            tap % conv.kernel,
-        );
+        let (c, ky, kx) = conv.tap(tap);
         let (first, last) = inside_columns(kx, &conv);
         let image_len = conv.channels * conv.height * conv.width;
         for (image, out) in row.chunks_exact_mut(conv.pixels()).enumerate() {
@@ -1089,11 +1095,7 @@ simd_kernel! {
     fn col2im(columns: &[f32], conv: Conv, image: usize, batch_pixels: usize, grad: &mut [f32]) {
         grad.fill(0.0);
         for (tap, row) in columns.chunks_exact(batch_pixels).enumerate() {
-            let (c, ky, kx) = (
-                tap / (conv.kernel * conv.kernel),
-                tap / conv.kernel % conv.kernel,
-                tap % conv.kernel,
-            );
+            let (c, ky, kx) = conv.tap(tap);
             let (first, last) = inside_columns(kx, &conv);
             if first == last {
                 continue;
