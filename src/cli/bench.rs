@@ -308,8 +308,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
             let timing = time_case(case, args.warmup, args.steps)?;
             ours[index] = ours[index].min(timing.median_ms);
             parameters[index] = timing.parameters;
-            if let (Some(data), true) = (&job_data, job_cases(case)) {
-                let job = time_range_job(case, data)?;
+            if job_cases(case) {
+                let job = time_range_job(case)?;
                 ours_job[index] = ours_job[index].min(job.ms_per_step);
                 job_steps[index] = job.steps;
             }
@@ -491,7 +491,7 @@ struct JobTiming {
 /// A range test of the case's model and optimizer on mnist10k, run as a job through
 /// `engine::run_job` with an observer that keeps every event (as a worker's does): the time
 /// from its first curve point to its last, per step.
-fn time_range_job(case: &Case, _data: &JobData) -> anyhow::Result<JobTiming> {
+fn time_range_job(case: &Case) -> anyhow::Result<JobTiming> {
     let spec = serde_json::json!({
         "kind": "range_test",
         "data": {"builtin": "mnist10k"},
