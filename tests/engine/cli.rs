@@ -1,6 +1,7 @@
 use std::process::Command;
 
-fn lrtune(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+/// Runs the binary with `args`, writing `stdin` to it: (exit code, stdout, stderr).
+pub(crate) fn lrtune(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_lrtune"))
         .args(args)

@@ -2,9 +2,6 @@
 //! validation loss as `initial_val_loss`, a layer list trains on real data, and a list that
 //! does not fit the data is refused before any work with the layer named.
 
-use std::io::Write;
-use std::process::Command;
-
 use serde_json::Value;
 
 use crate::run;
@@ -124,22 +121,8 @@ fn check_refuses_a_layer_list_that_does_not_fit_the_data() {
         "model": {"arch": "sequential", "layers": [
             {"type": "linear", "out": 8}, {"type": "max_pool2d", "size": 2},
             {"type": "linear", "out": 3}]}}"#;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lrtune"))
-        .args(["check", "--lr", "0.01", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(spec.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let (code, _, stderr) = crate::cli::lrtune(&["check", "--lr", "0.01", "-"], Some(spec));
+    assert_eq!(code, 2, "{stderr}");
     assert!(
         stderr.contains("model.layers[1]")
             && stderr.contains("max_pool2d needs [channels, height, width], but its input is [8]"),
