@@ -6,7 +6,8 @@ use rayon::prelude::*;
 
 use super::{
     activate, activation_backward, classification_loss_and_hits, column_sums, cross_entropy,
-    dense_backward, dense_forward, matmul, mean_squared_error, HostValues, Operand,
+    dense_backward, dense_forward, matmul, mean_squared_error, squared_error_sum, HostValues,
+    Operand,
 };
 use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
@@ -578,15 +579,10 @@ pub(super) fn evaluate_batch(
         Task::Classification => {
             classification_loss_and_hits(outputs, &buffers.labels[..len], width)
         }
-        Task::Regression => {
-            // Each row's mean squared error, summed.
-            let squared: f64 = outputs
-                .iter()
-                .zip(&buffers.targets[..len * width])
-                .map(|(o, t)| f64::from((o - t) * (o - t)))
-                .sum();
-            (squared / width as f64, 0)
-        }
+        Task::Regression => (
+            squared_error_sum(outputs, &buffers.targets[..len * width], width),
+            0,
+        ),
         Task::LanguageModel => candle_core::bail!("native step: language models are transformers"),
     })
 }

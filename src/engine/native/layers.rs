@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::transformer::{norm_forward_rows, norm_input_grads, norm_parameter_grads};
 use super::{
     classification_loss_and_hits, cross_entropy, dense_backward, dense_forward, matmul,
-    mean_squared_error, HostValues, Operand,
+    mean_squared_error, sequence_loss_and_hits, squared_error_sum, HostValues, Operand,
 };
 use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
@@ -1298,23 +1298,18 @@ pub(super) fn evaluate_batch(
         Task::Classification => {
             classification_loss_and_hits(outputs, &buffers.labels[..len], buffers.classes)
         }
-        Task::LanguageModel => {
-            let per = buffers.per_sample;
-            let (loss, hits) = classification_loss_and_hits(
-                outputs,
-                &buffers.labels[..len * per],
-                buffers.classes,
-            );
-            (loss / per as f64, hits)
-        }
+        Task::LanguageModel => sequence_loss_and_hits(
+            outputs,
+            &buffers.labels[..len * buffers.per_sample],
+            buffers.classes,
+            buffers.per_sample,
+        ),
         Task::Regression => {
             let width = buffers.classes;
-            let squared: f64 = outputs
-                .iter()
-                .zip(&buffers.targets[..len * width])
-                .map(|(o, t)| f64::from((o - t) * (o - t)))
-                .sum();
-            (squared / width as f64, 0)
+            (
+                squared_error_sum(outputs, &buffers.targets[..len * width], width),
+                0,
+            )
         }
     })
 }

@@ -407,6 +407,28 @@ simd_kernel! {
     }
 }
 
+/// Next-token cross-entropy summed over sequences of `time` tokens (each sequence's loss the
+/// mean over its tokens), and how many tokens are predicted right.
+pub(super) fn sequence_loss_and_hits(
+    logits: &[f32],
+    targets: &[u32],
+    vocab: usize,
+    time: usize,
+) -> (f64, usize) {
+    let (loss, hits) = classification_loss_and_hits(logits, targets, vocab);
+    (loss / time as f64, hits)
+}
+
+/// Each row's mean squared error over its `width` outputs, summed over the rows.
+pub(super) fn squared_error_sum(outputs: &[f32], targets: &[f32], width: usize) -> f64 {
+    let squared: f64 = outputs
+        .iter()
+        .zip(targets)
+        .map(|(o, t)| f64::from((o - t) * (o - t)))
+        .sum();
+    squared / width as f64
+}
+
 simd_kernel! {
     /// Mean squared error over every output; leaves d(loss)/d(output) in `grad`.
     pub(super) fn mean_squared_error(output: &[f32], targets: &[f32], grad: &mut [f32]) -> f64 {

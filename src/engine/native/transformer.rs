@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use super::{
-    classification_loss_and_hits, cross_entropy, dense_backward, dense_forward, gemm_into, matmul,
+    cross_entropy, dense_backward, dense_forward, gemm_into, matmul, sequence_loss_and_hits,
     HostValues, Operand,
 };
 use crate::engine::batch::DeviceData;
@@ -626,12 +626,12 @@ pub(super) fn evaluate_batch(
     let time = buffers.time;
     forward(buffers, params, rows.len() * time);
     let tokens = len * time;
-    let (loss, hits) = classification_loss_and_hits(
+    Ok(sequence_loss_and_hits(
         &buffers.logits[..tokens * buffers.vocab],
         &buffers.targets[..tokens],
         buffers.vocab,
-    );
-    Ok((loss / time as f64, hits))
+        time,
+    ))
 }
 
 /// Forward and backward pass of the transformer on the batch `rows`; see
