@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
 use super::data::Task;
-use super::ops;
+use super::model::{apply_dropout, layer_norm, linear, normal_var, uniform_var};
 use super::rng::Rng;
 use super::spec::{InitSpec, SpecError, WeightsSource};
 
@@ -691,22 +691,6 @@ pub fn read_safetensors(bytes: &[u8]) -> Result<HashMap<String, Tensor>, SpecErr
     })
 }
 
-fn uniform(
-    shape: &[usize],
-    bound: f64,
-    rng: &mut Rng,
-    device: &Device,
-) -> candle_core::Result<Var> {
-    let values: Vec<f32> = (0..shape.iter().product())
-        .map(|_| rng.uniform(-bound, bound) as f32)
-        .collect();
-    Var::from_tensor(&Tensor::from_vec(values, shape, device)?)
-}
-
-fn filled(size: usize, value: f32, device: &Device) -> candle_core::Result<Var> {
-    Var::from_tensor(&Tensor::from_vec(vec![value; size], size, device)?)
-}
-
 fn build_list(
     planned: &[Planned],
     prefix: &str,
@@ -727,8 +711,11 @@ fn build_list(
                 // nn.Linear: weight and bias U(-1/sqrt(in), 1/sqrt(in)).
                 let bound = 1.0 / (*inputs as f64).sqrt();
                 Module::Linear {
-                    weight: parameter("weight", uniform(&[*outputs, *inputs], bound, rng, device)?),
-                    bias: parameter("bias", uniform(&[*outputs], bound, rng, device)?),
+                    weight: parameter(
+                        "weight",
+                        uniform_var(&[*outputs, *inputs], bound, rng, device)?,
+                    ),
+                    bias: parameter("bias", uniform_var(&[*outputs], bound, rng, device)?),
                 }
             }
             Planned::Conv2d {
@@ -743,8 +730,8 @@ fn build_list(
                 let bound = 1.0 / ((inputs * kernel * kernel) as f64).sqrt();
                 let shape = [*outputs, *inputs, *kernel, *kernel];
                 Module::Conv2d {
-                    weight: parameter("weight", uniform(&shape, bound, rng, device)?),
-                    bias: parameter("bias", uniform(&[*outputs], bound, rng, device)?),
+                    weight: parameter("weight", uniform_var(&shape, bound, rng, device)?),
+                    bias: parameter("bias", uniform_var(&[*outputs], bound, rng, device)?),
                     stride: *stride,
                     padding: *padding,
                 }
@@ -753,10 +740,10 @@ fn build_list(
             Planned::AvgPool2d { size } => Module::AvgPool2d(*size),
             Planned::AdaptiveAvgPool2d => Module::AdaptiveAvgPool2d,
             Planned::BatchNorm { features, spatial } => {
-                let weight = parameter("weight", filled(*features, 1.0, device)?);
-                let bias = parameter("bias", filled(*features, 0.0, device)?);
-                let running_mean = filled(*features, 0.0, device)?;
-                let running_var = filled(*features, 1.0, device)?;
+                let weight = parameter("weight", Var::ones(*features, DType::F32, device)?);
+                let bias = parameter("bias", Var::zeros(*features, DType::F32, device)?);
+                let running_mean = Var::zeros(*features, DType::F32, device)?;
+                let running_var = Var::ones(*features, DType::F32, device)?;
                 buffers.push((name("running_mean"), running_mean.clone()));
                 buffers.push((name("running_var"), running_var.clone()));
                 Module::BatchNorm {
@@ -768,15 +755,14 @@ fn build_list(
                 }
             }
             Planned::LayerNorm { size } => Module::LayerNorm {
-                weight: parameter("weight", filled(*size, 1.0, device)?),
-                bias: parameter("bias", filled(*size, 0.0, device)?),
+                weight: parameter("weight", Var::ones(*size, DType::F32, device)?),
+                bias: parameter("bias", Var::zeros(*size, DType::F32, device)?),
             },
             Planned::Dropout { p } => Module::Dropout(*p),
             Planned::Flatten => Module::Flatten,
             Planned::Embedding { vocab, dim } => {
                 // nn.Embedding: N(0, 1).
-                let values: Vec<f32> = (0..vocab * dim).map(|_| rng.normal() as f32).collect();
-                let var = Var::from_tensor(&Tensor::from_vec(values, (*vocab, *dim), device)?)?;
+                let var = normal_var(&[*vocab, *dim], 1.0, rng, device)?;
                 Module::Embedding(parameter("weight", var))
             }
             Planned::Relu => Module::Relu,
@@ -839,11 +825,9 @@ fn forward_layer(
             *spatial,
             train.is_some(),
         ),
-        Module::LayerNorm { weight, bias } => ops::normalize_last_dim(x)?
-            .broadcast_mul(weight.as_tensor())?
-            .broadcast_add(bias.as_tensor()),
+        Module::LayerNorm { weight, bias } => layer_norm(x, weight, bias),
         Module::Dropout(p) => match train.as_deref_mut() {
-            Some(rng) if *p > 0.0 => dropout(x, *p, rng),
+            Some(rng) if *p > 0.0 => apply_dropout(x, *p, rng),
             _ => Ok(x.clone()),
         },
         Module::Flatten => x.flatten_from(1),
@@ -886,20 +870,6 @@ fn even_remainders(
         std::cmp::Ordering::Greater => x.pad_with_zeros(3, 0, r_h - r_w),
         std::cmp::Ordering::Equal => Ok(x.clone()),
     }
-}
-
-/// `x W^T + b` on the last dimension of a tensor of any rank.
-fn linear(x: &Tensor, weight: &Var, bias: &Var) -> candle_core::Result<Tensor> {
-    let weight_t = weight.as_tensor().t()?;
-    let dims = x.dims();
-    let (leading, inputs) = dims.split_at(dims.len() - 1);
-    let rows: usize = leading.iter().product();
-    let mut out_shape = leading.to_vec();
-    out_shape.push(weight_t.dim(1)?);
-    x.reshape((rows, inputs[0]))?
-        .matmul(&weight_t)?
-        .broadcast_add(bias.as_tensor())?
-        .reshape(out_shape)
 }
 
 /// The non-overlapping `size x size` windows of `[n, c, h, w]` as `[n, c, h/size, w/size,
@@ -969,16 +939,6 @@ fn batch_norm(
     x.broadcast_sub(&shaped(&mean)?)?
         .broadcast_mul(&shaped(&(inverse_std * weight.as_tensor())?)?)?
         .broadcast_add(&shaped(bias.as_tensor())?)
-}
-
-/// Inverted dropout with a mask from the engine's seeded generator.
-fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> candle_core::Result<Tensor> {
-    let keep = 1.0 - p;
-    let scale = (1.0 / keep) as f32;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.next_f64() < keep { scale } else { 0.0 })
-        .collect();
-    x * Tensor::from_vec(mask, x.shape(), x.device())?
 }
 
 impl Plan {
