@@ -95,14 +95,7 @@ pub fn run_compare_spec(spec: &JobSpec, quiet: bool) -> anyhow::Result<CompareRe
     let loaded = engine::load_local_data(spec).map_err(engine_error)?;
     let cancel = AtomicBool::new(false);
     let bar = progress_bar(quiet);
-    let mut observer = |event: Event| match event {
-        Event::Stage(stage) => bar.set_message(stage),
-        Event::Progress { done, total } => {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        }
-        Event::Point(_) | Event::SweepRun(_) | Event::RacePoint(_) => {}
-    };
+    let mut observer = |event: Event| show_progress(&bar, event);
     let result = run_compare(spec, loaded, &limits, &cancel, &mut observer).map_err(engine_error);
     bar.finish_and_clear();
     result.context("running the race")
@@ -115,14 +108,7 @@ pub fn run_spec(spec: &JobSpec, quiet: bool) -> anyhow::Result<JobOutput> {
     let loaded = engine::load_local_data(spec).map_err(engine_error)?;
     let cancel = Arc::new(AtomicBool::new(false));
     let bar = progress_bar(quiet);
-    let mut observer = |event: Event| match event {
-        Event::Stage(stage) => bar.set_message(stage),
-        Event::Progress { done, total } => {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        }
-        Event::Point(_) | Event::SweepRun(_) | Event::RacePoint(_) => {}
-    };
+    let mut observer = |event: Event| show_progress(&bar, event);
     let output =
         engine::run_job(spec, loaded, &limits, &cancel, &mut observer).map_err(engine_error);
     bar.finish_and_clear();
@@ -133,6 +119,18 @@ fn engine_error(error: engine::EngineError) -> anyhow::Error {
     match error {
         engine::EngineError::Spec(spec) => anyhow::anyhow!("invalid spec: {spec}"),
         other => anyhow::anyhow!(other),
+    }
+}
+
+/// A job's stage and step count on the progress bar.
+fn show_progress(bar: &ProgressBar, event: Event) {
+    match event {
+        Event::Stage(stage) => bar.set_message(stage),
+        Event::Progress { done, total } => {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+        Event::Point(_) | Event::SweepRun(_) | Event::RacePoint(_) => {}
     }
 }
 
