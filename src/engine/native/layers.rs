@@ -23,6 +23,9 @@ use crate::engine::rng::Rng;
 use crate::engine::sequential::{GeluApproximation, Module, BATCH_NORM_MOMENTUM, NORM_EPS};
 use crate::engine::simd::simd_kernel;
 
+/// Values per parallel task of the element-wise passes.
+const ELEMENTS_PER_TASK: usize = 1 << 14;
+
 #[derive(Debug, Clone, Copy)]
 enum Act {
     Relu,
@@ -557,27 +560,29 @@ fn forward_node(
                 Operand::plain(params[*weight], conv.depth()),
                 Operand::plain(columns, batch_pixels),
             );
-            channels_to_samples(rows, params[*weight + 1], conv.pixels(), out);
+            let (bias, pixels) = (params[*weight + 1], conv.pixels());
+            out.par_chunks_exact_mut(conv.outputs * pixels)
+                .enumerate()
+                .for_each(|(image, sample)| channels_to_samples(rows, bias, image, pixels, sample));
         }
         Kind::MaxPool2d { pool, winner } => {
             let x = input.values();
             let per_in = pool.channels * pool.height * pool.width;
             let per_out = pool.channels * pool.out_h() * pool.out_w();
-            for ((x, out), winner) in x
-                .chunks_exact(per_in)
-                .zip(out.chunks_exact_mut(per_out))
-                .zip(winner.chunks_exact_mut(per_out))
-            {
-                max_pool(x, *pool, out, winner);
-            }
+            let pool = *pool;
+            x.par_chunks_exact(per_in)
+                .zip(out.par_chunks_exact_mut(per_out))
+                .zip(winner.par_chunks_exact_mut(per_out))
+                .for_each(|((x, out), winner)| max_pool(x, pool, out, winner));
         }
         Kind::AvgPool2d(pool) => {
             let x = input.values();
             let per_in = pool.channels * pool.height * pool.width;
             let per_out = pool.channels * pool.out_h() * pool.out_w();
-            for (x, out) in x.chunks_exact(per_in).zip(out.chunks_exact_mut(per_out)) {
-                avg_pool(x, *pool, out);
-            }
+            let pool = *pool;
+            x.par_chunks_exact(per_in)
+                .zip(out.par_chunks_exact_mut(per_out))
+                .for_each(|(x, out)| avg_pool(x, pool, out));
         }
         Kind::AdaptiveAvgPool2d(plane) => {
             let x = input.values();
@@ -661,7 +666,14 @@ fn forward_node(
                 row.copy_from_slice(&table[id as usize * *dim..][..*dim]);
             }
         }
-        Kind::Activation(act) => activation_forward(*act, input.values(), out),
+        Kind::Activation(act) => {
+            let act = *act;
+            input
+                .values()
+                .par_chunks(ELEMENTS_PER_TASK)
+                .zip(out.par_chunks_mut(ELEMENTS_PER_TASK))
+                .for_each(|(x, out)| activation_forward(act, x, out));
+        }
         Kind::Residual { chain, .. } => {
             let x = input.values();
             forward_chain(chain, Input::Values(x), n, params, train)?;
@@ -728,7 +740,10 @@ fn backward_node(
         } => {
             let conv = *conv;
             let batch_pixels = rows.len() / conv.outputs;
-            samples_to_channels(grad_out, conv.pixels(), conv.outputs, rows);
+            let pixels = conv.pixels();
+            rows.par_chunks_exact_mut(batch_pixels)
+                .enumerate()
+                .for_each(|(o, row)| samples_to_channels(grad_out, pixels, o, row));
             let (weight_grad, bias_grad) = grads[*weight..].split_at_mut(1);
             for (sum, row) in bias_grad[0].iter_mut().zip(rows.chunks_exact(batch_pixels)) {
                 *sum = row_sum(row);
@@ -759,30 +774,29 @@ fn backward_node(
         }
         Kind::MaxPool2d { pool, winner } => {
             if let Some(grad_in) = grad_in {
-                grad_in.fill(0.0);
                 let per_in = pool.channels * pool.height * pool.width;
                 let per_out = pool.channels * pool.out_h() * pool.out_w();
-                for ((grad_in, grad_out), winner) in grad_in
-                    .chunks_exact_mut(per_in)
-                    .zip(grad_out.chunks_exact(per_out))
-                    .zip(winner.chunks_exact(per_out))
-                {
-                    for (&g, &at) in grad_out.iter().zip(winner) {
-                        grad_in[at as usize] += g;
-                    }
-                }
+                grad_in
+                    .par_chunks_exact_mut(per_in)
+                    .zip(grad_out.par_chunks_exact(per_out))
+                    .zip(winner.par_chunks_exact(per_out))
+                    .for_each(|((grad_in, grad_out), winner)| {
+                        grad_in.fill(0.0);
+                        for (&g, &at) in grad_out.iter().zip(winner) {
+                            grad_in[at as usize] += g;
+                        }
+                    });
             }
         }
         Kind::AvgPool2d(pool) => {
             if let Some(grad_in) = grad_in {
                 let per_in = pool.channels * pool.height * pool.width;
                 let per_out = pool.channels * pool.out_h() * pool.out_w();
-                for (grad_in, grad_out) in grad_in
-                    .chunks_exact_mut(per_in)
-                    .zip(grad_out.chunks_exact(per_out))
-                {
-                    avg_pool_backward(grad_out, *pool, grad_in);
-                }
+                let pool = *pool;
+                grad_in
+                    .par_chunks_exact_mut(per_in)
+                    .zip(grad_out.par_chunks_exact(per_out))
+                    .for_each(|(grad_in, grad_out)| avg_pool_backward(grad_out, pool, grad_in));
             }
         }
         Kind::AdaptiveAvgPool2d(plane) => {
@@ -871,7 +885,16 @@ fn backward_node(
         }
         Kind::Activation(act) => {
             if let Some(grad_in) = grad_in {
-                activation_backward(*act, input.values(), out, grad_out, grad_in);
+                let act = *act;
+                input
+                    .values()
+                    .par_chunks(ELEMENTS_PER_TASK)
+                    .zip(out.par_chunks(ELEMENTS_PER_TASK))
+                    .zip(grad_out.par_chunks(ELEMENTS_PER_TASK))
+                    .zip(grad_in.par_chunks_mut(ELEMENTS_PER_TASK))
+                    .for_each(|(((x, out), grad_out), grad_in)| {
+                        activation_backward(act, x, out, grad_out, grad_in)
+                    });
             }
         }
         Kind::Residual { chain, input_grad } => {
@@ -1123,29 +1146,25 @@ simd_kernel! {
 }
 
 simd_kernel! {
-    /// `[out, n * pixels]` (channel-major over the batch) plus the bias into `[n, out, pixels]`.
-    fn channels_to_samples(rows: &[f32], bias: &[f32], pixels: usize, out: &mut [f32]) {
-        let outputs = bias.len();
-        let batch_pixels = rows.len() / outputs;
-        for (image, sample) in out.chunks_exact_mut(outputs * pixels).enumerate() {
-            for (o, plane) in sample.chunks_exact_mut(pixels).enumerate() {
-                let from = &rows[o * batch_pixels + image * pixels..][..pixels];
-                for (value, &v) in plane.iter_mut().zip(from) {
-                    *value = v + bias[o];
-                }
+    /// Image `image` of `[out, n * pixels]` (channel-major over the batch) plus the bias, as
+    /// its `[out, pixels]` sample.
+    fn channels_to_samples(rows: &[f32], bias: &[f32], image: usize, pixels: usize, sample: &mut [f32]) {
+        let batch_pixels = rows.len() / bias.len();
+        for (o, plane) in sample.chunks_exact_mut(pixels).enumerate() {
+            let from = &rows[o * batch_pixels + image * pixels..][..pixels];
+            for (value, &v) in plane.iter_mut().zip(from) {
+                *value = v + bias[o];
             }
         }
     }
 }
 
 simd_kernel! {
-    /// `[n, out, pixels]` into `[out, n * pixels]`.
-    fn samples_to_channels(samples: &[f32], pixels: usize, outputs: usize, rows: &mut [f32]) {
-        let batch_pixels = rows.len() / outputs;
-        for (image, sample) in samples.chunks_exact(outputs * pixels).enumerate() {
-            for (o, plane) in sample.chunks_exact(pixels).enumerate() {
-                rows[o * batch_pixels + image * pixels..][..pixels].copy_from_slice(plane);
-            }
+    /// Channel `o` of `[n, out, pixels]` as its row `[n * pixels]` of `[out, n * pixels]`.
+    fn samples_to_channels(samples: &[f32], pixels: usize, o: usize, row: &mut [f32]) {
+        let per_sample = samples.len() / (row.len() / pixels).max(1);
+        for (image, to) in row.chunks_exact_mut(pixels).enumerate() {
+            to.copy_from_slice(&samples[image * per_sample + o * pixels..][..pixels]);
         }
     }
 }
