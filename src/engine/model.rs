@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Tensor, Var, D};
 use super::data::Task;
 use super::ops;
 use super::rng::Rng;
-use super::sequential::{self, Sequential};
+use super::sequential::{self, GeluApproximation, LayerSpec, Sequential};
 use super::spec::{Activation, ModelSpec, SpecError};
 
 /// What the model reads and predicts, taken from the training data.
@@ -51,12 +51,6 @@ impl Dense {
     fn vars(&self) -> [&Var; 2] {
         [&self.weight, &self.bias]
     }
-
-    /// (inputs, outputs).
-    pub(crate) fn sizes(&self) -> (usize, usize) {
-        let dims = self.weight.dims();
-        (dims[1], dims[0])
-    }
 }
 
 /// `x W^T + b` on the last dimension: `[rows, inputs]`, or any rank flattened to one matmul.
@@ -81,17 +75,6 @@ pub(crate) fn layer_norm(x: &Tensor, gain: &Var, shift: &Var) -> candle_core::Re
     ops::normalize_last_dim(x)?
         .broadcast_mul(gain.as_tensor())?
         .broadcast_add(shift.as_tensor())
-}
-
-pub(crate) struct Conv {
-    weight: Var,
-    bias: Var,
-}
-
-impl Conv {
-    pub(crate) fn outputs(&self) -> usize {
-        self.weight.dims()[0]
-    }
 }
 
 pub(crate) struct LayerNorm {
@@ -122,17 +105,6 @@ pub(crate) struct Block {
 }
 
 pub(crate) enum Layers {
-    Linear(Dense),
-    Mlp {
-        layers: Vec<Dense>,
-        activation: Activation,
-        dropout: f64,
-    },
-    Cnn {
-        convs: Vec<Conv>,
-        hidden: Dense,
-        head: Dense,
-    },
     Transformer {
         token_embedding: Var,
         position_embedding: Var,
@@ -279,37 +251,6 @@ impl Model {
         dropout_rng: Option<&mut Rng>,
     ) -> candle_core::Result<Tensor> {
         match &self.layers {
-            Layers::Linear(layer) => layer.forward(&x.flatten_from(1)?),
-            Layers::Mlp {
-                layers,
-                activation,
-                dropout,
-            } => {
-                let mut rng = dropout_rng;
-                let mut h = x.flatten_from(1)?;
-                for (index, layer) in layers.iter().enumerate() {
-                    h = layer.forward(&h)?;
-                    if index + 1 < layers.len() {
-                        h = activate(&h, *activation)?;
-                        if let (Some(rng), true) = (rng.as_deref_mut(), *dropout > 0.0) {
-                            h = apply_dropout(&h, *dropout, rng)?;
-                        }
-                    }
-                }
-                Ok(h)
-            }
-            Layers::Cnn {
-                convs,
-                hidden,
-                head,
-            } => {
-                let mut h = x.clone();
-                for conv in convs {
-                    h = ops::max_pool_2x2(&ops::relu(&convolve(&h, conv)?)?)?;
-                }
-                let h = ops::relu(&hidden.forward(&h.flatten_from(1)?)?)?;
-                head.forward(&h)
-            }
             Layers::Transformer {
                 token_embedding,
                 position_embedding,
@@ -399,34 +340,6 @@ fn attention(
         .transpose(1, 2)?
         .reshape((batch, time, d_model))?;
     block.projection.forward(&mixed)
-}
-
-/// A 3x3 convolution, padding 1, plus bias. On the CPU it runs as im2col and one matmul
-/// (see `ops::im2col_3x3`); elsewhere as candle's convolution.
-fn convolve(x: &Tensor, conv: &Conv) -> candle_core::Result<Tensor> {
-    let weight = conv.weight.as_tensor();
-    if !x.device().is_cpu() {
-        return x
-            .conv2d(weight, 1, 1, 1, 1)?
-            .broadcast_add(&conv.bias.as_tensor().reshape((1, (), 1, 1))?);
-    }
-    let (batch, channels, height, width) = x.dims4()?;
-    let outputs = weight.dim(0)?;
-    let columns = ops::im2col_3x3(x)?;
-    let y = columns.matmul(&weight.reshape((outputs, channels * 9))?.t()?)?;
-    ops::add_bias(&y, conv.bias.as_tensor())?
-        .reshape((batch, height, width, outputs))?
-        .permute((0, 3, 1, 2))?
-        .contiguous()
-}
-
-fn activate(x: &Tensor, activation: Activation) -> candle_core::Result<Tensor> {
-    match activation {
-        Activation::Relu => ops::relu(x),
-        Activation::Gelu => ops::gelu(x),
-        Activation::Tanh => x.tanh(),
-        Activation::Silu => x.silu(),
-    }
 }
 
 /// Inverted dropout with a mask from the engine's seeded generator.
@@ -530,49 +443,92 @@ pub fn check_fits(spec: &ModelSpec, shape: &ModelShape) -> Result<(), SpecError>
     Ok(())
 }
 
+/// The layer list a model spec stands for: a preset as its `torch.nn.Sequential`
+/// equivalent (the same layers, initialisation order and `state_dict()` names), a layer list
+/// as given. Call [`check_fits`] first: a preset's own checks give clearer messages than a
+/// shape error in the list it expands to.
+pub fn layer_list(spec: &ModelSpec, shape: &ModelShape) -> Vec<LayerSpec> {
+    let activation = |activation: &Activation| match activation {
+        Activation::Relu => LayerSpec::Relu,
+        // The presets' GELU has always been the tanh form.
+        Activation::Gelu => LayerSpec::Gelu {
+            approximate: GeluApproximation::Tanh,
+        },
+        Activation::Tanh => LayerSpec::Tanh,
+        Activation::Silu => LayerSpec::Silu,
+    };
+    let head = LayerSpec::Linear { out: shape.output };
+    match spec {
+        ModelSpec::Sequential { layers, .. } => layers.clone(),
+        ModelSpec::Linear => vec![LayerSpec::Flatten, head],
+        ModelSpec::Mlp {
+            hidden,
+            activation: act,
+            dropout,
+        } => {
+            let mut layers = vec![LayerSpec::Flatten];
+            for &out in hidden {
+                layers.push(LayerSpec::Linear { out });
+                layers.push(activation(act));
+                if *dropout > 0.0 {
+                    layers.push(LayerSpec::Dropout { p: *dropout });
+                }
+            }
+            layers.push(head);
+            layers
+        }
+        ModelSpec::Cnn { channels, hidden } => {
+            let mut layers = Vec::new();
+            for &out in channels {
+                layers.extend([
+                    LayerSpec::Conv2d {
+                        out,
+                        kernel: 3,
+                        stride: 1,
+                        padding: 1,
+                    },
+                    LayerSpec::Relu,
+                    LayerSpec::MaxPool2d {
+                        size: 2,
+                        stride: None,
+                    },
+                ]);
+            }
+            layers.extend([
+                LayerSpec::Flatten,
+                LayerSpec::Linear { out: *hidden },
+                LayerSpec::Relu,
+                head,
+            ]);
+            layers
+        }
+        ModelSpec::Transformer { .. } => unreachable!("the transformer is built apart"),
+    }
+}
+
+/// The checked plan of the model a spec asks for on this data.
+pub fn plan(spec: &ModelSpec, shape: &ModelShape) -> Result<sequential::Plan, SpecError> {
+    check_fits(spec, shape)?;
+    sequential::plan(
+        &layer_list(spec, shape),
+        &shape.input,
+        shape.task,
+        shape.output,
+    )
+}
+
 /// The parameter count `Model::build` would give, computed from the spec alone. Arithmetic
 /// saturates, so a model too large to count is `u64::MAX`, above any limit.
 pub fn parameter_count(spec: &ModelSpec, shape: &ModelShape) -> u64 {
     let dense = |inputs: u64, outputs: u64| inputs.saturating_add(1).saturating_mul(outputs);
-    let features = shape
-        .input
-        .iter()
-        .fold(1u64, |product, &size| product.saturating_mul(size as u64));
-    let output = shape.output as u64;
     match spec {
-        ModelSpec::Linear => dense(features, output),
-        ModelSpec::Mlp { hidden, .. } => {
-            let mut total = 0u64;
-            let mut inputs = features;
-            for &size in hidden {
-                total = total.saturating_add(dense(inputs, size as u64));
-                inputs = size as u64;
-            }
-            total.saturating_add(dense(inputs, output))
-        }
-        ModelSpec::Cnn { channels, hidden } => {
-            let (mut inputs, mut height, mut width) = match shape.input[..] {
-                [channels, height, width] => (channels as u64, height as u64, width as u64),
-                _ => (features, 1, 1),
-            };
-            let mut total = 0u64;
-            for &outputs in channels {
-                total = total.saturating_add(dense(inputs.saturating_mul(9), outputs as u64));
-                inputs = outputs as u64;
-                height /= 2;
-                width /= 2;
-            }
-            let flat = inputs.saturating_mul(height).saturating_mul(width);
-            total
-                .saturating_add(dense(flat, *hidden as u64))
-                .saturating_add(dense(*hidden as u64, output))
-        }
         ModelSpec::Transformer {
             d_model,
             layers,
             context,
             ..
         } => {
+            let output = shape.output as u64;
             let d = *d_model as u64;
             // Two layer norms, then qkv, projection, expand and contract.
             let block = (4 * d)
@@ -587,10 +543,7 @@ pub fn parameter_count(spec: &ModelSpec, shape: &ModelShape) -> u64 {
                 .saturating_add(d.saturating_mul(2))
                 .saturating_add(dense(d, output))
         }
-        ModelSpec::Sequential { layers, .. } => {
-            sequential::plan(layers, &shape.input, shape.task, shape.output)
-                .map_or(u64::MAX, |plan| plan.parameters)
-        }
+        _ => plan(spec, shape).map_or(u64::MAX, |plan| plan.parameters),
     }
 }
 
@@ -601,55 +554,19 @@ fn build_layers(
     device: &Device,
 ) -> Result<Layers, ModelError> {
     check_fits(spec, shape)?;
-    let features: usize = shape.input.iter().product();
     Ok(match spec {
-        ModelSpec::Sequential { layers, .. } => {
-            let plan = sequential::plan(layers, &shape.input, shape.task, shape.output)?;
-            Layers::Sequential(Sequential::build(&plan, rng, device)?)
-        }
-        ModelSpec::Linear => Layers::Linear(Dense::new(features, shape.output, rng, device)?),
-        ModelSpec::Mlp {
-            hidden,
-            activation,
-            dropout,
-        } => {
-            let mut layers = Vec::with_capacity(hidden.len() + 1);
-            let mut inputs = features;
-            for &size in hidden {
-                layers.push(Dense::new(inputs, size, rng, device)?);
-                inputs = size;
-            }
-            layers.push(Dense::new(inputs, shape.output, rng, device)?);
-            Layers::Mlp {
-                layers,
-                activation: *activation,
-                dropout: *dropout,
-            }
-        }
-        ModelSpec::Cnn { channels, hidden } => {
-            let [in_channels, mut height, mut width] = shape.input[..] else {
-                unreachable!("check_fits asks for image data");
-            };
-            let mut convs = Vec::with_capacity(channels.len());
-            let mut inputs = in_channels;
-            for &outputs in channels {
-                // nn.Conv2d's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in * 3 * 3.
-                let bound = 1.0 / ((inputs * 9) as f64).sqrt();
-                convs.push(Conv {
-                    weight: uniform_var(&[outputs, inputs, 3, 3], bound, rng, device)?,
-                    bias: uniform_var(&[outputs], bound, rng, device)?,
-                });
-                inputs = outputs;
-                height /= 2;
-                width /= 2;
-            }
-            let flat = inputs * height * width;
-            Layers::Cnn {
-                convs,
-                hidden: Dense::new(flat, *hidden, rng, device)?,
-                head: Dense::new(*hidden, shape.output, rng, device)?,
-            }
-        }
+        ModelSpec::Transformer { .. } => build_transformer(spec, shape, rng, device)?,
+        _ => Layers::Sequential(Sequential::build(&plan(spec, shape)?, rng, device)?),
+    })
+}
+
+fn build_transformer(
+    spec: &ModelSpec,
+    shape: &ModelShape,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<Layers, ModelError> {
+    Ok(match spec {
         ModelSpec::Transformer {
             d_model,
             heads,
@@ -682,6 +599,7 @@ fn build_layers(
                 causal_mask: Tensor::from_vec(mask, (*context, *context), device)?,
             }
         }
+        _ => unreachable!("build_layers sends only the transformer here"),
     })
 }
 
@@ -689,24 +607,6 @@ fn collect_vars(layers: &Layers) -> Vec<Var> {
     let mut vars = Vec::new();
     match layers {
         Layers::Sequential(model) => vars.extend(model.vars().cloned()),
-        Layers::Linear(layer) => vars.extend(layer.vars().into_iter().cloned()),
-        Layers::Mlp { layers, .. } => {
-            for layer in layers {
-                vars.extend(layer.vars().into_iter().cloned());
-            }
-        }
-        Layers::Cnn {
-            convs,
-            hidden,
-            head,
-        } => {
-            for conv in convs {
-                vars.push(conv.weight.clone());
-                vars.push(conv.bias.clone());
-            }
-            vars.extend(hidden.vars().into_iter().cloned());
-            vars.extend(head.vars().into_iter().cloned());
-        }
         Layers::Transformer {
             token_embedding,
             position_embedding,

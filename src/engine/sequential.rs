@@ -246,6 +246,23 @@ enum Planned {
     Residual(Vec<Planned>),
 }
 
+impl Planned {
+    /// The values per sample the native step keeps for this layer, given its output's: the
+    /// output and its gradient, and what the backward pass needs saved (a convolution's
+    /// patches are counted when it is planned).
+    fn kept_values(&self, output: u64) -> u64 {
+        let saved = match self {
+            // Batch norm's per-feature 1/std is counted per sample: a small overcount.
+            Planned::BatchNorm { features, .. } => output.saturating_add(*features as u64),
+            Planned::Dropout { .. } | Planned::MaxPool2d { .. } => output,
+            Planned::LayerNorm { size } => output.saturating_add(output / (*size as u64).max(1)),
+            Planned::Residual(_) => output,
+            _ => 0,
+        };
+        output.saturating_mul(2).saturating_add(saved)
+    }
+}
+
 /// The checked plan of a layer list: each layer's sizes, the per-sample output shape, the
 /// parameter count and the activation values per sample, convolution patches included (for
 /// admission).
@@ -254,6 +271,7 @@ pub struct Plan {
     layers: Vec<Planned>,
     output: Vec<usize>,
     pub parameters: u64,
+    /// The values per sample the native step keeps between steps (see `Planned::kept_values`).
     pub activations_per_sample: u64,
 }
 
@@ -318,9 +336,8 @@ fn plan_list(
         let at = format!("{field}[{index}]");
         let (layer, next) = plan_layer(layer, &sample, &at, counts)?;
         if let Sample::Values(dims) = &next {
-            counts.1 = counts
-                .1
-                .saturating_add(dims.iter().map(|&d| d as u64).product());
+            let values: u64 = dims.iter().map(|&d| d as u64).product();
+            counts.1 = counts.1.saturating_add(layer.kept_values(values));
         }
         planned.push(layer);
         sample = next;
@@ -412,7 +429,7 @@ fn plan_layer(
             };
             let fan_in = (channels * kernel * kernel) as u64;
             add_parameters(counts, (fan_in + 1).saturating_mul(*out as u64));
-            // The native step's patches, their gradient and the pixel-major output.
+            // The native step's patches, their gradient and the channel-major output.
             let pixels = (out_h * out_w) as u64;
             counts.1 = counts.1.saturating_add(
                 pixels.saturating_mul(fan_in.saturating_mul(2).saturating_add(*out as u64)),

@@ -21,12 +21,11 @@ use gemm::Parallelism;
 use super::batch::DeviceData;
 use super::data::Task;
 use super::model::{Layers, Model, ModelShape};
-use super::ops::{exp, gelu_derivative, gelu_value, max_value, sum};
+use super::ops::{exp, max_value, sum};
 use super::rng::Rng;
 use super::simd::simd_kernel;
-use super::spec::{Activation, ModelSpec};
+use super::spec::ModelSpec;
 
-mod feedforward;
 mod layers;
 mod transformer;
 
@@ -283,43 +282,6 @@ simd_kernel! {
     }
 }
 
-simd_kernel! {
-    pub(super) fn activate(activation: Activation, z: &[f32], a: &mut [f32]) {
-        match activation {
-            Activation::Relu => z.iter().zip(a).for_each(|(z, a)| *a = z.max(0.0)),
-            Activation::Gelu => z.iter().zip(a).for_each(|(z, a)| *a = gelu_value(*z)),
-            Activation::Tanh => z.iter().zip(a).for_each(|(z, a)| *a = z.tanh()),
-            Activation::Silu => z.iter().zip(a).for_each(|(z, a)| *a = z / (1.0 + exp(-z))),
-        }
-    }
-}
-
-simd_kernel! {
-    /// `grad *= activation'(z)`, in place.
-    pub(super) fn activation_backward(activation: Activation, z: &[f32], grad: &mut [f32]) {
-        match activation {
-            // A select, not a branch: the sign of z is a coin flip the predictor cannot
-            // learn, and the select vectorizes.
-            Activation::Relu => z
-                .iter()
-                .zip(grad)
-                .for_each(|(z, g)| *g = if *z > 0.0 { *g } else { 0.0 }),
-            Activation::Gelu => z
-                .iter()
-                .zip(grad)
-                .for_each(|(z, g)| *g *= gelu_derivative(*z)),
-            Activation::Tanh => z.iter().zip(grad).for_each(|(z, g)| {
-                let t = z.tanh();
-                *g *= 1.0 - t * t;
-            }),
-            Activation::Silu => z.iter().zip(grad).for_each(|(z, g)| {
-                let s = 1.0 / (1.0 + exp(-z));
-                *g *= s * (1.0 + z * (1.0 - s));
-            }),
-        }
-    }
-}
-
 /// Column sums of a row-major `[rows, sums.len()]` matrix into `sums`. A large matrix is
 /// summed as two halves of its rows on two threads, then added; the split depends only on
 /// the size, so the sums do not depend on the thread count.
@@ -486,7 +448,6 @@ pub struct Workspace {
 }
 
 enum Buffers {
-    FeedForward(feedforward::Buffers),
     Transformer(Box<transformer::Buffers>),
     Layers(Box<layers::Buffers>),
 }
@@ -495,7 +456,6 @@ impl Buffers {
     /// Rows (sequences, for the transformer) per batch.
     fn rows(&self) -> usize {
         match self {
-            Buffers::FeedForward(buffers) => buffers.rows(),
             Buffers::Transformer(buffers) => buffers.batch(),
             Buffers::Layers(buffers) => buffers.rows(),
         }
@@ -503,7 +463,6 @@ impl Buffers {
 
     fn fits(&self, rows: usize, time: usize) -> bool {
         match self {
-            Buffers::FeedForward(buffers) => buffers.rows() == rows,
             Buffers::Transformer(buffers) => buffers.fits(rows, time),
             Buffers::Layers(buffers) => buffers.rows() == rows,
         }
@@ -513,23 +472,19 @@ impl Buffers {
 /// The bytes a workspace for batches of `rows` rows takes (buffers, not the gradients), from
 /// the spec alone: admission checks a job's memory with it before anything is built.
 ///
-/// A layer list keeps each layer's output and its gradient, and batch norm, layer norm and
-/// dropout one saved copy (candle keeps about as much): 3 values per activation value per
-/// row, convolutions' patch buffers included in the plan's count.
+/// The plan counts what each layer keeps (see `sequential::Plan::activations_per_sample`);
+/// the batch's input and targets come on top.
 pub fn planned_buffer_bytes(spec: &ModelSpec, shape: &ModelShape, rows: usize) -> u64 {
     match spec {
         ModelSpec::Transformer { .. } => transformer::planned_bytes(spec, shape, rows as u64),
-        ModelSpec::Sequential { layers, .. } => {
-            super::sequential::plan(layers, &shape.input, shape.task, shape.output).map_or(
-                u64::MAX,
-                |plan| {
-                    plan.activations_per_sample
-                        .saturating_mul(rows as u64)
-                        .saturating_mul(3 * 4)
-                },
-            )
-        }
-        _ => feedforward::planned_bytes(spec, shape, rows as u64),
+        _ => super::model::plan(spec, shape).map_or(u64::MAX, |plan| {
+            let input: u64 = shape.input.iter().map(|&d| d as u64).product();
+            plan.activations_per_sample
+                .saturating_add(input)
+                .saturating_add(shape.output as u64)
+                .saturating_mul(rows as u64)
+                .saturating_mul(4)
+        }),
     }
 }
 
@@ -538,7 +493,6 @@ impl Workspace {
     #[cfg(test)]
     pub(crate) fn allocated_buffer_bytes(&self) -> usize {
         match &self.buffers {
-            Buffers::FeedForward(buffers) => buffers.allocated_bytes(),
             Buffers::Transformer(buffers) => buffers.allocated_bytes(),
             Buffers::Layers(buffers) => buffers.allocated_bytes(),
         }
@@ -598,7 +552,6 @@ fn workspace_for<'w>(
                 Buffers::Transformer(Box::new(transformer::Buffers::new(model, rows, time)))
             }
             Layers::Sequential(_) => Buffers::Layers(Box::new(layers::Buffers::new(model, rows)?)),
-            _ => Buffers::FeedForward(feedforward::Buffers::new(model, rows)),
         };
         *workspace = Some(Workspace {
             buffers,
@@ -652,9 +605,6 @@ pub fn evaluate(
         rows.extend(start..start + len);
         rows.resize(batch, start + len - 1);
         let (loss, correct) = match &mut workspace.buffers {
-            Buffers::FeedForward(buffers) => {
-                feedforward::evaluate_batch(model, buffers, &params, data, &rows, len)?
-            }
             Buffers::Transformer(buffers) => {
                 transformer::evaluate_batch(buffers, &params, data, &rows, len)?
             }
@@ -689,15 +639,6 @@ pub fn forward_backward(
         .map(HostValues::f32)
         .collect::<candle_core::Result<Vec<_>>>()?;
     match &mut workspace.buffers {
-        Buffers::FeedForward(buffers) => feedforward::forward_backward(
-            model,
-            buffers,
-            &params,
-            &mut workspace.grads,
-            data,
-            rows,
-            dropout_rng,
-        ),
         Buffers::Transformer(buffers) => {
             transformer::forward_backward(buffers, &params, &mut workspace.grads, data, rows)
         }
@@ -716,6 +657,7 @@ pub fn forward_backward(
 pub(super) mod tests {
     use super::*;
     use crate::engine::simd::{with_level, Level};
+    use crate::engine::spec::Activation;
 
     /// The native step's loss and gradients against candle's autograd on the same model,
     /// batch and dropout draws.
