@@ -15,13 +15,13 @@ use clap::Args;
 use serde_json::Value;
 
 use super::Outcome;
+use crate::engine::backend::{train_step, BatchOrder, DeviceData};
 use crate::engine::data::{Dataset, Features, Targets, Task};
 use crate::engine::model::{Model, ModelShape};
 use crate::engine::optim::Optimizer;
 use crate::engine::rng::Rng;
 use crate::engine::spec::{Activation, ModelSpec, OptimizerSpec};
-use crate::engine::train::{train_step, BatchOrder, DeviceData};
-use crate::engine::{self, native, simd, JobSpec, Limits};
+use crate::engine::{self, backend::native, simd, JobSpec, Limits};
 
 const PYTORCH_SCRIPT: &str = include_str!("bench_pytorch.py");
 

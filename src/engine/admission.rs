@@ -5,12 +5,12 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::backend::native;
+use super::backend::EVAL_CHUNK;
 use super::data::{self, Dataset, Task};
 use super::model::{self, ModelShape};
-use super::native;
 use super::prepare::{check_batch_size, check_task, DEFAULT_SAMPLES};
 use super::spec::{Builtin, DeviceChoice, JobKind, JobSpec, Limits, OptimizerSpec, SpecError};
-use super::train::EVAL_CHUNK;
 
 /// What a job's data looks like, known before it is loaded.
 #[derive(Debug, Clone, PartialEq)]
@@ -337,10 +337,10 @@ fn held_bytes(data: &Dataset) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::backend::{BatchOrder, DeviceData};
     use crate::engine::model::Model;
     use crate::engine::prepare::{load_local_data, prepare, LoadedData};
     use crate::engine::rng::Rng;
-    use crate::engine::train::{BatchOrder, DeviceData};
 
     fn spec(text: &str) -> JobSpec {
         let spec = JobSpec::from_json(text).expect("parses");
@@ -430,7 +430,7 @@ mod tests {
         let train = DeviceData::new(&prepared.train, &device).unwrap();
         let mut optimizer = crate::engine::optim::Optimizer::new(&spec.optimizer, model.vars());
         let batch: Vec<usize> = BatchOrder::new(train.rows, rows, 0).next_batch().to_vec();
-        crate::engine::train::train_step(
+        crate::engine::backend::train_step(
             &model,
             &mut optimizer,
             &train,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::admission::{admit, DataShape};
+use super::backend::{evaluate, train_step, BatchOrder, DeviceData, Evaluation};
 use super::data::DatasetInfo;
 use super::model::{Model, ModelShape};
 use super::optim::Optimizer;
@@ -19,7 +20,6 @@ use super::schedule::{
 };
 use super::sequential::load_initial_weights;
 use super::spec::{JobKind, JobSpec, Limits, Recipe, RecipeSchedule, SpecError};
-use super::train::{evaluate, train_step, BatchOrder, DeviceData, Evaluation};
 use super::tune::{build_job_model, one_cycle, select_device, tune_with};
 use super::{Control, EngineError, Event};
 

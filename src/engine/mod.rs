@@ -3,12 +3,13 @@
 //! cancel flag is checked every step. `lrtune run` and the service's workers both call `run_job`.
 
 pub mod admission;
+pub mod backend;
 pub mod batch;
 pub mod compare;
 pub mod data;
 pub mod evaluate;
 pub mod model;
-pub mod native;
+
 pub mod ops;
 pub mod optim;
 pub mod prepare;
@@ -20,7 +21,7 @@ pub mod simd;
 pub mod spec;
 pub mod suggest;
 pub mod sweep;
-pub mod train;
+
 pub mod tune;
 pub mod update;
 

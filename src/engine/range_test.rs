@@ -4,12 +4,12 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::backend::{evaluate, train_step, BatchOrder, DeviceData};
 use super::model::Model;
 use super::optim::Optimizer;
 use super::rng::Rng;
 use super::spec::{RangeLoss, RangeTestSpec};
 use super::suggest::Smoother;
-use super::train::{evaluate, train_step, BatchOrder, DeviceData};
 use super::{Control, EngineError, Event};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -6,13 +6,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::backend::{evaluate, train_step, BatchOrder, DeviceData};
 use super::model::Model;
 use super::optim::Optimizer;
 use super::rng::Rng;
 use super::schedule::Schedule;
 use super::spec::OptimizerSpec;
 use super::suggest::Suggestions;
-use super::train::{evaluate, train_step, BatchOrder, DeviceData};
 use super::{Control, EngineError, Event};
 
 /// One training run at one candidate peak with one seed.

@@ -9,6 +9,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use super::admission::{admit, check_device, DataShape};
+use super::backend::{evaluate, BatchOrder, DeviceData};
 use super::data::DatasetInfo;
 use super::model::{Model, ModelShape};
 use super::optim::Optimizer;
@@ -25,7 +26,6 @@ use super::sweep::{
     auto_candidates, band, final_candidates, plan_search, refine_peak, OpenEdge, Search,
     SweepCandidate, SweepRun,
 };
-use super::train::{evaluate, BatchOrder, DeviceData};
 use super::{Control, EngineError, Event};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

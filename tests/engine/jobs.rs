@@ -1,11 +1,11 @@
 use std::sync::atomic::AtomicBool;
 
+use lrtune::engine::backend::DeviceData;
 use lrtune::engine::model::{Model, ModelShape};
 use lrtune::engine::optim::Optimizer;
 use lrtune::engine::range_test::{run_range_test, RangeTestInputs};
 use lrtune::engine::schedule::Schedule;
 use lrtune::engine::spec::{OptimizerSpec, RangeTestSpec};
-use lrtune::engine::train::DeviceData;
 use lrtune::engine::{self, Control, Event, JobSpec, Limits, SpecError};
 
 use super::{run, SPIRALS_TUNE};

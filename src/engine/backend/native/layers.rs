@@ -1377,9 +1377,11 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+    use crate::engine::backend::native::tests::{
+        assert_evaluation_matches_candle, assert_matches_autograd,
+    };
+    use crate::engine::backend::native::{evaluate, forward_backward};
     use crate::engine::model::ModelShape;
-    use crate::engine::native::tests::{assert_evaluation_matches_candle, assert_matches_autograd};
-    use crate::engine::native::{evaluate, forward_backward};
     use crate::engine::sequential::golden;
     use crate::engine::spec::ModelSpec;
 

@@ -18,13 +18,15 @@ use std::any::Any;
 use candle_core::{CpuStorage, Storage, Tensor};
 use gemm::Parallelism;
 
-use super::batch::DeviceData;
-use super::data::Task;
-use super::model::{Layers, Model, ModelShape};
-use super::ops::{exp, max_value, sum};
-use super::rng::Rng;
-use super::simd::simd_kernel;
-use super::spec::ModelSpec;
+use super::{Evaluation, EVAL_CHUNK};
+use crate::engine::batch::DeviceData;
+use crate::engine::data::Task;
+use crate::engine::model::{Layers, Model, ModelShape};
+use crate::engine::ops::{exp, max_value, sum};
+use crate::engine::optim::Optimizer;
+use crate::engine::rng::Rng;
+use crate::engine::simd::simd_kernel;
+use crate::engine::spec::ModelSpec;
 
 mod layers;
 mod transformer;
@@ -477,7 +479,7 @@ impl Buffers {
 pub fn planned_buffer_bytes(spec: &ModelSpec, shape: &ModelShape, rows: usize) -> u64 {
     match spec {
         ModelSpec::Transformer { .. } => transformer::planned_bytes(spec, shape, rows as u64),
-        _ => super::model::plan(spec, shape).map_or(u64::MAX, |plan| {
+        _ => crate::engine::model::plan(spec, shape).map_or(u64::MAX, |plan| {
             let input: u64 = shape.input.iter().map(|&d| d as u64).product();
             plan.activations_per_sample
                 .saturating_add(input)
@@ -507,10 +509,53 @@ pub(crate) fn workspace_slot(state: &mut Option<Box<dyn Any + Send>>) -> &mut Op
         .expect("a model's backend state is the native workspace")
 }
 
-/// Which models the native step runs: every model on the CPU, unless the job asked for
-/// candle.
-pub fn supports(model: &Model) -> bool {
-    model.runs_native()
+/// The hand-written CPU step (see the module docs).
+pub struct Native;
+
+impl super::Backend for Native {
+    fn name(&self) -> &'static str {
+        "native"
+    }
+
+    fn train_step(
+        &self,
+        model: &Model,
+        optimizer: &mut Optimizer,
+        data: &DeviceData,
+        rows: &[usize],
+        lr: f64,
+        momentum: f64,
+        dropout_rng: &mut Rng,
+    ) -> candle_core::Result<f64> {
+        // On a pool thread, so that the caller's thread sleeps instead of competing with
+        // the pool's threads for the cores between the step's parallel sections.
+        on_pool(|| {
+            let mut state = model.backend_state();
+            let workspace = workspace_slot(&mut state);
+            let loss = forward_backward(model, workspace, data, rows, dropout_rng)?;
+            if loss.is_finite() {
+                let grads = &workspace.as_ref().expect("set by forward_backward").grads;
+                optimizer.step_host(grads, lr, momentum)?;
+            }
+            Ok(loss)
+        })
+    }
+
+    fn evaluate(&self, model: &Model, data: &DeviceData) -> candle_core::Result<Evaluation> {
+        on_pool(|| {
+            let mut state = model.backend_state();
+            let workspace = workspace_slot(&mut state);
+            let (loss, accuracy) = evaluate(model, workspace, data, EVAL_CHUNK)?;
+            Ok(Evaluation { loss, accuracy })
+        })
+    }
+}
+
+/// Runs `f` on a thread of rayon's global pool (the caller blocks without spinning).
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let mut result = None;
+    rayon::scope(|_| result = Some(f()));
+    result.expect("the scope ran the closure")
 }
 
 /// The workspace for batches of `rows` rows of `data`, (re)built when the model has none or
@@ -705,7 +750,12 @@ pub(super) mod tests {
         forward_backward(model, &mut workspace, train, &rows, &mut Rng::new(1)).unwrap();
         assert!(!train.rows.is_multiple_of(rows.len()));
         let (loss, accuracy) = evaluate(model, &mut workspace, train, 256).unwrap();
-        let want = crate::engine::train::evaluate_with_candle(model, train).unwrap();
+        let want = crate::engine::backend::Backend::evaluate(
+            &crate::engine::backend::Candle,
+            model,
+            train,
+        )
+        .unwrap();
         assert!(
             (loss - want.loss).abs() <= 1e-5 * want.loss.abs().max(1.0),
             "loss: native {loss}, candle {}",
