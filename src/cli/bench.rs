@@ -21,7 +21,7 @@ use crate::engine::model::{Model, ModelShape};
 use crate::engine::optim::Optimizer;
 use crate::engine::rng::Rng;
 use crate::engine::spec::{Activation, ModelSpec, OptimizerSpec};
-use crate::engine::{self, backend::native, simd, JobSpec, Limits};
+use crate::engine::{self, backend::native, simd, Limits, ValidSpec};
 
 const PYTORCH_SCRIPT: &str = include_str!("bench_pytorch.py");
 
@@ -401,8 +401,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
         );
     }
     if !args.no_tune {
-        let spec = JobSpec::from_json(include_str!("../../examples/mnist-mlp.json"))?;
         let limits = Limits::default();
+        let spec = ValidSpec::parse(include_str!("../../examples/mnist-mlp.json"), &limits)?;
         let loaded = engine::load_local_data(&spec)?;
         let started = Instant::now();
         let output = engine::run_job(&spec, loaded, &limits, &AtomicBool::new(false), &mut |_| {})?;
@@ -500,7 +500,7 @@ fn time_range_job(case: &Case) -> anyhow::Result<JobTiming> {
         "batch_size": case.batch,
         "range_test": {"start_lr": JOB_START_LR, "end_lr": JOB_END_LR, "steps": JOB_STEPS},
     });
-    let spec = JobSpec::from_json(&spec.to_string())?;
+    let spec = ValidSpec::from_value(spec, &Limits::default())?;
     let loaded = engine::load_local_data(&spec)?;
     let mut events = Vec::with_capacity(4 * JOB_STEPS);
     let mut point_times = Vec::with_capacity(JOB_STEPS);

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::{plot, race, read_input, report, Outcome};
 use crate::engine::compare::{run_compare, CompareResult};
 use crate::engine::spec::JobKind;
-use crate::engine::{self, Event, JobOutput, JobSpec, Limits};
+use crate::engine::{self, Event, JobOutput, Limits, ValidSpec};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -52,7 +52,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
-fn run_race(args: &RunArgs, spec: &JobSpec) -> anyhow::Result<Outcome> {
+fn run_race(args: &RunArgs, spec: &ValidSpec) -> anyhow::Result<Outcome> {
     if args.curve.is_some() {
         anyhow::bail!(
             "--curve writes a range-test curve; a compare job has one per recipe's tune and reports its race in --json and --plot"
@@ -70,13 +70,15 @@ fn run_race(args: &RunArgs, spec: &JobSpec) -> anyhow::Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
-/// Reads and parses a spec file (or - for standard input).
-pub fn read_spec(path: &str) -> anyhow::Result<JobSpec> {
+/// Reads a spec file (or - for standard input), parsed and checked against the default
+/// limits.
+pub fn read_spec(path: &str) -> anyhow::Result<ValidSpec> {
     let text = read_input(path)?;
-    JobSpec::from_json(&text).map_err(|error| anyhow::anyhow!("invalid spec: {error}"))
+    ValidSpec::parse(&text, &Limits::default())
+        .map_err(|error| anyhow::anyhow!("invalid spec: {error}"))
 }
 
-/// Parses, validates and runs a spec file locally (shared with `check`).
+/// Reads and runs a spec file locally (shared with `check`).
 pub fn run_spec_file(path: &str, quiet: bool) -> anyhow::Result<JobOutput> {
     let spec = read_spec(path)?;
     if spec.kind == JobKind::Compare {
@@ -87,11 +89,9 @@ pub fn run_spec_file(path: &str, quiet: bool) -> anyhow::Result<JobOutput> {
     run_spec(&spec, quiet)
 }
 
-/// Validates and runs a `compare` spec locally, with a progress bar.
-pub fn run_compare_spec(spec: &JobSpec, quiet: bool) -> anyhow::Result<CompareResult> {
+/// Runs a `compare` spec locally, with a progress bar.
+pub fn run_compare_spec(spec: &ValidSpec, quiet: bool) -> anyhow::Result<CompareResult> {
     let limits = Limits::default();
-    spec.validate(&limits)
-        .map_err(|error| anyhow::anyhow!("invalid spec: {error}"))?;
     let loaded = engine::load_local_data(spec).map_err(engine_error)?;
     let cancel = AtomicBool::new(false);
     let bar = progress_bar(quiet);
@@ -101,10 +101,8 @@ pub fn run_compare_spec(spec: &JobSpec, quiet: bool) -> anyhow::Result<CompareRe
     result.context("running the race")
 }
 
-pub fn run_spec(spec: &JobSpec, quiet: bool) -> anyhow::Result<JobOutput> {
+pub fn run_spec(spec: &ValidSpec, quiet: bool) -> anyhow::Result<JobOutput> {
     let limits = Limits::default();
-    spec.validate(&limits)
-        .map_err(|error| anyhow::anyhow!("invalid spec: {error}"))?;
     let loaded = engine::load_local_data(spec).map_err(engine_error)?;
     let cancel = Arc::new(AtomicBool::new(false));
     let bar = progress_bar(quiet);

@@ -10,7 +10,9 @@ use super::backend::EVAL_CHUNK;
 use super::data::{self, Dataset, Task};
 use super::model::{self, ModelShape};
 use super::prepare::{check_batch_size, check_task, DEFAULT_SAMPLES};
-use super::spec::{Builtin, DeviceChoice, JobKind, JobSpec, Limits, OptimizerSpec, SpecError};
+use super::spec::{
+    Builtin, DeviceChoice, JobKind, JobSpec, Limits, OptimizerSpec, SpecError, ValidSpec,
+};
 
 /// What a job's data looks like, known before it is loaded.
 #[derive(Debug, Clone, PartialEq)]
@@ -159,14 +161,10 @@ fn step_rows(spec: &JobSpec, data: &DataShape) -> usize {
 
 /// Admits a job of any kind: a race is admitted once per recipe (each recipe's optimizer
 /// keeps its own copies of the weights), before any of its steps is taken.
-pub fn admit_job(spec: &JobSpec, data: &DataShape, limits: &Limits) -> Result<(), SpecError> {
+pub fn admit_job(spec: &ValidSpec, data: &DataShape, limits: &Limits) -> Result<(), SpecError> {
     if spec.kind == JobKind::Compare {
-        for recipe in spec.compare_recipes() {
-            admit(
-                &super::compare::recipe_tune_spec(spec, &recipe),
-                data,
-                limits,
-            )?;
+        for (_, tune_spec) in spec.recipe_tune_specs() {
+            admit(&tune_spec, data, limits)?;
         }
         Ok(())
     } else {
@@ -342,10 +340,8 @@ mod tests {
     use crate::engine::prepare::{load_local_data, prepare, LoadedData};
     use crate::engine::rng::Rng;
 
-    fn spec(text: &str) -> JobSpec {
-        let spec = JobSpec::from_json(text).expect("parses");
-        spec.validate(&Limits::default()).expect("valid");
-        spec
+    fn spec(text: &str) -> ValidSpec {
+        ValidSpec::parse(text, &Limits::default()).expect("a valid spec")
     }
 
     fn refused(text: &str) -> SpecError {

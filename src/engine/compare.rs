@@ -19,7 +19,7 @@ use super::schedule::{
     Cosine, CosineWarmRestarts, PlateauTracker, ReduceOnPlateau, Schedule, StepLr, WarmupCosine,
 };
 use super::sequential::load_initial_weights;
-use super::spec::{JobKind, JobSpec, Limits, Recipe, RecipeSchedule, SpecError};
+use super::spec::{JobKind, JobSpec, Limits, Recipe, RecipeSchedule, SpecError, ValidSpec};
 use super::tune::{build_job_model, one_cycle, select_device, tune_with};
 use super::{Control, EngineError, Event};
 
@@ -121,7 +121,7 @@ pub struct CompareTiming {
 
 /// Runs a validated `compare` job on its loaded data.
 pub fn run_compare(
-    spec: &JobSpec,
+    spec: &ValidSpec,
     loaded: LoadedData,
     limits: &Limits,
     cancel: &AtomicBool,
@@ -131,7 +131,8 @@ pub fn run_compare(
         return Err(SpecError::new("kind", "run_compare runs compare jobs only").into());
     }
     let started = Instant::now();
-    let recipes = spec.compare_recipes();
+    let (recipes, tune_specs): (Vec<Recipe>, Vec<ValidSpec>) =
+        spec.recipe_tune_specs().into_iter().unzip();
     let seeds = spec.compare_seeds();
     let prepared = prepare(spec, loaded.clone())?;
     let shape_of_data = DataShape::of_splits(&prepared.train, &prepared.validation);
@@ -139,10 +140,8 @@ pub fn run_compare(
     let plan_steps = spec.plan.epochs * steps_per_epoch;
 
     // Everything is checked, and every step counted, before the first one is taken.
-    let mut tune_specs = Vec::with_capacity(recipes.len());
-    for (index, recipe) in recipes.iter().enumerate() {
-        let tune_spec = recipe_tune_spec(spec, recipe);
-        admit(&tune_spec, &shape_of_data, limits)?;
+    for (index, (recipe, tune_spec)) in recipes.iter().zip(&tune_specs).enumerate() {
+        admit(tune_spec, &shape_of_data, limits)?;
         recipe_schedule(spec, recipe, 1.0, plan_steps, steps_per_epoch)
             .validate(usize::MAX)
             .map_err(|error| {
@@ -153,7 +152,6 @@ pub fn run_compare(
                     ),
                 )
             })?;
-        tune_specs.push(tune_spec);
     }
     let range_steps = spec.range_test.steps;
     let tune_budget = spec.budget.steps_for(plan_steps, range_steps);
@@ -260,18 +258,6 @@ pub fn run_compare(
         },
         data: prepared.info,
     })
-}
-
-/// The tune job that finds a recipe's learning rate: the race's spec with its optimizer.
-pub fn recipe_tune_spec(spec: &JobSpec, recipe: &Recipe) -> JobSpec {
-    JobSpec {
-        kind: JobKind::Tune,
-        optimizer: recipe.optimizer.clone(),
-        recipes: None,
-        seeds: None,
-        target: None,
-        ..spec.clone()
-    }
 }
 
 /// The recipe's schedule at learning rate `lr` for a run of `steps`. ReduceLROnPlateau

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::data::{self, Dataset, Targets};
 use super::rng::Rng;
-use super::spec::{JobSpec, Limits, SpecError};
+use super::spec::{JobSpec, Limits, SpecError, ValidSpec};
 use super::sweep::SweepCandidate;
 use super::{load_local_data, run_job, EngineError, Event, LoadedData};
 
@@ -369,12 +369,17 @@ pub struct SweepOverrides {
 }
 
 /// The problem's spec with edits applied to its JSON, as a user would write them, so the
-/// harness depends on the spec's field names rather than on how they are held in memory.
-fn spec_with(problem: &Problem, edit: impl FnOnce(&mut Value)) -> Result<JobSpec, SpecError> {
+/// harness depends on the spec's field names rather than on how they are held in memory;
+/// parsed and checked as a user's would be.
+fn spec_with(
+    problem: &Problem,
+    limits: &Limits,
+    edit: impl FnOnce(&mut Value),
+) -> Result<ValidSpec, SpecError> {
     let mut value: Value = serde_json::from_str(problem.spec)
         .map_err(|error| SpecError::new("spec", format!("{}: {error}", problem.name)))?;
     edit(&mut value);
-    JobSpec::from_value(value)
+    ValidSpec::from_value(value, limits)
 }
 
 pub fn score(
@@ -389,7 +394,7 @@ pub fn score(
         ..Limits::default()
     };
     let cancel = AtomicBool::new(false);
-    let tune_spec = spec_with(problem, |spec| {
+    let tune_spec = spec_with(problem, &limits, |spec| {
         spec["seed"] = json!(seed);
         if let Some(count) = overrides.count {
             spec["sweep"]["count"] = json!(count);
@@ -398,7 +403,6 @@ pub fn score(
             spec["sweep"]["epochs"] = json!(epochs);
         }
     })?;
-    tune_spec.validate(&limits)?;
     let loaded = problem.loaded_data(&tune_spec)?;
 
     progress(&format!("{}: tune", problem.name));
@@ -411,14 +415,13 @@ pub fn score(
     )?;
 
     let plan_epochs = tune_spec.plan.epochs;
-    let grid_spec = spec_with(problem, |spec| {
+    let grid_spec = spec_with(problem, &limits, |spec| {
         spec["kind"] = json!("sweep");
         spec["seed"] = json!(seed + GRID_SEED_OFFSET);
         spec["sweep"]["candidates"] = json!(problem.grid_peaks());
         spec["sweep"]["epochs"] = json!(plan_epochs);
         spec["sweep"]["seeds"] = json!(GRID_SEEDS);
     })?;
-    grid_spec.validate(&limits)?;
     progress(&format!("{}: grid", problem.name));
     let grid_run = run_job(&grid_spec, loaded, &limits, &cancel, &mut |_: Event| {})?;
 
@@ -589,9 +592,7 @@ mod tests {
         let all = problems();
         assert!(all.len() >= 9);
         for problem in &all {
-            let spec = JobSpec::from_json(problem.spec)
-                .unwrap_or_else(|e| panic!("{}: {e}", problem.name));
-            spec.validate(&Limits::default())
+            ValidSpec::parse(problem.spec, &Limits::default())
                 .unwrap_or_else(|e| panic!("{}: {e}", problem.name));
             let peaks = problem.grid_peaks();
             assert_eq!(peaks.len(), 13, "{}", problem.name);

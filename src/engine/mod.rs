@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use prepare::{load_local_data, LoadedData};
 pub use range_test::CurvePoint;
-pub use spec::{JobSpec, Limits, SpecError};
+pub use spec::{JobSpec, Limits, SpecError, ValidSpec};
 pub use sweep::SweepRun;
 pub use tune::{run_job, JobOutput, JobResult, Recommendation};
 

@@ -242,8 +242,8 @@ pub fn check_task(spec: &JobSpec, task: Task) -> Result<(), SpecError> {
             "task",
             format!(
                 "the data is a {} task, not {}: use \"auto\"",
-                task_name(task),
-                task_name(wanted)
+                task.as_str(),
+                wanted.as_str()
             ),
         )),
         _ => Ok(()),
@@ -284,12 +284,4 @@ fn check_compatible(train: &Dataset, validation: &Dataset) -> Result<(), EngineE
         .into());
     }
     Ok(())
-}
-
-pub fn task_name(task: Task) -> &'static str {
-    match task {
-        Task::Classification => "classification",
-        Task::Regression => "regression",
-        Task::LanguageModel => "language_model",
-    }
 }

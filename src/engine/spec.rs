@@ -4,6 +4,7 @@
 
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
+use std::ops::Deref;
 
 use super::data::Task;
 use super::schedule::{Anneal, PlateauMode, ThresholdMode};
@@ -38,6 +39,14 @@ pub enum JobKind {
 }
 
 impl JobKind {
+    pub const ALL: [JobKind; 4] = [
+        JobKind::RangeTest,
+        JobKind::Sweep,
+        JobKind::Tune,
+        JobKind::Compare,
+    ];
+
+    /// The kind's name, as in JSON.
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::RangeTest => "range_test",
@@ -45,6 +54,11 @@ impl JobKind {
             JobKind::Tune => "tune",
             JobKind::Compare => "compare",
         }
+    }
+
+    /// The kind named `text` (its JSON name), if any.
+    pub fn parse(text: &str) -> Option<JobKind> {
+        JobKind::ALL.into_iter().find(|kind| kind.as_str() == text)
     }
 }
 
@@ -1032,8 +1046,9 @@ impl JobSpec {
 
     /// Checks every value that parsing cannot: ranges, orderings and limits. What depends on
     /// the data (batch size against rows, model against input shape) is checked when the
-    /// data is loaded.
-    pub fn validate(&self, limits: &Limits) -> Result<(), SpecError> {
+    /// data is loaded. Only [`ValidSpec`]'s constructors call it, so that a spec is checked
+    /// once, where it enters.
+    fn validate(&self, limits: &Limits) -> Result<(), SpecError> {
         if let Some(name) = &self.name {
             let length = name.chars().count();
             if length > MAX_NAME_CHARS {
@@ -1118,6 +1133,18 @@ impl JobSpec {
         self.target.unwrap_or(COMPARE_DEFAULT_TARGET)
     }
 
+    /// A race's tune for one recipe: this spec with the recipe's optimizer, as a `tune`.
+    fn recipe_tune(&self, recipe: &Recipe) -> JobSpec {
+        JobSpec {
+            kind: JobKind::Tune,
+            optimizer: recipe.optimizer.clone(),
+            recipes: None,
+            seeds: None,
+            target: None,
+            ..self.clone()
+        }
+    }
+
     fn validate_compare(&self, limits: &Limits) -> Result<(), SpecError> {
         if self.kind != JobKind::Compare {
             for (field, given) in [
@@ -1165,17 +1192,11 @@ impl JobSpec {
                     ),
                 ));
             }
-            let with_optimizer = JobSpec {
-                optimizer: recipe.optimizer.clone(),
-                recipes: None,
-                seeds: None,
-                target: None,
-                kind: JobKind::Tune,
-                ..self.clone()
-            };
-            with_optimizer.validate_optimizer().map_err(|error| {
-                SpecError::new(format!("recipes[{index}].{}", error.field), error.message)
-            })?;
+            self.recipe_tune(recipe)
+                .validate_optimizer()
+                .map_err(|error| {
+                    SpecError::new(format!("recipes[{index}].{}", error.field), error.message)
+                })?;
             recipe.schedule.validate().map_err(|error| {
                 SpecError::new(
                     format!("recipes[{index}].schedule.{}", error.field),
@@ -1543,6 +1564,71 @@ impl JobSpec {
     }
 }
 
+/// A spec parsed and checked against the limits where it entered (the API, `lrtune run`):
+/// the only kind of spec the engine runs. It is made by [`ValidSpec::parse`],
+/// [`ValidSpec::from_value`] or [`ValidSpec::validate`], which check it, or by
+/// [`ValidSpec::from_stored`] for the JSON a store kept of one; it reads as the [`JobSpec`]
+/// it holds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct ValidSpec(JobSpec);
+
+impl ValidSpec {
+    /// Parses JSON text and checks it: an error names the field (`range_test.start_lr`).
+    pub fn parse(text: &str, limits: &Limits) -> Result<ValidSpec, SpecError> {
+        ValidSpec::validate(JobSpec::from_json(text)?, limits)
+    }
+
+    /// Like `parse`, for a value already parsed (the HTTP body, or a spec edited as JSON).
+    pub fn from_value(value: serde_json::Value, limits: &Limits) -> Result<ValidSpec, SpecError> {
+        ValidSpec::validate(JobSpec::from_value(value)?, limits)
+    }
+
+    /// Checks a spec built in code.
+    pub fn validate(spec: JobSpec, limits: &Limits) -> Result<ValidSpec, SpecError> {
+        spec.validate(limits)?;
+        Ok(ValidSpec(spec))
+    }
+
+    /// Reads back the JSON of a `ValidSpec` that a store kept (its `Serialize` form), without
+    /// checking it again: it was checked when it was submitted, against the limits of that
+    /// time, and a job queued then still runs if a limit was lowered since. Only a field the
+    /// spec no longer has or a value it can no longer hold is an error.
+    pub fn from_stored(text: &str) -> Result<ValidSpec, SpecError> {
+        JobSpec::from_json(text).map(ValidSpec)
+    }
+
+    /// The spec, every default filled in.
+    pub fn spec(&self) -> &JobSpec {
+        &self.0
+    }
+
+    /// The tune job that finds each recipe's learning rate in a race: the race's spec with
+    /// the recipe's optimizer, in the order raced; empty unless the kind is `compare`. Each
+    /// is valid because the race is: a compare spec's checks are a tune's, plus each recipe's
+    /// optimizer checked as a tune's optimizer.
+    pub fn recipe_tune_specs(&self) -> Vec<(Recipe, ValidSpec)> {
+        if self.kind != JobKind::Compare {
+            return Vec::new();
+        }
+        self.compare_recipes()
+            .into_iter()
+            .map(|recipe| {
+                let tune = ValidSpec(self.recipe_tune(&recipe));
+                (recipe, tune)
+            })
+            .collect()
+    }
+}
+
+impl Deref for ValidSpec {
+    type Target = JobSpec;
+
+    fn deref(&self) -> &JobSpec {
+        &self.0
+    }
+}
+
 fn check_positive_lr(field: &str, value: f64) -> Result<(), SpecError> {
     if value.is_finite() && value > 0.0 {
         Ok(())
@@ -1790,6 +1876,115 @@ mod tests {
             .validate(&Limits::default())
             .unwrap_err();
         assert_eq!(error.field, "init.weights.id");
+    }
+
+    #[test]
+    fn a_stored_spec_reads_back_as_the_same_valid_spec() {
+        let text = r#"{"kind": "compare", "name": "race", "data": {"builtin": "spirals", "samples": 512},
+            "model": {"arch": "sequential", "layers": [{"type": "linear", "out": 8}, {"type": "relu"}, {"type": "linear", "out": 3}]},
+            "optimizer": {"name": "adamw", "betas": [0.8, 0.99]}, "backend": "native",
+            "budget": {"plan_multiple": 3}, "recipes": ["sgd_one_cycle", "adam_constant"],
+            "seeds": 1, "target": 0.9}"#;
+        let spec = ValidSpec::parse(text, &Limits::default()).unwrap();
+        let stored = serde_json::to_string(&spec).unwrap();
+        // What the store keeps is the spec itself, every default filled in.
+        assert_eq!(stored, serde_json::to_string(spec.spec()).unwrap());
+        assert!(
+            stored.contains(r#""range_test":{"start_lr":1e-7"#),
+            "{stored}"
+        );
+        let read = ValidSpec::from_stored(&stored).unwrap();
+        assert_eq!(read, spec);
+        assert_eq!(read.kind, JobKind::Compare);
+        assert_eq!(read.backend, BackendChoice::Native);
+    }
+
+    #[test]
+    fn a_stored_spec_is_not_checked_again_but_a_submitted_one_is() {
+        let text = r#"{"data": {"builtin": "spirals"}, "range_test": {"steps": 100}}"#;
+        let stored =
+            serde_json::to_string(&ValidSpec::parse(text, &Limits::default()).unwrap()).unwrap();
+        let lowered = Limits {
+            max_range_steps: 50,
+            ..Limits::default()
+        };
+        let error = ValidSpec::parse(&stored, &lowered).unwrap_err();
+        assert_eq!(error.field, "range_test.steps");
+        let read = ValidSpec::from_stored(&stored).unwrap();
+        assert_eq!(read.range_test.steps, 100);
+        // Only what cannot be a spec at all is refused.
+        let error =
+            ValidSpec::from_stored(r#"{"data": {"builtin": "spirals"}, "colour": 1}"#).unwrap_err();
+        assert_eq!(error.field, "colour");
+    }
+
+    #[test]
+    fn a_parse_error_and_a_check_error_both_name_their_field() {
+        let limits = Limits::default();
+        let error = ValidSpec::parse(r#"{"data": {"builtin": "spirals"}, "seed": "x"}"#, &limits)
+            .unwrap_err();
+        assert_eq!(error.field, "seed");
+        let value = serde_json::json!({"data": {"builtin": "spirals"}, "batch_size": 0});
+        let error = ValidSpec::from_value(value, &limits).unwrap_err();
+        assert_eq!(error, SpecError::new("batch_size", "must be at least 1"));
+        let mut spec = parse(r#"{"data": {"builtin": "spirals"}}"#).unwrap();
+        spec.validation_fraction = 1.5;
+        let error = ValidSpec::validate(spec, &limits).unwrap_err();
+        assert_eq!(error.field, "validation_fraction");
+    }
+
+    #[test]
+    fn each_recipe_of_a_valid_race_is_a_valid_tune() {
+        let limits = Limits::default();
+        let race = ValidSpec::parse(
+            r#"{"kind": "compare", "data": {"builtin": "spirals"}, "plan": {"epochs": 4},
+                "recipes": ["adam_constant",
+                    {"name": "slow_sgd", "optimizer": {"name": "sgd", "momentum": 0.5, "nesterov": true},
+                     "schedule": {"kind": "step", "step_epochs": 2}}]}"#,
+            &limits,
+        )
+        .unwrap();
+        let tunes = race.recipe_tune_specs();
+        let names: Vec<&str> = tunes
+            .iter()
+            .map(|(recipe, _)| recipe.name.as_str())
+            .collect();
+        assert_eq!(names, ["adam_constant", "slow_sgd"]);
+        for (recipe, tune) in &tunes {
+            assert_eq!(tune.kind, JobKind::Tune);
+            assert_eq!(tune.optimizer, recipe.optimizer);
+            assert_eq!(
+                (&tune.recipes, tune.seeds, tune.target),
+                (&None, None, None)
+            );
+            assert_eq!(tune.plan, race.plan);
+            tune.validate(&limits)
+                .unwrap_or_else(|error| panic!("{}: {error}", recipe.name));
+        }
+        let default_race = ValidSpec::parse(
+            r#"{"kind": "compare", "data": {"builtin": "spirals"}, "plan": {"epochs": 4}}"#,
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(
+            default_race.recipe_tune_specs().len(),
+            Recipe::DEFAULTS.len()
+        );
+        for (recipe, tune) in default_race.recipe_tune_specs() {
+            tune.validate(&limits)
+                .unwrap_or_else(|error| panic!("{}: {error}", recipe.name));
+        }
+        let tune = ValidSpec::parse(r#"{"data": {"builtin": "spirals"}}"#, &limits).unwrap();
+        assert!(tune.recipe_tune_specs().is_empty());
+    }
+
+    #[test]
+    fn kinds_round_trip_through_their_json_names() {
+        for kind in JobKind::ALL {
+            assert_eq!(JobKind::parse(kind.as_str()), Some(kind));
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+        }
+        assert_eq!(JobKind::parse("grid"), None);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use super::schedule::{OneCycle, Schedule};
 use super::sequential::load_initial_weights;
 use super::spec::{
     BackendChoice, Budget, Candidates, DeviceChoice, JobKind, JobSpec, Limits, OptimizerSpec,
-    SpecError,
+    SpecError, ValidSpec,
 };
 use super::suggest::{self, CurveEnd, Suggestions};
 use super::sweep::{
@@ -127,7 +127,7 @@ fn device_name(device: &Device) -> String {
 /// Runs a validated range test, sweep or tune on its loaded data (a `compare` job runs with
 /// [`super::compare::run_compare`]).
 pub fn run_job(
-    spec: &JobSpec,
+    spec: &ValidSpec,
     loaded: LoadedData,
     limits: &Limits,
     cancel: &AtomicBool,
@@ -149,7 +149,7 @@ pub fn run_job(
 /// The tune's machinery with the sweep's candidates trained on `schedule_for(peak, steps)`
 /// (OneCycle for a tune; a recipe's own schedule in a race).
 pub(crate) fn tune_with(
-    spec: &JobSpec,
+    spec: &ValidSpec,
     loaded: LoadedData,
     limits: &Limits,
     control: &mut Control<'_>,

@@ -14,8 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{body_rejection, ApiQuery};
 use super::{ApiError, AppState, ErrorBody};
 use crate::engine::data::{self, DataError, Task};
-use crate::engine::prepare::task_name;
-use crate::store::{new_id, DatasetRow, NewDataset};
+use crate::store::{new_id, DataFormat, DatasetRow, NewDataset};
 
 pub fn router(max_upload_bytes: usize) -> Router<AppState> {
     Router::new()
@@ -26,26 +25,6 @@ pub fn router(max_upload_bytes: usize) -> Router<AppState> {
                 .layer(DefaultBodyLimit::max(max_upload_bytes)),
         )
         .route("/datasets/{id}", get(show))
-}
-
-#[derive(Deserialize, ToSchema, Clone, Copy, PartialEq, Eq, Debug)]
-#[serde(rename_all = "snake_case")]
-pub enum UploadFormat {
-    Csv,
-    Text,
-    Idx,
-    Npy,
-}
-
-impl UploadFormat {
-    fn as_str(self) -> &'static str {
-        match self {
-            UploadFormat::Csv => "csv",
-            UploadFormat::Text => "text",
-            UploadFormat::Idx => "idx",
-            UploadFormat::Npy => "npy",
-        }
-    }
 }
 
 #[derive(Deserialize, ToSchema, Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -61,7 +40,7 @@ pub enum UploadTask {
 #[into_params(parameter_in = Query)]
 pub struct UploadQuery {
     /// `csv` or `text` (the raw body), `idx` or `npy` (multipart parts `x` and `y`).
-    pub format: UploadFormat,
+    pub format: DataFormat,
     pub name: Option<String>,
     /// CSV: the target column by name (default: the last column).
     pub target: Option<String>,
@@ -74,7 +53,8 @@ pub struct UploadQuery {
 pub struct DatasetView {
     pub id: String,
     pub name: Option<String>,
-    pub format: String,
+    #[schema(value_type = String)]
+    pub format: DataFormat,
     pub target: Option<String>,
     /// Rows (CSV, NPY), images (IDX) or characters (text).
     pub rows: i64,
@@ -83,7 +63,8 @@ pub struct DatasetView {
     pub classes: Option<i64>,
     /// Distinct characters of a text corpus.
     pub vocabulary: Option<i64>,
-    pub task: String,
+    #[schema(value_type = String)]
+    pub task: Task,
     pub sha256: String,
     pub bytes: i64,
     pub created_at: String,
@@ -125,13 +106,13 @@ pub async fn upload(
 ) -> Result<Response, ApiError> {
     let limit = state.settings.max_upload_bytes;
     let (x, y) = match query.format {
-        UploadFormat::Csv | UploadFormat::Text => {
+        DataFormat::Csv | DataFormat::Text => {
             let body = Bytes::from_request(request, &state)
                 .await
                 .map_err(|rejection| body_rejection(rejection, limit))?;
             (body.to_vec(), None)
         }
-        UploadFormat::Idx | UploadFormat::Npy => {
+        DataFormat::Idx | DataFormat::Npy => {
             let multipart =
                 Multipart::from_request(request, &state)
                     .await
@@ -190,14 +171,14 @@ pub async fn upload(
     let row = DatasetRow {
         id: new_id("ds"),
         name: query.name,
-        format: format.as_str().to_string(),
+        format,
         target: query.target,
         rows: summary.rows as i64,
         features: summary.features as i64,
         sample_shape: summary.sample_shape.iter().map(|d| *d as i64).collect(),
         classes: summary.classes.map(|c| c as i64),
         vocabulary: summary.vocabulary.map(|v| v as i64),
-        task: task_name(summary.task).to_string(),
+        task: summary.task,
         sha256: format!("{:x}", hasher.finalize()),
         bytes: bytes as i64,
         created_at: String::new(),
@@ -264,7 +245,7 @@ struct Summary {
 /// Parses an upload completely. A CSV's header is read first, and a file wider than
 /// `max_columns` is refused before any of its rows is parsed.
 fn describe(
-    format: UploadFormat,
+    format: DataFormat,
     x: &[u8],
     y: Option<&[u8]>,
     target: Option<&str>,
@@ -273,7 +254,7 @@ fn describe(
 ) -> Result<Summary, ApiError> {
     let y = y.unwrap_or_default();
     let dataset = match format {
-        UploadFormat::Csv => {
+        DataFormat::Csv => {
             // Counted before the header is read: the reader keeps an entry per cell.
             let columns = data::CsvFile::header_width(x);
             if columns > max_columns {
@@ -286,9 +267,9 @@ fn describe(
             }
             data::CsvFile::open(x).and_then(|file| file.read(target, task))
         }
-        UploadFormat::Idx => data::read_idx(x, y),
-        UploadFormat::Npy => data::read_npy(x, y, task),
-        UploadFormat::Text => return describe_text(x).map_err(data_error),
+        DataFormat::Idx => data::read_idx(x, y),
+        DataFormat::Npy => data::read_npy(x, y, task),
+        DataFormat::Text => return describe_text(x).map_err(data_error),
     };
     let info = dataset.map_err(data_error)?.info();
     Ok(Summary {

@@ -14,9 +14,10 @@ use super::error::{ApiJson, ApiQuery};
 use super::{ApiError, AppState, ErrorBody};
 use crate::engine::admission::admit_job;
 use crate::engine::spec::{JobKind, WeightsSource};
-use crate::engine::JobSpec;
+use crate::engine::ValidSpec;
 use crate::store::{
-    new_id, JobError, JobRow, JobStatus, ListFilter, NewJob, PointRow, RacePointRow, SweepRunRow,
+    new_id, DataFormat, JobError, JobRow, JobStatus, ListFilter, NewJob, PointRow, RacePointRow,
+    SweepRunRow,
 };
 use crate::worker::planned_shape;
 
@@ -41,7 +42,8 @@ pub struct Progress {
 #[derive(Serialize, ToSchema)]
 pub struct Job {
     pub id: String,
-    pub kind: String,
+    #[schema(value_type = String)]
+    pub kind: JobKind,
     pub name: Option<String>,
     pub status: JobStatus,
     pub progress: Progress,
@@ -113,16 +115,16 @@ pub async fn submit(
     State(state): State<AppState>,
     ApiJson(body): ApiJson,
 ) -> Result<Response, ApiError> {
-    let spec = JobSpec::from_value(body)?;
-    spec.validate(&state.limits)?;
+    let spec = ValidSpec::from_value(body, &state.limits)?;
     check_data(&state, &spec).await?;
-    let canonical = serde_json::to_string(&spec)
+    // What the worker reads back with `ValidSpec::from_stored`.
+    let stored = serde_json::to_string(&spec)
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("encoding the spec: {e}")))?;
     let new = NewJob {
         id: new_id("job"),
-        kind: spec.kind.as_str().to_string(),
+        kind: spec.kind,
         name: spec.name.clone(),
-        spec: canonical,
+        spec: stored,
     };
     let row = state
         .store
@@ -142,7 +144,7 @@ pub async fn submit(
 }
 
 /// What can be checked about the data before a job is queued.
-async fn check_data(state: &AppState, spec: &JobSpec) -> Result<(), ApiError> {
+async fn check_data(state: &AppState, spec: &ValidSpec) -> Result<(), ApiError> {
     match spec.init.as_ref().map(|init| &init.weights) {
         Some(WeightsSource::Path(_)) => {
             return Err(ApiError::invalid(
@@ -180,13 +182,13 @@ async fn check_data(state: &AppState, spec: &JobSpec) -> Result<(), ApiError> {
             )
         })?;
         let wants_text = spec.model.context().is_some();
-        if (dataset.format == "text") != wants_text {
+        if (dataset.format == DataFormat::Text) != wants_text {
             return Err(ApiError::invalid(
                 "model.arch",
                 if wants_text {
                     format!(
                         "dataset {id} is {} data: a language model (a transformer, or a layer list with a context) needs a text dataset",
-                        dataset.format
+                        dataset.format.as_str()
                     )
                 } else {
                     format!(
@@ -383,7 +385,7 @@ pub async fn curve(
     let job = find(&state, &id).await?;
     let race_points = state.store.race_points(&id, 0).await?;
     let cell = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
-    if query.format == Some(CurveFormat::Csv) && job.kind == JobKind::Compare.as_str() {
+    if query.format == Some(CurveFormat::Csv) && job.kind == JobKind::Compare {
         let mut text = String::from("recipe,seed,step,seconds,val_loss,val_accuracy\n");
         for point in &race_points {
             text.push_str(&format!(

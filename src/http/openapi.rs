@@ -25,7 +25,7 @@ use super::{datasets, error, events, health, jobs, tools, weights, AppState};
         error::ErrorBody, error::ErrorDetail, jobs::Job, jobs::JobList, jobs::Progress,
         jobs::Curve, jobs::CurvePoint, jobs::SweepRun, jobs::RacePoint, datasets::DatasetView, datasets::DatasetList, tools::AnalyzeRequest,
         weights::WeightsView, weights::WeightsList, weights::TensorView,
-        health::Health, jobs::CurveFormat, datasets::UploadFormat, datasets::UploadTask,
+        health::Health, jobs::CurveFormat, crate::store::DataFormat, datasets::UploadTask,
         crate::store::JobStatus, crate::store::JobError,
     )),
     modifiers(&BearerAuth, &RetryLater),

@@ -2,14 +2,54 @@
 //! job's spec, when a job runs on them). The bytes live in the database, so that a worker on
 //! any host can read them.
 
-use super::StoreError;
+use serde::{Deserialize, Serialize};
+
+use super::{parse_column, StoreError};
+use crate::engine::data::Task;
+
+// How a dataset's bytes are laid out: `csv` and `text` are one part (`x`), `idx` and `npy`
+// two (`x` and `y`). It is the upload's `format` query parameter too, named `UploadFormat`
+// (and without a description) in the OpenAPI document, as before the store held it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[schema(as = UploadFormat)]
+pub enum DataFormat {
+    Csv,
+    Text,
+    Idx,
+    Npy,
+}
+
+impl DataFormat {
+    pub const ALL: [DataFormat; 4] = [
+        DataFormat::Csv,
+        DataFormat::Text,
+        DataFormat::Idx,
+        DataFormat::Npy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataFormat::Csv => "csv",
+            DataFormat::Text => "text",
+            DataFormat::Idx => "idx",
+            DataFormat::Npy => "npy",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<DataFormat> {
+        DataFormat::ALL
+            .into_iter()
+            .find(|format| format.as_str() == text)
+    }
+}
 
 /// What a dataset holds, as validated at upload.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DatasetRow {
     pub id: String,
     pub name: Option<String>,
-    pub format: String,
+    pub format: DataFormat,
     pub target: Option<String>,
     pub rows: i64,
     pub features: i64,
@@ -17,7 +57,7 @@ pub struct DatasetRow {
     pub classes: Option<i64>,
     /// Distinct characters of a text corpus.
     pub vocabulary: Option<i64>,
-    pub task: String,
+    pub task: Task,
     pub sha256: String,
     pub bytes: i64,
     pub created_at: String,
@@ -61,15 +101,15 @@ impl TryFrom<DatasetRecord> for DatasetRow {
         Ok(DatasetRow {
             sample_shape: serde_json::from_str(&record.sample_shape)
                 .map_err(|e| StoreError::Corrupt(format!("dataset sample_shape: {e}")))?,
+            format: parse_column("dataset.format", &record.format, DataFormat::parse)?,
+            task: parse_column("dataset.task", &record.task, Task::parse)?,
             id: record.id,
             name: record.name,
-            format: record.format,
             target: record.target,
             rows: record.rows,
             features: record.features,
             classes: record.classes,
             vocabulary: record.vocabulary,
-            task: record.task,
             sha256: record.sha256,
             bytes: record.bytes,
             created_at: record.created_at,
@@ -109,4 +149,47 @@ pub(crate) struct ListedRecord {
     pub(crate) seq: i64,
     #[sqlx(flatten)]
     pub(crate) record: DatasetRecord,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(format: &str, task: &str) -> DatasetRecord {
+        DatasetRecord {
+            id: "ds_1".into(),
+            name: None,
+            format: format.into(),
+            target: None,
+            rows: 4,
+            features: 1,
+            sample_shape: "[1]".into(),
+            classes: None,
+            vocabulary: None,
+            task: task.into(),
+            sha256: String::new(),
+            bytes: 4,
+            created_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_stored_format_or_task_outside_its_enum_is_a_corrupt_row_naming_the_column() {
+        for format in DataFormat::ALL {
+            let row = DatasetRow::try_from(record(format.as_str(), "regression")).unwrap();
+            assert_eq!((row.format, row.task), (format, Task::Regression));
+        }
+        let corrupt = |record| match DatasetRow::try_from(record) {
+            Err(StoreError::Corrupt(message)) => message,
+            other => panic!("expected a corrupt row, got {other:?}"),
+        };
+        assert_eq!(
+            corrupt(record("parquet", "regression")),
+            r#"dataset.format "parquet" is not a known value"#
+        );
+        assert_eq!(
+            corrupt(record("csv", "ranking")),
+            r#"dataset.task "ranking" is not a known value"#
+        );
+    }
 }

@@ -5,7 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::StoreError;
+use super::{parse_column, StoreError};
+use crate::engine::spec::JobKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -88,7 +89,7 @@ pub struct JobError {
 pub struct JobRow {
     pub seq: i64,
     pub id: String,
-    pub kind: String,
+    pub kind: JobKind,
     pub name: Option<String>,
     pub spec: String,
     pub status: JobStatus,
@@ -147,9 +148,9 @@ impl TryFrom<JobRecord> for JobRow {
             })
             .transpose()?;
         Ok(JobRow {
+            kind: parse_column("job.kind", &record.kind, JobKind::parse)?,
             seq: record.seq,
             id: record.id,
-            kind: record.kind,
             name: record.name,
             spec: record.spec,
             status,
@@ -190,8 +191,9 @@ pub struct Attempt {
 
 pub struct NewJob {
     pub id: String,
-    pub kind: String,
+    pub kind: JobKind,
     pub name: Option<String>,
+    /// The job's spec as JSON, stored as given: the store does not read it.
     pub spec: String,
 }
 

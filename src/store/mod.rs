@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
-pub use dataset::{DatasetRow, NewDataset, StoredDataset};
+pub use dataset::{DataFormat, DatasetRow, NewDataset, StoredDataset};
 pub use job::{
     can_transition, nan_as_null, Attempt, FinalState, JobError, JobRow, JobStatus, ListFilter,
     NewJob, PointRow, ProgressUpdate, RacePointRow, ReapOutcome, SweepRunRow,
@@ -44,6 +44,17 @@ pub enum StoreError {
     /// The database answered, but cannot serve now (a read-only standby, say).
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
+}
+
+/// A TEXT column holding one of an enum's names, read into the enum; any other value is a
+/// corrupt row, named by `table.column`.
+pub(crate) fn parse_column<T>(
+    column: &str,
+    text: &str,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<T, StoreError> {
+    parse(text)
+        .ok_or_else(|| StoreError::Corrupt(format!("{column} {text:?} is not a known value")))
 }
 
 impl StoreError {

@@ -9,6 +9,8 @@ use tempfile::TempDir;
 
 use super::scratch::ScratchDatabase;
 use super::*;
+use crate::engine::data::Task;
+use crate::engine::spec::JobKind;
 
 struct TestDb {
     url: DatabaseUrl,
@@ -33,6 +35,39 @@ impl TestDb {
             _dir: None,
             _scratch: Some(scratch),
         })
+    }
+
+    /// Runs `sql` on the database behind the store's back, as a damaged file or another
+    /// version of lrtune could have written it (the tests' own SQL, with ids they made).
+    async fn tamper(&self, sql: &str) {
+        use sqlx::{ConnectOptions, Connection};
+        match &self.url {
+            DatabaseUrl::Postgres(url) => {
+                let mut connection = sqlx::PgConnection::connect(url).await.unwrap();
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+                    .execute(&mut connection)
+                    .await
+                    .unwrap();
+            }
+            DatabaseUrl::SqlitePath(path) => {
+                let mut connection = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(path)
+                    .connect()
+                    .await
+                    .unwrap();
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+                    .execute(&mut connection)
+                    .await
+                    .unwrap();
+            }
+            DatabaseUrl::SqliteUrl(url) => {
+                let mut connection = sqlx::SqliteConnection::connect(url).await.unwrap();
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+                    .execute(&mut connection)
+                    .await
+                    .unwrap();
+            }
+        }
     }
 
     async fn open(&self) -> Store {
@@ -80,6 +115,7 @@ store_suite!(
     cancels_stop_queued_jobs_and_flag_running_ones,
     failed_and_canceled_attempts_keep_their_points,
     datasets_keep_their_bytes_and_page_newest_first,
+    kinds_formats_and_tasks_read_back_as_written_and_an_unknown_one_is_a_corrupt_row,
     weights_keep_their_bytes_and_tensor_shapes_and_page_newest_first,
     changes_are_announced_to_the_process_that_made_them,
     health_is_ok_and_names_the_backend,
@@ -88,7 +124,7 @@ store_suite!(
 fn new_job(name: &str) -> NewJob {
     NewJob {
         id: new_id("job"),
-        kind: "tune".into(),
+        kind: JobKind::Tune,
         name: Some(name.into()),
         spec: format!(r#"{{"name": "{name}"}}"#),
     }
@@ -229,7 +265,7 @@ async fn jobs_are_listed_newest_first_in_pages_and_by_status(db: &TestDb) {
     );
 
     let job = store.get_job(&ids[1]).await.unwrap().unwrap();
-    assert_eq!(job.kind, "tune");
+    assert_eq!(job.kind, JobKind::Tune);
     assert_eq!(job.spec, r#"{"name": "job-1"}"#);
     assert_eq!(job.attempts, 0);
     assert!(
@@ -711,14 +747,14 @@ async fn datasets_keep_their_bytes_and_page_newest_first(db: &TestDb) {
         let row = DatasetRow {
             id: new_id("ds"),
             name: Some(format!("set-{index}")),
-            format: "npy".into(),
+            format: DataFormat::Npy,
             target: None,
             rows: 10 + index,
             features: 784,
             sample_shape: vec![1, 28, 28],
             classes: Some(10),
             vocabulary: None,
-            task: "classification".into(),
+            task: Task::Classification,
             sha256: "ab".repeat(32),
             bytes: bytes.len() as i64,
             created_at: String::new(),
@@ -760,6 +796,93 @@ async fn datasets_keep_their_bytes_and_page_newest_first(db: &TestDb) {
     let rest = store.list_datasets(2, Some(page[1].0)).await.unwrap();
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].1, stored[0]);
+}
+
+fn dataset(format: DataFormat, task: Task) -> NewDataset {
+    NewDataset {
+        row: DatasetRow {
+            id: new_id("ds"),
+            name: None,
+            format,
+            target: None,
+            rows: 4,
+            features: 1,
+            sample_shape: vec![1],
+            classes: None,
+            vocabulary: None,
+            task,
+            sha256: "cd".repeat(32),
+            bytes: 1,
+            created_at: String::new(),
+        },
+        x: vec![1],
+        y: None,
+    }
+}
+
+fn corrupt_message(error: StoreError) -> String {
+    match error {
+        StoreError::Corrupt(message) => message,
+        other => panic!("expected a corrupt row, got {other:?}"),
+    }
+}
+
+async fn kinds_formats_and_tasks_read_back_as_written_and_an_unknown_one_is_a_corrupt_row(
+    db: &TestDb,
+) {
+    let store = db.open().await;
+    for kind in JobKind::ALL {
+        let job = NewJob {
+            kind,
+            ..new_job(kind.as_str())
+        };
+        let inserted = store.insert_job(job, 100).await.unwrap().expect("queued");
+        assert_eq!(inserted.kind, kind);
+        assert_eq!(
+            store.get_job(&inserted.id).await.unwrap().unwrap().kind,
+            kind
+        );
+    }
+    for (format, task) in DataFormat::ALL
+        .into_iter()
+        .zip(Task::ALL.into_iter().cycle())
+    {
+        let inserted = store.insert_dataset(dataset(format, task)).await.unwrap();
+        let loaded = store.load_dataset(&inserted.id).await.unwrap().unwrap();
+        assert_eq!((loaded.row.format, loaded.row.task), (format, task));
+    }
+
+    let job = submit(&store, "renamed kind").await;
+    db.tamper(&format!(
+        "UPDATE job SET kind = 'grid' WHERE id = '{}'",
+        job.id
+    ))
+    .await;
+    let message = corrupt_message(store.get_job(&job.id).await.unwrap_err());
+    assert_eq!(message, r#"job.kind "grid" is not a known value"#);
+    assert!(store
+        .list_jobs(&ListFilter {
+            limit: 100,
+            ..ListFilter::default()
+        })
+        .await
+        .is_err());
+
+    let id = store
+        .insert_dataset(dataset(DataFormat::Csv, Task::Regression))
+        .await
+        .unwrap()
+        .id;
+    // The format column has a CHECK constraint on both backends (dataset.rs tests its
+    // conversion); the task has none.
+    db.tamper(&format!(
+        "UPDATE dataset SET task = 'auto' WHERE id = '{id}'"
+    ))
+    .await;
+    let message = corrupt_message(store.get_dataset(&id).await.unwrap_err());
+    assert_eq!(message, r#"dataset.task "auto" is not a known value"#);
+    let message = corrupt_message(store.load_dataset(&id).await.err().expect("a corrupt row"));
+    assert_eq!(message, r#"dataset.task "auto" is not a known value"#);
 }
 
 async fn weights_keep_their_bytes_and_tensor_shapes_and_page_newest_first(db: &TestDb) {

@@ -7,7 +7,7 @@ use crate::engine::admission::DataShape;
 use crate::engine::data::{self, Dataset, Task};
 use crate::engine::prepare::{read_bytes, text_context, Format};
 use crate::engine::{self, EngineError, JobSpec, LoadedData, SpecError};
-use crate::store::{DatasetRow, StoredDataset};
+use crate::store::{DataFormat, DatasetRow, StoredDataset};
 
 /// The stored datasets a job names, fetched before the blocking part starts.
 pub struct JobDatasets {
@@ -87,9 +87,7 @@ fn stored_rows(
     row: &DatasetRow,
     field: &str,
 ) -> Result<(usize, Vec<usize>, usize, Task), SpecError> {
-    let task = parse_task(&row.task).ok_or_else(|| {
-        SpecError::new(field, format!("dataset {} has task {:?}", row.id, row.task))
-    })?;
+    let task = row.task;
     let size = |value: i64| usize::try_from(value).unwrap_or(0);
     if task == Task::LanguageModel {
         let context = text_context(spec)?;
@@ -107,27 +105,22 @@ fn stored_rows(
     Ok((size(row.rows), sample_shape, output, task))
 }
 
-pub fn parse_task(name: &str) -> Option<Task> {
-    serde_json::from_value(serde_json::Value::String(name.to_string())).ok()
-}
-
 fn parse(stored: &StoredDataset, spec: &JobSpec, field: &str) -> Result<Dataset, EngineError> {
     let row = &stored.row;
-    let task = parse_task(&row.task);
+    let task = Some(row.task);
     let missing_y = || SpecError::new(field, format!("dataset {} has no y part", row.id));
-    let parsed = match row.format.as_str() {
-        "csv" => data::read_csv(&stored.x, row.target.as_deref(), task).map_err(EngineError::from),
-        "text" => read_bytes(Format::Text, &stored.x, None, spec),
-        "idx" => {
+    let parsed = match row.format {
+        DataFormat::Csv => {
+            data::read_csv(&stored.x, row.target.as_deref(), task).map_err(EngineError::from)
+        }
+        DataFormat::Text => read_bytes(Format::Text, &stored.x, None, spec),
+        DataFormat::Idx => {
             let labels = stored.y.as_deref().ok_or_else(missing_y)?;
             data::read_idx(&stored.x, labels).map_err(EngineError::from)
         }
-        "npy" => {
+        DataFormat::Npy => {
             let y = stored.y.as_deref().ok_or_else(missing_y)?;
             data::read_npy(&stored.x, y, task).map_err(EngineError::from)
-        }
-        other => {
-            return Err(SpecError::new(field, format!("unknown dataset format {other:?}")).into())
         }
     };
     parsed.map_err(|error| match error {

@@ -17,13 +17,13 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn, Instrument};
 
-pub use data::{parse_task, planned_shape, JobDatasets};
+pub use data::{planned_shape, JobDatasets};
 
 use crate::config::QueueConfig;
 use crate::engine::admission::admit_job;
 use crate::engine::compare::{run_compare, CompareResult};
 use crate::engine::spec::{JobKind, WeightsSource};
-use crate::engine::{self, EngineError, Event, JobOutput, JobSpec, Limits, LoadedData};
+use crate::engine::{self, EngineError, Event, JobOutput, JobSpec, Limits, LoadedData, ValidSpec};
 use crate::store::{
     nan_as_null, Attempt, Change, FinalState, JobError, JobRow, PointRow, ProgressUpdate,
     RacePointRow, Store, StoreError, SweepRunRow,
@@ -55,7 +55,7 @@ impl From<CompareResult> for RunOutput {
 pub trait JobRunner: Send + Sync + 'static {
     fn run(
         &self,
-        spec: &JobSpec,
+        spec: &ValidSpec,
         loaded: LoadedData,
         limits: &Limits,
         cancel: &AtomicBool,
@@ -68,7 +68,7 @@ pub struct EngineRunner;
 impl JobRunner for EngineRunner {
     fn run(
         &self,
-        spec: &JobSpec,
+        spec: &ValidSpec,
         loaded: LoadedData,
         limits: &Limits,
         cancel: &AtomicBool,
@@ -364,7 +364,8 @@ impl Worker {
     /// Runs the attempt to its end state; an `Err` is a failure to report on the job. What
     /// the engine reported and was not written yet stays in `flusher`, for the final write.
     async fn execute(&self, job: &JobRow, flusher: &mut Flusher) -> Result<FinalState, JobError> {
-        let spec = JobSpec::from_json(&job.spec).map_err(spec_error)?;
+        // Checked when it was submitted; only read back here.
+        let spec = ValidSpec::from_stored(&job.spec).map_err(spec_error)?;
         let datasets = self.fetch_datasets(&spec).await?;
         let initial_weights = self.fetch_weights(&spec).await?;
         // Admission again (limits may have changed since the submit, or the job was written

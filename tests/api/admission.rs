@@ -6,6 +6,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
+use lrtune::engine::spec::JobKind;
 use lrtune::store::{NewJob, Store};
 
 /// Submits a spec and returns the 422's field and message.
@@ -192,7 +193,7 @@ async fn a_job_the_worker_refuses_fails_with_the_reason_and_is_not_retried() {
         .insert_job(
             NewJob {
                 id: "job_admission".into(),
-                kind: "tune".into(),
+                kind: JobKind::Tune,
                 name: canonical.name.clone(),
                 spec: serde_json::to_string(&canonical).unwrap(),
             },
@@ -212,4 +213,33 @@ async fn a_job_the_worker_refuses_fails_with_the_reason_and_is_not_retried() {
         "{message}"
     );
     assert_eq!(job["progress"]["stage"], Value::Null, "nothing ran");
+}
+
+#[tokio::test]
+async fn a_job_queued_before_a_limit_was_lowered_runs_without_its_spec_being_checked_again() {
+    // The spec's checks ran at submit; the worker reads the stored spec back without running
+    // them again, so a limit lowered since (30 range-test steps above 25) does not fail it.
+    let app = spawn_app_configured(|settings| settings.limits.max_range_steps = 25).await;
+    let spec = tiny_spec();
+    let (status, body) = json_of(app.post_json("/v1/jobs", &spec).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["field"], "range_test.steps");
+    let queued = lrtune::engine::ValidSpec::from_value(spec, &Default::default()).unwrap();
+    let store = Store::open(&app.db_path).await.unwrap();
+    let row = store
+        .insert_job(
+            NewJob {
+                id: "job_before_the_limit".into(),
+                kind: queued.kind,
+                name: None,
+                spec: serde_json::to_string(&queued).unwrap(),
+            },
+            100,
+        )
+        .await
+        .unwrap()
+        .expect("queued");
+    let job = app.wait_until_finished(&row.id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["spec"]["range_test"]["steps"], 30, "{job}");
 }

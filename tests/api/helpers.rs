@@ -6,7 +6,7 @@ use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use lrtune::config::{ApiConfig, QueueConfig};
-use lrtune::engine::{EngineError, Event, JobSpec, Limits, LoadedData};
+use lrtune::engine::{EngineError, Event, Limits, LoadedData, ValidSpec};
 use lrtune::http::startup::{Application, Settings};
 use lrtune::worker::{EngineRunner, JobRunner, RunOutput};
 use reqwest::{Response, StatusCode};
@@ -276,7 +276,7 @@ pub struct GatedRunner {
 impl JobRunner for GatedRunner {
     fn run(
         &self,
-        spec: &JobSpec,
+        spec: &ValidSpec,
         loaded: LoadedData,
         limits: &Limits,
         cancel: &AtomicBool,
@@ -296,7 +296,7 @@ pub struct FaultyRunner;
 impl JobRunner for FaultyRunner {
     fn run(
         &self,
-        spec: &JobSpec,
+        spec: &ValidSpec,
         loaded: LoadedData,
         limits: &Limits,
         cancel: &AtomicBool,

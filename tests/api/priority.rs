@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use lrtune::engine::{EngineError, Event, JobSpec, Limits, LoadedData, SpecError};
+use lrtune::engine::{EngineError, Event, Limits, LoadedData, SpecError, ValidSpec};
 use lrtune::worker::priority::{this_thread_nice, COMPUTE_NICE};
 use lrtune::worker::{JobRunner, RunOutput};
 
@@ -18,7 +18,7 @@ struct NiceProbe {
 impl JobRunner for NiceProbe {
     fn run(
         &self,
-        _spec: &JobSpec,
+        _spec: &ValidSpec,
         _loaded: LoadedData,
         _limits: &Limits,
         _cancel: &std::sync::atomic::AtomicBool,

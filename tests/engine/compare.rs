@@ -1,7 +1,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use lrtune::engine::compare::{evaluation_steps, run_compare, CompareResult, RACE_POINTS};
-use lrtune::engine::{self, EngineError, Event, JobSpec, Limits};
+use lrtune::engine::{self, EngineError, Event, JobSpec, Limits, ValidSpec};
 
 /// A small race on spirals: two default recipes and a custom plateau one, two seeds.
 const SPIRALS_RACE: &str = r#"{
@@ -20,8 +20,7 @@ const SPIRALS_RACE: &str = r#"{
 }"#;
 
 fn race(spec_json: &str, cancel: &AtomicBool) -> (Result<CompareResult, EngineError>, Vec<Event>) {
-    let spec = JobSpec::from_json(spec_json).expect("spec parses");
-    spec.validate(&Limits::default()).expect("spec is valid");
+    let spec = ValidSpec::parse(spec_json, &Limits::default()).expect("a valid spec");
     let loaded = engine::load_local_data(&spec).expect("data loads");
     let mut events = Vec::new();
     let mut observer = |event: Event| {
@@ -38,8 +37,7 @@ fn race(spec_json: &str, cancel: &AtomicBool) -> (Result<CompareResult, EngineEr
 
 #[test]
 fn a_race_tunes_each_recipe_then_runs_every_seed_with_curves_targets_and_a_verdict() {
-    let spec = JobSpec::from_json(SPIRALS_RACE).unwrap();
-    spec.validate(&Limits::default()).unwrap();
+    let spec = ValidSpec::parse(SPIRALS_RACE, &Limits::default()).unwrap();
     let loaded = engine::load_local_data(&spec).unwrap();
     let cancel = AtomicBool::new(false);
     let mut progress = Vec::new();
@@ -218,9 +216,7 @@ fn a_race_spec_names_each_bad_field() {
         for (key, value) in edit.as_object().unwrap() {
             base.insert(key.clone(), value.clone());
         }
-        JobSpec::from_value(serde_json::Value::Object(base))
-            .and_then(|spec| spec.validate(&limits).map(|_| spec))
-            .expect_err("rejected")
+        ValidSpec::from_value(serde_json::Value::Object(base), &limits).expect_err("rejected")
     };
     let error = with(r#"{"recipes": ["sgd_one_cycle", "adam_onecycle"]}"#);
     assert_eq!(error.field, "recipes[1]");
@@ -260,7 +256,7 @@ fn a_race_spec_names_each_bad_field() {
 
 #[test]
 fn a_race_over_the_memory_limit_is_refused_before_any_step() {
-    let spec = JobSpec::from_json(SPIRALS_RACE).unwrap();
+    let spec = ValidSpec::parse(SPIRALS_RACE, &Limits::default()).unwrap();
     let limits = Limits {
         max_job_memory: 1024,
         ..Limits::default()
@@ -286,11 +282,11 @@ fn a_race_over_the_memory_limit_is_refused_before_any_step() {
 
 #[test]
 fn the_default_race_has_the_five_recipes_and_two_seeds() {
-    let spec = JobSpec::from_json(
+    let spec = ValidSpec::parse(
         r#"{"kind": "compare", "data": {"builtin": "mnist10k"}, "plan": {"epochs": 5}}"#,
+        &Limits::default(),
     )
     .unwrap();
-    spec.validate(&Limits::default()).unwrap();
     let names: Vec<String> = spec.compare_recipes().into_iter().map(|r| r.name).collect();
     assert_eq!(
         names,
@@ -305,7 +301,7 @@ fn the_default_race_has_the_five_recipes_and_two_seeds() {
     assert_eq!(spec.compare_seeds(), 2);
     assert_eq!(spec.compare_target(), 0.98);
     // The stored spec (recipes spelled out) parses back to the same race.
-    let mut stored = spec.clone();
+    let mut stored = spec.spec().clone();
     stored.recipes = Some(spec.compare_recipes());
     let text = serde_json::to_string(&stored).unwrap();
     assert_eq!(JobSpec::from_json(&text).unwrap(), stored);

@@ -6,7 +6,7 @@ use lrtune::engine::optim::Optimizer;
 use lrtune::engine::range_test::{run_range_test, RangeTestInputs};
 use lrtune::engine::schedule::Schedule;
 use lrtune::engine::spec::{OptimizerSpec, RangeTestSpec};
-use lrtune::engine::{self, Control, Event, JobSpec, Limits, SpecError};
+use lrtune::engine::{self, Control, Event, JobSpec, Limits, SpecError, ValidSpec};
 
 use super::{run, SPIRALS_TUNE};
 
@@ -302,8 +302,7 @@ fn a_spec_that_does_not_fit_the_data_names_the_field() {
         ),
     ];
     for (spec_json, field) in cases {
-        let spec = JobSpec::from_json(spec_json).unwrap();
-        spec.validate(&Limits::default()).unwrap();
+        let spec = ValidSpec::parse(spec_json, &Limits::default()).unwrap();
         let loaded = engine::load_local_data(&spec).unwrap();
         let cancel = AtomicBool::new(false);
         let error = engine::run_job(&spec, loaded, &Limits::default(), &cancel, &mut |_| {})
@@ -323,7 +322,7 @@ fn a_spec_that_does_not_fit_the_data_names_the_field() {
 
 #[test]
 fn a_canceled_job_stops_with_canceled() {
-    let spec = JobSpec::from_json(SPIRALS_TUNE).unwrap();
+    let spec = ValidSpec::parse(SPIRALS_TUNE, &Limits::default()).unwrap();
     let loaded = engine::load_local_data(&spec).unwrap();
     let cancel = AtomicBool::new(false);
     let mut steps = 0;

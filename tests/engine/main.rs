@@ -9,12 +9,11 @@ mod sequential;
 
 use std::sync::atomic::AtomicBool;
 
-use lrtune::engine::{self, Event, JobOutput, JobSpec, Limits};
+use lrtune::engine::{self, Event, JobOutput, Limits, ValidSpec};
 
 /// Parses, validates, loads and runs a spec, collecting its events.
 pub fn run(spec_json: &str) -> (JobOutput, Vec<Event>) {
-    let spec = JobSpec::from_json(spec_json).expect("spec parses");
-    spec.validate(&Limits::default()).expect("spec is valid");
+    let spec = ValidSpec::parse(spec_json, &Limits::default()).expect("a valid spec");
     let loaded = engine::load_local_data(&spec).expect("data loads");
     let cancel = AtomicBool::new(false);
     let mut events = Vec::new();

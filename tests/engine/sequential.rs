@@ -191,14 +191,12 @@ fn native_and_candle_backends_agree_on_the_range_test() {
 
 #[test]
 fn the_native_backend_refuses_cuda() {
-    let spec = lrtune::engine::JobSpec::from_json(
+    let error = lrtune::engine::ValidSpec::parse(
         r#"{"data": {"builtin": "spirals"}, "backend": "native", "device": "cuda",
             "model": {"arch": "sequential", "layers": [{"type": "linear", "out": 3}]}}"#,
+        &lrtune::engine::Limits::default(),
     )
-    .unwrap();
-    let error = spec
-        .validate(&lrtune::engine::Limits::default())
-        .unwrap_err();
+    .unwrap_err();
     assert_eq!(error.field, "backend");
 }
 

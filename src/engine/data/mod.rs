@@ -36,6 +36,24 @@ pub enum Task {
     LanguageModel,
 }
 
+impl Task {
+    pub const ALL: [Task; 3] = [Task::Classification, Task::Regression, Task::LanguageModel];
+
+    /// The task's name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Classification => "classification",
+            Task::Regression => "regression",
+            Task::LanguageModel => "language_model",
+        }
+    }
+
+    /// The task named `text` (its JSON name), if any.
+    pub fn parse(text: &str) -> Option<Task> {
+        Task::ALL.into_iter().find(|task| task.as_str() == text)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Features {
     /// Row-major values, rows * product(sample_shape). Tabular: sample_shape [features];
@@ -422,6 +440,15 @@ fn distinct_sorted(values: &[f64]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tasks_round_trip_through_their_json_names() {
+        for task in Task::ALL {
+            assert_eq!(Task::parse(task.as_str()), Some(task));
+            assert_eq!(serde_json::to_value(task).unwrap(), task.as_str());
+        }
+        assert_eq!(Task::parse("auto"), None);
+    }
 
     fn tabular(rows: usize) -> Dataset {
         Dataset {
