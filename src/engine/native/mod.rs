@@ -26,6 +26,7 @@ use super::rng::Rng;
 use super::simd::simd_kernel;
 use super::spec::{Activation, ModelSpec};
 
+mod attention;
 mod feedforward;
 mod layers;
 mod transformer;
@@ -903,6 +904,19 @@ pub(super) mod tests {
                     context: None,
                 },
                 dense(vec![3, 13, 11], 10, Task::Classification),
+            ),
+            (
+                ModelSpec::Sequential {
+                    layers: serde_json::from_str(
+                        r#"[{"type": "embedding", "dim": 48, "init_std": 0.02},
+                            {"type": "position_embedding"},
+                            {"type": "transformer_block", "heads": 4},
+                            {"type": "layer_norm"}, {"type": "linear", "out": 13}]"#,
+                    )
+                    .unwrap(),
+                    context: Some(21),
+                },
+                dense(vec![21], 13, Task::LanguageModel),
             ),
         ];
         let levels = Level::supported_levels();
