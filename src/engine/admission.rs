@@ -472,6 +472,28 @@ mod tests {
                 "{text}: planned {planned}, allocated {allocated}"
             );
         }
+
+        // The transformer preset as a layer list, on text.
+        let text = r#"{"data": {"path": "corpus.txt"}, "batch_size": 4, "model": {"arch": "sequential", "context": 12, "layers": [
+            {"type": "embedding", "dim": 16, "init_std": 0.02}, {"type": "position_embedding"},
+            {"type": "transformer_block", "heads": 2}, {"type": "transformer_block", "heads": 4},
+            {"type": "layer_norm"}, {"type": "linear", "out": 28}]}}"#;
+        let spec = spec(text);
+        let corpus = "abcdefghij klmnopqrstuvwxyz. ".repeat(40);
+        let loaded = crate::engine::prepare::read_pair(
+            crate::engine::prepare::Format::Text,
+            corpus.as_bytes(),
+            None,
+            None,
+            &spec,
+        )
+        .unwrap();
+        let (parameters, planned, allocated) = planned_and_allocated(&spec, loaded);
+        assert_eq!(parameters.0, parameters.1);
+        assert!(
+            planned >= allocated && planned <= 2 * allocated,
+            "planned {planned}, allocated {allocated}"
+        );
     }
 
     #[test]

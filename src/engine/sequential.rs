@@ -66,9 +66,21 @@ pub enum LayerSpec {
     },
     /// `nn.Flatten()`: every per-sample dimension into one.
     Flatten,
-    /// `nn.Embedding(vocab, dim)` on token ids (text data); the vocabulary is the data's.
+    /// `nn.Embedding(vocab, dim)` on token ids (text data); the vocabulary is the data's. Its
+    /// weight is drawn from N(0, init_std^2): nn.Embedding's N(0, 1) unless given.
     Embedding {
         dim: usize,
+        #[serde(default = "unit_std", skip_serializing_if = "is_unit_std")]
+        init_std: f64,
+    },
+    /// A learned absolute position embedding added to `[time, dim]` values: weight
+    /// `[time, dim]` (the model's context), drawn from N(0, 0.02^2).
+    PositionEmbedding,
+    /// A pre-norm transformer block on `[time, dim]`: `x + projection(attention(norm(x)))`
+    /// with causal multi-head attention over a fused `qkv` projection, then `x +
+    /// contract(gelu_tanh(expand(norm(x))))` with a 4x wider MLP.
+    TransformerBlock {
+        heads: usize,
     },
     Relu,
     Gelu {
@@ -88,6 +100,17 @@ pub enum LayerSpec {
 fn one() -> usize {
     1
 }
+
+fn unit_std() -> f64 {
+    1.0
+}
+
+fn is_unit_std(std: &f64) -> bool {
+    *std == 1.0
+}
+
+/// GPT-2's standard deviation for the position embedding's weight.
+const POSITION_EMBEDDING_STD: f64 = 0.02;
 
 /// `nn.GELU(approximate=...)`: the exact erf form (PyTorch's default) or the tanh form.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +134,8 @@ impl LayerSpec {
             LayerSpec::Dropout { .. } => "dropout",
             LayerSpec::Flatten => "flatten",
             LayerSpec::Embedding { .. } => "embedding",
+            LayerSpec::PositionEmbedding => "position_embedding",
+            LayerSpec::TransformerBlock { .. } => "transformer_block",
             LayerSpec::Relu => "relu",
             LayerSpec::Gelu { .. } => "gelu",
             LayerSpec::Tanh => "tanh",
@@ -173,7 +198,16 @@ pub fn validate(layers: &[LayerSpec], field: &str) -> Result<(), SpecError> {
                     format!("must be in [0, 1), got {p}"),
                 ));
             }
-            LayerSpec::Embedding { dim } => positive("dim", *dim)?,
+            LayerSpec::Embedding { dim, init_std } => {
+                positive("dim", *dim)?;
+                if !(init_std.is_finite() && *init_std >= 0.0) {
+                    return Err(SpecError::new(
+                        format!("{at}.init_std"),
+                        format!("must be a finite number of at least 0, got {init_std}"),
+                    ));
+                }
+            }
+            LayerSpec::TransformerBlock { heads } => positive("heads", *heads)?,
             LayerSpec::Residual { layers } => validate(layers, &format!("{at}.layers"))?,
             _ => {}
         }
@@ -237,6 +271,16 @@ enum Planned {
     Embedding {
         vocab: usize,
         dim: usize,
+        init_std: f64,
+    },
+    PositionEmbedding {
+        time: usize,
+        dim: usize,
+    },
+    TransformerBlock {
+        time: usize,
+        dim: usize,
+        heads: usize,
     },
     Relu,
     Gelu(GeluApproximation),
@@ -362,7 +406,7 @@ fn plan_layer(
         )
     };
     let dims = match (layer, sample) {
-        (LayerSpec::Embedding { dim }, Sample::Tokens { time, vocab }) => {
+        (LayerSpec::Embedding { dim, init_std }, Sample::Tokens { time, vocab }) => {
             counts.0 = counts
                 .0
                 .saturating_add((*vocab as u64).saturating_mul(*dim as u64));
@@ -370,6 +414,7 @@ fn plan_layer(
                 Planned::Embedding {
                     vocab: *vocab,
                     dim: *dim,
+                    init_std: *init_std,
                 },
                 Sample::Values(vec![*time, *dim]),
             ));
@@ -494,6 +539,55 @@ fn plan_layer(
             let total = dims.iter().product();
             (Planned::Flatten, Sample::Values(vec![total]))
         }
+        LayerSpec::PositionEmbedding => {
+            let &[time, dim] = &dims[..] else {
+                return Err(mismatch("[time, dim]"));
+            };
+            add_parameters(counts, (time as u64).saturating_mul(dim as u64));
+            (Planned::PositionEmbedding { time, dim }, same)
+        }
+        LayerSpec::TransformerBlock { heads } => {
+            let &[time, dim] = &dims[..] else {
+                return Err(mismatch("[time, dim]"));
+            };
+            if dim % heads != 0 {
+                return Err(SpecError::new(
+                    format!("{at}.heads"),
+                    format!(
+                        "{name}'s {heads} heads do not divide the {dim} values per position of \
+                         its input {dims:?}"
+                    ),
+                ));
+            }
+            let d = dim as u64;
+            // Two layer norms; qkv, projection, expand and contract with their biases.
+            let d_squared = d.saturating_mul(d);
+            add_parameters(
+                counts,
+                d_squared
+                    .saturating_mul(12)
+                    .saturating_add(d.saturating_mul(13)),
+            );
+            // The native step's saved values and backward scratch beyond the output (see
+            // `native::attention`, 32 values per output value in all, plus the attention
+            // weights and their gradient, `heads * time^2` each, and the norms' statistics),
+            // as activations counted three times.
+            let (t, h) = (time as u64, *heads as u64);
+            counts.1 = counts.1.saturating_add(
+                t.saturating_mul(d)
+                    .saturating_mul(10)
+                    .saturating_add(t)
+                    .saturating_add(h.saturating_mul(t).saturating_mul(t)),
+            );
+            (
+                Planned::TransformerBlock {
+                    time,
+                    dim,
+                    heads: *heads,
+                },
+                same,
+            )
+        }
         LayerSpec::Relu => (Planned::Relu, same),
         LayerSpec::Gelu { approximate } => (Planned::Gelu(*approximate), same),
         LayerSpec::Tanh => (Planned::Tanh, same),
@@ -547,12 +641,70 @@ pub(crate) enum Module {
     Dropout(f64),
     Flatten,
     Embedding(Var),
+    PositionEmbedding(Var),
+    TransformerBlock(Box<TransformerBlock>),
     Relu,
     Gelu(GeluApproximation),
     Tanh,
     Sigmoid,
     Silu,
     Residual(Vec<Module>),
+}
+
+/// A pre-norm transformer block's parameters (PyTorch layouts), in the order of the `transformer`
+/// preset's blocks (and of `named_parameters()` for a module that registers its submodules in
+/// this order): `norm_attention`, `norm_mlp`, `qkv`, `projection`, `expand`, `contract`, each
+/// `[weight, bias]`.
+pub(crate) struct TransformerBlock {
+    pub(crate) heads: usize,
+    norm_attention: [Var; 2],
+    norm_mlp: [Var; 2],
+    qkv: [Var; 2],
+    projection: [Var; 2],
+    expand: [Var; 2],
+    contract: [Var; 2],
+    /// `[time, time]`: 0 where a position may attend, -inf above the diagonal.
+    causal_mask: Tensor,
+}
+
+impl TransformerBlock {
+    /// `[batch, time, dim]` to `[batch, time, dim]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let [gain, shift] = &self.norm_attention;
+        let h = (x + self.attention(&layer_norm(x, gain, shift)?)?)?;
+        let [gain, shift] = &self.norm_mlp;
+        let [weight, bias] = &self.expand;
+        let expanded = linear(&layer_norm(&h, gain, shift)?, weight, bias)?.gelu()?;
+        let [weight, bias] = &self.contract;
+        &h + linear(&expanded, weight, bias)?
+    }
+
+    /// Causal multi-head self-attention, then the output projection.
+    fn attention(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (batch, time, dim) = x.dims3()?;
+        let head_dim = dim / self.heads;
+        let [weight, bias] = &self.qkv;
+        let qkv = linear(x, weight, bias)?.reshape((batch, time, 3, self.heads, head_dim))?;
+        // `[batch, heads, time, head_dim]` each.
+        let part = |index: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(2, index, 1)?
+                .squeeze(2)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (query, key, value) = (part(0)?, part(1)?, part(2)?);
+        let scores = (query.matmul(&key.t()?.contiguous()?)? / (head_dim as f64).sqrt())?
+            .broadcast_add(&self.causal_mask)?;
+        // candle_nn's `softmax_last_dim` has no backward pass; `softmax` is stock ops.
+        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let mixed = weights
+            .matmul(&value)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((batch, time, dim))?;
+        let [weight, bias] = &self.projection;
+        linear(&mixed, weight, bias)
+    }
 }
 
 /// A layer-list model on candle.
@@ -777,10 +929,70 @@ fn build_list(
             },
             Planned::Dropout { p } => Module::Dropout(*p),
             Planned::Flatten => Module::Flatten,
-            Planned::Embedding { vocab, dim } => {
-                // nn.Embedding: N(0, 1).
-                let var = normal_var(&[*vocab, *dim], 1.0, rng, device)?;
+            Planned::Embedding {
+                vocab,
+                dim,
+                init_std,
+            } => {
+                // nn.Embedding: N(0, 1), unless the spec gives another deviation.
+                let var = normal_var(&[*vocab, *dim], *init_std, rng, device)?;
                 Module::Embedding(parameter("weight", var))
+            }
+            Planned::PositionEmbedding { time, dim } => {
+                let var = normal_var(&[*time, *dim], POSITION_EMBEDDING_STD, rng, device)?;
+                Module::PositionEmbedding(parameter("weight", var))
+            }
+            Planned::TransformerBlock { time, dim, heads } => {
+                let d = *dim;
+                let norm = |parameter: &mut dyn FnMut(&str, Var) -> Var,
+                            prefix: &str|
+                 -> candle_core::Result<[Var; 2]> {
+                    Ok([
+                        parameter(
+                            &format!("{prefix}.weight"),
+                            Var::ones(d, DType::F32, device)?,
+                        ),
+                        parameter(
+                            &format!("{prefix}.bias"),
+                            Var::zeros(d, DType::F32, device)?,
+                        ),
+                    ])
+                };
+                let norm_attention = norm(&mut parameter, "norm_attention")?;
+                let norm_mlp = norm(&mut parameter, "norm_mlp")?;
+                // nn.Linear's U(-1/sqrt(in), 1/sqrt(in)), drawn in the preset's order.
+                let mut dense = |prefix: &str, inputs: usize, outputs: usize| {
+                    let bound = 1.0 / (inputs as f64).sqrt();
+                    let weight = uniform_var(&[outputs, inputs], bound, rng, device)?;
+                    let bias = uniform_var(&[outputs], bound, rng, device)?;
+                    candle_core::Result::Ok([
+                        parameter(&format!("{prefix}.weight"), weight),
+                        parameter(&format!("{prefix}.bias"), bias),
+                    ])
+                };
+                let qkv = dense("qkv", d, 3 * d)?;
+                let projection = dense("projection", d, d)?;
+                let expand = dense("expand", d, 4 * d)?;
+                let contract = dense("contract", 4 * d, d)?;
+                let mask: Vec<f32> = (0..time * time)
+                    .map(|i| {
+                        if i % time > i / time {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                Module::TransformerBlock(Box::new(TransformerBlock {
+                    heads: *heads,
+                    norm_attention,
+                    norm_mlp,
+                    qkv,
+                    projection,
+                    expand,
+                    contract,
+                    causal_mask: Tensor::from_vec(mask, (*time, *time), device)?,
+                }))
             }
             Planned::Relu => Module::Relu,
             Planned::Gelu(approximate) => Module::Gelu(*approximate),
@@ -856,6 +1068,8 @@ fn forward_layer(
                 .index_select(&x.flatten_all()?, 0)?
                 .reshape((batch, time, dim))
         }
+        Module::PositionEmbedding(weight) => x.broadcast_add(weight.as_tensor()),
+        Module::TransformerBlock(block) => block.forward(x),
         Module::Relu => x.relu(),
         Module::Gelu(GeluApproximation::None) => x.gelu_erf(),
         Module::Gelu(GeluApproximation::Tanh) => x.gelu(),
@@ -1084,7 +1298,7 @@ pub(crate) mod golden {
 
     pub(crate) fn cases() -> Vec<Case> {
         let golden: Golden = serde_json::from_str(GOLDEN).unwrap();
-        assert_eq!(golden.cases.len(), 5);
+        assert_eq!(golden.cases.len(), 6);
         golden.cases
     }
 
@@ -1244,6 +1458,183 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(error.field, "model.layers[0].layers[0].p");
+    }
+
+    #[test]
+    fn transformer_layers_name_their_field_and_shapes() {
+        let error = plan_error(
+            r#"[{"type": "embedding", "dim": 6}, {"type": "transformer_block", "heads": 4},
+                {"type": "linear", "out": 7}]"#,
+            &[5],
+            Task::LanguageModel,
+            7,
+        );
+        assert_eq!(error.field, "model.layers[1].heads");
+        assert_eq!(
+            error.message,
+            "transformer_block's 4 heads do not divide the 6 values per position of its input \
+             [5, 6]"
+        );
+
+        let error = plan_error(
+            r#"[{"type": "transformer_block", "heads": 2}, {"type": "flatten"},
+                {"type": "linear", "out": 3}]"#,
+            &[3, 4, 4],
+            Task::Classification,
+            3,
+        );
+        assert_eq!(error.field, "model.layers[0]");
+        assert_eq!(
+            error.message,
+            "transformer_block needs [time, dim], but its input is [3, 4, 4]"
+        );
+
+        let error = plan_error(
+            r#"[{"type": "linear", "out": 4}, {"type": "position_embedding"}]"#,
+            &[6],
+            Task::Regression,
+            4,
+        );
+        assert_eq!(error.field, "model.layers[1]");
+        assert_eq!(
+            error.message,
+            "position_embedding needs [time, dim], but its input is [4]"
+        );
+
+        let error = plan_error(
+            r#"[{"type": "position_embedding"}, {"type": "linear", "out": 7}]"#,
+            &[5],
+            Task::LanguageModel,
+            7,
+        );
+        assert_eq!(error.field, "model.layers[0]");
+        assert_eq!(
+            error.message,
+            "position_embedding needs values: the token ids must go through an embedding \
+             first, but its input is [5] token ids"
+        );
+
+        let error = validate(
+            &layers(r#"[{"type": "transformer_block", "heads": 0}]"#),
+            "model.layers",
+        )
+        .unwrap_err();
+        assert_eq!(error.field, "model.layers[0].heads");
+        assert_eq!(error.message, "transformer_block needs heads of at least 1");
+
+        let error = validate(
+            &layers(r#"[{"type": "embedding", "dim": 4, "init_std": -0.5}]"#),
+            "model.layers",
+        )
+        .unwrap_err();
+        assert_eq!(error.field, "model.layers[0].init_std");
+        assert_eq!(
+            error.message,
+            "must be a finite number of at least 0, got -0.5"
+        );
+
+        let error = serde_json::from_str::<Vec<LayerSpec>>(
+            r#"[{"type": "transformer_block", "heads": 2, "dim": 8}]"#,
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("unknown field `dim`"), "{error}");
+    }
+
+    /// Embedding, position embedding and two blocks: PyTorch's sizes (a block has 12 d^2 +
+    /// 13 d parameters), and the `state_dict()` names of the block's submodules, which load
+    /// back into a model built from another seed.
+    #[test]
+    fn a_transformer_layer_lists_state_dict_round_trips() {
+        let layers = layers(
+            r#"[{"type": "embedding", "dim": 8, "init_std": 0.02}, {"type": "position_embedding"},
+                {"type": "transformer_block", "heads": 2},
+                {"type": "residual", "layers": [{"type": "transformer_block", "heads": 4}]},
+                {"type": "layer_norm"}, {"type": "linear", "out": 5}]"#,
+        );
+        let plan = plan(&layers, &[6], Task::LanguageModel, 5).unwrap();
+        let block = 12 * 8 * 8 + 13 * 8;
+        assert_eq!(plan.parameters, 5 * 8 + 6 * 8 + 2 * block + 16 + 9 * 5);
+        let build = |seed| {
+            let sequential = Sequential::build(&plan, &mut Rng::new(seed), &Device::Cpu).unwrap();
+            let model = crate::engine::model::Model::build(
+                &crate::engine::spec::ModelSpec::Sequential {
+                    layers: layers.clone(),
+                    context: Some(6),
+                },
+                &crate::engine::model::ModelShape {
+                    input: vec![6],
+                    output: 5,
+                    task: Task::LanguageModel,
+                },
+                seed,
+                &Device::Cpu,
+            )
+            .unwrap();
+            (sequential, model)
+        };
+        let (source, _) = build(1);
+        let names: Vec<&str> = source.parameters.iter().map(|(n, _)| n.as_str()).collect();
+        let block_names = |prefix: &str| {
+            [
+                "norm_attention.weight",
+                "norm_attention.bias",
+                "norm_mlp.weight",
+                "norm_mlp.bias",
+                "qkv.weight",
+                "qkv.bias",
+                "projection.weight",
+                "projection.bias",
+                "expand.weight",
+                "expand.bias",
+                "contract.weight",
+                "contract.bias",
+            ]
+            .map(|suffix| format!("{prefix}.{suffix}"))
+        };
+        let mut want = vec!["0.weight".to_string(), "1.weight".to_string()];
+        want.extend(block_names("2"));
+        want.extend(block_names("3.0"));
+        want.extend(["4.weight", "4.bias", "5.weight", "5.bias"].map(String::from));
+        assert_eq!(names, want);
+        let shapes: Vec<Vec<usize>> = source
+            .parameters
+            .iter()
+            .map(|(_, var)| var.dims().to_vec())
+            .collect();
+        assert_eq!(shapes[1], [6, 8]);
+        assert_eq!(
+            &shapes[2..14],
+            &[
+                vec![8],
+                vec![8],
+                vec![8],
+                vec![8],
+                vec![24, 8],
+                vec![24],
+                vec![8, 8],
+                vec![8],
+                vec![32, 8],
+                vec![32],
+                vec![8, 32],
+                vec![8],
+            ]
+        );
+
+        let state: HashMap<String, Tensor> = source
+            .parameters
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().copy().unwrap()))
+            .collect();
+        let (_, target) = build(2);
+        let Layers(loaded) = layers_of(&target);
+        assert_ne!(
+            values(loaded.parameters[6].1.as_tensor()),
+            values(&state["2.qkv.weight"])
+        );
+        target.load_state_dict(&state).unwrap();
+        for (name, var) in &loaded.parameters {
+            assert_eq!(values(var.as_tensor()), values(&state[name]), "{name}");
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ safetensors.torch uses numpy when saving).
 """
 
 import json
+import math
 import os
 
 import torch
@@ -38,6 +39,46 @@ class Residual(nn.Sequential):
 
     def forward(self, x):
         return x + super().forward(x)
+
+
+class PositionEmbedding(nn.Module):
+    """lrtune's position_embedding: a learned [time, dim] weight added to every sample."""
+
+    def __init__(self, time, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(time, dim) * 0.02)
+
+    def forward(self, x):
+        return x + self.weight
+
+
+class TransformerBlock(nn.Module):
+    """lrtune's transformer_block: x + projection(causal attention(norm_attention(x))), then
+    x + contract(gelu_tanh(expand(norm_mlp(x)))). The submodules are registered in lrtune's
+    parameter order (both norms first), which is also the order nn.Linear draws in."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm_attention = nn.LayerNorm(dim)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.projection = nn.Linear(dim, dim)
+        self.expand = nn.Linear(dim, 4 * dim)
+        self.contract = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        batch, time, dim = x.shape
+        head_dim = dim // self.heads
+        qkv = self.qkv(self.norm_attention(x)).view(batch, time, 3, self.heads, head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4)
+        scores = query @ key.transpose(-2, -1) / math.sqrt(head_dim)
+        hidden = torch.ones(time, time, dtype=torch.bool).triu(1)
+        weights = scores.masked_fill(hidden, float("-inf")).softmax(-1)
+        mixed = (weights @ value).transpose(1, 2).reshape(batch, time, dim)
+        x = x + self.projection(mixed)
+        expanded = nn.functional.gelu(self.expand(self.norm_mlp(x)), approximate="tanh")
+        return x + self.contract(expanded)
 
 
 def conv_out(size, kernel, stride, padding):
@@ -81,7 +122,14 @@ def build_layer(layer, shape, vocab):
             size *= d
         return nn.Flatten(), [size]
     if kind == "embedding":
-        return nn.Embedding(vocab, layer["dim"]), shape + [layer["dim"]]
+        module = nn.Embedding(vocab, layer["dim"])
+        if "init_std" in layer:
+            nn.init.normal_(module.weight, std=layer["init_std"])
+        return module, shape + [layer["dim"]]
+    if kind == "position_embedding":
+        return PositionEmbedding(*shape), shape
+    if kind == "transformer_block":
+        return TransformerBlock(shape[-1], layer["heads"]), shape
     if kind == "relu":
         return nn.ReLU(), shape
     if kind == "tanh":
@@ -201,6 +249,22 @@ CASES = [
             {"type": "linear", "out": 7},
         ],
     },
+    {
+        "name": "char_transformer",
+        "seed": 106,
+        "perturb_norms": True,
+        "input_shape": [6],
+        "task": "language_model",
+        "outputs": 7,
+        "layers": [
+            {"type": "embedding", "dim": 8, "init_std": 0.5},
+            {"type": "position_embedding"},
+            {"type": "transformer_block", "heads": 2},
+            {"type": "transformer_block", "heads": 4},
+            {"type": "layer_norm"},
+            {"type": "linear", "out": 7},
+        ],
+    },
 ]
 
 
@@ -254,6 +318,15 @@ def run_case(case):
             bn.running_var.copy_(1 + torch.rand(n) * 0.5)
             bn.weight.copy_(1 + torch.randn(n) * 0.1)
             bn.bias.copy_(torch.randn(n) * 0.1)
+        # Layer norms off their ones and zeros, and a position embedding as large as the
+        # tokens', so that both count in the gradients (new cases only: the older ones keep
+        # their numbers).
+        for module in model.modules() if case.get("perturb_norms") else []:
+            if isinstance(module, nn.LayerNorm):
+                module.weight.copy_(1 + torch.randn_like(module.weight) * 0.1)
+                module.bias.copy_(torch.randn_like(module.bias) * 0.1)
+            if isinstance(module, PositionEmbedding):
+                module.weight.copy_(torch.randn_like(module.weight) * 0.5)
 
     x, y = make_data(case)
 

@@ -10,7 +10,9 @@
 use candle_core::{Tensor, Var};
 use rayon::prelude::*;
 
-use super::transformer::{norm_forward_rows, norm_input_grads, norm_parameter_grads};
+use super::attention::{
+    self, norm_forward_rows, norm_input_grads, norm_parameter_grads, BLOCK_VARS,
+};
 use super::{
     classification_loss_and_hits, cross_entropy, dense_backward, dense_forward, matmul,
     mean_squared_error, sequence_loss_and_hits, squared_error_sum, HostValues, Operand,
@@ -141,6 +143,16 @@ enum Kind {
     Embedding {
         weight: usize,
         dim: usize,
+    },
+    /// Parameter `weight`, `[time, dim]`, added to every sample.
+    PositionEmbedding {
+        weight: usize,
+    },
+    /// Parameters `weight..weight + BLOCK_VARS`.
+    TransformerBlock {
+        weight: usize,
+        block: Box<attention::Block>,
+        scratch: Box<attention::Scratch>,
     },
     Activation(Act),
     Residual {
@@ -277,6 +289,9 @@ impl Buffers {
                         Kind::Dropout { mask, .. } => mask.len() * 4,
                         Kind::Residual { chain, input_grad } => {
                             chain_bytes(chain) + input_grad.len() * 4
+                        }
+                        Kind::TransformerBlock { block, scratch, .. } => {
+                            (block.floats() + scratch.floats()) * 4
                         }
                         _ => 0,
                     }
@@ -427,6 +442,22 @@ fn build_chain(
                         dim,
                     },
                     vec![dims[0], dim],
+                )
+            }
+            Module::PositionEmbedding(_) => {
+                (Kind::PositionEmbedding { weight: param(1) }, dims.clone())
+            }
+            Module::TransformerBlock(block) => {
+                let [time, dim] = dims[..] else {
+                    candle_core::bail!("native step: transformer_block on {dims:?}");
+                };
+                (
+                    Kind::TransformerBlock {
+                        weight: param(BLOCK_VARS),
+                        block: Box::new(attention::Block::new(rows, time, dim, block.heads)),
+                        scratch: Box::new(attention::Scratch::new(rows, time, dim, block.heads)),
+                    },
+                    dims.clone(),
                 )
             }
             Module::Relu => (Kind::Activation(Act::Relu), dims.clone()),
@@ -666,6 +697,18 @@ fn forward_node(
                 row.copy_from_slice(&table[id as usize * *dim..][..*dim]);
             }
         }
+        Kind::PositionEmbedding { weight } => {
+            let table = params[*weight];
+            for (sample, x) in out
+                .chunks_exact_mut(table.len())
+                .zip(input.values().chunks_exact(table.len()))
+            {
+                add_into(sample, x, table);
+            }
+        }
+        Kind::TransformerBlock { weight, block, .. } => {
+            block.forward(input.values(), &params[*weight..][..BLOCK_VARS], out);
+        }
         Kind::Activation(act) => {
             let act = *act;
             input
@@ -881,6 +924,32 @@ fn backward_node(
                 for (t, &v) in table_grad[id as usize * *dim..][..*dim].iter_mut().zip(g) {
                     *t += v;
                 }
+            }
+        }
+        Kind::PositionEmbedding { weight } => {
+            let table_grad = &mut grads[*weight];
+            table_grad.fill(0.0);
+            for sample in grad_out.chunks_exact(table_grad.len()) {
+                add_assign(table_grad, sample);
+            }
+            if let Some(grad_in) = grad_in {
+                grad_in.copy_from_slice(grad_out);
+            }
+        }
+        Kind::TransformerBlock {
+            weight,
+            block,
+            scratch,
+        } => {
+            let p = &params[*weight..][..BLOCK_VARS];
+            let g = &mut grads[*weight..][..BLOCK_VARS];
+            // The block's backward pass turns d(loss)/d(output) into d(loss)/d(input) in place.
+            match grad_in {
+                Some(grad_in) => {
+                    grad_in.copy_from_slice(grad_out);
+                    block.backward(p, g, grad_in, scratch);
+                }
+                None => block.backward(p, g, &mut grad_out.to_vec(), scratch),
             }
         }
         Kind::Activation(act) => {
@@ -1170,6 +1239,24 @@ simd_kernel! {
 }
 
 simd_kernel! {
+    /// `out = x + table`, element by element.
+    fn add_into(out: &mut [f32], x: &[f32], table: &[f32]) {
+        for ((o, &x), &t) in out.iter_mut().zip(x).zip(table) {
+            *o = x + t;
+        }
+    }
+}
+
+simd_kernel! {
+    /// `sum += values`, element by element.
+    fn add_assign(sum: &mut [f32], values: &[f32]) {
+        for (s, &v) in sum.iter_mut().zip(values) {
+            *s += v;
+        }
+    }
+}
+
+simd_kernel! {
     fn row_sum(row: &[f32]) -> f32 {
         sum(row)
     }
@@ -1385,7 +1472,7 @@ mod tests {
     use crate::engine::sequential::golden;
     use crate::engine::spec::ModelSpec;
 
-    /// The native step on PyTorch's five golden networks: the eval-mode loss of the saved
+    /// The native step on PyTorch's six golden networks: the eval-mode loss of the saved
     /// weights, then the training loss, every gradient and batch norm's running statistics.
     #[test]
     fn the_native_step_matches_pytorch_on_the_golden_networks() {
@@ -1534,6 +1621,15 @@ mod tests {
                 vec![2, 5, 5],
                 Task::Classification,
                 3,
+            ),
+            (
+                r#"[{"type": "embedding", "dim": 8, "init_std": 0.3}, {"type": "position_embedding"},
+                    {"type": "transformer_block", "heads": 2}, {"type": "dropout", "p": 0.1},
+                    {"type": "residual", "layers": [{"type": "transformer_block", "heads": 4}]},
+                    {"type": "layer_norm"}, {"type": "linear", "out": 5}]"#,
+                vec![7],
+                Task::LanguageModel,
+                5,
             ),
         ];
         for (layers, input, task, output) in cases {

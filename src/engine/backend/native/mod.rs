@@ -28,6 +28,7 @@ use crate::engine::rng::Rng;
 use crate::engine::simd::simd_kernel;
 use crate::engine::spec::ModelSpec;
 
+mod attention;
 mod layers;
 mod transformer;
 
@@ -895,6 +896,19 @@ pub(super) mod tests {
                     context: None,
                 },
                 dense(vec![3, 13, 11], 10, Task::Classification),
+            ),
+            (
+                ModelSpec::Sequential {
+                    layers: serde_json::from_str(
+                        r#"[{"type": "embedding", "dim": 48, "init_std": 0.02},
+                            {"type": "position_embedding"},
+                            {"type": "transformer_block", "heads": 4},
+                            {"type": "layer_norm"}, {"type": "linear", "out": 13}]"#,
+                    )
+                    .unwrap(),
+                    context: Some(21),
+                },
+                dense(vec![21], 13, Task::LanguageModel),
             ),
         ];
         let levels = Level::supported_levels();
