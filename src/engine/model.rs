@@ -23,36 +23,6 @@ pub struct ModelShape {
     pub task: Task,
 }
 
-/// A fully connected layer `y = x W^T + b` with PyTorch's default initialisation.
-pub(crate) struct Dense {
-    weight: Var,
-    bias: Var,
-}
-
-impl Dense {
-    fn new(
-        inputs: usize,
-        outputs: usize,
-        rng: &mut Rng,
-        device: &Device,
-    ) -> candle_core::Result<Self> {
-        // nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both weight and bias.
-        let bound = 1.0 / (inputs as f64).sqrt();
-        Ok(Self {
-            weight: uniform_var(&[outputs, inputs], bound, rng, device)?,
-            bias: uniform_var(&[outputs], bound, rng, device)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        linear(x, &self.weight, &self.bias)
-    }
-
-    fn vars(&self) -> [&Var; 2] {
-        [&self.weight, &self.bias]
-    }
-}
-
 /// `x W^T + b` on the last dimension: `[rows, inputs]`, or any rank flattened to one matmul.
 pub(crate) fn linear(x: &Tensor, weight: &Var, bias: &Var) -> candle_core::Result<Tensor> {
     let weight_t = weight.as_tensor().t()?;
@@ -77,48 +47,9 @@ pub(crate) fn layer_norm(x: &Tensor, gain: &Var, shift: &Var) -> candle_core::Re
         .broadcast_add(shift.as_tensor())
 }
 
-pub(crate) struct LayerNorm {
-    gain: Var,
-    shift: Var,
-}
-
-impl LayerNorm {
-    fn new(size: usize, device: &Device) -> candle_core::Result<Self> {
-        Ok(Self {
-            gain: Var::ones(size, DType::F32, device)?,
-            shift: Var::zeros(size, DType::F32, device)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        layer_norm(x, &self.gain, &self.shift)
-    }
-}
-
-pub(crate) struct Block {
-    norm_attention: LayerNorm,
-    qkv: Dense,
-    projection: Dense,
-    norm_mlp: LayerNorm,
-    expand: Dense,
-    contract: Dense,
-}
-
-pub(crate) enum Layers {
-    Transformer {
-        token_embedding: Var,
-        position_embedding: Var,
-        blocks: Vec<Block>,
-        final_norm: LayerNorm,
-        head: Dense,
-        heads: usize,
-        causal_mask: Tensor,
-    },
-    Sequential(Sequential),
-}
-
 pub struct Model {
-    layers: Layers,
+    /// Every model is a layer list; a preset is built as the list it expands to.
+    layers: Sequential,
     shape: ModelShape,
     vars: Vec<Var>,
     device: Device,
@@ -144,8 +75,8 @@ impl Model {
         device: &Device,
     ) -> Result<Model, ModelError> {
         let mut rng = Rng::derive(seed, 0x1417);
-        let layers = build_layers(spec, shape, &mut rng, device)?;
-        let vars = collect_vars(&layers);
+        let layers = Sequential::build(&plan(spec, shape)?, &mut rng, device)?;
+        let vars = layers.vars().cloned().collect();
         let native = device.is_cpu();
         Ok(Model {
             layers,
@@ -193,7 +124,7 @@ impl Model {
         &self.device
     }
 
-    pub(crate) fn layers(&self) -> &Layers {
+    pub(crate) fn layers(&self) -> &Sequential {
         &self.layers
     }
 
@@ -221,27 +152,15 @@ impl Model {
 
     /// The parameters, then batch norm's running statistics: everything training changes.
     fn state_vars(&self) -> impl Iterator<Item = &Var> {
-        let buffers = match &self.layers {
-            Layers::Sequential(model) => Some(model.buffers()),
-            _ => None,
-        };
-        self.vars.iter().chain(buffers.into_iter().flatten())
+        self.vars.iter().chain(self.layers.buffers())
     }
 
-    /// Sets the weights from a PyTorch `state_dict()` (layer-list models only).
+    /// Sets the weights from a PyTorch `state_dict()` of the equivalent `nn.Sequential`.
     pub fn load_state_dict(
         &self,
         tensors: &std::collections::HashMap<String, Tensor>,
     ) -> Result<(), SpecError> {
-        match &self.layers {
-            Layers::Sequential(model) => model.load_state_dict(tensors),
-            // `JobSpec::validate` names the spec's arch; this is the same rule for a caller
-            // that skipped it.
-            _ => Err(SpecError::new(
-                "init.weights",
-                "initial weights need a layer-list model (arch \"sequential\")",
-            )),
-        }
+        self.layers.load_state_dict(tensors)
     }
 
     /// Predictions for a batch. `dropout_rng` is `Some` in training mode.
@@ -250,35 +169,7 @@ impl Model {
         x: &Tensor,
         dropout_rng: Option<&mut Rng>,
     ) -> candle_core::Result<Tensor> {
-        match &self.layers {
-            Layers::Transformer {
-                token_embedding,
-                position_embedding,
-                blocks,
-                final_norm,
-                head,
-                heads,
-                causal_mask,
-            } => {
-                let (batch, time) = x.dims2()?;
-                let d_model = token_embedding.dim(1)?;
-                let tokens = token_embedding
-                    .as_tensor()
-                    .index_select(&x.flatten_all()?, 0)?
-                    .reshape((batch, time, d_model))?;
-                let positions = position_embedding.as_tensor().narrow(0, 0, time)?;
-                let mut h = tokens.broadcast_add(&positions)?;
-                let mask = causal_mask.narrow(0, 0, time)?.narrow(1, 0, time)?;
-                for block in blocks {
-                    h = (&h
-                        + attention(&block.norm_attention.forward(&h)?, block, *heads, &mask)?)?;
-                    let expanded = ops::gelu(&block.expand.forward(&block.norm_mlp.forward(&h)?)?)?;
-                    h = (&h + block.contract.forward(&expanded)?)?;
-                }
-                head.forward(&final_norm.forward(&h)?)
-            }
-            Layers::Sequential(model) => model.forward(x, dropout_rng),
-        }
+        self.layers.forward(x, dropout_rng)
     }
 
     /// Predictions and the mean loss of the batch for this model's task.
@@ -312,34 +203,6 @@ pub fn correct_count(output: &Tensor, y: &Tensor) -> candle_core::Result<usize> 
     let predicted = output.argmax(D::Minus1)?;
     let hits = predicted.eq(y)?.to_dtype(DType::F32)?.sum_all()?;
     Ok(hits.to_scalar::<f32>()? as usize)
-}
-
-fn attention(
-    x: &Tensor,
-    block: &Block,
-    heads: usize,
-    mask: &Tensor,
-) -> candle_core::Result<Tensor> {
-    let (batch, time, d_model) = x.dims3()?;
-    let head_dim = d_model / heads;
-    let qkv = block
-        .qkv
-        .forward(x)?
-        .reshape((batch, time, 3, heads, head_dim))?;
-    let split = |index: usize| -> candle_core::Result<Tensor> {
-        qkv.narrow(2, index, 1)?
-            .squeeze(2)?
-            .transpose(1, 2)?
-            .contiguous()
-    };
-    let (query, key, value) = (split(0)?, split(1)?, split(2)?);
-    let scores = (query.matmul(&key.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(mask)?;
-    let weights = ops::softmax_last_dim(&scores)?;
-    let mixed = weights
-        .matmul(&value)?
-        .transpose(1, 2)?
-        .reshape((batch, time, d_model))?;
-    block.projection.forward(&mixed)
 }
 
 /// Inverted dropout with a mask from the engine's seeded generator.
@@ -502,7 +365,23 @@ pub fn layer_list(spec: &ModelSpec, shape: &ModelShape) -> Vec<LayerSpec> {
             ]);
             layers
         }
-        ModelSpec::Transformer { .. } => unreachable!("the transformer is built apart"),
+        ModelSpec::Transformer {
+            d_model,
+            heads,
+            layers: blocks,
+            ..
+        } => {
+            let mut layers = vec![
+                LayerSpec::Embedding {
+                    dim: *d_model,
+                    init_std: 0.02,
+                },
+                LayerSpec::PositionEmbedding,
+            ];
+            layers.extend((0..*blocks).map(|_| LayerSpec::TransformerBlock { heads: *heads }));
+            layers.extend([LayerSpec::LayerNorm, head]);
+            layers
+        }
     }
 }
 
@@ -520,123 +399,7 @@ pub fn plan(spec: &ModelSpec, shape: &ModelShape) -> Result<sequential::Plan, Sp
 /// The parameter count `Model::build` would give, computed from the spec alone. Arithmetic
 /// saturates, so a model too large to count is `u64::MAX`, above any limit.
 pub fn parameter_count(spec: &ModelSpec, shape: &ModelShape) -> u64 {
-    let dense = |inputs: u64, outputs: u64| inputs.saturating_add(1).saturating_mul(outputs);
-    match spec {
-        ModelSpec::Transformer {
-            d_model,
-            layers,
-            context,
-            ..
-        } => {
-            let output = shape.output as u64;
-            let d = *d_model as u64;
-            // Two layer norms, then qkv, projection, expand and contract.
-            let block = (4 * d)
-                .saturating_add(dense(d, d.saturating_mul(3)))
-                .saturating_add(dense(d, d))
-                .saturating_add(dense(d, d.saturating_mul(4)))
-                .saturating_add(dense(d.saturating_mul(4), d));
-            output
-                .saturating_mul(d)
-                .saturating_add((*context as u64).saturating_mul(d))
-                .saturating_add(block.saturating_mul(*layers as u64))
-                .saturating_add(d.saturating_mul(2))
-                .saturating_add(dense(d, output))
-        }
-        _ => plan(spec, shape).map_or(u64::MAX, |plan| plan.parameters),
-    }
-}
-
-fn build_layers(
-    spec: &ModelSpec,
-    shape: &ModelShape,
-    rng: &mut Rng,
-    device: &Device,
-) -> Result<Layers, ModelError> {
-    check_fits(spec, shape)?;
-    Ok(match spec {
-        ModelSpec::Transformer { .. } => build_transformer(spec, shape, rng, device)?,
-        _ => Layers::Sequential(Sequential::build(&plan(spec, shape)?, rng, device)?),
-    })
-}
-
-fn build_transformer(
-    spec: &ModelSpec,
-    shape: &ModelShape,
-    rng: &mut Rng,
-    device: &Device,
-) -> Result<Layers, ModelError> {
-    Ok(match spec {
-        ModelSpec::Transformer {
-            d_model,
-            heads,
-            layers,
-            context,
-        } => {
-            let vocab = shape.output;
-            let blocks = (0..*layers)
-                .map(|_| -> candle_core::Result<Block> {
-                    Ok(Block {
-                        norm_attention: LayerNorm::new(*d_model, device)?,
-                        qkv: Dense::new(*d_model, 3 * d_model, rng, device)?,
-                        projection: Dense::new(*d_model, *d_model, rng, device)?,
-                        norm_mlp: LayerNorm::new(*d_model, device)?,
-                        expand: Dense::new(*d_model, 4 * d_model, rng, device)?,
-                        contract: Dense::new(4 * d_model, *d_model, rng, device)?,
-                    })
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let mask: Vec<f32> = (0..context * context)
-                .map(|i| if i % context > i / context { -1e9 } else { 0.0 })
-                .collect();
-            Layers::Transformer {
-                token_embedding: normal_var(&[vocab, *d_model], 0.02, rng, device)?,
-                position_embedding: normal_var(&[*context, *d_model], 0.02, rng, device)?,
-                blocks,
-                final_norm: LayerNorm::new(*d_model, device)?,
-                head: Dense::new(*d_model, vocab, rng, device)?,
-                heads: *heads,
-                causal_mask: Tensor::from_vec(mask, (*context, *context), device)?,
-            }
-        }
-        _ => unreachable!("build_layers sends only the transformer here"),
-    })
-}
-
-fn collect_vars(layers: &Layers) -> Vec<Var> {
-    let mut vars = Vec::new();
-    match layers {
-        Layers::Sequential(model) => vars.extend(model.vars().cloned()),
-        Layers::Transformer {
-            token_embedding,
-            position_embedding,
-            blocks,
-            final_norm,
-            head,
-            ..
-        } => {
-            vars.push(token_embedding.clone());
-            vars.push(position_embedding.clone());
-            for block in blocks {
-                for norm in [&block.norm_attention, &block.norm_mlp] {
-                    vars.push(norm.gain.clone());
-                    vars.push(norm.shift.clone());
-                }
-                for layer in [
-                    &block.qkv,
-                    &block.projection,
-                    &block.expand,
-                    &block.contract,
-                ] {
-                    vars.extend(layer.vars().into_iter().cloned());
-                }
-            }
-            vars.push(final_norm.gain.clone());
-            vars.push(final_norm.shift.clone());
-            vars.extend(head.vars().into_iter().cloned());
-        }
-    }
-    vars
+    plan(spec, shape).map_or(u64::MAX, |plan| plan.parameters)
 }
 
 impl Module for Model {

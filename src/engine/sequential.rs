@@ -568,16 +568,15 @@ fn plan_layer(
                     .saturating_mul(12)
                     .saturating_add(d.saturating_mul(13)),
             );
-            // The native step's saved values and backward scratch beyond the output (see
-            // `native::attention`, 32 values per output value in all, plus the attention
-            // weights and their gradient, `heads * time^2` each, and the norms' statistics),
-            // as activations counted three times.
+            // The native step's saved values and backward scratch beyond the output and its
+            // gradient (see `native::attention`): 30 values per output value, the attention
+            // weights and their gradient (`heads * time^2` each) and the norms' statistics.
             let (t, h) = (time as u64, *heads as u64);
             counts.1 = counts.1.saturating_add(
                 t.saturating_mul(d)
-                    .saturating_mul(10)
-                    .saturating_add(t)
-                    .saturating_add(h.saturating_mul(t).saturating_mul(t)),
+                    .saturating_mul(30)
+                    .saturating_add(t.saturating_mul(2))
+                    .saturating_add(h.saturating_mul(t).saturating_mul(t).saturating_mul(2)),
             );
             (
                 Planned::TransformerBlock {
@@ -1763,9 +1762,6 @@ mod tests {
     struct Layers<'a>(&'a Sequential);
 
     fn layers_of(model: &Model) -> Layers<'_> {
-        match model.layers() {
-            crate::engine::model::Layers::Sequential(sequential) => Layers(sequential),
-            _ => panic!("not a layer list"),
-        }
+        Layers(model.layers())
     }
 }

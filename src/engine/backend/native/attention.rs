@@ -554,10 +554,10 @@ impl Block {
 mod tests {
     use candle_core::Device;
 
+    use crate::engine::backend::native::{evaluate, forward_backward};
     use crate::engine::batch::DeviceData;
     use crate::engine::data::{Dataset, Features, Targets, Task};
     use crate::engine::model::{parameter_count, Model, ModelShape};
-    use crate::engine::backend::native::{evaluate, forward_backward};
     use crate::engine::rng::Rng;
     use crate::engine::spec::ModelSpec;
 

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
-use crate::engine::model::{Layers, Model};
+use crate::engine::model::Model;
 use crate::engine::ops::{dot, exp, gelu_derivative, gelu_value, sum};
 use crate::engine::rng::Rng;
 use crate::engine::sequential::{GeluApproximation, Module, BATCH_NORM_MOMENTUM, NORM_EPS};
@@ -213,9 +213,7 @@ impl Buffers {
     }
 
     pub(super) fn new(model: &Model, rows: usize) -> candle_core::Result<Buffers> {
-        let Layers::Sequential(sequential) = model.layers() else {
-            candle_core::bail!("native step: not a layer list");
-        };
+        let sequential = model.layers();
         let shape = model.shape();
         let mut next_param = 0;
         let (chain, dims) = build_chain(
@@ -1506,9 +1504,7 @@ mod tests {
                     &format!("{} grad {name}", case.name),
                 );
             }
-            let Layers::Sequential(sequential) = model.layers() else {
-                unreachable!()
-            };
+            let sequential = model.layers();
             assert_eq!(
                 case.running_after.len(),
                 sequential.buffers().count(),

@@ -1,6 +1,6 @@
 //! The training step of every model on the CPU, written out by hand instead of recorded on
-//! candle's autograd tape (`feedforward` for linear, MLP and CNN models, `transformer` for the
-//! character transformer).
+//! candle's autograd tape: every layer type of a layer list (`layers`, with the attention
+//! block in `attention`), and so every preset, which expands to one.
 //!
 //! candle's tape makes a fresh tensor for every intermediate and every gradient, and adds each
 //! gradient into a freshly zeroed tensor of its own size; on an MLP that bookkeeping cost as
@@ -21,7 +21,7 @@ use gemm::Parallelism;
 use super::{Evaluation, EVAL_CHUNK};
 use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
-use crate::engine::model::{Layers, Model, ModelShape};
+use crate::engine::model::{Model, ModelShape};
 use crate::engine::ops::{exp, max_value, sum};
 use crate::engine::optim::Optimizer;
 use crate::engine::rng::Rng;
@@ -30,7 +30,6 @@ use crate::engine::spec::ModelSpec;
 
 mod attention;
 mod layers;
-mod transformer;
 
 /// Matrix products below this many multiply-adds run on one thread; above it gemm decides how
 /// to split them. With `lrtune bench`, thresholds from 0 to 2^24 gave the same times within the
@@ -445,31 +444,9 @@ impl<'a> HostValues<'a> {
 
 /// What the native step keeps between steps, sized for one batch size.
 pub struct Workspace {
-    buffers: Buffers,
+    buffers: Box<layers::Buffers>,
     /// One gradient per model variable, in `Model::vars` order.
     pub grads: Vec<Vec<f32>>,
-}
-
-enum Buffers {
-    Transformer(Box<transformer::Buffers>),
-    Layers(Box<layers::Buffers>),
-}
-
-impl Buffers {
-    /// Rows (sequences, for the transformer) per batch.
-    fn rows(&self) -> usize {
-        match self {
-            Buffers::Transformer(buffers) => buffers.batch(),
-            Buffers::Layers(buffers) => buffers.rows(),
-        }
-    }
-
-    fn fits(&self, rows: usize, time: usize) -> bool {
-        match self {
-            Buffers::Transformer(buffers) => buffers.fits(rows, time),
-            Buffers::Layers(buffers) => buffers.rows() == rows,
-        }
-    }
 }
 
 /// The bytes a workspace for batches of `rows` rows takes (buffers, not the gradients), from
@@ -478,27 +455,21 @@ impl Buffers {
 /// The plan counts what each layer keeps (see `sequential::Plan::activations_per_sample`);
 /// the batch's input and targets come on top.
 pub fn planned_buffer_bytes(spec: &ModelSpec, shape: &ModelShape, rows: usize) -> u64 {
-    match spec {
-        ModelSpec::Transformer { .. } => transformer::planned_bytes(spec, shape, rows as u64),
-        _ => crate::engine::model::plan(spec, shape).map_or(u64::MAX, |plan| {
-            let input: u64 = shape.input.iter().map(|&d| d as u64).product();
-            plan.activations_per_sample
-                .saturating_add(input)
-                .saturating_add(shape.output as u64)
-                .saturating_mul(rows as u64)
-                .saturating_mul(4)
-        }),
-    }
+    crate::engine::model::plan(spec, shape).map_or(u64::MAX, |plan| {
+        let input: u64 = shape.input.iter().map(|&d| d as u64).product();
+        plan.activations_per_sample
+            .saturating_add(input)
+            .saturating_add(shape.output as u64)
+            .saturating_mul(rows as u64)
+            .saturating_mul(4)
+    })
 }
 
 impl Workspace {
     /// Bytes held by the buffers (not the gradients).
     #[cfg(test)]
     pub(crate) fn allocated_buffer_bytes(&self) -> usize {
-        match &self.buffers {
-            Buffers::Transformer(buffers) => buffers.allocated_bytes(),
-            Buffers::Layers(buffers) => buffers.allocated_bytes(),
-        }
+        self.buffers.allocated_bytes()
     }
 }
 
@@ -559,46 +530,17 @@ fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     result.expect("the scope ran the closure")
 }
 
-/// The workspace for batches of `rows` rows of `data`, (re)built when the model has none or
+/// The workspace for batches of `rows` rows, (re)built when the model has none or
 /// one of another shape.
 fn workspace_for<'w>(
     model: &Model,
     workspace: &'w mut Option<Workspace>,
-    data: &DeviceData,
     rows: usize,
 ) -> candle_core::Result<&'w mut Workspace> {
-    let time = match model.layers() {
-        Layers::Transformer {
-            position_embedding,
-            heads,
-            ..
-        } => {
-            let (time, context) = (data.x.dim(1)?, position_embedding.dim(0)?);
-            let d_model = position_embedding.dim(1)?;
-            if *heads == 0 || d_model % heads != 0 {
-                candle_core::bail!("{heads} heads do not divide d_model {d_model}");
-            }
-            if time > context {
-                candle_core::bail!(
-                    "sequences of {time} tokens are longer than the model's context of {context}"
-                );
-            }
-            time
-        }
-        _ => 0,
-    };
-    if workspace
-        .as_ref()
-        .is_none_or(|w| !w.buffers.fits(rows, time))
-    {
+    if workspace.as_ref().is_none_or(|w| w.buffers.rows() != rows) {
         // Drop the old buffers first, so two sets never coexist (admission counts one).
         *workspace = None;
-        let buffers = match model.layers() {
-            Layers::Transformer { .. } => {
-                Buffers::Transformer(Box::new(transformer::Buffers::new(model, rows, time)))
-            }
-            Layers::Sequential(_) => Buffers::Layers(Box::new(layers::Buffers::new(model, rows)?)),
-        };
+        let buffers = Box::new(layers::Buffers::new(model, rows)?);
         *workspace = Some(Workspace {
             buffers,
             grads: model
@@ -637,7 +579,7 @@ pub fn evaluate(
         .as_ref()
         .map_or(default_rows.min(data.rows), |w| w.buffers.rows())
         .max(1);
-    let workspace = workspace_for(model, workspace, data, batch)?;
+    let workspace = workspace_for(model, workspace, batch)?;
     let guards = parameter_guards(model)?;
     let params = guards
         .iter()
@@ -650,12 +592,8 @@ pub fn evaluate(
         rows.clear();
         rows.extend(start..start + len);
         rows.resize(batch, start + len - 1);
-        let (loss, correct) = match &mut workspace.buffers {
-            Buffers::Transformer(buffers) => {
-                transformer::evaluate_batch(buffers, &params, data, &rows, len)?
-            }
-            Buffers::Layers(buffers) => layers::evaluate_batch(buffers, &params, data, &rows, len)?,
-        };
+        let (loss, correct) =
+            layers::evaluate_batch(&mut workspace.buffers, &params, data, &rows, len)?;
         loss_sum += loss;
         hits += correct;
     }
@@ -678,25 +616,20 @@ pub fn forward_backward(
     rows: &[usize],
     dropout_rng: &mut Rng,
 ) -> candle_core::Result<f64> {
-    let workspace = workspace_for(model, workspace, data, rows.len())?;
+    let workspace = workspace_for(model, workspace, rows.len())?;
     let guards = parameter_guards(model)?;
     let params = guards
         .iter()
         .map(HostValues::f32)
         .collect::<candle_core::Result<Vec<_>>>()?;
-    match &mut workspace.buffers {
-        Buffers::Transformer(buffers) => {
-            transformer::forward_backward(buffers, &params, &mut workspace.grads, data, rows)
-        }
-        Buffers::Layers(buffers) => layers::forward_backward(
-            buffers,
-            &params,
-            &mut workspace.grads,
-            data,
-            rows,
-            dropout_rng,
-        ),
-    }
+    layers::forward_backward(
+        &mut workspace.buffers,
+        &params,
+        &mut workspace.grads,
+        data,
+        rows,
+        dropout_rng,
+    )
 }
 
 #[cfg(test)]
