@@ -37,12 +37,16 @@ pub(crate) fn linear(x: &Tensor, weight: &Var, bias: &Var) -> candle_core::Resul
             .matmul(&weight_t)?
             .reshape(out_shape)?
     };
-    ops::add_bias(&y, bias.as_tensor())
+    y.broadcast_add(bias.as_tensor())
 }
 
-/// Layer norm over the last dimension, then `* gain + shift`.
+/// Layer norm over the last dimension (PyTorch's: biased variance, eps 1e-5), then
+/// `* gain + shift`, in stock candle ops so that it runs on any device.
 pub(crate) fn layer_norm(x: &Tensor, gain: &Var, shift: &Var) -> candle_core::Result<Tensor> {
-    ops::normalize_last_dim(x)?
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    centred
+        .broadcast_div(&(variance + f64::from(ops::LAYER_NORM_EPS))?.sqrt()?)?
         .broadcast_mul(gain.as_tensor())?
         .broadcast_add(shift.as_tensor())
 }

@@ -194,6 +194,46 @@ fn sgd_kernel<T: Real, const DECAY: bool, const NESTEROV: bool, const FIRST: boo
     }
 }
 
+/// A step's scalars as PyTorch computes them, in f64 before they meet the f32 tensors; shared
+/// by the host kernel and the candle tensor-op update so that both round alike.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamCoefficients {
+    /// `exp_avg.lerp_(grad, 1 - beta1)` is `from + lerp_coefficient * (grad - exp_avg)`, from
+    /// `exp_avg` when true, else from `grad` (PyTorch's lerp starts from whichever end is
+    /// nearer the weight, for accuracy).
+    pub lerp_from_exp_avg: bool,
+    pub lerp_coefficient: f64,
+    pub one_minus_beta2: f64,
+    pub bias_correction2_sqrt: f64,
+    /// `lr / bias_correction1`.
+    pub step_size: f64,
+    /// AdamW's `1 - lr * weight_decay`.
+    pub decay_factor: f64,
+}
+
+impl AdamStep {
+    pub fn coefficients(&self) -> AdamCoefficients {
+        assert!(self.step >= 1, "Adam's step count is 1-based");
+        let step = self.step as f64;
+        let bias_correction1 = 1.0 - self.beta1.powf(step);
+        let bias_correction2 = 1.0 - self.beta2.powf(step);
+        let lerp_weight = 1.0 - self.beta1;
+        let lerp_from_exp_avg = lerp_weight.abs() < 0.5;
+        AdamCoefficients {
+            lerp_from_exp_avg,
+            lerp_coefficient: if lerp_from_exp_avg {
+                lerp_weight
+            } else {
+                lerp_weight - 1.0
+            },
+            one_minus_beta2: 1.0 - self.beta2,
+            bias_correction2_sqrt: bias_correction2.sqrt(),
+            step_size: self.lr / bias_correction1,
+            decay_factor: 1.0 - self.lr * self.weight_decay,
+        }
+    }
+}
+
 /// PyTorch Adam (decoupled=false: g += wd * p) and AdamW (decoupled=true: p *= 1 - lr * wd first), bias-corrected
 /// with the beta1 in force this step, like PyTorch. `exp_avg` and `exp_avg_sq` start as zeros.
 pub fn adam_update<T: Real>(
@@ -208,29 +248,17 @@ pub fn adam_update<T: Real>(
         grad.len() == len && exp_avg.len() == len && exp_avg_sq.len() == len,
         "gradient or moment length differs from the parameter's"
     );
-    assert!(h.step >= 1, "Adam's step count is 1-based");
-    let step = h.step as f64;
-    let bias_correction1 = 1.0 - h.beta1.powf(step);
-    let bias_correction2 = 1.0 - h.beta2.powf(step);
-    // exp_avg.lerp_(grad, 1 - beta1): PyTorch's lerp starts from whichever end is nearer the weight
-    // for accuracy; both forms are `from + coefficient * (grad - exp_avg)`.
-    let lerp_weight = 1.0 - h.beta1;
-    let lerp_from_exp_avg = lerp_weight.abs() < 0.5;
-    let lerp_coefficient = if lerp_from_exp_avg {
-        lerp_weight
-    } else {
-        lerp_weight - 1.0
-    };
+    let c = h.coefficients();
     let scalars = AdamScalars {
-        lerp_coefficient: T::from_f64(lerp_coefficient),
-        lerp_from_exp_avg,
+        lerp_coefficient: T::from_f64(c.lerp_coefficient),
+        lerp_from_exp_avg: c.lerp_from_exp_avg,
         beta2: T::from_f64(h.beta2),
-        one_minus_beta2: T::from_f64(1.0 - h.beta2),
-        bias_correction2_sqrt: T::from_f64(bias_correction2.sqrt()),
+        one_minus_beta2: T::from_f64(c.one_minus_beta2),
+        bias_correction2_sqrt: T::from_f64(c.bias_correction2_sqrt),
         eps: T::from_f64(h.eps),
-        step_size: T::from_f64(h.lr / bias_correction1),
+        step_size: T::from_f64(c.step_size),
         weight_decay: T::from_f64(h.weight_decay),
-        decay_factor: T::from_f64(1.0 - h.lr * h.weight_decay),
+        decay_factor: T::from_f64(c.decay_factor),
     };
     dispatch(AdamKernel {
         param,
