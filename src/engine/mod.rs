@@ -10,7 +10,6 @@ pub mod data;
 pub mod evaluate;
 pub mod model;
 
-pub mod ops;
 pub mod optim;
 pub mod prepare;
 pub mod range_test;

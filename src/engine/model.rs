@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 
 use super::data::Task;
-use super::ops;
+
 use super::rng::Rng;
 use super::sequential::{self, GeluApproximation, LayerSpec, Sequential};
 use super::spec::{Activation, ModelSpec, SpecError};
@@ -46,7 +46,7 @@ pub(crate) fn layer_norm(x: &Tensor, gain: &Var, shift: &Var) -> candle_core::Re
     let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
     centred
-        .broadcast_div(&(variance + f64::from(ops::LAYER_NORM_EPS))?.sqrt()?)?
+        .broadcast_div(&(variance + sequential::NORM_EPS)?.sqrt()?)?
         .broadcast_mul(gain.as_tensor())?
         .broadcast_add(shift.as_tensor())
 }

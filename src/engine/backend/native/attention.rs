@@ -9,8 +9,8 @@
 
 use rayon::prelude::*;
 
+use super::math::{dot, exp, gelu_derivative_with, gelu_tanh, max_value, row_stats, sum};
 use super::{dense_backward, dense_forward, gemm_into, matmul, Operand};
-use crate::engine::ops::{dot, exp, gelu_derivative_with, gelu_tanh, max_value, row_stats, sum};
 use crate::engine::simd::simd_kernel;
 
 /// Variables per block, in the model's order: two layer norms (gain, shift), then the

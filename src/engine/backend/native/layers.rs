@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use super::attention::{
     self, norm_forward_rows, norm_input_grads, norm_parameter_grads, BLOCK_VARS,
 };
+use super::math::{dot, exp, gelu_derivative, gelu_value, sum};
 use super::{
     classification_loss_and_hits, cross_entropy, dense_backward, dense_forward, matmul,
     mean_squared_error, sequence_loss_and_hits, squared_error_sum, HostValues, Operand,
@@ -20,7 +21,6 @@ use super::{
 use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
 use crate::engine::model::Model;
-use crate::engine::ops::{dot, exp, gelu_derivative, gelu_value, sum};
 use crate::engine::rng::Rng;
 use crate::engine::sequential::{GeluApproximation, Module, BATCH_NORM_MOMENTUM, NORM_EPS};
 use crate::engine::simd::simd_kernel;

@@ -22,14 +22,15 @@ use super::{Evaluation, EVAL_CHUNK};
 use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
 use crate::engine::model::{Model, ModelShape};
-use crate::engine::ops::{exp, max_value, sum};
 use crate::engine::optim::Optimizer;
 use crate::engine::rng::Rng;
 use crate::engine::simd::simd_kernel;
 use crate::engine::spec::ModelSpec;
+use math::{exp, max_value, sum};
 
 mod attention;
 mod layers;
+mod math;
 
 /// Matrix products below this many multiply-adds run on one thread; above it gemm decides how
 /// to split them. With `lrtune bench`, thresholds from 0 to 2^24 gave the same times within the
