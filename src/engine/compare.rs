@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::admission::{admit, DataShape};
 use super::backend::{evaluate, train_step, BatchOrder, DeviceData, Evaluation};
 use super::data::DatasetInfo;
+use super::model::layers::load_initial_weights;
 use super::model::{Model, ModelShape};
 use super::optim::Optimizer;
 use super::prepare::{prepare, LoadedData};
@@ -18,7 +19,6 @@ use super::rng::Rng;
 use super::schedule::{
     Cosine, CosineWarmRestarts, PlateauTracker, ReduceOnPlateau, Schedule, StepLr, WarmupCosine,
 };
-use super::sequential::load_initial_weights;
 use super::spec::{JobKind, JobSpec, Limits, Recipe, RecipeSchedule, SpecError, ValidSpec};
 use super::tune::{build_job_model, one_cycle, select_device, tune_with};
 use super::{Control, EngineError, Event};

@@ -15,7 +15,7 @@ pub mod prepare;
 pub mod range_test;
 pub mod rng;
 pub mod schedule;
-pub mod sequential;
+
 pub mod simd;
 pub mod spec;
 pub mod suggest;

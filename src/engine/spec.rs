@@ -7,8 +7,8 @@ use std::fmt;
 use std::ops::Deref;
 
 use super::data::Task;
+use super::model::layers::LayerSpec;
 use super::schedule::{Anneal, PlateauMode, ThresholdMode};
-use super::sequential::LayerSpec;
 
 /// An invalid spec: which field, and what to change.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -1359,7 +1359,7 @@ impl JobSpec {
             }
             ModelSpec::Linear => {}
             ModelSpec::Sequential { layers, context } => {
-                super::sequential::validate(layers, "model.layers")?;
+                super::model::layers::validate(layers, "model.layers")?;
                 if context.is_some_and(|context| context < 2) {
                     return Err(SpecError::new("model.context", "must be at least 2"));
                 }

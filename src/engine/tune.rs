@@ -11,12 +11,12 @@ use serde::{Deserialize, Serialize};
 use super::admission::{admit, check_device, DataShape};
 use super::backend::{evaluate, BatchOrder, DeviceData};
 use super::data::DatasetInfo;
+use super::model::layers::load_initial_weights;
 use super::model::{Model, ModelShape};
 use super::optim::Optimizer;
 use super::prepare::{prepare, LoadedData};
 use super::range_test::{run_range_test, CurvePoint, RangeTestInputs};
 use super::schedule::{OneCycle, Schedule};
-use super::sequential::load_initial_weights;
 use super::spec::{
     BackendChoice, Budget, Candidates, DeviceChoice, JobKind, JobSpec, Limits, OptimizerSpec,
     SpecError, ValidSpec,

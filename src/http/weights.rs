@@ -14,7 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{body_rejection, ApiQuery};
 use super::{ApiError, AppState, ErrorBody};
-use crate::engine::sequential::read_safetensors;
+use crate::engine::model::layers::read_safetensors;
 use crate::store::{new_id, NewWeights, TensorShape, WeightsRow};
 
 pub fn router(max_upload_bytes: usize) -> Router<AppState> {

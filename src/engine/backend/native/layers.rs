@@ -20,9 +20,9 @@ use super::{
 };
 use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
+use crate::engine::model::layers::{GeluApproximation, Module, BATCH_NORM_MOMENTUM, NORM_EPS};
 use crate::engine::model::Model;
 use crate::engine::rng::Rng;
-use crate::engine::sequential::{GeluApproximation, Module, BATCH_NORM_MOMENTUM, NORM_EPS};
 use crate::engine::simd::simd_kernel;
 
 /// Values per parallel task of the element-wise passes.
@@ -1466,8 +1466,8 @@ mod tests {
         assert_evaluation_matches_candle, assert_matches_autograd,
     };
     use crate::engine::backend::native::{evaluate, forward_backward};
+    use crate::engine::model::layers::golden;
     use crate::engine::model::ModelShape;
-    use crate::engine::sequential::golden;
     use crate::engine::spec::ModelSpec;
 
     /// The native step on PyTorch's six golden networks: the eval-mode loss of the saved

@@ -7,11 +7,13 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 
-use super::data::Task;
+use crate::engine::data::Task;
 
-use super::rng::Rng;
-use super::sequential::{self, GeluApproximation, LayerSpec, Sequential};
-use super::spec::{Activation, ModelSpec, SpecError};
+use crate::engine::rng::Rng;
+pub mod layers;
+
+use crate::engine::spec::{Activation, ModelSpec, SpecError};
+use layers::{GeluApproximation, LayerSpec, Sequential};
 
 /// What the model reads and predicts, taken from the training data.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,7 +48,7 @@ pub(crate) fn layer_norm(x: &Tensor, gain: &Var, shift: &Var) -> candle_core::Re
     let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
     centred
-        .broadcast_div(&(variance + sequential::NORM_EPS)?.sqrt()?)?
+        .broadcast_div(&(variance + layers::NORM_EPS)?.sqrt()?)?
         .broadcast_mul(gain.as_tensor())?
         .broadcast_add(shift.as_tensor())
 }
@@ -260,7 +262,7 @@ pub fn check_fits(spec: &ModelSpec, shape: &ModelShape) -> Result<(), SpecError>
         if shape.output == 0 {
             return Err(SpecError::new("data", "the data has no outputs to predict"));
         }
-        return sequential::plan(layers, &shape.input, shape.task, shape.output).map(|_| ());
+        return layers::plan(layers, &shape.input, shape.task, shape.output).map(|_| ());
     }
     if is_tokens && !matches!(spec, ModelSpec::Transformer { .. }) {
         return Err(SpecError::new(
@@ -390,9 +392,9 @@ pub fn layer_list(spec: &ModelSpec, shape: &ModelShape) -> Vec<LayerSpec> {
 }
 
 /// The checked plan of the model a spec asks for on this data.
-pub fn plan(spec: &ModelSpec, shape: &ModelShape) -> Result<sequential::Plan, SpecError> {
+pub fn plan(spec: &ModelSpec, shape: &ModelShape) -> Result<layers::Plan, SpecError> {
     check_fits(spec, shape)?;
-    sequential::plan(
+    layers::plan(
         &layer_list(spec, shape),
         &shape.input,
         shape.task,

@@ -17,10 +17,10 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
-use super::data::Task;
-use super::model::{apply_dropout, layer_norm, linear, normal_var, uniform_var};
-use super::rng::Rng;
-use super::spec::{InitSpec, SpecError, WeightsSource};
+use super::{apply_dropout, layer_norm, linear, normal_var, uniform_var};
+use crate::engine::data::Task;
+use crate::engine::rng::Rng;
+use crate::engine::spec::{InitSpec, SpecError, WeightsSource};
 
 /// Batch norm's defaults, PyTorch's.
 pub(crate) const BATCH_NORM_MOMENTUM: f64 = 0.1;
@@ -1189,7 +1189,7 @@ pub(crate) mod golden {
     use crate::engine::model::{Model, ModelShape};
     use crate::engine::spec::ModelSpec;
 
-    const GOLDEN: &str = include_str!("../../tests/golden/sequential.json");
+    const GOLDEN: &str = include_str!("../../../tests/golden/sequential.json");
 
     #[derive(Deserialize)]
     struct Golden {
