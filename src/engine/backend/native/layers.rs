@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use super::attention::{
     self, norm_forward_rows, norm_input_grads, norm_parameter_grads, BLOCK_VARS,
 };
+use super::conv_block::ConvBlock;
 use super::math::{dot, exp, gelu_derivative, gelu_value, sum};
 use super::{
     classification_loss_and_hits, cross_entropy, dense_backward, dense_forward, matmul,
@@ -109,6 +110,12 @@ enum Kind {
         rows: Vec<f32>,
         /// d(loss)/d(columns).
         column_grad: Vec<f32>,
+    },
+    /// `conv2d` 3x3 (stride 1, padding 1) + `relu` + `max_pool2d` 2, fused (parameters
+    /// `weight` and `weight + 1`).
+    ConvBlock {
+        weight: usize,
+        block: ConvBlock,
     },
     MaxPool2d {
         pool: Pool,
@@ -274,6 +281,7 @@ impl Buffers {
                             ..
                         } => (columns.len() + rows.len() + column_grad.len()) * 4,
                         Kind::MaxPool2d { winner, .. } => winner.len() * 4,
+                        Kind::ConvBlock { block, .. } => block.allocated_bytes(),
                         Kind::BatchNorm {
                             normalized,
                             inv_std,
@@ -309,7 +317,34 @@ fn build_chain(
     next_param: &mut usize,
 ) -> candle_core::Result<(Chain, Vec<usize>)> {
     let mut nodes = Vec::with_capacity(modules.len());
-    for module in modules {
+    let mut fused = 0;
+    for (index, module) in modules.iter().enumerate() {
+        if fused > 0 {
+            fused -= 1;
+            continue;
+        }
+        if let (true, &[channels, height, width]) =
+            (fuses_conv_relu_pool(&modules[index..]), &dims[..])
+        {
+            let Module::Conv2d { weight, .. } = module else {
+                unreachable!("checked by fuses_conv_relu_pool");
+            };
+            let block = ConvBlock::new(channels, weight.dim(0)?, height, width, rows);
+            let next = block.output_dims();
+            let len = rows * next.iter().product::<usize>();
+            nodes.push(Node {
+                kind: Kind::ConvBlock {
+                    weight: *next_param,
+                    block,
+                },
+                out: vec![0.0; len],
+                grad: vec![0.0; len],
+            });
+            *next_param += 2;
+            dims = next;
+            fused = 2;
+            continue;
+        }
         let mut param = |count: usize| {
             let index = *next_param;
             *next_param += count;
@@ -489,6 +524,20 @@ fn build_chain(
     Ok((Chain { nodes }, dims))
 }
 
+/// Whether `modules` open with a 3x3 convolution (stride 1, padding 1), a ReLU and a 2x2 max
+/// pool, which run as one [`ConvBlock`].
+fn fuses_conv_relu_pool(modules: &[Module]) -> bool {
+    match modules {
+        [Module::Conv2d {
+            weight,
+            stride: 1,
+            padding: 1,
+            ..
+        }, Module::Relu, Module::MaxPool2d(2), ..] => weight.dims().get(2..) == Some(&[3, 3][..]),
+        _ => false,
+    }
+}
+
 /// Copies the batch's rows into the buffers: samples (or token ids) and targets.
 fn gather(data: &DeviceData, rows: &[usize], buffers: &mut Buffers) -> candle_core::Result<()> {
     let width = buffers.input_len;
@@ -593,6 +642,9 @@ fn forward_node(
             out.par_chunks_exact_mut(conv.outputs * pixels)
                 .enumerate()
                 .for_each(|(image, sample)| channels_to_samples(rows, bias, image, pixels, sample));
+        }
+        Kind::ConvBlock { weight, block } => {
+            block.forward(input.values(), n, params[*weight], params[*weight + 1], out);
         }
         Kind::MaxPool2d { pool, winner } => {
             let x = input.values();
@@ -812,6 +864,11 @@ fn backward_node(
                     .enumerate()
                     .for_each(|(image, grad)| col2im(column_grad, conv, image, batch_pixels, grad));
             }
+        }
+        Kind::ConvBlock { weight, block } => {
+            let n = grad_out.len() / block.output_dims().iter().product::<usize>();
+            let (weight_grad, bias_grad) = grads[*weight..].split_at_mut(1);
+            block.backward(grad_out, n, &mut weight_grad[0], &mut bias_grad[0], grad_in);
         }
         Kind::MaxPool2d { pool, winner } => {
             if let Some(grad_in) = grad_in {

@@ -29,6 +29,7 @@ use crate::engine::spec::ModelSpec;
 use math::{exp, max_value, sum};
 
 mod attention;
+mod conv_block;
 mod layers;
 mod math;
 
