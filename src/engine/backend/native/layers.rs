@@ -524,6 +524,24 @@ fn build_chain(
     Ok((Chain { nodes }, dims))
 }
 
+impl Kind {
+    /// Whether the layer (or a layer inside it) has parameters to train.
+    fn has_parameters(&self) -> bool {
+        match self {
+            Kind::Residual { chain, .. } => {
+                chain.nodes.iter().any(|node| node.kind.has_parameters())
+            }
+            Kind::MaxPool2d { .. }
+            | Kind::AvgPool2d(_)
+            | Kind::AdaptiveAvgPool2d(_)
+            | Kind::Dropout { .. }
+            | Kind::Flatten
+            | Kind::Activation(_) => false,
+            _ => true,
+        }
+    }
+}
+
 /// Whether `modules` open with a 3x3 convolution (stride 1, padding 1), a ReLU and a 2x2 max
 /// pool, which run as one [`ConvBlock`].
 fn fuses_conv_relu_pool(modules: &[Module]) -> bool {
@@ -788,13 +806,26 @@ fn backward_chain(
     grads: &mut [Vec<f32>],
     mut input_grad: Option<&mut [f32]>,
 ) {
+    // Below the first layer with parameters (and without a caller asking for the input's
+    // gradient) no gradient is needed: a flattened input's product with the first weight is
+    // the most expensive one of an MLP's step.
+    let first_trained = chain
+        .nodes
+        .iter()
+        .position(|node| node.kind.has_parameters());
+    let wanted_from = match (&input_grad, first_trained) {
+        (Some(_), _) => 0,
+        (None, Some(first)) => first + 1,
+        (None, None) => usize::MAX,
+    };
     for index in (0..chain.nodes.len()).rev() {
         let (before, rest) = chain.nodes.split_at_mut(index);
         let node = &mut rest[0];
         match before.last_mut() {
             Some(previous) => {
                 let Node { out, grad, .. } = previous;
-                backward_node(node, Input::Values(out), params, grads, Some(grad));
+                let grad_in = (index >= wanted_from).then_some(&mut grad[..]);
+                backward_node(node, Input::Values(out), params, grads, grad_in);
             }
             None => backward_node(node, input, params, grads, input_grad.as_deref_mut()),
         }
