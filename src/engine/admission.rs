@@ -179,8 +179,8 @@ pub fn admit(spec: &JobSpec, data: &DataShape, limits: &Limits) -> Result<Cost, 
     check_task(spec, data.task)?;
     check_batch_size(spec, data.train_rows)?;
     let shape = data.model_shape();
-    model::check_fits(&spec.model, &shape)?;
-    let parameters = model::parameter_count(&spec.model, &shape);
+    let plan = model::plan(&spec.model, &shape)?;
+    let parameters = plan.parameters;
     if parameters > limits.max_parameters as u64 {
         return Err(SpecError::new(
             "model",
@@ -195,7 +195,7 @@ pub fn admit(spec: &JobSpec, data: &DataShape, limits: &Limits) -> Result<Cost, 
         .saturating_mul(4)
         .saturating_mul(weight_copies(&spec.optimizer));
     let step_rows = step_rows(spec, data);
-    let activation_bytes = native::planned_buffer_bytes(&spec.model, &shape, step_rows);
+    let activation_bytes = native::planned_buffer_bytes(&plan, &shape, step_rows);
     let rows = data.train_rows.saturating_add(data.validation_rows) as u64;
     let data_bytes = rows
         .saturating_mul(data.row_bytes())
@@ -440,7 +440,9 @@ mod tests {
             .as_ref()
             .expect("the step built its buffers")
             .allocated_buffer_bytes() as u64;
-        let planned = native::planned_buffer_bytes(&spec.model, &shape.model_shape(), rows);
+        let model_shape = shape.model_shape();
+        let plan = crate::engine::model::plan(&spec.model, &model_shape).unwrap();
+        let planned = native::planned_buffer_bytes(&plan, &model_shape, rows);
         (
             (cost.parameters, model.parameter_count() as u64),
             planned,

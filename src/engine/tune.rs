@@ -392,7 +392,7 @@ pub(crate) fn tune_with(
             data: prepared.info,
             model: ModelSummary {
                 arch: spec.model.arch().to_string(),
-                backend: model.backend_name().to_string(),
+                backend: super::backend::of(&model).name().to_string(),
                 parameters: model.parameter_count(),
                 device: device_name(&device),
                 steps_per_epoch,

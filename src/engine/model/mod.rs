@@ -109,15 +109,6 @@ impl Model {
         self.native = false;
     }
 
-    /// `"native"` or `"candle"`.
-    pub fn backend_name(&self) -> &'static str {
-        if self.native {
-            "native"
-        } else {
-            "candle"
-        }
-    }
-
     pub fn parameter_count(&self) -> usize {
         self.vars.iter().map(|var| var.elem_count()).sum()
     }
@@ -254,15 +245,16 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
-/// Checks that a model can be built for the data, without building it (also run at submit,
-/// before anything is allocated): the same messages either way.
-pub fn check_fits(spec: &ModelSpec, shape: &ModelShape) -> Result<(), SpecError> {
+/// The checks of a preset against the data, before its layer list is planned: they name the
+/// preset's own fields (`model.channels[2]`) where a shape error in the list it expands to
+/// could not. A layer list is checked by its plan alone.
+fn check_fits(spec: &ModelSpec, shape: &ModelShape) -> Result<(), SpecError> {
     let is_tokens = shape.task == Task::LanguageModel;
-    if let ModelSpec::Sequential { layers, .. } = spec {
+    if let ModelSpec::Sequential { .. } = spec {
         if shape.output == 0 {
             return Err(SpecError::new("data", "the data has no outputs to predict"));
         }
-        return layers::plan(layers, &shape.input, shape.task, shape.output).map(|_| ());
+        return Ok(());
     }
     if is_tokens && !matches!(spec, ModelSpec::Transformer { .. }) {
         return Err(SpecError::new(
@@ -314,7 +306,7 @@ pub fn check_fits(spec: &ModelSpec, shape: &ModelShape) -> Result<(), SpecError>
 
 /// The layer list a model spec stands for: a preset as its `torch.nn.Sequential`
 /// equivalent (the same layers, initialisation order and `state_dict()` names), a layer list
-/// as given. Call [`check_fits`] first: a preset's own checks give clearer messages than a
+/// as given. [`plan`] runs a preset's own checks first: they give clearer messages than a
 /// shape error in the list it expands to.
 pub fn layer_list(spec: &ModelSpec, shape: &ModelShape) -> Vec<LayerSpec> {
     let activation = |activation: &Activation| match activation {
@@ -391,7 +383,9 @@ pub fn layer_list(spec: &ModelSpec, shape: &ModelShape) -> Vec<LayerSpec> {
     }
 }
 
-/// The checked plan of the model a spec asks for on this data.
+/// The checked plan of the model a spec asks for on this data: every shape, the parameter
+/// count and the step memory, without building anything (admission runs it at submit, and
+/// `Model::build` builds from it; the same messages either way).
 pub fn plan(spec: &ModelSpec, shape: &ModelShape) -> Result<layers::Plan, SpecError> {
     check_fits(spec, shape)?;
     layers::plan(
@@ -400,12 +394,6 @@ pub fn plan(spec: &ModelSpec, shape: &ModelShape) -> Result<layers::Plan, SpecEr
         shape.task,
         shape.output,
     )
-}
-
-/// The parameter count `Model::build` would give, computed from the spec alone. Arithmetic
-/// saturates, so a model too large to count is `u64::MAX`, above any limit.
-pub fn parameter_count(spec: &ModelSpec, shape: &ModelShape) -> u64 {
-    plan(spec, shape).map_or(u64::MAX, |plan| plan.parameters)
 }
 
 impl Module for Model {

@@ -557,7 +557,7 @@ mod tests {
     use crate::engine::backend::native::{evaluate, forward_backward};
     use crate::engine::batch::DeviceData;
     use crate::engine::data::{Dataset, Features, Targets, Task};
-    use crate::engine::model::{parameter_count, Model, ModelShape};
+    use crate::engine::model::{plan, Model, ModelShape};
     use crate::engine::rng::Rng;
     use crate::engine::spec::ModelSpec;
 
@@ -607,8 +607,8 @@ mod tests {
         let preset = Model::build(&preset_spec, &shape, 3, &device).unwrap();
         let list = Model::build(&list_spec, &shape, 3, &device).unwrap();
         assert_eq!(
-            parameter_count(&preset_spec, &shape),
-            parameter_count(&list_spec, &shape)
+            plan(&preset_spec, &shape).unwrap().parameters,
+            plan(&list_spec, &shape).unwrap().parameters
         );
         assert_eq!(preset.parameter_count(), list.parameter_count());
         let dims = |model: &Model| -> Vec<Vec<usize>> {

@@ -789,9 +789,7 @@ fn forward_node(
             let x = input.values();
             forward_chain(chain, Input::Values(x), n, params, train)?;
             let inner = &chain.nodes.last().expect("a residual block has layers").out;
-            for ((o, &a), &b) in out.iter_mut().zip(x).zip(inner) {
-                *o = a + b;
-            }
+            add_into(out, x, inner);
         }
     }
     Ok(())
@@ -1057,9 +1055,7 @@ fn backward_node(
             last.grad.copy_from_slice(grad_out);
             backward_chain(chain, input, params, grads, Some(input_grad));
             if let Some(grad_in) = grad_in {
-                for ((d, &g), &inner) in grad_in.iter_mut().zip(grad_out).zip(input_grad.iter()) {
-                    *d = g + inner;
-                }
+                add_into(grad_in, grad_out, input_grad);
             }
         }
     }
@@ -1325,10 +1321,10 @@ simd_kernel! {
 }
 
 simd_kernel! {
-    /// `out = x + table`, element by element.
-    fn add_into(out: &mut [f32], x: &[f32], table: &[f32]) {
-        for ((o, &x), &t) in out.iter_mut().zip(x).zip(table) {
-            *o = x + t;
+    /// `out = x + y`, element by element.
+    fn add_into(out: &mut [f32], x: &[f32], y: &[f32]) {
+        for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
+            *o = x + y;
         }
     }
 }

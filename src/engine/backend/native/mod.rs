@@ -21,11 +21,11 @@ use gemm::Parallelism;
 use super::{Evaluation, EVAL_CHUNK};
 use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
+use crate::engine::model::layers::Plan;
 use crate::engine::model::{Model, ModelShape};
 use crate::engine::optim::Optimizer;
 use crate::engine::rng::Rng;
 use crate::engine::simd::simd_kernel;
-use crate::engine::spec::ModelSpec;
 use math::{exp, max_value, sum};
 
 mod attention;
@@ -452,19 +452,18 @@ pub struct Workspace {
 }
 
 /// The bytes a workspace for batches of `rows` rows takes (buffers, not the gradients), from
-/// the spec alone: admission checks a job's memory with it before anything is built.
+/// the model's plan: admission checks a job's memory with it before anything is built.
 ///
-/// The plan counts what each layer keeps (see `sequential::Plan::activations_per_sample`);
-/// the batch's input and targets come on top.
-pub fn planned_buffer_bytes(spec: &ModelSpec, shape: &ModelShape, rows: usize) -> u64 {
-    crate::engine::model::plan(spec, shape).map_or(u64::MAX, |plan| {
-        let input: u64 = shape.input.iter().map(|&d| d as u64).product();
-        plan.activations_per_sample
-            .saturating_add(input)
-            .saturating_add(shape.output as u64)
-            .saturating_mul(rows as u64)
-            .saturating_mul(4)
-    })
+/// The plan counts what each layer keeps (see `layers::Plan::activations_per_sample`); the
+/// batch's input and targets come on top. Saturating: a size too large to count is
+/// `u64::MAX`.
+pub fn planned_buffer_bytes(plan: &Plan, shape: &ModelShape, rows: usize) -> u64 {
+    let input: u64 = shape.input.iter().map(|&d| d as u64).product();
+    plan.activations_per_sample
+        .saturating_add(input)
+        .saturating_add(shape.output as u64)
+        .saturating_mul(rows as u64)
+        .saturating_mul(4)
 }
 
 impl Workspace {
@@ -638,7 +637,7 @@ pub fn forward_backward(
 pub(super) mod tests {
     use super::*;
     use crate::engine::simd::{with_level, Level};
-    use crate::engine::spec::Activation;
+    use crate::engine::spec::{Activation, ModelSpec};
 
     /// The native step's loss and gradients against candle's autograd on the same model,
     /// batch and dropout draws.
