@@ -143,14 +143,6 @@ pub(crate) fn shape_json(shape: &[i64]) -> Result<String, StoreError> {
     serde_json::to_string(shape).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-/// A dataset row with its place in the list, for paging.
-#[derive(sqlx::FromRow)]
-pub(crate) struct ListedRecord {
-    pub(crate) seq: i64,
-    #[sqlx(flatten)]
-    pub(crate) record: DatasetRecord,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,27 @@ mod sqlite;
 mod tests;
 mod weights;
 
+/// A row with its place in a newest-first list (`seq`), for paging.
+pub(crate) struct Listed<R> {
+    pub(crate) seq: i64,
+    pub(crate) record: R,
+}
+
+impl<'r, Row, R> sqlx::FromRow<'r, Row> for Listed<R>
+where
+    Row: sqlx::Row,
+    R: sqlx::FromRow<'r, Row>,
+    i64: sqlx::Decode<'r, Row::Database> + sqlx::Type<Row::Database>,
+    &'static str: sqlx::ColumnIndex<Row>,
+{
+    fn from_row(row: &'r Row) -> sqlx::Result<Self> {
+        Ok(Listed {
+            seq: row.try_get("seq")?,
+            record: R::from_row(row)?,
+        })
+    }
+}
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

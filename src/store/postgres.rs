@@ -10,19 +10,19 @@ use std::time::Duration;
 
 use sqlx::error::DatabaseError;
 use sqlx::postgres::{
-    PgConnectOptions, PgDatabaseError, PgListener, PgPool, PgPoolOptions, Postgres,
+    PgConnectOptions, PgDatabaseError, PgListener, PgPool, PgPoolOptions, PgRow, Postgres,
 };
 use sqlx::{ConnectOptions, Connection, Transaction};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-use super::dataset::{shape_json, DatasetRecord, ListedRecord, StoredRecord};
+use super::dataset::{shape_json, DatasetRecord, StoredRecord};
 use super::job::JobRecord;
-use super::weights::{shapes_json, ListedWeightsRecord, StoredWeightsRecord, WeightsRecord};
+use super::weights::{shapes_json, StoredWeightsRecord, WeightsRecord};
 use super::{
-    Attempt, Change, DatasetRow, FinalState, JobRow, ListFilter, NewDataset, NewJob, NewWeights,
-    PointRow, ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset, StoredWeights,
-    SweepRunRow, WeightsRow,
+    Attempt, Change, DatasetRow, FinalState, JobRow, ListFilter, Listed, NewDataset, NewJob,
+    NewWeights, PointRow, ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset,
+    StoredWeights, SweepRunRow, WeightsRow,
 };
 
 /// The NOTIFY channel every process listens on.
@@ -475,11 +475,7 @@ impl PgStore {
 
     pub(super) async fn get_dataset(&self, id: &str) -> Result<Option<DatasetRow>, StoreError> {
         let sql = concat!("SELECT ", dataset_columns!(), " FROM dataset WHERE id = $1");
-        let record: Option<DatasetRecord> = sqlx::query_as(sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        record.map(DatasetRow::try_from).transpose()
+        self.find::<DatasetRecord, _>(sql, id).await
     }
 
     pub(super) async fn load_dataset(&self, id: &str) -> Result<Option<StoredDataset>, StoreError> {
@@ -488,11 +484,7 @@ impl PgStore {
             dataset_columns!(),
             ", x, y FROM dataset WHERE id = $1"
         );
-        let record: Option<StoredRecord> = sqlx::query_as(sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        record.map(StoredDataset::try_from).transpose()
+        self.find::<StoredRecord, _>(sql, id).await
     }
 
     pub(super) async fn list_datasets(
@@ -505,15 +497,7 @@ impl PgStore {
             dataset_columns!(),
             " FROM dataset WHERE ($1::bigint IS NULL OR seq < $1) ORDER BY seq DESC LIMIT $2"
         );
-        let records: Vec<ListedRecord> = sqlx::query_as(sql)
-            .bind(before)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        records
-            .into_iter()
-            .map(|listed| Ok((listed.seq, listed.record.try_into()?)))
-            .collect()
+        self.page::<DatasetRecord, _>(sql, limit, before).await
     }
 
     pub(super) async fn insert_weights(
@@ -542,11 +526,7 @@ impl PgStore {
 
     pub(super) async fn get_weights(&self, id: &str) -> Result<Option<WeightsRow>, StoreError> {
         let sql = concat!("SELECT ", weights_columns!(), " FROM weights WHERE id = $1");
-        let record: Option<WeightsRecord> = sqlx::query_as(sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        record.map(WeightsRow::try_from).transpose()
+        self.find::<WeightsRecord, _>(sql, id).await
     }
 
     pub(super) async fn load_weights(&self, id: &str) -> Result<Option<StoredWeights>, StoreError> {
@@ -555,11 +535,7 @@ impl PgStore {
             weights_columns!(),
             ", data FROM weights WHERE id = $1"
         );
-        let record: Option<StoredWeightsRecord> = sqlx::query_as(sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        record.map(StoredWeights::try_from).transpose()
+        self.find::<StoredWeightsRecord, _>(sql, id).await
     }
 
     pub(super) async fn list_weights(
@@ -572,14 +548,42 @@ impl PgStore {
             weights_columns!(),
             " FROM weights WHERE ($1::bigint IS NULL OR seq < $1) ORDER BY seq DESC LIMIT $2"
         );
-        let records: Vec<ListedWeightsRecord> = sqlx::query_as(sql)
+        self.page::<WeightsRecord, _>(sql, limit, before).await
+    }
+
+    /// The row `sql` selects by the id it binds, read as `R` and converted.
+    async fn find<R, T>(&self, sql: &'static str, id: &str) -> Result<Option<T>, StoreError>
+    where
+        R: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,
+        T: TryFrom<R, Error = StoreError>,
+    {
+        let record: Option<R> = sqlx::query_as(sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        record.map(T::try_from).transpose()
+    }
+
+    /// One page of a newest-first list: `sql` binds `before` (a `seq`, or none) and the
+    /// limit, and selects `seq` with `R`'s columns.
+    async fn page<R, T>(
+        &self,
+        sql: &'static str,
+        limit: i64,
+        before: Option<i64>,
+    ) -> Result<Vec<(i64, T)>, StoreError>
+    where
+        R: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,
+        T: TryFrom<R, Error = StoreError>,
+    {
+        let records: Vec<Listed<R>> = sqlx::query_as(sql)
             .bind(before)
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
         records
             .into_iter()
-            .map(|listed| Ok((listed.seq, listed.record.try_into()?)))
+            .map(|listed| Ok((listed.seq, T::try_from(listed.record)?)))
             .collect()
     }
 }

@@ -9,16 +9,17 @@ use std::time::Duration;
 
 use sqlx::error::DatabaseError;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteError, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteError, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
 };
 use sqlx::{ConnectOptions, Connection, Sqlite, SqlitePool, Transaction};
 
-use super::dataset::{shape_json, DatasetRecord, ListedRecord, StoredRecord};
+use super::dataset::{shape_json, DatasetRecord, StoredRecord};
 use super::job::JobRecord;
-use super::weights::{shapes_json, ListedWeightsRecord, StoredWeightsRecord, WeightsRecord};
+use super::weights::{shapes_json, StoredWeightsRecord, WeightsRecord};
 use super::{
-    Attempt, DatasetRow, FinalState, JobRow, ListFilter, NewDataset, NewJob, NewWeights, PointRow,
-    ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset, StoredWeights,
+    Attempt, DatasetRow, FinalState, JobRow, ListFilter, Listed, NewDataset, NewJob, NewWeights,
+    PointRow, ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset, StoredWeights,
     SweepRunRow, WeightsRow,
 };
 
@@ -467,23 +468,18 @@ impl SqliteStore {
     }
 
     pub(super) async fn get_dataset(&self, id: &str) -> Result<Option<DatasetRow>, StoreError> {
-        let record: Option<DatasetRecord> = sqlx::query_as(
+        self.find::<DatasetRecord, _>(
             "SELECT seq, id, name, format, target, rows, features, sample_shape, classes,
                  vocabulary, task, sha256, bytes, created_at
              FROM dataset WHERE id = ?",
+            id,
         )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        record.map(DatasetRow::try_from).transpose()
+        .await
     }
 
     pub(super) async fn load_dataset(&self, id: &str) -> Result<Option<StoredDataset>, StoreError> {
-        let record: Option<StoredRecord> = sqlx::query_as("SELECT * FROM dataset WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        record.map(StoredDataset::try_from).transpose()
+        self.find::<StoredRecord, _>("SELECT * FROM dataset WHERE id = ?", id)
+            .await
     }
 
     pub(super) async fn list_datasets(
@@ -491,19 +487,14 @@ impl SqliteStore {
         limit: i64,
         before: Option<i64>,
     ) -> Result<Vec<(i64, DatasetRow)>, StoreError> {
-        let records: Vec<ListedRecord> = sqlx::query_as(
+        self.page::<DatasetRecord, _>(
             "SELECT seq, id, name, format, target, rows, features, sample_shape, classes,
                  vocabulary, task, sha256, bytes, created_at
              FROM dataset WHERE (?1 IS NULL OR seq < ?1) ORDER BY seq DESC LIMIT ?2",
+            limit,
+            before,
         )
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        records
-            .into_iter()
-            .map(|listed| Ok((listed.seq, listed.record.try_into()?)))
-            .collect()
+        .await
     }
 
     pub(super) async fn insert_weights(
@@ -531,25 +522,21 @@ impl SqliteStore {
     }
 
     pub(super) async fn get_weights(&self, id: &str) -> Result<Option<WeightsRow>, StoreError> {
-        let record: Option<WeightsRecord> = sqlx::query_as(
+        self.find::<WeightsRecord, _>(
             "SELECT id, name, bytes, sha256, tensors, shapes, created_at
              FROM weights WHERE id = ?",
+            id,
         )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        record.map(WeightsRow::try_from).transpose()
+        .await
     }
 
     pub(super) async fn load_weights(&self, id: &str) -> Result<Option<StoredWeights>, StoreError> {
-        let record: Option<StoredWeightsRecord> = sqlx::query_as(
+        self.find::<StoredWeightsRecord, _>(
             "SELECT id, name, bytes, sha256, tensors, shapes, data, created_at
              FROM weights WHERE id = ?",
+            id,
         )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        record.map(StoredWeights::try_from).transpose()
+        .await
     }
 
     pub(super) async fn list_weights(
@@ -557,17 +544,48 @@ impl SqliteStore {
         limit: i64,
         before: Option<i64>,
     ) -> Result<Vec<(i64, WeightsRow)>, StoreError> {
-        let records: Vec<ListedWeightsRecord> = sqlx::query_as(
+        self.page::<WeightsRecord, _>(
             "SELECT seq, id, name, bytes, sha256, tensors, shapes, created_at
              FROM weights WHERE (?1 IS NULL OR seq < ?1) ORDER BY seq DESC LIMIT ?2",
+            limit,
+            before,
         )
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        .await
+    }
+
+    /// The row `sql` selects by the id it binds, read as `R` and converted.
+    async fn find<R, T>(&self, sql: &'static str, id: &str) -> Result<Option<T>, StoreError>
+    where
+        R: for<'r> sqlx::FromRow<'r, SqliteRow> + Send + Unpin,
+        T: TryFrom<R, Error = StoreError>,
+    {
+        let record: Option<R> = sqlx::query_as(sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        record.map(T::try_from).transpose()
+    }
+
+    /// One page of a newest-first list: `sql` binds `before` (a `seq`, or none) and the
+    /// limit, and selects `seq` with `R`'s columns.
+    async fn page<R, T>(
+        &self,
+        sql: &'static str,
+        limit: i64,
+        before: Option<i64>,
+    ) -> Result<Vec<(i64, T)>, StoreError>
+    where
+        R: for<'r> sqlx::FromRow<'r, SqliteRow> + Send + Unpin,
+        T: TryFrom<R, Error = StoreError>,
+    {
+        let records: Vec<Listed<R>> = sqlx::query_as(sql)
+            .bind(before)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         records
             .into_iter()
-            .map(|listed| Ok((listed.seq, listed.record.try_into()?)))
+            .map(|listed| Ok((listed.seq, T::try_from(listed.record)?)))
             .collect()
     }
 }

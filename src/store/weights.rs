@@ -89,11 +89,3 @@ impl TryFrom<StoredWeightsRecord> for StoredWeights {
 pub(crate) fn shapes_json(shapes: &[TensorShape]) -> Result<String, StoreError> {
     serde_json::to_string(shapes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
-
-/// A weights row with its place in the list, for paging.
-#[derive(sqlx::FromRow)]
-pub(crate) struct ListedWeightsRecord {
-    pub(crate) seq: i64,
-    #[sqlx(flatten)]
-    pub(crate) record: WeightsRecord,
-}
