@@ -81,9 +81,21 @@ pub struct QueueConfig {
     #[arg(long, env = "LRTUNE_MAX_ATTEMPTS", default_value_t = 3,
           value_parser = clap::value_parser!(i64).range(1..))]
     pub max_attempts: i64,
-    /// Seconds running jobs get to finish on SIGTERM before they are queued again.
+    /// Seconds running jobs get to finish on SIGTERM before they are queued again. The
+    /// process exits at most 10 s after the grace period, whatever the jobs or the database
+    /// do.
     #[arg(long, env = "LRTUNE_GRACE", default_value = "30", value_parser = seconds)]
     pub grace: Duration,
+    /// Seconds a running job may go without finishing a step (or reporting anything) before
+    /// the watchdog fails it as `stalled`. A stalled job is not retried: it would hang again.
+    #[arg(long, env = "LRTUNE_STALL_AFTER", default_value = "600", value_parser = positive_seconds)]
+    pub stall_after: Duration,
+    /// Curve points, sweep runs and race points a worker keeps while the database cannot take
+    /// them (an outage, a full disk). When that many wait, training pauses until they are
+    /// written: nothing is dropped.
+    #[arg(long, env = "LRTUNE_MAX_BUFFERED_ROWS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_buffered_rows: u64,
 }
 
 impl Default for QueueConfig {
@@ -92,6 +104,8 @@ impl Default for QueueConfig {
             stale_after: Duration::from_secs(60),
             max_attempts: 3,
             grace: Duration::from_secs(30),
+            stall_after: Duration::from_secs(600),
+            max_buffered_rows: 100_000,
         }
     }
 }
@@ -181,6 +195,8 @@ mod tests {
         assert_eq!(flags.queue.stale_after, queue.stale_after);
         assert_eq!(flags.queue.max_attempts, queue.max_attempts);
         assert_eq!(flags.queue.grace, queue.grace);
+        assert_eq!(flags.queue.stall_after, queue.stall_after);
+        assert_eq!(flags.queue.max_buffered_rows, queue.max_buffered_rows);
     }
 
     #[test]

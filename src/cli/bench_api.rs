@@ -71,6 +71,12 @@ pub struct BenchApiArgs {
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Load a server that is already running (its base URL) instead of starting one: one
+    /// phase of `--seconds`, with no job of the bench's own. It passes when every answer was
+    /// 2xx or a 503 with `Retry-After` (the database unavailable), whatever the latency: the
+    /// load a fault test runs through a database outage.
+    #[arg(long)]
+    pub server: Option<String>,
 }
 
 fn positive(text: &str) -> Result<f64, String> {
@@ -91,15 +97,20 @@ pub fn run(args: BenchApiArgs) -> anyhow::Result<Outcome> {
         requests: requests as usize,
         connections: usize::from(args.connections),
     };
-    // Declared before the server, so dropped after it: the server's database lives in it.
-    let scratch = ScratchDir::create()?;
-    let server = ServerProcess::start(&scratch.path)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let phases = runtime.block_on(bench(&server, &plan, args.seconds))?;
-    drop(server);
+    let phases = match &args.server {
+        Some(base) => runtime.block_on(load_running_server(base, &plan, args.seconds))?,
+        None => {
+            // Declared before the server, so dropped after it: the server's database lives
+            // in it.
+            let scratch = ScratchDir::create()?;
+            let server = ServerProcess::start(&scratch.path)?;
+            runtime.block_on(bench(&server, &plan, args.seconds))?
+        }
+    };
 
     let failures = failures(&phases, args.max_p99_ms);
     let report = Report {
@@ -132,7 +143,50 @@ struct Plan {
     connections: usize,
 }
 
+/// `--server`: one phase against a server the bench did not start, following its newest job
+/// (or a small one it submits when there is none).
+async fn load_running_server(base: &str, plan: &Plan, seconds: f64) -> anyhow::Result<Phases> {
+    let base = base.trim_end_matches('/').to_string();
+    let target = Target::of(&base)?;
+    let control = Control::new(&base)?;
+    let job = match control.newest_job().await? {
+        Some(id) => id,
+        None => control.submit(SMALL_JOB).await?,
+    };
+    eprintln!(
+        "{base}: {} requests at {}/s over {} connections ({seconds} s)",
+        plan.requests, plan.rate, plan.connections
+    );
+    let (_, job) = watch::channel(job);
+    let server = measure(&target, plan, job).await?;
+    Ok(Phases {
+        idle: None,
+        training: None,
+        server: Some(server),
+    })
+}
+
+/// Where the load goes: the base URL, and the port whose connections are counted.
+struct Target {
+    base_url: String,
+    port: Option<u16>,
+}
+
+impl Target {
+    fn of(base_url: &str) -> anyhow::Result<Target> {
+        let url = reqwest::Url::parse(base_url).with_context(|| format!("--server {base_url}"))?;
+        Ok(Target {
+            base_url: base_url.to_string(),
+            port: url.port_or_known_default(),
+        })
+    }
+}
+
 async fn bench(server: &ServerProcess, plan: &Plan, seconds: f64) -> anyhow::Result<Phases> {
+    let target = Target {
+        base_url: server.base_url.clone(),
+        port: Some(server.address.port()),
+    };
     let control = Control::new(&server.base_url)?;
     let small = control.submit(SMALL_JOB).await?;
     let job = control
@@ -147,7 +201,7 @@ async fn bench(server: &ServerProcess, plan: &Plan, seconds: f64) -> anyhow::Res
         plan.requests, plan.rate, plan.connections
     );
     let (_, idle_job) = watch::channel(small);
-    let idle = measure(server, plan, idle_job).await?;
+    let idle = measure(&target, plan, idle_job).await?;
 
     let first = start_training(&control).await?;
     eprintln!(
@@ -157,7 +211,7 @@ async fn bench(server: &ServerProcess, plan: &Plan, seconds: f64) -> anyhow::Res
     let (current_job, training_job) = watch::channel(first);
     let mut coverage = Coverage::default();
     let measured = tokio::select! {
-        measured = measure(server, plan, training_job) => measured,
+        measured = measure(&target, plan, training_job) => measured,
         error = keep_training(&control, &current_job, &mut coverage) => Err(error),
     };
     let last = current_job.borrow().clone();
@@ -165,7 +219,11 @@ async fn bench(server: &ServerProcess, plan: &Plan, seconds: f64) -> anyhow::Res
     let mut training = measured?;
     canceled?;
     training.training = Some(coverage.report());
-    Ok(Phases { idle, training })
+    Ok(Phases {
+        idle: Some(idle),
+        training: Some(training),
+        server: None,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -226,8 +284,12 @@ fn analyze_body() -> String {
 
 enum Response {
     Ok,
-    /// Not 2xx: the status and the start of the body.
-    Status(String),
+    /// Not 2xx: the status, whether it said when to retry, and the start of the body.
+    Status {
+        status: u16,
+        retry_after: bool,
+        text: String,
+    },
     /// No response: connection error or timeout.
     Failed(String),
 }
@@ -254,26 +316,25 @@ struct Sample {
 /// as a lower request rate. A sender wakes up to TIMER_SLACK early and then sends at once; its
 /// latency then counts from the actual send.
 async fn measure(
-    server: &ServerProcess,
+    target: &Target,
     plan: &Plan,
     job_id: watch::Receiver<String>,
 ) -> anyhow::Result<PhaseReport> {
-    let base = server.base_url.clone();
+    let base = target.base_url.clone();
+    let port = target.port;
     let clients = (0..plan.connections)
         .map(|_| one_connection_client())
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let before = established_connections(server.address.port());
+    let before = port.and_then(established_connections);
+    // Any answer opens the connection (a server whose database is down answers 503).
     let warm_up = clients.iter().map(|client| {
         let url = format!("{base}/healthz");
-        async move {
-            let response = client.get(&url).send().await?.error_for_status()?;
-            response.bytes().await
-        }
+        async move { client.get(&url).send().await?.bytes().await }
     });
     for result in futures_util::future::join_all(warm_up).await {
         result.context("opening the connections (GET /healthz)")?;
     }
-    let open_connections = match (before, established_connections(server.address.port())) {
+    let open_connections = match (before, port.and_then(established_connections)) {
         (Some(before), Some(after)) => Some(after.saturating_sub(before)),
         _ => None,
     };
@@ -345,14 +406,21 @@ async fn send(
         Err(error) => return Response::Failed(format!("{}: {}", kind.label(), chain(&error))),
     };
     let status = response.status();
+    let retry_after = response
+        .headers()
+        .contains_key(reqwest::header::RETRY_AFTER);
     // The whole body: latency runs to its last byte.
     match response.bytes().await {
         Ok(_) if status.is_success() => Response::Ok,
-        Ok(body) => Response::Status(format!(
-            "{}: {status}: {}",
-            kind.label(),
-            String::from_utf8_lossy(&body[..body.len().min(200)])
-        )),
+        Ok(body) => Response::Status {
+            status: status.as_u16(),
+            retry_after,
+            text: format!(
+                "{}: {status}: {}",
+                kind.label(),
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            ),
+        },
         Err(error) => Response::Failed(format!("{}: {}", kind.label(), chain(&error))),
     }
 }
@@ -438,6 +506,22 @@ impl Control {
             Some(id) => Ok(id.to_string()),
             None => bail!("POST /v1/jobs answered without an id: {body}"),
         }
+    }
+
+    /// The id of the newest job, if there is one.
+    async fn newest_job(&self) -> anyhow::Result<Option<String>> {
+        let response = self
+            .http
+            .get(format!("{}/v1/jobs?limit=1", self.base))
+            .send()
+            .await
+            .context("GET /v1/jobs")?;
+        let status = response.status();
+        let body: Value = response.json().await.context("GET /v1/jobs: reading")?;
+        if !status.is_success() {
+            bail!("GET /v1/jobs answered {status}: {body}");
+        }
+        Ok(body["jobs"][0]["id"].as_str().map(str::to_string))
     }
 
     async fn job(&self, id: &str) -> anyhow::Result<JobState> {
@@ -698,8 +782,26 @@ struct Report {
 
 #[derive(Serialize)]
 struct Phases {
-    idle: PhaseReport,
-    training: PhaseReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle: Option<PhaseReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    training: Option<PhaseReport>,
+    /// `--server`'s one phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server: Option<PhaseReport>,
+}
+
+impl Phases {
+    fn named(&self) -> Vec<(&'static str, &PhaseReport)> {
+        [
+            ("idle", &self.idle),
+            ("training", &self.training),
+            ("server", &self.server),
+        ]
+        .into_iter()
+        .filter_map(|(name, phase)| phase.as_ref().map(|phase| (name, phase)))
+        .collect()
+    }
 }
 
 #[derive(Serialize)]
@@ -710,6 +812,10 @@ struct PhaseReport {
     non_2xx: usize,
     /// No response (connection error, timeout).
     failed: usize,
+    /// Answers by status code (`200`, `503`, ...; `none` for no answer).
+    by_status: std::collections::BTreeMap<String, usize>,
+    /// 503 answers without `Retry-After`.
+    unavailable_without_retry_after: usize,
     first_error: Option<String>,
     /// Responses per second, from the start of the timeline to the last response.
     achieved_rate: f64,
@@ -779,7 +885,29 @@ impl PhaseReport {
     fn of(samples: &[Sample], open_connections: Option<usize>) -> PhaseReport {
         let non_2xx = samples
             .iter()
-            .filter(|s| matches!(s.response, Response::Status(_)))
+            .filter(|s| matches!(s.response, Response::Status { .. }))
+            .count();
+        let mut by_status = std::collections::BTreeMap::new();
+        for sample in samples {
+            let status = match &sample.response {
+                Response::Ok => "2xx".to_string(),
+                Response::Status { status, .. } => status.to_string(),
+                Response::Failed(_) => "none".to_string(),
+            };
+            *by_status.entry(status).or_insert(0) += 1;
+        }
+        let unavailable_without_retry_after = samples
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.response,
+                    Response::Status {
+                        status: 503,
+                        retry_after: false,
+                        ..
+                    }
+                )
+            })
             .count();
         let failed = samples
             .iter()
@@ -790,7 +918,7 @@ impl PhaseReport {
             .filter(|s| !matches!(s.response, Response::Ok))
             .min_by_key(|s| s.done_at)
             .map(|s| match &s.response {
-                Response::Status(text) | Response::Failed(text) => text.clone(),
+                Response::Status { text, .. } | Response::Failed(text) => text.clone(),
                 Response::Ok => String::new(),
             });
         let wall = samples.iter().map(|s| s.done_at).max().unwrap_or_default();
@@ -814,6 +942,8 @@ impl PhaseReport {
             errors: non_2xx + failed,
             non_2xx,
             failed,
+            by_status,
+            unavailable_without_retry_after,
             first_error,
             achieved_rate: if wall.is_zero() {
                 0.0
@@ -831,7 +961,23 @@ impl PhaseReport {
 
 fn failures(phases: &Phases, max_p99_ms: f64) -> Vec<String> {
     let mut failures = Vec::new();
-    for (name, phase) in [("idle", &phases.idle), ("training", &phases.training)] {
+    if let Some(phase) = &phases.server {
+        let others = phase
+            .by_status
+            .iter()
+            .filter(|(status, _)| !matches!(status.as_str(), "2xx" | "503"));
+        for (status, count) in others {
+            failures.push(format!("server: {count} answers {status}"));
+        }
+        if phase.unavailable_without_retry_after > 0 {
+            failures.push(format!(
+                "server: {} answers 503 without Retry-After",
+                phase.unavailable_without_retry_after
+            ));
+        }
+        return failures;
+    }
+    for (name, phase) in phases.named() {
         if phase.latency_ms.p99 >= max_p99_ms {
             failures.push(format!(
                 "{name}: p99 {:.2} ms is not under {max_p99_ms} ms",
@@ -863,11 +1009,8 @@ impl Report {
             "{:<9} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}",
             "phase", "sent", "errors", "rate/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms"
         );
-        let phases = [
-            ("idle", &self.phases.idle),
-            ("training", &self.phases.training),
-        ];
-        for (name, phase) in phases {
+        let phases = self.phases.named();
+        for &(name, phase) in &phases {
             let latency = &phase.latency_ms;
             let _ = writeln!(
                 out,
@@ -882,7 +1025,13 @@ impl Report {
                 latency.max
             );
         }
-        for (name, phase) in phases {
+        for &(name, phase) in &phases {
+            let by_status: Vec<String> = phase
+                .by_status
+                .iter()
+                .map(|(status, count)| format!("{status} x{count}"))
+                .collect();
+            let _ = writeln!(out, "{name} answers: {}", by_status.join(", "));
             let by_request: Vec<String> = phase
                 .by_request
                 .iter()
@@ -898,7 +1047,12 @@ impl Report {
                 phase.send_lag_ms.p99
             );
         }
-        if let Some(training) = &self.phases.training.training {
+        let training = self
+            .phases
+            .training
+            .as_ref()
+            .and_then(|t| t.training.as_ref());
+        if let Some(training) = training {
             let _ = writeln!(
                 out,
                 "training: job {} running for {:.0} % of the phase",
@@ -906,7 +1060,9 @@ impl Report {
                 training.running_fraction * 100.0
             );
         }
-        if self.passed {
+        if self.passed && self.phases.server.is_some() {
+            let _ = writeln!(out, "ok: every answer 2xx or 503 with Retry-After");
+        } else if self.passed {
             let _ = writeln!(
                 out,
                 "ok: p99 under {} ms in both phases, every response 2xx",

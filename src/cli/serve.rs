@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::Outcome;
 use crate::config::{ApiConfig, DatabaseConfig, LimitsConfig, QueueConfig};
-use crate::http::startup::{shutdown_signal, Application, Settings};
+use crate::http::startup::{shutdown_signal, Application, Settings, SHUTDOWN_TIMEOUT};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -39,11 +39,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let app = Application::build(settings).await?;
         println!("lrtune listening on http://{}", app.address());
         std::io::stdout().flush().ok();
         app.run_until_stopped(shutdown_signal()).await
-    })?;
+    });
+    // Not the runtime's drop, which waits for every blocking task (an upload being parsed):
+    // the shutdown already waited what it should.
+    runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
+    served?;
     Ok(Outcome::Ok)
 }

@@ -9,7 +9,9 @@ use clap::Args;
 
 use super::Outcome;
 use crate::config::{DatabaseConfig, LimitsConfig, QueueConfig};
-use crate::http::startup::{shutdown_signal, WorkerProcess, WorkerProcessSettings};
+use crate::http::startup::{
+    shutdown_signal, WorkerProcess, WorkerProcessSettings, SHUTDOWN_TIMEOUT,
+};
 use crate::worker::worker_name;
 
 #[derive(Debug, Args)]
@@ -51,7 +53,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<Outcome> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let name = settings.name.clone();
         let process = WorkerProcess::build(settings).await?;
         match process.metrics_address() {
@@ -60,6 +62,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<Outcome> {
         }
         std::io::stdout().flush().ok();
         process.run_until_stopped(shutdown_signal()).await
-    })?;
+    });
+    // Not the runtime's drop, which waits for every blocking task (an upload being parsed):
+    // the shutdown already waited what it should.
+    runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
+    served?;
     Ok(Outcome::Ok)
 }

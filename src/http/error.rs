@@ -41,6 +41,9 @@ pub enum ApiError {
     /// The database is locked by another process, out of connections, or unusable.
     #[error("the database is unavailable ({}): retry later", .0.reason())]
     Unavailable(StoreError),
+    /// The database's disk is full: nothing can be written until space is freed.
+    #[error("the database's disk is full ({}): nothing can be stored until space is freed on the server; retry later", .0.reason())]
+    DiskFull(StoreError),
     /// The server is draining before it stops: another instance, or this one restarted,
     /// will answer.
     #[error("the server is shutting down: retry later")]
@@ -68,6 +71,7 @@ pub struct ErrorDetail {
 /// server shutting down (a restart takes a few seconds); `/healthz` says the same.
 pub const RETRY_UNAVAILABLE: u64 = 2;
 pub const RETRY_SHUTTING_DOWN: u64 = 5;
+pub const RETRY_DISK_FULL: u64 = 10;
 
 impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -104,6 +108,7 @@ impl ApiError {
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::DiskFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -114,6 +119,8 @@ impl ApiError {
             // A lock is held for a moment; a restart takes a few seconds; a full queue drains
             // as jobs finish, which takes longer.
             ApiError::Unavailable(_) => Some(RETRY_UNAVAILABLE),
+            // Space is freed by a person, not in a moment.
+            ApiError::DiskFull(_) => Some(RETRY_DISK_FULL),
             ApiError::ShuttingDown => Some(RETRY_SHUTTING_DOWN),
             ApiError::QueueFull { .. } => Some(10),
             _ => None,
@@ -130,6 +137,7 @@ impl ApiError {
             ApiError::Unprocessable { code, .. } => code,
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::DiskFull(_) => "disk_full",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Internal(_) => "internal",
         }
@@ -148,7 +156,9 @@ impl From<SpecError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> ApiError {
-        if error.is_unavailable() {
+        if error.is_disk_full() {
+            ApiError::DiskFull(error)
+        } else if error.is_unavailable() {
             ApiError::Unavailable(error)
         } else {
             ApiError::Internal(anyhow::Error::new(error).context("database"))
@@ -165,6 +175,10 @@ impl IntoResponse for ApiError {
             }
             ApiError::Unavailable(error) => {
                 tracing::warn!(%error, "request refused: the database is unavailable");
+                self.to_string()
+            }
+            ApiError::DiskFull(error) => {
+                tracing::error!(%error, "request refused: the database's disk is full");
                 self.to_string()
             }
             other => other.to_string(),

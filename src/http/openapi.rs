@@ -46,8 +46,8 @@ impl Modify for BearerAuth {
 }
 
 /// Every `/v1` operation can answer 503 (the database is unavailable, or the server is
-/// shutting down), and there a 503 or a 429 carries `Retry-After`: said once here instead of
-/// on every handler.
+/// shutting down), every `/v1` write 507 (the database's disk is full), and there a 503, 507
+/// or 429 carries `Retry-After`: said once here instead of on every handler.
 struct RetryLater;
 
 impl Modify for RetryLater {
@@ -64,15 +64,32 @@ impl Modify for RetryLater {
             if !path.starts_with("/v1/") {
                 continue;
             }
+            // The tools compute and answer; they store nothing.
+            let stores = !matches!(path.as_str(), "/v1/analyze" | "/v1/schedules");
             let operations = [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
+                (false, &mut item.get),
+                (true, &mut item.put),
+                (true, &mut item.post),
+                (true, &mut item.delete),
+                (true, &mut item.patch),
             ];
-            for operation in operations.into_iter().flatten() {
+            for (writes, operation) in operations {
+                let Some(operation) = operation else {
+                    continue;
+                };
                 let responses = &mut operation.responses.responses;
+                if writes && stores {
+                    responses.entry("507".to_string()).or_insert_with(|| {
+                        ResponseBuilder::new()
+                            .description("The database's disk is full: nothing can be stored")
+                            .content(
+                                "application/json",
+                                Content::new(Some(Ref::from_schema_name("ErrorBody"))),
+                            )
+                            .build()
+                            .into()
+                    });
+                }
                 responses.entry("503".to_string()).or_insert_with(|| {
                     ResponseBuilder::new()
                         .description("The database is unavailable, or the server is shutting down")
@@ -84,7 +101,8 @@ impl Modify for RetryLater {
                         .into()
                 });
                 for (status, response) in responses.iter_mut() {
-                    if let ("429" | "503", RefOr::T(response)) = (status.as_str(), response) {
+                    if let ("429" | "503" | "507", RefOr::T(response)) = (status.as_str(), response)
+                    {
                         response
                             .headers
                             .insert("Retry-After".to_string(), retry_after.clone());

@@ -49,7 +49,25 @@ impl Default for Settings {
 /// After the workers have stopped, how long open connections get to send their last bytes
 /// (event streams their final status) before the server closes them: a client that stopped
 /// reading must not keep the process alive.
-const CLOSE_CONNECTIONS_WITHIN: Duration = Duration::from_secs(5);
+const CLOSE_CONNECTIONS_WITHIN: Duration = Duration::from_secs(3);
+
+/// How long the runtime waits, as the process exits, for tasks still running (uploads being
+/// parsed on blocking threads).
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long closing the database's connections may take at exit (a statement waiting on a lock
+/// ends within the busy timeout; a server that does not answer is not waited for).
+const CLOSE_STORE_WITHIN: Duration = Duration::from_secs(1);
+
+/// Closes the store's connections, waiting at most [`CLOSE_STORE_WITHIN`].
+async fn close_store(store: &Store) {
+    if tokio::time::timeout(CLOSE_STORE_WITHIN, store.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the database's connections did not close in time: exiting without them");
+    }
+}
 
 async fn open_store(db: &DatabaseUrl) -> anyhow::Result<Store> {
     Store::open(db.clone())
@@ -154,7 +172,7 @@ impl Application {
                 server.abort();
             }
         }
-        self.state.store.close().await;
+        close_store(&self.state.store).await;
         Ok(())
     }
 }
@@ -268,7 +286,7 @@ impl WorkerProcess {
                 Err(_) => tracing::warn!("metrics connections still open: closing them"),
             }
         }
-        self.store.close().await;
+        close_store(&self.store).await;
         Ok(())
     }
 }

@@ -257,6 +257,13 @@ pub struct ProgressUpdate {
     pub race_points: Vec<RacePointRow>,
 }
 
+impl ProgressUpdate {
+    /// The points, sweep runs and race points it carries.
+    pub fn rows(&self) -> usize {
+        self.points.len() + self.sweep_runs.len() + self.race_points.len()
+    }
+}
+
 /// How an attempt ends.
 #[derive(Debug, Clone)]
 pub enum FinalState {

@@ -99,6 +99,17 @@ impl StoreError {
         }
     }
 
+    /// True when the database's disk is full: a write fails until space is freed, and the
+    /// API says so (507) rather than calling the database locked or broken.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Sqlx(sqlx::Error::Database(database)) => {
+                sqlite::is_disk_full(database.as_ref()) || postgres::is_disk_full(database.as_ref())
+            }
+            _ => false,
+        }
+    }
+
     /// The database's own words for a database error ("database is locked"), else the
     /// error's text.
     pub fn reason(&self) -> String {

@@ -75,6 +75,13 @@ pub(super) fn is_unavailable(error: &dyn DatabaseError) -> bool {
         )
 }
 
+/// The server's disk is full (SQLSTATE 53100, `disk_full`).
+pub(super) fn is_disk_full(error: &dyn DatabaseError) -> bool {
+    error
+        .try_downcast_ref::<PgDatabaseError>()
+        .is_some_and(|error| error.code() == "53100")
+}
+
 #[derive(Clone)]
 pub(super) struct PgStore {
     pool: PgPool,

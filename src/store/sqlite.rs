@@ -3,16 +3,19 @@
 //! itself, so that string order is time order and an expired lease is one comparison.
 //! SQLite serialises writers, so a claim is a plain `UPDATE ... RETURNING`.
 
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::error::DatabaseError;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteError, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteError, SqliteJournalMode, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Connection, Sqlite, SqlitePool, Transaction};
+use sqlx::{ConnectOptions, Connection, Sqlite, SqlitePool};
 
 use super::dataset::{shape_json, DatasetRecord, StoredRecord};
 use super::job::JobRecord;
@@ -51,32 +54,63 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 // https://www.sqlite.org/rescode.html
 const SQLITE_BUSY: i32 = 5;
 const SQLITE_LOCKED: i32 = 6;
+const SQLITE_READONLY: i32 = 8;
 const SQLITE_IOERR: i32 = 10;
 const SQLITE_CORRUPT: i32 = 11;
 const SQLITE_FULL: i32 = 13;
 const SQLITE_CANTOPEN: i32 = 14;
 const SQLITE_NOTADB: i32 = 26;
 
-/// Locked past the busy timeout, or the file unreadable, unwritable, full or damaged.
+/// SQLite's primary result code of a SQLite error (the low byte of the extended code).
+fn primary_code(error: &dyn DatabaseError) -> Option<i32> {
+    error.try_downcast_ref::<SqliteError>()?;
+    let code = error.code()?.parse::<i32>().ok()?;
+    Some(code & 0xff)
+}
+
+/// Locked past the busy timeout, or the file unreadable, unwritable (read-only, or removed
+/// under the server: SQLite refuses writes to a file that was unlinked), full or damaged.
 pub(super) fn is_unavailable(error: &dyn DatabaseError) -> bool {
-    if error.try_downcast_ref::<SqliteError>().is_none() {
-        return false;
+    primary_code(error).is_some_and(|code| {
+        matches!(
+            code,
+            SQLITE_BUSY
+                | SQLITE_LOCKED
+                | SQLITE_READONLY
+                | SQLITE_IOERR
+                | SQLITE_CORRUPT
+                | SQLITE_FULL
+                | SQLITE_CANTOPEN
+                | SQLITE_NOTADB
+        )
+    })
+}
+
+/// The disk (or file system) holding the database is full.
+pub(super) fn is_disk_full(error: &dyn DatabaseError) -> bool {
+    primary_code(error) == Some(SQLITE_FULL)
+}
+
+/// Less free space than this where the database file lives fails the health check: any write
+/// may then fail with "database or disk is full" (a commit appends pages to the WAL).
+const MIN_FREE_BYTES: u64 = 256 * 1024;
+
+/// Bytes free to this process on the file system holding `file`; `None` when it cannot be told.
+fn free_bytes(file: &Path) -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let folder = match file.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        let stats = rustix::fs::statvfs(folder).ok()?;
+        Some(stats.f_bavail.saturating_mul(stats.f_frsize))
     }
-    error
-        .code()
-        .and_then(|code| code.parse::<i32>().ok())
-        .is_some_and(|code| {
-            matches!(
-                code & 0xff,
-                SQLITE_BUSY
-                    | SQLITE_LOCKED
-                    | SQLITE_IOERR
-                    | SQLITE_CORRUPT
-                    | SQLITE_FULL
-                    | SQLITE_CANTOPEN
-                    | SQLITE_NOTADB
-            )
-        })
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = file;
+        None
+    }
 }
 
 /// A duration as a SQLite date modifier.
@@ -84,9 +118,140 @@ fn modifier(duration: Duration) -> String {
     format!("+{:.3} seconds", duration.as_secs_f64())
 }
 
+/// A write transaction on a pooled connection, begun with `BEGIN IMMEDIATE` (the write lock at
+/// once, so no reader-turned-writer fails half way) and ended by an explicit `COMMIT` whose
+/// error is the caller's.
+///
+/// It does not use sqlx's `Transaction`, whose bookkeeping is a depth counter that SQLite's
+/// own state can leave behind: after `SQLITE_FULL` or an I/O error SQLite may roll the whole
+/// transaction back by itself, the driver's `ROLLBACK` then fails, the counter stays at 1, and
+/// the next `begin()` on that pooled connection issues a `SAVEPOINT` (opening a real
+/// transaction) whose `ROLLBACK TO` leaves it open. Every later statement on that connection,
+/// a submit's `INSERT` among them, then ran inside a transaction that was never committed,
+/// holding the write lock against everyone else. Here a transaction that did not end with a
+/// `COMMIT` or `ROLLBACK` that SQLite accepted (an error, a dropped future) takes its
+/// connection with it: the connection is closed, which rolls back whatever is open, and the
+/// pool opens a fresh one. So no pooled connection is ever left inside a transaction.
+///
+/// Single-statement writes go through it too: outside a transaction, SQLite commits an
+/// `INSERT ... RETURNING` when the statement is reset, after the row was already handed out,
+/// and the driver ignores an error at that reset (a full disk), so a submit could answer 202
+/// for a row that was never committed.
+struct WriteTx {
+    connection: Option<PoolConnection<Sqlite>>,
+    file: Option<Arc<DatabaseFile>>,
+}
+
+impl WriteTx {
+    /// Begins, when the database file is still the one opened and writable (checked again at
+    /// the commit).
+    async fn begin(store: &SqliteStore) -> Result<WriteTx, StoreError> {
+        if let Some(file) = &store.file {
+            file.check()?;
+        }
+        let mut tx = WriteTx {
+            connection: Some(store.pool.acquire().await?),
+            file: store.file.clone(),
+        };
+        sqlx::query("BEGIN IMMEDIATE").execute(tx.conn()).await?;
+        Ok(tx)
+    }
+
+    fn conn(&mut self) -> &mut SqliteConnection {
+        self.connection
+            .as_mut()
+            .expect("a transaction's connection is only taken when it ends")
+    }
+
+    /// Commits, when the database file is still the one opened and writable (see
+    /// [`DatabaseFile`]); else rolls back and says why.
+    async fn commit(self) -> Result<(), StoreError> {
+        if let Some(file) = &self.file {
+            file.check()?;
+        }
+        self.end("COMMIT").await
+    }
+
+    async fn rollback(self) -> Result<(), StoreError> {
+        self.end("ROLLBACK").await
+    }
+
+    /// Only when SQLite accepted the statement does the connection go back to the pool;
+    /// on an error, `drop` closes it.
+    async fn end(mut self, statement: &'static str) -> Result<(), StoreError> {
+        sqlx::query(statement).execute(self.conn()).await?;
+        self.connection.take();
+        Ok(())
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if let Some(mut connection) = self.connection.take() {
+            connection.close_on_drop();
+        }
+    }
+}
+
 #[derive(Clone)]
 pub(super) struct SqliteStore {
     pool: SqlitePool,
+    /// The database file as it was opened (none in memory).
+    file: Option<Arc<DatabaseFile>>,
+}
+
+/// The database file the store opened. SQLite goes on writing to an open file after it was
+/// removed or replaced (to an inode that nothing names any more, lost at the next start), and
+/// after it was made read-only (through connections opened before), so every commit first
+/// checks that the path still names the same, writable file.
+struct DatabaseFile {
+    path: PathBuf,
+    device: u64,
+    inode: u64,
+}
+
+impl DatabaseFile {
+    fn of(path: &Path) -> Option<DatabaseFile> {
+        let metadata = std::fs::metadata(path).ok().filter(|m| m.is_file())?;
+        Some(DatabaseFile {
+            path: path.to_path_buf(),
+            device: metadata.dev(),
+            inode: metadata.ino(),
+        })
+    }
+
+    /// The file is still there, the same one, and writable.
+    fn check(&self) -> Result<(), StoreError> {
+        let same = std::fs::metadata(&self.path)
+            .is_ok_and(|m| m.dev() == self.device && m.ino() == self.inode);
+        if !same {
+            return Err(StoreError::Unavailable(format!(
+                "the database file {} was removed or replaced while the server had it open: \
+                 nothing is written until it is back (or the server is restarted on a new one)",
+                self.path.display()
+            )));
+        }
+        if !writable(&self.path) {
+            return Err(StoreError::Unavailable(format!(
+                "the database file {} is read-only: nothing is written until it is writable",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Whether this process may write the file (the kernel's answer: an immutable file is not
+/// writable even by root).
+fn writable(path: &Path) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::fs::access(path, rustix::fs::Access::WRITE_OK).is_ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        std::fs::metadata(path).is_ok_and(|m| !m.permissions().readonly())
+    }
 }
 
 impl SqliteStore {
@@ -104,18 +269,28 @@ impl SqliteStore {
     }
 
     async fn connect(options: SqliteConnectOptions) -> Result<SqliteStore, StoreError> {
+        // FULL: a commit is on disk before it is answered (a 202 survives a power cut, not
+        // only a crash of the process); NORMAL would leave the last commits to the next
+        // checkpoint.
         let options = options
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
+        // The file is created (when allowed) and migrated once, here. The pool never creates
+        // it: a file removed under the server must not come back empty when a connection is
+        // opened again, answering "no such table" instead of "the file is gone".
+        let mut first = options.connect().await?;
+        let migrated = sqlx::migrate!("./migrations/sqlite").run(&mut first).await;
+        first.close().await?;
+        migrated?;
+        let file = DatabaseFile::of(options.get_filename()).map(Arc::new);
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
+            .connect_with(options.create_if_missing(false))
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore { pool, file })
     }
 
     pub(super) async fn close(&self) {
@@ -140,7 +315,19 @@ impl SqliteStore {
         }
         .await;
         let _ = connection.close().await;
-        Ok(checked?)
+        checked?;
+        if let Some(file) = &self.file {
+            file.check()?;
+            if let Some(free) = free_bytes(&file.path) {
+                if free < MIN_FREE_BYTES {
+                    return Err(StoreError::Unavailable(format!(
+                        "disk full: {free} bytes free for the database file {}",
+                        file.path.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The count and the insert are one statement, and SQLite runs one writer at a time, so
@@ -157,14 +344,16 @@ impl SqliteStore {
             " WHERE (SELECT count(*) FROM job WHERE status = 'queued') < ?
              RETURNING *"
         );
+        let mut tx = WriteTx::begin(self).await?;
         let record: Option<JobRecord> = sqlx::query_as(sql)
             .bind(&job.id)
             .bind(job.kind.as_str())
             .bind(&job.name)
             .bind(&job.spec)
             .bind(max_queued)
-            .fetch_optional(&self.pool)
+            .fetch_optional(tx.conn())
             .await?;
+        tx.commit().await?;
         record.map(JobRow::try_from).transpose()
     }
 
@@ -216,11 +405,13 @@ impl SqliteStore {
                AND status = 'queued'
              RETURNING *"
         );
+        let mut tx = WriteTx::begin(self).await?;
         let record: Option<JobRecord> = sqlx::query_as(sql)
             .bind(worker)
             .bind(modifier(lease))
-            .fetch_optional(&self.pool)
+            .fetch_optional(tx.conn())
             .await?;
+        tx.commit().await?;
         record.map(JobRow::try_from).transpose()
     }
 
@@ -230,7 +421,7 @@ impl SqliteStore {
         update: &ProgressUpdate,
         lease: Duration,
     ) -> Result<Option<bool>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = WriteTx::begin(self).await?;
         let sql = concat!(
             "UPDATE job SET heartbeat_at = ",
             now!(),
@@ -247,13 +438,13 @@ impl SqliteStore {
             .bind(&update.stage)
             .bind(&attempt.job_id)
             .bind(attempt.number)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(tx.conn())
             .await?;
         let Some(cancel_requested) = cancel_requested else {
             tx.rollback().await?;
             return Ok(None);
         };
-        insert_outputs(&mut tx, attempt, update).await?;
+        insert_outputs(tx.conn(), attempt, update).await?;
         tx.commit().await?;
         Ok(Some(cancel_requested))
     }
@@ -264,7 +455,7 @@ impl SqliteStore {
         state: &FinalState,
         last: &ProgressUpdate,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = WriteTx::begin(self).await?;
         // The guarded UPDATE comes first so the transaction takes the write lock at once.
         let updated = match state {
             FinalState::Succeeded { result, steps } => {
@@ -315,7 +506,7 @@ impl SqliteStore {
         }
         .bind(&attempt.job_id)
         .bind(attempt.number)
-        .execute(&mut *tx)
+        .execute(tx.conn())
         .await?
         .rows_affected();
         if updated == 0 {
@@ -323,8 +514,8 @@ impl SqliteStore {
             return Ok(false);
         }
         match state {
-            FinalState::Requeue => delete_outputs(&mut tx, &attempt.job_id).await?,
-            _ => insert_outputs(&mut tx, attempt, last).await?,
+            FinalState::Requeue => delete_outputs(tx.conn(), &attempt.job_id).await?,
+            _ => insert_outputs(tx.conn(), attempt, last).await?,
         }
         tx.commit().await?;
         Ok(true)
@@ -336,21 +527,25 @@ impl SqliteStore {
             now!(),
             " WHERE id = ? AND status = 'queued'"
         );
-        let done = sqlx::query(sql).bind(id).execute(&self.pool).await?;
+        let mut tx = WriteTx::begin(self).await?;
+        let done = sqlx::query(sql).bind(id).execute(tx.conn()).await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 
     pub(super) async fn request_cancel(&self, id: &str) -> Result<bool, StoreError> {
+        let mut tx = WriteTx::begin(self).await?;
         let done =
             sqlx::query("UPDATE job SET cancel_requested = 1 WHERE id = ? AND status = 'running'")
                 .bind(id)
-                .execute(&self.pool)
+                .execute(tx.conn())
                 .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 
     pub(super) async fn reap_expired(&self, max_attempts: i64) -> Result<ReapOutcome, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = WriteTx::begin(self).await?;
         // The message is built per job from its last heartbeat, so it says where the worker
         // was when it died (a process killed for memory leaves no other trace); the lease's
         // length is the time it was given to send the next one.
@@ -369,7 +564,7 @@ impl SqliteStore {
         );
         let failed: Vec<String> = sqlx::query_scalar(failed_sql)
             .bind(max_attempts)
-            .fetch_all(&mut *tx)
+            .fetch_all(tx.conn())
             .await?;
         let requeue_sql = concat!(
             "UPDATE job SET status = 'queued', worker = NULL, started_at = NULL,
@@ -381,10 +576,10 @@ impl SqliteStore {
         );
         let requeued: Vec<String> = sqlx::query_scalar(requeue_sql)
             .bind(max_attempts)
-            .fetch_all(&mut *tx)
+            .fetch_all(tx.conn())
             .await?;
         for id in &requeued {
-            delete_outputs(&mut tx, id).await?;
+            delete_outputs(tx.conn(), id).await?;
         }
         tx.commit().await?;
         Ok(ReapOutcome { requeued, failed })
@@ -447,6 +642,7 @@ impl SqliteStore {
             now!(),
             ") RETURNING *"
         );
+        let mut tx = WriteTx::begin(self).await?;
         let record: DatasetRecord = sqlx::query_as(sql)
             .bind(&row.id)
             .bind(&row.name)
@@ -462,8 +658,9 @@ impl SqliteStore {
             .bind(row.bytes)
             .bind(dataset.x)
             .bind(dataset.y)
-            .fetch_one(&self.pool)
+            .fetch_one(tx.conn())
             .await?;
+        tx.commit().await?;
         record.try_into()
     }
 
@@ -508,6 +705,7 @@ impl SqliteStore {
             now!(),
             ") RETURNING id, name, bytes, sha256, tensors, shapes, created_at"
         );
+        let mut tx = WriteTx::begin(self).await?;
         let record: WeightsRecord = sqlx::query_as(sql)
             .bind(&row.id)
             .bind(&row.name)
@@ -516,8 +714,9 @@ impl SqliteStore {
             .bind(row.tensors)
             .bind(shapes_json(&row.shapes)?)
             .bind(weights.data)
-            .fetch_one(&self.pool)
+            .fetch_one(tx.conn())
             .await?;
+        tx.commit().await?;
         record.try_into()
     }
 
@@ -593,7 +792,7 @@ impl SqliteStore {
 /// The update's points and sweep runs, each written once: a retried write (its first try
 /// committed, but the answer was lost) finds them there and leaves them.
 async fn insert_outputs(
-    tx: &mut Transaction<'_, Sqlite>,
+    connection: &mut SqliteConnection,
     attempt: &Attempt,
     update: &ProgressUpdate,
 ) -> Result<(), StoreError> {
@@ -609,7 +808,7 @@ async fn insert_outputs(
         .bind(point.lr)
         .bind(point.loss)
         .bind(point.smoothed)
-        .execute(&mut **tx)
+        .execute(&mut *connection)
         .await?;
     }
     for run in &update.sweep_runs {
@@ -629,7 +828,7 @@ async fn insert_outputs(
         .bind(run.val_accuracy)
         .bind(run.train_loss)
         .bind(run.diverged)
-        .execute(&mut **tx)
+        .execute(&mut *connection)
         .await?;
     }
     for point in &update.race_points {
@@ -648,24 +847,24 @@ async fn insert_outputs(
         .bind(point.seconds)
         .bind(point.val_loss)
         .bind(point.val_accuracy)
-        .execute(&mut **tx)
+        .execute(&mut *connection)
         .await?;
     }
     Ok(())
 }
 
-async fn delete_outputs(tx: &mut Transaction<'_, Sqlite>, job_id: &str) -> Result<(), StoreError> {
+async fn delete_outputs(connection: &mut SqliteConnection, job_id: &str) -> Result<(), StoreError> {
     sqlx::query("DELETE FROM curve_point WHERE job_id = ?")
         .bind(job_id)
-        .execute(&mut **tx)
+        .execute(&mut *connection)
         .await?;
     sqlx::query("DELETE FROM sweep_run WHERE job_id = ?")
         .bind(job_id)
-        .execute(&mut **tx)
+        .execute(&mut *connection)
         .await?;
     sqlx::query("DELETE FROM race_point WHERE job_id = ?")
         .bind(job_id)
-        .execute(&mut **tx)
+        .execute(&mut *connection)
         .await?;
     Ok(())
 }

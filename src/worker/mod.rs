@@ -187,26 +187,53 @@ impl WorkerPool {
     }
 
     /// Stops claiming, waits up to `grace` for running jobs, then stops them and puts them
-    /// back to the queue.
+    /// back to the queue. Returns within `grace` + [`STOP_WITHIN`] whatever the jobs or the
+    /// database do: a worker still busy then (its job's outcome not written, the database not
+    /// answering) is dropped, and its job, still `running` in the store, is queued again by
+    /// whichever process sees its lease run out.
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.stop_claiming.send(true);
         self.reaper.abort();
         let mut handles = self.handles;
-        let waited = tokio::time::timeout(grace, async {
-            for handle in handles.iter_mut() {
-                let _ = handle.await;
-            }
-        })
-        .await;
-        if waited.is_err() {
+        if !all_ended(&mut handles, grace).await {
             warn!("grace period over: stopping running jobs and queueing them again");
             self.running.stop_all();
-            for handle in handles {
-                let _ = handle.await;
+            if !all_ended(&mut handles, STOP_WITHIN).await {
+                warn!(
+                    within = ?STOP_WITHIN,
+                    "jobs not queued again in time (the database does not answer): leaving \
+                     them to be queued again when their lease runs out"
+                );
+                for handle in &handles {
+                    handle.abort();
+                }
             }
         }
         self.cancels.abort();
     }
+}
+
+/// How long stopped jobs get to be put back to the queue once the grace period is over.
+pub const STOP_WITHIN: Duration = Duration::from_secs(5);
+
+/// How long a worker waits for a job's computation to end once its cancel flag is up (a cancel,
+/// a shutdown, a lost lease) before it writes the job's end without it. The engine checks the
+/// flag every step and within long evaluations, so this is only reached by a computation stuck
+/// in a kernel; its thread is left to end by itself.
+const ABANDON_AFTER: Duration = Duration::from_secs(3);
+
+/// Events the engine may send ahead of the worker loop that writes them.
+const EVENT_CHANNEL: usize = 256;
+
+/// True when every task ended within `within`.
+async fn all_ended(handles: &mut [JoinHandle<()>], within: Duration) -> bool {
+    tokio::time::timeout(within, async {
+        for handle in handles.iter_mut() {
+            let _ = handle.await;
+        }
+    })
+    .await
+    .is_ok()
 }
 
 /// Raises the flag of a job running here as soon as any process asks for its cancel (its
@@ -264,6 +291,9 @@ struct CancelReason {
 
 impl Worker {
     async fn run(mut self) {
+        // After a failed claim (the database down), the next try waits longer each time, up to
+        // 5 s, so that a fleet does not hammer a database coming back.
+        let mut backoff = Duration::ZERO;
         loop {
             if *self.stop.borrow() {
                 return;
@@ -276,10 +306,12 @@ impl Worker {
                 .await
             {
                 Ok(Some(job)) => {
+                    backoff = Duration::ZERO;
                     let span = tracing::info_span!("job", id = %job.id, attempt = job.attempts, worker = %self.name);
                     self.run_job(job).instrument(span).await;
                 }
                 Ok(None) => {
+                    backoff = Duration::ZERO;
                     let poll = tokio::time::sleep(self.settings.poll_every);
                     tokio::pin!(poll);
                     loop {
@@ -299,8 +331,13 @@ impl Worker {
                     }
                 }
                 Err(error) => {
-                    error!(%error, "claiming a job");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    backoff =
+                        (backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(5));
+                    error!(%error, retry_in = ?backoff, "claiming a job");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.stop.changed() => {}
+                    }
                 }
             }
         }
@@ -311,7 +348,8 @@ impl Worker {
         info!("job started");
         let started = Instant::now();
         let mut flusher = Flusher::new(attempt.clone());
-        let state = match self.execute(&job, &mut flusher).await {
+        let reason = CancelReason::default();
+        let state = match self.execute(&job, &mut flusher, &reason).await {
             Ok(state) => state,
             Err(error) => FinalState::Failed(error),
         };
@@ -328,8 +366,23 @@ impl Worker {
                     );
                 }
             }
-            Ok(false) => warn!("job was taken over by another attempt: outcome dropped"),
-            Err(error) => error!(%error, "writing the job's outcome"),
+            // Said once already, when the first write was refused.
+            Ok(false) if reason.lost.load(Ordering::SeqCst) => {}
+            Ok(false) => warn!("job was taken over by another attempt: its outcome is refused"),
+            Err(error) => {
+                // Never a finished job without its points: this attempt is given up, and the
+                // job runs again from the start.
+                error!(%error, "the job's outcome could not be written: queueing the job again");
+                let requeue = FinalState::Requeue;
+                let empty = ProgressUpdate::default();
+                if let Err(error) = self.store.finish_attempt(&attempt, &requeue, &empty).await {
+                    error!(
+                        %error,
+                        "the job could not be queued again either: it will be when its lease \
+                         runs out"
+                    );
+                }
+            }
         }
         self.running.unregister(&job.id);
     }
@@ -363,7 +416,12 @@ impl Worker {
 
     /// Runs the attempt to its end state; an `Err` is a failure to report on the job. What
     /// the engine reported and was not written yet stays in `flusher`, for the final write.
-    async fn execute(&self, job: &JobRow, flusher: &mut Flusher) -> Result<FinalState, JobError> {
+    async fn execute(
+        &self,
+        job: &JobRow,
+        flusher: &mut Flusher,
+        reason: &CancelReason,
+    ) -> Result<FinalState, JobError> {
         // Checked when it was submitted; only read back here.
         let spec = ValidSpec::from_stored(&job.spec).map_err(spec_error)?;
         let datasets = self.fetch_datasets(&spec).await?;
@@ -387,16 +445,17 @@ impl Worker {
         if job.cancel_requested {
             cancel.store(true, Ordering::SeqCst);
         }
-        let reason = CancelReason::default();
-        let (events, mut received) = mpsc::unbounded_channel::<Event>();
+        let (events, mut received) = mpsc::channel::<Event>(EVENT_CHANNEL);
         let runner = self.runner.clone();
         let limits = self.settings.limits.clone();
         let engine_cancel = cancel.clone();
         let span = tracing::Span::current();
         let compute = spawn_compute(move || {
             let _entered = span.enter();
+            // Blocks while the worker holds as many unwritten rows as it may (see the loop
+            // below): the training pauses until the database takes them.
             let mut observer = |event: Event| {
-                let _ = events.send(event);
+                let _ = events.blocking_send(event);
             };
             let loaded = data::load(&spec, datasets, initial_weights)?;
             runner.run(&spec, loaded, &limits, &engine_cancel, &mut observer)
@@ -408,33 +467,64 @@ impl Worker {
         })?;
 
         let mut tick = tokio::time::interval(self.settings.flush_every);
-        let mut last_write = Instant::now();
-        let heartbeat_every = self.settings.heartbeat_every();
-        loop {
+        let mut writes = WriteSchedule::new(self.settings.heartbeat_every());
+        let stall_after = self.settings.queue.stall_after;
+        let max_buffered =
+            usize::try_from(self.settings.queue.max_buffered_rows).unwrap_or(usize::MAX);
+        let mut last_event = Instant::now();
+        let mut canceled_at: Option<Instant> = None;
+        let compute = std::pin::pin!(compute);
+        let ended = loop {
+            let stopping = cancel.load(Ordering::SeqCst);
+            // With the buffer full (the database has taken nothing for a while), events stay
+            // in the channel and the engine's next send blocks. A job being stopped is drained
+            // so that it sees its flag.
+            let paused = flusher.buffered() >= max_buffered && !stopping;
             tokio::select! {
-                event = received.recv() => match event {
-                    Some(event) => flusher.observe(event),
-                    None => break,
+                event = received.recv(), if !paused => match event {
+                    Some(event) => {
+                        last_event = Instant::now();
+                        flusher.observe(event);
+                    }
+                    None => break Some(compute.await),
                 },
                 _ = tick.tick() => {
-                    if flusher.dirty || last_write.elapsed() >= heartbeat_every {
-                        last_write = Instant::now();
-                        self.flush(flusher, &cancel, &reason).await;
+                    if paused {
+                        // Waiting on the database, not stalled.
+                        last_event = Instant::now();
+                    } else if last_event.elapsed() >= stall_after {
+                        cancel.store(true, Ordering::SeqCst);
+                        return Err(stalled(stall_after, flusher));
+                    }
+                    if stopping {
+                        let since = *canceled_at.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= ABANDON_AFTER {
+                            warn!(
+                                waited = ?ABANDON_AFTER,
+                                "the job's computation did not stop when asked: ending the job \
+                                 without it"
+                            );
+                            break None;
+                        }
+                    }
+                    if !reason.lost.load(Ordering::SeqCst) && writes.due(flusher.dirty) {
+                        let written = self.flush(flusher, &cancel, reason).await;
+                        writes.done(written);
                     }
                 }
             }
-        }
-        let state = match compute.await {
-            Ok(Ok(output)) => self.succeeded(output, flusher)?,
-            Ok(Err(EngineError::Canceled)) => {
+        };
+        let state = match ended {
+            Some(Ok(Ok(output))) => self.succeeded(output, flusher)?,
+            Some(Ok(Err(EngineError::Canceled))) | None => {
                 if self.running.is_stopping() || reason.lost.load(Ordering::SeqCst) {
                     FinalState::Requeue
                 } else {
                     FinalState::Canceled
                 }
             }
-            Ok(Err(error)) => FinalState::Failed(engine_error(error)),
-            Err(panic) => {
+            Some(Ok(Err(error))) => FinalState::Failed(engine_error(error)),
+            Some(Err(panic)) => {
                 let message = match panic {
                     Some(payload) => panic_message(payload),
                     None => "the job's thread was stopped".to_string(),
@@ -493,7 +583,14 @@ impl Worker {
         })
     }
 
-    async fn flush(&self, flusher: &mut Flusher, cancel: &AtomicBool, reason: &CancelReason) {
+    /// Writes what the flusher holds with a heartbeat. False when the database did not take
+    /// it (the rows stay in the flusher for the next try).
+    async fn flush(
+        &self,
+        flusher: &mut Flusher,
+        cancel: &AtomicBool,
+        reason: &CancelReason,
+    ) -> bool {
         let update = flusher.take_update();
         let recorded = self
             .store
@@ -504,16 +601,23 @@ impl Worker {
                 if cancel_requested {
                     cancel.store(true, Ordering::SeqCst);
                 }
+                true
             }
             Ok(None) => {
-                warn!("job no longer belongs to this attempt: stopping it");
+                // The one line a worker that lost its lease (frozen, cut off) logs: from here
+                // on it writes nothing more for this attempt.
+                warn!(
+                    "the job's lease was lost to another attempt: its writes are refused; \
+                     dropping the job"
+                );
                 reason.lost.store(true, Ordering::SeqCst);
                 cancel.store(true, Ordering::SeqCst);
+                true
             }
             Err(error) => {
-                // Keep the points for the next try; the heartbeat is retried on the next tick.
-                error!(%error, "writing progress");
+                error!(%error, buffered = update.rows(), "writing progress: keeping it for the next try");
                 flusher.put_back(update);
+                false
             }
         }
     }
@@ -669,12 +773,69 @@ impl Flusher {
         }
     }
 
+    /// Rows waiting to be written.
+    fn buffered(&self) -> usize {
+        self.points.len() + self.sweep_runs.len() + self.race_points.len()
+    }
+
     /// An update that could not be written: its points and runs go first in the next one.
     fn put_back(&mut self, update: ProgressUpdate) {
         self.points.splice(0..0, update.points);
         self.sweep_runs.splice(0..0, update.sweep_runs);
         self.race_points.splice(0..0, update.race_points);
         self.dirty = true;
+    }
+}
+
+/// When the next progress write is due: when there is something new, or a heartbeat is due,
+/// and never sooner than the backoff after failed writes (the database is down or full), which
+/// doubles up to 5 s and resets on success.
+struct WriteSchedule {
+    heartbeat_every: Duration,
+    last: Instant,
+    backoff: Duration,
+}
+
+impl WriteSchedule {
+    const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+    fn new(heartbeat_every: Duration) -> WriteSchedule {
+        WriteSchedule {
+            heartbeat_every,
+            last: Instant::now(),
+            backoff: Duration::ZERO,
+        }
+    }
+
+    fn due(&self, dirty: bool) -> bool {
+        let since = self.last.elapsed();
+        since >= self.backoff && (dirty || since >= self.heartbeat_every)
+    }
+
+    fn done(&mut self, written: bool) {
+        self.last = Instant::now();
+        self.backoff = if written {
+            Duration::ZERO
+        } else {
+            (self.backoff * 2).clamp(Duration::from_millis(250), Self::MAX_BACKOFF)
+        };
+    }
+}
+
+/// The watchdog's verdict on a job that reported nothing for `stall_after`.
+fn stalled(stall_after: Duration, flusher: &Flusher) -> JobError {
+    let stage = flusher.stage.as_deref().unwrap_or("loading the data");
+    error!(stage, step = flusher.done, "no progress: the job stalled");
+    JobError {
+        code: "stalled".into(),
+        message: format!(
+            "no step finished for {} s (stage {stage}, step {} of {}): the job was stopped and is \
+             not retried, since it would stall again",
+            stall_after.as_secs_f64(),
+            flusher.done,
+            flusher.total
+        ),
+        field: None,
     }
 }
 

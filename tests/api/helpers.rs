@@ -290,7 +290,8 @@ impl JobRunner for GatedRunner {
     }
 }
 
-/// A job named "endless" steps until canceled; "boom" panics; others run the engine.
+/// A job named "endless" steps until canceled; "boom" panics; "stall" hangs without checking
+/// its cancel flag; others run the engine.
 pub struct FaultyRunner;
 
 impl JobRunner for FaultyRunner {
@@ -320,8 +321,44 @@ impl JobRunner for FaultyRunner {
                 }
                 panic!("the endless job was never canceled");
             }
+            // Reports a step, then hangs in a computation that never checks its cancel flag.
+            Some("stall") => {
+                observer(Event::Stage("range_test"));
+                observer(Event::Progress {
+                    done: 3,
+                    total: 100,
+                });
+                std::thread::sleep(Duration::from_secs(20));
+                Err(EngineError::Canceled)
+            }
             _ => EngineRunner.run(spec, loaded, limits, cancel, observer),
         }
+    }
+}
+
+/// The engine, counting the curve points it reports and taking a millisecond over each event
+/// (a job long enough to hold the database away from).
+pub struct CountingRunner {
+    pub points: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl JobRunner for CountingRunner {
+    fn run(
+        &self,
+        spec: &ValidSpec,
+        loaded: LoadedData,
+        limits: &Limits,
+        cancel: &AtomicBool,
+        observer: &mut dyn FnMut(Event),
+    ) -> Result<RunOutput, EngineError> {
+        let mut counting = |event: Event| {
+            if matches!(event, Event::Point(_)) {
+                self.points.fetch_add(1, Ordering::SeqCst);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            observer(event);
+        };
+        EngineRunner.run(spec, loaded, limits, cancel, &mut counting)
     }
 }
 
