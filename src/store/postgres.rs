@@ -599,9 +599,13 @@ impl PgStore {
 /// re-established by the listener; what was announced meanwhile is gone, so subscribers are
 /// told to read the state again.
 async fn listen(mut listener: PgListener, changes: broadcast::Sender<Change>) {
+    // While the server is down every reconnection fails: each next try waits twice as long,
+    // up to 5 s.
+    let mut backoff = Duration::ZERO;
     loop {
         match listener.try_recv().await {
             Ok(Some(notification)) => {
+                backoff = Duration::ZERO;
                 let _ = changes.send(Change::decode(notification.payload()));
             }
             Ok(None) => {
@@ -609,9 +613,10 @@ async fn listen(mut listener: PgListener, changes: broadcast::Sender<Change>) {
                 let _ = changes.send(Change::Unknown);
             }
             Err(error) => {
-                tracing::warn!(%error, "listening for changes");
+                backoff = (backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(5));
+                tracing::warn!(%error, retry_in = ?backoff, "listening for changes");
                 let _ = changes.send(Change::Unknown);
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(backoff).await;
             }
         }
     }
