@@ -8,6 +8,7 @@ pub mod batch;
 pub mod compare;
 pub mod data;
 pub mod evaluate;
+pub mod json;
 pub mod model;
 
 pub mod optim;
