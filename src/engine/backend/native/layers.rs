@@ -1543,6 +1543,8 @@ pub(super) fn forward_backward(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+
     use candle_core::Device;
 
     use super::*;
@@ -1564,7 +1566,14 @@ mod tests {
             let data = case.device_data();
             let rows: Vec<usize> = (0..data.rows).collect();
             let mut workspace = None;
-            let (eval_loss, _) = evaluate(&model, &mut workspace, &data, data.rows).unwrap();
+            let (eval_loss, _) = evaluate(
+                &model,
+                &mut workspace,
+                &data,
+                data.rows,
+                &AtomicBool::new(false),
+            )
+            .unwrap();
             assert!(
                 (eval_loss - case.eval_loss).abs() <= 1e-4 * case.eval_loss,
                 "{}: eval loss {eval_loss} vs PyTorch's {}",
