@@ -22,7 +22,7 @@ use gemm::Parallelism;
 use super::{check_canceled, Evaluation, EVAL_CHUNK};
 use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
-use crate::engine::model::layers::Plan;
+use crate::engine::model::layers::{element_count, Plan};
 use crate::engine::model::{Model, ModelShape};
 use crate::engine::optim::Optimizer;
 use crate::engine::rng::Rng;
@@ -457,15 +457,14 @@ pub struct Workspace {
 /// the model's plan: admission checks a job's memory with it before anything is built.
 ///
 /// The plan counts what each layer keeps (see `layers::Plan::activations_per_sample`); the
-/// batch's input and targets come on top. Saturating: a size too large to count is
-/// `u64::MAX`.
-pub fn planned_buffer_bytes(plan: &Plan, shape: &ModelShape, rows: usize) -> u64 {
-    let input: u64 = shape.input.iter().map(|&d| d as u64).product();
+/// batch's input and targets come on top. `None` when the count overflows 64 bits.
+pub fn planned_buffer_bytes(plan: &Plan, shape: &ModelShape, rows: usize) -> Option<u64> {
+    let input = element_count(&shape.input)? as u64;
     plan.activations_per_sample
-        .saturating_add(input)
-        .saturating_add(shape.output as u64)
-        .saturating_mul(rows as u64)
-        .saturating_mul(4)
+        .checked_add(input)?
+        .checked_add(shape.output as u64)?
+        .checked_mul(rows as u64)?
+        .checked_mul(4)
 }
 
 impl Workspace {
