@@ -3,6 +3,8 @@
 //! server runs it at submit, the worker again before it loads the data, and the engine once
 //! more before it builds the model, so a job is refused with the same message at every stage.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::backend::native;
@@ -110,18 +112,25 @@ impl DataShape {
     }
 
     /// Bytes of one row as the engine holds it: f32 features or u32 token ids, and the
-    /// targets (a u32 class, f32 regression values, or u32 next-token ids).
-    fn row_bytes(&self) -> u64 {
-        let inputs = self
-            .sample_shape
-            .iter()
-            .fold(1u64, |product, &size| product.saturating_mul(size as u64));
+    /// targets (a u32 class, f32 regression values, or u32 next-token ids). `None` when the
+    /// count overflows 64 bits.
+    fn row_bytes(&self) -> Option<u64> {
+        let inputs = model::layers::element_count(&self.sample_shape)? as u64;
         let targets = match self.task {
             Task::Classification => 1,
             Task::Regression => self.output as u64,
             Task::LanguageModel => inputs,
         };
-        inputs.saturating_add(targets).saturating_mul(4)
+        inputs.checked_add(targets)?.checked_mul(4)
+    }
+
+    /// Bytes the job's data takes at its peak (see [`DATA_COPIES`]), with the stored bytes
+    /// it parses; `None` when the count overflows 64 bits.
+    fn held_bytes(&self) -> Option<u64> {
+        let rows = (self.train_rows as u64).checked_add(self.validation_rows as u64)?;
+        rows.checked_mul(self.row_bytes()?)?
+            .checked_mul(DATA_COPIES)?
+            .checked_add(self.raw_bytes)
     }
 }
 
@@ -185,54 +194,70 @@ pub fn admit(spec: &JobSpec, data: &DataShape, limits: &Limits) -> Result<Cost, 
         return Err(SpecError::new(
             "model",
             format!(
-                "{} parameters is above the limit of {} (max_parameters): use a smaller model",
-                count_label(parameters),
+                "{parameters} parameters is above the limit of {} (max_parameters): use a \
+                 smaller model",
                 limits.max_parameters
             ),
         ));
     }
-    let weight_bytes = parameters
-        .saturating_mul(4)
-        .saturating_mul(weight_copies(&spec.optimizer));
+    // Every part is counted exactly, or not at all (`None`: past 64 bits, so past any limit).
+    let weight_bytes = parameters.checked_mul(4 * weight_copies(&spec.optimizer));
     let step_rows = step_rows(spec, data);
     let activation_bytes = native::planned_buffer_bytes(&plan, &shape, step_rows);
-    let rows = data.train_rows.saturating_add(data.validation_rows) as u64;
-    let data_bytes = rows
-        .saturating_mul(data.row_bytes())
-        .saturating_mul(DATA_COPIES)
-        .saturating_add(data.raw_bytes);
-    let cost = Cost {
-        parameters,
-        memory_bytes: weight_bytes
-            .saturating_add(activation_bytes)
-            .saturating_add(data_bytes),
-        weight_bytes,
-        activation_bytes,
-        data_bytes,
-    };
-    if cost.memory_bytes > limits.max_job_memory {
-        // Name the part that dominates: that is the field to change.
-        let field = if activation_bytes >= weight_bytes && activation_bytes >= data_bytes {
-            "batch_size"
-        } else if weight_bytes >= data_bytes {
-            "model"
-        } else {
-            "data"
-        };
-        return Err(SpecError::new(
-            field,
-            format!(
-                "the job needs about {} of memory (weights and optimizer state {}, the step's buffers at batch {} {}, data {}), above the limit of {} (max_job_memory): use a smaller model or batch",
-                bytes_label(cost.memory_bytes),
-                bytes_label(weight_bytes),
-                step_rows,
-                bytes_label(activation_bytes),
-                bytes_label(data_bytes),
-                bytes_label(limits.max_job_memory),
-            ),
-        ));
+    let data_bytes = data.held_bytes();
+    let memory_bytes = [weight_bytes, activation_bytes, data_bytes]
+        .into_iter()
+        .try_fold(0u64, |sum, part| sum.checked_add(part?));
+    if let (Some(weight_bytes), Some(activation_bytes), Some(data_bytes), Some(memory_bytes)) =
+        (weight_bytes, activation_bytes, data_bytes, memory_bytes)
+    {
+        if memory_bytes <= limits.max_job_memory {
+            return Ok(Cost {
+                parameters,
+                memory_bytes,
+                weight_bytes,
+                activation_bytes,
+                data_bytes,
+            });
+        }
     }
-    Ok(cost)
+    // Name the part that dominates: that is the field to change.
+    let size = |bytes: Option<u64>| bytes.map_or(u128::MAX, u128::from);
+    let (weights, activations, held) =
+        (size(weight_bytes), size(activation_bytes), size(data_bytes));
+    let field = if activations >= weights && activations >= held {
+        "batch_size"
+    } else if weights >= held {
+        "model"
+    } else {
+        "data"
+    };
+    let label =
+        |bytes: Option<u64>| bytes.map_or_else(|| "more than 16 EiB".to_string(), bytes_label);
+    Err(SpecError::new(
+        field,
+        format!(
+            "the job needs about {} of memory (weights and optimizer state {}, the step's buffers at batch {} {}, data {}), above the limit of {} (max_job_memory): use a smaller model or batch",
+            label(memory_bytes),
+            label(weight_bytes),
+            step_rows,
+            label(activation_bytes),
+            label(data_bytes),
+            bytes_label(limits.max_job_memory),
+        ),
+    ))
+}
+
+/// Checks uploaded initial weights, by the tensor names and shapes stored at upload, against
+/// the model the spec builds on data of this shape: what loading them would refuse, refused
+/// before the job is queued, with the same message.
+pub fn check_initial_weights(
+    spec: &JobSpec,
+    data: &DataShape,
+    tensors: &HashMap<String, Vec<u64>>,
+) -> Result<(), SpecError> {
+    let plan = model::plan(&spec.model, &data.model_shape())?;
+    model::layers::check_state_dict(&plan.state_dict(), tensors)
 }
 
 /// `cuda` needs a build with the `cuda` feature and a visible GPU.
@@ -246,19 +271,8 @@ pub fn check_device(choice: DeviceChoice) -> Result<(), SpecError> {
     Ok(())
 }
 
-fn count_label(count: u64) -> String {
-    if count == u64::MAX {
-        "more than 1.8e19".to_string()
-    } else {
-        count.to_string()
-    }
-}
-
 /// Bytes in the largest binary unit that keeps the number at or above 1.
 pub fn bytes_label(bytes: u64) -> String {
-    if bytes == u64::MAX {
-        return "more than 16 EiB".to_string();
-    }
     const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut value = bytes as f64;
     let mut unit = 0;
@@ -360,7 +374,7 @@ mod tests {
             assert_eq!(planned, loaded, "{builtin}");
             let held = held_bytes(&prepared.train) + held_bytes(&prepared.validation);
             let rows = (planned.train_rows + planned.validation_rows) as u64;
-            assert_eq!(planned.row_bytes() * rows, held, "{builtin}");
+            assert_eq!(planned.row_bytes().unwrap() * rows, held, "{builtin}");
         }
     }
 
@@ -442,7 +456,7 @@ mod tests {
             .allocated_buffer_bytes() as u64;
         let model_shape = shape.model_shape();
         let plan = crate::engine::model::plan(&spec.model, &model_shape).unwrap();
-        let planned = native::planned_buffer_bytes(&plan, &model_shape, rows);
+        let planned = native::planned_buffer_bytes(&plan, &model_shape, rows).unwrap();
         (
             (cost.parameters, model.parameter_count() as u64),
             planned,
@@ -501,13 +515,13 @@ mod tests {
     #[test]
     fn a_model_too_large_to_count_is_refused_without_building_it() {
         let error = refused(
-            r#"{"data": {"builtin": "spirals"}, "model": {"arch": "mlp", "hidden": [4611686018427387904]}}"#,
+            r#"{"data": {"builtin": "spirals"}, "model": {"arch": "mlp", "hidden": [9223372036854775808]}}"#,
         );
         assert_eq!(error.field, "model");
-        assert!(
-            error.message.contains("more than 1.8e19 parameters"),
-            "{}",
-            error.message
+        assert_eq!(
+            error.message,
+            "linear's parameter count overflows: its weight of 9223372036854775808 x 2 and \
+             bias of 9223372036854775808, more than a 64-bit count holds"
         );
         let error = refused(
             r#"{"data": {"builtin": "spirals"}, "model": {"arch": "mlp", "hidden": [1000000, 1000000]}}"#,

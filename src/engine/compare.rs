@@ -212,7 +212,7 @@ pub fn run_compare(
             weights.as_ref(),
         )?;
         if seed_index == 0 {
-            initial_val_loss = Some(evaluate(&model, &validation)?.loss);
+            initial_val_loss = Some(evaluate(&model, &validation, cancel)?.loss);
         }
         let initial = model.snapshot()?;
         models.push((model, initial));
@@ -388,7 +388,7 @@ impl RunSetup<'_> {
             Some(tracker) => tracker.lr(),
             None => lrs[step.min(lrs.len() - 1)],
         };
-        let start = evaluate(self.model, self.validation)?;
+        let start = evaluate(self.model, self.validation, control.cancel_flag())?;
         let mut points = Vec::with_capacity(RACE_POINTS + 1);
         self.record(
             control,
@@ -429,7 +429,7 @@ impl RunSetup<'_> {
                     });
                 }
             }
-            let evaluation = evaluate(self.model, self.validation)?;
+            let evaluation = evaluate(self.model, self.validation, control.cancel_flag())?;
             if let Some(tracker) = plateau.as_mut() {
                 let metric = match self.recipe.schedule {
                     RecipeSchedule::ReduceOnPlateau {

@@ -1,6 +1,7 @@
 //! Pure compute: a job spec and its data in, a range-test curve, sweep results and a
 //! recommendation out. No async, no database; progress goes out through a callback and a
-//! cancel flag is checked every step. `lrtune run` and the service's workers both call `run_job`.
+//! cancel flag is checked every step and between the chunks of every evaluation. `lrtune run`
+//! and the service's workers both call `run_job`.
 
 pub mod admission;
 pub mod backend;
@@ -8,6 +9,7 @@ pub mod batch;
 pub mod compare;
 pub mod data;
 pub mod evaluate;
+pub mod json;
 pub mod model;
 
 pub mod optim;
@@ -24,7 +26,7 @@ pub mod sweep;
 pub mod tune;
 pub mod update;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 pub use prepare::{load_local_data, LoadedData};
 pub use range_test::CurvePoint;
@@ -89,11 +91,12 @@ impl<'a> Control<'a> {
     }
 
     fn check_cancel(&self) -> Result<(), EngineError> {
-        if self.cancel.load(Ordering::Relaxed) {
-            Err(EngineError::Canceled)
-        } else {
-            Ok(())
-        }
+        backend::check_canceled(self.cancel)
+    }
+
+    /// The flag itself, for the loops inside a step or an evaluation (run on other threads).
+    fn cancel_flag(&self) -> &'a AtomicBool {
+        self.cancel
     }
 
     fn emit(&mut self, event: Event) {

@@ -93,7 +93,9 @@ fn range_test_steps(
         )?;
         let loss = match spec.loss {
             RangeLoss::Train => batch_loss,
-            RangeLoss::Validation if batch_loss.is_finite() => evaluate(model, validation)?.loss,
+            RangeLoss::Validation if batch_loss.is_finite() => {
+                evaluate(model, validation, control.cancel_flag())?.loss
+            }
             RangeLoss::Validation => batch_loss,
         };
         let smoothed = smoother.push(loss);

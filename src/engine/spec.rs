@@ -7,6 +7,7 @@ use std::fmt;
 use std::ops::Deref;
 
 use super::data::Task;
+use super::json::JsonError;
 use super::model::layers::LayerSpec;
 use super::schedule::{Anneal, PlateauMode, ThresholdMode};
 
@@ -1032,11 +1033,11 @@ impl RecipeSchedule {
 }
 
 impl JobSpec {
-    /// Parses a spec from JSON; a syntax error, a wrong type or an unknown field is an error
-    /// naming the field by its path (`range_test.start_lr`).
+    /// Parses a spec from JSON; a syntax error, a key given twice, a wrong type or an
+    /// unknown field is an error naming the field by its path (`range_test.start_lr`).
     pub fn from_json(text: &str) -> Result<JobSpec, SpecError> {
-        let deserializer = &mut serde_json::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(deserializer).map_err(path_error)
+        let value = super::json::parse(text.as_bytes()).map_err(json_error)?;
+        Self::from_value(value)
     }
 
     /// Like `from_json`, for a value already parsed (the HTTP body).
@@ -1653,6 +1654,15 @@ fn check_weight_decay(value: f64) -> Result<(), SpecError> {
 
 /// Turns serde's error into one that names the field by its full path. serde reports an
 /// unknown field at the path of its parent, so the field's own name is appended.
+/// A spec that is not JSON, or names a key twice, as an error naming the field.
+pub fn json_error(error: JsonError) -> SpecError {
+    let message = error.to_string();
+    match error {
+        JsonError::Syntax(error) => path_error(error),
+        JsonError::DuplicateKey { field, .. } => SpecError::new(field, message),
+    }
+}
+
 fn path_error<E: fmt::Display>(error: serde_path_to_error::Error<E>) -> SpecError {
     let message = error.inner().to_string();
     let mut field = error.path().to_string();

@@ -565,7 +565,7 @@ fn train_candidate(
             tail_count += 1;
         }
     }
-    let evaluation = evaluate(setup.model, setup.validation)?;
+    let evaluation = evaluate(setup.model, setup.validation, control.cancel_flag())?;
     let diverged = !evaluation.loss.is_finite();
     Ok(SweepRun {
         peak_lr,

@@ -176,7 +176,7 @@ pub(crate) fn tune_with(
     let train = DeviceData::new(&prepared.train, &device)?;
     let validation = DeviceData::new(&prepared.validation, &device)?;
     // Where training starts (and, for loaded weights, the check that they loaded right).
-    let initial_val_loss = evaluate(&model, &validation)?.loss;
+    let initial_val_loss = evaluate(&model, &validation, control.cancel_flag())?.loss;
     let steps_per_epoch = BatchOrder::steps_per_epoch(train.rows, spec.batch_size);
     let plan_steps = spec.plan.epochs * steps_per_epoch;
     let fixed_steps = spec

@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::AppState;
+use crate::engine::json::JsonError;
 use crate::engine::SpecError;
 use crate::store::StoreError;
 
@@ -213,8 +214,9 @@ pub fn body_rejection(rejection: BytesRejection, limit: usize) -> ApiError {
     }
 }
 
-/// A JSON body parsed to a `serde_json::Value`: a syntax error is a 400, the typed checks
-/// (and their 422s naming the field) are the handler's. The content type is not checked.
+/// A JSON body parsed to a `serde_json::Value`: a syntax error is a 400, a key given twice
+/// in one object a 422 naming it, the typed checks (and their 422s naming the field) are the
+/// handler's. The content type is not checked.
 pub struct ApiJson(pub serde_json::Value);
 
 impl FromRequest<AppState> for ApiJson {
@@ -225,11 +227,21 @@ impl FromRequest<AppState> for ApiJson {
         let bytes = Bytes::from_request(request, state)
             .await
             .map_err(|rejection| body_rejection(rejection, limit))?;
-        serde_json::from_slice(&bytes)
+        crate::engine::json::parse(&bytes)
             .map(ApiJson)
-            .map_err(|error| ApiError::BadRequest {
-                code: "invalid_json",
-                message: format!("the body is not valid JSON: {error}"),
+            .map_err(|error| {
+                let message = error.to_string();
+                match error {
+                    JsonError::Syntax(_) => ApiError::BadRequest {
+                        code: "invalid_json",
+                        message: format!("the body is not valid JSON: {message}"),
+                    },
+                    JsonError::DuplicateKey { field, .. } => ApiError::Unprocessable {
+                        code: "duplicate_key",
+                        field: Some(field),
+                        message,
+                    },
+                }
             })
     }
 }

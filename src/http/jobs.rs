@@ -12,7 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiJson, ApiQuery};
 use super::{ApiError, AppState, ErrorBody};
-use crate::engine::admission::admit_job;
+use crate::engine::admission::{admit_job, check_initial_weights};
 use crate::engine::spec::{JobKind, WeightsSource};
 use crate::engine::ValidSpec;
 use crate::store::{
@@ -145,7 +145,7 @@ pub async fn submit(
 
 /// What can be checked about the data before a job is queued.
 async fn check_data(state: &AppState, spec: &ValidSpec) -> Result<(), ApiError> {
-    match spec.init.as_ref().map(|init| &init.weights) {
+    let weights = match spec.init.as_ref().map(|init| &init.weights) {
         Some(WeightsSource::Path(_)) => {
             return Err(ApiError::invalid(
                 "init.weights.path",
@@ -153,15 +153,15 @@ async fn check_data(state: &AppState, spec: &ValidSpec) -> Result<(), ApiError> 
             ));
         }
         Some(WeightsSource::Id(id)) => {
-            state.store.get_weights(id).await?.ok_or_else(|| {
+            Some(state.store.get_weights(id).await?.ok_or_else(|| {
                 ApiError::invalid(
                     "init.weights.id",
                     format!("no weights {id}: upload them with POST /v1/weights"),
                 )
-            })?;
+            })?)
         }
-        None => {}
-    }
+        None => None,
+    };
     let data = &spec.data;
     if data.path.is_some() {
         return Err(ApiError::invalid(
@@ -204,6 +204,15 @@ async fn check_data(state: &AppState, spec: &ValidSpec) -> Result<(), ApiError> 
     let (train, validation) = (rows.first(), rows.get(1));
     if let Some(shape) = planned_shape(spec, train, validation)? {
         admit_job(spec, &shape, &state.limits)?;
+        if let Some(weights) = weights {
+            // The tensors' names and shapes as stored at upload, against the model's.
+            let tensors = weights
+                .shapes
+                .into_iter()
+                .map(|tensor| (tensor.name, tensor.shape))
+                .collect();
+            check_initial_weights(spec, &shape, &tensors)?;
+        }
     }
     Ok(())
 }

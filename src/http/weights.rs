@@ -51,7 +51,7 @@ pub struct WeightsView {
 #[derive(Serialize, ToSchema)]
 pub struct TensorView {
     pub name: String,
-    pub shape: Vec<i64>,
+    pub shape: Vec<u64>,
 }
 
 impl From<WeightsRow> for WeightsView {
@@ -147,7 +147,7 @@ fn describe(body: &[u8]) -> Result<Vec<TensorShape>, ApiError> {
         .into_iter()
         .map(|(name, tensor)| TensorShape {
             name,
-            shape: tensor.dims().iter().map(|&dim| dim as i64).collect(),
+            shape: tensor.dims().iter().map(|&dim| dim as u64).collect(),
         })
         .collect();
     shapes.sort_by(|a, b| a.name.cmp(&b.name));

@@ -23,7 +23,29 @@ pub struct WeightsRow {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TensorShape {
     pub name: String,
-    pub shape: Vec<i64>,
+    /// Unsigned, as safetensors stores dimensions (a dimension past `i64::MAX` is valid in a
+    /// tensor with a zero elsewhere in its shape).
+    #[serde(deserialize_with = "unsigned_dims")]
+    pub shape: Vec<u64>,
+}
+
+/// Dimensions as stored: unsigned, or as rows written before they were, with each `u64`
+/// stored as the `i64` of the same bits (so `-1` is `u64::MAX`, which it was).
+fn unsigned_dims<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Unsigned(u64),
+        Signed(i64),
+    }
+    let dims = Vec::<Stored>::deserialize(deserializer)?;
+    Ok(dims
+        .into_iter()
+        .map(|dim| match dim {
+            Stored::Unsigned(dim) => dim,
+            Stored::Signed(dim) => dim as u64,
+        })
+        .collect())
 }
 
 /// A weights file with its bytes, for a worker.
@@ -88,4 +110,21 @@ impl TryFrom<StoredWeightsRecord> for StoredWeights {
 /// The tensors' shapes as stored (JSON text on every backend).
 pub(crate) fn shapes_json(shapes: &[TensorShape]) -> Result<String, StoreError> {
     serde_json::to_string(shapes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows written before shapes were unsigned stored `dim as i64`: `u64::MAX` as `-1`.
+    #[test]
+    fn shapes_read_back_unsigned_from_old_rows_and_new_ones() {
+        let old: Vec<TensorShape> =
+            serde_json::from_str(r#"[{"name": "w", "shape": [0, -1, 3]}]"#).unwrap();
+        assert_eq!(old[0].shape, [0, u64::MAX, 3]);
+        let text = shapes_json(&old).unwrap();
+        assert_eq!(text, r#"[{"name":"w","shape":[0,18446744073709551615,3]}]"#);
+        let new: Vec<TensorShape> = serde_json::from_str(&text).unwrap();
+        assert_eq!(new, old);
+    }
 }

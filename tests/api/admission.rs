@@ -28,10 +28,6 @@ async fn models_too_large_to_build_are_refused_at_submit_before_anything_is_allo
             json!({"arch": "mlp", "hidden": [1000000, 1000000]}),
             "spirals",
         ),
-        (
-            json!({"arch": "mlp", "hidden": [4611686018427387904u64]}),
-            "spirals",
-        ),
         (json!({"arch": "mlp", "hidden": [20000, 20000]}), "spirals"),
         (json!({"arch": "cnn", "channels": [100000]}), "mnist10k"),
     ];
@@ -44,6 +40,57 @@ async fn models_too_large_to_build_are_refused_at_submit_before_anything_is_allo
             "{message}"
         );
     }
+    let (status, body) = json_of(app.get("/v1/jobs").await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["jobs"], json!([]), "nothing was queued");
+}
+
+/// Issue 29: these layer lists planned as tiny models because `side + 2 * padding` and
+/// `out_h * out_w` wrapped at 64 bits, so each was accepted (202) and hung a worker forever,
+/// on both backends. Each is a 422 naming the layer and its field.
+#[tokio::test]
+async fn layer_sizes_that_overflow_64_bits_are_refused_at_submit_naming_the_field() {
+    let app = spawn_app().await;
+    let conv = |padding: u64| json!({"type": "conv2d", "out": 1, "kernel": 1, "padding": padding});
+    let wrapped = "conv2d's output size overflows: padding 4611686018427387904 makes its output \
+                   [1, 9223372036854775836, 9223372036854775836], more values than a 64-bit size \
+                   holds";
+    let past = "conv2d's output size overflows: padding 9223372036854775808 on both sides of its \
+                input [1, 28, 28] is more than a 64-bit size holds";
+    let pool = json!({"type": "adaptive_avg_pool2d"});
+    for backend in ["native", "candle"] {
+        for (first, message) in [
+            (vec![conv(1 << 62)], wrapped),
+            (vec![conv(1 << 62), pool.clone()], wrapped),
+            (vec![conv(1 << 63)], past),
+        ] {
+            let mut layers = first;
+            layers.extend([
+                json!({"type": "flatten"}),
+                json!({"type": "linear", "out": 10}),
+            ]);
+            let spec = json!({
+                "data": {"builtin": "mnist10k"},
+                "backend": backend,
+                "model": {"arch": "sequential", "layers": layers}
+            });
+            let (field, got) = refused(&app, spec).await;
+            assert_eq!(field, "model.layers[0].padding", "{backend}: {got}");
+            assert_eq!(got, message, "{backend}");
+        }
+    }
+    // A preset has no layer list to name: its overflow names the model.
+    let spec = json!({
+        "data": {"builtin": "spirals"},
+        "model": {"arch": "mlp", "hidden": [9223372036854775808u64]}
+    });
+    let (field, message) = refused(&app, spec).await;
+    assert_eq!(field, "model");
+    assert_eq!(
+        message,
+        "linear's parameter count overflows: its weight of 9223372036854775808 x 2 and bias of \
+         9223372036854775808, more than a 64-bit count holds"
+    );
     let (status, body) = json_of(app.get("/v1/jobs").await).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["jobs"], json!([]), "nothing was queued");

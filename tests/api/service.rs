@@ -52,6 +52,61 @@ async fn a_json_body_above_the_limit_is_a_413() {
         .contains("256"));
 }
 
+/// Issue 29: serde_json keeps the last of two equal keys, so `{"kind": "compare", "kind":
+/// "tune"}` ran a tune. Every JSON body is read by one parser, which refuses them.
+#[tokio::test]
+async fn a_key_given_twice_in_a_json_body_is_a_422_naming_it() {
+    let app = spawn_app().await;
+    for (path, body, field, key) in [
+        (
+            "/v1/jobs",
+            r#"{"kind": "compare", "data": {"builtin": "spirals"}, "kind": "tune"}"#,
+            "kind",
+            "kind",
+        ),
+        (
+            "/v1/jobs",
+            r#"{"data": {"builtin": "spirals", "samples": 512, "samples": 600}}"#,
+            "data.samples",
+            "samples",
+        ),
+        (
+            "/v1/jobs",
+            r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "sequential", "layers": [
+                {"type": "flatten"}, {"type": "linear", "out": 10, "out": 12}]}}"#,
+            "model.layers[1].out",
+            "out",
+        ),
+        (
+            "/v1/schedules",
+            r#"{"schedule": "one_cycle", "max_lr": 0.1, "max_lr": 1.0, "total_steps": 10}"#,
+            "max_lr",
+            "max_lr",
+        ),
+        (
+            "/v1/analyze",
+            r#"{"curve": [], "curve": []}"#,
+            "curve",
+            "curve",
+        ),
+    ] {
+        let (status, error) = json_of(app.post_raw(path, body).await).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{path} {body}: {error}"
+        );
+        let error = assert_error(&error, "duplicate_key");
+        assert_eq!(error["field"], field, "{body}");
+        assert_eq!(
+            error["message"],
+            format!("the key \"{key}\" is given twice in one object")
+        );
+    }
+    let (_, jobs) = json_of(app.get("/v1/jobs").await).await;
+    assert_eq!(jobs["jobs"], json!([]), "nothing was queued");
+}
+
 #[tokio::test]
 async fn health_is_ok_and_metrics_count_jobs_and_requests() {
     let app = spawn_app().await;

@@ -117,17 +117,157 @@ async fn uploaded_pytorch_weights_are_described_and_a_job_starts_from_them() {
         "initial_val_loss {initial} vs PyTorch's {want}"
     );
 
-    // The stored tensors reach the model: a narrower network cannot take them.
+    // The stored shapes are checked at submit: a narrower network cannot take them.
     let mut narrower = spec.clone();
     narrower["model"]["layers"][0]["out"] = json!(4);
     narrower["model"]["layers"][1]["layers"][1]["out"] = json!(4);
     narrower["model"]["layers"][3]["layers"][0]["out"] = json!(4);
-    let job = app.submit(&narrower).await;
+    let (status, body) = json_of(app.post_json("/v1/jobs", &narrower).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let error = assert_error(&body, "invalid_spec");
+    assert_eq!(error["field"], "init.weights", "{body}");
+    assert_eq!(
+        error["message"],
+        "tensor \"0.weight\" has shape [8, 6], but the model's is [4, 6]"
+    );
+}
+
+/// A safetensors file written out by hand: the header's length, the header, the data.
+fn safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    bytes.extend(data);
+    bytes
+}
+
+/// f32 tensors in order, named and shaped, with `values` for all of them back to back.
+fn f32_file(tensors: &[(&str, &[u64])], values: &[f32]) -> Vec<u8> {
+    let mut offset = 0;
+    let entries: Vec<String> = tensors
+        .iter()
+        .map(|(name, shape)| {
+            let bytes = 4 * shape.iter().product::<u64>();
+            let entry = format!(
+                r#""{name}": {{"dtype": "F32", "shape": {shape:?}, "data_offsets": [{offset}, {}]}}"#,
+                offset + bytes
+            );
+            offset += bytes;
+            entry
+        })
+        .collect();
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    safetensors(&format!("{{{}}}", entries.join(", ")), &data)
+}
+
+/// Issue 29: weights that did not fit the layer list were accepted (202) and failed in the
+/// worker, although their shapes were stored at upload. Each is a 422 at submit naming the
+/// tensor, and nothing is queued.
+#[tokio::test]
+async fn weights_that_do_not_fit_the_layer_list_are_refused_at_submit_naming_the_tensor() {
+    let app = spawn_app().await;
+    // spirals: 2 features, 3 classes.
+    let mut spec = tiny_spec();
+    spec["model"] = json!({"arch": "sequential", "layers": [
+        {"type": "linear", "out": 4}, {"type": "relu"}, {"type": "linear", "out": 3}]});
+    let fits: [(&str, &[u64]); 4] = [
+        ("0.weight", &[4, 2]),
+        ("0.bias", &[4]),
+        ("2.weight", &[3, 4]),
+        ("2.bias", &[3]),
+    ];
+    let upload = |tensors: Vec<(&'static str, &'static [u64])>| {
+        let values = vec![
+            0.25f32;
+            tensors
+                .iter()
+                .map(|(_, s)| s.iter().product::<u64>())
+                .sum::<u64>() as usize
+        ];
+        let file = f32_file(&tensors, &values);
+        let app = &app;
+        async move {
+            let (status, weights) = json_of(app.post_raw("/v1/weights", file).await).await;
+            assert_eq!(status, StatusCode::CREATED, "{weights}");
+            weights["id"].as_str().unwrap().to_string()
+        }
+    };
+    let mut misshaped = fits.to_vec();
+    misshaped[2] = ("2.weight", &[3, 5]);
+    let mut extra = fits.to_vec();
+    extra.push(("4.weight", &[7]));
+    for (tensors, message) in [
+        (
+            misshaped,
+            "tensor \"2.weight\" has shape [3, 5], but the model's is [3, 4]",
+        ),
+        (
+            fits[..3].to_vec(),
+            "the weights have no tensor \"2.bias\" (shape [3]); they must be the state_dict() \
+             of the equivalent torch.nn.Sequential",
+        ),
+        (
+            extra,
+            "the weights have 1 tensor(s) the model does not, first \"4.weight\" (shape [7]): \
+             is the layer list the same as the PyTorch model's?",
+        ),
+    ] {
+        spec["init"] = json!({"weights": {"id": upload(tensors).await}});
+        let (status, body) = json_of(app.post_json("/v1/jobs", &spec).await).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        let error = assert_error(&body, "invalid_spec");
+        assert_eq!(error["field"], "init.weights");
+        assert_eq!(error["message"], message);
+    }
+    let (_, jobs) = json_of(app.get("/v1/jobs").await).await;
+    assert_eq!(jobs["jobs"], json!([]), "nothing was queued");
+
+    spec["init"] = json!({"weights": {"id": upload(fits.to_vec()).await}});
+    let job = app.submit(&spec).await;
     let job = app.wait_until_finished(&job).await;
-    assert_eq!(job["status"], "failed", "{job}");
-    assert_eq!(job["error"]["field"], "init.weights", "{job}");
-    let message = job["error"]["message"].as_str().unwrap();
-    assert!(message.contains("\"0.weight\""), "{message}");
+    assert_eq!(job["status"], "succeeded", "{job}");
+}
+
+/// Issue 29: NaN weights failed later as "the range test gave no suggestion", a tensor named
+/// twice kept one of them silently, and a dimension of 2^64 - 1 was shown as -1.
+#[tokio::test]
+async fn weights_with_non_finite_values_or_a_tensor_named_twice_are_refused_at_upload() {
+    let app = spawn_app().await;
+    let nan = f32_file(
+        &[("0.bias", &[2]), ("0.weight", &[2, 3])],
+        &[0.0, 1.0, 0.5, 0.5, 0.5, 0.5, f32::NAN, 0.5],
+    );
+    let twice = safetensors(
+        r#"{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}"#,
+        &1f32.to_le_bytes(),
+    );
+    for (file, message) in [
+        (
+            nan,
+            "tensor \"0.weight\" holds NaN at [1, 1]: weights must be finite 32-bit floats",
+        ),
+        (twice, "the safetensors header names tensor \"w\" twice"),
+    ] {
+        let (status, body) = json_of(app.post_raw("/v1/weights", file).await).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        let error = assert_error(&body, "invalid_data");
+        assert_eq!(error["field"], "body");
+        assert_eq!(error["message"], message);
+    }
+    let (_, list) = json_of(app.get("/v1/weights").await).await;
+    assert_eq!(list["weights"], json!([]));
+
+    let empty = safetensors(
+        r#"{"w": {"dtype": "F32", "shape": [0, 18446744073709551615], "data_offsets": [0, 0]}}"#,
+        &[],
+    );
+    let (status, weights) = json_of(app.post_raw("/v1/weights", empty).await).await;
+    assert_eq!(status, StatusCode::CREATED, "{weights}");
+    let want = json!([{"name": "w", "shape": [0, 18446744073709551615u64]}]);
+    assert_eq!(weights["shapes"], want);
+    let id = weights["id"].as_str().unwrap();
+    let (_, shown) = json_of(app.get(&format!("/v1/weights/{id}")).await).await;
+    assert_eq!(shown["shapes"], want, "as read back from the store");
 }
 
 #[tokio::test]

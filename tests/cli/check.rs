@@ -142,6 +142,19 @@ fn check_exits_2_on_a_bad_spec_naming_the_field() {
         ),
         (r#"{"data": {"builtin": "spirals"}, "speed": 3}"#, "speed"),
         (r#"{"data": "#, "EOF while parsing"),
+        // Issue 29: planned as 784 values (the size wrapped), it ran forever.
+        (
+            r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "sequential", "layers": [
+                {"type": "conv2d", "out": 1, "kernel": 1, "padding": 4611686018427387904},
+                {"type": "flatten"}, {"type": "linear", "out": 10}]}}"#,
+            "invalid spec: model.layers[0].padding: conv2d's output size overflows: padding \
+             4611686018427387904 makes its output [1, 9223372036854775836, \
+             9223372036854775836], more values than a 64-bit size holds",
+        ),
+        (
+            r#"{"kind": "range_test", "data": {"builtin": "spirals"}, "kind": "tune"}"#,
+            "invalid spec: kind: the key \"kind\" is given twice in one object",
+        ),
     ] {
         let path = write(dir.path(), "bad.json", spec);
         let run = lrtune(&["check", &path, "--lr", "0.01", "-q"], &[]);

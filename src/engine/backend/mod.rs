@@ -9,6 +9,8 @@
 
 pub mod native;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::DType;
 
 pub use super::batch::{BatchOrder, DeviceData};
@@ -16,6 +18,7 @@ use super::data::Task;
 use super::model::{correct_count, Model};
 use super::optim::Optimizer;
 use super::rng::Rng;
+use super::EngineError;
 
 /// One way to train and evaluate a model. The model owns the weights (candle `Var`s, so
 /// snapshots, restores and the optimizer see one model); a backend may keep buffers in the
@@ -40,7 +43,24 @@ pub trait Backend: Sync {
     ) -> candle_core::Result<f64>;
 
     /// Loss (and accuracy where it means something) on a whole split, in evaluation mode.
-    fn evaluate(&self, model: &Model, data: &DeviceData) -> candle_core::Result<Evaluation>;
+    /// A split can take minutes: `cancel` is checked before every chunk of it, and a raised
+    /// flag ends the evaluation with [`EngineError::Canceled`].
+    fn evaluate(
+        &self,
+        model: &Model,
+        data: &DeviceData,
+        cancel: &AtomicBool,
+    ) -> Result<Evaluation, EngineError>;
+}
+
+/// [`EngineError::Canceled`] once `cancel` is raised: what a long loop checks between its
+/// chunks, so that a cancel (or a shutdown) is heard within one chunk, not one job.
+pub(crate) fn check_canceled(cancel: &AtomicBool) -> Result<(), EngineError> {
+    if cancel.load(Ordering::Relaxed) {
+        Err(EngineError::Canceled)
+    } else {
+        Ok(())
+    }
 }
 
 /// The backend a model was built for.
@@ -66,8 +86,12 @@ pub fn train_step(
 }
 
 /// [`Backend::evaluate`] on the model's backend.
-pub fn evaluate(model: &Model, data: &DeviceData) -> candle_core::Result<Evaluation> {
-    of(model).evaluate(model, data)
+pub fn evaluate(
+    model: &Model,
+    data: &DeviceData,
+    cancel: &AtomicBool,
+) -> Result<Evaluation, EngineError> {
+    of(model).evaluate(model, data, cancel)
 }
 
 /// Stock candle ops and autograd, on the model's device.
@@ -99,7 +123,12 @@ impl Backend for Candle {
         Ok(loss)
     }
 
-    fn evaluate(&self, model: &Model, data: &DeviceData) -> candle_core::Result<Evaluation> {
+    fn evaluate(
+        &self,
+        model: &Model,
+        data: &DeviceData,
+        cancel: &AtomicBool,
+    ) -> Result<Evaluation, EngineError> {
         let mut loss_sum = 0.0;
         let mut correct = 0usize;
         let mut counted = 0usize;
@@ -109,6 +138,7 @@ impl Backend for Candle {
         };
         let mut start = 0;
         while start < data.rows {
+            check_canceled(cancel)?;
             let len = EVAL_CHUNK.min(data.rows - start);
             let x = data.x.narrow(0, start, len)?;
             let y = data.y.narrow(0, start, len)?;

@@ -293,41 +293,60 @@ enum Planned {
 impl Planned {
     /// The values per sample the native step keeps for this layer, given its output's: the
     /// output and its gradient, and what the backward pass needs saved (a convolution's
-    /// patches are counted when it is planned).
-    fn kept_values(&self, output: u64) -> u64 {
+    /// patches are counted when it is planned). `None` when the count overflows.
+    fn kept_values(&self, output: u64) -> Option<u64> {
         let saved = match self {
             // Batch norm's per-feature 1/std is counted per sample: a small overcount.
-            Planned::BatchNorm { features, .. } => output.saturating_add(*features as u64),
+            Planned::BatchNorm { features, .. } => output.checked_add(*features as u64)?,
             Planned::Dropout { .. } | Planned::MaxPool2d { .. } => output,
-            Planned::LayerNorm { size } => output.saturating_add(output / (*size as u64).max(1)),
+            Planned::LayerNorm { size } => output.checked_add(output / (*size as u64).max(1))?,
             Planned::Residual(_) => output,
             _ => 0,
         };
-        output.saturating_mul(2).saturating_add(saved)
+        output.checked_mul(2)?.checked_add(saved)
     }
 }
 
-/// The checked plan of a layer list: each layer's sizes, the per-sample output shape, the
+/// The checked plan of a layer list: each layer's sizes and per-sample output shape, the
 /// parameter count and the activation values per sample, convolution patches included (for
-/// admission).
+/// admission). Every size in it was computed with checked arithmetic: a layer list whose
+/// sizes do not fit 64 bits has no plan.
 #[derive(Debug, Clone)]
 pub struct Plan {
     layers: Vec<Planned>,
     output: Vec<usize>,
+    /// The per-sample output shape of each layer of the list (not of those inside a residual
+    /// block).
+    layer_outputs: Vec<Vec<usize>>,
     pub parameters: u64,
     /// The values per sample the native step keeps between steps (see `Planned::kept_values`).
     pub activations_per_sample: u64,
 }
 
-/// Plans `layers` for samples of `input` (token ids of length `input[0]` for a language
-/// model, whose vocabulary is `outputs`), and checks that the last layer gives what the task
-/// needs: `[classes]`, `[outputs]` or `[time, vocab]`.
+/// The values in a tensor of shape `dims`, if they can be counted in a `usize`.
+pub(crate) fn element_count(dims: &[usize]) -> Option<usize> {
+    dims.iter()
+        .try_fold(1usize, |count, &dim| count.checked_mul(dim))
+}
+
+/// Plans `layers` (checked by [`validate`] first) for samples of `input` (token ids of
+/// length `input[0]` for a language model, whose vocabulary is `outputs`), and checks that
+/// the last layer gives what the task needs: `[classes]`, `[outputs]` or `[time, vocab]`.
 pub fn plan(
     layers: &[LayerSpec],
     input: &[usize],
     task: Task,
     outputs: usize,
 ) -> Result<Plan, SpecError> {
+    // A spec's layers were validated when it was parsed; a plan never divides by a zero size
+    // whoever calls it.
+    validate(layers, "model.layers")?;
+    if element_count(input).is_none() {
+        return Err(SpecError::new(
+            "data",
+            format!("samples of shape {input:?} have more values than a 64-bit size holds"),
+        ));
+    }
     let sample = match task {
         Task::LanguageModel => Sample::Tokens {
             time: input.first().copied().unwrap_or(0),
@@ -335,8 +354,15 @@ pub fn plan(
         },
         _ => Sample::Values(input.to_vec()),
     };
-    let mut counts = (0u64, 0u64);
-    let (planned, output) = plan_list(layers, sample, "model.layers", &mut counts)?;
+    let mut counts = Counts::default();
+    let mut layer_outputs = Vec::with_capacity(layers.len());
+    let (planned, output) = plan_list(
+        layers,
+        sample,
+        "model.layers",
+        &mut counts,
+        Some(&mut layer_outputs),
+    )?;
     let Sample::Values(output) = output else {
         return Err(SpecError::new(
             "model.layers",
@@ -364,26 +390,114 @@ pub fn plan(
     Ok(Plan {
         layers: planned,
         output,
-        parameters: counts.0,
-        activations_per_sample: counts.1,
+        layer_outputs,
+        parameters: counts.parameters,
+        activations_per_sample: counts.activations,
     })
 }
 
+/// What a plan adds up layer by layer. Each sum is checked: a count past 64 bits is a spec
+/// error naming the layer, never a wrapped (or saturated) number that looks small.
+#[derive(Debug, Default)]
+struct Counts {
+    parameters: u64,
+    /// The values per sample the native step keeps (see `Planned::kept_values`).
+    activations: u64,
+}
+
+impl Counts {
+    /// Adds a layer's parameters; `added` is `None` when the layer's own count overflowed.
+    fn add_parameters(
+        &mut self,
+        added: Option<u64>,
+        field: &str,
+        name: &str,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), SpecError> {
+        Self::add(&mut self.parameters, added).map_err(|before| {
+            SpecError::new(
+                field,
+                format!(
+                    "{name}'s parameter count overflows: {}",
+                    Self::detail(what(), before)
+                ),
+            )
+        })
+    }
+
+    /// Adds values the native step keeps per sample; `added` is `None` on an overflow.
+    fn add_activations(
+        &mut self,
+        added: Option<u64>,
+        field: &str,
+        name: &str,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), SpecError> {
+        Self::add(&mut self.activations, added).map_err(|before| {
+            SpecError::new(
+                field,
+                format!(
+                    "{name}'s step memory overflows: {}",
+                    Self::detail(what(), before)
+                ),
+            )
+        })
+    }
+
+    /// `Err(None)`: the layer's own count overflowed; `Err(Some(total))`: the sum with the
+    /// `total` of the layers before it did.
+    fn add(total: &mut u64, added: Option<u64>) -> Result<(), Option<u64>> {
+        let added = added.ok_or(None)?;
+        *total = total.checked_add(added).ok_or(Some(*total))?;
+        Ok(())
+    }
+
+    fn detail(what: String, before: Option<u64>) -> String {
+        match before {
+            None => format!("{what}, more than a 64-bit count holds"),
+            Some(before) => format!(
+                "{what} on top of the {before} of the layers before it is more than a 64-bit \
+                 count holds"
+            ),
+        }
+    }
+}
+
+/// Plans a list; `layer_outputs`, when given, receives each layer's per-sample output shape.
 fn plan_list(
     layers: &[LayerSpec],
     mut sample: Sample,
     field: &str,
-    counts: &mut (u64, u64),
+    counts: &mut Counts,
+    mut layer_outputs: Option<&mut Vec<Vec<usize>>>,
 ) -> Result<(Vec<Planned>, Sample), SpecError> {
     let mut planned = Vec::with_capacity(layers.len());
     for (index, layer) in layers.iter().enumerate() {
         let at = format!("{field}[{index}]");
-        let (layer, next) = plan_layer(layer, &sample, &at, counts)?;
+        let (layer_plan, next) = plan_layer(layer, &sample, &at, counts)?;
         if let Sample::Values(dims) = &next {
-            let values: u64 = dims.iter().map(|&d| d as u64).product();
-            counts.1 = counts.1.saturating_add(layer.kept_values(values));
+            // Each layer checks the sizes it makes; this is the invariant they keep.
+            let values = element_count(dims).ok_or_else(|| {
+                SpecError::new(
+                    at.as_str(),
+                    format!(
+                        "{}'s output size overflows: its output is {dims:?}, more values than a \
+                         64-bit size holds",
+                        layer.name()
+                    ),
+                )
+            })?;
+            counts.add_activations(
+                layer_plan.kept_values(values as u64),
+                &at,
+                layer.name(),
+                || format!("the values it keeps for its output {dims:?}"),
+            )?;
+            if let Some(outputs) = layer_outputs.as_deref_mut() {
+                outputs.push(dims.clone());
+            }
         }
-        planned.push(layer);
+        planned.push(layer_plan);
         sample = next;
     }
     Ok((planned, sample))
@@ -393,9 +507,10 @@ fn plan_layer(
     layer: &LayerSpec,
     sample: &Sample,
     at: &str,
-    counts: &mut (u64, u64),
+    counts: &mut Counts,
 ) -> Result<(Planned, Sample), SpecError> {
     let name = layer.name();
+    let field = |suffix: &str| format!("{at}.{suffix}");
     let mismatch = |needs: &str| {
         SpecError::new(
             at,
@@ -405,18 +520,35 @@ fn plan_layer(
             ),
         )
     };
+    // `lead`: what makes the output, "its output is" when nothing but the layer's own size.
+    let too_large = |field: String, output: &[usize], lead: &str| {
+        SpecError::new(
+            field,
+            format!(
+                "{name}'s output size overflows: {lead} {output:?}, more values than a 64-bit \
+                 size holds"
+            ),
+        )
+    };
     let dims = match (layer, sample) {
         (LayerSpec::Embedding { dim, init_std }, Sample::Tokens { time, vocab }) => {
-            counts.0 = counts
-                .0
-                .saturating_add((*vocab as u64).saturating_mul(*dim as u64));
+            counts.add_parameters(
+                (*vocab as u64).checked_mul(*dim as u64),
+                &field("dim"),
+                name,
+                || format!("its weight of {vocab} x {dim}"),
+            )?;
+            let next = vec![*time, *dim];
+            if element_count(&next).is_none() {
+                return Err(too_large(field("dim"), &next, "its output is"));
+            }
             return Ok((
                 Planned::Embedding {
                     vocab: *vocab,
                     dim: *dim,
                     init_std: *init_std,
                 },
-                Sample::Values(vec![*time, *dim]),
+                Sample::Values(next),
             ));
         }
         (LayerSpec::Embedding { .. }, Sample::Values(_)) => {
@@ -429,18 +561,25 @@ fn plan_layer(
         }
         (_, Sample::Values(dims)) => dims.clone(),
     };
-    let add_parameters = |counts: &mut (u64, u64), values: u64| {
-        counts.0 = counts.0.saturating_add(values);
-    };
     let same = Sample::Values(dims.clone());
     Ok(match layer {
         LayerSpec::Linear { out } => {
             let Some(&inputs) = dims.last() else {
                 return Err(mismatch("at least one dimension"));
             };
-            add_parameters(counts, (inputs as u64 + 1).saturating_mul(*out as u64));
             let mut next = dims.clone();
             *next.last_mut().expect("checked above") = *out;
+            if element_count(&next).is_none() {
+                return Err(too_large(field("out"), &next, "its output is"));
+            }
+            counts.add_parameters(
+                (inputs as u64)
+                    .checked_add(1)
+                    .and_then(|fan_in| fan_in.checked_mul(*out as u64)),
+                &field("out"),
+                name,
+                || format!("its weight of {out} x {inputs} and bias of {out}"),
+            )?;
             (
                 Planned::Linear {
                     inputs,
@@ -458,12 +597,19 @@ fn plan_layer(
             let &[channels, height, width] = &dims[..] else {
                 return Err(mismatch("[channels, height, width]"));
             };
-            let size = |side: usize| {
-                (side + 2 * padding)
-                    .checked_sub(*kernel)
-                    .map(|s| s / stride + 1)
+            let padded = |side: usize| padding.checked_mul(2).and_then(|p| p.checked_add(side));
+            let (Some(padded_h), Some(padded_w)) = (padded(height), padded(width)) else {
+                return Err(SpecError::new(
+                    field("padding"),
+                    format!(
+                        "conv2d's output size overflows: padding {padding} on both sides of its \
+                         input {dims:?} is more than a 64-bit size holds"
+                    ),
+                ));
             };
-            let (Some(out_h), Some(out_w)) = (size(height), size(width)) else {
+            // `validate` checked stride >= 1; the quotient is at most the padded side.
+            let size = |padded: usize| padded.checked_sub(*kernel).map(|s| s / stride + 1);
+            let (Some(out_h), Some(out_w)) = (size(padded_h), size(padded_w)) else {
                 return Err(SpecError::new(
                     at,
                     format!(
@@ -472,13 +618,59 @@ fn plan_layer(
                     ),
                 ));
             };
-            let fan_in = (channels * kernel * kernel) as u64;
-            add_parameters(counts, (fan_in + 1).saturating_mul(*out as u64));
+            let next = vec![*out, out_h, out_w];
+            let Some(pixels) = out_h.checked_mul(out_w) else {
+                return Err(too_large(
+                    field("padding"),
+                    &next,
+                    &format!("padding {padding} makes its output"),
+                ));
+            };
+            if pixels.checked_mul(*out).is_none() {
+                // Blame the padding when the output would fit without it.
+                let unpadded =
+                    |side: usize| side.checked_sub(*kernel).map_or(1, |s| s / stride + 1);
+                let fits_unpadded = unpadded(height)
+                    .checked_mul(unpadded(width))
+                    .and_then(|p| p.checked_mul(*out))
+                    .is_some();
+                return Err(if *padding > 0 && fits_unpadded {
+                    too_large(
+                        field("padding"),
+                        &next,
+                        &format!("padding {padding} makes its output"),
+                    )
+                } else {
+                    too_large(field("out"), &next, "its output is")
+                });
+            }
+            let Some(fan_in) = element_count(&[channels, *kernel, *kernel]) else {
+                return Err(SpecError::new(
+                    field("kernel"),
+                    format!(
+                        "conv2d's parameter count overflows: a {kernel}x{kernel} kernel over \
+                         {channels} channels is more than a 64-bit count holds"
+                    ),
+                ));
+            };
+            counts.add_parameters(
+                (fan_in as u64)
+                    .checked_add(1)
+                    .and_then(|per_output| per_output.checked_mul(*out as u64)),
+                &field("out"),
+                name,
+                || format!("{out} filters of {fan_in} weights and a bias"),
+            )?;
             // The native step's patches, their gradient and the channel-major output.
-            let pixels = (out_h * out_w) as u64;
-            counts.1 = counts.1.saturating_add(
-                pixels.saturating_mul(fan_in.saturating_mul(2).saturating_add(*out as u64)),
-            );
+            counts.add_activations(
+                (fan_in as u64)
+                    .checked_mul(2)
+                    .and_then(|patches| patches.checked_add(*out as u64))
+                    .and_then(|per_pixel| per_pixel.checked_mul(pixels as u64)),
+                at,
+                name,
+                || format!("{pixels} patches of {fan_in} values"),
+            )?;
             (
                 Planned::Conv2d {
                     inputs: channels,
@@ -487,7 +679,7 @@ fn plan_layer(
                     stride: *stride,
                     padding: *padding,
                 },
-                Sample::Values(vec![*out, out_h, out_w]),
+                Sample::Values(next),
             )
         }
         LayerSpec::MaxPool2d { size, .. } | LayerSpec::AvgPool2d { size, .. } => {
@@ -524,26 +716,33 @@ fn plan_layer(
                 [channels, _, _] => (channels, true),
                 _ => return Err(mismatch("[features] or [channels, height, width]")),
             };
-            add_parameters(counts, 2 * features as u64);
+            counts.add_parameters((features as u64).checked_mul(2), at, name, || {
+                format!("a weight and a bias of {features}")
+            })?;
             (Planned::BatchNorm { features, spatial }, same)
         }
         LayerSpec::LayerNorm => {
             let Some(&size) = dims.last() else {
                 return Err(mismatch("at least one dimension"));
             };
-            add_parameters(counts, 2 * size as u64);
+            counts.add_parameters((size as u64).checked_mul(2), at, name, || {
+                format!("a weight and a bias of {size}")
+            })?;
             (Planned::LayerNorm { size }, same)
         }
         LayerSpec::Dropout { p } => (Planned::Dropout { p: *p }, same),
         LayerSpec::Flatten => {
-            let total = dims.iter().product();
+            let total = element_count(&dims)
+                .ok_or_else(|| too_large(at.to_string(), &dims, "its input is"))?;
             (Planned::Flatten, Sample::Values(vec![total]))
         }
         LayerSpec::PositionEmbedding => {
             let &[time, dim] = &dims[..] else {
                 return Err(mismatch("[time, dim]"));
             };
-            add_parameters(counts, (time as u64).saturating_mul(dim as u64));
+            counts.add_parameters((time as u64).checked_mul(dim as u64), at, name, || {
+                format!("its weight of {time} x {dim}")
+            })?;
             (Planned::PositionEmbedding { time, dim }, same)
         }
         LayerSpec::TransformerBlock { heads } => {
@@ -552,7 +751,7 @@ fn plan_layer(
             };
             if dim % heads != 0 {
                 return Err(SpecError::new(
-                    format!("{at}.heads"),
+                    field("heads"),
                     format!(
                         "{name}'s {heads} heads do not divide the {dim} values per position of \
                          its input {dims:?}"
@@ -561,23 +760,28 @@ fn plan_layer(
             }
             let d = dim as u64;
             // Two layer norms; qkv, projection, expand and contract with their biases.
-            let d_squared = d.saturating_mul(d);
-            add_parameters(
-                counts,
-                d_squared
-                    .saturating_mul(12)
-                    .saturating_add(d.saturating_mul(13)),
-            );
+            counts.add_parameters(
+                d.checked_mul(d)
+                    .and_then(|d_squared| d_squared.checked_mul(12))
+                    .and_then(|weights| weights.checked_add(d.checked_mul(13)?)),
+                at,
+                name,
+                || format!("12 x {dim}^2 + 13 x {dim} for values of {dim}"),
+            )?;
             // The native step's saved values and backward scratch beyond the output and its
             // gradient (see `native::attention`): 30 values per output value, the attention
             // weights and their gradient (`heads * time^2` each) and the norms' statistics.
             let (t, h) = (time as u64, *heads as u64);
-            counts.1 = counts.1.saturating_add(
-                t.saturating_mul(d)
-                    .saturating_mul(30)
-                    .saturating_add(t.saturating_mul(2))
-                    .saturating_add(h.saturating_mul(t).saturating_mul(t).saturating_mul(2)),
-            );
+            let attention = || h.checked_mul(t)?.checked_mul(t)?.checked_mul(2);
+            counts.add_activations(
+                t.checked_mul(d)
+                    .and_then(|values| values.checked_mul(30))
+                    .and_then(|saved| saved.checked_add(t.checked_mul(2)?))
+                    .and_then(|saved| saved.checked_add(attention()?)),
+                at,
+                name,
+                || format!("{heads} heads over {time} positions of {dim} values"),
+            )?;
             (
                 Planned::TransformerBlock {
                     time,
@@ -593,7 +797,7 @@ fn plan_layer(
         LayerSpec::Sigmoid => (Planned::Sigmoid, same),
         LayerSpec::Silu => (Planned::Silu, same),
         LayerSpec::Residual { layers } => {
-            let (inner, output) = plan_list(layers, same.clone(), &format!("{at}.layers"), counts)?;
+            let (inner, output) = plan_list(layers, same.clone(), &field("layers"), counts, None)?;
             if output != same {
                 return Err(SpecError::new(
                     at,
@@ -756,70 +960,94 @@ impl Sequential {
     }
 
     /// Sets every parameter and running statistic from `tensors`, keyed by `state_dict()`
-    /// names. A missing, extra or mis-shaped tensor is an error naming it; `num_batches_tracked`
-    /// is accepted and ignored (no momentum of `None` here).
+    /// names. A missing, extra or mis-shaped tensor is an error naming it (the check
+    /// [`check_state_dict`] makes at submit); `num_batches_tracked` is accepted and ignored (no
+    /// momentum of `None` here).
     pub fn load_state_dict(&self, tensors: &HashMap<String, Tensor>) -> Result<(), SpecError> {
-        const FIELD: &str = "init.weights";
-        let mut expected: Vec<&str> = Vec::new();
+        let expected: Vec<(String, Vec<usize>)> = self
+            .parameters
+            .iter()
+            .chain(&self.buffers)
+            .map(|(name, var)| (name.clone(), var.dims().to_vec()))
+            .collect();
+        let given: HashMap<String, Vec<u64>> = tensors
+            .iter()
+            .map(|(name, tensor)| (name.clone(), dims_u64(tensor.dims())))
+            .collect();
+        check_state_dict(&expected, &given)?;
         for (name, var) in self.parameters.iter().chain(&self.buffers) {
-            expected.push(name);
-            let Some(tensor) = tensors.get(name) else {
-                return Err(SpecError::new(
-                    FIELD,
-                    format!(
-                        "the weights have no tensor \"{name}\" (shape {:?}); they must be the \
-                         state_dict() of the equivalent torch.nn.Sequential",
-                        var.dims()
-                    ),
-                ));
-            };
-            if tensor.dims() != var.dims() {
-                return Err(SpecError::new(
-                    FIELD,
-                    format!(
-                        "tensor \"{name}\" has shape {:?}, but the model's is {:?}",
-                        tensor.dims(),
-                        var.dims()
-                    ),
-                ));
-            }
-            let converted = tensor
+            let converted = tensors[name]
                 .to_dtype(DType::F32)
                 .and_then(|t| t.to_device(var.device()))
                 .and_then(|t| var.set(&t));
             if let Err(error) = converted {
                 return Err(SpecError::new(
-                    FIELD,
+                    WEIGHTS_FIELD,
                     format!("tensor \"{name}\" could not be loaded: {error}"),
                 ));
             }
         }
-        let mut extra: Vec<&String> = tensors
-            .keys()
-            .filter(|name| !expected.contains(&name.as_str()))
-            .filter(|name| {
-                // Batch norm's counter, wherever the model has a batch norm.
-                !name
-                    .strip_suffix("num_batches_tracked")
-                    .is_some_and(|prefix| {
-                        expected.contains(&format!("{prefix}running_mean").as_str())
-                    })
-            })
-            .collect();
-        extra.sort();
-        if let Some(first) = extra.first() {
-            return Err(SpecError::new(
-                FIELD,
-                format!(
-                    "the weights have {} tensor(s) the model does not, first \"{first}\" (shape \
-                     {:?}): is the layer list the same as the PyTorch model's?",
-                    extra.len(),
-                    tensors[*first].dims()
-                ),
-            ));
-        }
         Ok(())
     }
+}
+
+/// The field every initial-weights error names.
+const WEIGHTS_FIELD: &str = "init.weights";
+
+fn dims_u64(dims: &[usize]) -> Vec<u64> {
+    dims.iter().map(|&dim| dim as u64).collect()
+}
+
+/// Checks tensors' names and shapes (`given`, as a safetensors file stores them) against the
+/// `state_dict()` a model expects, in its order: a missing or mis-shaped tensor, or one the
+/// model does not have, is an error naming it. Batch norm's `num_batches_tracked` is allowed
+/// wherever the model has a batch norm. The server runs it at submit on the shapes stored at
+/// upload; loading the weights runs it again.
+pub fn check_state_dict(
+    expected: &[(String, Vec<usize>)],
+    given: &HashMap<String, Vec<u64>>,
+) -> Result<(), SpecError> {
+    for (name, dims) in expected {
+        let Some(shape) = given.get(name) else {
+            return Err(SpecError::new(
+                WEIGHTS_FIELD,
+                format!(
+                    "the weights have no tensor \"{name}\" (shape {dims:?}); they must be the \
+                     state_dict() of the equivalent torch.nn.Sequential"
+                ),
+            ));
+        };
+        if *shape != dims_u64(dims) {
+            return Err(SpecError::new(
+                WEIGHTS_FIELD,
+                format!("tensor \"{name}\" has shape {shape:?}, but the model's is {dims:?}"),
+            ));
+        }
+    }
+    let expects = |name: &str| expected.iter().any(|(expected, _)| expected == name);
+    let mut extra: Vec<&String> = given
+        .keys()
+        .filter(|name| !expects(name))
+        .filter(|name| {
+            // Batch norm's counter, wherever the model has a batch norm.
+            !name
+                .strip_suffix("num_batches_tracked")
+                .is_some_and(|prefix| expects(&format!("{prefix}running_mean")))
+        })
+        .collect();
+    extra.sort();
+    if let Some(first) = extra.first() {
+        return Err(SpecError::new(
+            WEIGHTS_FIELD,
+            format!(
+                "the weights have {} tensor(s) the model does not, first \"{first}\" (shape \
+                 {:?}): is the layer list the same as the PyTorch model's?",
+                extra.len(),
+                given[*first]
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The tensors of a spec's `init.weights`, if any: a local file is read here, uploaded
@@ -849,14 +1077,100 @@ pub fn load_initial_weights(
     }
 }
 
-/// Reads a safetensors file's tensors (any float dtype; converted when loaded).
+/// Reads a safetensors file's tensors (any float dtype; converted when loaded). A tensor
+/// named twice in the header, or a float tensor holding NaN or an infinity (as the model's
+/// 32-bit floats), is an error naming it: either would otherwise load as something else.
 pub fn read_safetensors(bytes: &[u8]) -> Result<HashMap<String, Tensor>, SpecError> {
-    candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|error| {
+    check_header_names(bytes)?;
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|error| {
         SpecError::new(
-            "init.weights",
+            WEIGHTS_FIELD,
             format!("not a readable safetensors file: {error}"),
         )
-    })
+    })?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let tensor = &tensors[name];
+        let found = first_non_finite(tensor).map_err(|error| {
+            SpecError::new(
+                WEIGHTS_FIELD,
+                format!("tensor \"{name}\" could not be read: {error}"),
+            )
+        })?;
+        if let Some((index, value)) = found {
+            return Err(SpecError::new(
+                WEIGHTS_FIELD,
+                format!(
+                    "tensor \"{name}\" holds {value} at {}: weights must be finite 32-bit \
+                     floats",
+                    index_label(index, tensor.dims())
+                ),
+            ));
+        }
+    }
+    Ok(tensors)
+}
+
+/// Refuses a safetensors header (`u64` length, then a JSON object of tensors) that names a
+/// tensor twice: the reader keeps one of them silently. A header that cannot be read is
+/// left to the reader's own errors.
+fn check_header_names(bytes: &[u8]) -> Result<(), SpecError> {
+    let Some((length, rest)) = bytes.split_first_chunk::<8>() else {
+        return Ok(());
+    };
+    let header = usize::try_from(u64::from_le_bytes(*length))
+        .ok()
+        .and_then(|length| rest.get(..length));
+    match header.map(crate::engine::json::parse) {
+        Some(Err(crate::engine::json::JsonError::DuplicateKey { field, key })) => {
+            Err(SpecError::new(
+                WEIGHTS_FIELD,
+                if field == key {
+                    format!(
+                        "the safetensors header names tensor \"{}\" twice",
+                        key.escape_debug()
+                    )
+                } else {
+                    format!(
+                        "the safetensors header gives the key \"{}\" twice in \"{}\"",
+                        key.escape_debug(),
+                        field.strip_suffix(&format!(".{key}")).unwrap_or(&field)
+                    )
+                },
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The flat index and value of a float tensor's first value that is not finite as an f32.
+fn first_non_finite(tensor: &Tensor) -> candle_core::Result<Option<(usize, f32)>> {
+    if !tensor.dtype().is_float() {
+        return Ok(None);
+    }
+    // A no-op for the f32 tensors PyTorch saves; wider floats are narrowed as the model will.
+    let tensor = tensor.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = tensor.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(values)) = &*storage else {
+        candle_core::bail!("expected f32 values on the CPU");
+    };
+    let values = &values[layout.start_offset()..][..tensor.elem_count()];
+    Ok(values
+        .iter()
+        .position(|value| !value.is_finite())
+        .map(|index| (index, values[index])))
+}
+
+/// `[1, 2]` for flat index 5 of shape `[2, 3]`: the index a PyTorch user would type.
+fn index_label(flat: usize, dims: &[usize]) -> String {
+    let mut remaining = flat;
+    let mut parts = vec![0; dims.len()];
+    for (part, &dim) in parts.iter_mut().zip(dims).rev() {
+        *part = remaining % dim.max(1);
+        remaining /= dim.max(1);
+    }
+    format!("{parts:?}")
 }
 
 fn build_list(
@@ -1176,7 +1490,92 @@ impl Plan {
     pub fn output(&self) -> &[usize] {
         &self.output
     }
+
+    /// The per-sample output shape of each layer of the list, in order.
+    pub fn layer_outputs(&self) -> &[Vec<usize>] {
+        &self.layer_outputs
+    }
+
+    /// The names and shapes of the `state_dict()` the built model will have, without
+    /// building it: its parameters in `named_parameters()` order, then batch norm's running
+    /// statistics (the order [`Sequential::load_state_dict`] checks them in).
+    pub fn state_dict(&self) -> Vec<(String, Vec<usize>)> {
+        let mut parameters = Vec::new();
+        let mut buffers = Vec::new();
+        state_dict_of(&self.layers, "", &mut parameters, &mut buffers);
+        parameters.extend(buffers);
+        parameters
+    }
 }
+
+/// What [`build_list`] names and allocates, layer by layer (a test holds the two together).
+fn state_dict_of(
+    planned: &[Planned],
+    prefix: &str,
+    parameters: &mut Vec<(String, Vec<usize>)>,
+    buffers: &mut Vec<(String, Vec<usize>)>,
+) {
+    for (index, layer) in planned.iter().enumerate() {
+        let name = |suffix: &str| format!("{prefix}{index}.{suffix}");
+        let mut weight_and_bias = |weight: Vec<usize>, bias: usize| {
+            parameters.push((name("weight"), weight));
+            parameters.push((name("bias"), vec![bias]));
+        };
+        match layer {
+            Planned::Linear { inputs, outputs } => {
+                weight_and_bias(vec![*outputs, *inputs], *outputs);
+            }
+            Planned::Conv2d {
+                inputs,
+                outputs,
+                kernel,
+                ..
+            } => weight_and_bias(vec![*outputs, *inputs, *kernel, *kernel], *outputs),
+            Planned::BatchNorm { features, .. } => {
+                weight_and_bias(vec![*features], *features);
+                buffers.push((name("running_mean"), vec![*features]));
+                buffers.push((name("running_var"), vec![*features]));
+            }
+            Planned::LayerNorm { size } => weight_and_bias(vec![*size], *size),
+            Planned::Embedding { vocab, dim, .. } => {
+                parameters.push((name("weight"), vec![*vocab, *dim]));
+            }
+            Planned::PositionEmbedding { time, dim } => {
+                parameters.push((name("weight"), vec![*time, *dim]));
+            }
+            Planned::TransformerBlock { dim, .. } => {
+                let d = *dim;
+                for (part, weight, bias) in [
+                    ("norm_attention", vec![d], d),
+                    ("norm_mlp", vec![d], d),
+                    ("qkv", vec![3 * d, d], 3 * d),
+                    ("projection", vec![d, d], d),
+                    ("expand", vec![4 * d, d], 4 * d),
+                    ("contract", vec![d, 4 * d], d),
+                ] {
+                    parameters.push((name(&format!("{part}.weight")), weight));
+                    parameters.push((name(&format!("{part}.bias")), vec![bias]));
+                }
+            }
+            Planned::Residual(inner) => {
+                state_dict_of(inner, &format!("{prefix}{index}."), parameters, buffers);
+            }
+            Planned::MaxPool2d { .. }
+            | Planned::AvgPool2d { .. }
+            | Planned::AdaptiveAvgPool2d
+            | Planned::Dropout { .. }
+            | Planned::Flatten
+            | Planned::Relu
+            | Planned::Gelu(_)
+            | Planned::Tanh
+            | Planned::Sigmoid
+            | Planned::Silu => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod plan_fuzz;
 
 /// PyTorch's golden layer-list networks (`tests/golden/make_sequential.py`), for the tests of
 /// both backends.
@@ -1653,6 +2052,247 @@ mod tests {
         .unwrap();
         assert_eq!(plan.parameters, 40 + 8 + 520 + 16 + 36);
         assert_eq!(plan.output(), &[4]);
+    }
+
+    /// Issue 29's specs: `side + 2 * padding` and `out_h * out_w` wrapped in release builds,
+    /// so (2^63 + 28)^2 planned as 784 values and the job hung a worker. Each is refused,
+    /// naming the layer's field, before anything is built.
+    #[test]
+    fn sizes_that_overflow_64_bits_are_refused_naming_the_layer_and_field() {
+        let mnist = |first: &str, more: &str| {
+            plan_error(
+                &format!(
+                    r#"[{first}, {more} {{"type": "flatten"}}, {{"type": "linear", "out": 10}}]"#
+                ),
+                &[1, 28, 28],
+                Task::Classification,
+                10,
+            )
+        };
+        let conv = |padding: &str| {
+            format!(r#"{{"type": "conv2d", "out": 1, "kernel": 1, "padding": {padding}}}"#)
+        };
+        let error = mnist(&conv("4611686018427387904"), "");
+        assert_eq!(error.field, "model.layers[0].padding");
+        assert_eq!(
+            error.message,
+            "conv2d's output size overflows: padding 4611686018427387904 makes its output [1, \
+             9223372036854775836, 9223372036854775836], more values than a 64-bit size holds"
+        );
+        let error = mnist(
+            &conv("4611686018427387904"),
+            r#"{"type": "adaptive_avg_pool2d"},"#,
+        );
+        assert_eq!(error.field, "model.layers[0].padding");
+        let error = mnist(&conv("9223372036854775808"), "");
+        assert_eq!(error.field, "model.layers[0].padding");
+        assert_eq!(
+            error.message,
+            "conv2d's output size overflows: padding 9223372036854775808 on both sides of its \
+             input [1, 28, 28] is more than a 64-bit size holds"
+        );
+        // A padding that fits, with channels that do not.
+        let error = mnist(
+            r#"{"type": "conv2d", "out": 4611686018427387904, "kernel": 3, "padding": 1}"#,
+            "",
+        );
+        assert_eq!(error.field, "model.layers[0].out");
+        let error = mnist(
+            r#"{"type": "conv2d", "out": 2, "kernel": 4294967296, "padding": 2147483648}"#,
+            "",
+        );
+        assert_eq!(error.field, "model.layers[0].kernel");
+        assert_eq!(
+            error.message,
+            "conv2d's parameter count overflows: a 4294967296x4294967296 kernel over 1 \
+             channels is more than a 64-bit count holds"
+        );
+        let error = plan_error(
+            r#"[{"type": "linear", "out": 8},
+                {"type": "residual", "layers": [{"type": "linear", "out": 1152921504606846976},
+                    {"type": "linear", "out": 8}]},
+                {"type": "linear", "out": 3}]"#,
+            &[6],
+            Task::Classification,
+            3,
+        );
+        assert_eq!(error.field, "model.layers[1].layers[1].out");
+        assert_eq!(
+            error.message,
+            "linear's parameter count overflows: its weight of 8 x 1152921504606846976 and bias \
+             of 8 on top of the 10376293541461622840 of the layers before it is more than a \
+             64-bit count holds"
+        );
+        let error = plan_error(
+            r#"[{"type": "embedding", "dim": 4294967296}, {"type": "transformer_block", "heads": 1},
+                {"type": "linear", "out": 5}]"#,
+            &[4],
+            Task::LanguageModel,
+            5,
+        );
+        assert_eq!(error.field, "model.layers[1]");
+        assert!(
+            error
+                .message
+                .starts_with("transformer_block's parameter count overflows"),
+            "{}",
+            error.message
+        );
+    }
+
+    /// What the plan says the model's `state_dict()` is (checked at submit, before anything
+    /// is built) is what building it makes, on every golden network and a transformer.
+    #[test]
+    fn the_planned_state_dict_is_the_built_models() {
+        let mut cases: Vec<(Vec<LayerSpec>, Vec<usize>, Task, usize)> = golden()
+            .into_iter()
+            .map(|case| {
+                let task = case.task();
+                (case.layers, case.input_shape, task, case.outputs)
+            })
+            .collect();
+        cases.push((
+            layers(
+                r#"[{"type": "embedding", "dim": 8}, {"type": "position_embedding"},
+                    {"type": "residual", "layers": [{"type": "transformer_block", "heads": 2}]},
+                    {"type": "layer_norm"}, {"type": "linear", "out": 5}]"#,
+            ),
+            vec![6],
+            Task::LanguageModel,
+            5,
+        ));
+        for (layers, input, task, outputs) in cases {
+            let plan = plan(&layers, &input, task, outputs).unwrap();
+            let built = Sequential::build(&plan, &mut Rng::new(0), &Device::Cpu).unwrap();
+            let made: Vec<(String, Vec<usize>)> = built
+                .parameters
+                .iter()
+                .chain(&built.buffers)
+                .map(|(name, var)| (name.clone(), var.dims().to_vec()))
+                .collect();
+            assert_eq!(plan.state_dict(), made, "{layers:?}");
+        }
+    }
+
+    /// Stored shapes are checked at submit with the messages loading gives.
+    #[test]
+    fn stored_tensor_shapes_are_checked_against_the_planned_model() {
+        let plan = plan(
+            &layers(r#"[{"type": "linear", "out": 4}, {"type": "batch_norm"}, {"type": "linear", "out": 2}]"#),
+            &[3],
+            Task::Classification,
+            2,
+        )
+        .unwrap();
+        let shapes = |entries: &[(&str, &[u64])]| -> HashMap<String, Vec<u64>> {
+            entries
+                .iter()
+                .map(|(name, shape)| (name.to_string(), shape.to_vec()))
+                .collect()
+        };
+        let mut good = shapes(&[
+            ("0.weight", &[4, 3]),
+            ("0.bias", &[4]),
+            ("1.weight", &[4]),
+            ("1.bias", &[4]),
+            ("1.running_mean", &[4]),
+            ("1.running_var", &[4]),
+            ("1.num_batches_tracked", &[]),
+            ("2.weight", &[2, 4]),
+            ("2.bias", &[2]),
+        ]);
+        check_state_dict(&plan.state_dict(), &good).unwrap();
+
+        good.insert("0.weight".into(), vec![4, 18446744073709551615]);
+        let error = check_state_dict(&plan.state_dict(), &good).unwrap_err();
+        assert_eq!(error.field, "init.weights");
+        assert_eq!(
+            error.message,
+            "tensor \"0.weight\" has shape [4, 18446744073709551615], but the model's is [4, 3]"
+        );
+        good.insert("0.weight".into(), vec![4, 3]);
+        good.remove("2.bias");
+        let error = check_state_dict(&plan.state_dict(), &good).unwrap_err();
+        assert_eq!(
+            error.message,
+            "the weights have no tensor \"2.bias\" (shape [2]); they must be the state_dict() \
+             of the equivalent torch.nn.Sequential"
+        );
+        good.insert("2.bias".into(), vec![2]);
+        good.insert("3.weight".into(), vec![7]);
+        let error = check_state_dict(&plan.state_dict(), &good).unwrap_err();
+        assert_eq!(
+            error.message,
+            "the weights have 1 tensor(s) the model does not, first \"3.weight\" (shape [7]): \
+             is the layer list the same as the PyTorch model's?"
+        );
+    }
+
+    /// A safetensors file written out by hand: the header's length, the header, the data.
+    fn safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes.extend(data);
+        bytes
+    }
+
+    fn f32_bytes(values: &[f32]) -> Vec<u8> {
+        values
+            .iter()
+            .flat_map(|value| value.to_le_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn non_finite_weights_and_tensors_named_twice_are_refused_naming_the_tensor() {
+        let header = r#"{"0.bias": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "0.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 24]}}"#;
+        let file = |values: &[f32]| safetensors(header, &f32_bytes(values));
+        let tensors = read_safetensors(&file(&[0.5, -1.0, 1.0, 2.0, 3.0, 4.0])).unwrap();
+        assert_eq!(tensors["0.weight"].dims(), [2, 2]);
+
+        let error = read_safetensors(&file(&[0.5, -1.0, 1.0, 2.0, 3.0, f32::NAN])).unwrap_err();
+        assert_eq!(error.field, "init.weights");
+        assert_eq!(
+            error.message,
+            "tensor \"0.weight\" holds NaN at [1, 1]: weights must be finite 32-bit floats"
+        );
+        let error =
+            read_safetensors(&file(&[f32::NEG_INFINITY, -1.0, 1.0, 2.0, 3.0, 4.0])).unwrap_err();
+        assert_eq!(
+            error.message,
+            "tensor \"0.bias\" holds -inf at [0]: weights must be finite 32-bit floats"
+        );
+        // A finite f64 that no f32 holds would load as an infinity.
+        let wide = safetensors(
+            r#"{"w": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}}"#,
+            &1e300f64.to_le_bytes(),
+        );
+        let error = read_safetensors(&wide).unwrap_err();
+        assert_eq!(
+            error.message,
+            "tensor \"w\" holds inf at [0]: weights must be finite 32-bit floats"
+        );
+
+        let twice = safetensors(
+            r#"{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}"#,
+            &f32_bytes(&[1.0]),
+        );
+        let error = read_safetensors(&twice).unwrap_err();
+        assert_eq!(error.field, "init.weights");
+        assert_eq!(
+            error.message,
+            "the safetensors header names tensor \"w\" twice"
+        );
+        let key_twice = safetensors(
+            r#"{"w": {"dtype": "F32", "dtype": "F64", "shape": [1], "data_offsets": [0, 4]}}"#,
+            &f32_bytes(&[1.0]),
+        );
+        assert_eq!(
+            read_safetensors(&key_twice).unwrap_err().message,
+            "the safetensors header gives the key \"dtype\" twice in \"w\""
+        );
     }
 
     #[test]

@@ -394,6 +394,12 @@ pub fn plan(spec: &ModelSpec, shape: &ModelShape) -> Result<layers::Plan, SpecEr
         shape.task,
         shape.output,
     )
+    .map_err(|error| match spec {
+        // A preset's spec has no `model.layers` to name: its own sizes are under `model`.
+        ModelSpec::Sequential { .. } => error,
+        _ if error.field.starts_with("model.layers") => SpecError::new("model", error.message),
+        _ => error,
+    })
 }
 
 impl Module for Model {

@@ -552,6 +552,8 @@ impl Block {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+
     use candle_core::Device;
 
     use crate::engine::backend::native::{evaluate, forward_backward};
@@ -640,7 +642,8 @@ mod tests {
             let mut workspace = None;
             let loss =
                 forward_backward(model, &mut workspace, &train, &batch, &mut Rng::new(1)).unwrap();
-            let (eval, accuracy) = evaluate(model, &mut workspace, &train, 4).unwrap();
+            let (eval, accuracy) =
+                evaluate(model, &mut workspace, &train, 4, &AtomicBool::new(false)).unwrap();
             (loss, workspace.unwrap().grads, eval, accuracy)
         };
         let (preset_loss, preset_grads, preset_eval, preset_accuracy) = step(&preset);

@@ -21,7 +21,9 @@ use super::{
 };
 use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
-use crate::engine::model::layers::{GeluApproximation, Module, BATCH_NORM_MOMENTUM, NORM_EPS};
+use crate::engine::model::layers::{
+    element_count, GeluApproximation, Module, BATCH_NORM_MOMENTUM, NORM_EPS,
+};
 use crate::engine::model::Model;
 use crate::engine::rng::Rng;
 use crate::engine::simd::simd_kernel;
@@ -229,8 +231,9 @@ impl Buffers {
             rows,
             &mut next_param,
         )?;
-        let input_len: usize = shape.input.iter().product();
-        let output_len: usize = dims.iter().product();
+        let input_len = buffer_len(&shape.input)?;
+        let output_len = buffer_len(&dims)?;
+        let batch_inputs = buffer_len(&[rows, input_len])?;
         let per_sample = match shape.task {
             Task::LanguageModel => shape.input[0],
             _ => 1,
@@ -239,8 +242,8 @@ impl Buffers {
         Ok(Buffers {
             rows,
             task: shape.task,
-            input: vec![0.0; if tokens { 0 } else { rows * input_len }],
-            tokens: vec![0; if tokens { rows * input_len } else { 0 }],
+            input: vec![0.0; if tokens { 0 } else { batch_inputs }],
+            tokens: vec![0; if tokens { batch_inputs } else { 0 }],
             input_len,
             output_len,
             chain,
@@ -249,13 +252,13 @@ impl Buffers {
                 if shape.task == Task::Regression {
                     0
                 } else {
-                    rows * per_sample
+                    buffer_len(&[rows, per_sample])?
                 }
             ],
             targets: vec![
                 0.0;
                 if shape.task == Task::Regression {
-                    rows * shape.output
+                    buffer_len(&[rows, shape.output])?
                 } else {
                     0
                 }
@@ -308,6 +311,23 @@ impl Buffers {
     }
 }
 
+/// The length of a buffer of `factors` multiplied. The plan and admission refuse a model
+/// whose sizes do not fit long before a workspace is built; this keeps a size that would wrap
+/// from ever sizing (and then indexing) a buffer.
+fn buffer_len(factors: &[usize]) -> candle_core::Result<usize> {
+    element_count(factors).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "native step: a buffer of {factors:?} values is larger than memory can address"
+        ))
+    })
+}
+
+/// The values of `rows` samples of shape `dims`.
+fn batch_len(rows: usize, dims: &[usize]) -> candle_core::Result<usize> {
+    let per_sample = buffer_len(dims)?;
+    buffer_len(&[rows, per_sample])
+}
+
 /// The nodes for `modules` on samples of `dims` (token ids: `[time]`), numbering the
 /// parameters in the model's order; returns the per-sample output dims.
 fn build_chain(
@@ -329,9 +349,13 @@ fn build_chain(
             let Module::Conv2d { weight, .. } = module else {
                 unreachable!("checked by fuses_conv_relu_pool");
             };
-            let block = ConvBlock::new(channels, weight.dim(0)?, height, width, rows);
+            let outputs = weight.dim(0)?;
+            // The block's largest buffers: the patches and the activated output.
+            buffer_len(&[rows, height, width, 9, channels])?;
+            buffer_len(&[rows, height, width, outputs])?;
+            let block = ConvBlock::new(channels, outputs, height, width, rows);
             let next = block.output_dims();
-            let len = rows * next.iter().product::<usize>();
+            let len = batch_len(rows, &next)?;
             nodes.push(Node {
                 kind: Kind::ConvBlock {
                     weight: *next_param,
@@ -373,7 +397,16 @@ fn build_chain(
                 let [_, height, width] = dims[..] else {
                     candle_core::bail!("native step: conv2d on {dims:?}");
                 };
-                let side = |size: usize| (size + 2 * padding - kernel) / stride + 1;
+                let side = |size: usize| {
+                    padding
+                        .checked_mul(2)
+                        .and_then(|p| p.checked_add(size))
+                        .and_then(|padded| padded.checked_sub(kernel))
+                        .map(|span| span / stride + 1)
+                };
+                let (Some(out_h), Some(out_w)) = (side(height), side(width)) else {
+                    candle_core::bail!("native step: conv2d's output on {dims:?} does not fit");
+                };
                 let conv = Conv {
                     channels,
                     height,
@@ -382,16 +415,19 @@ fn build_chain(
                     kernel,
                     stride: *stride,
                     padding: *padding,
-                    out_h: side(height),
-                    out_w: side(width),
+                    out_h,
+                    out_w,
                 };
+                // `Conv::pixels` and `Conv::depth` multiply unchecked: these cover them.
+                let patches = buffer_len(&[rows, out_h, out_w, channels, kernel, kernel])?;
+                let channel_rows = buffer_len(&[rows, out_h, out_w, outputs])?;
                 (
                     Kind::Conv2d {
                         weight: param(2),
                         conv,
-                        columns: vec![0.0; rows * conv.pixels() * conv.depth()],
-                        rows: vec![0.0; rows * conv.pixels() * outputs],
-                        column_grad: vec![0.0; rows * conv.pixels() * conv.depth()],
+                        columns: vec![0.0; patches],
+                        rows: vec![0.0; channel_rows],
+                        column_grad: vec![0.0; patches],
                     },
                     vec![outputs, conv.out_h, conv.out_w],
                 )
@@ -410,7 +446,7 @@ fn build_chain(
                 let kind = match module {
                     Module::MaxPool2d(_) => Kind::MaxPool2d {
                         pool,
-                        winner: vec![0; rows * next.iter().product::<usize>()],
+                        winner: vec![0; batch_len(rows, &next)?],
                     },
                     _ => Kind::AvgPool2d(pool),
                 };
@@ -440,7 +476,7 @@ fn build_chain(
                         plane,
                         running_mean: running_mean.clone(),
                         running_var: running_var.clone(),
-                        normalized: vec![0.0; rows * features * plane],
+                        normalized: vec![0.0; batch_len(rows, &dims)?],
                         inv_std: vec![0.0; features],
                     },
                     dims.clone(),
@@ -448,7 +484,7 @@ fn build_chain(
             }
             Module::LayerNorm { .. } => {
                 let size = *dims.last().expect("planned");
-                let total = rows * dims.iter().product::<usize>();
+                let total = batch_len(rows, &dims)?;
                 (
                     Kind::LayerNorm {
                         weight: param(2),
@@ -461,12 +497,12 @@ fn build_chain(
             Module::Dropout(p) => (
                 Kind::Dropout {
                     p: *p,
-                    mask: vec![0.0; rows * dims.iter().product::<usize>()],
+                    mask: vec![0.0; batch_len(rows, &dims)?],
                     active: false,
                 },
                 dims.clone(),
             ),
-            Module::Flatten => (Kind::Flatten, vec![dims.iter().product()]),
+            Module::Flatten => (Kind::Flatten, vec![batch_len(1, &dims)?]),
             Module::Embedding(weight) => {
                 let dim = weight.dim(1)?;
                 (
@@ -484,6 +520,10 @@ fn build_chain(
                 let [time, dim] = dims[..] else {
                     candle_core::bail!("native step: transformer_block on {dims:?}");
                 };
+                // The block's largest buffers: the MLP's `4 d` wide values and the attention
+                // weights.
+                buffer_len(&[rows, time, 4, dim])?;
+                buffer_len(&[rows, block.heads, time, time])?;
                 (
                     Kind::TransformerBlock {
                         weight: param(BLOCK_VARS),
@@ -503,7 +543,7 @@ fn build_chain(
             Module::Silu => (Kind::Activation(Act::Silu), dims.clone()),
             Module::Residual(inner) => {
                 let (chain, _) = build_chain(inner, dims.clone(), rows, next_param)?;
-                let len = rows * dims.iter().product::<usize>();
+                let len = batch_len(rows, &dims)?;
                 (
                     Kind::Residual {
                         chain,
@@ -513,7 +553,7 @@ fn build_chain(
                 )
             }
         };
-        let len = rows * next.iter().product::<usize>();
+        let len = batch_len(rows, &next)?;
         nodes.push(Node {
             kind,
             out: vec![0.0; len],
@@ -1543,6 +1583,8 @@ pub(super) fn forward_backward(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+
     use candle_core::Device;
 
     use super::*;
@@ -1564,7 +1606,14 @@ mod tests {
             let data = case.device_data();
             let rows: Vec<usize> = (0..data.rows).collect();
             let mut workspace = None;
-            let (eval_loss, _) = evaluate(&model, &mut workspace, &data, data.rows).unwrap();
+            let (eval_loss, _) = evaluate(
+                &model,
+                &mut workspace,
+                &data,
+                data.rows,
+                &AtomicBool::new(false),
+            )
+            .unwrap();
             assert!(
                 (eval_loss - case.eval_loss).abs() <= 1e-4 * case.eval_loss,
                 "{}: eval loss {eval_loss} vs PyTorch's {}",

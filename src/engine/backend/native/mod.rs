@@ -14,18 +14,20 @@
 //! every layer kind.
 
 use std::any::Any;
+use std::sync::atomic::AtomicBool;
 
 use candle_core::{CpuStorage, Storage, Tensor};
 use gemm::Parallelism;
 
-use super::{Evaluation, EVAL_CHUNK};
+use super::{check_canceled, Evaluation, EVAL_CHUNK};
 use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
-use crate::engine::model::layers::Plan;
+use crate::engine::model::layers::{element_count, Plan};
 use crate::engine::model::{Model, ModelShape};
 use crate::engine::optim::Optimizer;
 use crate::engine::rng::Rng;
 use crate::engine::simd::simd_kernel;
+use crate::engine::EngineError;
 use math::{exp, max_value, sum};
 
 mod attention;
@@ -455,15 +457,14 @@ pub struct Workspace {
 /// the model's plan: admission checks a job's memory with it before anything is built.
 ///
 /// The plan counts what each layer keeps (see `layers::Plan::activations_per_sample`); the
-/// batch's input and targets come on top. Saturating: a size too large to count is
-/// `u64::MAX`.
-pub fn planned_buffer_bytes(plan: &Plan, shape: &ModelShape, rows: usize) -> u64 {
-    let input: u64 = shape.input.iter().map(|&d| d as u64).product();
+/// batch's input and targets come on top. `None` when the count overflows 64 bits.
+pub fn planned_buffer_bytes(plan: &Plan, shape: &ModelShape, rows: usize) -> Option<u64> {
+    let input = element_count(&shape.input)? as u64;
     plan.activations_per_sample
-        .saturating_add(input)
-        .saturating_add(shape.output as u64)
-        .saturating_mul(rows as u64)
-        .saturating_mul(4)
+        .checked_add(input)?
+        .checked_add(shape.output as u64)?
+        .checked_mul(rows as u64)?
+        .checked_mul(4)
 }
 
 impl Workspace {
@@ -514,11 +515,16 @@ impl super::Backend for Native {
         })
     }
 
-    fn evaluate(&self, model: &Model, data: &DeviceData) -> candle_core::Result<Evaluation> {
+    fn evaluate(
+        &self,
+        model: &Model,
+        data: &DeviceData,
+        cancel: &AtomicBool,
+    ) -> Result<Evaluation, EngineError> {
         on_pool(|| {
             let mut state = model.backend_state();
             let workspace = workspace_slot(&mut state);
-            let (loss, accuracy) = evaluate(model, workspace, data, EVAL_CHUNK)?;
+            let (loss, accuracy) = evaluate(model, workspace, data, EVAL_CHUNK, cancel)?;
             Ok(Evaluation { loss, accuracy })
         })
     }
@@ -566,13 +572,14 @@ fn parameter_guards(model: &Model) -> candle_core::Result<Vec<HostValues<'_>>> {
 /// Mean loss and accuracy (`None` for regression) on a whole split through the same forward
 /// pass as training. It runs in batches of the training step's size, the last one padded
 /// with its final row, so no second set of buffers is built; `default_rows` sizes the
-/// batches when the model has not trained yet.
+/// batches when the model has not trained yet. `cancel` is checked before every batch.
 pub fn evaluate(
     model: &Model,
     workspace: &mut Option<Workspace>,
     data: &DeviceData,
     default_rows: usize,
-) -> candle_core::Result<(f64, Option<f64>)> {
+    cancel: &AtomicBool,
+) -> Result<(f64, Option<f64>), EngineError> {
     if data.rows == 0 {
         return Ok((0.0, None));
     }
@@ -589,6 +596,7 @@ pub fn evaluate(
     let (mut loss_sum, mut hits) = (0.0f64, 0usize);
     let mut rows = Vec::with_capacity(batch);
     for start in (0..data.rows).step_by(batch) {
+        check_canceled(cancel)?;
         let len = batch.min(data.rows - start);
         rows.clear();
         rows.extend(start..start + len);
@@ -684,11 +692,13 @@ pub(super) mod tests {
         let mut workspace = None;
         forward_backward(model, &mut workspace, train, &rows, &mut Rng::new(1)).unwrap();
         assert!(!train.rows.is_multiple_of(rows.len()));
-        let (loss, accuracy) = evaluate(model, &mut workspace, train, 256).unwrap();
+        let (loss, accuracy) =
+            evaluate(model, &mut workspace, train, 256, &AtomicBool::new(false)).unwrap();
         let want = crate::engine::backend::Backend::evaluate(
             &crate::engine::backend::Candle,
             model,
             train,
+            &AtomicBool::new(false),
         )
         .unwrap();
         assert!(
@@ -760,7 +770,8 @@ pub(super) mod tests {
                 let mut workspace = None;
                 let loss = forward_backward(&model, &mut workspace, &data, &rows, &mut Rng::new(3))
                     .unwrap();
-                let (eval_loss, _) = evaluate(&model, &mut workspace, &data, 32).unwrap();
+                let (eval_loss, _) =
+                    evaluate(&model, &mut workspace, &data, 32, &AtomicBool::new(false)).unwrap();
                 (loss, workspace.unwrap().grads, eval_loss)
             })
         })
