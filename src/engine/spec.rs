@@ -914,8 +914,28 @@ pub(crate) mod defaults {
     }
 }
 
-/// The longest job name, in characters.
+/// The longest name of a job or an upload, in characters.
 pub const MAX_NAME_CHARS: usize = 200;
+
+/// The rules for a name a user gives a job, a dataset or weights: at most
+/// [`MAX_NAME_CHARS`] characters and no control characters (a name is shown in logs, lists
+/// and the dashboard). The error is the message, for the caller to attach to its field.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let length = name.chars().count();
+    if length > MAX_NAME_CHARS {
+        return Err(format!(
+            "must be at most {MAX_NAME_CHARS} characters, got {length}"
+        ));
+    }
+    if let Some((position, control)) = name.chars().enumerate().find(|(_, c)| c.is_control()) {
+        return Err(format!(
+            "must not contain control characters, found U+{:04X} at character {}",
+            u32::from(control),
+            position + 1
+        ));
+    }
+    Ok(())
+}
 
 /// Bounds enforced before any work starts, so one request cannot occupy a worker for hours
 /// or exhaust memory. The server makes them configurable.
@@ -1050,13 +1070,7 @@ impl JobSpec {
     /// once, where it enters.
     fn validate(&self, limits: &Limits) -> Result<(), SpecError> {
         if let Some(name) = &self.name {
-            let length = name.chars().count();
-            if length > MAX_NAME_CHARS {
-                return Err(SpecError::new(
-                    "name",
-                    format!("must be at most {MAX_NAME_CHARS} characters, got {length}"),
-                ));
-            }
+            check_name(name).map_err(|message| SpecError::new("name", message))?;
         }
         self.validate_data(limits)?;
         if self.backend == BackendChoice::Native && self.device == DeviceChoice::Cuda {
@@ -1781,6 +1795,16 @@ mod tests {
         assert_eq!(error.field, "sweep");
         let error = invalid(r#"{"kind": "sweep", "data": {"builtin": "mnist10k"}}"#);
         assert_eq!(error.field, "sweep.candidates");
+    }
+
+    #[test]
+    fn a_name_with_a_control_character_is_rejected_naming_it() {
+        let error = invalid(r#"{"data": {"builtin": "mnist10k"}, "name": "ab\u001b[31m"}"#);
+        assert_eq!(error.field, "name");
+        assert_eq!(
+            error.message,
+            "must not contain control characters, found U+001B at character 3"
+        );
     }
 
     #[test]

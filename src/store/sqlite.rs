@@ -18,7 +18,7 @@ use super::dataset::{shape_json, DatasetRecord, StoredRecord};
 use super::job::JobRecord;
 use super::weights::{shapes_json, StoredWeightsRecord, WeightsRecord};
 use super::{
-    Attempt, DatasetRow, FinalState, JobRow, ListFilter, Listed, NewDataset, NewJob, NewWeights,
+    Attempt, DatasetRow, Deletion, FinalState, JobRow, ListFilter, Listed, NewDataset, NewJob, NewWeights,
     PointRow, ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset, StoredWeights,
     SweepRunRow, WeightsRow,
 };
@@ -35,6 +35,32 @@ macro_rules! now {
 macro_rules! lease_end {
     () => {
         "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)"
+    };
+}
+
+/// The bytes of every stored dataset and weights file, the sum the quota bounds.
+macro_rules! stored_bytes {
+    () => {
+        "((SELECT coalesce(sum(bytes), 0) FROM dataset)
+          + (SELECT coalesce(sum(bytes), 0) FROM weights))"
+    };
+}
+
+/// The ids of the queued and running jobs whose spec names the dataset `?1` (as training or
+/// validation data).
+macro_rules! jobs_using_dataset {
+    () => {
+        "SELECT id FROM job WHERE status IN ('queued', 'running')
+             AND (json_extract(spec, '$.data.dataset_id') = ?1
+                  OR json_extract(spec, '$.data.validation_dataset_id') = ?1)"
+    };
+}
+
+/// The ids of the queued and running jobs whose spec starts from the weights `?1`.
+macro_rules! jobs_using_weights {
+    () => {
+        "SELECT id FROM job WHERE status IN ('queued', 'running')
+             AND json_extract(spec, '$.init.weights.id') = ?1"
     };
 }
 
@@ -435,19 +461,27 @@ impl SqliteStore {
         .await?)
     }
 
+    /// The quota's sum and the insert are one statement, and SQLite runs one writer at a
+    /// time, so concurrent uploads cannot overshoot it. Only the description comes back (not
+    /// the bytes, which `RETURNING *` would copy out again).
     pub(super) async fn insert_dataset(
         &self,
         dataset: NewDataset,
-    ) -> Result<DatasetRow, StoreError> {
+        max_stored_bytes: i64,
+    ) -> Result<Option<DatasetRow>, StoreError> {
         let row = dataset.row;
         let sql = concat!(
             "INSERT INTO dataset (id, name, format, target, rows, features, sample_shape,
                  classes, vocabulary, task, sha256, bytes, x, y, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ",
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ",
             now!(),
-            ") RETURNING *"
+            " WHERE ",
+            stored_bytes!(),
+            " + ?12 <= ?15
+             RETURNING id, name, format, target, rows, features, sample_shape, classes,
+                 vocabulary, task, sha256, bytes, created_at"
         );
-        let record: DatasetRecord = sqlx::query_as(sql)
+        let record: Option<DatasetRecord> = sqlx::query_as(sql)
             .bind(&row.id)
             .bind(&row.name)
             .bind(row.format.as_str())
@@ -462,9 +496,10 @@ impl SqliteStore {
             .bind(row.bytes)
             .bind(dataset.x)
             .bind(dataset.y)
-            .fetch_one(&self.pool)
+            .bind(max_stored_bytes)
+            .fetch_optional(&self.pool)
             .await?;
-        record.try_into()
+        record.map(DatasetRow::try_from).transpose()
     }
 
     pub(super) async fn get_dataset(&self, id: &str) -> Result<Option<DatasetRow>, StoreError> {
@@ -497,18 +532,23 @@ impl SqliteStore {
         .await
     }
 
+    /// Within the quota in one statement, as `insert_dataset`.
     pub(super) async fn insert_weights(
         &self,
         weights: NewWeights,
-    ) -> Result<WeightsRow, StoreError> {
+        max_stored_bytes: i64,
+    ) -> Result<Option<WeightsRow>, StoreError> {
         let row = weights.row;
         let sql = concat!(
             "INSERT INTO weights (id, name, bytes, sha256, tensors, shapes, data, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ",
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ",
             now!(),
-            ") RETURNING id, name, bytes, sha256, tensors, shapes, created_at"
+            " WHERE ",
+            stored_bytes!(),
+            " + ?3 <= ?8
+             RETURNING id, name, bytes, sha256, tensors, shapes, created_at"
         );
-        let record: WeightsRecord = sqlx::query_as(sql)
+        let record: Option<WeightsRecord> = sqlx::query_as(sql)
             .bind(&row.id)
             .bind(&row.name)
             .bind(row.bytes)
@@ -516,9 +556,10 @@ impl SqliteStore {
             .bind(row.tensors)
             .bind(shapes_json(&row.shapes)?)
             .bind(weights.data)
-            .fetch_one(&self.pool)
+            .bind(max_stored_bytes)
+            .fetch_optional(&self.pool)
             .await?;
-        record.try_into()
+        record.map(WeightsRow::try_from).transpose()
     }
 
     pub(super) async fn get_weights(&self, id: &str) -> Result<Option<WeightsRow>, StoreError> {
@@ -551,6 +592,70 @@ impl SqliteStore {
             before,
         )
         .await
+    }
+
+    pub(super) async fn stored_bytes(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(concat!("SELECT ", stored_bytes!()))
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Deletes the dataset unless a queued or running job names it, in one statement.
+    pub(super) async fn delete_dataset(&self, id: &str) -> Result<Deletion, StoreError> {
+        self.delete_unused(
+            concat!(
+                "DELETE FROM dataset WHERE id = ?1 AND NOT EXISTS (",
+                jobs_using_dataset!(),
+                ")"
+            ),
+            "SELECT seq FROM dataset WHERE id = ?1",
+            concat!(jobs_using_dataset!(), " ORDER BY seq LIMIT 10"),
+            id,
+        )
+        .await
+    }
+
+    /// Deletes the weights unless a queued or running job names them, in one statement.
+    pub(super) async fn delete_weights(&self, id: &str) -> Result<Deletion, StoreError> {
+        self.delete_unused(
+            concat!(
+                "DELETE FROM weights WHERE id = ?1 AND NOT EXISTS (",
+                jobs_using_weights!(),
+                ")"
+            ),
+            "SELECT seq FROM weights WHERE id = ?1",
+            concat!(jobs_using_weights!(), " ORDER BY seq LIMIT 10"),
+            id,
+        )
+        .await
+    }
+
+    /// Runs `delete` (which deletes the row `?1` unless a job uses it); when it deleted
+    /// nothing, tells a missing row (`exists` finds none) from one in use (`users` lists the
+    /// jobs, none if they finished meanwhile).
+    async fn delete_unused(
+        &self,
+        delete: &'static str,
+        exists: &'static str,
+        users: &'static str,
+        id: &str,
+    ) -> Result<Deletion, StoreError> {
+        let deleted = sqlx::query(delete).bind(id).execute(&self.pool).await?;
+        if deleted.rows_affected() == 1 {
+            return Ok(Deletion::Deleted);
+        }
+        let found: Option<i64> = sqlx::query_scalar(exists)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        if found.is_none() {
+            return Ok(Deletion::NotFound);
+        }
+        let jobs = sqlx::query_scalar(users)
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(Deletion::InUse(jobs))
     }
 
     /// The row `sql` selects by the id it binds, read as `R` and converted.
