@@ -62,7 +62,7 @@ pub fn bounded(message: &str) -> Cow<'_, str> {
         };
         out.push_str(&rest[..open]);
         let value = &inside[..close];
-        match cut(value, QUOTED_CHARS) {
+        match cut(value, QUOTED_CHARS).filter(|_| !already_cut(value)) {
             None => {
                 out.push(delimiter);
                 out.push_str(value);
@@ -97,6 +97,11 @@ fn closing(text: &str, delimiter: char) -> Option<usize> {
         }
     }
     None
+}
+
+/// A value [`quoted`] has cut already: its first characters and the ellipsis.
+fn already_cut(value: &str) -> bool {
+    value.ends_with('…') && value.chars().count() == QUOTED_CHARS + 1
 }
 
 /// The first `chars` characters of `text` when it has more, else `None`.
@@ -156,6 +161,9 @@ mod tests {
             )
         );
         assert_eq!(bounded("row 3: not a number"), "row 3: not a number");
+        // What `quoted` wrote passes unchanged.
+        let ours = format!("row 3: {} is not a number", quoted(&long));
+        assert_eq!(bounded(&ours), ours);
     }
 
     #[test]

@@ -13,4 +13,5 @@ mod outage;
 mod priority;
 mod race;
 mod service;
+mod uploads;
 mod weights;
