@@ -69,11 +69,8 @@ pub fn router(state: AppState) -> Router {
         .nest("/v1", v1)
         .merge(health::router())
         .merge(openapi::router())
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            metrics::track,
-        ))
         .merge(static_files::router())
+        .route_layer(axum::middleware::from_fn(metrics::note_route))
         .layer(DefaultBodyLimit::max(state.settings.max_json_bytes))
         .layer(RequestBodyTimeoutLayer::new(
             state.settings.connections.body_read_timeout,
@@ -81,6 +78,10 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             drain::refuse_while_draining,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
         ))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
