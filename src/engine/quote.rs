@@ -152,7 +152,7 @@ mod tests {
                 "x".repeat(200)
             )
         );
-        let message = format!("invalid type: string {:?}, expected a number", long + "\"");
+        let message = format!("invalid type: string {:?}, expected a number", long.clone() + "\"");
         assert_eq!(
             bounded(&message),
             format!(

@@ -4,9 +4,11 @@
 //! - A header read timeout: a client has `header_read_timeout` to send a request's headers,
 //!   from the connection's start or the end of its previous response, or it is closed.
 //! - A cap on open connections, below the file limit, so that `accept` never fails for want
-//!   of descriptors. At the cap, the connection that has waited longest for a request
-//!   (nothing in flight) is closed for the new one; with none waiting, the new one is closed
-//!   at once. A slowloris thus cannot keep a prompt client out.
+//!   of descriptors. From seven eighths of the cap on, each new connection closes the one
+//!   that has waited longest for a request (nothing in flight); with none waiting, the new
+//!   one is closed at once. At the cap itself, while connections told to close are still
+//!   closing, new ones wait in the listen backlog, which holds no descriptor. A slowloris
+//!   thus cannot keep a prompt client out, nor take the process's descriptors.
 //! - Graceful shutdown: once `shutdown` resolves nothing more is accepted, each connection
 //!   ends after the response in flight (an event stream after its last event), and the
 //!   loop returns when all have.
@@ -54,7 +56,10 @@ pub async fn serve(
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = async {
+                registry.room().await;
+                listener.accept().await
+            } => match accepted {
                 Ok((stream, _)) => stream,
                 Err(error) => {
                     // The cap keeps descriptors free, but another part of the process may
@@ -68,11 +73,18 @@ pub async fn serve(
             // Reap finished connections as they end, so the set stays small.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
-        let Some(slot) = registry.admit() else {
-            tracing::debug!("connection refused: at the cap, none waiting");
-            drop(stream);
-            continue;
+        let (slot, evicted) = match registry.admit() {
+            Admission::Refused => {
+                tracing::debug!("connection refused: at the cap, or none waiting");
+                drop(stream);
+                continue;
+            }
+            Admission::Admitted { slot, evicted } => (slot, evicted),
         };
+        if evicted {
+            // Let the connection told to close do so before more are accepted.
+            tokio::task::yield_now().await;
+        }
         let _ = stream.set_nodelay(true);
         let slot = Arc::new(slot);
         let service = {
@@ -120,13 +132,24 @@ pub async fn serve(
 /// The open connections, and those among them waiting for a request, oldest first.
 struct Registry {
     max: usize,
+    /// From this many open on, a new connection closes the one waiting longest.
+    crowded: usize,
     state: Mutex<RegistryState>,
+    /// Told whenever a connection closes.
+    closed: Notify,
+}
+
+enum Admission {
+    Admitted { slot: Slot, evicted: bool },
+    Refused,
 }
 
 #[derive(Default)]
 struct RegistryState {
-    /// Connections counted against the cap (an evicted one stops counting at once).
+    /// Connections whose socket is open, those told to close included.
     open: usize,
+    /// Connections told to close that have not yet.
+    closing: usize,
     /// Waiting connections by when they started waiting, so the first has waited longest.
     waiting: BTreeMap<u64, u64>,
     connections: HashMap<u64, Connection>,
@@ -136,16 +159,36 @@ struct RegistryState {
 struct Connection {
     /// Its key among the waiting, while it waits for a request.
     waiting_since: Option<u64>,
-    /// Closed for a newer connection: no longer counted, never waiting again.
+    /// Told to close for a newer connection: never waiting again.
     evicted: bool,
     close: Arc<Notify>,
 }
 
 impl Registry {
     fn new(max: usize) -> Registry {
+        let max = max.max(1);
         Registry {
-            max: max.max(1),
+            max,
+            crowded: max - max / 8,
             state: Mutex::new(RegistryState::default()),
+            closed: Notify::new(),
+        }
+    }
+
+    /// Returns when a connection may be accepted: at once, unless the cap is reached while
+    /// connections told to close are still closing (then when one has).
+    async fn room(&self) {
+        loop {
+            let closed = self.closed.notified();
+            let mut closed = std::pin::pin!(closed);
+            closed.as_mut().enable();
+            {
+                let state = self.lock();
+                if state.open < self.max || state.closing == 0 {
+                    return;
+                }
+            }
+            closed.await;
         }
     }
 
@@ -156,18 +199,25 @@ impl Registry {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A slot for a new connection: free, or taken from the connection waiting longest (it
-    /// is told to close), or none.
-    fn admit(self: &Arc<Self>) -> Option<Slot> {
+    /// A slot for a new connection, when crowded only by telling the connection waiting
+    /// longest to close; none at the cap.
+    fn admit(self: &Arc<Self>) -> Admission {
         let mut state = self.lock();
         if state.open >= self.max {
-            let (_, oldest) = state.waiting.pop_first()?;
+            return Admission::Refused;
+        }
+        let mut evicted = false;
+        if state.open >= self.crowded {
+            let Some((_, oldest)) = state.waiting.pop_first() else {
+                return Admission::Refused;
+            };
             if let Some(connection) = state.connections.get_mut(&oldest) {
                 connection.waiting_since = None;
                 connection.evicted = true;
                 connection.close.notify_one();
             }
-            state.open -= 1;
+            state.closing += 1;
+            evicted = true;
         }
         state.open += 1;
         let id = state.key();
@@ -182,11 +232,14 @@ impl Registry {
         );
         state.wait(id);
         drop(state);
-        Some(Slot {
-            registry: self.clone(),
-            id,
-            evicted: close,
-        })
+        Admission::Admitted {
+            slot: Slot {
+                registry: self.clone(),
+                id,
+                evicted: close,
+            },
+            evicted,
+        }
     }
 }
 
@@ -242,9 +295,12 @@ impl Drop for Slot {
             if let Some(key) = connection.waiting_since {
                 state.waiting.remove(&key);
             }
-            if !connection.evicted {
-                state.open -= 1;
+            if connection.evicted {
+                state.closing -= 1;
             }
+            state.open -= 1;
+            drop(state);
+            self.registry.closed.notify_waiters();
         }
     }
 }
@@ -356,36 +412,70 @@ mod tests {
         registry.lock().open
     }
 
+    fn admitted(admission: Admission) -> (Slot, bool) {
+        match admission {
+            Admission::Admitted { slot, evicted } => (slot, evicted),
+            Admission::Refused => panic!("refused"),
+        }
+    }
+
+    fn refused(admission: Admission) -> bool {
+        matches!(admission, Admission::Refused)
+    }
+
     #[tokio::test]
-    async fn at_the_cap_the_connection_waiting_longest_makes_room_and_a_busy_one_never_does() {
-        let registry = Arc::new(Registry::new(2));
-        let first = registry.admit().expect("room");
-        let second = registry.admit().expect("room");
-        second.busy();
-        assert_eq!(open(&registry), 2);
+    async fn when_crowded_the_connection_waiting_longest_makes_room_and_a_busy_one_never_does() {
+        // Crowded from 7 of 8 open on.
+        let registry = Arc::new(Registry::new(8));
+        let mut slots: Vec<Slot> = (0..7)
+            .map(|_| {
+                let (slot, evicted) = admitted(registry.admit());
+                assert!(!evicted);
+                slot
+            })
+            .collect();
+        for slot in &slots[1..] {
+            slot.busy();
+        }
 
-        // The first is waiting, the second busy: the first is told to close.
-        let third = registry.admit().expect("room taken from the first");
-        assert!(tokio::time::timeout(Duration::from_millis(10), first.evicted.notified())
+        // The first is the only one waiting: it is told to close, and counts until it has.
+        let (eighth, evicted) = admitted(registry.admit());
+        assert!(evicted);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), slots[0].evicted.notified())
+                .await
+                .is_ok()
+        );
+        assert_eq!(open(&registry), 8);
+        // At the cap while the first is closing, the next waits for it.
+        let room = tokio::time::timeout(Duration::from_millis(10), registry.room());
+        assert!(room.await.is_err(), "room at the cap");
+        let waiting = tokio::spawn({
+            let registry = registry.clone();
+            async move { registry.room().await }
+        });
+        drop(slots.remove(0));
+        tokio::time::timeout(Duration::from_secs(1), waiting)
             .await
-            .is_ok());
-        drop(first);
-        assert_eq!(open(&registry), 2);
+            .expect("room once the first has closed")
+            .unwrap();
+        assert_eq!(open(&registry), 7);
 
-        // The second is busy and the third waits: the third makes room, then nobody can.
-        let fourth = registry.admit().expect("room taken from the third");
-        third.busy();
-        drop(third);
-        assert_eq!(open(&registry), 2);
-        fourth.busy();
-        assert!(registry.admit().is_none());
+        // Crowded, and the only waiting one is the eighth: it makes room.
+        let (ninth, evicted) = admitted(registry.admit());
+        assert!(evicted);
+        drop(eighth);
+        ninth.busy();
+        // Crowded with none waiting: refused.
+        assert!(refused(registry.admit()));
 
         // A connection back to waiting after its response can make room again.
-        second.idle();
-        let fifth = registry.admit().expect("room taken from the second");
-        drop(second);
-        drop(fourth);
-        drop(fifth);
+        slots[0].idle();
+        let (tenth, evicted) = admitted(registry.admit());
+        assert!(evicted);
+        drop(slots);
+        drop(ninth);
+        drop(tenth);
         assert_eq!(open(&registry), 0);
     }
 }

@@ -418,6 +418,10 @@ impl ServerProcess {
         format!("http://{}{path}", self.address)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A line of the process's /proc status (`VmHWM`, `VmRSS`), in kB.
     pub fn status_kb(&self, key: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))

@@ -15,5 +15,6 @@ mod paging;
 mod priority;
 mod race;
 mod service;
+mod slow_clients;
 mod uploads;
 mod weights;
