@@ -2,8 +2,8 @@
 //! cannot exhaust the server's memory or disk:
 //!
 //! - before the body is read: the name (a job name's rules), the length the request declares
-//!   (413 above `--max-upload-bytes`), a permit among `--max-concurrent-uploads` (503 with
-//!   `Retry-After` when none is free) and room under `--max-stored-bytes` (507);
+//!   (413 above `--max-upload-bytes`), room for it under `--max-stored-bytes` (507) and a
+//!   permit among `--max-concurrent-uploads` (503 with `Retry-After` when none is free);
 //! - the body read into one buffer of the declared length, which is then moved, never
 //!   copied, through validation into the store (the store checks the quota again as it
 //!   inserts, so concurrent uploads cannot overshoot it together).
@@ -45,6 +45,13 @@ pub async fn admit(
     if declared.is_some_and(|declared| declared > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
+    // The quota first: when it is full, retrying later will not help.
+    if let Some(declared) = declared {
+        let stored = state.store.stored_bytes().await?;
+        if stored.saturating_add(declared as i64) > quota(state) {
+            return Err(storage_full(state, stored, declared));
+        }
+    }
     let permit = state
         .uploads
         .clone()
@@ -52,12 +59,6 @@ pub async fn admit(
         .map_err(|_| ApiError::UploadsBusy {
             limit: state.settings.max_concurrent_uploads,
         })?;
-    if let Some(declared) = declared {
-        let stored = state.store.stored_bytes().await?;
-        if stored.saturating_add(declared as i64) > quota(state) {
-            return Err(storage_full(state, stored, declared));
-        }
-    }
     Ok(Admitted {
         _permit: permit,
         declared,

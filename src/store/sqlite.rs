@@ -461,27 +461,31 @@ impl SqliteStore {
         .await?)
     }
 
-    /// The quota's sum and the insert are one statement, and SQLite runs one writer at a
-    /// time, so concurrent uploads cannot overshoot it. Only the description comes back (not
-    /// the bytes, which `RETURNING *` would copy out again).
+    /// The quota's sum and the insert in one transaction that holds the write lock from its
+    /// start, so concurrent uploads cannot overshoot the quota. (Not one `INSERT ... SELECT
+    /// ... WHERE sum < quota` statement: reading the table it inserts into, SQLite would
+    /// stage the row, bytes and all, in a temporary table first.) Only the description comes
+    /// back, not the bytes, which `RETURNING *` would copy out again.
     pub(super) async fn insert_dataset(
         &self,
         dataset: NewDataset,
         max_stored_bytes: i64,
     ) -> Result<Option<DatasetRow>, StoreError> {
         let row = dataset.row;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        if !within_quota(&mut tx, row.bytes, max_stored_bytes).await? {
+            tx.rollback().await?;
+            return Ok(None);
+        }
         let sql = concat!(
             "INSERT INTO dataset (id, name, format, target, rows, features, sample_shape,
                  classes, vocabulary, task, sha256, bytes, x, y, created_at)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ",
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ",
             now!(),
-            " WHERE ",
-            stored_bytes!(),
-            " + ?12 <= ?15
-             RETURNING id, name, format, target, rows, features, sample_shape, classes,
+            ") RETURNING id, name, format, target, rows, features, sample_shape, classes,
                  vocabulary, task, sha256, bytes, created_at"
         );
-        let record: Option<DatasetRecord> = sqlx::query_as(sql)
+        let record: DatasetRecord = sqlx::query_as(sql)
             .bind(&row.id)
             .bind(&row.name)
             .bind(row.format.as_str())
@@ -496,10 +500,10 @@ impl SqliteStore {
             .bind(row.bytes)
             .bind(dataset.x)
             .bind(dataset.y)
-            .bind(max_stored_bytes)
-            .fetch_optional(&self.pool)
+            .fetch_one(&mut *tx)
             .await?;
-        record.map(DatasetRow::try_from).transpose()
+        tx.commit().await?;
+        record.try_into().map(Some)
     }
 
     pub(super) async fn get_dataset(&self, id: &str) -> Result<Option<DatasetRow>, StoreError> {
@@ -532,23 +536,25 @@ impl SqliteStore {
         .await
     }
 
-    /// Within the quota in one statement, as `insert_dataset`.
+    /// Within the quota, as `insert_dataset`.
     pub(super) async fn insert_weights(
         &self,
         weights: NewWeights,
         max_stored_bytes: i64,
     ) -> Result<Option<WeightsRow>, StoreError> {
         let row = weights.row;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        if !within_quota(&mut tx, row.bytes, max_stored_bytes).await? {
+            tx.rollback().await?;
+            return Ok(None);
+        }
         let sql = concat!(
             "INSERT INTO weights (id, name, bytes, sha256, tensors, shapes, data, created_at)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ",
+             VALUES (?, ?, ?, ?, ?, ?, ?, ",
             now!(),
-            " WHERE ",
-            stored_bytes!(),
-            " + ?3 <= ?8
-             RETURNING id, name, bytes, sha256, tensors, shapes, created_at"
+            ") RETURNING id, name, bytes, sha256, tensors, shapes, created_at"
         );
-        let record: Option<WeightsRecord> = sqlx::query_as(sql)
+        let record: WeightsRecord = sqlx::query_as(sql)
             .bind(&row.id)
             .bind(&row.name)
             .bind(row.bytes)
@@ -556,10 +562,10 @@ impl SqliteStore {
             .bind(row.tensors)
             .bind(shapes_json(&row.shapes)?)
             .bind(weights.data)
-            .bind(max_stored_bytes)
-            .fetch_optional(&self.pool)
+            .fetch_one(&mut *tx)
             .await?;
-        record.map(WeightsRow::try_from).transpose()
+        tx.commit().await?;
+        record.try_into().map(Some)
     }
 
     pub(super) async fn get_weights(&self, id: &str) -> Result<Option<WeightsRow>, StoreError> {
@@ -757,6 +763,19 @@ async fn insert_outputs(
         .await?;
     }
     Ok(())
+}
+
+/// Whether `adding` bytes more fit under the quota, read in the transaction that will add
+/// them.
+async fn within_quota(
+    tx: &mut Transaction<'_, Sqlite>,
+    adding: i64,
+    max_stored_bytes: i64,
+) -> Result<bool, StoreError> {
+    let stored: i64 = sqlx::query_scalar(concat!("SELECT ", stored_bytes!()))
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(stored.saturating_add(adding) <= max_stored_bytes)
 }
 
 async fn delete_outputs(tx: &mut Transaction<'_, Sqlite>, job_id: &str) -> Result<(), StoreError> {
