@@ -122,7 +122,10 @@ mod tests {
     fn a_short_value_is_quoted_whole_and_escaped() {
         assert_eq!(quoted("abc").to_string(), r#""abc""#);
         assert_eq!(quoted("a\"b\n").to_string(), r#""a\"b\n""#);
-        assert_eq!(quoted(&"é".repeat(200)).to_string(), format!("\"{}\"", "é".repeat(200)));
+        assert_eq!(
+            quoted(&"é".repeat(200)).to_string(),
+            format!("\"{}\"", "é".repeat(200))
+        );
     }
 
     #[test]
@@ -152,7 +155,10 @@ mod tests {
                 "x".repeat(200)
             )
         );
-        let message = format!("invalid type: string {:?}, expected a number", long.clone() + "\"");
+        let message = format!(
+            "invalid type: string {:?}, expected a number",
+            long.clone() + "\""
+        );
         assert_eq!(
             bounded(&message),
             format!(

@@ -51,7 +51,11 @@ pub enum ApiError {
     UploadsBusy { limit: u32 },
     /// Storing the upload would pass `--max-stored-bytes`.
     #[error("the server stores {stored} bytes of datasets and weights; {adding} more would pass its quota of {quota} bytes: delete some (DELETE /v1/datasets/{{id}}, DELETE /v1/weights/{{id}})")]
-    StorageFull { stored: u64, adding: u64, quota: u64 },
+    StorageFull {
+        stored: u64,
+        adding: u64,
+        quota: u64,
+    },
     /// The database is locked by another process, out of connections, or unusable.
     #[error("the database is unavailable ({}): retry later", .0.reason())]
     Unavailable(StoreError),

@@ -98,7 +98,12 @@ impl Application {
         runner: Arc<dyn JobRunner>,
     ) -> anyhow::Result<Application> {
         if settings.api.metrics_token_required
-            && settings.api.api_token.as_deref().unwrap_or_default().is_empty()
+            && settings
+                .api
+                .api_token
+                .as_deref()
+                .unwrap_or_default()
+                .is_empty()
         {
             anyhow::bail!("--metrics-token-required needs a token: set --api-token");
         }
@@ -124,7 +129,9 @@ impl Application {
         let (phase, phases) = watch::channel(Phase::Serving);
         let mut api = settings.api;
         api.api_token = api.api_token.filter(|token| !token.is_empty());
-        let uploads = Arc::new(tokio::sync::Semaphore::new(api.max_concurrent_uploads as usize));
+        let uploads = Arc::new(tokio::sync::Semaphore::new(
+            api.max_concurrent_uploads as usize,
+        ));
         let state = AppState {
             store,
             uploads,

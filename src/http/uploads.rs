@@ -12,7 +12,6 @@
 //! the background, so that a client still sending reads the answer rather than a reset
 //! connection.
 
-
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, StatusCode};

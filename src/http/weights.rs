@@ -13,8 +13,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiQuery;
 use super::{uploads, ApiError, AppState, ErrorBody};
-use crate::engine::quote::quoted;
 use crate::engine::model::layers::read_safetensors;
+use crate::engine::quote::quoted;
 use crate::store::{new_id, NewWeights, TensorShape, WeightsRow};
 
 pub fn router(max_upload_bytes: usize) -> Router<AppState> {

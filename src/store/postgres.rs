@@ -20,9 +20,9 @@ use super::dataset::{shape_json, DatasetRecord, StoredRecord};
 use super::job::JobRecord;
 use super::weights::{shapes_json, StoredWeightsRecord, WeightsRecord};
 use super::{
-    Attempt, Change, DatasetRow, Deletion, FinalState, JobRow, ListFilter, Listed, NewDataset, NewJob,
-    NewWeights, PointRow, ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset,
-    StoredWeights, SweepRunRow, WeightsRow,
+    Attempt, Change, DatasetRow, Deletion, FinalState, JobRow, ListFilter, Listed, NewDataset,
+    NewJob, NewWeights, PointRow, ProgressUpdate, RacePointRow, ReapOutcome, StoreError,
+    StoredDataset, StoredWeights, SweepRunRow, WeightsRow,
 };
 
 /// The NOTIFY channel every process listens on.

@@ -18,9 +18,9 @@ use super::dataset::{shape_json, DatasetRecord, StoredRecord};
 use super::job::JobRecord;
 use super::weights::{shapes_json, StoredWeightsRecord, WeightsRecord};
 use super::{
-    Attempt, DatasetRow, Deletion, FinalState, JobRow, ListFilter, Listed, NewDataset, NewJob, NewWeights,
-    PointRow, ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset, StoredWeights,
-    SweepRunRow, WeightsRow,
+    Attempt, DatasetRow, Deletion, FinalState, JobRow, ListFilter, Listed, NewDataset, NewJob,
+    NewWeights, PointRow, ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset,
+    StoredWeights, SweepRunRow, WeightsRow,
 };
 
 /// The current time as SQLite writes it: UTC ISO 8601 with milliseconds. A macro so that

@@ -766,11 +766,14 @@ async fn datasets_keep_their_bytes_and_page_newest_first(db: &TestDb) {
             created_at: String::new(),
         };
         let inserted = store
-            .insert_dataset(NewDataset {
-                row: row.clone(),
-                x: bytes.clone(),
-                y: Some(vec![index as u8; 10]),
-            }, NO_QUOTA)
+            .insert_dataset(
+                NewDataset {
+                    row: row.clone(),
+                    x: bytes.clone(),
+                    y: Some(vec![index as u8; 10]),
+                },
+                NO_QUOTA,
+            )
             .await
             .unwrap()
             .expect("stored");
@@ -921,10 +924,13 @@ async fn weights_keep_their_bytes_and_tensor_shapes_and_page_newest_first(db: &T
             created_at: String::new(),
         };
         let inserted = store
-            .insert_weights(NewWeights {
-                row: row.clone(),
-                data: data.clone(),
-            }, NO_QUOTA)
+            .insert_weights(
+                NewWeights {
+                    row: row.clone(),
+                    data: data.clone(),
+                },
+                NO_QUOTA,
+            )
             .await
             .unwrap()
             .expect("stored");
@@ -993,9 +999,7 @@ fn dataset_of(bytes: i64) -> NewDataset {
     dataset
 }
 
-async fn an_upload_beyond_the_stored_bytes_quota_is_refused_until_a_delete_makes_room(
-    db: &TestDb,
-) {
+async fn an_upload_beyond_the_stored_bytes_quota_is_refused_until_a_delete_makes_room(db: &TestDb) {
     let store = db.open().await;
     assert_eq!(store.stored_bytes().await.unwrap(), 0);
     let first = store
@@ -1009,7 +1013,10 @@ async fn an_upload_beyond_the_stored_bytes_quota_is_refused_until_a_delete_makes
         .unwrap()
         .expect("within the quota");
     assert_eq!(store.stored_bytes().await.unwrap(), 200);
-    assert_eq!(store.insert_dataset(dataset_of(51), 250).await.unwrap(), None);
+    assert_eq!(
+        store.insert_dataset(dataset_of(51), 250).await.unwrap(),
+        None
+    );
     assert_eq!(store.insert_weights(weights(51), 250).await.unwrap(), None);
     assert_eq!(store.stored_bytes().await.unwrap(), 200);
     let exactly = store
@@ -1019,8 +1026,14 @@ async fn an_upload_beyond_the_stored_bytes_quota_is_refused_until_a_delete_makes
         .expect("up to the quota itself");
     assert_eq!(store.stored_bytes().await.unwrap(), 250);
 
-    assert_eq!(store.delete_dataset(&first.id).await.unwrap(), Deletion::Deleted);
-    assert_eq!(store.delete_weights(&exactly.id).await.unwrap(), Deletion::Deleted);
+    assert_eq!(
+        store.delete_dataset(&first.id).await.unwrap(),
+        Deletion::Deleted
+    );
+    assert_eq!(
+        store.delete_weights(&exactly.id).await.unwrap(),
+        Deletion::Deleted
+    );
     assert_eq!(store.stored_bytes().await.unwrap(), 100);
     assert!(store.get_dataset(&first.id).await.unwrap().is_none());
     assert!(store.load_weights(&exactly.id).await.unwrap().is_none());
@@ -1029,8 +1042,14 @@ async fn an_upload_beyond_the_stored_bytes_quota_is_refused_until_a_delete_makes
         .await
         .unwrap()
         .expect("room again after the deletes");
-    assert_eq!(store.delete_dataset(&first.id).await.unwrap(), Deletion::NotFound);
-    assert_eq!(store.delete_weights("weights_missing").await.unwrap(), Deletion::NotFound);
+    assert_eq!(
+        store.delete_dataset(&first.id).await.unwrap(),
+        Deletion::NotFound
+    );
+    assert_eq!(
+        store.delete_weights("weights_missing").await.unwrap(),
+        Deletion::NotFound
+    );
 }
 
 async fn concurrent_uploads_from_two_processes_never_overshoot_the_quota(db: &TestDb) {
@@ -1046,9 +1065,15 @@ async fn concurrent_uploads_from_two_processes_never_overshoot_the_quota(db: &Te
         tasks.push(tokio::spawn(async move {
             loop {
                 let stored = if upload % 3 == 0 {
-                    store.insert_weights(weights(100), 450).await.map(|w| w.is_some())
+                    store
+                        .insert_weights(weights(100), 450)
+                        .await
+                        .map(|w| w.is_some())
                 } else {
-                    store.insert_dataset(dataset_of(100), 450).await.map(|d| d.is_some())
+                    store
+                        .insert_dataset(dataset_of(100), 450)
+                        .await
+                        .map(|d| d.is_some())
                 };
                 match stored {
                     Ok(stored) => return stored,
@@ -1081,8 +1106,16 @@ async fn an_upload_named_by_a_queued_or_running_job_is_kept_and_deleted_once_the
         .await
         .unwrap()
         .unwrap();
-    let init = store.insert_weights(weights(10), NO_QUOTA).await.unwrap().unwrap();
-    let unused = store.insert_weights(weights(10), NO_QUOTA).await.unwrap().unwrap();
+    let init = store
+        .insert_weights(weights(10), NO_QUOTA)
+        .await
+        .unwrap()
+        .unwrap();
+    let unused = store
+        .insert_weights(weights(10), NO_QUOTA)
+        .await
+        .unwrap()
+        .unwrap();
     let spec = serde_json::json!({
         "data": {"dataset_id": train.id, "validation_dataset_id": validation.id},
         "init": {"weights": {"id": init.id}},
@@ -1102,7 +1135,10 @@ async fn an_upload_named_by_a_queued_or_running_job_is_kept_and_deleted_once_the
     assert_eq!(store.delete_dataset(&train.id).await.unwrap(), in_use);
     assert_eq!(store.delete_dataset(&validation.id).await.unwrap(), in_use);
     assert_eq!(store.delete_weights(&init.id).await.unwrap(), in_use);
-    assert_eq!(store.delete_weights(&unused.id).await.unwrap(), Deletion::Deleted);
+    assert_eq!(
+        store.delete_weights(&unused.id).await.unwrap(),
+        Deletion::Deleted
+    );
 
     let running = claim(&store, "w@h").await;
     assert_eq!(store.delete_dataset(&train.id).await.unwrap(), in_use);
@@ -1115,9 +1151,18 @@ async fn an_upload_named_by_a_queued_or_running_job_is_kept_and_deleted_once_the
         )
         .await
         .unwrap());
-    assert_eq!(store.delete_dataset(&train.id).await.unwrap(), Deletion::Deleted);
-    assert_eq!(store.delete_dataset(&validation.id).await.unwrap(), Deletion::Deleted);
-    assert_eq!(store.delete_weights(&init.id).await.unwrap(), Deletion::Deleted);
+    assert_eq!(
+        store.delete_dataset(&train.id).await.unwrap(),
+        Deletion::Deleted
+    );
+    assert_eq!(
+        store.delete_dataset(&validation.id).await.unwrap(),
+        Deletion::Deleted
+    );
+    assert_eq!(
+        store.delete_weights(&init.id).await.unwrap(),
+        Deletion::Deleted
+    );
     assert_eq!(store.stored_bytes().await.unwrap(), 0);
 }
 

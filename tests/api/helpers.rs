@@ -384,7 +384,10 @@ impl ServerProcess {
             Command::new(env!("CARGO_BIN_EXE_lrtune"))
         } else {
             let mut command = Command::new("prlimit");
-            command.args(limits).arg("--").arg(env!("CARGO_BIN_EXE_lrtune"));
+            command
+                .args(limits)
+                .arg("--")
+                .arg(env!("CARGO_BIN_EXE_lrtune"));
             command
         };
         let mut child = command

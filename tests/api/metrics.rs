@@ -71,7 +71,11 @@ async fn flood(address: String, count: usize, seed: u64) {
         while answered < batch {
             let mut chunk = [0; 64 * 1024];
             let read = stream.read(&mut chunk).await.unwrap();
-            assert!(read > 0, "the server closed after {} requests", sent + answered);
+            assert!(
+                read > 0,
+                "the server closed after {} requests",
+                sent + answered
+            );
             buffer.extend_from_slice(&chunk[..read]);
             let (complete, end) = complete_responses(&buffer);
             answered += complete;
@@ -115,7 +119,12 @@ async fn fifty_thousand_requests_with_invented_methods_and_paths_leave_metrics_u
         .lines()
         .filter_map(|line| line.split("route=\"").nth(1)?.split('"').next())
         .collect();
-    let expected = ["/healthz", "/v1/jobs/{id}", "/v1/jobs/{id}/events", "unmatched"];
+    let expected = [
+        "/healthz",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/events",
+        "unmatched",
+    ];
     assert_eq!(routes, expected.into_iter().collect(), "{text}");
 }
 
@@ -130,7 +139,13 @@ async fn metrics_need_the_token_when_the_server_is_told_so() {
     let (status, body) = json_of(app.client.get(&url).send().await.unwrap()).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert_error(&body, "unauthorized");
-    let response = app.client.get(&url).bearer_auth("wrong").send().await.unwrap();
+    let response = app
+        .client
+        .get(&url)
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     let response = app.get("/metrics").await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -145,7 +160,8 @@ async fn metrics_need_the_token_when_the_server_is_told_so() {
     assert_eq!(response.status(), StatusCode::OK);
 
     // Without the option, /metrics stays open as before.
-    let open = spawn_app_configured(|settings| settings.api.api_token = Some("s3cret".into())).await;
+    let open =
+        spawn_app_configured(|settings| settings.api.api_token = Some("s3cret".into())).await;
     let response = open
         .client
         .get(format!("{}/metrics", open.address))

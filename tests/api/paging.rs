@@ -11,7 +11,11 @@ async fn a_limit_outside_1_to_100_is_a_400_naming_limit_on_every_list() {
     for list in ["/v1/jobs", "/v1/datasets", "/v1/weights"] {
         for limit in ["0", "101", "4294967295"] {
             let (status, body) = json_of(app.get(&format!("{list}?limit={limit}")).await).await;
-            assert_eq!(status, StatusCode::BAD_REQUEST, "{list}?limit={limit}: {body}");
+            assert_eq!(
+                status,
+                StatusCode::BAD_REQUEST,
+                "{list}?limit={limit}: {body}"
+            );
             let error = assert_error(&body, "bad_request");
             assert_eq!(error["field"], "limit", "{body}");
             assert_eq!(
@@ -21,7 +25,11 @@ async fn a_limit_outside_1_to_100_is_a_400_naming_limit_on_every_list() {
         }
         for limit in ["-1", "ten"] {
             let (status, body) = json_of(app.get(&format!("{list}?limit={limit}")).await).await;
-            assert_eq!(status, StatusCode::BAD_REQUEST, "{list}?limit={limit}: {body}");
+            assert_eq!(
+                status,
+                StatusCode::BAD_REQUEST,
+                "{list}?limit={limit}: {body}"
+            );
             let message = assert_error(&body, "bad_request")["message"].clone();
             assert!(message.as_str().unwrap().contains("limit"), "{body}");
         }

@@ -79,12 +79,18 @@ async fn a_slowloris_of_300_connections_under_a_file_limit_of_256_leaves_healthz
         let response = client.get(server.url("/healthz")).send().await;
         let took = started.elapsed();
         let response = response.unwrap_or_else(|error| {
-            panic!("check {checks} failed after {took:?}: {error:?}; log:\n{}", server.log())
+            panic!(
+                "check {checks} failed after {took:?}: {error:?}; log:\n{}",
+                server.log()
+            )
         });
         let status = response.status();
         let body = response.text().await.unwrap();
         assert_eq!(status, StatusCode::OK, "check {checks}: {body}");
-        assert!(took < Duration::from_secs(1), "check {checks} took {took:?}");
+        assert!(
+            took < Duration::from_secs(1),
+            "check {checks} took {took:?}"
+        );
         slowest = slowest.max(took);
         checks += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;

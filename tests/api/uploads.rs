@@ -17,7 +17,12 @@ use crate::helpers::*;
 fn csv(rows: usize) -> String {
     let mut text = String::from("x1,x2,y\n");
     for row in 0..rows {
-        text.push_str(&format!("{:04},{:04},{:04}\n", row, row * 2 % 10000, row % 7));
+        text.push_str(&format!(
+            "{:04},{:04},{:04}\n",
+            row,
+            row * 2 % 10000,
+            row % 7
+        ));
     }
     text
 }
@@ -25,12 +30,14 @@ fn csv(rows: usize) -> String {
 /// A body sent piece by piece, as the test sends the pieces.
 fn streamed() -> (mpsc::Sender<std::io::Result<Vec<u8>>>, reqwest::Body) {
     let (sender, receiver) = mpsc::channel(4);
-    (sender, reqwest::Body::wrap_stream(ReceiverStream::new(receiver)))
+    (
+        sender,
+        reqwest::Body::wrap_stream(ReceiverStream::new(receiver)),
+    )
 }
 
 #[tokio::test]
-async fn an_upload_beyond_the_concurrent_limit_gets_503_with_retry_after_before_its_body_is_read()
-{
+async fn an_upload_beyond_the_concurrent_limit_gets_503_with_retry_after_before_its_body_is_read() {
     let app = spawn_app_configured(|settings| settings.api.max_concurrent_uploads = 1).await;
     let url = format!("{}/v1/datasets?format=csv", app.address);
     let body = csv(50);
@@ -92,11 +99,13 @@ async fn an_upload_past_the_stored_bytes_quota_gets_507_until_a_delete_makes_roo
     let body = csv(100);
     let quota = body.len() as u64 * 3 / 2;
     let app = spawn_app_configured(|settings| settings.api.max_stored_bytes = quota).await;
-    let (status, first) = json_of(app.post_raw("/v1/datasets?format=csv", body.clone()).await).await;
+    let (status, first) =
+        json_of(app.post_raw("/v1/datasets?format=csv", body.clone()).await).await;
     assert_eq!(status, StatusCode::CREATED, "{first}");
 
     // Refused from its declared length, before its body is read.
-    let (status, refused) = json_of(app.post_raw("/v1/datasets?format=csv", body.clone()).await).await;
+    let (status, refused) =
+        json_of(app.post_raw("/v1/datasets?format=csv", body.clone()).await).await;
     assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{refused}");
     let error = assert_error(&refused, "storage_full");
     assert_eq!(
@@ -164,7 +173,8 @@ async fn a_dataset_named_by_a_queued_or_running_job_cannot_be_deleted_until_the_
     .await;
     assert_eq!(status, StatusCode::CREATED, "{dataset}");
     let id = dataset["id"].as_str().unwrap();
-    let (status, validation) = json_of(app.post_raw("/v1/datasets?format=csv", csv(40)).await).await;
+    let (status, validation) =
+        json_of(app.post_raw("/v1/datasets?format=csv", csv(40)).await).await;
     assert_eq!(status, StatusCode::CREATED, "{validation}");
     let validation_id = validation["id"].as_str().unwrap();
     let mut spec = tiny_spec();
@@ -174,7 +184,9 @@ async fn a_dataset_named_by_a_queued_or_running_job_cannot_be_deleted_until_the_
     let job = app.submit(&spec).await;
 
     let delete = |id: String| {
-        let request = app.client.delete(format!("{}/v1/datasets/{id}", app.address));
+        let request = app
+            .client
+            .delete(format!("{}/v1/datasets/{id}", app.address));
         async move { json_of(request.send().await.unwrap()).await }
     };
     for used in [id, validation_id] {
@@ -222,7 +234,10 @@ async fn upload_names_follow_the_rules_of_job_names() {
         .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
         let error = assert_error(&body, "invalid_input");
-        assert_eq!((&error["field"], &error["message"]), (&json!("name"), &json!(message)));
+        assert_eq!(
+            (&error["field"], &error["message"]),
+            (&json!("name"), &json!(message))
+        );
         let (status, body) = json_of(
             app.post_raw(&format!("/v1/weights?name={name}"), weights.clone())
                 .await,
@@ -230,12 +245,19 @@ async fn upload_names_follow_the_rules_of_job_names() {
         .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
         let error = assert_error(&body, "invalid_input");
-        assert_eq!((&error["field"], &error["message"]), (&json!("name"), &json!(message)));
+        assert_eq!(
+            (&error["field"], &error["message"]),
+            (&json!("name"), &json!(message))
+        );
         // A job with that name gets the same answer.
-        let (status, body) = json_of(app.post_json("/v1/jobs", &named(&urldecoded(name))).await).await;
+        let (status, body) =
+            json_of(app.post_json("/v1/jobs", &named(&urldecoded(name))).await).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
         let error = assert_error(&body, "invalid_spec");
-        assert_eq!((&error["field"], &error["message"]), (&json!("name"), &json!(message)));
+        assert_eq!(
+            (&error["field"], &error["message"]),
+            (&json!("name"), &json!(message))
+        );
     }
     let longest = "é".repeat(200);
     let (status, body) = json_of(
@@ -305,9 +327,8 @@ async fn a_body_that_stops_arriving_gets_408() {
         ("/v1/jobs", "{\"data\": "),
     ] {
         let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
-        let request = format!(
-            "POST {path} HTTP/1.1\r\nhost: test\r\ncontent-length: 1000\r\n\r\n{start}"
-        );
+        let request =
+            format!("POST {path} HTTP/1.1\r\nhost: test\r\ncontent-length: 1000\r\n\r\n{start}");
         stream.write_all(request.as_bytes()).await.unwrap();
         let started = Instant::now();
         let mut answer = Vec::new();
@@ -318,7 +339,10 @@ async fn a_body_that_stops_arriving_gets_408() {
         let waited = started.elapsed();
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 408 "), "{path}: {answer}");
-        assert!(answer.contains("\"code\":\"request_timeout\""), "{path}: {answer}");
+        assert!(
+            answer.contains("\"code\":\"request_timeout\""),
+            "{path}: {answer}"
+        );
         assert!(
             waited >= Duration::from_millis(450) && waited < Duration::from_secs(3),
             "{path}: answered after {waited:?}"
@@ -397,7 +421,12 @@ async fn forty_concurrent_60_mb_uploads_under_a_6_gb_address_space_are_each_answ
     // Room for five of the files.
     let mut server = ServerProcess::start(
         &["--as=6000000000"],
-        &["--max-stored-bytes", "300MiB", "--max-concurrent-uploads", "4"],
+        &[
+            "--max-stored-bytes",
+            "300MiB",
+            "--max-concurrent-uploads",
+            "4",
+        ],
     );
     let file = axum::body::Bytes::from(safetensors(15_000_000));
     let client = reqwest::Client::new();
