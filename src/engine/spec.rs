@@ -1691,10 +1691,14 @@ fn path_error<E: fmt::Display>(error: serde_path_to_error::Error<E>) -> SpecErro
     }
     // serde_json appends " at line 1 column 7"; the field name says more.
     let message = match message.find(" at line ") {
-        Some(position) => message[..position].to_string(),
-        None => message,
+        Some(position) => &message[..position],
+        None => &message,
     };
-    SpecError::new(field, message)
+    // serde quotes the value it was given (`unknown variant `...``) whole.
+    SpecError::new(
+        crate::engine::quote::shortened(&field),
+        crate::engine::quote::bounded(message),
+    )
 }
 
 #[cfg(test)]
@@ -1795,6 +1799,26 @@ mod tests {
         assert_eq!(error.field, "sweep");
         let error = invalid(r#"{"kind": "sweep", "data": {"builtin": "mnist10k"}}"#);
         assert_eq!(error.field, "sweep.candidates");
+    }
+
+    #[test]
+    fn a_long_value_or_key_in_a_spec_is_quoted_cut_to_200_characters() {
+        let long = "z".repeat(100_000);
+        let error = JobSpec::from_json(&format!(r#"{{"data": {{"builtin": "{long}"}}}}"#))
+            .expect_err("an unknown builtin");
+        assert_eq!(error.field, "data.builtin");
+        assert!(
+            error.message.starts_with(&format!(
+                "unknown variant `{}…` (100000 characters), expected",
+                "z".repeat(200)
+            )),
+            "{}",
+            &error.message[..300]
+        );
+        let error = JobSpec::from_json(&format!(r#"{{"data": {{"{long}": 1}}}}"#))
+            .expect_err("an unknown field");
+        assert_eq!(error.field, format!("data.{}…", "z".repeat(195)));
+        assert!(error.message.len() < 2000, "{}", error.message.len());
     }
 
     #[test]
