@@ -408,7 +408,10 @@ impl ServerProcess {
         let address = line
             .trim()
             .strip_prefix("lrtune listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .unwrap_or_else(|| {
+                let log = std::fs::read_to_string(dir.path().join("server.log"));
+                panic!("unexpected first line {line:?}; log:\n{}", log.unwrap_or_default())
+            })
             .to_string();
         ServerProcess {
             child,
