@@ -410,7 +410,10 @@ impl ServerProcess {
             .strip_prefix("lrtune listening on http://")
             .unwrap_or_else(|| {
                 let log = std::fs::read_to_string(dir.path().join("server.log"));
-                panic!("unexpected first line {line:?}; log:\n{}", log.unwrap_or_default())
+                panic!(
+                    "unexpected first line {line:?}; log:\n{}",
+                    log.unwrap_or_default()
+                )
             })
             .to_string();
         ServerProcess {
