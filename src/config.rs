@@ -270,5 +270,18 @@ mod tests {
             Flags::try_parse_from(["lrtune", "--stale-after", "1.5", "--grace", "0"]).unwrap();
         assert_eq!(flags.queue.stale_after, Duration::from_millis(1500));
         assert_eq!(flags.queue.grace, Duration::ZERO);
+        let flags = Flags::try_parse_from([
+            "lrtune",
+            "--max-stored-bytes",
+            "2GiB",
+            "--header-read-timeout",
+            "0.5",
+        ])
+        .unwrap();
+        assert_eq!(flags.api.max_stored_bytes, 2 << 30);
+        assert_eq!(
+            flags.api.connections.header_read_timeout,
+            Duration::from_millis(500)
+        );
     }
 }
