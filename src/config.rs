@@ -30,6 +30,10 @@ pub struct ApiConfig {
     /// When set, every /v1 request needs `Authorization: Bearer <token>`.
     #[arg(long, env = "LRTUNE_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// /metrics needs the API token too (a deployment whose port is reachable by others
+    /// than its Prometheus). Needs --api-token.
+    #[arg(long, env = "LRTUNE_METRICS_TOKEN_REQUIRED")]
+    pub metrics_token_required: bool,
     /// Queued jobs beyond which a submit is refused (429).
     #[arg(long, env = "LRTUNE_MAX_QUEUED", default_value_t = 100)]
     pub max_queued: i64,
@@ -39,6 +43,16 @@ pub struct ApiConfig {
     /// Largest dataset upload in bytes (413 above).
     #[arg(long, env = "LRTUNE_MAX_UPLOAD_BYTES", default_value_t = 64 << 20)]
     pub max_upload_bytes: usize,
+    /// Uploads (datasets, weights) whose bodies are read at the same time; one more is
+    /// answered 503 with Retry-After before its body is read. Each holds its body in memory.
+    #[arg(long, env = "LRTUNE_MAX_CONCURRENT_UPLOADS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_uploads: u32,
+    /// Most bytes all stored datasets and weights may hold together (507 above): bytes or a
+    /// size such as 2GiB. DELETE /v1/datasets/{id} and /v1/weights/{id} make room.
+    #[arg(long, env = "LRTUNE_MAX_STORED_BYTES", default_value = "4GiB",
+          value_parser = admission::parse_bytes)]
+    pub max_stored_bytes: u64,
     /// Most rows (or characters) in an uploaded dataset.
     #[arg(long, env = "LRTUNE_MAX_DATASET_ROWS", default_value_t = 1_000_000)]
     pub max_dataset_rows: usize,
@@ -52,6 +66,37 @@ pub struct ApiConfig {
     /// dashboard without rebuilding: `--static-dir static`).
     #[arg(long, env = "LRTUNE_STATIC_DIR")]
     pub static_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub connections: ConnectionConfig,
+}
+
+/// How the server treats connections, so that slow or idle clients cannot use up its file
+/// descriptors.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionConfig {
+    /// Seconds a client has to send a request's headers, from the connection's start or the
+    /// end of its previous request (an idle keep-alive connection is closed after it too).
+    #[arg(long, env = "LRTUNE_HEADER_READ_TIMEOUT", default_value = "10", value_parser = positive_seconds)]
+    pub header_read_timeout: Duration,
+    /// Seconds a request body may go without sending data before the request fails (408).
+    #[arg(long, env = "LRTUNE_BODY_READ_TIMEOUT", default_value = "30", value_parser = positive_seconds)]
+    pub body_read_timeout: Duration,
+    /// Open connections at most; beyond it a connection still waiting for its first request
+    /// is closed for the new one, or the new one is closed at once. Lowered at start-up to
+    /// stay below the file limit (which is raised to its hard maximum).
+    #[arg(long, env = "LRTUNE_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> ConnectionConfig {
+        ConnectionConfig {
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+        }
+    }
 }
 
 impl Default for ApiConfig {
@@ -59,13 +104,17 @@ impl Default for ApiConfig {
         ApiConfig {
             addr: "127.0.0.1:8080".into(),
             api_token: None,
+            metrics_token_required: false,
             max_queued: 100,
             max_json_bytes: 1 << 20,
             max_upload_bytes: 64 << 20,
+            max_concurrent_uploads: 4,
+            max_stored_bytes: 4 << 30,
             max_dataset_rows: 1_000_000,
             max_dataset_columns: 100_000,
             max_schedule_steps: 100_000,
             static_dir: None,
+            connections: ConnectionConfig::default(),
         }
     }
 }
@@ -191,6 +240,22 @@ mod tests {
         assert_eq!(flags.api.max_dataset_rows, api.max_dataset_rows);
         assert_eq!(flags.api.max_dataset_columns, api.max_dataset_columns);
         assert_eq!(flags.api.max_schedule_steps, api.max_schedule_steps);
+        assert_eq!(flags.api.metrics_token_required, api.metrics_token_required);
+        assert_eq!(flags.api.max_concurrent_uploads, api.max_concurrent_uploads);
+        assert_eq!(flags.api.max_stored_bytes, api.max_stored_bytes);
+        let connections = ConnectionConfig::default();
+        assert_eq!(
+            flags.api.connections.header_read_timeout,
+            connections.header_read_timeout
+        );
+        assert_eq!(
+            flags.api.connections.body_read_timeout,
+            connections.body_read_timeout
+        );
+        assert_eq!(
+            flags.api.connections.max_connections,
+            connections.max_connections
+        );
         let queue = QueueConfig::default();
         assert_eq!(flags.queue.stale_after, queue.stale_after);
         assert_eq!(flags.queue.max_attempts, queue.max_attempts);
@@ -206,6 +271,10 @@ mod tests {
             ("--stale-after=0", "--stale-after"),
             ("--grace=-1", "--grace"),
             ("--max-attempts=0", "--max-attempts"),
+            ("--max-concurrent-uploads=0", "--max-concurrent-uploads"),
+            ("--max-stored-bytes=lots", "--max-stored-bytes"),
+            ("--header-read-timeout=0", "--header-read-timeout"),
+            ("--max-connections=0", "--max-connections"),
         ] {
             let error = Flags::try_parse_from(["lrtune", arg])
                 .err()
@@ -217,5 +286,18 @@ mod tests {
             Flags::try_parse_from(["lrtune", "--stale-after", "1.5", "--grace", "0"]).unwrap();
         assert_eq!(flags.queue.stale_after, Duration::from_millis(1500));
         assert_eq!(flags.queue.grace, Duration::ZERO);
+        let flags = Flags::try_parse_from([
+            "lrtune",
+            "--max-stored-bytes",
+            "2GiB",
+            "--header-read-timeout",
+            "0.5",
+        ])
+        .unwrap();
+        assert_eq!(flags.api.max_stored_bytes, 2 << 30);
+        assert_eq!(
+            flags.api.connections.header_read_timeout,
+            Duration::from_millis(500)
+        );
     }
 }

@@ -78,7 +78,9 @@ impl Telemetry {
         });
     }
 
-    pub fn record_request(&self, method: &str, route: &str, status: u16, seconds: f64) {
+    /// One request. Each label must come from a closed set (see `http::metrics`): every
+    /// distinct value is a series kept for the life of the process.
+    pub fn record_request(&self, method: &'static str, route: &str, status: u16, seconds: f64) {
         let labels = [
             ("method", method.to_string()),
             ("route", route.to_string()),

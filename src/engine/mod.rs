@@ -14,6 +14,7 @@ pub mod model;
 
 pub mod optim;
 pub mod prepare;
+pub mod quote;
 pub mod range_test;
 pub mod rng;
 pub mod schedule;

@@ -915,8 +915,28 @@ pub(crate) mod defaults {
     }
 }
 
-/// The longest job name, in characters.
+/// The longest name of a job or an upload, in characters.
 pub const MAX_NAME_CHARS: usize = 200;
+
+/// The rules for a name a user gives a job, a dataset or weights: at most
+/// [`MAX_NAME_CHARS`] characters and no control characters (a name is shown in logs, lists
+/// and the dashboard). The error is the message, for the caller to attach to its field.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let length = name.chars().count();
+    if length > MAX_NAME_CHARS {
+        return Err(format!(
+            "must be at most {MAX_NAME_CHARS} characters, got {length}"
+        ));
+    }
+    if let Some((position, control)) = name.chars().enumerate().find(|(_, c)| c.is_control()) {
+        return Err(format!(
+            "must not contain control characters, found U+{:04X} at character {}",
+            u32::from(control),
+            position + 1
+        ));
+    }
+    Ok(())
+}
 
 /// Bounds enforced before any work starts, so one request cannot occupy a worker for hours
 /// or exhaust memory. The server makes them configurable.
@@ -1051,13 +1071,7 @@ impl JobSpec {
     /// once, where it enters.
     fn validate(&self, limits: &Limits) -> Result<(), SpecError> {
         if let Some(name) = &self.name {
-            let length = name.chars().count();
-            if length > MAX_NAME_CHARS {
-                return Err(SpecError::new(
-                    "name",
-                    format!("must be at most {MAX_NAME_CHARS} characters, got {length}"),
-                ));
-            }
+            check_name(name).map_err(|message| SpecError::new("name", message))?;
         }
         self.validate_data(limits)?;
         if self.backend == BackendChoice::Native && self.device == DeviceChoice::Cuda {
@@ -1687,10 +1701,14 @@ fn path_error<E: fmt::Display>(error: serde_path_to_error::Error<E>) -> SpecErro
     }
     // serde_json appends " at line 1 column 7"; the field name says more.
     let message = match message.find(" at line ") {
-        Some(position) => message[..position].to_string(),
-        None => message,
+        Some(position) => &message[..position],
+        None => &message,
     };
-    SpecError::new(field, message)
+    // serde quotes the value it was given (`unknown variant `...``) whole.
+    SpecError::new(
+        crate::engine::quote::shortened(&field),
+        crate::engine::quote::bounded(message),
+    )
 }
 
 #[cfg(test)]
@@ -1791,6 +1809,36 @@ mod tests {
         assert_eq!(error.field, "sweep");
         let error = invalid(r#"{"kind": "sweep", "data": {"builtin": "mnist10k"}}"#);
         assert_eq!(error.field, "sweep.candidates");
+    }
+
+    #[test]
+    fn a_long_value_or_key_in_a_spec_is_quoted_cut_to_200_characters() {
+        let long = "z".repeat(100_000);
+        let error = JobSpec::from_json(&format!(r#"{{"data": {{"builtin": "{long}"}}}}"#))
+            .expect_err("an unknown builtin");
+        assert_eq!(error.field, "data.builtin");
+        assert!(
+            error.message.starts_with(&format!(
+                "unknown variant `{}…` (100000 characters), expected",
+                "z".repeat(200)
+            )),
+            "{}",
+            &error.message[..300]
+        );
+        let error = JobSpec::from_json(&format!(r#"{{"data": {{"{long}": 1}}}}"#))
+            .expect_err("an unknown field");
+        assert_eq!(error.field, format!("data.{}…", "z".repeat(195)));
+        assert!(error.message.len() < 2000, "{}", error.message.len());
+    }
+
+    #[test]
+    fn a_name_with_a_control_character_is_rejected_naming_it() {
+        let error = invalid(r#"{"data": {"builtin": "mnist10k"}, "name": "ab\u001b[31m"}"#);
+        assert_eq!(error.field, "name");
+        assert_eq!(
+            error.message,
+            "must not contain control characters, found U+001B at character 3"
+        );
     }
 
     #[test]

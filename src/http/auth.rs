@@ -1,8 +1,10 @@
-//! Bearer-token auth for `/v1`: when a token is configured, every request must carry it.
-//! Both sides are hashed first so the comparison takes the same time whatever the length.
+//! Bearer-token auth for `/v1` (and `/metrics` with `--metrics-token-required`): when a token
+//! is configured, every request must carry it. Both sides are hashed first so the
+//! comparison takes the same time whatever the length.
 
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
+use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
@@ -15,19 +17,24 @@ pub async fn require_token(
     request: Request,
     next: Next,
 ) -> Response {
+    if authorized(&state, request.headers()) {
+        next.run(request).await
+    } else {
+        ApiError::Unauthorized.into_response()
+    }
+}
+
+/// True when no token is configured or the headers carry it.
+pub fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
     let Some(expected) = &state.settings.api_token else {
-        return next.run(request).await;
+        return true;
     };
-    let given = request
-        .headers()
+    headers
         .get(AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        Some(token) if tokens_match(token, expected) => next.run(request).await,
-        _ => ApiError::Unauthorized.into_response(),
-    }
+        .map(str::trim)
+        .is_some_and(|token| tokens_match(token, expected))
 }
 
 fn tokens_match(given: &str, expected: &str) -> bool {

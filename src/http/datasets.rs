@@ -1,7 +1,6 @@
 //! `/v1/datasets`: uploads (CSV and text as the raw body, IDX and NPY pairs as multipart
 //! parts `x` and `y`), parsed completely with the engine's readers before anything is stored.
 
-use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -11,9 +10,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
 
-use super::error::{body_rejection, ApiQuery};
-use super::{ApiError, AppState, ErrorBody};
+use super::error::ApiQuery;
+use super::{uploads, ApiError, AppState, ErrorBody};
 use crate::engine::data::{self, DataError, Task};
+use crate::engine::quote::{quoted, shortened};
 use crate::store::{new_id, DataFormat, DatasetRow, NewDataset};
 
 pub fn router(max_upload_bytes: usize) -> Router<AppState> {
@@ -24,7 +24,7 @@ pub fn router(max_upload_bytes: usize) -> Router<AppState> {
                 .post(upload)
                 .layer(DefaultBodyLimit::max(max_upload_bytes)),
         )
-        .route("/datasets/{id}", get(show))
+        .route("/datasets/{id}", get(show).delete(delete))
 }
 
 #[derive(Deserialize, ToSchema, Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -41,6 +41,7 @@ pub enum UploadTask {
 pub struct UploadQuery {
     /// `csv` or `text` (the raw body), `idx` or `npy` (multipart parts `x` and `y`).
     pub format: DataFormat,
+    /// At most 200 characters, no control characters (as a job's name).
     pub name: Option<String>,
     /// CSV: the target column by name (default: the last column).
     pub target: Option<String>,
@@ -92,25 +93,33 @@ impl From<DatasetRow> for DatasetView {
 
 /// Uploads a dataset. It is parsed completely first; an error names the row and column (CSV)
 /// or the part and position (other formats). A CSV with more columns than
-/// `max_dataset_columns` is refused from its header, before its rows are read.
+/// `max_dataset_columns` is refused from its header, before its rows are read. Before the
+/// body is read: 503 when `max_concurrent_uploads` uploads are in progress, 507 when the
+/// declared length would pass `max_stored_bytes` (checked again as it is stored).
 #[utoipa::path(post, path = "/v1/datasets", tag = "datasets", params(UploadQuery),
     request_body(content = String, description = "CSV or UTF-8 text as the raw body; multipart/form-data with parts x and y for idx and npy",
         content_type = "application/octet-stream"),
     responses((status = 201, body = DatasetView), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 413, body = ErrorBody),
-        (status = 422, body = ErrorBody)))]
+        (status = 401, body = ErrorBody), (status = 408, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 503, body = ErrorBody,
+            description = "Too many uploads in progress (Retry-After), the database is unavailable, or the server is shutting down"),
+        (status = 507, body = ErrorBody,
+            description = "The stored datasets and weights would pass the server's quota")))]
 pub async fn upload(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<UploadQuery>,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let admitted = match uploads::admit(&state, query.name.as_deref(), request.headers()).await {
+        Ok(admitted) => admitted,
+        Err(error) => return Err(uploads::refuse(&state, request, error)),
+    };
     let limit = state.settings.max_upload_bytes;
     let (x, y) = match query.format {
         DataFormat::Csv | DataFormat::Text => {
-            let body = Bytes::from_request(request, &state)
-                .await
-                .map_err(|rejection| body_rejection(rejection, limit))?;
-            (body.to_vec(), None)
+            let body = uploads::read_body(request.into_body(), admitted.declared, limit).await?;
+            (body, None)
         }
         DataFormat::Idx | DataFormat::Npy => {
             let multipart =
@@ -183,7 +192,15 @@ pub async fn upload(
         bytes: bytes as i64,
         created_at: String::new(),
     };
-    let stored = state.store.insert_dataset(NewDataset { row, x, y }).await?;
+    let stored = state
+        .store
+        .insert_dataset(NewDataset { row, x, y }, uploads::quota(&state))
+        .await?;
+    let Some(stored) = stored else {
+        let now = state.store.stored_bytes().await?;
+        return Err(uploads::storage_full(&state, now, bytes));
+    };
+    drop(admitted);
     tracing::info!(dataset = %stored.id, rows = stored.rows, "dataset stored");
     let location = format!("/v1/datasets/{}", stored.id);
     Ok((
@@ -213,15 +230,21 @@ async fn read_parts(
             if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge { limit }
             } else {
-                ApiError::bad_request(format!("reading part {name}: {}", error.body_text()))
+                ApiError::bad_request(format!(
+                    "reading part {}: {}",
+                    quoted(&name),
+                    error.body_text()
+                ))
             }
         })?;
+        // `Vec::from` takes the buffer over, without a copy.
         match name.as_str() {
-            "x" => x = Some(bytes.to_vec()),
-            "y" => y = Some(bytes.to_vec()),
+            "x" => x = Some(Vec::from(bytes)),
+            "y" => y = Some(Vec::from(bytes)),
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "unexpected part {other:?}: give parts x and y"
+                    "unexpected part {}: give parts x and y",
+                    quoted(other)
                 )))
             }
         }
@@ -304,7 +327,7 @@ fn describe_text(x: &[u8]) -> Result<Summary, DataError> {
 
 fn data_error(error: DataError) -> ApiError {
     let field = match &error {
-        DataError::Csv { column, .. } if !column.is_empty() => column.clone(),
+        DataError::Csv { column, .. } if !column.is_empty() => shortened(column).into_owned(),
         DataError::Csv { .. } => "csv".to_string(),
         DataError::Invalid { part, .. } => part.clone(),
     };
@@ -360,6 +383,20 @@ pub async fn show(
         .store
         .get_dataset(&id)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("dataset {id}")))?;
+        .ok_or_else(|| ApiError::NotFound(format!("dataset {}", quoted(&id))))?;
     Ok(Json(row.into()))
+}
+
+/// Deletes a dataset and its bytes, making room under `max_stored_bytes`; refused while a
+/// queued or running job names it (as `data.dataset_id` or `data.validation_dataset_id`).
+#[utoipa::path(delete, path = "/v1/datasets/{id}", tag = "datasets", params(("id" = String, Path)),
+    responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "A queued or running job uses it")))]
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let deletion = state.store.delete_dataset(&id).await?;
+    uploads::deleted(deletion, "dataset", &id)
 }

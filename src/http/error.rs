@@ -14,14 +14,20 @@ use serde::Serialize;
 
 use super::AppState;
 use crate::engine::json::JsonError;
+use crate::engine::quote;
 use crate::engine::SpecError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// The request is malformed: not JSON, a bad query string, a missing part.
+    /// The request is malformed: not JSON, a bad query string, a missing part; `field` names
+    /// the query parameter when one is at fault.
     #[error("{message}")]
-    BadRequest { code: &'static str, message: String },
+    BadRequest {
+        code: &'static str,
+        message: String,
+        field: Option<String>,
+    },
     #[error("a valid `Authorization: Bearer <token>` header is required")]
     Unauthorized,
     #[error("{0} not found")]
@@ -30,6 +36,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("the request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("the request body stopped arriving: send it without pauses")]
+    BodyTimeout,
     /// Well-formed, but a value is invalid or above a limit; `field` names it.
     #[error("{message}")]
     Unprocessable {
@@ -39,6 +47,16 @@ pub enum ApiError {
     },
     #[error("{queued} jobs are already queued (the limit): retry later")]
     QueueFull { queued: i64 },
+    /// Every upload permit is taken; answered before the body is read.
+    #[error("{limit} uploads are already in progress (the limit): retry later")]
+    UploadsBusy { limit: u32 },
+    /// Storing the upload would pass `--max-stored-bytes`.
+    #[error("the server stores {stored} bytes of datasets and weights; {adding} more would pass its quota of {quota} bytes: delete some (DELETE /v1/datasets/{{id}}, DELETE /v1/weights/{{id}})")]
+    StorageFull {
+        stored: u64,
+        adding: u64,
+        quota: u64,
+    },
     /// The database is locked by another process, out of connections, or unusable.
     #[error("the database is unavailable ({}): retry later", .0.reason())]
     Unavailable(StoreError),
@@ -73,12 +91,24 @@ pub struct ErrorDetail {
 pub const RETRY_UNAVAILABLE: u64 = 2;
 pub const RETRY_SHUTTING_DOWN: u64 = 5;
 pub const RETRY_DISK_FULL: u64 = 10;
+/// `Retry-After` of a 503 for an upload refused while the others are read.
+pub const RETRY_UPLOAD: u64 = 1;
 
 impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::BadRequest {
             code: "bad_request",
             message: message.into(),
+            field: None,
+        }
+    }
+
+    /// A query parameter that cannot be served (`limit=0`), named in `field`.
+    pub fn bad_parameter(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+        ApiError::BadRequest {
+            code: "bad_request",
+            message: message.into(),
+            field: Some(field.into()),
         }
     }
 
@@ -106,10 +136,14 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DiskFull(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::StorageFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::Unavailable(_) | ApiError::ShuttingDown | ApiError::UploadsBusy { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -124,6 +158,8 @@ impl ApiError {
             ApiError::DiskFull(_) => Some(RETRY_DISK_FULL),
             ApiError::ShuttingDown => Some(RETRY_SHUTTING_DOWN),
             ApiError::QueueFull { .. } => Some(10),
+            // An upload takes a second or so to read and store.
+            ApiError::UploadsBusy { .. } => Some(RETRY_UPLOAD),
             _ => None,
         }
     }
@@ -135,8 +171,11 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::BodyTimeout => "request_timeout",
             ApiError::Unprocessable { code, .. } => code,
             ApiError::QueueFull { .. } => "queue_full",
+            ApiError::UploadsBusy { .. } => "too_many_uploads",
+            ApiError::StorageFull { .. } => "storage_full",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::DiskFull(_) => "disk_full",
             ApiError::ShuttingDown => "shutting_down",
@@ -182,10 +221,13 @@ impl IntoResponse for ApiError {
                 tracing::error!(%error, "request refused: the database's disk is full");
                 self.to_string()
             }
-            other => other.to_string(),
+            // Whoever wrote the message, a value it quotes is cut to its first characters.
+            other => quote::bounded(&other.to_string()).into_owned(),
         };
         let field = match &self {
-            ApiError::Unprocessable { field, .. } => field.clone(),
+            ApiError::Unprocessable { field, .. } | ApiError::BadRequest { field, .. } => field
+                .as_deref()
+                .map(|field| quote::shortened(field).into_owned()),
             _ => None,
         };
         let body = ErrorBody {
@@ -205,12 +247,13 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The body as bytes, with a too-large body reported as 413 in the API's shape.
+/// The body as bytes, with a too-large body reported as 413 and one that stopped arriving
+/// as 408, in the API's shape.
 pub fn body_rejection(rejection: BytesRejection, limit: usize) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::PayloadTooLarge { limit }
     } else {
-        ApiError::bad_request(format!("could not read the request body: {rejection}"))
+        super::uploads::body_error(&rejection)
     }
 }
 
@@ -235,6 +278,7 @@ impl FromRequest<AppState> for ApiJson {
                     JsonError::Syntax(_) => ApiError::BadRequest {
                         code: "invalid_json",
                         message: format!("the body is not valid JSON: {message}"),
+                        field: None,
                     },
                     JsonError::DuplicateKey { field, .. } => ApiError::Unprocessable {
                         code: "duplicate_key",

@@ -1,7 +1,8 @@
 //! `/healthz` (the database can serve: on SQLite read the file and take the write lock, on
 //! PostgreSQL answer a read and take writes) and `/metrics` (Prometheus text, with the jobs
-//! counted in the store); both stay open when a token is set. A worker process with
-//! `--metrics-addr` serves the same two routes.
+//! counted in the store). `/healthz` stays open when a token is set, for load balancers;
+//! `/metrics` too unless `--metrics-token-required`. A worker process with `--metrics-addr`
+//! serves the same two routes.
 
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use super::error::{RETRY_SHUTTING_DOWN, RETRY_UNAVAILABLE};
-use super::{ApiError, AppState, Phase};
+use super::{ApiError, AppState, ErrorBody, Phase};
 use crate::store::Store;
 use crate::telemetry::Telemetry;
 
@@ -109,10 +110,19 @@ pub async fn check(store: &Store) -> HealthResponse {
     )
 }
 
-/// Prometheus metrics in the text exposition format.
+/// Prometheus metrics in the text exposition format. With `--metrics-token-required`, only
+/// for a request with the API token.
 #[utoipa::path(get, path = "/metrics", tag = "service",
-    responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
-pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    responses((status = 200, description = "Prometheus text", content_type = "text/plain"),
+        (status = 401, body = ErrorBody,
+            description = "The server requires the token for /metrics and the request lacks it")))]
+pub async fn metrics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    if state.settings.metrics_token_required && !super::auth::authorized(&state, &headers) {
+        return Err(ApiError::Unauthorized);
+    }
     render_metrics(&state.store, &state.telemetry).await
 }
 

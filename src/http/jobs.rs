@@ -13,6 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{ApiJson, ApiQuery};
 use super::{ApiError, AppState, ErrorBody};
 use crate::engine::admission::{admit_job, check_initial_weights};
+use crate::engine::quote::quoted;
 use crate::engine::spec::{JobKind, WeightsSource};
 use crate::engine::ValidSpec;
 use crate::store::{
@@ -156,7 +157,10 @@ async fn check_data(state: &AppState, spec: &ValidSpec) -> Result<(), ApiError> 
             Some(state.store.get_weights(id).await?.ok_or_else(|| {
                 ApiError::invalid(
                     "init.weights.id",
-                    format!("no weights {id}: upload them with POST /v1/weights"),
+                    format!(
+                        "no weights {}: upload them with POST /v1/weights",
+                        quoted(id)
+                    ),
                 )
             })?)
         }
@@ -178,7 +182,10 @@ async fn check_data(state: &AppState, spec: &ValidSpec) -> Result<(), ApiError> 
         let dataset = state.store.get_dataset(id).await?.ok_or_else(|| {
             ApiError::invalid(
                 field,
-                format!("no dataset {id}: upload it with POST /v1/datasets"),
+                format!(
+                    "no dataset {}: upload it with POST /v1/datasets",
+                    quoted(id)
+                ),
             )
         })?;
         let wants_text = spec.model.context().is_some();
@@ -264,7 +271,7 @@ pub(super) async fn find(state: &AppState, id: &str) -> Result<JobRow, ApiError>
         .store
         .get_job(id)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("job {id}")))
+        .ok_or_else(|| ApiError::NotFound(format!("job {}", quoted(id))))
 }
 
 /// A job: spec, status, progress, timings, attempts, error and result.

@@ -3,6 +3,7 @@
 //! and the static files.
 
 mod auth;
+pub mod connections;
 mod datasets;
 mod drain;
 mod error;
@@ -15,6 +16,7 @@ mod paging;
 pub mod startup;
 mod static_files;
 mod tools;
+mod uploads;
 mod weights;
 
 use std::sync::Arc;
@@ -22,8 +24,9 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, Request};
 use axum::Router;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use drain::Phase;
@@ -41,6 +44,8 @@ pub struct AppState {
     pub settings: Arc<ApiConfig>,
     pub limits: Arc<Limits>,
     pub telemetry: Arc<Telemetry>,
+    /// One permit per upload body being read and held (`--max-concurrent-uploads`).
+    pub uploads: Arc<Semaphore>,
     /// Serving, draining after SIGTERM, or drained: new requests are refused while draining,
     /// open event streams end once the workers have stopped.
     pub phase: watch::Receiver<Phase>,
@@ -64,15 +69,19 @@ pub fn router(state: AppState) -> Router {
         .nest("/v1", v1)
         .merge(health::router())
         .merge(openapi::router())
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            metrics::track,
-        ))
         .merge(static_files::router())
+        .route_layer(axum::middleware::from_fn(metrics::note_route))
         .layer(DefaultBodyLimit::max(state.settings.max_json_bytes))
+        .layer(RequestBodyTimeoutLayer::new(
+            state.settings.connections.body_read_timeout,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             drain::refuse_while_draining,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
         ))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {

@@ -16,8 +16,8 @@ use super::{datasets, error, events, health, jobs, tools, weights, AppState};
     info(title = "lrtune", description = "Finds the learning rate before you train: LR range tests and OneCycle sweeps."),
     paths(
         jobs::submit, jobs::list, jobs::show, jobs::curve, events::events, jobs::cancel,
-        datasets::upload, datasets::list, datasets::show,
-        weights::upload, weights::list, weights::show,
+        datasets::upload, datasets::list, datasets::show, datasets::delete,
+        weights::upload, weights::list, weights::show, weights::delete,
         tools::analyze, tools::schedules,
         health::healthz, health::metrics,
     ),

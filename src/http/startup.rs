@@ -3,7 +3,7 @@
 //! and the workers, with an optional metrics listener), each run until a shutdown signal and
 //! then drained.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +15,10 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::connections::{self, ConnectionLimits};
 use super::drain::{self, Phase};
 use super::{health, router, AppState};
-use crate::config::{ApiConfig, QueueConfig};
+use crate::config::{ApiConfig, ConnectionConfig, QueueConfig};
 use crate::engine::Limits;
 use crate::store::{DatabaseUrl, Store};
 use crate::telemetry::Telemetry;
@@ -75,8 +76,27 @@ async fn open_store(db: &DatabaseUrl) -> anyhow::Result<Store> {
         .with_context(|| format!("opening the database {db}"))
 }
 
+/// The file limit raised to its hard maximum, and the connections allowed below it.
+fn connection_limits(config: &ConnectionConfig) -> ConnectionLimits {
+    let file_limit = connections::raise_file_limit();
+    let configured = usize::try_from(config.max_connections).unwrap_or(usize::MAX);
+    let max_connections = connections::connection_cap(configured, file_limit);
+    if max_connections < configured {
+        tracing::info!(
+            max_connections,
+            file_limit,
+            "connections capped below the file limit"
+        );
+    }
+    ConnectionLimits {
+        header_read_timeout: config.header_read_timeout,
+        max_connections,
+    }
+}
+
 pub struct Application {
     listener: TcpListener,
+    connections: ConnectionLimits,
     address: SocketAddr,
     state: AppState,
     workers: WorkerPool,
@@ -95,6 +115,17 @@ impl Application {
         settings: Settings,
         runner: Arc<dyn JobRunner>,
     ) -> anyhow::Result<Application> {
+        if settings.api.metrics_token_required
+            && settings
+                .api
+                .api_token
+                .as_deref()
+                .unwrap_or_default()
+                .is_empty()
+        {
+            anyhow::bail!("--metrics-token-required needs a token: set --api-token");
+        }
+        let connections = connection_limits(&settings.api.connections);
         let store = open_store(&settings.db).await?;
         let listener = TcpListener::bind(&settings.api.addr)
             .await
@@ -116,8 +147,12 @@ impl Application {
         let (phase, phases) = watch::channel(Phase::Serving);
         let mut api = settings.api;
         api.api_token = api.api_token.filter(|token| !token.is_empty());
+        let uploads = Arc::new(tokio::sync::Semaphore::new(
+            api.max_concurrent_uploads as usize,
+        ));
         let state = AppState {
             store,
+            uploads,
             settings: Arc::new(api),
             limits: Arc::new(settings.limits),
             telemetry,
@@ -125,6 +160,7 @@ impl Application {
         };
         Ok(Application {
             listener,
+            connections,
             address,
             state,
             workers,
@@ -154,11 +190,12 @@ impl Application {
     ) -> anyhow::Result<()> {
         let app = router(self.state.clone());
         let workers_stopped = drain::reached(self.state.phase.clone(), Phase::WorkersStopped);
-        let mut server = tokio::spawn(
-            axum::serve(self.listener, app)
-                .with_graceful_shutdown(workers_stopped)
-                .into_future(),
-        );
+        let mut server = tokio::spawn(connections::serve(
+            self.listener,
+            app,
+            self.connections,
+            workers_stopped,
+        ));
         shutdown.await;
         tracing::info!("shutting down: new requests get 503 and no new jobs are claimed");
         self.phase.send_replace(Phase::Draining);
@@ -166,7 +203,7 @@ impl Application {
         tracing::info!("workers stopped: closing the open connections");
         self.phase.send_replace(Phase::WorkersStopped);
         match tokio::time::timeout(CLOSE_CONNECTIONS_WITHIN, &mut server).await {
-            Ok(served) => served.context("the server task")??,
+            Ok(served) => served.context("the server task")?,
             Err(_) => {
                 tracing::warn!("connections still open after the drain: closing them");
                 server.abort();
@@ -268,13 +305,14 @@ impl WorkerProcess {
                     telemetry: self.telemetry.clone(),
                 });
             let mut stop = stop.clone();
-            tokio::spawn(
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|stopped| *stopped).await;
-                    })
-                    .into_future(),
-            )
+            tokio::spawn(connections::serve(
+                listener,
+                app,
+                connection_limits(&ConnectionConfig::default()),
+                async move {
+                    let _ = stop.wait_for(|stopped| *stopped).await;
+                },
+            ))
         });
         shutdown.await;
         tracing::info!("shutting down: no new jobs are claimed");
@@ -282,7 +320,7 @@ impl WorkerProcess {
         let _ = stopped.send(true);
         if let Some(server) = server {
             match tokio::time::timeout(CLOSE_CONNECTIONS_WITHIN, server).await {
-                Ok(served) => served.context("the metrics server task")??,
+                Ok(served) => served.context("the metrics server task")?,
                 Err(_) => tracing::warn!("metrics connections still open: closing them"),
             }
         }

@@ -2,8 +2,7 @@
 //! raw body) and parsed completely with the engine's reader before anything is stored. A job
 //! names them with `init.weights.id`.
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -12,9 +11,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
 
-use super::error::{body_rejection, ApiQuery};
-use super::{ApiError, AppState, ErrorBody};
+use super::error::ApiQuery;
+use super::{uploads, ApiError, AppState, ErrorBody};
 use crate::engine::model::layers::read_safetensors;
+use crate::engine::quote::quoted;
 use crate::store::{new_id, NewWeights, TensorShape, WeightsRow};
 
 pub fn router(max_upload_bytes: usize) -> Router<AppState> {
@@ -25,12 +25,13 @@ pub fn router(max_upload_bytes: usize) -> Router<AppState> {
                 .post(upload)
                 .layer(DefaultBodyLimit::max(max_upload_bytes)),
         )
-        .route("/weights/{id}", get(show))
+        .route("/weights/{id}", get(show).delete(delete))
 }
 
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct WeightsUploadQuery {
+    /// At most 200 characters, no control characters (as a job's name).
     pub name: Option<String>,
 }
 
@@ -77,22 +78,30 @@ impl From<WeightsRow> for WeightsView {
 
 /// Uploads initial weights: the `state_dict()` of the equivalent `torch.nn.Sequential`,
 /// saved with safetensors. The file is read completely first; whether its tensors fit a
-/// model is checked when a job names them.
+/// model is checked when a job names them. Before the body is read: 503 when
+/// `max_concurrent_uploads` uploads are in progress, 507 when the declared length would pass
+/// `max_stored_bytes` (checked again as it is stored).
 #[utoipa::path(post, path = "/v1/weights", tag = "weights", params(WeightsUploadQuery),
     request_body(content = String, description = "A safetensors file as the raw body",
         content_type = "application/octet-stream"),
     responses((status = 201, body = WeightsView), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 413, body = ErrorBody),
-        (status = 422, body = ErrorBody)))]
+        (status = 401, body = ErrorBody), (status = 408, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 503, body = ErrorBody,
+            description = "Too many uploads in progress (Retry-After), the database is unavailable, or the server is shutting down"),
+        (status = 507, body = ErrorBody,
+            description = "The stored datasets and weights would pass the server's quota")))]
 pub async fn upload(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<WeightsUploadQuery>,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let admitted = match uploads::admit(&state, query.name.as_deref(), request.headers()).await {
+        Ok(admitted) => admitted,
+        Err(error) => return Err(uploads::refuse(&state, request, error)),
+    };
     let limit = state.settings.max_upload_bytes;
-    let body = Bytes::from_request(request, &state)
-        .await
-        .map_err(|rejection| body_rejection(rejection, limit))?;
+    let body = uploads::read_body(request.into_body(), admitted.declared, limit).await?;
     if body.is_empty() {
         return Err(ApiError::invalid("body", "the weights file is empty"));
     }
@@ -112,13 +121,16 @@ pub async fn upload(
         shapes,
         created_at: String::new(),
     };
+    let bytes = body.len();
     let stored = state
         .store
-        .insert_weights(NewWeights {
-            row,
-            data: body.to_vec(),
-        })
+        .insert_weights(NewWeights { row, data: body }, uploads::quota(&state))
         .await?;
+    let Some(stored) = stored else {
+        let now = state.store.stored_bytes().await?;
+        return Err(uploads::storage_full(&state, now, bytes));
+    };
+    drop(admitted);
     tracing::info!(weights = %stored.id, tensors = stored.tensors, "weights stored");
     let location = format!("/v1/weights/{}", stored.id);
     Ok((
@@ -199,6 +211,20 @@ pub async fn show(
         .store
         .get_weights(&id)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("weights {id}")))?;
+        .ok_or_else(|| ApiError::NotFound(format!("weights {}", quoted(&id))))?;
     Ok(Json(row.into()))
+}
+
+/// Deletes uploaded weights, making room under `max_stored_bytes`; refused while a queued or
+/// running job starts from them (`init.weights.id`).
+#[utoipa::path(delete, path = "/v1/weights/{id}", tag = "weights", params(("id" = String, Path)),
+    responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "A queued or running job uses them")))]
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let deletion = state.store.delete_weights(&id).await?;
+    uploads::deleted(deletion, "weights", &id)
 }

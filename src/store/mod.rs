@@ -220,6 +220,16 @@ fn without_password(url: &str) -> String {
     }
 }
 
+/// What a delete of an upload (a dataset, weights) did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deletion {
+    Deleted,
+    NotFound,
+    /// Kept: these queued or running jobs (the first ten) name it. Empty when they finished
+    /// between the delete and the look that found them.
+    InUse(Vec<String>),
+}
+
 /// What another process (or this one) changed, for whoever waits on it: idle workers wait
 /// for `Queued`, a worker running a job for its `CancelRequested`, event streams for `Job`.
 /// `Unknown` says that changes may have been missed (a lost connection, a slow reader):
@@ -500,8 +510,24 @@ impl Store {
         dispatch!(self, store => store.race_points(job_id, from_position).await)
     }
 
-    pub async fn insert_dataset(&self, dataset: NewDataset) -> Result<DatasetRow, StoreError> {
-        dispatch!(self, store => store.insert_dataset(dataset).await)
+    /// Stores a dataset unless the stored datasets and weights would then hold more than
+    /// `max_stored_bytes` (then `None`); concurrent uploads cannot overshoot it together.
+    pub async fn insert_dataset(
+        &self,
+        dataset: NewDataset,
+        max_stored_bytes: i64,
+    ) -> Result<Option<DatasetRow>, StoreError> {
+        dispatch!(self, store => store.insert_dataset(dataset, max_stored_bytes).await)
+    }
+
+    /// Deletes a dataset no queued or running job names.
+    pub async fn delete_dataset(&self, id: &str) -> Result<Deletion, StoreError> {
+        dispatch!(self, store => store.delete_dataset(id).await)
+    }
+
+    /// The bytes of every stored dataset and weights file: what `--max-stored-bytes` bounds.
+    pub async fn stored_bytes(&self) -> Result<i64, StoreError> {
+        dispatch!(self, store => store.stored_bytes().await)
     }
 
     pub async fn get_dataset(&self, id: &str) -> Result<Option<DatasetRow>, StoreError> {
@@ -521,8 +547,18 @@ impl Store {
         dispatch!(self, store => store.list_datasets(limit, before).await)
     }
 
-    pub async fn insert_weights(&self, weights: NewWeights) -> Result<WeightsRow, StoreError> {
-        dispatch!(self, store => store.insert_weights(weights).await)
+    /// Stores weights within `max_stored_bytes`, as `insert_dataset`.
+    pub async fn insert_weights(
+        &self,
+        weights: NewWeights,
+        max_stored_bytes: i64,
+    ) -> Result<Option<WeightsRow>, StoreError> {
+        dispatch!(self, store => store.insert_weights(weights, max_stored_bytes).await)
+    }
+
+    /// Deletes weights no queued or running job starts from.
+    pub async fn delete_weights(&self, id: &str) -> Result<Deletion, StoreError> {
+        dispatch!(self, store => store.delete_weights(id).await)
     }
 
     pub async fn get_weights(&self, id: &str) -> Result<Option<WeightsRow>, StoreError> {

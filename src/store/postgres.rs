@@ -20,9 +20,9 @@ use super::dataset::{shape_json, DatasetRecord, StoredRecord};
 use super::job::JobRecord;
 use super::weights::{shapes_json, StoredWeightsRecord, WeightsRecord};
 use super::{
-    Attempt, Change, DatasetRow, FinalState, JobRow, ListFilter, Listed, NewDataset, NewJob,
-    NewWeights, PointRow, ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset,
-    StoredWeights, SweepRunRow, WeightsRow,
+    Attempt, Change, DatasetRow, Deletion, FinalState, JobRow, ListFilter, Listed, NewDataset,
+    NewJob, NewWeights, PointRow, ProgressUpdate, RacePointRow, ReapOutcome, StoreError,
+    StoredDataset, StoredWeights, SweepRunRow, WeightsRow,
 };
 
 /// The NOTIFY channel every process listens on.
@@ -31,6 +31,36 @@ const CHANNEL: &str = "lrtune";
 /// The advisory lock that makes "count the queued jobs, then insert" one step across
 /// connections (an arbitrary constant: "lrtune" in ASCII).
 const SUBMIT_LOCK: i64 = 0x6c72_7475_6e65;
+
+/// The advisory lock that makes "sum the stored bytes, then insert" one step across
+/// connections ("upload" in ASCII).
+const UPLOAD_LOCK: i64 = 0x7570_6c6f_6164;
+
+/// The bytes of every stored dataset and weights file, the sum the quota bounds.
+macro_rules! stored_bytes {
+    () => {
+        "((SELECT coalesce(sum(bytes), 0) FROM dataset)
+          + (SELECT coalesce(sum(bytes), 0) FROM weights))::bigint"
+    };
+}
+
+/// The ids of the queued and running jobs whose spec names the dataset `$1` (as training or
+/// validation data). Specs are JSON text.
+macro_rules! jobs_using_dataset {
+    () => {
+        "SELECT id FROM job WHERE status IN ('queued', 'running')
+             AND (spec::jsonb -> 'data' ->> 'dataset_id' = $1
+                  OR spec::jsonb -> 'data' ->> 'validation_dataset_id' = $1)"
+    };
+}
+
+/// The ids of the queued and running jobs whose spec starts from the weights `$1`.
+macro_rules! jobs_using_weights {
+    () => {
+        "SELECT id FROM job WHERE status IN ('queued', 'running')
+             AND spec::jsonb #>> '{init,weights,id}' = $1"
+    };
+}
 
 /// How long a request waits for a free pooled connection (or a new one to the server).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -448,19 +478,30 @@ impl PgStore {
         .await?)
     }
 
+    /// Uploads take turns on an advisory lock, so that each one's sum of the stored bytes
+    /// sees the others' inserts and together they cannot overshoot the quota.
     pub(super) async fn insert_dataset(
         &self,
         dataset: NewDataset,
-    ) -> Result<DatasetRow, StoreError> {
+        max_stored_bytes: i64,
+    ) -> Result<Option<DatasetRow>, StoreError> {
         let row = dataset.row;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(UPLOAD_LOCK)
+            .execute(&mut *tx)
+            .await?;
         let sql = concat!(
             "INSERT INTO dataset (id, name, format, target, rows, features, sample_shape,
                  classes, vocabulary, task, sha256, bytes, x, y, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, now())
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, now()
+             WHERE ",
+            stored_bytes!(),
+            " + $12 <= $15
              RETURNING ",
             dataset_columns!()
         );
-        let record: DatasetRecord = sqlx::query_as(sql)
+        let record: Option<DatasetRecord> = sqlx::query_as(sql)
             .bind(&row.id)
             .bind(&row.name)
             .bind(row.format.as_str())
@@ -475,9 +516,11 @@ impl PgStore {
             .bind(row.bytes)
             .bind(dataset.x)
             .bind(dataset.y)
-            .fetch_one(&self.pool)
+            .bind(max_stored_bytes)
+            .fetch_optional(&mut *tx)
             .await?;
-        record.try_into()
+        tx.commit().await?;
+        record.map(DatasetRow::try_from).transpose()
     }
 
     pub(super) async fn get_dataset(&self, id: &str) -> Result<Option<DatasetRow>, StoreError> {
@@ -507,18 +550,28 @@ impl PgStore {
         self.page::<DatasetRecord, _>(sql, limit, before).await
     }
 
+    /// Within the quota, taking turns with the other uploads as `insert_dataset` does.
     pub(super) async fn insert_weights(
         &self,
         weights: NewWeights,
-    ) -> Result<WeightsRow, StoreError> {
+        max_stored_bytes: i64,
+    ) -> Result<Option<WeightsRow>, StoreError> {
         let row = weights.row;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(UPLOAD_LOCK)
+            .execute(&mut *tx)
+            .await?;
         let sql = concat!(
             "INSERT INTO weights (id, name, bytes, sha256, tensors, shapes, data, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+             SELECT $1, $2, $3, $4, $5, $6, $7, now()
+             WHERE ",
+            stored_bytes!(),
+            " + $3 <= $8
              RETURNING ",
             weights_columns!()
         );
-        let record: WeightsRecord = sqlx::query_as(sql)
+        let record: Option<WeightsRecord> = sqlx::query_as(sql)
             .bind(&row.id)
             .bind(&row.name)
             .bind(row.bytes)
@@ -526,9 +579,11 @@ impl PgStore {
             .bind(row.tensors)
             .bind(shapes_json(&row.shapes)?)
             .bind(weights.data)
-            .fetch_one(&self.pool)
+            .bind(max_stored_bytes)
+            .fetch_optional(&mut *tx)
             .await?;
-        record.try_into()
+        tx.commit().await?;
+        record.map(WeightsRow::try_from).transpose()
     }
 
     pub(super) async fn get_weights(&self, id: &str) -> Result<Option<WeightsRow>, StoreError> {
@@ -559,6 +614,70 @@ impl PgStore {
     }
 
     /// The row `sql` selects by the id it binds, read as `R` and converted.
+    pub(super) async fn stored_bytes(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(concat!("SELECT ", stored_bytes!()))
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Deletes the dataset unless a queued or running job names it, in one statement.
+    pub(super) async fn delete_dataset(&self, id: &str) -> Result<Deletion, StoreError> {
+        self.delete_unused(
+            concat!(
+                "DELETE FROM dataset WHERE id = $1 AND NOT EXISTS (",
+                jobs_using_dataset!(),
+                ")"
+            ),
+            "SELECT seq FROM dataset WHERE id = $1",
+            concat!(jobs_using_dataset!(), " ORDER BY seq LIMIT 10"),
+            id,
+        )
+        .await
+    }
+
+    /// Deletes the weights unless a queued or running job names them, in one statement.
+    pub(super) async fn delete_weights(&self, id: &str) -> Result<Deletion, StoreError> {
+        self.delete_unused(
+            concat!(
+                "DELETE FROM weights WHERE id = $1 AND NOT EXISTS (",
+                jobs_using_weights!(),
+                ")"
+            ),
+            "SELECT seq FROM weights WHERE id = $1",
+            concat!(jobs_using_weights!(), " ORDER BY seq LIMIT 10"),
+            id,
+        )
+        .await
+    }
+
+    /// Runs `delete` (which deletes the row `$1` unless a job uses it); when it deleted
+    /// nothing, tells a missing row (`exists` finds none) from one in use (`users` lists the
+    /// jobs, none if they finished meanwhile).
+    async fn delete_unused(
+        &self,
+        delete: &'static str,
+        exists: &'static str,
+        users: &'static str,
+        id: &str,
+    ) -> Result<Deletion, StoreError> {
+        let deleted = sqlx::query(delete).bind(id).execute(&self.pool).await?;
+        if deleted.rows_affected() == 1 {
+            return Ok(Deletion::Deleted);
+        }
+        let found: Option<i64> = sqlx::query_scalar(exists)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        if found.is_none() {
+            return Ok(Deletion::NotFound);
+        }
+        let jobs = sqlx::query_scalar(users)
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(Deletion::InUse(jobs))
+    }
+
     async fn find<R, T>(&self, sql: &'static str, id: &str) -> Result<Option<T>, StoreError>
     where
         R: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,

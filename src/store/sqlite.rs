@@ -21,9 +21,9 @@ use super::dataset::{shape_json, DatasetRecord, StoredRecord};
 use super::job::JobRecord;
 use super::weights::{shapes_json, StoredWeightsRecord, WeightsRecord};
 use super::{
-    Attempt, DatasetRow, FinalState, JobRow, ListFilter, Listed, NewDataset, NewJob, NewWeights,
-    PointRow, ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset, StoredWeights,
-    SweepRunRow, WeightsRow,
+    Attempt, DatasetRow, Deletion, FinalState, JobRow, ListFilter, Listed, NewDataset, NewJob,
+    NewWeights, PointRow, ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset,
+    StoredWeights, SweepRunRow, WeightsRow,
 };
 
 /// The current time as SQLite writes it: UTC ISO 8601 with milliseconds. A macro so that
@@ -38,6 +38,32 @@ macro_rules! now {
 macro_rules! lease_end {
     () => {
         "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)"
+    };
+}
+
+/// The bytes of every stored dataset and weights file, the sum the quota bounds.
+macro_rules! stored_bytes {
+    () => {
+        "((SELECT coalesce(sum(bytes), 0) FROM dataset)
+          + (SELECT coalesce(sum(bytes), 0) FROM weights))"
+    };
+}
+
+/// The ids of the queued and running jobs whose spec names the dataset `?1` (as training or
+/// validation data).
+macro_rules! jobs_using_dataset {
+    () => {
+        "SELECT id FROM job WHERE status IN ('queued', 'running')
+             AND (json_extract(spec, '$.data.dataset_id') = ?1
+                  OR json_extract(spec, '$.data.validation_dataset_id') = ?1)"
+    };
+}
+
+/// The ids of the queued and running jobs whose spec starts from the weights `?1`.
+macro_rules! jobs_using_weights {
+    () => {
+        "SELECT id FROM job WHERE status IN ('queued', 'running')
+             AND json_extract(spec, '$.init.weights.id') = ?1"
     };
 }
 
@@ -630,19 +656,30 @@ impl SqliteStore {
         .await?)
     }
 
+    /// The quota's sum and the insert in one transaction that holds the write lock from its
+    /// start, so concurrent uploads cannot overshoot the quota. (Not one `INSERT ... SELECT
+    /// ... WHERE sum < quota` statement: reading the table it inserts into, SQLite would
+    /// stage the row, bytes and all, in a temporary table first.) Only the description comes
+    /// back, not the bytes, which `RETURNING *` would copy out again.
     pub(super) async fn insert_dataset(
         &self,
         dataset: NewDataset,
-    ) -> Result<DatasetRow, StoreError> {
+        max_stored_bytes: i64,
+    ) -> Result<Option<DatasetRow>, StoreError> {
         let row = dataset.row;
+        let mut tx = WriteTx::begin(self).await?;
+        if !within_quota(tx.conn(), row.bytes, max_stored_bytes).await? {
+            tx.rollback().await?;
+            return Ok(None);
+        }
         let sql = concat!(
             "INSERT INTO dataset (id, name, format, target, rows, features, sample_shape,
                  classes, vocabulary, task, sha256, bytes, x, y, created_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ",
             now!(),
-            ") RETURNING *"
+            ") RETURNING id, name, format, target, rows, features, sample_shape, classes,
+                 vocabulary, task, sha256, bytes, created_at"
         );
-        let mut tx = WriteTx::begin(self).await?;
         let record: DatasetRecord = sqlx::query_as(sql)
             .bind(&row.id)
             .bind(&row.name)
@@ -661,7 +698,7 @@ impl SqliteStore {
             .fetch_one(tx.conn())
             .await?;
         tx.commit().await?;
-        record.try_into()
+        record.try_into().map(Some)
     }
 
     pub(super) async fn get_dataset(&self, id: &str) -> Result<Option<DatasetRow>, StoreError> {
@@ -694,18 +731,24 @@ impl SqliteStore {
         .await
     }
 
+    /// Within the quota, as `insert_dataset`.
     pub(super) async fn insert_weights(
         &self,
         weights: NewWeights,
-    ) -> Result<WeightsRow, StoreError> {
+        max_stored_bytes: i64,
+    ) -> Result<Option<WeightsRow>, StoreError> {
         let row = weights.row;
+        let mut tx = WriteTx::begin(self).await?;
+        if !within_quota(tx.conn(), row.bytes, max_stored_bytes).await? {
+            tx.rollback().await?;
+            return Ok(None);
+        }
         let sql = concat!(
             "INSERT INTO weights (id, name, bytes, sha256, tensors, shapes, data, created_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ",
             now!(),
             ") RETURNING id, name, bytes, sha256, tensors, shapes, created_at"
         );
-        let mut tx = WriteTx::begin(self).await?;
         let record: WeightsRecord = sqlx::query_as(sql)
             .bind(&row.id)
             .bind(&row.name)
@@ -717,7 +760,7 @@ impl SqliteStore {
             .fetch_one(tx.conn())
             .await?;
         tx.commit().await?;
-        record.try_into()
+        record.try_into().map(Some)
     }
 
     pub(super) async fn get_weights(&self, id: &str) -> Result<Option<WeightsRow>, StoreError> {
@@ -750,6 +793,72 @@ impl SqliteStore {
             before,
         )
         .await
+    }
+
+    pub(super) async fn stored_bytes(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(concat!("SELECT ", stored_bytes!()))
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Deletes the dataset unless a queued or running job names it, in one statement.
+    pub(super) async fn delete_dataset(&self, id: &str) -> Result<Deletion, StoreError> {
+        self.delete_unused(
+            concat!(
+                "DELETE FROM dataset WHERE id = ?1 AND NOT EXISTS (",
+                jobs_using_dataset!(),
+                ")"
+            ),
+            "SELECT seq FROM dataset WHERE id = ?1",
+            concat!(jobs_using_dataset!(), " ORDER BY seq LIMIT 10"),
+            id,
+        )
+        .await
+    }
+
+    /// Deletes the weights unless a queued or running job names them, in one statement.
+    pub(super) async fn delete_weights(&self, id: &str) -> Result<Deletion, StoreError> {
+        self.delete_unused(
+            concat!(
+                "DELETE FROM weights WHERE id = ?1 AND NOT EXISTS (",
+                jobs_using_weights!(),
+                ")"
+            ),
+            "SELECT seq FROM weights WHERE id = ?1",
+            concat!(jobs_using_weights!(), " ORDER BY seq LIMIT 10"),
+            id,
+        )
+        .await
+    }
+
+    /// Runs `delete` (which deletes the row `?1` unless a job uses it); when it deleted
+    /// nothing, tells a missing row (`exists` finds none) from one in use (`users` lists the
+    /// jobs, none if they finished meanwhile).
+    async fn delete_unused(
+        &self,
+        delete: &'static str,
+        exists: &'static str,
+        users: &'static str,
+        id: &str,
+    ) -> Result<Deletion, StoreError> {
+        let mut tx = WriteTx::begin(self).await?;
+        let deleted = sqlx::query(delete).bind(id).execute(tx.conn()).await?;
+        tx.commit().await?;
+        if deleted.rows_affected() == 1 {
+            return Ok(Deletion::Deleted);
+        }
+        let found: Option<i64> = sqlx::query_scalar(exists)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        if found.is_none() {
+            return Ok(Deletion::NotFound);
+        }
+        let jobs = sqlx::query_scalar(users)
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(Deletion::InUse(jobs))
     }
 
     /// The row `sql` selects by the id it binds, read as `R` and converted.
@@ -851,6 +960,19 @@ async fn insert_outputs(
         .await?;
     }
     Ok(())
+}
+
+/// Whether `adding` bytes more fit under the quota, read in the transaction that will add
+/// them.
+async fn within_quota(
+    connection: &mut SqliteConnection,
+    adding: i64,
+    max_stored_bytes: i64,
+) -> Result<bool, StoreError> {
+    let stored: i64 = sqlx::query_scalar(concat!("SELECT ", stored_bytes!()))
+        .fetch_one(&mut *connection)
+        .await?;
+    Ok(stored.saturating_add(adding) <= max_stored_bytes)
 }
 
 async fn delete_outputs(connection: &mut SqliteConnection, job_id: &str) -> Result<(), StoreError> {

@@ -117,6 +117,9 @@ store_suite!(
     datasets_keep_their_bytes_and_page_newest_first,
     kinds_formats_and_tasks_read_back_as_written_and_an_unknown_one_is_a_corrupt_row,
     weights_keep_their_bytes_and_tensor_shapes_and_page_newest_first,
+    an_upload_beyond_the_stored_bytes_quota_is_refused_until_a_delete_makes_room,
+    concurrent_uploads_from_two_processes_never_overshoot_the_quota,
+    an_upload_named_by_a_queued_or_running_job_is_kept_and_deleted_once_the_job_ends,
     changes_are_announced_to_the_process_that_made_them,
     health_is_ok_and_names_the_backend,
 );
@@ -203,6 +206,9 @@ fn race_update(positions: impl IntoIterator<Item = i64>) -> ProgressUpdate {
 }
 
 const LEASE: Duration = Duration::from_secs(60);
+
+/// A quota no test reaches.
+const NO_QUOTA: i64 = i64::MAX;
 
 async fn claim(store: &Store, worker: &str) -> JobRow {
     store
@@ -760,13 +766,17 @@ async fn datasets_keep_their_bytes_and_page_newest_first(db: &TestDb) {
             created_at: String::new(),
         };
         let inserted = store
-            .insert_dataset(NewDataset {
-                row: row.clone(),
-                x: bytes.clone(),
-                y: Some(vec![index as u8; 10]),
-            })
+            .insert_dataset(
+                NewDataset {
+                    row: row.clone(),
+                    x: bytes.clone(),
+                    y: Some(vec![index as u8; 10]),
+                },
+                NO_QUOTA,
+            )
             .await
-            .unwrap();
+            .unwrap()
+            .expect("stored");
         assert_eq!(
             DatasetRow {
                 created_at: String::new(),
@@ -847,7 +857,11 @@ async fn kinds_formats_and_tasks_read_back_as_written_and_an_unknown_one_is_a_co
         .into_iter()
         .zip(Task::ALL.into_iter().cycle())
     {
-        let inserted = store.insert_dataset(dataset(format, task)).await.unwrap();
+        let inserted = store
+            .insert_dataset(dataset(format, task), NO_QUOTA)
+            .await
+            .unwrap()
+            .expect("stored");
         let loaded = store.load_dataset(&inserted.id).await.unwrap().unwrap();
         assert_eq!((loaded.row.format, loaded.row.task), (format, task));
     }
@@ -869,9 +883,10 @@ async fn kinds_formats_and_tasks_read_back_as_written_and_an_unknown_one_is_a_co
         .is_err());
 
     let id = store
-        .insert_dataset(dataset(DataFormat::Csv, Task::Regression))
+        .insert_dataset(dataset(DataFormat::Csv, Task::Regression), NO_QUOTA)
         .await
         .unwrap()
+        .expect("stored")
         .id;
     // The format column has a CHECK constraint on both backends (dataset.rs tests its
     // conversion); the task has none.
@@ -909,12 +924,16 @@ async fn weights_keep_their_bytes_and_tensor_shapes_and_page_newest_first(db: &T
             created_at: String::new(),
         };
         let inserted = store
-            .insert_weights(NewWeights {
-                row: row.clone(),
-                data: data.clone(),
-            })
+            .insert_weights(
+                NewWeights {
+                    row: row.clone(),
+                    data: data.clone(),
+                },
+                NO_QUOTA,
+            )
             .await
-            .unwrap();
+            .unwrap()
+            .expect("stored");
         assert_eq!(
             WeightsRow {
                 created_at: String::new(),
@@ -952,6 +971,199 @@ async fn weights_keep_their_bytes_and_tensor_shapes_and_page_newest_first(db: &T
     let rest = store.list_weights(2, Some(page[1].0)).await.unwrap();
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].1, stored[0]);
+}
+
+/// Weights of `bytes` bytes (as the quota counts them; the data is a few bytes).
+fn weights(bytes: i64) -> NewWeights {
+    NewWeights {
+        row: WeightsRow {
+            id: new_id("weights"),
+            name: None,
+            bytes,
+            sha256: "ef".repeat(32),
+            tensors: 1,
+            shapes: vec![TensorShape {
+                name: "0.weight".into(),
+                shape: vec![2],
+            }],
+            created_at: String::new(),
+        },
+        data: vec![0; 8],
+    }
+}
+
+/// A dataset of `bytes` bytes as the quota counts them.
+fn dataset_of(bytes: i64) -> NewDataset {
+    let mut dataset = dataset(DataFormat::Csv, Task::Regression);
+    dataset.row.bytes = bytes;
+    dataset
+}
+
+async fn an_upload_beyond_the_stored_bytes_quota_is_refused_until_a_delete_makes_room(db: &TestDb) {
+    let store = db.open().await;
+    assert_eq!(store.stored_bytes().await.unwrap(), 0);
+    let first = store
+        .insert_dataset(dataset_of(100), 250)
+        .await
+        .unwrap()
+        .expect("within the quota");
+    store
+        .insert_weights(weights(100), 250)
+        .await
+        .unwrap()
+        .expect("within the quota");
+    assert_eq!(store.stored_bytes().await.unwrap(), 200);
+    assert_eq!(
+        store.insert_dataset(dataset_of(51), 250).await.unwrap(),
+        None
+    );
+    assert_eq!(store.insert_weights(weights(51), 250).await.unwrap(), None);
+    assert_eq!(store.stored_bytes().await.unwrap(), 200);
+    let exactly = store
+        .insert_weights(weights(50), 250)
+        .await
+        .unwrap()
+        .expect("up to the quota itself");
+    assert_eq!(store.stored_bytes().await.unwrap(), 250);
+
+    assert_eq!(
+        store.delete_dataset(&first.id).await.unwrap(),
+        Deletion::Deleted
+    );
+    assert_eq!(
+        store.delete_weights(&exactly.id).await.unwrap(),
+        Deletion::Deleted
+    );
+    assert_eq!(store.stored_bytes().await.unwrap(), 100);
+    assert!(store.get_dataset(&first.id).await.unwrap().is_none());
+    assert!(store.load_weights(&exactly.id).await.unwrap().is_none());
+    store
+        .insert_dataset(dataset_of(150), 250)
+        .await
+        .unwrap()
+        .expect("room again after the deletes");
+    assert_eq!(
+        store.delete_dataset(&first.id).await.unwrap(),
+        Deletion::NotFound
+    );
+    assert_eq!(
+        store.delete_weights("weights_missing").await.unwrap(),
+        Deletion::NotFound
+    );
+}
+
+async fn concurrent_uploads_from_two_processes_never_overshoot_the_quota(db: &TestDb) {
+    let one = db.open().await;
+    let other = db.open().await;
+    let mut tasks = Vec::new();
+    for upload in 0..10 {
+        let store = if upload % 2 == 0 {
+            one.clone()
+        } else {
+            other.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let stored = if upload % 3 == 0 {
+                    store
+                        .insert_weights(weights(100), 450)
+                        .await
+                        .map(|w| w.is_some())
+                } else {
+                    store
+                        .insert_dataset(dataset_of(100), 450)
+                        .await
+                        .map(|d| d.is_some())
+                };
+                match stored {
+                    Ok(stored) => return stored,
+                    // SQLite: two processes' writers may meet the busy timeout; try again.
+                    Err(error) if error.is_unavailable() => continue,
+                    Err(error) => panic!("{error}"),
+                }
+            }
+        }));
+    }
+    let mut stored = 0;
+    for task in tasks {
+        stored += usize::from(task.await.unwrap());
+    }
+    assert_eq!(stored, 4);
+    assert_eq!(one.stored_bytes().await.unwrap(), 400);
+}
+
+async fn an_upload_named_by_a_queued_or_running_job_is_kept_and_deleted_once_the_job_ends(
+    db: &TestDb,
+) {
+    let store = db.open().await;
+    let train = store
+        .insert_dataset(dataset_of(10), NO_QUOTA)
+        .await
+        .unwrap()
+        .unwrap();
+    let validation = store
+        .insert_dataset(dataset_of(10), NO_QUOTA)
+        .await
+        .unwrap()
+        .unwrap();
+    let init = store
+        .insert_weights(weights(10), NO_QUOTA)
+        .await
+        .unwrap()
+        .unwrap();
+    let unused = store
+        .insert_weights(weights(10), NO_QUOTA)
+        .await
+        .unwrap()
+        .unwrap();
+    let spec = serde_json::json!({
+        "data": {"dataset_id": train.id, "validation_dataset_id": validation.id},
+        "init": {"weights": {"id": init.id}},
+    });
+    let job = store
+        .insert_job(
+            NewJob {
+                spec: spec.to_string(),
+                ..new_job("uses uploads")
+            },
+            100,
+        )
+        .await
+        .unwrap()
+        .expect("queued");
+    let in_use = Deletion::InUse(vec![job.id.clone()]);
+    assert_eq!(store.delete_dataset(&train.id).await.unwrap(), in_use);
+    assert_eq!(store.delete_dataset(&validation.id).await.unwrap(), in_use);
+    assert_eq!(store.delete_weights(&init.id).await.unwrap(), in_use);
+    assert_eq!(
+        store.delete_weights(&unused.id).await.unwrap(),
+        Deletion::Deleted
+    );
+
+    let running = claim(&store, "w@h").await;
+    assert_eq!(store.delete_dataset(&train.id).await.unwrap(), in_use);
+    assert_eq!(store.delete_weights(&init.id).await.unwrap(), in_use);
+    assert!(store
+        .finish_attempt(
+            &running.attempt(),
+            &FinalState::Canceled,
+            &ProgressUpdate::default()
+        )
+        .await
+        .unwrap());
+    assert_eq!(
+        store.delete_dataset(&train.id).await.unwrap(),
+        Deletion::Deleted
+    );
+    assert_eq!(
+        store.delete_dataset(&validation.id).await.unwrap(),
+        Deletion::Deleted
+    );
+    assert_eq!(
+        store.delete_weights(&init.id).await.unwrap(),
+        Deletion::Deleted
+    );
+    assert_eq!(store.stored_bytes().await.unwrap(), 0);
 }
 
 async fn changes_are_announced_to_the_process_that_made_them(db: &TestDb) {

@@ -403,3 +403,96 @@ pub fn named(name: &str) -> Value {
     spec["name"] = json!(name);
     spec
 }
+
+/// The real `lrtune serve` binary on a free loopback port with a fresh SQLite file, under the
+/// resource limits given as `prlimit` options (`--nofile=256`); killed when dropped.
+pub struct ServerProcess {
+    child: std::process::Child,
+    pub address: String,
+    dir: TempDir,
+}
+
+impl ServerProcess {
+    pub fn start(limits: &[&str], args: &[&str]) -> ServerProcess {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut command = if limits.is_empty() {
+            Command::new(env!("CARGO_BIN_EXE_lrtune"))
+        } else {
+            let mut command = Command::new("prlimit");
+            command
+                .args(limits)
+                .arg("--")
+                .arg(env!("CARGO_BIN_EXE_lrtune"));
+            command
+        };
+        let mut child = command
+            .args(["serve", "--addr", "127.0.0.1:0", "--workers", "0"])
+            .args(args)
+            .arg("--db")
+            .arg(dir.path().join("lrtune.db"))
+            .env_remove("LRTUNE_API_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.path().join("server.log")).expect("a log file"))
+            .spawn()
+            .expect("lrtune serve starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("the server prints its address");
+        let address = line
+            .trim()
+            .strip_prefix("lrtune listening on http://")
+            .unwrap_or_else(|| {
+                let log = std::fs::read_to_string(dir.path().join("server.log"));
+                panic!(
+                    "unexpected first line {line:?}; log:\n{}",
+                    log.unwrap_or_default()
+                )
+            })
+            .to_string();
+        ServerProcess {
+            child,
+            address,
+            dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A line of the process's /proc status (`VmHWM`, `VmRSS`), in kB.
+    pub fn status_kb(&self, key: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the server is alive");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {status}"))
+    }
+
+    /// What the server wrote to its standard error.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Whether the process is still running (it has not aborted).
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("the child's status").is_none()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

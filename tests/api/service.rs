@@ -354,3 +354,33 @@ async fn an_unknown_v1_route_is_a_404_in_the_error_shape() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_error(&body, "not_found");
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_deletes_and_every_refusal_of_an_upload() {
+    let app = spawn_app().await;
+    let (_, doc) = json_of(app.get("/openapi.json").await).await;
+    for path in ["/v1/datasets/{id}", "/v1/weights/{id}"] {
+        let responses = doc["paths"][path]["delete"]["responses"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no DELETE {path}"));
+        for status in ["204", "404", "409", "503"] {
+            assert!(responses.contains_key(status), "DELETE {path}: no {status}");
+        }
+    }
+    for path in ["/v1/datasets", "/v1/weights"] {
+        let responses = &doc["paths"][path]["post"]["responses"];
+        for status in ["201", "408", "413", "422", "503", "507"] {
+            assert!(responses[status].is_object(), "POST {path}: no {status}");
+        }
+        assert!(
+            responses["503"]["headers"]["Retry-After"].is_object(),
+            "POST {path}: {}",
+            responses["503"]
+        );
+        assert_eq!(
+            responses["507"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/ErrorBody"
+        );
+    }
+    assert!(doc["paths"]["/metrics"]["get"]["responses"]["401"].is_object());
+}

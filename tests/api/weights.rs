@@ -303,3 +303,60 @@ async fn unknown_weights_are_a_404_and_a_job_naming_them_is_a_422() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(assert_error(&body, "invalid_spec")["field"], "init.weights");
 }
+
+#[tokio::test]
+async fn weights_a_queued_or_running_job_starts_from_cannot_be_deleted_until_it_ends() {
+    let (app, release) = spawn_gated_app().await;
+    let (status, weights) = json_of(app.post_raw("/v1/weights", golden_weights()).await).await;
+    assert_eq!(status, StatusCode::CREATED, "{weights}");
+    let id = weights["id"].as_str().unwrap();
+    let case = golden_case();
+    let (train, _) = golden_csvs(&case);
+    let (status, dataset) = json_of(
+        app.post_raw("/v1/datasets?format=csv&target=label", train)
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{dataset}");
+    let spec = json!({
+        "kind": "range_test",
+        "data": {"dataset_id": dataset["id"]},
+        "normalize": "none",
+        "model": {"arch": "sequential", "layers": case["layers"]},
+        "init": {"weights": {"id": id}},
+        "batch_size": 10,
+        "range_test": {"steps": 20}
+    });
+    let job = app.submit(&spec).await;
+    let delete = || async {
+        let response = app
+            .client
+            .delete(format!("{}/v1/weights/{id}", app.address))
+            .send()
+            .await
+            .unwrap();
+        json_of(response).await
+    };
+    let (status, refused) = delete().await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert_eq!(
+        assert_error(&refused, "conflict")["message"],
+        format!(
+            "weights {id} is used by queued or running jobs ({job}): cancel them or wait until \
+             they end"
+        )
+    );
+    release.store(true, std::sync::atomic::Ordering::SeqCst);
+    let finished = app.wait_until_finished(&job).await;
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    let (status, body) = delete().await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (status, body) = json_of(app.get(&format!("/v1/weights/{id}")).await).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = delete().await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(
+        assert_error(&body, "not_found")["message"],
+        format!("weights \"{id}\" not found")
+    );
+}

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 
 use super::{number_label, targets_from_values, DataError, Dataset, Features, Task};
+use crate::engine::quote::quoted;
 
 /// Columns quoted in a message that lists them; the rest are counted, so that a header of
 /// 100,000 names does not become a megabyte of error message.
@@ -91,8 +92,8 @@ impl<'a> CsvFile<'a> {
             return Err(DataError::invalid(
                 "csv",
                 format!(
-                    "only one column (\"{}\"); at least one feature column and a target column are needed",
-                    columns[0]
+                    "only one column ({}); at least one feature column and a target column are needed",
+                    quoted(&columns[0])
                 ),
             ));
         }
@@ -101,7 +102,7 @@ impl<'a> CsvFile<'a> {
         if let Some(duplicate) = columns.iter().find(|name| !seen.insert(name.as_str())) {
             return Err(DataError::invalid(
                 "csv",
-                format!("the header names column \"{duplicate}\" twice"),
+                format!("the header names column {} twice", quoted(duplicate)),
             ));
         }
         let target_index = match target {
@@ -113,7 +114,8 @@ impl<'a> CsvFile<'a> {
                     DataError::invalid(
                         "csv",
                         format!(
-                            "no column named \"{name}\"; the columns are {}",
+                            "no column named {}; the columns are {}",
+                            quoted(name),
                             listed(&columns)
                         ),
                     )
@@ -195,7 +197,7 @@ fn listed(columns: &[String]) -> String {
     let mut text = columns
         .iter()
         .take(LISTED_COLUMNS)
-        .map(|name| format!("\"{name}\""))
+        .map(|name| quoted(name).to_string())
         .collect::<Vec<_>>()
         .join(", ");
     if columns.len() > LISTED_COLUMNS {
@@ -214,12 +216,12 @@ fn parse_cell(cell: &str) -> Result<f64, String> {
     }
     let value: f64 = cell
         .parse()
-        .map_err(|_| format!("\"{cell}\" is not a number"))?;
+        .map_err(|_| format!("{} is not a number", quoted(cell)))?;
     if !value.is_finite() {
-        return Err(format!("\"{cell}\" is not a finite number"));
+        return Err(format!("{} is not a finite number", quoted(cell)));
     }
     if !(value as f32).is_finite() {
-        return Err(format!("\"{cell}\" is too large for a 32-bit float"));
+        return Err(format!("{} is too large for a 32-bit float", quoted(cell)));
     }
     Ok(value)
 }

@@ -114,7 +114,7 @@ fn column_label(column: &str) -> String {
     if column.is_empty() {
         String::new()
     } else {
-        format!(", column \"{column}\"")
+        format!(", column {}", crate::engine::quote::quoted(column))
     }
 }
 

@@ -3,6 +3,7 @@
 //! parser for the few Python literals it holds.
 
 use super::{number_label, targets_from_values, DataError, Dataset, Features, Targets, Task};
+use crate::engine::quote::quoted;
 
 const NPY_MAGIC: &[u8] = b"\x93NUMPY";
 
@@ -188,7 +189,10 @@ impl Dtype {
             _ => {
                 return Err(DataError::invalid(
                     part,
-                    format!("unsupported dtype '{descr}'; use float32/64, (u)int8-64 or bool"),
+                    format!(
+                        "unsupported dtype {}; use float32/64, (u)int8-64 or bool",
+                        quoted(descr)
+                    ),
                 ))
             }
         };
@@ -197,7 +201,10 @@ impl Dtype {
         if !little_endian {
             return Err(DataError::invalid(
                 part,
-                format!("dtype '{descr}' is not little-endian; save with a '<' dtype"),
+                format!(
+                    "dtype {} is not little-endian; save with a '<' dtype",
+                    quoted(descr)
+                ),
             ));
         }
         Ok(dtype)
@@ -457,7 +464,7 @@ impl<'a> HeaderParser<'a> {
         let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
         let value = rest[..digits]
             .parse()
-            .map_err(|_| format!("the number {} is too large", &rest[..digits]))?;
+            .map_err(|_| format!("the number {} is too large", quoted(&rest[..digits])))?;
         self.position += digits;
         // Python 2 wrote long integers with an L suffix.
         if self.rest().starts_with('L') {
@@ -477,7 +484,7 @@ impl<'a> HeaderParser<'a> {
             "True" => Ok(PyValue::Bool(true)),
             "False" => Ok(PyValue::Bool(false)),
             "" => Err(format!("unexpected character at byte {}", self.position)),
-            word => Err(format!("unexpected '{word}'")),
+            word => Err(format!("unexpected {}", quoted(word))),
         }
     }
 }
@@ -685,9 +692,9 @@ mod tests {
         let big_endian = npy(1, ">f4", "(2,)", &[0; 8]);
         assert!(error_text(&big_endian, &y, None).contains("not little-endian"));
         let accented = npy(1, "é4", "(2,)", &[0; 8]);
-        assert!(error_text(&accented, &y, None).contains("unsupported dtype 'é4'"));
+        assert!(error_text(&accented, &y, None).contains("unsupported dtype \"é4\""));
         let complex = npy(1, "<c8", "(2,)", &[0; 16]);
-        assert!(error_text(&complex, &y, None).contains("unsupported dtype '<c8'"));
+        assert!(error_text(&complex, &y, None).contains("unsupported dtype \"<c8\""));
         let short = npy(1, "<f4", "(2,)", &[0; 7]);
         assert_eq!(
             error_text(&short, &y, None),
