@@ -276,7 +276,7 @@ fn describe(
     max_columns: usize,
 ) -> Result<Summary, ApiError> {
     let y = y.unwrap_or_default();
-    let dataset = match format {
+    let info = match format {
         DataFormat::Csv => {
             // Counted before the header is read: the reader keeps an entry per cell.
             let columns = data::CsvFile::header_width(x);
@@ -288,13 +288,14 @@ fn describe(
                     ),
                 ));
             }
-            data::CsvFile::open(x).and_then(|file| file.read(target, task))
+            // Checked without keeping the features: the body stays the one copy held.
+            data::CsvFile::open(x).and_then(|file| file.check(target, task))
         }
-        DataFormat::Idx => data::read_idx(x, y),
-        DataFormat::Npy => data::read_npy(x, y, task),
+        DataFormat::Idx => data::read_idx(x, y).map(|dataset| dataset.info()),
+        DataFormat::Npy => data::read_npy(x, y, task).map(|dataset| dataset.info()),
         DataFormat::Text => return describe_text(x).map_err(data_error),
     };
-    let info = dataset.map_err(data_error)?.info();
+    let info = info.map_err(data_error)?;
     Ok(Summary {
         rows: info.rows,
         features: info.features,

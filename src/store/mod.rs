@@ -10,6 +10,7 @@
 
 mod dataset;
 mod job;
+mod parts;
 mod postgres;
 pub mod scratch;
 mod sqlite;

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 
 use super::dataset::{shape_json, DatasetRecord, StoredRecord};
 use super::job::JobRecord;
+use super::parts;
 use super::weights::{shapes_json, StoredWeightsRecord, WeightsRecord};
 use super::{
     Attempt, Change, DatasetRow, Deletion, FinalState, JobRow, ListFilter, Listed, NewDataset,
@@ -514,11 +515,28 @@ impl PgStore {
             .bind(row.task.as_str())
             .bind(&row.sha256)
             .bind(row.bytes)
-            .bind(dataset.x)
-            .bind(dataset.y)
+            .bind(Vec::<u8>::new())
+            .bind(parts::inline_placeholder(dataset.y.as_ref()))
             .bind(max_stored_bytes)
             .fetch_optional(&mut *tx)
             .await?;
+        if record.is_some() {
+            let named_parts = [("x", Some(&dataset.x)), ("y", dataset.y.as_ref())];
+            for (name, bytes) in named_parts {
+                for (position, part) in parts::split(bytes.map_or(&[][..], Vec::as_slice)) {
+                    sqlx::query(
+                        "INSERT INTO dataset_part (dataset_id, part, position, bytes)
+                         VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(&row.id)
+                    .bind(name)
+                    .bind(position)
+                    .bind(part)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
         tx.commit().await?;
         record.map(DatasetRow::try_from).transpose()
     }
@@ -534,7 +552,28 @@ impl PgStore {
             dataset_columns!(),
             ", x, y FROM dataset WHERE id = $1"
         );
-        self.find::<StoredRecord, _>(sql, id).await
+        let found: Option<StoredDataset> = self.find::<StoredRecord, _>(sql, id).await?;
+        let Some(mut dataset) = found else {
+            return Ok(None);
+        };
+        let capacity = usize::try_from(dataset.row.bytes).unwrap_or(0);
+        let part_sql = "SELECT bytes FROM dataset_part
+                        WHERE dataset_id = $1 AND part = $2 ORDER BY position";
+        let x = std::mem::take(&mut dataset.x);
+        let x_parts = sqlx::query_scalar(part_sql)
+            .bind(id)
+            .bind("x")
+            .fetch(&self.pool);
+        dataset.x = parts::gather(x, x_parts, capacity).await?;
+        if let Some(y) = dataset.y.take() {
+            let y_parts = sqlx::query_scalar(part_sql)
+                .bind(id)
+                .bind("y")
+                .fetch(&self.pool);
+            let left = capacity.saturating_sub(dataset.x.len());
+            dataset.y = Some(parts::gather(y, y_parts, left).await?);
+        }
+        Ok(Some(dataset))
     }
 
     pub(super) async fn list_datasets(
@@ -578,10 +617,22 @@ impl PgStore {
             .bind(&row.sha256)
             .bind(row.tensors)
             .bind(shapes_json(&row.shapes)?)
-            .bind(weights.data)
+            .bind(Vec::<u8>::new())
             .bind(max_stored_bytes)
             .fetch_optional(&mut *tx)
             .await?;
+        if record.is_some() {
+            for (position, part) in parts::split(&weights.data) {
+                sqlx::query(
+                    "INSERT INTO weights_part (weights_id, position, bytes) VALUES ($1, $2, $3)",
+                )
+                .bind(&row.id)
+                .bind(position)
+                .bind(part)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
         tx.commit().await?;
         record.map(WeightsRow::try_from).transpose()
     }
@@ -597,7 +648,19 @@ impl PgStore {
             weights_columns!(),
             ", data FROM weights WHERE id = $1"
         );
-        self.find::<StoredWeightsRecord, _>(sql, id).await
+        let found: Option<StoredWeights> = self.find::<StoredWeightsRecord, _>(sql, id).await?;
+        let Some(mut weights) = found else {
+            return Ok(None);
+        };
+        let data = std::mem::take(&mut weights.data);
+        let data_parts = sqlx::query_scalar(
+            "SELECT bytes FROM weights_part WHERE weights_id = $1 ORDER BY position",
+        )
+        .bind(id)
+        .fetch(&self.pool);
+        let capacity = usize::try_from(weights.row.bytes).unwrap_or(0);
+        weights.data = parts::gather(data, data_parts, capacity).await?;
+        Ok(Some(weights))
     }
 
     pub(super) async fn list_weights(

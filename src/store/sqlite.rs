@@ -19,6 +19,7 @@ use sqlx::{ConnectOptions, Connection, Sqlite, SqlitePool};
 
 use super::dataset::{shape_json, DatasetRecord, StoredRecord};
 use super::job::JobRecord;
+use super::parts;
 use super::weights::{shapes_json, StoredWeightsRecord, WeightsRecord};
 use super::{
     Attempt, DatasetRow, Deletion, FinalState, JobRow, ListFilter, Listed, NewDataset, NewJob,
@@ -693,10 +694,25 @@ impl SqliteStore {
             .bind(row.task.as_str())
             .bind(&row.sha256)
             .bind(row.bytes)
-            .bind(dataset.x)
-            .bind(dataset.y)
+            .bind(Vec::<u8>::new())
+            .bind(parts::inline_placeholder(dataset.y.as_ref()))
             .fetch_one(tx.conn())
             .await?;
+        let named_parts = [("x", Some(&dataset.x)), ("y", dataset.y.as_ref())];
+        for (name, bytes) in named_parts {
+            for (position, part) in parts::split(bytes.map_or(&[][..], Vec::as_slice)) {
+                sqlx::query(
+                    "INSERT INTO dataset_part (dataset_id, part, position, bytes)
+                     VALUES (?, ?, ?, ?)",
+                )
+                .bind(&row.id)
+                .bind(name)
+                .bind(position)
+                .bind(part)
+                .execute(tx.conn())
+                .await?;
+            }
+        }
         tx.commit().await?;
         record.try_into().map(Some)
     }
@@ -712,8 +728,30 @@ impl SqliteStore {
     }
 
     pub(super) async fn load_dataset(&self, id: &str) -> Result<Option<StoredDataset>, StoreError> {
-        self.find::<StoredRecord, _>("SELECT * FROM dataset WHERE id = ?", id)
-            .await
+        let found: Option<StoredDataset> = self
+            .find::<StoredRecord, _>("SELECT * FROM dataset WHERE id = ?", id)
+            .await?;
+        let Some(mut dataset) = found else {
+            return Ok(None);
+        };
+        let capacity = usize::try_from(dataset.row.bytes).unwrap_or(0);
+        let part_sql = "SELECT bytes FROM dataset_part
+                        WHERE dataset_id = ? AND part = ? ORDER BY position";
+        let x = std::mem::take(&mut dataset.x);
+        let x_parts = sqlx::query_scalar(part_sql)
+            .bind(id)
+            .bind("x")
+            .fetch(&self.pool);
+        dataset.x = parts::gather(x, x_parts, capacity).await?;
+        if let Some(y) = dataset.y.take() {
+            let y_parts = sqlx::query_scalar(part_sql)
+                .bind(id)
+                .bind("y")
+                .fetch(&self.pool);
+            let left = capacity.saturating_sub(dataset.x.len());
+            dataset.y = Some(parts::gather(y, y_parts, left).await?);
+        }
+        Ok(Some(dataset))
     }
 
     pub(super) async fn list_datasets(
@@ -756,9 +794,17 @@ impl SqliteStore {
             .bind(&row.sha256)
             .bind(row.tensors)
             .bind(shapes_json(&row.shapes)?)
-            .bind(weights.data)
+            .bind(Vec::<u8>::new())
             .fetch_one(tx.conn())
             .await?;
+        for (position, part) in parts::split(&weights.data) {
+            sqlx::query("INSERT INTO weights_part (weights_id, position, bytes) VALUES (?, ?, ?)")
+                .bind(&row.id)
+                .bind(position)
+                .bind(part)
+                .execute(tx.conn())
+                .await?;
+        }
         tx.commit().await?;
         record.try_into().map(Some)
     }
@@ -773,12 +819,25 @@ impl SqliteStore {
     }
 
     pub(super) async fn load_weights(&self, id: &str) -> Result<Option<StoredWeights>, StoreError> {
-        self.find::<StoredWeightsRecord, _>(
-            "SELECT id, name, bytes, sha256, tensors, shapes, data, created_at
-             FROM weights WHERE id = ?",
-            id,
+        let found: Option<StoredWeights> = self
+            .find::<StoredWeightsRecord, _>(
+                "SELECT id, name, bytes, sha256, tensors, shapes, data, created_at
+                 FROM weights WHERE id = ?",
+                id,
+            )
+            .await?;
+        let Some(mut weights) = found else {
+            return Ok(None);
+        };
+        let data = std::mem::take(&mut weights.data);
+        let data_parts = sqlx::query_scalar(
+            "SELECT bytes FROM weights_part WHERE weights_id = ? ORDER BY position",
         )
-        .await
+        .bind(id)
+        .fetch(&self.pool);
+        let capacity = usize::try_from(weights.row.bytes).unwrap_or(0);
+        weights.data = parts::gather(data, data_parts, capacity).await?;
+        Ok(Some(weights))
     }
 
     pub(super) async fn list_weights(

@@ -37,6 +37,39 @@ impl TestDb {
         })
     }
 
+    /// The one integer `sql` selects, read behind the store's back.
+    async fn count(&self, sql: &str) -> i64 {
+        use sqlx::{ConnectOptions, Connection};
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        match &self.url {
+            DatabaseUrl::Postgres(url) => {
+                let mut connection = sqlx::PgConnection::connect(url).await.unwrap();
+                sqlx::query_scalar(sql)
+                    .fetch_one(&mut connection)
+                    .await
+                    .unwrap()
+            }
+            DatabaseUrl::SqlitePath(path) => {
+                let mut connection = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(path)
+                    .connect()
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sql)
+                    .fetch_one(&mut connection)
+                    .await
+                    .unwrap()
+            }
+            DatabaseUrl::SqliteUrl(url) => {
+                let mut connection = sqlx::SqliteConnection::connect(url).await.unwrap();
+                sqlx::query_scalar(sql)
+                    .fetch_one(&mut connection)
+                    .await
+                    .unwrap()
+            }
+        }
+    }
+
     /// Runs `sql` on the database behind the store's back, as a damaged file or another
     /// version of lrtune could have written it (the tests' own SQL, with ids they made).
     async fn tamper(&self, sql: &str) {
@@ -117,6 +150,7 @@ store_suite!(
     datasets_keep_their_bytes_and_page_newest_first,
     kinds_formats_and_tasks_read_back_as_written_and_an_unknown_one_is_a_corrupt_row,
     weights_keep_their_bytes_and_tensor_shapes_and_page_newest_first,
+    uploads_larger_than_a_part_read_back_whole_and_rows_stored_inline_still_read,
     an_upload_beyond_the_stored_bytes_quota_is_refused_until_a_delete_makes_room,
     concurrent_uploads_from_two_processes_never_overshoot_the_quota,
     an_upload_named_by_a_queued_or_running_job_is_kept_and_deleted_once_the_job_ends,
@@ -971,6 +1005,90 @@ async fn weights_keep_their_bytes_and_tensor_shapes_and_page_newest_first(db: &T
     let rest = store.list_weights(2, Some(page[1].0)).await.unwrap();
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].1, stored[0]);
+}
+
+async fn uploads_larger_than_a_part_read_back_whole_and_rows_stored_inline_still_read(db: &TestDb) {
+    let store = db.open().await;
+    // Two and a half parts of x, a part and a bit of y, two parts and a byte of weights.
+    let x: Vec<u8> = (0..5 << 19).map(|i| (i * 7 % 256) as u8).collect();
+    let y: Vec<u8> = (0..1_200_000).map(|i| (i % 13) as u8).collect();
+    let mut new = dataset(DataFormat::Idx, Task::Classification);
+    new.x = x.clone();
+    new.y = Some(y.clone());
+    new.row.bytes = (x.len() + y.len()) as i64;
+    let stored = store.insert_dataset(new, NO_QUOTA).await.unwrap().unwrap();
+    let loaded = store.load_dataset(&stored.id).await.unwrap().unwrap();
+    assert_eq!(loaded.x, x);
+    assert_eq!(loaded.y, Some(y));
+    let csv = store
+        .insert_dataset(dataset(DataFormat::Csv, Task::Regression), NO_QUOTA)
+        .await
+        .unwrap()
+        .unwrap();
+    let loaded = store.load_dataset(&csv.id).await.unwrap().unwrap();
+    assert_eq!(loaded.x, dataset(DataFormat::Csv, Task::Regression).x);
+    assert_eq!(loaded.y, None, "no y stays no y");
+
+    let data: Vec<u8> = (0..(2 << 20) + 1).map(|i| (i % 251) as u8).collect();
+    let mut new = weights(data.len() as i64);
+    new.data = data.clone();
+    let stored_weights = store.insert_weights(new, NO_QUOTA).await.unwrap().unwrap();
+    let loaded = store
+        .load_weights(&stored_weights.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(loaded.data, data);
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM weights_part WHERE weights_id = '{}'",
+            stored_weights.id
+        ))
+        .await,
+        3
+    );
+
+    // Rows an older lrtune wrote hold their bytes inline.
+    let blob = match db.url {
+        DatabaseUrl::Postgres(_) => "'\\x010203'::bytea",
+        _ => "X'010203'",
+    };
+    db.tamper(&format!(
+        "INSERT INTO weights (id, name, bytes, sha256, tensors, shapes, data, created_at)
+         VALUES ('weights_inline', NULL, 3, 'ab', 1, '[{{\"name\":\"0.bias\",\"shape\":[3]}}]',
+                 {blob}, '2026-01-01T00:00:00.000Z')"
+    ))
+    .await;
+    let loaded = store.load_weights("weights_inline").await.unwrap().unwrap();
+    assert_eq!(loaded.data, [1, 2, 3]);
+    db.tamper(&format!(
+        "INSERT INTO dataset (id, name, format, target, rows, features, sample_shape, classes,
+             vocabulary, task, sha256, bytes, x, y, created_at)
+         VALUES ('ds_inline', NULL, 'idx', NULL, 1, 3, '[3]', 2, NULL, 'classification',
+                 'ab', 4, {blob}, {blob}, '2026-01-01T00:00:00.000Z')"
+    ))
+    .await;
+    let loaded = store.load_dataset("ds_inline").await.unwrap().unwrap();
+    assert_eq!((loaded.x, loaded.y), (vec![1, 2, 3], Some(vec![1, 2, 3])));
+
+    // Deleting an upload deletes its parts.
+    assert!(matches!(
+        store.delete_weights(&stored_weights.id).await.unwrap(),
+        Deletion::Deleted
+    ));
+    assert!(matches!(
+        store.delete_dataset(&stored.id).await.unwrap(),
+        Deletion::Deleted
+    ));
+    assert_eq!(db.count("SELECT count(*) FROM weights_part").await, 0);
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM dataset_part WHERE dataset_id = '{}'",
+            stored.id
+        ))
+        .await,
+        0
+    );
 }
 
 /// Weights of `bytes` bytes (as the quota counts them; the data is a few bytes).
