@@ -1,7 +1,7 @@
 //! A job's rows and their meaning, the same on every backend: the status and the allowed
 //! changes between statuses ([`can_transition`]), the attempt that fences a worker's writes,
 //! progress with its new curve points and sweep runs, and how an attempt ends. The SQL that
-//! reads and writes them is in `sqlite.rs` and `postgres.rs`.
+//! reads and writes them is in `sql.rs`.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,7 +1,8 @@
 //! All SQL of the service, on one of two backends with the same meaning: an embedded SQLite
 //! file (the default: nothing to install) or a PostgreSQL database shared by API replicas and
 //! workers on many hosts. The URL picks the backend; each has its own migrations, applied at
-//! start-up, and its own SQL (`sqlite.rs`, `postgres.rs`) behind the one [`Store`] the rest
+//! start-up. The statements are written once (`sql.rs`), with the few dialect pieces and what
+//! only one backend does in `sqlite.rs` and `postgres.rs`, behind the one [`Store`] the rest
 //! of the service uses. Nothing outside this module writes a query.
 //!
 //! A store also tells its processes what changed ([`Change`]): on PostgreSQL every process
@@ -13,6 +14,7 @@ mod job;
 mod parts;
 mod postgres;
 pub mod scratch;
+mod sql;
 mod sqlite;
 #[cfg(test)]
 mod tests;
