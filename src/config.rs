@@ -130,9 +130,9 @@ pub struct QueueConfig {
     #[arg(long, env = "LRTUNE_MAX_ATTEMPTS", default_value_t = 3,
           value_parser = clap::value_parser!(i64).range(1..))]
     pub max_attempts: i64,
-    /// Seconds running jobs get to finish on SIGTERM before they are queued again. The
-    /// process exits at most 10 s after the grace period, whatever the jobs or the database
-    /// do.
+    /// Seconds from SIGTERM to exit, whatever the jobs or the database do (at least 1):
+    /// running jobs get all of it but the last 3 s to finish, then they are stopped and queued
+    /// again.
     #[arg(long, env = "LRTUNE_GRACE", default_value = "30", value_parser = seconds)]
     pub grace: Duration,
     /// Seconds a running job may go without finishing a step (or reporting anything) before

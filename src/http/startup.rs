@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::extract::State;
@@ -47,27 +47,49 @@ impl Default for Settings {
     }
 }
 
-/// After the workers have stopped, how long open connections get to send their last bytes
-/// (event streams their final status) before the server closes them: a client that stopped
-/// reading must not keep the process alive.
-const CLOSE_CONNECTIONS_WITHIN: Duration = Duration::from_secs(3);
-
 /// How long the runtime waits, as the process exits, for tasks still running (uploads being
-/// parsed on blocking threads).
-pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+/// parsed on blocking threads): the drain has already waited what it should.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_millis(200);
 
-/// How long closing the database's connections may take at exit (a statement waiting on a lock
-/// ends within the busy timeout; a server that does not answer is not waited for).
-const CLOSE_STORE_WITHIN: Duration = Duration::from_secs(1);
+/// The shortest drain: with a grace period under this, jobs are stopped at once, and this long
+/// is still given to queue them again and close the connections.
+const MIN_DRAIN: Duration = Duration::from_secs(1);
 
-/// Closes the store's connections, waiting at most [`CLOSE_STORE_WITHIN`].
-async fn close_store(store: &Store) {
-    if tokio::time::timeout(CLOSE_STORE_WITHIN, store.close())
-        .await
-        .is_err()
-    {
+/// The last part of the drain, after the workers have stopped: open connections get it to
+/// send their last bytes (event streams their final status), then the store is closed. A
+/// client that stopped reading, or a database that does not answer, does not keep the process
+/// alive past the deadline.
+const CLOSE_RESERVE: Duration = Duration::from_millis(500);
+
+/// When a drain started now must have ended: the grace period (at least [`MIN_DRAIN`]).
+fn drain_deadline(grace: Duration) -> Instant {
+    Instant::now() + grace.max(MIN_DRAIN)
+}
+
+/// Waits for the server task until shortly before `deadline`, then closes the store, waiting
+/// at most what is left.
+async fn close_by(
+    deadline: Instant,
+    server: Option<&mut tokio::task::JoinHandle<()>>,
+    store: &Store,
+) -> anyhow::Result<()> {
+    if let Some(server) = server {
+        let until = deadline.checked_sub(CLOSE_RESERVE / 2).unwrap_or(deadline);
+        match tokio::time::timeout_at(until.into(), &mut *server).await {
+            Ok(served) => served.context("the server task")?,
+            Err(_) => {
+                tracing::warn!("connections still open after the drain: closing them");
+                server.abort();
+            }
+        }
+    }
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(50));
+    if tokio::time::timeout(left, store.close()).await.is_err() {
         tracing::warn!("the database's connections did not close in time: exiting without them");
     }
+    Ok(())
 }
 
 async fn open_store(db: &DatabaseUrl) -> anyhow::Result<Store> {
@@ -198,19 +220,12 @@ impl Application {
         ));
         shutdown.await;
         tracing::info!("shutting down: new requests get 503 and no new jobs are claimed");
+        let deadline = drain_deadline(self.grace);
         self.phase.send_replace(Phase::Draining);
-        self.workers.shutdown(self.grace).await;
+        self.workers.shutdown(deadline, CLOSE_RESERVE).await;
         tracing::info!("workers stopped: closing the open connections");
         self.phase.send_replace(Phase::WorkersStopped);
-        match tokio::time::timeout(CLOSE_CONNECTIONS_WITHIN, &mut server).await {
-            Ok(served) => served.context("the server task")?,
-            Err(_) => {
-                tracing::warn!("connections still open after the drain: closing them");
-                server.abort();
-            }
-        }
-        close_store(&self.state.store).await;
-        Ok(())
+        close_by(deadline, Some(&mut server), &self.state.store).await
     }
 }
 
@@ -316,16 +331,11 @@ impl WorkerProcess {
         });
         shutdown.await;
         tracing::info!("shutting down: no new jobs are claimed");
-        self.workers.shutdown(self.grace).await;
+        let deadline = drain_deadline(self.grace);
+        self.workers.shutdown(deadline, CLOSE_RESERVE).await;
         let _ = stopped.send(true);
-        if let Some(server) = server {
-            match tokio::time::timeout(CLOSE_CONNECTIONS_WITHIN, server).await {
-                Ok(served) => served.context("the metrics server task")?,
-                Err(_) => tracing::warn!("metrics connections still open: closing them"),
-            }
-        }
-        close_store(&self.store).await;
-        Ok(())
+        let mut server = server;
+        close_by(deadline, server.as_mut(), &self.store).await
     }
 }
 

@@ -186,23 +186,26 @@ impl WorkerPool {
         }
     }
 
-    /// Stops claiming, waits up to `grace` for running jobs, then stops them and puts them
-    /// back to the queue. Returns within `grace` + [`STOP_WITHIN`] whatever the jobs or the
-    /// database do: a worker still busy then (its job's outcome not written, the database not
-    /// answering) is dropped, and its job, still `running` in the store, is queued again by
-    /// whichever process sees its lease run out.
-    pub async fn shutdown(self, grace: Duration) {
+    /// Stops claiming and drains by `deadline`: running jobs get until [`STOP_RESERVE`]
+    /// before it to finish, then they are stopped and put back to the queue, and the workers
+    /// are given up `reserve` before the deadline (for the caller to close connections)
+    /// whatever the jobs or the database do. A worker still busy then (its job's requeue not
+    /// written, the database not answering) is dropped, and its job, still `running` in the
+    /// store, is queued again by whichever process sees its lease run out.
+    pub async fn shutdown(self, deadline: Instant, reserve: Duration) {
         let _ = self.stop_claiming.send(true);
         self.reaper.abort();
         let mut handles = self.handles;
-        if !all_ended(&mut handles, grace).await {
+        let stop_at = deadline.checked_sub(STOP_RESERVE).unwrap_or(deadline);
+        if !all_ended(&mut handles, stop_at).await {
             warn!("grace period over: stopping running jobs and queueing them again");
             self.running.stop_all();
-            if !all_ended(&mut handles, STOP_WITHIN).await {
+            let give_up_at = deadline.checked_sub(reserve).unwrap_or(deadline);
+            if !all_ended(&mut handles, give_up_at).await {
                 warn!(
-                    within = ?STOP_WITHIN,
-                    "jobs not queued again in time (the database does not answer): leaving \
-                     them to be queued again when their lease runs out"
+                    "jobs not queued again in time (a computation that does not stop, or the \
+                     database not answering): leaving them to be queued again when their \
+                     lease runs out"
                 );
                 for handle in &handles {
                     handle.abort();
@@ -213,21 +216,22 @@ impl WorkerPool {
     }
 }
 
-/// How long stopped jobs get to be put back to the queue once the grace period is over.
-pub const STOP_WITHIN: Duration = Duration::from_secs(5);
+/// The last part of the grace period, in which running jobs are stopped and put back to the
+/// queue (jobs get the rest of it to finish).
+pub const STOP_RESERVE: Duration = Duration::from_secs(3);
 
 /// How long a worker waits for a job's computation to end once its cancel flag is up (a cancel,
 /// a shutdown, a lost lease) before it writes the job's end without it. The engine checks the
 /// flag every step and within long evaluations, so this is only reached by a computation stuck
-/// in a kernel; its thread is left to end by itself.
-const ABANDON_AFTER: Duration = Duration::from_secs(3);
+/// in a kernel (or one very long step); its thread is left to end by itself.
+const ABANDON_AFTER: Duration = Duration::from_secs(1);
 
 /// Events the engine may send ahead of the worker loop that writes them.
 const EVENT_CHANNEL: usize = 256;
 
-/// True when every task ended within `within`.
-async fn all_ended(handles: &mut [JoinHandle<()>], within: Duration) -> bool {
-    tokio::time::timeout(within, async {
+/// True when every task ended by `deadline`.
+async fn all_ended(handles: &mut [JoinHandle<()>], deadline: Instant) -> bool {
+    tokio::time::timeout_at(deadline.into(), async {
         for handle in handles.iter_mut() {
             let _ = handle.await;
         }
