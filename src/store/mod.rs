@@ -11,7 +11,10 @@
 mod dataset;
 mod job;
 mod postgres;
-pub mod scratch;
+// Throwaway PostgreSQL databases for the store suite; the integration tests include the same
+// file (tests/support).
+#[cfg(test)]
+mod scratch;
 mod sqlite;
 #[cfg(test)]
 mod tests;

@@ -455,7 +455,7 @@ async fn a_postgres_restart_and_a_10_s_outage_mid_run_lose_nothing_and_answer_on
         .await;
 
     // The API's latency benchmark at 200 requests/s all through the restart and the outage.
-    let load = std::process::Command::new(env!("CARGO_BIN_EXE_lrtune"))
+    let load = std::process::Command::new(crate::process::lrtune_dev_binary())
         .args([
             "bench-api",
             "--server",

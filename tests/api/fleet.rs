@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lrtune::store::scratch::ScratchDatabase;
+use crate::scratch::ScratchDatabase;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::Row;

@@ -16,6 +16,9 @@ mod paging;
 mod priority;
 mod process;
 mod race;
+// The store suite's throwaway PostgreSQL databases (a test helper, not part of the crate).
+#[path = "../../src/store/scratch.rs"]
+mod scratch;
 mod service;
 mod slow_clients;
 mod uploads;

@@ -22,6 +22,20 @@ pub fn required() -> bool {
         .is_some_and(|value| !value.is_empty() && value != "0" && value != "false")
 }
 
+/// The `lrtune-dev` binary (the developers' tools: `bench-api`), which cargo builds into the
+/// same folder as `lrtune` when it tests the workspace (`cargo test` at the root).
+pub fn lrtune_dev_binary() -> PathBuf {
+    let lrtune = Path::new(env!("CARGO_BIN_EXE_lrtune"));
+    let dev = lrtune.with_file_name(format!("lrtune-dev{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        dev.is_file(),
+        "{} is missing: this test runs `lrtune-dev bench-api`; run the tests from the \
+         workspace root (`cargo test`), or build it first (`cargo build -p lrtune-dev`)",
+        dev.display()
+    );
+    dev
+}
+
 /// An `lrtune` child process, killed (SIGKILL) when dropped; its standard error (the log) goes
 /// to a file the test can read.
 pub struct Lrtune {

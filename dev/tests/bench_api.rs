@@ -1,10 +1,41 @@
-//! `lrtune bench-api` end to end: it starts a server of its own, measures an idle phase and a
+//! `lrtune-dev bench-api` end to end: it starts a server of its own, measures an idle phase and a
 //! training phase, and reports both. Latency figures depend on the machine, so these tests
 //! check the report's shape and counts, never a threshold.
 
+use std::process::{Command, Stdio};
+
 use serde_json::Value;
 
-use crate::helpers::lrtune;
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `lrtune-dev ARGS`; it starts the `lrtune` binary that cargo built beside it.
+fn lrtune_dev(args: &[&str]) -> Run {
+    let output = Command::new(env!("CARGO_BIN_EXE_lrtune-dev"))
+        .args(args)
+        .env_remove("LRTUNE_API_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("the lrtune-dev binary starts");
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
 
 fn latency_is_ordered(latency: &Value, what: &str) {
     let value = |key: &str| {
@@ -28,19 +59,16 @@ fn latency_is_ordered(latency: &Value, what: &str) {
 
 #[test]
 fn bench_api_reports_an_idle_and_a_training_phase_with_every_request_answered() {
-    let run = lrtune(
-        &[
-            "bench-api",
-            "--seconds",
-            "1",
-            "--rate",
-            "50",
-            "--connections",
-            "8",
-            "--json",
-        ],
-        &[],
-    );
+    let run = lrtune_dev(&[
+        "bench-api",
+        "--seconds",
+        "1",
+        "--rate",
+        "50",
+        "--connections",
+        "8",
+        "--json",
+    ]);
     // 1 only says this machine's p99 was over 50 ms; 2 would be an error.
     assert!(run.code == 0 || run.code == 1, "{run}");
     let report: Value =
@@ -116,7 +144,7 @@ fn bench_api_reports_an_idle_and_a_training_phase_with_every_request_answered() 
 
 #[test]
 fn bench_api_refuses_a_rate_of_zero_with_exit_2() {
-    let run = lrtune(&["bench-api", "--rate", "0"], &[]);
+    let run = lrtune_dev(&["bench-api", "--rate", "0"]);
     assert_eq!(run.code, 2, "{run}");
     assert!(run.stderr.contains("must be positive"), "{run}");
 }
