@@ -2,40 +2,14 @@
 //! training phase, and reports both. Latency figures depend on the machine, so these tests
 //! check the report's shape and counts, never a threshold.
 
-use std::process::{Command, Stdio};
+// The workspace's runner (tests/support/run.rs), without the rest of lrtune's harness.
+#[allow(dead_code)]
+#[path = "../../tests/support/run.rs"]
+mod run;
 
 use serde_json::Value;
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Display for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\n--- stdout\n{}\n--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Runs `lrtune-dev ARGS`; it starts the `lrtune` binary that cargo built beside it.
-fn lrtune_dev(args: &[&str]) -> Run {
-    let output = Command::new(env!("CARGO_BIN_EXE_lrtune-dev"))
-        .args(args)
-        .env_remove("LRTUNE_API_TOKEN")
-        .stdin(Stdio::null())
-        .output()
-        .expect("the lrtune-dev binary starts");
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
+use run::lrtune_dev;
 
 fn latency_is_ordered(latency: &Value, what: &str) {
     let value = |key: &str| {

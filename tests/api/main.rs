@@ -14,12 +14,10 @@ mod metrics;
 mod outage;
 mod paging;
 mod priority;
-mod process;
 mod race;
-// The store suite's throwaway PostgreSQL databases (a test helper, not part of the crate).
-#[path = "../../src/store/scratch.rs"]
-mod scratch;
 mod service;
 mod slow_clients;
+#[path = "../support/mod.rs"]
+mod support;
 mod uploads;
 mod weights;

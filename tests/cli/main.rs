@@ -6,3 +6,5 @@ mod analyze;
 mod check;
 mod helpers;
 mod server;
+#[path = "../support/mod.rs"]
+mod support;
