@@ -3,7 +3,7 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin lrtune && mkdir -p static
+RUN cargo build --release --locked -p lrtune --bin lrtune && mkdir -p static
 
 FROM debian:bookworm-slim
 RUN useradd --system --home /var/lib/lrtune --create-home lrtune \

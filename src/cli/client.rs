@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use eventsource_stream::{EventStreamError, Eventsource};
 use futures_util::StreamExt;
 use serde::Deserialize;
 
@@ -261,18 +262,18 @@ impl Client {
         let response = self
             .check_status(response, &format!("following job {id}"))
             .await?;
-        let mut stream = response.bytes_stream();
-        let mut parser = SseParser::default();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|error| self.transport_error(error))?;
-            for (event, data) in parser.push(&chunk) {
-                if let Some(update) = decode_event(&event, &data) {
-                    let finished =
-                        matches!(&update, JobUpdate::Status(status) if is_finished(status));
-                    on_update(update);
-                    if finished {
-                        return Ok(());
-                    }
+        let mut events = response.bytes_stream().eventsource();
+        while let Some(event) = events.next().await {
+            let event = match event {
+                Ok(event) => event,
+                Err(EventStreamError::Transport(error)) => return Err(self.transport_error(error)),
+                Err(error) => bail!("the event stream of job {id} is unreadable: {error}"),
+            };
+            if let Some(update) = decode_event(&event.event, &event.data) {
+                let finished = matches!(&update, JobUpdate::Status(status) if is_finished(status));
+                on_update(update);
+                if finished {
+                    return Ok(());
                 }
             }
         }
@@ -293,53 +294,6 @@ fn decode_event(event: &str, data: &str) -> Option<JobUpdate> {
             .ok()
             .map(|status| JobUpdate::Status(status.status)),
         _ => None,
-    }
-}
-
-/// The text/event-stream format, enough of it for this API: `event:` and `data:` lines, an
-/// empty line ends an event, lines starting with `:` (keep-alives) are comments.
-#[derive(Default)]
-struct SseParser {
-    pending: Vec<u8>,
-    event: String,
-    data: Vec<String>,
-}
-
-impl SseParser {
-    fn push(&mut self, bytes: &[u8]) -> Vec<(String, String)> {
-        self.pending.extend_from_slice(bytes);
-        let mut events = Vec::new();
-        while let Some(end) = self.pending.iter().position(|&byte| byte == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&line);
-            let line = line.trim_end_matches(['\n', '\r']);
-            if line.is_empty() {
-                if !self.data.is_empty() || !self.event.is_empty() {
-                    let event = std::mem::take(&mut self.event);
-                    let data = std::mem::take(&mut self.data).join("\n");
-                    events.push((
-                        if event.is_empty() {
-                            "message".to_string()
-                        } else {
-                            event
-                        },
-                        data,
-                    ));
-                }
-                continue;
-            }
-            if line.starts_with(':') {
-                continue;
-            }
-            let (name, value) = line.split_once(':').unwrap_or((line, ""));
-            let value = value.strip_prefix(' ').unwrap_or(value);
-            match name {
-                "event" => self.event = value.to_string(),
-                "data" => self.data.push(value.to_string()),
-                _ => {}
-            }
-        }
-        events
     }
 }
 
@@ -370,12 +324,24 @@ mod tests {
     use crate::engine::JobResult;
 
     #[test]
-    fn the_sse_parser_splits_events_across_chunks_and_skips_keep_alives() {
-        let mut parser = SseParser::default();
-        assert!(parser
-            .push(b"event: progress\ndata: {\"stage\":null,")
-            .is_empty());
-        let events = parser.push(b"\"done\":3,\"total\":9}\n\n:\n\nevent: status\r\ndata: {\"status\":\"succeeded\"}\r\n\r\n");
+    fn events_split_across_chunks_are_read_and_keep_alives_skipped() {
+        let chunks: [&'static [u8]; 2] = [
+            b"event: progress\ndata: {\"stage\":null,",
+            b"\"done\":3,\"total\":9}\n\n:\n\nevent: status\r\ndata: {\"status\":\"succeeded\"}\r\n\r\n",
+        ];
+        let stream = futures_util::stream::iter(chunks.map(Ok::<_, std::convert::Infallible>));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        let events: Vec<(String, String)> = runtime.block_on(
+            stream
+                .eventsource()
+                .map(|event| {
+                    let event = event.expect("a well-formed event");
+                    (event.event, event.data)
+                })
+                .collect(),
+        );
         assert_eq!(events.len(), 2);
         assert_eq!(
             decode_event(&events[0].0, &events[0].1),

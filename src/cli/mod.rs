@@ -2,11 +2,8 @@
 //! Exit codes follow ripgrep: 0 ok, 1 check failed, 2 error.
 
 mod analyze;
-mod bench;
-mod bench_api;
 mod check;
 mod client;
-mod eval;
 mod plot;
 mod race;
 mod report;
@@ -47,14 +44,6 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Run jobs from a database shared with `serve` replicas, with no HTTP API.
     Worker(Box<worker::WorkerArgs>),
-    /// Score recommendations against a full grid search on the built-in problems.
-    Eval(eval::EvalArgs),
-    /// Milliseconds per training step against PyTorch, tune wall time, peak memory.
-    Bench(bench::BenchArgs),
-    /// API latency under load: a fixed-rate request mix against a server of its own, idle and
-    /// with a tune job training; exit 1 when a phase's p99 is over --max-p99-ms or a request
-    /// failed.
-    BenchApi(bench_api::BenchApiArgs),
 }
 
 /// What a command concluded, mapped to the process exit code.
@@ -75,9 +64,6 @@ pub fn main() -> ExitCode {
         Command::Schedule(args) => schedule::run(*args),
         Command::Serve(args) => serve::run(*args),
         Command::Worker(args) => worker::run(*args),
-        Command::Eval(args) => eval::run(args),
-        Command::Bench(args) => bench::run(args),
-        Command::BenchApi(args) => bench_api::run(args),
     };
     match outcome {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,

@@ -8,7 +8,6 @@ pub mod backend;
 pub mod batch;
 pub mod compare;
 pub mod data;
-pub mod evaluate;
 pub mod json;
 pub mod model;
 

@@ -3,50 +3,24 @@
 //! location). With `--static-dir`, a file present in that folder is served instead of the
 //! built-in copy, so the dashboard can be edited without rebuilding.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::path::Path;
-use std::sync::OnceLock;
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use rust_embed::RustEmbed;
 use sha2::{Digest, Sha256};
 
 use super::{ApiError, AppState};
 
-/// One file of the dashboard, by its path under `static/`.
-struct Asset {
-    path: &'static str,
-    body: &'static [u8],
-}
-
-macro_rules! assets {
-    ($($path:literal),* $(,)?) => {
-        &[$(Asset {
-            path: $path,
-            body: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/static/", $path)),
-        }),*]
-    };
-}
-
-/// Every file under `static/` (a unit test checks that none is missing).
-const ASSETS: &[Asset] = assets![
-    "favicon.svg",
-    "index.html",
-    "job.html",
-    "css/app.css",
-    "js/api.js",
-    "js/charts.js",
-    "js/format.js",
-    "js/job.js",
-    "js/jobs.js",
-    "js/submit.js",
-    "vendor/uplot/LICENSE",
-    "vendor/uplot/uPlot.iife.min.js",
-    "vendor/uplot/uPlot.min.css",
-];
+/// Every file under `static/`, by its path there. `debug-embed`: debug builds embed them too,
+/// so that the tests serve what a release serves.
+#[derive(RustEmbed)]
+#[folder = "static/"]
+struct Dashboard;
 
 /// The pages only load their own files and talk only to this server.
 const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; img-src 'self' data:; \
@@ -77,15 +51,7 @@ async fn file(
     if method != Method::GET && method != Method::HEAD {
         return ApiError::NotFound(format!("{method} {}", uri.path())).into_response();
     }
-    let path = uri.path().trim_start_matches('/');
-    match find(path) {
-        Some(asset) => serve(&state, asset.path, &headers).await,
-        None => ApiError::NotFound(format!("page {}", uri.path())).into_response(),
-    }
-}
-
-fn find(path: &str) -> Option<&'static Asset> {
-    ASSETS.iter().find(|asset| asset.path == path)
+    serve(&state, uri.path().trim_start_matches('/'), &headers).await
 }
 
 /// The content type, by extension; every file of `static/` has one of these.
@@ -103,7 +69,11 @@ fn content_type(path: &str) -> &'static str {
 }
 
 fn etag_of(body: &[u8]) -> String {
-    let digest = Sha256::digest(body);
+    etag_of_digest(&Sha256::digest(body))
+}
+
+/// The first 8 bytes of a SHA-256, quoted.
+fn etag_of_digest(digest: &[u8]) -> String {
     let hex: String = digest[..8]
         .iter()
         .map(|byte| format!("{byte:02x}"))
@@ -111,27 +81,15 @@ fn etag_of(body: &[u8]) -> String {
     format!("\"{hex}\"")
 }
 
-/// ETags of the built-in files, computed once.
-fn builtin_etag(path: &'static str) -> &'static str {
-    static ETAGS: OnceLock<HashMap<&'static str, String>> = OnceLock::new();
-    let etags = ETAGS.get_or_init(|| {
-        ASSETS
-            .iter()
-            .map(|asset| (asset.path, etag_of(asset.body)))
-            .collect()
-    });
-    etags.get(path).map_or("", String::as_str)
-}
-
-async fn serve(state: &AppState, path: &'static str, request: &HeaderMap) -> Response {
-    let Some(asset) = find(path) else {
+async fn serve(state: &AppState, path: &str, request: &HeaderMap) -> Response {
+    let Some(asset) = Dashboard::get(path) else {
         return ApiError::NotFound(format!("page /{path}")).into_response();
     };
-    // Only names from the fixed list above are looked up on disk: no path from the request
+    // Only the names of built-in files are looked up on disk: no other path from the request
     // reaches the file system.
     let from_disk = match &state.settings.static_dir {
         Some(overlay) if !overlay.as_os_str().is_empty() => {
-            tokio::fs::read(overlay.join(asset.path)).await.ok()
+            tokio::fs::read(overlay.join(path)).await.ok()
         }
         _ => None,
     };
@@ -140,10 +98,14 @@ async fn serve(state: &AppState, path: &'static str, request: &HeaderMap) -> Res
             let etag = etag_of(&bytes);
             (axum::body::Body::from(bytes), etag)
         }
-        None => (
-            axum::body::Body::from(asset.body),
-            builtin_etag(asset.path).to_string(),
-        ),
+        None => {
+            let etag = etag_of_digest(&asset.metadata.sha256_hash());
+            let body = match asset.data {
+                Cow::Borrowed(bytes) => axum::body::Body::from(bytes),
+                Cow::Owned(bytes) => axum::body::Body::from(bytes),
+            };
+            (body, etag)
+        }
     };
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -180,30 +142,17 @@ async fn serve(state: &AppState, path: &'static str, request: &HeaderMap) -> Res
 mod tests {
     use super::*;
 
-    fn files_under(dir: &Path, prefix: &str, out: &mut Vec<String>) {
-        for entry in std::fs::read_dir(dir).expect("static/ is readable") {
-            let entry = entry.expect("a directory entry");
-            let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
-            if entry.path().is_dir() {
-                files_under(&entry.path(), &format!("{name}/"), out);
-            } else {
-                out.push(name);
-            }
-        }
-    }
-
     #[test]
-    fn every_file_under_static_is_built_in_and_nothing_else() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("static");
-        let mut on_disk = Vec::new();
-        files_under(&root, "", &mut on_disk);
-        on_disk.sort();
-        let mut built_in: Vec<String> = ASSETS.iter().map(|a| a.path.to_string()).collect();
-        built_in.sort();
-        assert_eq!(
-            on_disk, built_in,
-            "update ASSETS in src/http/static_files.rs"
-        );
+    fn the_pages_and_their_files_are_built_in() {
+        for path in [
+            "index.html",
+            "job.html",
+            "js/api.js",
+            "vendor/uplot/LICENSE",
+        ] {
+            assert!(Dashboard::get(path).is_some(), "{path}");
+        }
+        assert!(Dashboard::get("../Cargo.toml").is_none());
     }
 
     #[test]
@@ -215,10 +164,12 @@ mod tests {
             content_type("vendor/uplot/LICENSE"),
             "text/plain; charset=utf-8"
         );
-        for asset in ASSETS {
-            let ext = Path::new(asset.path).extension().and_then(|e| e.to_str());
+        for path in Dashboard::iter() {
+            let ext = Path::new(path.as_ref())
+                .extension()
+                .and_then(|e| e.to_str());
             if matches!(ext, Some("html" | "js" | "css")) {
-                assert_ne!(content_type(asset.path), "text/plain; charset=utf-8");
+                assert_ne!(content_type(&path), "text/plain; charset=utf-8");
             }
         }
     }
@@ -231,9 +182,10 @@ mod tests {
             "{a}"
         );
         assert_ne!(a, etag_of(b"two"));
+        let index = Dashboard::get("index.html").expect("index.html");
         assert_eq!(
-            builtin_etag("index.html"),
-            etag_of(find("index.html").unwrap().body)
+            etag_of_digest(&index.metadata.sha256_hash()),
+            etag_of(&index.data)
         );
     }
 }

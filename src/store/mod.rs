@@ -13,7 +13,10 @@ mod dataset;
 mod job;
 mod parts;
 mod postgres;
-pub mod scratch;
+// Throwaway PostgreSQL databases for the store suite; the integration tests include the same
+// file (tests/support).
+#[cfg(test)]
+mod scratch;
 mod sql;
 mod sqlite;
 #[cfg(test)]

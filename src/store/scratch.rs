@@ -1,8 +1,9 @@
 //! Throwaway PostgreSQL databases for tests: each test creates its own (so tests run in
 //! parallel without seeing each other's jobs) and drops it when done. The server is the one
 //! `LRTUNE_TEST_POSTGRES` names (an administrative URL; default: the local server's `test`
-//! database as `postgres`). When it cannot be reached, tests fail under `CI` and are skipped
-//! with a note elsewhere.
+//! database as `postgres`). When it cannot be reached the test fails, saying so: a PostgreSQL
+//! test never passes without running (the policy is in tests/support/mod.rs). The store suite
+//! uses this file as `store::scratch` (cfg(test)); the integration tests include it by path.
 
 use std::time::Duration;
 
@@ -21,25 +22,26 @@ pub struct ScratchDatabase {
 }
 
 impl ScratchDatabase {
-    /// A new, empty database; `None` (after a note on stderr) when the server cannot be
-    /// reached and `CI` is not set. Panics under `CI`: there a missing server is a failure.
+    /// [`ScratchDatabase::new`] for the store suite, whose callers take an `Option`: always
+    /// `Some`.
     pub async fn create() -> Option<ScratchDatabase> {
+        Some(ScratchDatabase::new().await)
+    }
+
+    /// A new, empty database. Panics when the server cannot be reached.
+    pub async fn new() -> ScratchDatabase {
         let admin_url =
             std::env::var("LRTUNE_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_string());
         let admin: PgConnectOptions = admin_url
             .parse()
             .unwrap_or_else(|error| panic!("LRTUNE_TEST_POSTGRES={admin_url}: {error}"));
-        let mut connection = match connect(&admin).await {
-            Ok(connection) => connection,
-            Err(error) if std::env::var_os("CI").is_none() => {
-                eprintln!(
-                    "note: skipped: no PostgreSQL at {admin_url} ({error}); set \
-                     LRTUNE_TEST_POSTGRES to run the PostgreSQL tests"
-                );
-                return None;
-            }
-            Err(error) => panic!("PostgreSQL is required in CI: {admin_url}: {error}"),
-        };
+        let mut connection = connect(&admin).await.unwrap_or_else(|error| {
+            panic!(
+                "this test needs PostgreSQL, and there is none at {admin_url} ({error}): start \
+                 one (Debian's postgresql) or name one with LRTUNE_TEST_POSTGRES; \
+                 `cargo test -- --skip on_postgres` leaves the PostgreSQL tests out"
+            )
+        });
         let name = format!(
             "lrtune_test_{}_{:08x}",
             std::process::id(),
@@ -52,7 +54,7 @@ impl ScratchDatabase {
             .unwrap_or_else(|error| panic!("creating the test database {name}: {error}"));
         let _ = connection.close().await;
         let url = admin.clone().database(&name).to_url_lossy().to_string();
-        Some(ScratchDatabase { url, name, admin })
+        ScratchDatabase { url, name, admin }
     }
 }
 

@@ -1,70 +1,32 @@
 //! The real binary, killed with SIGKILL in the middle of a job, then started again on the
 //! same database: no job is lost, none is half written.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use sqlx::Row;
 
 use crate::helpers::json_of;
+use crate::support::fixtures::long_job;
+use crate::support::process::Lrtune;
 
-struct Server {
-    child: Child,
-    address: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(db: &Path) -> Server {
-    start_server_with(db, &[])
-}
-
-fn start_server_with(db: &Path, extra: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lrtune"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--stale-after", "1"])
-        .args(extra)
-        .arg("--db")
-        .arg(db)
-        .env_remove("LRTUNE_API_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the lrtune binary starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("the server prints its address");
-    let address = line
-        .trim()
-        .strip_prefix("lrtune listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    Server { child, address }
+/// `lrtune serve` on `db`, its lease short so that a killed one's job is soon taken again.
+fn start_server(db: &Path, extra: &[&str]) -> Lrtune {
+    let mut flags = vec!["--stale-after", "1"];
+    flags.extend_from_slice(extra);
+    Lrtune::serve(db, &flags)
 }
 
 /// Long enough (a few seconds) to be killed in the middle of.
 fn job_spec(index: usize) -> Value {
-    json!({
-        "name": format!("crash-{index}"),
-        "data": {"builtin": "spirals", "samples": 2048},
-        "model": {"arch": "mlp", "hidden": [64, 64]},
-        "batch_size": 32,
-        "plan": {"epochs": 2},
-        "range_test": {"steps": 3000, "end_lr": 0.1},
-        "sweep": {"count": 2, "epochs": 1}
-    })
+    let mut spec = long_job(&format!("crash-{index}"));
+    spec["plan"]["epochs"] = json!(2);
+    spec
 }
 
-async fn get(client: &reqwest::Client, server: &Server, path: &str) -> Value {
+async fn get(client: &reqwest::Client, server: &Lrtune, path: &str) -> Value {
     let response = client
         .get(format!("{}{path}", server.address))
         .send()
@@ -79,7 +41,7 @@ async fn a_server_killed_mid_job_finishes_every_job_after_a_restart_with_one_poi
     let db = dir.path().join("lrtune.db");
     let client = reqwest::Client::new();
 
-    let mut server = start_server(&db);
+    let mut server = start_server(&db, &[]);
     let mut ids = Vec::new();
     for index in 0..3 {
         let response = client
@@ -108,11 +70,10 @@ async fn a_server_killed_mid_job_finishes_every_job_after_a_restart_with_one_poi
         assert!(started.elapsed() < Duration::from_secs(30), "{job}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    server.child.kill().expect("SIGKILL");
-    server.child.wait().unwrap();
+    server.kill();
     drop(server);
 
-    let server = start_server(&db);
+    let server = start_server(&db, &[]);
     let started = Instant::now();
     let mut jobs = Vec::new();
     for id in &ids {
@@ -175,13 +136,10 @@ async fn a_server_killed_mid_job_finishes_every_job_after_a_restart_with_one_poi
 
 #[tokio::test]
 async fn sigterm_lets_the_running_job_finish_and_exits_cleanly() {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("lrtune.db");
     let client = reqwest::Client::new();
-    let mut server = start_server_with(&db, &["--grace", "60"]);
+    let mut server = start_server(&db, &["--grace", "60"]);
     let response = client
         .post(format!("{}/v1/jobs", server.address))
         .json(&job_spec(0))
@@ -195,18 +153,10 @@ async fn sigterm_lets_the_running_job_finish_and_exits_cleanly() {
         assert!(started.elapsed() < Duration::from_secs(30));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    kill(Pid::from_raw(server.child.id() as i32), Signal::SIGTERM).unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    server.signal(Signal::SIGTERM);
+    let status = server
+        .wait_exit(Duration::from_secs(60))
+        .expect("an exit within 60 s of SIGTERM");
     assert!(status.success(), "{status:?}");
     let store = lrtune::store::Store::open(&db).await.unwrap();
     let job = store.get_job(&id).await.unwrap().unwrap();
@@ -220,7 +170,7 @@ async fn a_job_whose_worker_keeps_dying_fails_with_the_stage_it_died_in() {
     let client = reqwest::Client::new();
     let flags = ["--max-attempts", "1"];
 
-    let mut server = start_server_with(&db, &flags);
+    let mut server = start_server(&db, &flags);
     let response = client
         .post(format!("{}/v1/jobs", server.address))
         .json(&job_spec(0))
@@ -239,12 +189,11 @@ async fn a_job_whose_worker_keeps_dying_fails_with_the_stage_it_died_in() {
         assert!(started.elapsed() < Duration::from_secs(30), "{job}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    server.child.kill().expect("SIGKILL");
-    server.child.wait().unwrap();
+    server.kill();
     drop(server);
 
     // Its one attempt is spent: the restarted server fails it instead of running it again.
-    let server = start_server_with(&db, &flags);
+    let server = start_server(&db, &flags);
     let started = Instant::now();
     let job = loop {
         let job = get(&client, &server, &format!("/v1/jobs/{id}")).await;
@@ -291,7 +240,7 @@ async fn a_race_killed_mid_run_is_queued_again_and_keeps_only_the_last_attempts_
         "seeds": 1
     });
 
-    let mut server = start_server(&db);
+    let mut server = start_server(&db, &[]);
     let response = client
         .post(format!("{}/v1/jobs", server.address))
         .json(&spec)
@@ -313,11 +262,10 @@ async fn a_race_killed_mid_run_is_queued_again_and_keeps_only_the_last_attempts_
         assert!(started.elapsed() < Duration::from_secs(60), "{job}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    server.child.kill().expect("SIGKILL");
-    server.child.wait().unwrap();
+    server.kill();
     drop(server);
 
-    let server = start_server(&db);
+    let server = start_server(&db, &[]);
     let started = Instant::now();
     let job = loop {
         let job = get(&client, &server, &format!("/v1/jobs/{id}")).await;

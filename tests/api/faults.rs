@@ -13,7 +13,9 @@ use serde_json::{json, Value};
 use sqlx::{Connection, Row};
 
 use crate::helpers::json_of;
-use crate::process::{Lrtune, Postgres, Tmpfs};
+use crate::support::fixtures::small_job;
+use crate::support::process::{Lrtune, Postgres, Tmpfs};
+use crate::support::run::lrtune_dev_binary;
 
 /// A job of ten seconds or so: a long range test (a point every step) on the digits.
 fn long_job(name: &str) -> Value {
@@ -24,19 +26,6 @@ fn long_job(name: &str) -> Value {
         "batch_size": 64,
         "plan": {"epochs": 1},
         "range_test": {"steps": 2500, "end_lr": 0.05},
-        "sweep": {"count": 2, "epochs": 1}
-    })
-}
-
-/// A job of a few tenths of a second.
-fn small_job(name: &str) -> Value {
-    json!({
-        "name": name,
-        "data": {"builtin": "spirals", "samples": 256},
-        "model": {"arch": "mlp", "hidden": [8]},
-        "batch_size": 32,
-        "plan": {"epochs": 1},
-        "range_test": {"steps": 20},
         "sweep": {"count": 2, "epochs": 1}
     })
 }
@@ -168,210 +157,215 @@ async fn assert_sqlite_curve_written_once(db: &std::path::Path, job: &Value) {
     pool.close().await;
 }
 
-#[tokio::test]
-async fn a_full_disk_loses_no_accepted_job_names_the_cause_and_recovers_once_space_is_freed() {
-    let Some(disk) = Tmpfs::mount("8m") else {
-        return;
-    };
-    let db = disk.path.join("lrtune.db");
-    let db_arg = db.to_str().unwrap().to_string();
-    let logs = tempfile::tempdir().unwrap();
-    let flags = ["--grace", "2", "--stale-after", "3"];
-    let (mut server, base) = Lrtune::serve(&db_arg, &flags, &logs.path().join("serve-1.log"));
-    let api = Api::new(&base);
+/// As root: a tmpfs of its own, and `chattr +i` (see tests/support).
+mod as_root {
+    use super::*;
 
-    let running = api.submit_ok(&long_job("running-while-full")).await;
-    api.wait_running_with_points(&running, Duration::from_secs(60))
-        .await;
-    let filled = disk.fill("filler");
-    assert!(filled > 0, "the disk had room to fill");
+    #[tokio::test]
+    async fn a_full_disk_loses_no_accepted_job_names_the_cause_and_recovers_once_space_is_freed() {
+        let disk = Tmpfs::mount("8m");
+        let db = disk.path.join("lrtune.db");
+        let db_arg = db.to_str().unwrap().to_string();
+        let flags = ["--grace", "2", "--stale-after", "3"];
+        let mut server = Lrtune::serve(&db_arg, &flags);
+        let base = server.address.clone();
+        let api = Api::new(&base);
 
-    // Every submit is answered: 202 (committed), or a 507 (or 503) that names the full disk.
-    let mut statuses = Vec::new();
-    let mut accepted = Vec::new();
-    for index in 0..50 {
-        let (status, retry_after, body) = api.submit(&small_job(&format!("full-{index}"))).await;
-        statuses.push(status);
-        match status {
-            StatusCode::ACCEPTED => accepted.push(body["id"].as_str().unwrap().to_string()),
-            StatusCode::INSUFFICIENT_STORAGE => {
-                assert_eq!(body["error"]["code"], "disk_full", "{body}");
-                let message = body["error"]["message"].as_str().unwrap();
-                assert!(message.contains("disk is full"), "{message}");
-                assert!(!message.contains("locked"), "{message}");
-                assert!(retry_after.is_some(), "a 507 says when to try again");
+        let running = api.submit_ok(&long_job("running-while-full")).await;
+        api.wait_running_with_points(&running, Duration::from_secs(60))
+            .await;
+        let filled = disk.fill("filler");
+        assert!(filled > 0, "the disk had room to fill");
+
+        // Every submit is answered: 202 (committed), or a 507 (or 503) that names the full disk.
+        let mut statuses = Vec::new();
+        let mut accepted = Vec::new();
+        for index in 0..50 {
+            let (status, retry_after, body) =
+                api.submit(&small_job(&format!("full-{index}"))).await;
+            statuses.push(status);
+            match status {
+                StatusCode::ACCEPTED => accepted.push(body["id"].as_str().unwrap().to_string()),
+                StatusCode::INSUFFICIENT_STORAGE => {
+                    assert_eq!(body["error"]["code"], "disk_full", "{body}");
+                    let message = body["error"]["message"].as_str().unwrap();
+                    assert!(message.contains("disk is full"), "{message}");
+                    assert!(!message.contains("locked"), "{message}");
+                    assert!(retry_after.is_some(), "a 507 says when to try again");
+                }
+                other => panic!("submit {index} on a full disk answered {other}: {body}"),
             }
-            other => panic!("submit {index} on a full disk answered {other}: {body}"),
         }
-    }
-    let submits = tally(&statuses);
-    eprintln!("submits on a full disk, by status: {submits:?}");
-    assert!(
-        submits.get(&507).copied().unwrap_or(0) >= 40,
-        "the disk is full, so (nearly) every submit is refused: {submits:?}"
-    );
-    // An upload is refused the same way (or stored, when the write-ahead log still had a free
-    // page for it, as a few of the submits were).
-    let (status, _, body) = api
-        .send(
-            api.http
-                .post(format!("{base}/v1/datasets?format=csv&name=full"))
-                .body("a,b,label\n1,2,0\n3,4,1\n"),
-        )
-        .await;
-    match status {
-        StatusCode::CREATED => assert_eq!(body["name"], "full"),
-        StatusCode::INSUFFICIENT_STORAGE => assert_eq!(body["error"]["code"], "disk_full"),
-        other => panic!("an upload on a full disk answered {other}: {body}"),
-    }
-    // Health says why.
-    let (status, health) = api.get("/healthz").await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{health}");
-    assert!(
-        health["reason"].as_str().unwrap().contains("disk full"),
-        "{health}"
-    );
-    // Reads go on.
-    assert_eq!(api.job(&running).await["id"], running.as_str());
-
-    // Space freed: service within 5 s, no restart.
-    std::fs::remove_file(disk.path.join("filler")).unwrap();
-    let freed = Instant::now();
-    let recovered = loop {
-        let (health, _) = api.get("/healthz").await;
-        let (status, _, body) = api.submit(&small_job("after-freeing")).await;
-        if health == StatusCode::OK && status == StatusCode::ACCEPTED {
-            accepted.push(body["id"].as_str().unwrap().to_string());
-            break freed.elapsed();
-        }
+        let submits = tally(&statuses);
+        eprintln!("submits on a full disk, by status: {submits:?}");
         assert!(
-            freed.elapsed() < Duration::from_secs(5),
-            "no recovery 5 s after freeing space: {status} {body}"
+            submits.get(&507).copied().unwrap_or(0) >= 40,
+            "the disk is full, so (nearly) every submit is refused: {submits:?}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    eprintln!("recovered {recovered:?} after the space was freed");
-    // The job that ran through it succeeds, with each of its points once.
-    let job = api.wait_finished(&running, Duration::from_secs(180)).await;
-    assert_eq!(job["status"], "succeeded", "{job}");
-    assert_sqlite_curve_written_once(&db, &job).await;
-    for id in &accepted {
-        assert_eq!(
-            api.wait_finished(id, Duration::from_secs(120)).await["status"],
-            "succeeded"
-        );
-    }
-
-    // Full again with a job running: SIGTERM still ends the process within the grace period
-    // (2 s; the runtime's last 0.2 s and the process's exit aside).
-    let interrupted = api.submit_ok(&long_job("interrupted")).await;
-    api.wait_running_with_points(&interrupted, Duration::from_secs(60))
-        .await;
-    disk.fill("filler");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let signaled = Instant::now();
-    server.signal(Signal::SIGTERM);
-    let exited = server.wait_exit(Duration::from_secs(20));
-    let took = signaled.elapsed();
-    assert!(
-        exited.is_some(),
-        "still running {took:?} after SIGTERM:\n{}",
-        server.log_text()
-    );
-    eprintln!("exited {took:?} after SIGTERM on a full disk");
-    assert!(took < Duration::from_millis(2500), "{took:?}");
-    drop(server);
-
-    // After a restart (with space again), every accepted job is there, and the interrupted
-    // one runs again to the end.
-    std::fs::remove_file(disk.path.join("filler")).unwrap();
-    let (server, base) = Lrtune::serve(&db_arg, &flags, &logs.path().join("serve-2.log"));
-    let api = Api::new(&base);
-    for id in accepted.iter().chain([&running, &interrupted]) {
-        let (status, job) = api.get(&format!("/v1/jobs/{id}")).await;
-        assert_eq!(status, StatusCode::OK, "accepted job {id} was lost: {job}");
-    }
-    let job = api
-        .wait_finished(&interrupted, Duration::from_secs(180))
-        .await;
-    assert_eq!(job["status"], "succeeded", "{job}");
-    assert_sqlite_curve_written_once(&db, &job).await;
-    drop(server);
-    assert_eq!(integrity_check(&db).await, "ok");
-}
-
-#[tokio::test]
-async fn a_database_file_made_read_only_or_removed_under_the_server_gets_503s_and_a_red_health() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("lrtune.db");
-    let db_arg = db.to_str().unwrap().to_string();
-    let (mut server, base) = Lrtune::serve(&db_arg, &[], &dir.path().join("serve.log"));
-    let api = Api::new(&base);
-    let earlier = api.submit_ok(&small_job("before")).await;
-    assert_eq!(
-        api.wait_finished(&earlier, Duration::from_secs(60)).await["status"],
-        "succeeded"
-    );
-
-    // Read-only: immutable, so that not even root may write it.
-    let immutable = std::process::Command::new("chattr")
-        .arg("+i")
-        .arg(&db)
-        .status()
-        .is_ok_and(|status| status.success());
-    if immutable {
-        let (status, retry_after, body) = api.submit(&small_job("read-only")).await;
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-        assert_eq!(retry_after.as_deref(), Some("2"));
-        let message = body["error"]["message"].as_str().unwrap();
-        assert!(message.contains("is read-only"), "{message}");
+        // An upload is refused the same way (or stored, when the write-ahead log still had a free
+        // page for it, as a few of the submits were).
+        let (status, _, body) = api
+            .send(
+                api.http
+                    .post(format!("{base}/v1/datasets?format=csv&name=full"))
+                    .body("a,b,label\n1,2,0\n3,4,1\n"),
+            )
+            .await;
+        match status {
+            StatusCode::CREATED => assert_eq!(body["name"], "full"),
+            StatusCode::INSUFFICIENT_STORAGE => assert_eq!(body["error"]["code"], "disk_full"),
+            other => panic!("an upload on a full disk answered {other}: {body}"),
+        }
+        // Health says why.
         let (status, health) = api.get("/healthz").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{health}");
-        assert!(health["reason"].as_str().unwrap().contains("read-only"));
-        let _ = std::process::Command::new("chattr")
-            .arg("-i")
-            .arg(&db)
-            .status();
-        let id = api.submit_ok(&small_job("writable-again")).await;
+        assert!(
+            health["reason"].as_str().unwrap().contains("disk full"),
+            "{health}"
+        );
+        // Reads go on.
+        assert_eq!(api.job(&running).await["id"], running.as_str());
+
+        // Space freed: service within 5 s, no restart.
+        std::fs::remove_file(disk.path.join("filler")).unwrap();
+        let freed = Instant::now();
+        let recovered = loop {
+            let (health, _) = api.get("/healthz").await;
+            let (status, _, body) = api.submit(&small_job("after-freeing")).await;
+            if health == StatusCode::OK && status == StatusCode::ACCEPTED {
+                accepted.push(body["id"].as_str().unwrap().to_string());
+                break freed.elapsed();
+            }
+            assert!(
+                freed.elapsed() < Duration::from_secs(5),
+                "no recovery 5 s after freeing space: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        eprintln!("recovered {recovered:?} after the space was freed");
+        // The job that ran through it succeeds, with each of its points once.
+        let job = api.wait_finished(&running, Duration::from_secs(180)).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_sqlite_curve_written_once(&db, &job).await;
+        for id in &accepted {
+            assert_eq!(
+                api.wait_finished(id, Duration::from_secs(120)).await["status"],
+                "succeeded"
+            );
+        }
+
+        // Full again with a job running: SIGTERM still ends the process within the grace
+        // period (2 s; the runtime's last 0.2 s and the process's exit aside).
+        let interrupted = api.submit_ok(&long_job("interrupted")).await;
+        api.wait_running_with_points(&interrupted, Duration::from_secs(60))
+            .await;
+        disk.fill("filler");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let signaled = Instant::now();
+        server.signal(Signal::SIGTERM);
+        let exited = server.wait_exit(Duration::from_secs(20));
+        let took = signaled.elapsed();
+        assert!(
+            exited.is_some(),
+            "still running {took:?} after SIGTERM:\n{}",
+            server.log_text()
+        );
+        eprintln!("exited {took:?} after SIGTERM on a full disk");
+        assert!(took < Duration::from_millis(2500), "{took:?}");
+        drop(server);
+
+        // After a restart (with space again), every accepted job is there, and the interrupted
+        // one runs again to the end.
+        std::fs::remove_file(disk.path.join("filler")).unwrap();
+        let server = Lrtune::serve(&db_arg, &flags);
+        let api = Api::new(&server.address);
+        for id in accepted.iter().chain([&running, &interrupted]) {
+            let (status, job) = api.get(&format!("/v1/jobs/{id}")).await;
+            assert_eq!(status, StatusCode::OK, "accepted job {id} was lost: {job}");
+        }
+        let job = api
+            .wait_finished(&interrupted, Duration::from_secs(180))
+            .await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_sqlite_curve_written_once(&db, &job).await;
+        drop(server);
+        assert_eq!(integrity_check(&db).await, "ok");
+    }
+
+    #[tokio::test]
+    async fn a_database_file_made_read_only_or_removed_under_the_server_gets_503s_and_a_red_health()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("lrtune.db");
+        let db_arg = db.to_str().unwrap().to_string();
+        let mut server = Lrtune::serve(&db_arg, &[]);
+        let api = Api::new(&server.address);
+        let earlier = api.submit_ok(&small_job("before")).await;
         assert_eq!(
-            api.wait_finished(&id, Duration::from_secs(60)).await["status"],
+            api.wait_finished(&earlier, Duration::from_secs(60)).await["status"],
             "succeeded"
         );
-    } else {
+
+        // Read-only: immutable, so that not even root may write it.
+        let immutable = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(&db)
+            .status()
+            .is_ok_and(|status| status.success());
         assert!(
-            !crate::process::required(),
-            "chattr +i is needed (as root, on ext4) for the read-only case"
+            immutable,
+            "chattr +i is needed (as root, on ext4) for the read-only case; \
+         `cargo test -- --skip as_root` leaves the root-only tests out"
         );
-        eprintln!("SKIPPED the read-only case: chattr +i is not allowed here");
-    }
+        {
+            let (status, retry_after, body) = api.submit(&small_job("read-only")).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+            assert_eq!(retry_after.as_deref(), Some("2"));
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("is read-only"), "{message}");
+            let (status, health) = api.get("/healthz").await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{health}");
+            assert!(health["reason"].as_str().unwrap().contains("read-only"));
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&db)
+                .status();
+            let id = api.submit_ok(&small_job("writable-again")).await;
+            assert_eq!(
+                api.wait_finished(&id, Duration::from_secs(60)).await["status"],
+                "succeeded"
+            );
+        }
 
-    // Removed: SQLite would go on writing to the unlinked file, lost at the next start.
-    std::fs::remove_file(&db).unwrap();
-    let mut statuses = Vec::new();
-    for index in 0..5 {
-        let (status, retry_after, body) = api.submit(&small_job(&format!("gone-{index}"))).await;
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-        assert_eq!(retry_after.as_deref(), Some("2"));
-        let message = body["error"]["message"].as_str().unwrap();
-        assert!(message.contains("was removed or replaced"), "{message}");
-        statuses.push(status);
-    }
-    let (status, health) = api.get("/healthz").await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{health}");
-    assert!(server.is_alive(), "no panic, no exit");
-    let log = server.log_text();
-    assert!(
-        log.contains("was removed or replaced while the server had it open"),
-        "a clear log line: {log}"
-    );
-    assert!(!log.contains("panicked"), "{log}");
-    eprintln!(
-        "submits with the file removed, by status: {:?}",
-        tally(&statuses)
-    );
+        // Removed: SQLite would go on writing to the unlinked file, lost at the next start.
+        std::fs::remove_file(&db).unwrap();
+        let mut statuses = Vec::new();
+        for index in 0..5 {
+            let (status, retry_after, body) =
+                api.submit(&small_job(&format!("gone-{index}"))).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+            assert_eq!(retry_after.as_deref(), Some("2"));
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("was removed or replaced"), "{message}");
+            statuses.push(status);
+        }
+        let (status, health) = api.get("/healthz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{health}");
+        assert!(server.is_alive(), "no panic, no exit");
+        let log = server.log_text();
+        assert!(
+            log.contains("was removed or replaced while the server had it open"),
+            "a clear log line: {log}"
+        );
+        assert!(!log.contains("panicked"), "{log}");
+        eprintln!(
+            "submits with the file removed, by status: {:?}",
+            tally(&statuses)
+        );
 
-    server.signal(Signal::SIGTERM);
-    assert!(server.wait_exit(Duration::from_secs(15)).is_some());
+        server.signal(Signal::SIGTERM);
+        assert!(server.wait_exit(Duration::from_secs(15)).is_some());
+    }
 }
 
 /// A tune of a few seconds (a range test, then a sweep of three candidates).
@@ -428,213 +422,205 @@ async fn assert_postgres_outputs_written_once(url: &str, jobs: &[Value]) {
     pool.close().await;
 }
 
-#[tokio::test]
-async fn a_postgres_restart_and_a_10_s_outage_mid_run_lose_nothing_and_answer_only_503_meanwhile() {
-    let Some(postgres) = Postgres::start() else {
-        return;
-    };
-    let url = postgres.url();
-    let logs = tempfile::tempdir().unwrap();
-    let log = |name: &str| logs.path().join(name);
-    let lease = ["--stale-after", "3"];
-    let (mut api_process, base) = Lrtune::serve(
-        &url,
-        &["--workers", "0", "--stale-after", "3"],
-        &log("api.log"),
-    );
-    let mut workers = [
-        Lrtune::worker(&url, "one", &lease, &log("one.log")),
-        Lrtune::worker(&url, "two", &lease, &log("two.log")),
-    ];
-    let api = Api::new(&base);
-    let mut ids = Vec::new();
-    for index in 0..10 {
-        ids.push(api.submit_ok(&tune_job(&format!("outage-{index}"))).await);
-    }
-    api.wait_running_with_points(&ids[0], Duration::from_secs(60))
-        .await;
+/// On PostgreSQL servers of the tests' own (initdb and pg_ctl; see tests/support).
+mod on_postgres {
+    use super::*;
 
-    // The API's latency benchmark at 200 requests/s all through the restart and the outage.
-    let load = std::process::Command::new(env!("CARGO_BIN_EXE_lrtune"))
-        .args([
-            "bench-api",
-            "--server",
-            &base,
-            "--rate",
-            "200",
-            "--seconds",
-            "22",
-        ])
-        .args(["--connections", "32", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("bench-api starts");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
-    postgres.restart_fast();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let running_at_outage: Vec<(String, usize)> = {
-        let mut running = Vec::new();
-        for id in &ids {
-            let job = api.job(id).await;
-            if job["status"] == "running" {
-                let (_, curve) = api.get(&format!("/v1/jobs/{id}/curve")).await;
-                running.push((id.clone(), curve["points"].as_array().map_or(0, Vec::len)));
-            }
+    #[tokio::test]
+    async fn a_postgres_restart_and_a_10_s_outage_mid_run_lose_nothing_and_answer_only_503_meanwhile(
+    ) {
+        let postgres = Postgres::start();
+        let url = postgres.url();
+        let lease = ["--stale-after", "3"];
+        let mut api_process = Lrtune::serve(&url, &["--workers", "0", "--stale-after", "3"]);
+        let base = api_process.address.clone();
+        let mut workers = [
+            Lrtune::worker(&url, "one", &lease),
+            Lrtune::worker(&url, "two", &lease),
+        ];
+        let api = Api::new(&base);
+        let mut ids = Vec::new();
+        for index in 0..10 {
+            ids.push(api.submit_ok(&tune_job(&format!("outage-{index}"))).await);
         }
-        running
-    };
-    postgres.stop();
-    let stopped = Instant::now();
-    // While it is down: a write is a 503 with Retry-After, and health says why.
-    let (status, retry_after, body) = api.submit(&tune_job("during-outage")).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(body["error"]["code"], "unavailable");
-    assert_eq!(retry_after.as_deref(), Some("2"));
-    let (status, health) = api.get("/healthz").await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{health}");
-    assert_eq!(health["status"], "unavailable");
-    tokio::time::sleep(Duration::from_secs(10).saturating_sub(stopped.elapsed())).await;
+        api.wait_running_with_points(&ids[0], Duration::from_secs(60))
+            .await;
 
-    postgres.start_again();
-    let back = Instant::now();
-    let first_2xx = loop {
-        let (status, _) = api.get("/v1/jobs?limit=1").await;
-        if status.is_success() {
-            break back.elapsed();
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(5),
-            "no 2xx within 5 s: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    // The jobs running at the outage write again (their buffered points at once), or were
-    // queued again when their lease ran out.
-    let mut last_flushed = Duration::ZERO;
-    for (id, points_before) in &running_at_outage {
-        loop {
-            let job = api.job(id).await;
-            let (_, curve) = api.get(&format!("/v1/jobs/{id}/curve")).await;
-            let points = curve["points"].as_array().map_or(0, Vec::len);
-            if points > *points_before || job["status"] != "running" {
-                last_flushed = last_flushed.max(back.elapsed());
-                break;
+        // The API's latency benchmark at 200 requests/s all through the restart and the outage.
+        let load = std::process::Command::new(lrtune_dev_binary())
+            .args([
+                "bench-api",
+                "--server",
+                &base,
+                "--rate",
+                "200",
+                "--seconds",
+                "22",
+            ])
+            .args(["--connections", "32", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("bench-api starts");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        postgres.restart_fast();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let running_at_outage: Vec<(String, usize)> = {
+            let mut running = Vec::new();
+            for id in &ids {
+                let job = api.job(id).await;
+                if job["status"] == "running" {
+                    let (_, curve) = api.get(&format!("/v1/jobs/{id}/curve")).await;
+                    running.push((id.clone(), curve["points"].as_array().map_or(0, Vec::len)));
+                }
             }
-            assert!(back.elapsed() < Duration::from_secs(30), "{job}");
+            running
+        };
+        postgres.stop();
+        let stopped = Instant::now();
+        // While it is down: a write is a 503 with Retry-After, and health says why.
+        let (status, retry_after, body) = api.submit(&tune_job("during-outage")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["error"]["code"], "unavailable");
+        assert_eq!(retry_after.as_deref(), Some("2"));
+        let (status, health) = api.get("/healthz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{health}");
+        assert_eq!(health["status"], "unavailable");
+        tokio::time::sleep(Duration::from_secs(10).saturating_sub(stopped.elapsed())).await;
+
+        postgres.start_again();
+        let back = Instant::now();
+        let first_2xx = loop {
+            let (status, _) = api.get("/v1/jobs?limit=1").await;
+            if status.is_success() {
+                break back.elapsed();
+            }
+            assert!(
+                back.elapsed() < Duration::from_secs(5),
+                "no 2xx within 5 s: {status}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // The jobs running at the outage write again (their buffered points at once), or were
+        // queued again when their lease ran out.
+        let mut last_flushed = Duration::ZERO;
+        for (id, points_before) in &running_at_outage {
+            loop {
+                let job = api.job(id).await;
+                let (_, curve) = api.get(&format!("/v1/jobs/{id}/curve")).await;
+                let points = curve["points"].as_array().map_or(0, Vec::len);
+                if points > *points_before || job["status"] != "running" {
+                    last_flushed = last_flushed.max(back.elapsed());
+                    break;
+                }
+                assert!(back.elapsed() < Duration::from_secs(30), "{job}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        eprintln!(
+            "database back: first 2xx after {first_2xx:?}, running jobs writing again after \
+         {last_flushed:?}"
+        );
+
+        let mut jobs = Vec::new();
+        for id in &ids {
+            let job = api.wait_finished(id, Duration::from_secs(300)).await;
+            assert_eq!(job["status"], "succeeded", "{job}");
+            assert!(job["attempts"].as_i64().unwrap() <= 2, "{job}");
+            jobs.push(job);
+        }
+        assert_postgres_outputs_written_once(&url, &jobs).await;
+        let attempts: Vec<i64> = jobs
+            .iter()
+            .map(|j| j["attempts"].as_i64().unwrap())
+            .collect();
+        eprintln!("attempts per job: {attempts:?}");
+
+        let output = load.wait_with_output().expect("bench-api ends");
+        let report: Value = serde_json::from_slice(&output.stdout).expect("bench-api prints JSON");
+        let phase = &report["phases"]["server"];
+        eprintln!("load through the outage, by status: {}", phase["by_status"]);
+        assert_eq!(report["passed"], true, "{report}");
+        assert_eq!(phase["unavailable_without_retry_after"], 0);
+        let by_status = phase["by_status"].as_object().unwrap();
+        assert!(
+            by_status
+                .keys()
+                .all(|status| status == "2xx" || status == "503"),
+            "{by_status:?}"
+        );
+        assert!(
+            by_status["503"].as_u64().unwrap_or(0) > 0,
+            "the outage was seen"
+        );
+        assert_eq!(output.status.code(), Some(0));
+
+        assert!(api_process.is_alive(), "the API exited");
+        for worker in &mut workers {
+            assert!(worker.is_alive(), "a worker exited:\n{}", worker.log_text());
         }
     }
-    eprintln!(
-        "database back: first 2xx after {first_2xx:?}, running jobs writing again after \
-         {last_flushed:?}"
-    );
 
-    let mut jobs = Vec::new();
-    for id in &ids {
-        let job = api.wait_finished(id, Duration::from_secs(300)).await;
+    #[tokio::test]
+    async fn a_worker_frozen_past_its_lease_loses_the_job_to_another_and_its_late_writes_are_refused(
+    ) {
+        let postgres = Postgres::start();
+        let url = postgres.url();
+        let stale_after = Duration::from_secs(2);
+        let lease = ["--stale-after", "2"];
+        let api_process = Lrtune::serve(&url, &["--workers", "0", "--stale-after", "2"]);
+        let workers = [
+            Lrtune::worker(&url, "one", &lease),
+            Lrtune::worker(&url, "two", &lease),
+        ];
+        let api = Api::new(&api_process.address);
+        let id = api.submit_ok(&long_job("frozen")).await;
+        api.wait_running_with_points(&id, Duration::from_secs(60))
+            .await;
+        let first = api.job(&id).await;
+        let frozen_name = first["worker"].as_str().unwrap().to_string();
+        let (frozen, other_name) = if frozen_name.starts_with("one@") {
+            (&workers[0], "two@")
+        } else {
+            (&workers[1], "one@")
+        };
+
+        frozen.signal(Signal::SIGSTOP);
+        tokio::time::sleep(stale_after * 3).await;
+        let taken = api.job(&id).await;
+        frozen.signal(Signal::SIGCONT);
+        assert_eq!(taken["attempts"], 2, "requeued and claimed again: {taken}");
+        assert_ne!(taken["worker"], frozen_name.as_str(), "{taken}");
+
+        let job = api.wait_finished(&id, Duration::from_secs(300)).await;
         assert_eq!(job["status"], "succeeded", "{job}");
-        assert!(job["attempts"].as_i64().unwrap() <= 2, "{job}");
-        jobs.push(job);
-    }
-    assert_postgres_outputs_written_once(&url, &jobs).await;
-    let attempts: Vec<i64> = jobs
-        .iter()
-        .map(|j| j["attempts"].as_i64().unwrap())
-        .collect();
-    eprintln!("attempts per job: {attempts:?}");
-
-    let output = load.wait_with_output().expect("bench-api ends");
-    let report: Value = serde_json::from_slice(&output.stdout).expect("bench-api prints JSON");
-    let phase = &report["phases"]["server"];
-    eprintln!("load through the outage, by status: {}", phase["by_status"]);
-    assert_eq!(report["passed"], true, "{report}");
-    assert_eq!(phase["unavailable_without_retry_after"], 0);
-    let by_status = phase["by_status"].as_object().unwrap();
-    assert!(
-        by_status
-            .keys()
-            .all(|status| status == "2xx" || status == "503"),
-        "{by_status:?}"
-    );
-    assert!(
-        by_status["503"].as_u64().unwrap_or(0) > 0,
-        "the outage was seen"
-    );
-    assert_eq!(output.status.code(), Some(0));
-
-    assert!(api_process.is_alive(), "the API exited");
-    for worker in &mut workers {
-        assert!(worker.is_alive(), "a worker exited:\n{}", worker.log_text());
-    }
-}
-
-#[tokio::test]
-async fn a_worker_frozen_past_its_lease_loses_the_job_to_another_and_its_late_writes_are_refused() {
-    let Some(postgres) = Postgres::start() else {
-        return;
-    };
-    let url = postgres.url();
-    let logs = tempfile::tempdir().unwrap();
-    let log = |name: &str| logs.path().join(name);
-    let stale_after = Duration::from_secs(2);
-    let lease = ["--stale-after", "2"];
-    let (_api_process, base) = Lrtune::serve(
-        &url,
-        &["--workers", "0", "--stale-after", "2"],
-        &log("api.log"),
-    );
-    let workers = [
-        Lrtune::worker(&url, "one", &lease, &log("one.log")),
-        Lrtune::worker(&url, "two", &lease, &log("two.log")),
-    ];
-    let api = Api::new(&base);
-    let id = api.submit_ok(&long_job("frozen")).await;
-    api.wait_running_with_points(&id, Duration::from_secs(60))
-        .await;
-    let first = api.job(&id).await;
-    let frozen_name = first["worker"].as_str().unwrap().to_string();
-    let (frozen, other_name) = if frozen_name.starts_with("one@") {
-        (&workers[0], "two@")
-    } else {
-        (&workers[1], "one@")
-    };
-
-    frozen.signal(Signal::SIGSTOP);
-    tokio::time::sleep(stale_after * 3).await;
-    let taken = api.job(&id).await;
-    frozen.signal(Signal::SIGCONT);
-    assert_eq!(taken["attempts"], 2, "requeued and claimed again: {taken}");
-    assert_ne!(taken["worker"], frozen_name.as_str(), "{taken}");
-
-    let job = api.wait_finished(&id, Duration::from_secs(300)).await;
-    assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(job["attempts"], 2);
-    assert!(
-        job["worker"].as_str().unwrap().starts_with(other_name),
-        "{job}"
-    );
-    assert_postgres_outputs_written_once(&url, std::slice::from_ref(&job)).await;
-
-    // The woken worker said once that its writes were refused, dropped the job and went back
-    // to claiming (it is alive and runs the next job if it gets it).
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let frozen_log = frozen.log_text();
-    assert_eq!(
-        frozen_log.matches("its writes are refused").count(),
-        1,
-        "{frozen_log}"
-    );
-    let next = [
-        api.submit_ok(&small_job("after-1")).await,
-        api.submit_ok(&small_job("after-2")).await,
-        api.submit_ok(&small_job("after-3")).await,
-    ];
-    for id in &next {
-        assert_eq!(
-            api.wait_finished(id, Duration::from_secs(60)).await["status"],
-            "succeeded"
+        assert_eq!(job["attempts"], 2);
+        assert!(
+            job["worker"].as_str().unwrap().starts_with(other_name),
+            "{job}"
         );
+        assert_postgres_outputs_written_once(&url, std::slice::from_ref(&job)).await;
+
+        // The woken worker said once that its writes were refused, dropped the job and went back
+        // to claiming (it is alive and runs the next job if it gets it).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let frozen_log = frozen.log_text();
+        assert_eq!(
+            frozen_log.matches("its writes are refused").count(),
+            1,
+            "{frozen_log}"
+        );
+        let next = [
+            api.submit_ok(&small_job("after-1")).await,
+            api.submit_ok(&small_job("after-2")).await,
+            api.submit_ok(&small_job("after-3")).await,
+        ];
+        for id in &next {
+            assert_eq!(
+                api.wait_finished(id, Duration::from_secs(60)).await["status"],
+                "succeeded"
+            );
+        }
     }
 }

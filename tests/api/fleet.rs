@@ -5,86 +5,30 @@
 //! processes.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lrtune::store::scratch::ScratchDatabase;
+use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::Row;
 
 use crate::helpers::{json_of, read_events};
+use crate::support::fixtures::{long_job, small_job};
+use crate::support::process::Lrtune;
+use crate::support::scratch::ScratchDatabase;
 
-/// A child process killed (SIGKILL) when dropped.
-struct Process {
-    child: Child,
-    /// The first line it printed: the API's address, or the worker's name.
-    first_line: String,
+/// `lrtune serve --workers 0`: an API replica; `address` is its base URL.
+fn api(db: &str) -> Lrtune {
+    Lrtune::serve(db, &["--workers", "0", "--stale-after", "2"])
 }
 
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(args: &[&str]) -> Process {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lrtune"))
-        .args(args)
-        .env_remove("LRTUNE_API_TOKEN")
-        .env_remove("LRTUNE_DB")
-        .env("LRTUNE_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the lrtune binary starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut first_line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut first_line)
-        .expect("the process prints a first line");
-    Process {
-        child,
-        first_line: first_line.trim().to_string(),
-    }
-}
-
-/// `lrtune serve --workers 0`: an API replica.
-fn api(db: &str) -> (Process, String) {
-    let process = spawn(&[
-        "serve",
-        "--workers",
-        "0",
-        "--addr",
-        "127.0.0.1:0",
-        "--stale-after",
-        "2",
-        "--db",
+/// `lrtune worker --name NAME`, with its metrics on a free port (the URL it answers).
+fn worker(db: &str, name: &str) -> (Lrtune, String) {
+    let process = Lrtune::worker(
         db,
-    ]);
-    let address = process
-        .first_line
-        .strip_prefix("lrtune listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {:?}", process.first_line))
-        .to_string();
-    (process, address)
-}
-
-/// `lrtune worker --name NAME`, with its metrics on a free port.
-fn worker(db: &str, name: &str) -> (Process, String) {
-    let process = spawn(&[
-        "worker",
-        "--name",
         name,
-        "--stale-after",
-        "2",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--db",
-        db,
-    ]);
+        &["--stale-after", "2", "--metrics-addr", "127.0.0.1:0"],
+    );
     let metrics = process
         .first_line
         .split(" metrics on ")
@@ -99,32 +43,6 @@ fn worker(db: &str, name: &str) -> (Process, String) {
         process.first_line
     );
     (process, metrics)
-}
-
-/// A job of a few tenths of a second.
-fn small_job(name: &str) -> Value {
-    json!({
-        "name": name,
-        "data": {"builtin": "spirals", "samples": 256},
-        "model": {"arch": "mlp", "hidden": [8]},
-        "batch_size": 32,
-        "plan": {"epochs": 1},
-        "range_test": {"steps": 20},
-        "sweep": {"count": 2, "epochs": 1}
-    })
-}
-
-/// A job of several seconds, to be killed or canceled in the middle of.
-fn long_job(name: &str) -> Value {
-    json!({
-        "name": name,
-        "data": {"builtin": "spirals", "samples": 2048},
-        "model": {"arch": "mlp", "hidden": [64, 64]},
-        "batch_size": 32,
-        "plan": {"epochs": 1},
-        "range_test": {"steps": 3000, "end_lr": 0.1},
-        "sweep": {"count": 2, "epochs": 1}
-    })
 }
 
 struct Client {
@@ -194,6 +112,34 @@ impl Client {
         })
         .await
     }
+
+    /// Submits a long job, cancels it once it runs, and asserts that it stopped as canceled
+    /// within 2 s of the request; returns the job.
+    async fn cancel_a_running_long_job(&self, base: &str) -> Value {
+        let id = self.submit(base, &long_job("long")).await;
+        self.wait_until(base, &id, Duration::from_secs(60), |job| {
+            job["status"] == "running" && job["progress"]["done"].as_i64() > Some(10)
+        })
+        .await;
+        let asked = Instant::now();
+        let response = self
+            .http
+            .post(format!("{base}/v1/jobs/{id}/cancel"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let job = self
+            .wait_until_finished(base, &id, Duration::from_secs(10))
+            .await;
+        let took = asked.elapsed();
+        assert_eq!(job["status"], "canceled", "{job}");
+        assert!(
+            took < Duration::from_secs(2),
+            "the worker stopped after {took:?}"
+        );
+        job
+    }
 }
 
 /// Asserts that a finished job's stored curve is exactly steps 0..steps_run, from its last
@@ -235,227 +181,207 @@ async fn assert_written_once(pool: &sqlx::PgPool, job: &Value) {
     assert_eq!(sweep, expected, "job {id}: sweep runs");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_mid_job_loses_nothing_every_job_succeeds_once_with_one_point_per_step() {
-    let Some(db) = ScratchDatabase::create().await else {
-        return;
-    };
-    let client = Client::new();
-    let (_api, base) = api(&db.url);
-    let mut workers: Vec<Option<Process>> = ["w1", "w2", "w3"]
-        .into_iter()
-        .map(|name| Some(worker(&db.url, name).0))
-        .collect();
+/// On a PostgreSQL database of each test's own (see tests/support).
+mod on_postgres {
+    use super::*;
 
-    let mut ids = vec![client.submit(&base, &long_job("victim")).await];
-    for index in 1..20 {
-        ids.push(
-            client
-                .submit(&base, &small_job(&format!("job-{index}")))
-                .await,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_killed_mid_job_loses_nothing_every_job_succeeds_once_with_one_point_per_step()
+    {
+        let db = ScratchDatabase::new().await;
+        let client = Client::new();
+        let replica = api(&db.url);
+        let base = replica.address.clone();
+        let mut workers: Vec<Option<Lrtune>> = ["w1", "w2", "w3"]
+            .into_iter()
+            .map(|name| Some(worker(&db.url, name).0))
+            .collect();
+
+        let mut ids = vec![client.submit(&base, &long_job("victim")).await];
+        for index in 1..20 {
+            ids.push(
+                client
+                    .submit(&base, &small_job(&format!("job-{index}")))
+                    .await,
+            );
+        }
+        // Kill the worker running the long job once part of its curve is stored.
+        let running = client
+            .wait_until(&base, &ids[0], Duration::from_secs(60), |job| {
+                job["status"] == "running" && job["progress"]["done"].as_i64() > Some(50)
+            })
+            .await;
+        let worker_name = running["worker"].as_str().expect("a worker").to_string();
+        let index = ["w1@", "w2@", "w3@"]
+            .iter()
+            .position(|prefix| worker_name.starts_with(prefix))
+            .unwrap_or_else(|| panic!("unknown worker {worker_name}"));
+        let mut victim = workers[index].take().expect("alive");
+        victim.kill();
+        drop(victim);
+
+        let mut jobs = Vec::new();
+        for id in &ids {
+            jobs.push(
+                client
+                    .wait_until_finished(&base, id, Duration::from_secs(180))
+                    .await,
+            );
+        }
+        for job in &jobs {
+            assert_eq!(job["status"], "succeeded", "{job}");
+            let attempts = job["attempts"].as_i64().unwrap();
+            assert!((1..=2).contains(&attempts), "{job}");
+        }
+        assert_eq!(
+            jobs[0]["attempts"], 2,
+            "the killed job ran again: {}",
+            jobs[0]
+        );
+        assert_ne!(
+            jobs[0]["worker"], worker_name,
+            "another worker finished the killed job"
+        );
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+        for job in &jobs {
+            assert_written_once(&pool, job).await;
+        }
+        let succeeded: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM job WHERE status = 'succeeded'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(succeeded, 20);
+        pool.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_through_an_api_replica_stops_a_job_in_a_worker_process_within_two_seconds() {
+        let db = ScratchDatabase::new().await;
+        let client = Client::new();
+        let replica = api(&db.url);
+        let base = replica.address.clone();
+        let (_worker, _) = worker(&db.url, "canceler");
+        let job = client.cancel_a_running_long_job(&base).await;
+        assert!(job["progress"]["done"].as_i64().unwrap() < 3000, "{job}");
+        assert!(
+            job["worker"].as_str().unwrap().starts_with("canceler@"),
+            "{job}"
         );
     }
-    // Kill the worker running the long job once part of its curve is stored.
-    let running = client
-        .wait_until(&base, &ids[0], Duration::from_secs(60), |job| {
-            job["status"] == "running" && job["progress"]["done"].as_i64() > Some(50)
-        })
-        .await;
-    let worker_name = running["worker"].as_str().expect("a worker").to_string();
-    let index = ["w1@", "w2@", "w3@"]
-        .iter()
-        .position(|prefix| worker_name.starts_with(prefix))
-        .unwrap_or_else(|| panic!("unknown worker {worker_name}"));
-    let mut victim = workers[index].take().expect("alive");
-    victim.child.kill().expect("SIGKILL");
-    victim.child.wait().unwrap();
-    drop(victim);
 
-    let mut jobs = Vec::new();
-    for id in &ids {
-        jobs.push(
-            client
-                .wait_until_finished(&base, id, Duration::from_secs(180))
-                .await,
-        );
-    }
-    for job in &jobs {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_from_an_api_replica_follow_a_job_in_a_worker_process_to_its_end() {
+        let db = ScratchDatabase::new().await;
+        let client = Client::new();
+        let replica = api(&db.url);
+        let base = replica.address.clone();
+        let (_worker, metrics) = worker(&db.url, "streamer");
+        let mut spec = small_job("streamed");
+        spec["range_test"]["steps"] = json!(200);
+        let id = client.submit(&base, &spec).await;
+        let response = client
+            .http
+            .get(format!("{base}/v1/jobs/{id}/events"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let events = read_events(response, Duration::from_secs(60)).await;
+        let job = client.job(&base, &id).await;
         assert_eq!(job["status"], "succeeded", "{job}");
-        let attempts = job["attempts"].as_i64().unwrap();
-        assert!((1..=2).contains(&attempts), "{job}");
-    }
-    assert_eq!(
-        jobs[0]["attempts"], 2,
-        "the killed job ran again: {}",
-        jobs[0]
-    );
-    assert_ne!(
-        jobs[0]["worker"], worker_name,
-        "another worker finished the killed job"
-    );
-    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-    for job in &jobs {
-        assert_written_once(&pool, job).await;
-    }
-    let succeeded: i64 = sqlx::query_scalar("SELECT count(*) FROM job WHERE status = 'succeeded'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(succeeded, 20);
-    pool.close().await;
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancel_through_an_api_replica_stops_a_job_in_a_worker_process_within_two_seconds() {
-    let Some(db) = ScratchDatabase::create().await else {
-        return;
-    };
-    let client = Client::new();
-    let (_api, base) = api(&db.url);
-    let (_worker, _) = worker(&db.url, "canceler");
-    let id = client.submit(&base, &long_job("long")).await;
-    client
-        .wait_until(&base, &id, Duration::from_secs(60), |job| {
-            job["status"] == "running" && job["progress"]["done"].as_i64() > Some(10)
-        })
-        .await;
-    let asked = Instant::now();
-    let response = client
-        .http
-        .post(format!("{base}/v1/jobs/{id}/cancel"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let job = client
-        .wait_until_finished(&base, &id, Duration::from_secs(10))
-        .await;
-    let took = asked.elapsed();
-    assert_eq!(job["status"], "canceled", "{job}");
-    assert!(
-        took < Duration::from_secs(2),
-        "the worker stopped after {took:?}"
-    );
-    assert!(job["progress"]["done"].as_i64().unwrap() < 3000, "{job}");
-    assert!(
-        job["worker"].as_str().unwrap().starts_with("canceler@"),
-        "{job}"
-    );
-}
+        let statuses: Vec<&str> = events
+            .iter()
+            .filter(|(name, _)| name == "status")
+            .map(|(_, data)| data["status"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(statuses.last(), Some(&"succeeded"), "{events:?}");
+        assert!(statuses.contains(&"running"), "{events:?}");
+        let steps: Vec<i64> = events
+            .iter()
+            .filter(|(name, _)| name == "point")
+            .map(|(_, data)| data["step"].as_i64().unwrap())
+            .collect();
+        let steps_run = job["result"]["range_test"]["steps_run"].as_i64().unwrap();
+        assert_eq!(steps, (0..steps_run).collect::<Vec<_>>());
+        let sweep_runs = events
+            .iter()
+            .filter(|(name, _)| name == "sweep_run")
+            .count();
+        assert_eq!(sweep_runs, job["result"]["sweep"].as_array().unwrap().len());
+        let progress = events.iter().filter(|(name, _)| name == "progress").count();
+        assert!(progress >= 2, "progress while it ran: {events:?}");
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_from_an_api_replica_follow_a_job_in_a_worker_process_to_its_end() {
-    let Some(db) = ScratchDatabase::create().await else {
-        return;
-    };
-    let client = Client::new();
-    let (_api, base) = api(&db.url);
-    let (_worker, metrics) = worker(&db.url, "streamer");
-    let mut spec = small_job("streamed");
-    spec["range_test"]["steps"] = json!(200);
-    let id = client.submit(&base, &spec).await;
-    let response = client
-        .http
-        .get(format!("{base}/v1/jobs/{id}/events"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let events = read_events(response, Duration::from_secs(60)).await;
-    let job = client.job(&base, &id).await;
-    assert_eq!(job["status"], "succeeded", "{job}");
-
-    let statuses: Vec<&str> = events
-        .iter()
-        .filter(|(name, _)| name == "status")
-        .map(|(_, data)| data["status"].as_str().unwrap_or_default())
-        .collect();
-    assert_eq!(statuses.last(), Some(&"succeeded"), "{events:?}");
-    assert!(statuses.contains(&"running"), "{events:?}");
-    let steps: Vec<i64> = events
-        .iter()
-        .filter(|(name, _)| name == "point")
-        .map(|(_, data)| data["step"].as_i64().unwrap())
-        .collect();
-    let steps_run = job["result"]["range_test"]["steps_run"].as_i64().unwrap();
-    assert_eq!(steps, (0..steps_run).collect::<Vec<_>>());
-    let sweep_runs = events
-        .iter()
-        .filter(|(name, _)| name == "sweep_run")
-        .count();
-    assert_eq!(sweep_runs, job["result"]["sweep"].as_array().unwrap().len());
-    let progress = events.iter().filter(|(name, _)| name == "progress").count();
-    assert!(progress >= 2, "progress while it ran: {events:?}");
-
-    // The worker's own metrics: the job it finished, and the store's counts.
-    let text = client
-        .http
-        .get(format!("{metrics}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        text.contains("lrtune_jobs{status=\"succeeded\"} 1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("lrtune_job_duration_seconds_count{status=\"succeeded\"} 1"),
-        "{text}"
-    );
-    let (status, health) = client.get(&metrics, "/healthz").await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(health, json!({"status": "ok", "database": "postgres"}));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_api_replicas_on_one_database_list_the_same_jobs() {
-    let Some(db) = ScratchDatabase::create().await else {
-        return;
-    };
-    let client = Client::new();
-    let (_first, one) = api(&db.url);
-    let (_second, other) = api(&db.url);
-    let mut ids = BTreeSet::new();
-    for index in 0..3 {
-        ids.insert(client.submit(&one, &small_job(&format!("a-{index}"))).await);
-        ids.insert(
-            client
-                .submit(&other, &small_job(&format!("b-{index}")))
-                .await,
-        );
-    }
-    let (status, listed_one) = client.get(&one, "/v1/jobs?limit=100").await;
-    assert_eq!(status, StatusCode::OK);
-    let (_, listed_other) = client.get(&other, "/v1/jobs?limit=100").await;
-    assert_eq!(listed_one, listed_other);
-    let listed: BTreeSet<String> = listed_one["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|job| job["id"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(listed, ids);
-    for id in &ids {
-        assert_eq!(client.job(&one, id).await["status"], "queued");
-        assert_eq!(client.job(&other, id).await["status"], "queued");
-    }
-    for base in [&one, &other] {
-        let (status, health) = client.get(base, "/healthz").await;
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(health, json!({"status": "ok", "database": "postgres"}));
+        // The worker's own metrics: the job it finished, and the store's counts.
         let text = client
             .http
-            .get(format!("{base}/metrics"))
+            .get(format!("{metrics}/metrics"))
             .send()
             .await
             .unwrap()
             .text()
             .await
             .unwrap();
-        assert!(text.contains("lrtune_jobs{status=\"queued\"} 6"), "{text}");
+        assert!(
+            text.contains("lrtune_jobs{status=\"succeeded\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lrtune_job_duration_seconds_count{status=\"succeeded\"} 1"),
+            "{text}"
+        );
+        let (status, health) = client.get(&metrics, "/healthz").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(health, json!({"status": "ok", "database": "postgres"}));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_api_replicas_on_one_database_list_the_same_jobs() {
+        let db = ScratchDatabase::new().await;
+        let client = Client::new();
+        let first = api(&db.url);
+        let second = api(&db.url);
+        let (one, other) = (first.address.clone(), second.address.clone());
+        let mut ids = BTreeSet::new();
+        for index in 0..3 {
+            ids.insert(client.submit(&one, &small_job(&format!("a-{index}"))).await);
+            ids.insert(
+                client
+                    .submit(&other, &small_job(&format!("b-{index}")))
+                    .await,
+            );
+        }
+        let (status, listed_one) = client.get(&one, "/v1/jobs?limit=100").await;
+        assert_eq!(status, StatusCode::OK);
+        let (_, listed_other) = client.get(&other, "/v1/jobs?limit=100").await;
+        assert_eq!(listed_one, listed_other);
+        let listed: BTreeSet<String> = listed_one["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|job| job["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(listed, ids);
+        for id in &ids {
+            assert_eq!(client.job(&one, id).await["status"], "queued");
+            assert_eq!(client.job(&other, id).await["status"], "queued");
+        }
+        for base in [&one, &other] {
+            let (status, health) = client.get(base, "/healthz").await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(health, json!({"status": "ok", "database": "postgres"}));
+            let text = client
+                .http
+                .get(format!("{base}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            assert!(text.contains("lrtune_jobs{status=\"queued\"} 6"), "{text}");
+        }
     }
 }
 
@@ -465,7 +391,8 @@ async fn a_worker_process_on_the_api_sqlite_file_runs_streams_and_cancels_jobs()
     let db = dir.path().join("lrtune.db");
     let db = db.to_str().unwrap();
     let client = Client::new();
-    let (_api, base) = api(db);
+    let replica = api(db);
+    let base = replica.address.clone();
     let (_worker, _) = worker(db, "local");
 
     let id = client.submit(&base, &small_job("streamed")).await;
@@ -492,60 +419,28 @@ async fn a_worker_process_on_the_api_sqlite_file_runs_streams_and_cancels_jobs()
         "{job}"
     );
 
-    let id = client.submit(&base, &long_job("long")).await;
-    client
-        .wait_until(&base, &id, Duration::from_secs(60), |job| {
-            job["status"] == "running" && job["progress"]["done"].as_i64() > Some(10)
-        })
-        .await;
-    let asked = Instant::now();
-    let response = client
-        .http
-        .post(format!("{base}/v1/jobs/{id}/cancel"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let job = client
-        .wait_until_finished(&base, &id, Duration::from_secs(10))
-        .await;
-    assert_eq!(job["status"], "canceled", "{job}");
-    let took = asked.elapsed();
-    assert!(
-        took < Duration::from_secs(2),
-        "the worker stopped after {took:?}"
-    );
+    client.cancel_a_running_long_job(&base).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_worker_its_unfinished_job_goes_back_to_the_queue_uncounted() {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("lrtune.db");
     let db = db.to_str().unwrap();
     let client = Client::new();
-    let (_api, base) = api(db);
-    let mut worker = spawn(&["worker", "--name", "drained", "--grace", "0.3", "--db", db]);
+    let replica = api(db);
+    let base = replica.address.clone();
+    let mut worker = Lrtune::worker(db, "drained", &["--grace", "0.3"]);
     let id = client.submit(&base, &long_job("long")).await;
     client
         .wait_until(&base, &id, Duration::from_secs(60), |job| {
             job["status"] == "running" && job["progress"]["done"].as_i64() > Some(10)
         })
         .await;
-    kill(Pid::from_raw(worker.child.id() as i32), Signal::SIGTERM).unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = worker.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    worker.signal(Signal::SIGTERM);
+    let status = worker
+        .wait_exit(Duration::from_secs(10))
+        .expect("an exit within 10 s of SIGTERM");
     assert!(status.success(), "{status:?}");
     let job = client.job(&base, &id).await;
     assert_eq!(job["status"], "queued", "{job}");

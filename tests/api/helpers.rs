@@ -10,9 +10,12 @@ use lrtune::engine::{EngineError, Event, Limits, LoadedData, ValidSpec};
 use lrtune::http::startup::{Application, Settings};
 use lrtune::worker::{EngineRunner, JobRunner, RunOutput};
 use reqwest::{Response, StatusCode};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
+
+pub use crate::support::fixtures::{named, tiny_spec};
+pub use crate::support::sse::read_events;
 
 pub struct TestApp {
     pub address: String,
@@ -85,18 +88,6 @@ pub async fn spawn_app_with(
         server: Some(server),
         _dir: dir,
     }
-}
-
-/// A job that runs in well under a second.
-pub fn tiny_spec() -> Value {
-    json!({
-        "data": {"builtin": "spirals", "samples": 512},
-        "model": {"arch": "mlp", "hidden": [16]},
-        "batch_size": 32,
-        "plan": {"epochs": 2},
-        "range_test": {"steps": 30},
-        "sweep": {"count": 2, "epochs": 1}
-    })
 }
 
 impl TestApp {
@@ -228,34 +219,6 @@ pub fn assert_error(body: &Value, code: &str) -> Value {
         "{body}"
     );
     error
-}
-
-/// Reads server-sent events until the stream ends (or `timeout`): (event, data) pairs.
-pub async fn read_events(response: Response, timeout: Duration) -> Vec<(String, Value)> {
-    use futures_util::StreamExt;
-    let mut events = Vec::new();
-    let mut buffer = String::new();
-    let mut stream = response.bytes_stream();
-    let deadline = tokio::time::Instant::now() + timeout;
-    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, stream.next()).await {
-        buffer.push_str(&String::from_utf8_lossy(&chunk.expect("a chunk")));
-        while let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
-            let mut name = String::new();
-            let mut data = String::new();
-            for line in block.lines() {
-                if let Some(value) = line.strip_prefix("event:") {
-                    name = value.trim().to_string();
-                } else if let Some(value) = line.strip_prefix("data:") {
-                    data.push_str(value.trim());
-                }
-            }
-            if !name.is_empty() {
-                events.push((name, serde_json::from_str(&data).unwrap_or(Value::Null)));
-            }
-        }
-    }
-    events
 }
 
 /// An app whose jobs wait for the returned flag before they run (so a test can subscribe
@@ -395,104 +358,5 @@ impl ForeignWriteLock {
             .close()
             .await
             .expect("the connection closes");
-    }
-}
-
-pub fn named(name: &str) -> Value {
-    let mut spec = tiny_spec();
-    spec["name"] = json!(name);
-    spec
-}
-
-/// The real `lrtune serve` binary on a free loopback port with a fresh SQLite file, under the
-/// resource limits given as `prlimit` options (`--nofile=256`); killed when dropped.
-pub struct ServerProcess {
-    child: std::process::Child,
-    pub address: String,
-    dir: TempDir,
-}
-
-impl ServerProcess {
-    pub fn start(limits: &[&str], args: &[&str]) -> ServerProcess {
-        use std::io::{BufRead, BufReader};
-        use std::process::{Command, Stdio};
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let mut command = if limits.is_empty() {
-            Command::new(env!("CARGO_BIN_EXE_lrtune"))
-        } else {
-            let mut command = Command::new("prlimit");
-            command
-                .args(limits)
-                .arg("--")
-                .arg(env!("CARGO_BIN_EXE_lrtune"));
-            command
-        };
-        let mut child = command
-            .args(["serve", "--addr", "127.0.0.1:0", "--workers", "0"])
-            .args(args)
-            .arg("--db")
-            .arg(dir.path().join("lrtune.db"))
-            .env_remove("LRTUNE_API_TOKEN")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.path().join("server.log")).expect("a log file"))
-            .spawn()
-            .expect("lrtune serve starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("the server prints its address");
-        let address = line
-            .trim()
-            .strip_prefix("lrtune listening on http://")
-            .unwrap_or_else(|| {
-                let log = std::fs::read_to_string(dir.path().join("server.log"));
-                panic!(
-                    "unexpected first line {line:?}; log:\n{}",
-                    log.unwrap_or_default()
-                )
-            })
-            .to_string();
-        ServerProcess {
-            child,
-            address,
-            dir,
-        }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.address)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// A line of the process's /proc status (`VmHWM`, `VmRSS`), in kB.
-    pub fn status_kb(&self, key: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("the server is alive");
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in {status}"))
-    }
-
-    /// What the server wrote to its standard error.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-    }
-
-    /// Whether the process is still running (it has not aborted).
-    pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().expect("the child's status").is_none()
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

@@ -14,9 +14,10 @@ mod metrics;
 mod outage;
 mod paging;
 mod priority;
-mod process;
 mod race;
 mod service;
 mod slow_clients;
+#[path = "../support/mod.rs"]
+mod support;
 mod uploads;
 mod weights;

@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::*;
+use crate::support::process::Lrtune;
 
 /// One slowloris connection after another until `until`, as the tool does it: a request
 /// line, then one header line every `every`, never the blank line that ends the headers; at
@@ -43,7 +43,9 @@ async fn slowloris(address: String, every: Duration, until: Instant) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_of_300_connections_under_a_file_limit_of_256_leaves_healthz_answering_within_1_s(
 ) {
-    let mut server = ServerProcess::start(&["--nofile=256"], &["--header-read-timeout", "2"]);
+    let mut server = Lrtune::serve_fresh_launch(&["--workers", "0", "--header-read-timeout", "2"])
+        .prlimit(&["--nofile=256"])
+        .start();
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).unwrap();
     let files = limits
         .lines()
@@ -59,7 +61,7 @@ async fn a_slowloris_of_300_connections_under_a_file_limit_of_256_leaves_healthz
     let attack: Vec<_> = (0..300)
         .map(|_| {
             tokio::spawn(slowloris(
-                server.address.clone(),
+                server.host_port().to_string(),
                 Duration::from_millis(500),
                 until,
             ))
@@ -81,7 +83,7 @@ async fn a_slowloris_of_300_connections_under_a_file_limit_of_256_leaves_healthz
         let response = response.unwrap_or_else(|error| {
             panic!(
                 "check {checks} failed after {took:?}: {error:?}; log:\n{}",
-                server.log()
+                server.log_text()
             )
         });
         let status = response.status();
@@ -104,8 +106,8 @@ async fn a_slowloris_of_300_connections_under_a_file_limit_of_256_leaves_healthz
          slowest {slowest:?}"
     );
     assert!(opened >= 300, "{opened}");
-    assert!(server.is_running());
-    let log = server.log();
+    assert!(server.is_alive());
+    let log = server.log_text();
     assert!(!log.contains("Too many open files"), "{log}");
 }
 
@@ -123,10 +125,10 @@ async fn until_closed(stream: &mut TcpStream) -> (Vec<u8>, Instant) {
 #[tokio::test]
 async fn a_connection_slow_to_send_its_headers_or_idle_after_a_response_is_closed_after_the_header_timeout(
 ) {
-    let server = ServerProcess::start(&[], &["--header-read-timeout", "1"]);
+    let server = Lrtune::serve_fresh(&["--workers", "0", "--header-read-timeout", "1"]);
 
     // Headers sent a line at a time, every 200 ms, never finished.
-    let mut slow = TcpStream::connect(&server.address).await.unwrap();
+    let mut slow = TcpStream::connect(server.host_port()).await.unwrap();
     let opened = Instant::now();
     let (read, mut write) = slow.split();
     let trickle = async move {
@@ -160,7 +162,7 @@ async fn a_connection_slow_to_send_its_headers_or_idle_after_a_response_is_close
     );
 
     // A whole request is answered; the connection then idles and is closed as well.
-    let mut idle = TcpStream::connect(&server.address).await.unwrap();
+    let mut idle = TcpStream::connect(server.host_port()).await.unwrap();
     idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n")
         .await
         .unwrap();

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::helpers::*;
+use crate::support::process::Lrtune;
 
 /// A regression CSV of `rows` rows, every row the same width.
 fn csv(rows: usize) -> String {
@@ -381,7 +382,7 @@ fn safetensors(values: usize) -> Vec<u8> {
 /// Sends 40 uploads of `file` at once; the count of each status, asserting that every one
 /// is answered 201, 503 or 507.
 async fn forty_at_once(
-    server: &ServerProcess,
+    server: &Lrtune,
     client: &reqwest::Client,
     file: &axum::body::Bytes,
 ) -> std::collections::BTreeMap<u16, usize> {
@@ -399,7 +400,10 @@ async fn forty_at_once(
     let mut answers = std::collections::BTreeMap::new();
     for upload in uploads {
         let (status, body) = upload.await.unwrap().unwrap_or_else(|error| {
-            panic!("an upload got no answer: {error:?}; log:\n{}", server.log())
+            panic!(
+                "an upload got no answer: {error:?}; log:\n{}",
+                server.log_text()
+            )
         });
         assert!(
             [
@@ -419,15 +423,16 @@ async fn forty_at_once(
 async fn forty_concurrent_60_mb_uploads_under_a_6_gb_address_space_are_each_answered_201_503_or_507(
 ) {
     // Room for three of the files.
-    let mut server = ServerProcess::start(
-        &["--as=6000000000"],
-        &[
-            "--max-stored-bytes",
-            "180MiB",
-            "--max-concurrent-uploads",
-            "4",
-        ],
-    );
+    let mut server = Lrtune::serve_fresh_launch(&[
+        "--workers",
+        "0",
+        "--max-stored-bytes",
+        "180MiB",
+        "--max-concurrent-uploads",
+        "4",
+    ])
+    .prlimit(&["--as=6000000000"])
+    .start();
     let file = axum::body::Bytes::from(safetensors(15_000_000));
     let client = reqwest::Client::new();
     let idle = server.status_kb("VmHWM");
@@ -452,8 +457,8 @@ async fn forty_concurrent_60_mb_uploads_under_a_6_gb_address_space_are_each_answ
         peak / 1000,
         took.as_secs_f64()
     );
-    assert!(server.is_running(), "log:\n{}", server.log());
-    let log = server.log();
+    assert!(server.is_alive(), "log:\n{}", server.log_text());
+    let log = server.log_text();
     assert!(!log.contains("memory allocation"), "{log}");
     let created = answers.get(&201).copied().unwrap_or(0);
     assert!((1..=2).contains(&created), "{answers:?}");

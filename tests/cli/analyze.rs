@@ -3,7 +3,8 @@
 
 use lrtune::engine::suggest;
 
-use crate::helpers::{assert_plot, lrtune, path_string, write};
+use crate::helpers::{assert_plot, path_string, write};
+use crate::support::run::lrtune;
 
 /// 100 learning rates from 1e-6 to 1, evenly spaced on a log scale.
 fn lrs() -> Vec<f64> {

@@ -1,13 +1,13 @@
 //! `lrtune check` and `lrtune run --plot` with no server: the job runs in the process.
 
-use crate::helpers::{
-    assert_plot, github_outputs, lrtune, path_string, read_json, write, TINY_TUNE,
-};
+use crate::helpers::{assert_plot, github_outputs, path_string, read_json, write};
+use crate::support::fixtures::tiny_spec;
+use crate::support::run::lrtune;
 
 /// Runs the tiny job once through `check` with a far too low rate: exit 1, and the result
 /// written to `--output`, from which the other checks take the band.
 fn result_of_a_low_check(dir: &std::path::Path) -> (String, serde_json::Value) {
-    let spec = write(dir, "spec.json", TINY_TUNE);
+    let spec = write(dir, "spec.json", &tiny_spec().to_string());
     let output = path_string(&dir.join("low.json"));
     let run = lrtune(
         &["check", &spec, "--lr", "1e-12", "--output", &output, "-q"],
@@ -166,7 +166,7 @@ fn check_exits_2_on_a_bad_spec_naming_the_field() {
     let run = lrtune(&["check", &missing, "--lr", "0.01"], &[]);
     assert_eq!(run.code, 2, "{run}");
     assert!(run.stderr.contains("missing.json"), "{run}");
-    let spec = write(dir.path(), "spec.json", TINY_TUNE);
+    let spec = write(dir.path(), "spec.json", &tiny_spec().to_string());
     let run = lrtune(&["check", &spec, "--lr", "-1"], &[]);
     assert_eq!(run.code, 2, "a negative --lr: {run}");
 }
@@ -174,7 +174,7 @@ fn check_exits_2_on_a_bad_spec_naming_the_field() {
 #[test]
 fn run_plot_draws_the_curve_the_suggestions_and_the_band() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = write(dir.path(), "spec.json", TINY_TUNE);
+    let spec = write(dir.path(), "spec.json", &tiny_spec().to_string());
     let plot = path_string(&dir.path().join("run.svg"));
     let curve = path_string(&dir.path().join("curve.csv"));
     let run = lrtune(

@@ -3,7 +3,8 @@
 //! ripgrep's: 0 ok, 1 check failed, 2 error. Every wait is bounded.
 
 mod analyze;
-mod bench_api;
 mod check;
 mod helpers;
 mod server;
+#[path = "../support/mod.rs"]
+mod support;

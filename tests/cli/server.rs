@@ -1,14 +1,15 @@
 //! `lrtune submit` and `lrtune check --server` against a real `lrtune serve`.
 
-use crate::helpers::{
-    assert_plot, github_outputs, lrtune, path_string, read_json, start_server, write, TINY_TUNE,
-};
+use crate::helpers::{assert_plot, github_outputs, path_string, read_json, write};
+use crate::support::fixtures::tiny_spec;
+use crate::support::process::Lrtune;
+use crate::support::run::lrtune;
 
 #[test]
 fn check_against_a_server_exits_1_outside_and_0_inside_the_band() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path(), &[]);
-    let spec = write(dir.path(), "spec.json", TINY_TUNE);
+    let server = Lrtune::serve(dir.path().join("x.db"), &[]);
+    let spec = write(dir.path(), "spec.json", &tiny_spec().to_string());
 
     let output = path_string(&dir.path().join("low.json"));
     let plot = path_string(&dir.path().join("server.svg"));
@@ -74,8 +75,8 @@ fn check_against_a_server_exits_1_outside_and_0_inside_the_band() {
 #[test]
 fn submit_prints_the_job_id_and_with_wait_the_recommendation() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path(), &[]);
-    let spec = write(dir.path(), "spec.json", TINY_TUNE);
+    let server = Lrtune::serve(dir.path().join("x.db"), &[]);
+    let spec = write(dir.path(), "spec.json", &tiny_spec().to_string());
 
     let run = lrtune(&["submit", &spec, "--server", &server.address], &[]);
     assert_eq!(run.code, 0, "{run}");
@@ -122,7 +123,7 @@ fn submit_prints_the_job_id_and_with_wait_the_recommendation() {
 #[test]
 fn submit_wait_on_a_race_prints_its_table_and_verdict() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path(), &[]);
+    let server = Lrtune::serve(dir.path().join("x.db"), &[]);
     let spec = write(
         dir.path(),
         "race.json",
@@ -180,7 +181,7 @@ fn submit_wait_on_a_race_prints_its_table_and_verdict() {
 #[test]
 fn a_spec_the_server_refuses_exits_2_with_its_message_and_field() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path(), &[]);
+    let server = Lrtune::serve(dir.path().join("x.db"), &[]);
     let spec = write(
         dir.path(),
         "bad.json",
@@ -205,7 +206,7 @@ fn a_spec_the_server_refuses_exits_2_with_its_message_and_field() {
 #[test]
 fn a_job_that_fails_on_the_server_exits_2_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path(), &[]);
+    let server = Lrtune::serve(dir.path().join("x.db"), &[]);
     // Admitted at submit; only the run finds that one epoch of 40 rows in batches of 32 is
     // one step, too short for a OneCycle schedule.
     let spec = write(
@@ -238,7 +239,7 @@ fn an_unreachable_server_exits_2() {
         .unwrap()
         .port();
     let dir = tempfile::tempdir().unwrap();
-    let spec = write(dir.path(), "spec.json", TINY_TUNE);
+    let spec = write(dir.path(), "spec.json", &tiny_spec().to_string());
     let address = format!("http://127.0.0.1:{port}");
     for args in [
         vec!["check", &spec, "--lr", "0.01", "--server", &address],
@@ -253,8 +254,8 @@ fn an_unreachable_server_exits_2() {
 #[test]
 fn a_server_with_a_token_needs_it_from_the_flag_or_the_environment() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path(), &["--api-token", "s3cret"]);
-    let spec = write(dir.path(), "spec.json", TINY_TUNE);
+    let server = Lrtune::serve(dir.path().join("x.db"), &["--api-token", "s3cret"]);
+    let spec = write(dir.path(), "spec.json", &tiny_spec().to_string());
     let run = lrtune(&["submit", &spec, "--server", &server.address], &[]);
     assert_eq!(run.code, 2, "{run}");
     assert!(run.stderr.contains("401"), "{run}");
@@ -298,7 +299,7 @@ fn http(address: &str, method: &str, path: &str) -> String {
 #[test]
 fn a_job_canceled_while_check_waits_exits_2_saying_so() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path(), &[]);
+    let server = Lrtune::serve(dir.path().join("x.db"), &[]);
     // Long enough to be canceled while it runs (tens of seconds if left alone).
     let spec = write(
         dir.path(),
@@ -345,7 +346,7 @@ fn a_job_canceled_while_check_waits_exits_2_saying_so() {
 #[test]
 fn models_too_large_for_the_machine_are_refused_at_submit_and_the_server_stays_small() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path(), &["--max-job-memory", "1GiB"]);
+    let server = Lrtune::serve(dir.path().join("x.db"), &["--max-job-memory", "1GiB"]);
     let cases = [
         (
             r#"{"arch": "mlp", "hidden": [1000000, 1000000]}"#,
@@ -385,6 +386,6 @@ fn models_too_large_for_the_machine_are_refused_at_submit_and_the_server_stays_s
         assert_eq!(run.code, 2, "{spec}: {run}");
         assert!(run.stderr.contains(field), "{spec}: {run}");
     }
-    let peak = server.peak_rss_bytes();
+    let peak = server.status_kb("VmHWM") * 1024;
     assert!(peak < 400 << 20, "the server's peak RSS was {peak} bytes");
 }

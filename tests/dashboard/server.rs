@@ -1,35 +1,22 @@
 //! The real `lrtune serve` binary on a free port with its own database, started from an empty
 //! folder (so the dashboard must come from the binary), and a small HTTP client for its API.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tempfile::TempDir;
 
+use crate::support::process::Lrtune;
+
 pub struct Server {
-    child: Child,
+    _process: Lrtune,
     /// `http://127.0.0.1:PORT`
     pub address: String,
     port: u16,
     token: Option<String>,
     pub dir: TempDir,
-}
-
-/// A job that runs in well under a second.
-pub fn tiny_spec(name: &str) -> Value {
-    json!({
-        "name": name,
-        "data": {"builtin": "spirals", "samples": 512},
-        "model": {"arch": "mlp", "hidden": [16]},
-        "batch_size": 32,
-        "plan": {"epochs": 2},
-        "range_test": {"steps": 30},
-        "sweep": {"count": 2, "epochs": 1}
-    })
 }
 
 impl Server {
@@ -40,48 +27,17 @@ impl Server {
     /// With more `lrtune serve` arguments.
     pub fn start_with(token: Option<&str>, args: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_lrtune"));
-        command
-            .args(["serve", "--addr", "127.0.0.1:0", "--db"])
-            .arg(dir.path().join("x.db"))
-            .current_dir(dir.path())
-            .env_remove("LRTUNE_API_TOKEN")
-            .env_remove("LRTUNE_STATIC_DIR")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+        let mut extra = args.to_vec();
         if let Some(token) = token {
-            command.args(["--api-token", token]);
+            extra.extend(["--api-token", token]);
         }
-        command.args(args);
-        let mut child = command.spawn().expect("lrtune serve starts");
-        let stdout = child.stdout.take().expect("the server's stdout");
-        let (sender, receiver) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = sender.send(line);
-            }
-        });
-        let line = match receiver.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("lrtune serve printed no address in 30 s");
-            }
-        };
-        let address = line
-            .strip_prefix("lrtune listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-            .to_string();
-        let port = address
-            .rsplit(':')
-            .next()
-            .and_then(|port| port.parse().ok())
-            .expect("a port in the address");
+        let process = Lrtune::serve_launch(dir.path().join("x.db"), &extra)
+            .current_dir(dir.path())
+            .start();
         Server {
-            child,
-            address,
-            port,
+            address: process.address.clone(),
+            port: process.port(),
+            _process: process,
             token: token.map(str::to_string),
             dir,
         }
@@ -192,12 +148,5 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
         let start = end + 2;
         out.extend_from_slice(&body[start..(start + size).min(body.len())]);
         body = &body[(start + size + 2).min(body.len())..];
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

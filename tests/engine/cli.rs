@@ -1,35 +1,14 @@
 use std::process::Command;
 
-/// Runs the binary with `args`, writing `stdin` to it: (exit code, stdout, stderr).
-pub(crate) fn lrtune(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lrtune"))
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    drop(child.stdin.take());
-    let output = child.wait_with_output().unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+use crate::support::run::{lrtune, lrtune_binary, lrtune_with_stdin, Output};
 
 #[test]
 fn run_prints_the_sweep_and_recommendation_and_exits_0() {
-    let (code, stdout, stderr) = lrtune(&["run", "-", "-q"], Some(super::SPIRALS_TUNE));
+    let Output {
+        code,
+        stdout,
+        stderr,
+    } = lrtune_with_stdin(&["run", "-", "-q"], super::SPIRALS_TUNE, &[]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("recommended peak lr:"), "{stdout}");
     assert!(stdout.contains("<- best"), "{stdout}");
@@ -38,7 +17,11 @@ fn run_prints_the_sweep_and_recommendation_and_exits_0() {
 
 #[test]
 fn run_json_prints_the_full_result() {
-    let (code, stdout, stderr) = lrtune(&["run", "-", "--json", "-q"], Some(super::SPIRALS_TUNE));
+    let Output {
+        code,
+        stdout,
+        stderr,
+    } = lrtune_with_stdin(&["run", "-", "--json", "-q"], super::SPIRALS_TUNE, &[]);
     assert_eq!(code, 0, "{stderr}");
     let result: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(result["recommendation"]["source"], "sweep");
@@ -79,7 +62,11 @@ fn bad_specs_exit_2_naming_the_field() {
         ),
         (r#"{"data": "#, "EOF while parsing"),
     ] {
-        let (code, stdout, stderr) = lrtune(&["run", "-", "-q"], Some(spec));
+        let Output {
+            code,
+            stdout,
+            stderr,
+        } = lrtune_with_stdin(&["run", "-", "-q"], spec, &[]);
         assert_eq!(code, 2, "{spec}: {stdout} {stderr}");
         assert!(stderr.contains(field), "{spec}: {stderr}");
         assert!(stdout.is_empty());
@@ -88,9 +75,13 @@ fn bad_specs_exit_2_naming_the_field() {
 
 #[test]
 fn schedule_prints_pytorchs_one_cycle_from_flags_and_from_json() {
-    let (code, stdout, stderr) = lrtune(
+    let Output {
+        code,
+        stdout,
+        stderr,
+    } = lrtune(
         &["schedule", "--max-lr", "0.01", "--total-steps", "100"],
-        None,
+        &[],
     );
     assert_eq!(code, 0, "{stderr}");
     let curve: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -104,39 +95,49 @@ fn schedule_prints_pytorchs_one_cycle_from_flags_and_from_json() {
         0.95
     );
 
-    let (code, stdout, _) = lrtune(
+    let Output { code, stdout, .. } = lrtune_with_stdin(
         &["schedule", "-"],
-        Some(r#"{"kind": "cosine_warm_restarts", "base_lr": 0.1, "T_0": 10, "steps": 20}"#),
+        r#"{"kind": "cosine_warm_restarts", "base_lr": 0.1, "T_0": 10, "steps": 20}"#,
+        &[],
     );
     assert_eq!(code, 0);
     let curve: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(curve["lr"][10].as_f64().unwrap(), 0.1, "restart at step 10");
     assert!(curve["momentum"].is_null());
 
-    let (code, _, stderr) = lrtune(
+    let Output { code, stderr, .. } = lrtune_with_stdin(
         &["schedule", "-"],
-        Some(r#"{"kind": "one_cycle", "max_lr": 0.1, "total_steps": 100, "pct_start": 1.5}"#),
+        r#"{"kind": "one_cycle", "max_lr": 0.1, "total_steps": 100, "pct_start": 1.5}"#,
+        &[],
     );
     assert_eq!(code, 2);
     assert!(stderr.contains("pct_start"), "{stderr}");
 
     // ReduceLROnPlateau replays the metrics given; patience 0 cuts at every step without a best.
-    let (code, stdout, stderr) = lrtune(
+    let Output {
+        code,
+        stdout,
+        stderr,
+    } = lrtune_with_stdin(
         &["schedule", "-"],
-        Some(
-            r#"{"kind": "reduce_on_plateau", "lr": 0.1, "patience": 0, "factor": 0.5, "metrics": [2.0, 1.0, 1.5]}"#,
-        ),
+        r#"{"kind": "reduce_on_plateau", "lr": 0.1, "patience": 0, "factor": 0.5, "metrics": [2.0, 1.0, 1.5]}"#,
+        &[],
     );
     assert_eq!(code, 0, "{stderr}");
     let curve: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(curve["lr"], serde_json::json!([0.1, 0.1, 0.05]));
-    let (code, _, stderr) = lrtune(
+    let Output { code, stderr, .. } = lrtune_with_stdin(
         &["schedule", "-"],
-        Some(r#"{"kind": "reduce_on_plateau", "lr": 0.1, "metrics": []}"#),
+        r#"{"kind": "reduce_on_plateau", "lr": 0.1, "metrics": []}"#,
+        &[],
     );
     assert_eq!(code, 2);
     assert!(stderr.contains("metrics"), "{stderr}");
-    let (code, stdout, stderr) = lrtune(
+    let Output {
+        code,
+        stdout,
+        stderr,
+    } = lrtune(
         &[
             "schedule",
             "--kind",
@@ -150,16 +151,20 @@ fn schedule_prints_pytorchs_one_cycle_from_flags_and_from_json() {
             "--steps",
             "4",
         ],
-        None,
+        &[],
     );
     assert_eq!(code, 0, "{stderr}");
     let curve: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(curve["lr"], serde_json::json!([1.0, 1.0, 0.5, 0.5]));
-    let (code, stdout, stderr) = lrtune(
+    let Output {
+        code,
+        stdout,
+        stderr,
+    } = lrtune(
         &[
             "schedule", "--kind", "cosine", "--lr", "0.1", "--t-max", "10", "--steps", "11",
         ],
-        None,
+        &[],
     );
     assert_eq!(code, 0, "{stderr}");
     let curve: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -181,7 +186,7 @@ fn results_do_not_depend_on_the_thread_count() {
     }"#;
     let run_on = |threads: &str| -> serde_json::Value {
         use std::io::Write;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lrtune"))
+        let mut child = Command::new(lrtune_binary())
             .args(["run", "-", "--json", "-q"])
             .env("RAYON_NUM_THREADS", threads)
             .stdin(std::process::Stdio::piped())
@@ -218,9 +223,14 @@ const SMALL_RACE: &str = r#"{"kind": "compare", "data": {"builtin": "spirals", "
 fn run_races_a_compare_spec_with_a_table_a_plot_and_json() {
     let dir = tempfile::tempdir().unwrap();
     let svg = dir.path().join("race.svg");
-    let (code, stdout, stderr) = lrtune(
+    let Output {
+        code,
+        stdout,
+        stderr,
+    } = lrtune_with_stdin(
         &["run", "-", "--quiet", "--plot", svg.to_str().unwrap()],
-        Some(SMALL_RACE),
+        SMALL_RACE,
+        &[],
     );
     assert_eq!(code, 0, "{stderr}");
     assert!(
@@ -249,7 +259,11 @@ fn run_races_a_compare_spec_with_a_table_a_plot_and_json() {
     assert!(picture.contains("sgd_one_cycle") && picture.contains("adam_constant"));
     assert!(picture.contains("target"));
 
-    let (code, stdout, stderr) = lrtune(&["run", "-", "--quiet", "--json"], Some(SMALL_RACE));
+    let Output {
+        code,
+        stdout,
+        stderr,
+    } = lrtune_with_stdin(&["run", "-", "--quiet", "--json"], SMALL_RACE, &[]);
     assert_eq!(code, 0, "{stderr}");
     let result: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(result["recipes"].as_array().unwrap().len(), 2);
@@ -264,9 +278,10 @@ fn run_races_a_compare_spec_with_a_table_a_plot_and_json() {
     );
 
     let csv = dir.path().join("curve.csv");
-    let (code, _, stderr) = lrtune(
+    let Output { code, stderr, .. } = lrtune_with_stdin(
         &["run", "-", "--curve", csv.to_str().unwrap()],
-        Some(SMALL_RACE),
+        SMALL_RACE,
+        &[],
     );
     assert_eq!(code, 2);
     assert!(stderr.contains("--curve"), "{stderr}");
@@ -286,7 +301,11 @@ fn check_on_a_compare_spec_exits_2_saying_a_race_has_no_band() {
             "http://127.0.0.1:9",
         ],
     ] {
-        let (code, stdout, stderr) = lrtune(&args, Some(SMALL_RACE));
+        let Output {
+            code,
+            stdout,
+            stderr,
+        } = lrtune_with_stdin(&args, SMALL_RACE, &[]);
         assert_eq!(code, 2, "{args:?}: {stdout}{stderr}");
         assert!(
             stderr.contains("kind: a compare job races recipes and has no band"),

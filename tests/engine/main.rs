@@ -6,6 +6,8 @@ mod cli;
 mod compare;
 mod jobs;
 mod sequential;
+#[path = "../support/mod.rs"]
+mod support;
 
 use std::sync::atomic::AtomicBool;
 

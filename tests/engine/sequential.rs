@@ -5,6 +5,7 @@
 use serde_json::Value;
 
 use crate::run;
+use crate::support::run::{lrtune_with_stdin, Output};
 
 fn golden_case(name: &str) -> Value {
     let golden: Value =
@@ -121,7 +122,7 @@ fn check_refuses_a_layer_list_that_does_not_fit_the_data() {
         "model": {"arch": "sequential", "layers": [
             {"type": "linear", "out": 8}, {"type": "max_pool2d", "size": 2},
             {"type": "linear", "out": 3}]}}"#;
-    let (code, _, stderr) = crate::cli::lrtune(&["check", "--lr", "0.01", "-"], Some(spec));
+    let Output { code, stderr, .. } = lrtune_with_stdin(&["check", "--lr", "0.01", "-"], spec, &[]);
     assert_eq!(code, 2, "{stderr}");
     assert!(
         stderr.contains("model.layers[1]")

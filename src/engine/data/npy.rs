@@ -1,6 +1,12 @@
 //! NumPy `.npy` arrays (format versions 1 to 3, little-endian numeric dtypes, C order): an x
-//! array of samples and a y array of targets. The header dict is parsed here, by a small
-//! parser for the few Python literals it holds.
+//! array of samples and a y array of targets. `npyz` reads the values. The file is checked
+//! before it is handed over: the header's length and the data its shape promises against the
+//! bytes there are (npyz allocates whatever length a header states), and the header's fields
+//! one by one (read with `py_literal`, the Python-literal parser npyz uses), so that a refusal
+//! names the array, the field and the reason.
+
+use npyz::{Endianness, NpyFile, TypeChar, TypeStr};
+use py_literal::Value as PyValue;
 
 use super::{number_label, targets_from_values, DataError, Dataset, Features, Targets, Task};
 use crate::engine::quote::quoted;
@@ -45,7 +51,7 @@ pub fn read_npy(x: &[u8], y: &[u8], task: Option<Task>) -> Result<Dataset, DataE
         ));
     }
 
-    let x_values = x.values_f64();
+    let x_values = x.values_f64()?;
     let mut features = Vec::with_capacity(x_values.len());
     for (index, value) in x_values.into_iter().enumerate() {
         let narrowed = value as f32;
@@ -67,7 +73,7 @@ pub fn read_npy(x: &[u8], y: &[u8], task: Option<Task>) -> Result<Dataset, DataE
         features.push(narrowed);
     }
 
-    let y_values = y.values_f64();
+    let y_values = y.values_f64()?;
     if let Some(index) = y_values.iter().position(|v| !(*v as f32).is_finite()) {
         return Err(DataError::invalid(
             "y",
@@ -170,35 +176,32 @@ enum Dtype {
 
 impl Dtype {
     fn parse(part: &str, descr: &str) -> Result<Dtype, DataError> {
-        // `get` rather than `split_at`: a descr starting with a multi-byte character must be
-        // an error, not a panic.
-        let order = descr.get(..1).unwrap_or_default();
-        let code = descr.get(1..).unwrap_or_default();
-        let dtype = match code {
-            "f4" => Dtype::F4,
-            "f8" => Dtype::F8,
-            "i1" => Dtype::I1,
-            "i2" => Dtype::I2,
-            "i4" => Dtype::I4,
-            "i8" => Dtype::I8,
-            "u1" => Dtype::U1,
-            "u2" => Dtype::U2,
-            "u4" => Dtype::U4,
-            "u8" => Dtype::U8,
-            "b1" => Dtype::Bool,
-            _ => {
-                return Err(DataError::invalid(
-                    part,
-                    format!(
-                        "unsupported dtype {}; use float32/64, (u)int8-64 or bool",
-                        quoted(descr)
-                    ),
-                ))
-            }
+        let unsupported = || {
+            DataError::invalid(
+                part,
+                format!(
+                    "unsupported dtype {}; use float32/64, (u)int8-64 or bool",
+                    quoted(descr)
+                ),
+            )
         };
-        // Single bytes have no byte order, which NumPy writes as '|'.
-        let little_endian = order == "<" || (dtype.size() == 1 && order == "|");
-        if !little_endian {
+        let type_str: TypeStr = descr.parse().map_err(|_| unsupported())?;
+        let dtype = match (type_str.type_char(), type_str.size_field()) {
+            (TypeChar::Float, 4) => Dtype::F4,
+            (TypeChar::Float, 8) => Dtype::F8,
+            (TypeChar::Int, 1) => Dtype::I1,
+            (TypeChar::Int, 2) => Dtype::I2,
+            (TypeChar::Int, 4) => Dtype::I4,
+            (TypeChar::Int, 8) => Dtype::I8,
+            (TypeChar::Uint, 1) => Dtype::U1,
+            (TypeChar::Uint, 2) => Dtype::U2,
+            (TypeChar::Uint, 4) => Dtype::U4,
+            (TypeChar::Uint, 8) => Dtype::U8,
+            (TypeChar::Bool, 1) => Dtype::Bool,
+            _ => return Err(unsupported()),
+        };
+        // Single bytes have no byte order, which NumPy writes as '|' (npyz allows it only there).
+        if type_str.endianness() == Endianness::Big {
             return Err(DataError::invalid(
                 part,
                 format!(
@@ -218,35 +221,18 @@ impl Dtype {
             Dtype::F8 | Dtype::I8 | Dtype::U8 => 8,
         }
     }
-
-    fn decode(self, bytes: &[u8]) -> f64 {
-        let mut buffer = [0u8; 8];
-        buffer[..bytes.len()].copy_from_slice(bytes);
-        let [b0, b1, b2, b3, ..] = buffer;
-        match self {
-            Dtype::F4 => f64::from(f32::from_le_bytes([b0, b1, b2, b3])),
-            Dtype::F8 => f64::from_le_bytes(buffer),
-            Dtype::I1 => f64::from(b0 as i8),
-            Dtype::I2 => f64::from(i16::from_le_bytes([b0, b1])),
-            Dtype::I4 => f64::from(i32::from_le_bytes([b0, b1, b2, b3])),
-            Dtype::I8 => i64::from_le_bytes(buffer) as f64,
-            Dtype::U1 => f64::from(b0),
-            Dtype::U2 => f64::from(u16::from_le_bytes([b0, b1])),
-            Dtype::U4 => f64::from(u32::from_le_bytes([b0, b1, b2, b3])),
-            Dtype::U8 => u64::from_le_bytes(buffer) as f64,
-            Dtype::Bool => f64::from(u8::from(b0 != 0)),
-        }
-    }
 }
 
+/// An array whose header has been checked against its bytes; `values_f64` reads it.
 struct NpyArray<'a> {
+    part: &'a str,
     dtype: Dtype,
     shape: Vec<usize>,
-    data: &'a [u8],
+    file: &'a [u8],
 }
 
 impl<'a> NpyArray<'a> {
-    fn parse(part: &str, bytes: &'a [u8]) -> Result<NpyArray<'a>, DataError> {
+    fn parse(part: &'a str, bytes: &'a [u8]) -> Result<NpyArray<'a>, DataError> {
         let invalid = |message: String| DataError::invalid(part, message);
         if !bytes.starts_with(NPY_MAGIC) {
             return Err(invalid("not an .npy file (no \\x93NUMPY magic)".into()));
@@ -270,24 +256,24 @@ impl<'a> NpyArray<'a> {
             .ok_or_else(|| invalid(format!("truncated inside the {header_len}-byte header")))?;
         let header = std::str::from_utf8(header)
             .map_err(|_| invalid("the header is not ASCII text".into()))?;
-        let dict = match HeaderParser::new(header).parse_value() {
+        let dict = match header.trim_end().parse::<PyValue>() {
             Ok(PyValue::Dict(entries)) => entries,
             Ok(_) => return Err(invalid("the header is not a dict".into())),
-            Err(message) => return Err(invalid(format!("unreadable header: {message}"))),
+            Err(error) => return Err(invalid(format!("unreadable header: {error}"))),
         };
         let field = |name: &str| {
             dict.iter()
-                .find(|(key, _)| key == name)
+                .find(|(key, _)| key.as_string().is_some_and(|key| key == name))
                 .map(|(_, value)| value)
                 .ok_or_else(|| invalid(format!("the header has no '{name}'")))
         };
         let dtype = match field("descr")? {
-            PyValue::Str(descr) => Dtype::parse(part, descr)?,
+            PyValue::String(descr) => Dtype::parse(part, descr)?,
             _ => return Err(invalid("structured dtypes are not supported".into())),
         };
         match field("fortran_order")? {
-            PyValue::Bool(false) => {}
-            PyValue::Bool(true) => {
+            PyValue::Boolean(false) => {}
+            PyValue::Boolean(true) => {
                 return Err(invalid(
                     "Fortran order is not supported; save with np.ascontiguousarray".into(),
                 ))
@@ -295,10 +281,12 @@ impl<'a> NpyArray<'a> {
             _ => return Err(invalid("'fortran_order' is not True or False".into())),
         }
         let shape = match field("shape")? {
-            PyValue::Tuple(items) => items
+            PyValue::Tuple(items) | PyValue::List(items) => items
                 .iter()
                 .map(|item| match item {
-                    PyValue::Int(dim) => Ok(*dim),
+                    PyValue::Integer(dim) => usize::try_from(dim).map_err(|_| {
+                        invalid(format!("'shape' holds {dim}, which is not a length"))
+                    }),
                     _ => Err(invalid(
                         "'shape' holds something other than integers".into(),
                     )),
@@ -319,14 +307,43 @@ impl<'a> NpyArray<'a> {
                 data.len()
             )));
         }
-        Ok(NpyArray { dtype, shape, data })
+        Ok(NpyArray {
+            part,
+            dtype,
+            shape,
+            file: bytes,
+        })
     }
 
-    fn values_f64(&self) -> Vec<f64> {
-        self.data
-            .chunks_exact(self.dtype.size())
-            .map(|bytes| self.dtype.decode(bytes))
-            .collect()
+    /// Every element as an f64, in C order.
+    fn values_f64(&self) -> Result<Vec<f64>, DataError> {
+        let values = match self.dtype {
+            Dtype::F4 => self.read(|value: f32| f64::from(value)),
+            Dtype::F8 => self.read(|value: f64| value),
+            Dtype::I1 => self.read(|value: i8| f64::from(value)),
+            Dtype::I2 => self.read(|value: i16| f64::from(value)),
+            Dtype::I4 => self.read(|value: i32| f64::from(value)),
+            Dtype::I8 => self.read(|value: i64| value as f64),
+            Dtype::U1 => self.read(|value: u8| f64::from(value)),
+            Dtype::U2 => self.read(|value: u16| f64::from(value)),
+            Dtype::U4 => self.read(|value: u32| f64::from(value)),
+            Dtype::U8 => self.read(|value: u64| value as f64),
+            Dtype::Bool => self.read(|value: bool| f64::from(u8::from(value))),
+        };
+        values.map_err(|error| DataError::invalid(self.part, format!("unreadable data: {error}")))
+    }
+
+    fn read<T: npyz::Deserialize>(
+        &self,
+        convert: impl Fn(T) -> f64,
+    ) -> Result<Vec<f64>, std::io::Error> {
+        let file = NpyFile::new(self.file)?;
+        let reader = file.data::<T>().map_err(std::io::Error::other)?;
+        let mut values = Vec::with_capacity(self.shape.iter().product());
+        for value in reader {
+            values.push(convert(value?));
+        }
+        Ok(values)
     }
 }
 
@@ -343,149 +360,6 @@ fn dtype_name(dtype: Dtype) -> &'static str {
         Dtype::U4 => "uint32",
         Dtype::U8 => "uint64",
         Dtype::Bool => "bool",
-    }
-}
-
-/// The Python literals an .npy header holds. Lists are read as tuples: they only appear in
-/// structured dtypes, which are rejected anyway.
-#[derive(Debug, PartialEq)]
-enum PyValue {
-    Str(String),
-    Bool(bool),
-    Int(usize),
-    Tuple(Vec<PyValue>),
-    Dict(Vec<(String, PyValue)>),
-}
-
-struct HeaderParser<'a> {
-    text: &'a str,
-    position: usize,
-}
-
-impl<'a> HeaderParser<'a> {
-    fn new(text: &'a str) -> Self {
-        HeaderParser { text, position: 0 }
-    }
-
-    fn rest(&self) -> &'a str {
-        &self.text[self.position..]
-    }
-
-    fn skip_space(&mut self) {
-        let rest = self.rest();
-        self.position += rest.len() - rest.trim_start().len();
-    }
-
-    fn peek(&mut self) -> Option<char> {
-        self.skip_space();
-        self.rest().chars().next()
-    }
-
-    fn expect(&mut self, wanted: char) -> Result<(), String> {
-        match self.peek() {
-            Some(found) if found == wanted => {
-                self.position += found.len_utf8();
-                Ok(())
-            }
-            Some(found) => Err(format!(
-                "expected '{wanted}' at byte {}, found '{found}'",
-                self.position
-            )),
-            None => Err(format!("expected '{wanted}', found the end")),
-        }
-    }
-
-    fn parse_value(&mut self) -> Result<PyValue, String> {
-        match self.peek() {
-            Some('{') => self.parse_dict(),
-            Some('(') => self.parse_sequence('(', ')'),
-            Some('[') => self.parse_sequence('[', ']'),
-            Some(quote @ ('\'' | '"')) => self.parse_string(quote).map(PyValue::Str),
-            Some(c) if c.is_ascii_digit() => self.parse_int(),
-            Some(_) => self.parse_word(),
-            None => Err("unexpected end".into()),
-        }
-    }
-
-    fn parse_dict(&mut self) -> Result<PyValue, String> {
-        self.expect('{')?;
-        let mut entries = Vec::new();
-        loop {
-            if self.peek() == Some('}') {
-                self.position += 1;
-                return Ok(PyValue::Dict(entries));
-            }
-            let key = match self.peek() {
-                Some(quote @ ('\'' | '"')) => self.parse_string(quote)?,
-                _ => return Err(format!("expected a string key at byte {}", self.position)),
-            };
-            self.expect(':')?;
-            entries.push((key, self.parse_value()?));
-            if self.peek() == Some(',') {
-                self.position += 1;
-            } else if self.peek() != Some('}') {
-                return Err(format!("expected ',' or '}}' at byte {}", self.position));
-            }
-        }
-    }
-
-    fn parse_sequence(&mut self, open: char, close: char) -> Result<PyValue, String> {
-        self.expect(open)?;
-        let mut items = Vec::new();
-        loop {
-            if self.peek() == Some(close) {
-                self.position += 1;
-                return Ok(PyValue::Tuple(items));
-            }
-            items.push(self.parse_value()?);
-            if self.peek() == Some(',') {
-                self.position += 1;
-            } else if self.peek() != Some(close) {
-                return Err(format!(
-                    "expected ',' or '{close}' at byte {}",
-                    self.position
-                ));
-            }
-        }
-    }
-
-    fn parse_string(&mut self, quote: char) -> Result<String, String> {
-        self.expect(quote)?;
-        let rest = self.rest();
-        let end = rest
-            .find(quote)
-            .ok_or_else(|| "an unterminated string".to_string())?;
-        self.position += end + quote.len_utf8();
-        Ok(rest[..end].to_string())
-    }
-
-    fn parse_int(&mut self) -> Result<PyValue, String> {
-        let rest = self.rest();
-        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
-        let value = rest[..digits]
-            .parse()
-            .map_err(|_| format!("the number {} is too large", quoted(&rest[..digits])))?;
-        self.position += digits;
-        // Python 2 wrote long integers with an L suffix.
-        if self.rest().starts_with('L') {
-            self.position += 1;
-        }
-        Ok(PyValue::Int(value))
-    }
-
-    fn parse_word(&mut self) -> Result<PyValue, String> {
-        let rest = self.rest();
-        let length = rest.len()
-            - rest
-                .trim_start_matches(|c: char| c.is_ascii_alphabetic())
-                .len();
-        self.position += length;
-        match &rest[..length] {
-            "True" => Ok(PyValue::Bool(true)),
-            "False" => Ok(PyValue::Bool(false)),
-            "" => Err(format!("unexpected character at byte {}", self.position)),
-            word => Err(format!("unexpected {}", quoted(word))),
-        }
     }
 }
 
@@ -613,7 +487,7 @@ mod tests {
         for (descr, bytes, expected) in cases {
             let file = npy(1, descr, "(1,)", &bytes);
             let array = NpyArray::parse("x", &file).expect(descr);
-            assert_eq!(array.values_f64(), vec![expected], "{descr}");
+            assert_eq!(array.values_f64().expect(descr), vec![expected], "{descr}");
         }
     }
 
@@ -711,30 +585,18 @@ mod tests {
     }
 
     #[test]
-    fn the_header_parser_reads_python_literals() {
-        let value = HeaderParser::new("{\"descr\": '<f4', 'shape': (3L, 2,), 'x': [(1, 2)], }")
-            .parse_value()
-            .expect("parses");
+    fn a_header_whose_shape_overflows_is_refused_before_any_allocation() {
+        let y = npy(1, "|u1", "(2,)", &[0, 1]);
+        let huge = npy(1, "<f8", "(4294967296, 4294967296, 4294967296)", &[]);
         assert_eq!(
-            value,
-            PyValue::Dict(vec![
-                ("descr".into(), PyValue::Str("<f4".into())),
-                (
-                    "shape".into(),
-                    PyValue::Tuple(vec![PyValue::Int(3), PyValue::Int(2)])
-                ),
-                (
-                    "x".into(),
-                    PyValue::Tuple(vec![PyValue::Tuple(vec![PyValue::Int(1), PyValue::Int(2)])])
-                ),
-            ])
+            error_text(&huge, &y, None),
+            "x: shape (4294967296, 4294967296, 4294967296) overflows"
         );
-        assert_eq!(
-            HeaderParser::new("()").parse_value(),
-            Ok(PyValue::Tuple(Vec::new()))
+        let mut lying = npy(2, "<f8", "(2,)", &[0; 16]);
+        // A version-2 header claiming 4 GiB: refused as truncated, nothing read.
+        lying[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(
+            error_text(&lying, &y, None).contains("truncated inside the 4294967295-byte header")
         );
-        assert!(HeaderParser::new("{'a': None}").parse_value().is_err());
-        assert!(HeaderParser::new("{'a': (1, 2}").parse_value().is_err());
-        assert!(HeaderParser::new("{'a").parse_value().is_err());
     }
 }

@@ -1,7 +1,7 @@
-"""PyTorch reference for `lrtune bench`: the same models, batch sizes and optimizers, timed the
+"""PyTorch reference for `lrtune-dev bench`: the same models, batch sizes and optimizers, timed the
 same way (median milliseconds per forward + backward + optimizer step); a 512^3 f32 matmul rate;
 and, when given mnist10k as raw files, a range-test loop written plainly in PyTorch for the job
-cases. Prints one JSON object. Run by `lrtune bench` when torch is importable; not part of the
+cases. Prints one JSON object. Run by `lrtune-dev bench` when torch is importable; not part of the
 build.
 
 Arguments: WARMUP STEPS [DATA_DIR ROWS TRAIN_ROWS JOB_STEPS START_LR END_LR JOB_CASES]."""

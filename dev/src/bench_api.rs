@@ -1,4 +1,4 @@
-//! `lrtune bench-api`: the API's latency under load, the figure behind "the API stays responsive
+//! `lrtune-dev bench-api`: the API's latency under load, the figure behind "the API stays responsive
 //! while jobs train". Starts `lrtune serve` as a child on a loopback port and sends a mix of
 //! reads and `/v1/analyze` calls at a fixed rate over many keep-alive connections, first with no
 //! job and then with a tune job training. Exit 0 when both phases' p99 is under `--max-p99-ms`
@@ -21,7 +21,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::Outcome;
+use crate::Outcome;
 
 /// Run to the end before the idle phase, so that `GET /v1/jobs/{id}` and the list show a
 /// finished job with its result (well under a second).
@@ -77,6 +77,27 @@ pub struct BenchApiArgs {
     /// load a fault test runs through a database outage.
     #[arg(long)]
     pub server: Option<String>,
+    /// The `lrtune` binary whose `serve` it starts (without --server). Default: the `lrtune`
+    /// beside this binary, as cargo builds them into one target folder.
+    #[arg(long, env = "LRTUNE_BIN")]
+    pub lrtune: Option<PathBuf>,
+}
+
+/// `--lrtune`, or the `lrtune` binary in this binary's folder.
+fn lrtune_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path.to_path_buf());
+    }
+    let exe = std::env::current_exe().context("finding this binary")?;
+    let beside = exe.with_file_name(format!("lrtune{}", std::env::consts::EXE_SUFFIX));
+    if !beside.is_file() {
+        bail!(
+            "no lrtune binary at {} to start a server with: build it (`cargo build -p lrtune`, \
+             in the same profile) or name one with --lrtune",
+            beside.display()
+        );
+    }
+    Ok(beside)
 }
 
 fn positive(text: &str) -> Result<f64, String> {
@@ -106,15 +127,19 @@ pub fn run(args: BenchApiArgs) -> anyhow::Result<Outcome> {
         None => {
             // Declared before the server, so dropped after it: the server's database lives
             // in it.
-            let scratch = ScratchDir::create()?;
-            let server = ServerProcess::start(&scratch.path)?;
+            let scratch = tempfile::Builder::new()
+                .prefix("lrtune-bench-api-")
+                .tempdir()
+                .context("creating a temporary folder")?;
+            let lrtune = lrtune_binary(args.lrtune.as_deref())?;
+            let server = ServerProcess::start(&lrtune, scratch.path())?;
             runtime.block_on(bench(&server, &plan, args.seconds))?
         }
     };
 
     let failures = failures(&phases, args.max_p99_ms);
     let report = Report {
-        cpu: crate::engine::simd::cpu_model(),
+        cpu: lrtune::engine::simd::cpu_model(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         rate: args.rate,
         seconds: args.seconds,
@@ -667,15 +692,14 @@ struct ServerProcess {
 }
 
 impl ServerProcess {
-    fn start(scratch: &Path) -> anyhow::Result<ServerProcess> {
-        let exe = std::env::current_exe().context("finding the lrtune binary")?;
+    fn start(lrtune: &Path, scratch: &Path) -> anyhow::Result<ServerProcess> {
         let static_dir = scratch.join("static");
         std::fs::create_dir(&static_dir)
             .with_context(|| format!("creating {}", static_dir.display()))?;
         let log_path = scratch.join("server.log");
         let log = std::fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        let mut child = Command::new(exe)
+        let mut child = Command::new(lrtune)
             .args(["serve", "--addr", "127.0.0.1:0", "--db"])
             .arg(scratch.join("bench.db"))
             .arg("--static-dir")
@@ -685,7 +709,7 @@ impl ServerProcess {
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
-            .context("starting lrtune serve")?;
+            .with_context(|| format!("starting {} serve", lrtune.display()))?;
         let stdout = child.stdout.take();
         // From here on a failure kills the child (Drop).
         let mut server = ServerProcess {
@@ -735,32 +759,6 @@ fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-/// A folder of our own under the system's temporary directory, removed when dropped.
-struct ScratchDir {
-    path: PathBuf,
-}
-
-impl ScratchDir {
-    fn create() -> anyhow::Result<ScratchDir> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.subsec_nanos());
-        let path = std::env::temp_dir().join(format!(
-            "lrtune-bench-api-{}-{nanos:09}",
-            std::process::id()
-        ));
-        // create_dir, not create_dir_all: fails rather than share a folder that exists.
-        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(ScratchDir { path })
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1105,6 +1103,6 @@ mod tests {
         let lr: Vec<f64> = serde_json::from_value(body["lr"].clone()).unwrap();
         let loss: Vec<f64> = serde_json::from_value(body["loss"].clone()).unwrap();
         assert_eq!((lr.len(), loss.len()), (100, 100));
-        assert!(crate::engine::suggest::analyze(&lr, &loss, 0.98).is_ok());
+        assert!(lrtune::engine::suggest::analyze(&lr, &loss, 0.98).is_ok());
     }
 }

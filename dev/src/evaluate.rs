@@ -9,11 +9,11 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::data::{self, Dataset, Targets};
-use super::rng::Rng;
-use super::spec::{JobSpec, Limits, SpecError, ValidSpec};
-use super::sweep::SweepCandidate;
-use super::{load_local_data, run_job, EngineError, Event, LoadedData};
+use lrtune::engine::data::{self, Dataset, Targets};
+use lrtune::engine::rng::Rng;
+use lrtune::engine::spec::{JobSpec, Limits, SpecError, ValidSpec};
+use lrtune::engine::sweep::SweepCandidate;
+use lrtune::engine::{load_local_data, run_job, EngineError, Event, LoadedData};
 
 /// Peaks in every grid: four decades, a third of a decade apart.
 pub const GRID_PEAKS: usize = 13;

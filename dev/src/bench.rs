@@ -1,4 +1,4 @@
-//! `lrtune bench`: milliseconds per training step (forward + backward + optimizer) for the
+//! `lrtune-dev bench`: milliseconds per training step (forward + backward + optimizer) for the
 //! reference cases, per step of a whole range-test job on mnist10k for three of them, the wall
 //! time of a `tune` job on mnist10k, and peak memory; and, when `torch` is importable, the
 //! same work in PyTorch run side by side (bench_pytorch.py). It reports the CPU, the SIMD
@@ -14,14 +14,14 @@ use candle_core::Device;
 use clap::Args;
 use serde_json::Value;
 
-use super::Outcome;
-use crate::engine::backend::{train_step, BatchOrder, DeviceData};
-use crate::engine::data::{Dataset, Features, Targets, Task};
-use crate::engine::model::{Model, ModelShape};
-use crate::engine::optim::Optimizer;
-use crate::engine::rng::Rng;
-use crate::engine::spec::{Activation, ModelSpec, OptimizerSpec};
-use crate::engine::{self, backend::native, simd, Limits, ValidSpec};
+use crate::Outcome;
+use lrtune::engine::backend::{train_step, BatchOrder, DeviceData};
+use lrtune::engine::data::{Dataset, Features, Targets, Task};
+use lrtune::engine::model::{Model, ModelShape};
+use lrtune::engine::optim::Optimizer;
+use lrtune::engine::rng::Rng;
+use lrtune::engine::spec::{Activation, ModelSpec, OptimizerSpec};
+use lrtune::engine::{self, backend::native, simd, Limits, ValidSpec};
 
 const PYTORCH_SCRIPT: &str = include_str!("bench_pytorch.py");
 
@@ -454,8 +454,9 @@ impl JobData {
     fn new(args: &BenchArgs) -> anyhow::Result<JobData> {
         let data = engine::data::mnist10k();
         let rows = data.rows();
-        let train_rows =
-            rows - (rows as f64 * engine::spec::defaults::validation_fraction()).round() as usize;
+        // The split a job on mnist10k makes by default (the spec's default fraction).
+        let spec: engine::JobSpec = serde_json::from_str(r#"{"data": {"builtin": "mnist10k"}}"#)?;
+        let train_rows = rows - (rows as f64 * spec.validation_fraction).round() as usize;
         let dir = tempfile_dir("data")?;
         if !args.no_pytorch {
             let (Features::Dense { values, .. }, Targets::Classes { labels, .. }) =

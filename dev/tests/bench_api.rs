@@ -1,10 +1,15 @@
-//! `lrtune bench-api` end to end: it starts a server of its own, measures an idle phase and a
+//! `lrtune-dev bench-api` end to end: it starts a server of its own, measures an idle phase and a
 //! training phase, and reports both. Latency figures depend on the machine, so these tests
 //! check the report's shape and counts, never a threshold.
 
+// The workspace's runner (tests/support/run.rs), without the rest of lrtune's harness.
+#[allow(dead_code)]
+#[path = "../../tests/support/run.rs"]
+mod run;
+
 use serde_json::Value;
 
-use crate::helpers::lrtune;
+use run::lrtune_dev;
 
 fn latency_is_ordered(latency: &Value, what: &str) {
     let value = |key: &str| {
@@ -28,19 +33,16 @@ fn latency_is_ordered(latency: &Value, what: &str) {
 
 #[test]
 fn bench_api_reports_an_idle_and_a_training_phase_with_every_request_answered() {
-    let run = lrtune(
-        &[
-            "bench-api",
-            "--seconds",
-            "1",
-            "--rate",
-            "50",
-            "--connections",
-            "8",
-            "--json",
-        ],
-        &[],
-    );
+    let run = lrtune_dev(&[
+        "bench-api",
+        "--seconds",
+        "1",
+        "--rate",
+        "50",
+        "--connections",
+        "8",
+        "--json",
+    ]);
     // 1 only says this machine's p99 was over 50 ms; 2 would be an error.
     assert!(run.code == 0 || run.code == 1, "{run}");
     let report: Value =
@@ -116,7 +118,7 @@ fn bench_api_reports_an_idle_and_a_training_phase_with_every_request_answered() 
 
 #[test]
 fn bench_api_refuses_a_rate_of_zero_with_exit_2() {
-    let run = lrtune(&["bench-api", "--rate", "0"], &[]);
+    let run = lrtune_dev(&["bench-api", "--rate", "0"]);
     assert_eq!(run.code, 2, "{run}");
     assert!(run.stderr.contains("must be positive"), "{run}");
 }

@@ -1,12 +1,12 @@
-//! `lrtune eval`: scores the tune recommendation and the single range-test rules against a
-//! full grid search of the planned run on the evaluation problems (see engine/evaluate.rs).
+//! `lrtune-dev eval`: scores the tune recommendation and the single range-test rules against a
+//! full grid search of the planned run on the evaluation problems (see evaluate.rs).
 
 use clap::Args;
 
-use super::Outcome;
-use crate::engine::evaluate::{
+use crate::evaluate::{
     problems, score, summarize, ProblemScore, Summary, SweepOverrides, GRID_PEAKS, GRID_SEEDS,
 };
+use crate::Outcome;
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
