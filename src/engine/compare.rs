@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 use super::admission::{admit, DataShape};
 use super::backend::{evaluate, train_step, BatchOrder, DeviceData, Evaluation};
 use super::data::DatasetInfo;
+use super::events::{Control, EngineError, Event};
+pub use super::events::{RaceEvent, RacePoint};
+use super::limits::Limits;
 use super::model::layers::load_initial_weights;
 use super::model::{Model, ModelShape};
 use super::optim::Optimizer;
@@ -19,9 +22,8 @@ use super::rng::Rng;
 use super::schedule::{
     Cosine, CosineWarmRestarts, PlateauTracker, ReduceOnPlateau, Schedule, StepLr, WarmupCosine,
 };
-use super::spec::{JobKind, JobSpec, Limits, Recipe, RecipeSchedule, SpecError, ValidSpec};
+use super::spec::{JobKind, JobSpec, Recipe, RecipeSchedule, SpecError, ValidSpec};
 use super::tune::{build_job_model, one_cycle, select_device, tune_with};
-use super::{Control, EngineError, Event};
 
 /// Validation points per full run after the start (plus one at step 0).
 pub const RACE_POINTS: usize = 25;
@@ -72,28 +74,6 @@ pub struct RaceRun {
     pub seed: u64,
     pub diverged: bool,
     pub points: Vec<RacePoint>,
-}
-
-/// One validation of a full run. `seconds` is the training time since the run's start
-/// (validation time left out, so that it is the same cost for every recipe).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct RacePoint {
-    pub step: usize,
-    pub seconds: f64,
-    /// `None` once the run has diverged.
-    pub val_loss: Option<f64>,
-    pub val_accuracy: Option<f64>,
-    /// The learning rate in force for the steps after this point.
-    pub lr: f64,
-}
-
-/// A race point as it is measured, for the job's live curve: which recipe and seed it
-/// belongs to, and the point.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RaceEvent {
-    pub recipe: String,
-    pub seed: u64,
-    pub point: RacePoint,
 }
 
 /// What counts as reaching the target: `val_accuracy` at least `value`, or `val_loss` at

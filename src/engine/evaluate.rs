@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::data::{self, Dataset, Targets};
+use super::limits::Limits;
 use super::rng::Rng;
-use super::spec::{JobSpec, Limits, SpecError, ValidSpec};
+use super::spec::{JobSpec, SpecError, ValidSpec};
 use super::sweep::SweepCandidate;
 use super::{load_local_data, run_job, EngineError, Event, LoadedData};
 

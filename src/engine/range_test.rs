@@ -2,23 +2,14 @@
 //! learning rate grows, fastai's smoothing, a stop on divergence, and the model and optimizer
 //! put back exactly as they were afterwards.
 
-use serde::{Deserialize, Serialize};
-
 use super::backend::{evaluate, train_step, BatchOrder, DeviceData};
+pub use super::events::CurvePoint;
+use super::events::{Control, EngineError, Event};
 use super::model::Model;
 use super::optim::Optimizer;
 use super::rng::Rng;
 use super::spec::{RangeLoss, RangeTestSpec};
 use super::suggest::Smoother;
-use super::{Control, EngineError, Event};
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct CurvePoint {
-    pub step: usize,
-    pub lr: f64,
-    pub loss: f64,
-    pub smoothed: f64,
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RangeTestCurve {

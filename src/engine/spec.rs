@@ -8,6 +8,7 @@ use std::ops::Deref;
 
 use super::data::Task;
 use super::json::JsonError;
+use super::limits::Limits;
 use super::model::layers::LayerSpec;
 use super::schedule::{Anneal, PlateauMode, ThresholdMode};
 
@@ -936,33 +937,6 @@ pub fn check_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// Bounds enforced before any work starts, so one request cannot occupy a worker for hours
-/// or exhaust memory. The server makes them configurable.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Limits {
-    pub max_range_steps: usize,
-    /// Candidates x seeds x epochs of the sweep.
-    pub max_sweep_epochs: usize,
-    pub max_plan_epochs: usize,
-    pub max_parameters: usize,
-    pub max_samples: usize,
-    /// Estimated peak bytes of one job (see `admission`).
-    pub max_job_memory: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_range_steps: 5_000,
-            max_sweep_epochs: 200,
-            max_plan_epochs: 10_000,
-            max_parameters: 20_000_000,
-            max_samples: 1_000_000,
-            max_job_memory: super::admission::default_job_memory(),
-        }
-    }
 }
 
 /// Most recipes in one race.

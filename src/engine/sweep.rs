@@ -7,27 +7,14 @@
 use serde::{Deserialize, Serialize};
 
 use super::backend::{evaluate, train_step, BatchOrder, DeviceData};
+pub use super::events::SweepRun;
+use super::events::{Control, EngineError, Event};
 use super::model::Model;
 use super::optim::Optimizer;
 use super::rng::Rng;
 use super::schedule::Schedule;
 use super::spec::OptimizerSpec;
 use super::suggest::Suggestions;
-use super::{Control, EngineError, Event};
-
-/// One training run at one candidate peak with one seed.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct SweepRun {
-    pub peak_lr: f64,
-    pub seed: u64,
-    /// The run's length (its OneCycle's total steps): the horizon it was judged at.
-    pub steps: usize,
-    pub val_loss: f64,
-    pub val_accuracy: Option<f64>,
-    /// Mean training loss over the last tenth of the run.
-    pub train_loss: f64,
-    pub diverged: bool,
-}
 
 /// A candidate's runs over all seeds, as the result reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

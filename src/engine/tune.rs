@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::admission::{admit, check_device, DataShape};
 use super::backend::{evaluate, BatchOrder, DeviceData};
 use super::data::DatasetInfo;
+use super::events::{Control, EngineError, Event};
+use super::limits::Limits;
 use super::model::layers::load_initial_weights;
 use super::model::{Model, ModelShape};
 use super::optim::Optimizer;
@@ -18,15 +20,14 @@ use super::prepare::{prepare, LoadedData};
 use super::range_test::{run_range_test, CurvePoint, RangeTestInputs};
 use super::schedule::{OneCycle, Schedule};
 use super::spec::{
-    BackendChoice, Budget, Candidates, DeviceChoice, JobKind, JobSpec, Limits, OptimizerSpec,
-    SpecError, ValidSpec,
+    BackendChoice, Budget, Candidates, DeviceChoice, JobKind, JobSpec, OptimizerSpec, SpecError,
+    ValidSpec,
 };
 use super::suggest::{self, CurveEnd, Suggestions};
 use super::sweep::{
     auto_candidates, band, final_candidates, plan_search, refine_peak, OpenEdge, Search,
     SweepCandidate, SweepRun,
 };
-use super::{Control, EngineError, Event};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobResult {

@@ -9,16 +9,16 @@
 
 pub mod native;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use candle_core::DType;
 
 pub use super::batch::{BatchOrder, DeviceData};
 use super::data::Task;
+use super::events::{check_canceled, EngineError};
 use super::model::{correct_count, Model};
 use super::optim::Optimizer;
 use super::rng::Rng;
-use super::EngineError;
 
 /// One way to train and evaluate a model. The model owns the weights (candle `Var`s, so
 /// snapshots, restores and the optimizer see one model); a backend may keep buffers in the
@@ -51,16 +51,6 @@ pub trait Backend: Sync {
         data: &DeviceData,
         cancel: &AtomicBool,
     ) -> Result<Evaluation, EngineError>;
-}
-
-/// [`EngineError::Canceled`] once `cancel` is raised: what a long loop checks between its
-/// chunks, so that a cancel (or a shutdown) is heard within one chunk, not one job.
-pub(crate) fn check_canceled(cancel: &AtomicBool) -> Result<(), EngineError> {
-    if cancel.load(Ordering::Relaxed) {
-        Err(EngineError::Canceled)
-    } else {
-        Ok(())
-    }
 }
 
 /// The backend a model was built for.

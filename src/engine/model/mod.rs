@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 
 use crate::engine::data::Task;
+use crate::engine::events::EngineError;
 
 use crate::engine::rng::Rng;
 pub mod layers;
@@ -243,6 +244,15 @@ pub enum ModelError {
     Spec(#[from] SpecError),
     #[error("building the model: {0}")]
     Candle(#[from] candle_core::Error),
+}
+
+impl From<ModelError> for EngineError {
+    fn from(error: ModelError) -> Self {
+        match error {
+            ModelError::Spec(spec) => EngineError::Spec(spec),
+            ModelError::Candle(candle) => EngineError::Candle(candle),
+        }
+    }
 }
 
 /// The checks of a preset against the data, before its layer list is planned: they name the

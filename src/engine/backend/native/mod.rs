@@ -19,15 +19,15 @@ use std::sync::atomic::AtomicBool;
 use candle_core::{CpuStorage, Storage, Tensor};
 use gemm::Parallelism;
 
-use super::{check_canceled, Evaluation, EVAL_CHUNK};
+use super::{Evaluation, EVAL_CHUNK};
 use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
+use crate::engine::events::{check_canceled, EngineError};
 use crate::engine::model::layers::{element_count, Plan};
 use crate::engine::model::{Model, ModelShape};
 use crate::engine::optim::Optimizer;
 use crate::engine::rng::Rng;
 use crate::engine::simd::simd_kernel;
-use crate::engine::EngineError;
 use math::{exp, max_value, sum};
 
 mod attention;
