@@ -7,6 +7,10 @@ use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
 use std::fmt;
 
+use super::spec::defaults;
+pub use super::spec::recipes::{PlateauMode, ThresholdMode};
+pub use super::spec::Anneal;
+
 /// A schedule as `POST /v1/schedules` and `lrtune schedule` take it: `kind` plus that kind's parameters
 /// under exactly the names used in tests/golden/schedules.json, PyTorch's defaults where omitted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,15 +51,6 @@ pub struct OneCycle {
     /// Only a label for readers of the curve: the values are the same whichever it drives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub momentum_of: Option<MomentumOf>,
-}
-
-/// OneCycleLR's `anneal_strategy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Anneal {
-    #[default]
-    Cos,
-    Linear,
 }
 
 /// What a cycled momentum drives in the optimizer.
@@ -182,24 +177,6 @@ pub struct ReduceOnPlateau {
     pub metrics: Vec<f64>,
 }
 
-/// ReduceLROnPlateau's `mode`: whether a lower (loss) or a higher (accuracy) metric is better.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PlateauMode {
-    #[default]
-    Min,
-    Max,
-}
-
-/// ReduceLROnPlateau's `threshold_mode`: an improvement relative to the best metric, or absolute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ThresholdMode {
-    #[default]
-    Rel,
-    Abs,
-}
-
 /// ReduceLROnPlateau's state between steps: the best metric so far, the bad epochs since, the
 /// cooldown left and the current learning rate.
 #[derive(Debug, Clone, PartialEq)]
@@ -289,61 +266,6 @@ impl fmt::Display for ScheduleError {
 }
 
 impl std::error::Error for ScheduleError {}
-
-/// PyTorch's defaults, as functions because serde's `default = "..."` needs a path.
-mod defaults {
-    pub fn pct_start() -> f64 {
-        0.3
-    }
-    pub fn div_factor() -> f64 {
-        25.0
-    }
-    pub fn final_div_factor() -> f64 {
-        1e4
-    }
-    pub fn enabled() -> bool {
-        true
-    }
-    pub fn one_cycle_base_momentum() -> f64 {
-        0.85
-    }
-    pub fn one_cycle_max_momentum() -> f64 {
-        0.95
-    }
-    pub fn step_size_up() -> usize {
-        2000
-    }
-    pub fn gamma() -> f64 {
-        1.0
-    }
-    pub fn cyclic_base_momentum() -> f64 {
-        0.8
-    }
-    pub fn cyclic_max_momentum() -> f64 {
-        0.9
-    }
-    pub fn t_mult() -> usize {
-        1
-    }
-    pub fn start_factor() -> f64 {
-        1.0 / 3.0
-    }
-    pub fn step_gamma() -> f64 {
-        0.1
-    }
-    pub fn plateau_factor() -> f64 {
-        0.1
-    }
-    pub fn plateau_patience() -> usize {
-        10
-    }
-    pub fn plateau_threshold() -> f64 {
-        1e-4
-    }
-    pub fn plateau_eps() -> f64 {
-        1e-8
-    }
-}
 
 impl Schedule {
     /// Rejects parameters PyTorch would refuse, divide by zero on, or that make no useful schedule;
