@@ -21,7 +21,7 @@ use crate::engine::model::{Model, ModelShape};
 use crate::engine::optim::Optimizer;
 use crate::engine::rng::Rng;
 use crate::engine::spec::{Activation, ModelSpec, OptimizerSpec};
-use crate::engine::{self, backend::native, simd, Limits, ValidSpec};
+use crate::engine::{self, kernels, simd, Limits, ValidSpec};
 
 const PYTORCH_SCRIPT: &str = include_str!("bench_pytorch.py");
 
@@ -316,7 +316,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
         }
     }
 
-    let matmul = native::matmul_flops(MATMUL_SIZE, 0.5);
+    let matmul = kernels::gemm::matmul_flops(MATMUL_SIZE, 0.5);
     println!("cpu: {}", simd::cpu_model());
     println!(
         "lrtune: element-wise kernels {} ({}), matmul by gemm ({}), {} threads",

@@ -11,6 +11,7 @@ pub mod data;
 pub mod evaluate;
 pub mod events;
 pub mod json;
+pub mod kernels;
 pub mod limits;
 pub mod model;
 

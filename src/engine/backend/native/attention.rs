@@ -9,8 +9,10 @@
 
 use rayon::prelude::*;
 
-use super::math::{dot, exp, gelu_derivative_with, gelu_tanh, max_value, row_stats, sum};
-use super::{dense_backward, dense_forward, gemm_into, matmul, Operand};
+use crate::engine::kernels::gemm::{dense_backward, dense_forward, gemm_into, matmul, Operand};
+use crate::engine::kernels::math::{
+    dot, exp, gelu_derivative_with, gelu_tanh, max_value, row_stats, sum,
+};
 use crate::engine::simd::simd_kernel;
 
 /// Variables per block, in the model's order: two layer norms (gain, shift), then the
@@ -230,11 +232,7 @@ fn head_part<'a>(
     part: usize,
     head: usize,
 ) -> Operand<'a> {
-    Operand {
-        data: &qkv[part * d + head * head_dim..],
-        row_stride: 3 * d,
-        col_stride: 1,
-    }
+    Operand::strided(&qkv[part * d + head * head_dim..], 3 * d)
 }
 
 /// Causal softmax attention for every sequence and head: fills `weights` and writes each
@@ -299,11 +297,7 @@ fn attention_backward(
             for head in 0..heads {
                 let p = &weights[head * time * time..][..time * time];
                 let dp = &mut grad_weights[head * time * time..][..time * time];
-                let grad_out = Operand {
-                    data: &grad_mixed[head * head_dim..],
-                    row_stride: d,
-                    col_stride: 1,
-                };
+                let grad_out = Operand::strided(&grad_mixed[head * head_dim..], d);
                 // dP = dO V^T and dV = P^T dO.
                 matmul(
                     dp,

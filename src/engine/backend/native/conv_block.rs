@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::{column_sums, matmul, Operand};
+use crate::engine::kernels::gemm::{column_sums, matmul, Operand};
 use crate::engine::simd::simd_kernel;
 
 /// One stage's buffers for a batch of `rows` images.

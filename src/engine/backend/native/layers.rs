@@ -14,13 +14,14 @@ use super::attention::{
     self, norm_forward_rows, norm_input_grads, norm_parameter_grads, BLOCK_VARS,
 };
 use super::conv_block::ConvBlock;
-use super::math::{dot, exp, gelu_derivative, gelu_value, sum};
 use super::{
-    classification_loss_and_hits, cross_entropy, dense_backward, dense_forward, matmul,
-    mean_squared_error, sequence_loss_and_hits, squared_error_sum, HostValues, Operand,
+    classification_loss_and_hits, cross_entropy, mean_squared_error, sequence_loss_and_hits,
+    squared_error_sum, HostValues,
 };
 use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
+use crate::engine::kernels::gemm::{dense_backward, dense_forward, matmul, Operand};
+use crate::engine::kernels::math::{dot, exp, gelu_derivative, gelu_value, sum};
 use crate::engine::model::layers::{
     element_count, GeluApproximation, Module, BATCH_NORM_MOMENTUM, NORM_EPS,
 };
