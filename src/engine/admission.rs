@@ -7,7 +7,6 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::backend::native;
 use super::backend::EVAL_CHUNK;
 use super::data::{self, Dataset, Task};
 use super::limits::{bytes_label, Limits};
@@ -114,7 +113,7 @@ impl DataShape {
     /// targets (a u32 class, f32 regression values, or u32 next-token ids). `None` when the
     /// count overflows 64 bits.
     fn row_bytes(&self) -> Option<u64> {
-        let inputs = model::layers::element_count(&self.sample_shape)? as u64;
+        let inputs = crate::engine::layers::plan::element_count(&self.sample_shape)? as u64;
         let targets = match self.task {
             Task::Classification => 1,
             Task::Regression => self.output as u64,
@@ -202,7 +201,7 @@ pub fn admit(spec: &JobSpec, data: &DataShape, limits: &Limits) -> Result<Cost, 
     // Every part is counted exactly, or not at all (`None`: past 64 bits, so past any limit).
     let weight_bytes = parameters.checked_mul(4 * weight_copies(&spec.optimizer));
     let step_rows = step_rows(spec, data);
-    let activation_bytes = native::planned_buffer_bytes(&plan, &shape, step_rows);
+    let activation_bytes = plan.buffer_bytes(&shape, step_rows);
     let data_bytes = data.held_bytes();
     let memory_bytes = [weight_bytes, activation_bytes, data_bytes]
         .into_iter()
@@ -256,7 +255,7 @@ pub fn check_initial_weights(
     tensors: &HashMap<String, Vec<u64>>,
 ) -> Result<(), SpecError> {
     let plan = model::plan(&spec.model, &data.model_shape())?;
-    model::layers::check_state_dict(&plan.state_dict(), tensors)
+    model::check_state_dict(&plan.state_dict(), tensors)
 }
 
 /// `cuda` needs a build with the `cuda` feature and a visible GPU.
@@ -390,13 +389,13 @@ mod tests {
             &mut Rng::new(1),
         )
         .unwrap();
-        let allocated = native::workspace_slot(&mut model.backend_state())
+        let allocated = crate::engine::backend::native::workspace_slot(&mut model.backend_state())
             .as_ref()
             .expect("the step built its buffers")
             .allocated_buffer_bytes() as u64;
         let model_shape = shape.model_shape();
         let plan = crate::engine::model::plan(&spec.model, &model_shape).unwrap();
-        let planned = native::planned_buffer_bytes(&plan, &model_shape, rows).unwrap();
+        let planned = plan.buffer_bytes(&model_shape, rows).unwrap();
         (
             (cost.parameters, model.parameter_count() as u64),
             planned,

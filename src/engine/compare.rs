@@ -14,7 +14,7 @@ use super::data::DatasetInfo;
 use super::events::{Control, EngineError, Event};
 pub use super::events::{RaceEvent, RacePoint};
 use super::limits::Limits;
-use super::model::layers::load_initial_weights;
+use super::model::load_initial_weights;
 use super::model::{Model, ModelShape};
 use super::optim::Optimizer;
 use super::prepare::{prepare, LoadedData};

@@ -12,6 +12,7 @@ pub mod evaluate;
 pub mod events;
 pub mod json;
 pub mod kernels;
+pub mod layers;
 pub mod limits;
 pub mod model;
 

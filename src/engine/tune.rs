@@ -13,7 +13,7 @@ use super::backend::{evaluate, BatchOrder, DeviceData};
 use super::data::DatasetInfo;
 use super::events::{Control, EngineError, Event};
 use super::limits::Limits;
-use super::model::layers::load_initial_weights;
+use super::model::load_initial_weights;
 use super::model::{Model, ModelShape};
 use super::optim::Optimizer;
 use super::prepare::{prepare, LoadedData};

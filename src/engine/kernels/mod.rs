@@ -4,3 +4,4 @@
 
 pub mod gemm;
 pub mod math;
+pub mod vector;

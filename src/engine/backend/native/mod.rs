@@ -1,6 +1,7 @@
 //! The training step of every model on the CPU, written out by hand instead of recorded on
-//! candle's autograd tape: every layer type of a layer list (`layers`, with the attention
-//! block in `attention`), and so every preset, which expands to one.
+//! candle's autograd tape: the chain of each layer's native node (its family's `native.rs`
+//! under `engine::layers`) over buffers kept between steps (`buffers`), the losses, and the
+//! fused optimizer update.
 //!
 //! candle's tape makes a fresh tensor for every intermediate and every gradient, and adds each
 //! gradient into a freshly zeroed tensor of its own size; on an MLP that bookkeeping cost as
@@ -23,15 +24,12 @@ use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
 use crate::engine::events::{check_canceled, EngineError};
 use crate::engine::kernels::math::{exp, max_value, sum};
-use crate::engine::model::layers::{element_count, Plan};
-use crate::engine::model::{Model, ModelShape};
+use crate::engine::model::Model;
 use crate::engine::optim::Optimizer;
 use crate::engine::rng::Rng;
 use crate::engine::simd::simd_kernel;
 
-mod attention;
-mod conv_block;
-mod layers;
+mod buffers;
 
 simd_kernel! {
     /// Mean cross-entropy over rows of logits; leaves d(loss)/d(logits) in `grad`.
@@ -161,23 +159,9 @@ impl<'a> HostValues<'a> {
 
 /// What the native step keeps between steps, sized for one batch size.
 pub struct Workspace {
-    buffers: Box<layers::Buffers>,
+    buffers: Box<buffers::Buffers>,
     /// One gradient per model variable, in `Model::vars` order.
     pub grads: Vec<Vec<f32>>,
-}
-
-/// The bytes a workspace for batches of `rows` rows takes (buffers, not the gradients), from
-/// the model's plan: admission checks a job's memory with it before anything is built.
-///
-/// The plan counts what each layer keeps (see `layers::Plan::activations_per_sample`); the
-/// batch's input and targets come on top. `None` when the count overflows 64 bits.
-pub fn planned_buffer_bytes(plan: &Plan, shape: &ModelShape, rows: usize) -> Option<u64> {
-    let input = element_count(&shape.input)? as u64;
-    plan.activations_per_sample
-        .checked_add(input)?
-        .checked_add(shape.output as u64)?
-        .checked_mul(rows as u64)?
-        .checked_mul(4)
 }
 
 impl Workspace {
@@ -260,7 +244,7 @@ fn workspace_for<'w>(
     if workspace.as_ref().is_none_or(|w| w.buffers.rows() != rows) {
         // Drop the old buffers first, so two sets never coexist (admission counts one).
         *workspace = None;
-        let buffers = Box::new(layers::Buffers::new(model, rows)?);
+        let buffers = Box::new(buffers::Buffers::new(model, rows)?);
         *workspace = Some(Workspace {
             buffers,
             grads: model
@@ -315,7 +299,7 @@ pub fn evaluate(
         rows.extend(start..start + len);
         rows.resize(batch, start + len - 1);
         let (loss, correct) =
-            layers::evaluate_batch(&mut workspace.buffers, &params, data, &rows, len)?;
+            buffers::evaluate_batch(&mut workspace.buffers, &params, data, &rows, len)?;
         loss_sum += loss;
         hits += correct;
     }
@@ -344,7 +328,7 @@ pub fn forward_backward(
         .iter()
         .map(HostValues::f32)
         .collect::<candle_core::Result<Vec<_>>>()?;
-    layers::forward_backward(
+    buffers::forward_backward(
         &mut workspace.buffers,
         &params,
         &mut workspace.grads,
@@ -355,237 +339,4 @@ pub fn forward_backward(
 }
 
 #[cfg(test)]
-pub(super) mod tests {
-    use super::*;
-    use crate::engine::simd::{with_level, Level};
-    use crate::engine::spec::{Activation, ModelSpec};
-
-    /// The native step's loss and gradients against candle's autograd on the same model,
-    /// batch and dropout draws.
-    pub(super) fn assert_matches_autograd(model: &Model, train: &DeviceData, rows: &[usize]) {
-        let mut workspace = None;
-        let native_loss =
-            forward_backward(model, &mut workspace, train, rows, &mut Rng::new(11)).unwrap();
-        let native_grads = workspace.unwrap().grads;
-
-        let (x, y) = train.batch(rows).unwrap();
-        let forward = model.forward(&x, &y, Some(&mut Rng::new(11))).unwrap();
-        let loss = forward.loss.to_scalar::<f32>().unwrap() as f64;
-        let grads = forward.loss.backward().unwrap();
-
-        assert!(
-            (native_loss - loss).abs() <= 1e-5 * loss.abs().max(1.0),
-            "loss: native {native_loss}, autograd {loss}"
-        );
-        for (index, (var, native)) in model.vars().iter().zip(&native_grads).enumerate() {
-            let want = grads
-                .get(var.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            assert_eq!(native.len(), want.len(), "variable {index}");
-            // Relative to the variable's largest gradient; one that is zero in exact arithmetic
-            // (a bias before batch norm) is float noise on both sides, held to 1e-7.
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
-            for (position, (got, want)) in native.iter().zip(&want).enumerate() {
-                assert!(
-                    (got - want).abs() <= 1e-4 * scale,
-                    "variable {index} [{position}]: native {got}, autograd {want} (largest {scale})"
-                );
-            }
-        }
-    }
-
-    /// The native evaluation against candle's on a split whose size is not a multiple of
-    /// the batch (the last batch is padded), after a training step sized the workspace.
-    pub(super) fn assert_evaluation_matches_candle(model: &Model, train: &DeviceData) {
-        let rows: Vec<usize> = (0..train.rows / 2 + 1).collect();
-        let mut workspace = None;
-        forward_backward(model, &mut workspace, train, &rows, &mut Rng::new(1)).unwrap();
-        assert!(!train.rows.is_multiple_of(rows.len()));
-        let (loss, accuracy) =
-            evaluate(model, &mut workspace, train, 256, &AtomicBool::new(false)).unwrap();
-        let want = crate::engine::backend::Backend::evaluate(
-            &crate::engine::backend::Candle,
-            model,
-            train,
-            &AtomicBool::new(false),
-        )
-        .unwrap();
-        assert!(
-            (loss - want.loss).abs() <= 1e-5 * want.loss.abs().max(1.0),
-            "loss: native {loss}, candle {}",
-            want.loss
-        );
-        assert_eq!(accuracy, want.accuracy);
-    }
-
-    /// Random data for a model of `shape`: dense features or token ids.
-    fn random_data(shape: &ModelShape, rows: usize) -> DeviceData {
-        use crate::engine::data::{Dataset, Features, Targets};
-        let mut rng = Rng::new(21);
-        let per_row: usize = shape.input.iter().product();
-        let data = match shape.task {
-            Task::LanguageModel => {
-                let mut ids = || -> Vec<u32> {
-                    (0..rows * per_row)
-                        .map(|_| rng.below(shape.output) as u32)
-                        .collect()
-                };
-                Dataset {
-                    features: Features::Tokens {
-                        ids: ids(),
-                        context: per_row,
-                    },
-                    targets: Targets::Tokens {
-                        ids: ids(),
-                        vocab: shape.output,
-                    },
-                }
-            }
-            task => Dataset {
-                features: Features::Dense {
-                    values: (0..rows * per_row).map(|_| rng.normal() as f32).collect(),
-                    sample_shape: shape.input.clone(),
-                },
-                targets: match task {
-                    Task::Regression => Targets::Values {
-                        values: (0..rows * shape.output)
-                            .map(|_| rng.normal() as f32)
-                            .collect(),
-                        dims: shape.output,
-                    },
-                    _ => Targets::Classes {
-                        labels: (0..rows).map(|_| rng.below(shape.output) as u32).collect(),
-                        classes: shape.output,
-                    },
-                },
-            },
-        };
-        DeviceData::new(&data, &candle_core::Device::Cpu).unwrap()
-    }
-
-    /// One training step's loss and gradients and the evaluation of a fresh model, with every
-    /// kernel on every thread at `level` (gemm picks its own, the same at every level).
-    fn step_at(level: Level, spec: &ModelSpec, shape: &ModelShape) -> (f64, Vec<Vec<f32>>, f64) {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .start_handler(move |_| crate::engine::simd::set_thread_level(level))
-            .build()
-            .unwrap();
-        pool.install(|| {
-            with_level(level, || {
-                let model = Model::build(spec, shape, 4, &candle_core::Device::Cpu).unwrap();
-                let data = random_data(shape, 48);
-                let rows: Vec<usize> = (0..32).map(|i| (i * 5 + 1) % 48).collect();
-                let mut workspace = None;
-                let loss = forward_backward(&model, &mut workspace, &data, &rows, &mut Rng::new(3))
-                    .unwrap();
-                let (eval_loss, _) =
-                    evaluate(&model, &mut workspace, &data, 32, &AtomicBool::new(false)).unwrap();
-                (loss, workspace.unwrap().grads, eval_loss)
-            })
-        })
-    }
-
-    /// The element-wise kernels compute the same IEEE operations at every instruction-set
-    /// level (no fused multiply-adds, reductions in the same order), so a whole step at each
-    /// level this machine supports equals the scalar step bit for bit.
-    #[test]
-    fn every_simd_level_gives_the_scalar_step_bit_for_bit() {
-        let dense = |input: Vec<usize>, output, task| ModelShape {
-            input,
-            output,
-            task,
-        };
-        let mlp = |activation, dropout| ModelSpec::Mlp {
-            hidden: vec![67, 33],
-            activation,
-            dropout,
-        };
-        let cases = [
-            (
-                mlp(Activation::Relu, 0.2),
-                dense(vec![29], 10, Task::Classification),
-            ),
-            (
-                mlp(Activation::Gelu, 0.0),
-                dense(vec![29], 10, Task::Classification),
-            ),
-            (
-                mlp(Activation::Tanh, 0.0),
-                dense(vec![29], 3, Task::Regression),
-            ),
-            (
-                mlp(Activation::Silu, 0.0),
-                dense(vec![29], 10, Task::Classification),
-            ),
-            (
-                ModelSpec::Cnn {
-                    channels: vec![8, 19],
-                    hidden: 24,
-                },
-                dense(vec![3, 9, 11], 10, Task::Classification),
-            ),
-            (
-                ModelSpec::Transformer {
-                    d_model: 48,
-                    heads: 4,
-                    layers: 2,
-                    context: 21,
-                },
-                dense(vec![21], 13, Task::LanguageModel),
-            ),
-            (
-                ModelSpec::Sequential {
-                    layers: serde_json::from_str(
-                        r#"[{"type": "conv2d", "out": 6, "kernel": 3, "stride": 2, "padding": 1},
-                            {"type": "batch_norm"}, {"type": "gelu"},
-                            {"type": "max_pool2d", "size": 2}, {"type": "dropout", "p": 0.2},
-                            {"type": "flatten"}, {"type": "linear", "out": 19},
-                            {"type": "residual", "layers": [
-                                {"type": "layer_norm"}, {"type": "linear", "out": 19},
-                                {"type": "sigmoid"}]},
-                            {"type": "linear", "out": 10}]"#,
-                    )
-                    .unwrap(),
-                    context: None,
-                },
-                dense(vec![3, 13, 11], 10, Task::Classification),
-            ),
-            (
-                ModelSpec::Sequential {
-                    layers: serde_json::from_str(
-                        r#"[{"type": "embedding", "dim": 48, "init_std": 0.02},
-                            {"type": "position_embedding"},
-                            {"type": "transformer_block", "heads": 4},
-                            {"type": "layer_norm"}, {"type": "linear", "out": 13}]"#,
-                    )
-                    .unwrap(),
-                    context: Some(21),
-                },
-                dense(vec![21], 13, Task::LanguageModel),
-            ),
-        ];
-        let levels = Level::supported_levels();
-        eprintln!("levels on this machine: {levels:?}");
-        for (spec, shape) in &cases {
-            let (loss, grads, eval) = step_at(Level::Scalar, spec, shape);
-            assert!(loss.is_finite() && eval.is_finite(), "{spec:?}");
-            for &level in &levels[1..] {
-                let (level_loss, level_grads, level_eval) = step_at(level, spec, shape);
-                assert_eq!(level_loss.to_bits(), loss.to_bits(), "{level:?} {spec:?}");
-                assert_eq!(level_eval.to_bits(), eval.to_bits(), "{level:?} {spec:?}");
-                for (index, (got, want)) in level_grads.iter().zip(&grads).enumerate() {
-                    let same = got
-                        .iter()
-                        .zip(want)
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{level:?} {spec:?}: gradient {index} differs");
-                }
-            }
-        }
-    }
-}
+mod tests;

@@ -76,7 +76,6 @@ impl ConvBlock {
     }
 
     /// Values held (for the admission test).
-    #[cfg(test)]
     pub(super) fn allocated_bytes(&self) -> usize {
         4 * (self.pixels_in.len()
             + self.columns.len()
