@@ -288,7 +288,8 @@ fn held_bytes(data: &Dataset) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::backend::{BatchOrder, DeviceData};
+    use crate::engine::backend::native::Native;
+    use crate::engine::backend::{Backend, BatchOrder, DeviceData};
     use crate::engine::model::Model;
     use crate::engine::prepare::{load_local_data, prepare, LoadedData};
     use crate::engine::rng::Rng;
@@ -379,20 +380,19 @@ mod tests {
         let train = DeviceData::new(&prepared.train, &device).unwrap();
         let mut optimizer = crate::engine::optim::Optimizer::new(&spec.optimizer, model.vars());
         let batch: Vec<usize> = BatchOrder::new(train.rows, rows, 0).next_batch().to_vec();
-        crate::engine::backend::train_step(
-            &model,
-            &mut optimizer,
-            &train,
-            &batch,
-            0.01,
-            0.9,
-            &mut Rng::new(1),
-        )
-        .unwrap();
-        let allocated = crate::engine::backend::native::workspace_slot(&mut model.backend_state())
-            .as_ref()
-            .expect("the step built its buffers")
-            .allocated_buffer_bytes() as u64;
+        let mut native = Native::new();
+        native
+            .train_step(
+                &model,
+                &mut optimizer,
+                &train,
+                &batch,
+                0.01,
+                0.9,
+                &mut Rng::new(1),
+            )
+            .unwrap();
+        let allocated = native.allocated_buffer_bytes() as u64;
         let model_shape = shape.model_shape();
         let plan = crate::engine::model::plan(&spec.model, &model_shape).unwrap();
         let planned = plan.buffer_bytes(&model_shape, rows).unwrap();

@@ -27,6 +27,7 @@ pub mod simd;
 pub mod spec;
 pub mod suggest;
 pub mod sweep;
+pub mod trainer;
 
 pub mod tune;
 pub mod update;

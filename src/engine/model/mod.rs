@@ -6,15 +6,14 @@
 //!   `engine::layers` through `registry`;
 //! - `presets`: the presets as layer lists, with their own checks;
 //! - `checkpoint`: PyTorch weights (safetensors) read, checked and loaded.
+//!
+//! A model knows no backend: `engine::backend` trains it, each backend with what it keeps
+//! between steps, bound to it by `engine::trainer`.
 
-use std::any::Any;
-use std::sync::Mutex;
-
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::engine::events::EngineError;
-use crate::engine::layers::candle::forward_list;
-use crate::engine::layers::weights::{Init, Weights};
+use crate::engine::layers::weights::Init;
 use crate::engine::rng::Rng;
 use crate::engine::spec::{ModelSpec, SpecError, Task};
 
@@ -55,17 +54,6 @@ pub struct Model {
     vars: Vec<Var>,
     buffer_vars: Vec<Var>,
     device: Device,
-    /// Whether the hand-written CPU step runs this model (else candle's autograd).
-    native: bool,
-    /// What the training backend keeps between steps (the native step's buffers), typed by
-    /// the backend: the model does not depend on any backend.
-    backend_state: Mutex<Option<Box<dyn Any + Send>>>,
-}
-
-/// The output of one forward pass and its loss.
-pub struct Forward {
-    pub output: Tensor,
-    pub loss: Tensor,
 }
 
 impl Model {
@@ -98,9 +86,7 @@ impl Model {
             buffers,
             vars,
             buffer_vars,
-            native: device.is_cpu(),
             device: device.clone(),
-            backend_state: Mutex::new(None),
         })
     }
 
@@ -129,17 +115,6 @@ impl Model {
         &self.plan
     }
 
-    /// Whether the hand-written CPU step trains and evaluates this model: the built-in
-    /// architectures on the CPU, unless [`Model::use_candle`] was called.
-    pub fn runs_native(&self) -> bool {
-        self.native
-    }
-
-    /// Trains and evaluates through candle's autograd instead of the native step.
-    pub fn use_candle(&mut self) {
-        self.native = false;
-    }
-
     pub fn parameter_count(&self) -> usize {
         self.vars.iter().map(|var| var.elem_count()).sum()
     }
@@ -150,13 +125,6 @@ impl Model {
 
     pub fn device(&self) -> &Device {
         &self.device
-    }
-
-    /// The backend's state between steps (one training loop per model, so never contended).
-    pub(crate) fn backend_state(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn Any + Send>>> {
-        self.backend_state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Deep copies of every weight and running statistic (a `Var` clone would share storage
@@ -187,49 +155,6 @@ impl Model {
         let named: Vec<&(String, Var)> = self.parameters.iter().chain(&self.buffers).collect();
         checkpoint::load(&named, tensors)
     }
-
-    /// Predictions for a batch. `dropout_rng` is `Some` in training mode.
-    pub fn predict(
-        &self,
-        x: &Tensor,
-        dropout_rng: Option<&mut Rng>,
-    ) -> candle_core::Result<Tensor> {
-        let mut train = dropout_rng;
-        let mut weights = Weights::new(&self.vars, &self.buffer_vars);
-        forward_list(self.plan.layers(), x, &mut weights, &mut train)
-    }
-
-    /// Predictions and the mean loss of the batch for this model's task.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        y: &Tensor,
-        dropout_rng: Option<&mut Rng>,
-    ) -> candle_core::Result<Forward> {
-        let output = self.predict(x, dropout_rng)?;
-        let loss = task_loss(self.shape.task, &output, y)?;
-        Ok(Forward { output, loss })
-    }
-}
-
-/// Mean cross-entropy for classification and language models, mean squared error for
-/// regression.
-pub fn task_loss(task: Task, output: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
-    match task {
-        Task::Classification => candle_nn::loss::cross_entropy(output, y),
-        Task::Regression => candle_nn::loss::mse(output, y),
-        Task::LanguageModel => {
-            let vocab = output.dim(D::Minus1)?;
-            candle_nn::loss::cross_entropy(&output.reshape(((), vocab))?, &y.flatten_all()?)
-        }
-    }
-}
-
-/// The number of correct predictions in a batch (classification and language models).
-pub fn correct_count(output: &Tensor, y: &Tensor) -> candle_core::Result<usize> {
-    let predicted = output.argmax(D::Minus1)?;
-    let hits = predicted.eq(y)?.to_dtype(DType::F32)?.sum_all()?;
-    Ok(hits.to_scalar::<f32>()? as usize)
 }
 
 /// A tensor of `shape` as `init` starts it, drawing from `rng` in order.

@@ -14,12 +14,11 @@
 //! Non-CPU devices keep the autograd path. The tests hold this step to candle's gradients on
 //! every layer kind.
 
-use std::any::Any;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{CpuStorage, Storage, Tensor};
 
-use super::{Evaluation, EVAL_CHUNK};
+use super::{Backend, Evaluation, EVAL_CHUNK};
 use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
 use crate::engine::events::{check_canceled, EngineError};
@@ -167,29 +166,39 @@ pub struct Workspace {
 impl Workspace {
     /// Bytes held by the buffers (not the gradients).
     #[cfg(test)]
-    pub(crate) fn allocated_buffer_bytes(&self) -> usize {
+    fn allocated_buffer_bytes(&self) -> usize {
         self.buffers.allocated_bytes()
     }
 }
 
-/// The native workspace in a model's backend state (created empty on first use).
-pub(crate) fn workspace_slot(state: &mut Option<Box<dyn Any + Send>>) -> &mut Option<Workspace> {
-    state
-        .get_or_insert_with(|| Box::new(None::<Workspace>))
-        .downcast_mut::<Option<Workspace>>()
-        .expect("a model's backend state is the native workspace")
+/// The hand-written CPU step (see the module docs), with its workspace: the buffers of the
+/// model it trains, kept from step to step.
+#[derive(Default)]
+pub struct Native {
+    workspace: Option<Workspace>,
 }
 
-/// The hand-written CPU step (see the module docs).
-pub struct Native;
+impl Native {
+    pub fn new() -> Native {
+        Native::default()
+    }
 
-impl super::Backend for Native {
+    /// Bytes held by the workspace's buffers (not the gradients); 0 before the first step.
+    #[cfg(test)]
+    pub(crate) fn allocated_buffer_bytes(&self) -> usize {
+        self.workspace
+            .as_ref()
+            .map_or(0, Workspace::allocated_buffer_bytes)
+    }
+}
+
+impl Backend for Native {
     fn name(&self) -> &'static str {
         "native"
     }
 
     fn train_step(
-        &self,
+        &mut self,
         model: &Model,
         optimizer: &mut Optimizer,
         data: &DeviceData,
@@ -198,11 +207,10 @@ impl super::Backend for Native {
         momentum: f64,
         dropout_rng: &mut Rng,
     ) -> candle_core::Result<f64> {
+        let workspace = &mut self.workspace;
         // On a pool thread, so that the caller's thread sleeps instead of competing with
         // the pool's threads for the cores between the step's parallel sections.
         on_pool(|| {
-            let mut state = model.backend_state();
-            let workspace = workspace_slot(&mut state);
             let loss = forward_backward(model, workspace, data, rows, dropout_rng)?;
             if loss.is_finite() {
                 let grads = &workspace.as_ref().expect("set by forward_backward").grads;
@@ -213,14 +221,13 @@ impl super::Backend for Native {
     }
 
     fn evaluate(
-        &self,
+        &mut self,
         model: &Model,
         data: &DeviceData,
         cancel: &AtomicBool,
     ) -> Result<Evaluation, EngineError> {
+        let workspace = &mut self.workspace;
         on_pool(|| {
-            let mut state = model.backend_state();
-            let workspace = workspace_slot(&mut state);
             let (loss, accuracy) = evaluate(model, workspace, data, EVAL_CHUNK, cancel)?;
             Ok(Evaluation { loss, accuracy })
         })

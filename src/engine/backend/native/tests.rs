@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 use candle_core::{Device, Tensor};
 
 use super::*;
+use crate::engine::backend::candle::{self, Candle};
 use crate::engine::data::{Dataset, Features, Targets};
 use crate::engine::model::{golden, plan, ModelShape};
 use crate::engine::simd::{with_level, Level};
@@ -20,7 +21,7 @@ fn assert_matches_autograd(model: &Model, train: &DeviceData, rows: &[usize]) {
     let native_grads = workspace.unwrap().grads;
 
     let (x, y) = train.batch(rows).unwrap();
-    let forward = model.forward(&x, &y, Some(&mut Rng::new(11))).unwrap();
+    let forward = candle::forward(model, &x, &y, Some(&mut Rng::new(11))).unwrap();
     let loss = forward.loss.to_scalar::<f32>().unwrap() as f64;
     let grads = forward.loss.backward().unwrap();
 
@@ -58,13 +59,9 @@ fn assert_evaluation_matches_candle(model: &Model, train: &DeviceData) {
     assert!(!train.rows.is_multiple_of(rows.len()));
     let (loss, accuracy) =
         evaluate(model, &mut workspace, train, 256, &AtomicBool::new(false)).unwrap();
-    let want = crate::engine::backend::Backend::evaluate(
-        &crate::engine::backend::Candle,
-        model,
-        train,
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let want = Candle
+        .evaluate(model, train, &AtomicBool::new(false))
+        .unwrap();
     assert!(
         (loss - want.loss).abs() <= 1e-5 * want.loss.abs().max(1.0),
         "loss: native {loss}, candle {}",
@@ -75,7 +72,6 @@ fn assert_evaluation_matches_candle(model: &Model, train: &DeviceData) {
 
 /// Random data for a model of `shape`: dense features or token ids.
 fn random_data(shape: &ModelShape, rows: usize) -> DeviceData {
-    use crate::engine::data::{Dataset, Features, Targets};
     let mut rng = Rng::new(21);
     let per_row: usize = shape.input.iter().product();
     let data = match shape.task {
