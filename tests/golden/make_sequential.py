@@ -144,6 +144,8 @@ def build_layer(layer, shape, vocab):
         return nn.Sigmoid(), shape
     if kind == "silu":
         return nn.SiLU(), shape
+    if kind == "leaky_relu":
+        return nn.LeakyReLU(layer.get("negative_slope", 0.01)), shape
     if kind == "gelu":
         return nn.GELU(approximate=layer.get("approximate", "none")), shape
     if kind == "residual":
@@ -269,6 +271,27 @@ CASES = [
             {"type": "transformer_block", "heads": 4},
             {"type": "layer_norm"},
             {"type": "linear", "out": 7},
+        ],
+    },
+    {
+        "name": "leaky_mlp",
+        "seed": 107,
+        "input_shape": [6],
+        "task": "classification",
+        "outputs": 3,
+        "layers": [
+            {"type": "linear", "out": 8},
+            {"type": "leaky_relu"},
+            {
+                "type": "residual",
+                "layers": [
+                    {"type": "linear", "out": 8},
+                    {"type": "leaky_relu", "negative_slope": 0.2},
+                ],
+            },
+            {"type": "linear", "out": 8},
+            {"type": "leaky_relu", "negative_slope": -0.5},
+            {"type": "linear", "out": 3},
         ],
     },
 ]

@@ -118,7 +118,7 @@ impl Case {
 
 pub(crate) fn cases() -> Vec<Case> {
     let golden: Golden = serde_json::from_str(GOLDEN).unwrap();
-    assert_eq!(golden.cases.len(), 6);
+    assert_eq!(golden.cases.len(), 7);
     golden.cases
 }
 

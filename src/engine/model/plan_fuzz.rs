@@ -248,7 +248,8 @@ fn expected_layer(
         | LayerSpec::Gelu { .. }
         | LayerSpec::Tanh
         | LayerSpec::Sigmoid
-        | LayerSpec::Silu => (dims.clone(), 0),
+        | LayerSpec::Silu
+        | LayerSpec::LeakyRelu { .. } => (dims.clone(), 0),
         LayerSpec::Residual { layers } => {
             let same = Reaching::Values(dims.clone());
             if expected_list(layers, same.clone(), totals)? != same {

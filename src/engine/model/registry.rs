@@ -29,6 +29,7 @@ pub(crate) fn plan_layer(spec: &LayerSpec, step: &mut PlanStep<'_>) -> Result<Pl
         LayerSpec::Tanh => activation::plan(Function::Tanh, step),
         LayerSpec::Sigmoid => activation::plan(Function::Sigmoid, step),
         LayerSpec::Silu => activation::plan(Function::Silu, step),
+        LayerSpec::LeakyRelu { negative_slope } => activation::plan(Function::LeakyRelu(*negative_slope as f32), step),
         LayerSpec::Residual { layers } => residual::plan(layers, step),
     }
 }

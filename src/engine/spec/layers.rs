@@ -71,6 +71,11 @@ pub enum LayerSpec {
     Tanh,
     Sigmoid,
     Silu,
+    /// `nn.LeakyReLU(negative_slope)`.
+    LeakyRelu {
+        #[serde(default = "leaky_relu_slope")]
+        negative_slope: f64,
+    },
     /// A block whose output is added to its input (`x + block(x)`); its layers are named as
     /// a nested `nn.Sequential`'s.
     Residual {
@@ -80,6 +85,11 @@ pub enum LayerSpec {
 
 fn one() -> usize {
     1
+}
+
+/// PyTorch's default `negative_slope`.
+fn leaky_relu_slope() -> f64 {
+    0.01
 }
 
 fn unit_std() -> f64 {
@@ -120,6 +130,7 @@ impl LayerSpec {
             LayerSpec::Tanh => "tanh",
             LayerSpec::Sigmoid => "sigmoid",
             LayerSpec::Silu => "silu",
+            LayerSpec::LeakyRelu { .. } => "leaky_relu",
             LayerSpec::Residual { .. } => "residual",
         }
     }

@@ -236,7 +236,7 @@ fn every_simd_level_gives_the_scalar_step_bit_for_bit() {
     }
 }
 
-/// The native step on PyTorch's six golden networks: the eval-mode loss of the saved
+/// The native step on PyTorch's golden networks: the eval-mode loss of the saved
 /// weights, then the training loss, every gradient and batch norm's running statistics.
 #[test]
 fn the_native_step_matches_pytorch_on_the_golden_networks() {
@@ -382,6 +382,15 @@ fn the_native_step_matches_candle_on_every_layer_type() {
             vec![8],
             Task::LanguageModel,
             5,
+        ),
+        (
+            r#"[{"type": "conv2d", "out": 3, "kernel": 3, "padding": 1},
+                {"type": "leaky_relu", "negative_slope": 0.3}, {"type": "max_pool2d", "size": 2},
+                {"type": "flatten"}, {"type": "linear", "out": 6}, {"type": "leaky_relu"},
+                {"type": "linear", "out": 3}]"#,
+            vec![2, 6, 6],
+            Task::Classification,
+            3,
         ),
         (
             r#"[{"type": "conv2d", "out": 4, "kernel": 2}, {"type": "adaptive_avg_pool2d"},

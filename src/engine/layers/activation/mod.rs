@@ -1,5 +1,5 @@
 //! Element-wise activations, PyTorch's: `relu`, `gelu` (the erf form, or the tanh form),
-//! `tanh`, `sigmoid` and `silu`. One planned layer for all of them, told apart by its
+//! `tanh`, `sigmoid`, `silu` and `leaky_relu`. One planned layer for all of them, told apart by its
 //! [`Function`]; each function's value and derivative are written once for each backend.
 
 use std::any::Any;
@@ -27,6 +27,9 @@ pub enum Function {
     Tanh,
     Sigmoid,
     Silu,
+    /// `nn.LeakyReLU(negative_slope)`: x where x > 0, else `negative_slope` x (in f32, as
+    /// PyTorch computes it on f32 values).
+    LeakyRelu(f32),
 }
 
 impl Function {

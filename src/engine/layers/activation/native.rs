@@ -90,6 +90,7 @@ simd_kernel! {
             Function::Tanh => pairs.for_each(|(&x, o)| *o = x.tanh()),
             Function::Sigmoid => pairs.for_each(|(&x, o)| *o = 1.0 / (1.0 + exp(-x))),
             Function::Silu => pairs.for_each(|(&x, o)| *o = x / (1.0 + exp(-x))),
+            Function::LeakyRelu(slope) => pairs.for_each(|(&x, o)| *o = if x > 0.0 { x } else { x * slope }),
         }
     }
 }
@@ -111,6 +112,7 @@ simd_kernel! {
                 let s = 1.0 / (1.0 + exp(-x));
                 *d = g * s * (1.0 + x * (1.0 - s));
             }),
+            Function::LeakyRelu(slope) => each.for_each(|(((&x, _), &g), d)| *d = if x > 0.0 { g } else { g * slope }),
         }
     }
 }
