@@ -1,4 +1,4 @@
-//! Leslie Smith's learning-rate range test (DESIGN section 3): one step per point while the
+//! Leslie Smith's learning-rate range test: one step per point while the
 //! learning rate grows, fastai's smoothing, a stop on divergence, and the model and optimizer
 //! put back exactly as they were afterwards.
 

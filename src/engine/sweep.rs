@@ -1,5 +1,5 @@
 //! OneCycle trainings at candidate peak learning rates, each from the same initial weights and
-//! data order, judged on validation loss (DESIGN section 3). This is what checks the range
+//! data order, judged on validation loss. This is what checks the range
 //! test's suggestions instead of trusting one rule. Candidates are judged at the horizon the
 //! recommendation is for, the planned run, as far as the budget allows: a short run favours
 //! high peaks that overfit over a long plan (`plan_search`, `Search::run`).

@@ -1,5 +1,5 @@
-//! A whole job: range test, sweep, or both (`tune`), and the recommendation built from them
-//! (DESIGN section 4): peak learning rate, band, a OneCycle schedule sized for the planned
+//! A whole job: range test, sweep, or both (`tune`), and the recommendation built from them:
+//! peak learning rate, band, a OneCycle schedule sized for the planned
 //! run, ready-to-paste PyTorch and fastai lines, and the warnings.
 
 use std::sync::atomic::AtomicBool;
