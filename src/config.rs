@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::engine::{admission, Limits};
+use crate::engine::limits::{self, Limits};
 use crate::store::DatabaseUrl;
 
 /// The database every process of a deployment shares.
@@ -51,7 +51,7 @@ pub struct ApiConfig {
     /// Most bytes all stored datasets and weights may hold together (507 above): bytes or a
     /// size such as 2GiB. DELETE /v1/datasets/{id} and /v1/weights/{id} make room.
     #[arg(long, env = "LRTUNE_MAX_STORED_BYTES", default_value = "4GiB",
-          value_parser = admission::parse_bytes)]
+          value_parser = limits::parse_bytes)]
     pub max_stored_bytes: u64,
     /// Most rows (or characters) in an uploaded dataset.
     #[arg(long, env = "LRTUNE_MAX_DATASET_ROWS", default_value_t = 1_000_000)]
@@ -177,7 +177,7 @@ pub struct LimitsConfig {
     /// Most memory one job may need, as estimated before it runs (weights and optimizer
     /// state, the training step's buffers, the data): bytes or a size such as 2GiB. Default: a
     /// quarter of the machine's memory.
-    #[arg(long, env = "LRTUNE_MAX_JOB_MEMORY", value_parser = admission::parse_bytes)]
+    #[arg(long, env = "LRTUNE_MAX_JOB_MEMORY", value_parser = limits::parse_bytes)]
     pub max_job_memory: Option<u64>,
     /// Most samples a generated builtin may have.
     #[arg(long, env = "LRTUNE_MAX_SAMPLES", default_value_t = Limits::default().max_samples)]
@@ -194,7 +194,7 @@ impl LimitsConfig {
             max_samples: self.max_samples,
             max_job_memory: self
                 .max_job_memory
-                .unwrap_or_else(admission::default_job_memory),
+                .unwrap_or_else(limits::default_job_memory),
         }
     }
 }

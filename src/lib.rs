@@ -8,3 +8,6 @@ pub mod http;
 pub mod store;
 pub mod telemetry;
 pub mod worker;
+
+#[cfg(test)]
+mod import_cycles;

@@ -15,13 +15,14 @@ use clap::Args;
 use serde_json::Value;
 
 use crate::Outcome;
-use lrtune::engine::backend::{train_step, BatchOrder, DeviceData};
+use lrtune::engine::backend::{BatchOrder, DeviceData};
 use lrtune::engine::data::{Dataset, Features, Targets, Task};
 use lrtune::engine::model::{Model, ModelShape};
 use lrtune::engine::optim::Optimizer;
 use lrtune::engine::rng::Rng;
-use lrtune::engine::spec::{Activation, ModelSpec, OptimizerSpec};
-use lrtune::engine::{self, backend::native, simd, Limits, ValidSpec};
+use lrtune::engine::spec::{Activation, BackendChoice, ModelSpec, OptimizerSpec};
+use lrtune::engine::trainer::Trainer;
+use lrtune::engine::{self, kernels, simd, Limits, ValidSpec};
 
 const PYTORCH_SCRIPT: &str = include_str!("bench_pytorch.py");
 
@@ -226,16 +227,18 @@ fn time_case(case: &Case, warmup: usize, steps: usize) -> anyhow::Result<Timing>
         output: case.outputs,
         task: case.task,
     };
-    let model = Model::build(&case.model, &shape, 0, &device)?;
+    let trainer = Trainer::new(
+        Model::build(&case.model, &shape, 0, &device)?,
+        BackendChoice::Auto,
+    );
     let train = DeviceData::new(&data, &device)?;
-    let mut optimizer = Optimizer::new(&case.optimizer, model.vars());
+    let mut optimizer = Optimizer::new(&case.optimizer, trainer.model().vars());
     let mut order = BatchOrder::new(train.rows, case.batch, 0);
     let mut dropout = Rng::new(0);
     let mut times = Vec::with_capacity(steps);
     for step in 0..warmup + steps {
         let started = Instant::now();
-        train_step(
-            &model,
+        trainer.train_step(
             &mut optimizer,
             &train,
             order.next_batch(),
@@ -250,7 +253,7 @@ fn time_case(case: &Case, warmup: usize, steps: usize) -> anyhow::Result<Timing>
     times.sort_by(f64::total_cmp);
     Ok(Timing {
         median_ms: times[times.len() / 2],
-        parameters: model.parameter_count(),
+        parameters: trainer.model().parameter_count(),
     })
 }
 
@@ -316,7 +319,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
         }
     }
 
-    let matmul = native::matmul_flops(MATMUL_SIZE, 0.5);
+    let matmul = kernels::gemm::matmul_flops(MATMUL_SIZE, 0.5);
     println!("cpu: {}", simd::cpu_model());
     println!(
         "lrtune: element-wise kernels {} ({}), matmul by gemm ({}), {} threads",

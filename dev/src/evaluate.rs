@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use lrtune::engine::data::{self, Dataset, Targets};
+use lrtune::engine::limits::Limits;
 use lrtune::engine::rng::Rng;
-use lrtune::engine::spec::{JobSpec, Limits, SpecError, ValidSpec};
+use lrtune::engine::spec::{JobSpec, SpecError, ValidSpec};
 use lrtune::engine::sweep::SweepCandidate;
 use lrtune::engine::{load_local_data, run_job, EngineError, Event, LoadedData};
 

@@ -7,14 +7,12 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::backend::native;
 use super::backend::EVAL_CHUNK;
 use super::data::{self, Dataset, Task};
+use super::limits::{bytes_label, Limits};
 use super::model::{self, ModelShape};
 use super::prepare::{check_batch_size, check_task, DEFAULT_SAMPLES};
-use super::spec::{
-    Builtin, DeviceChoice, JobKind, JobSpec, Limits, OptimizerSpec, SpecError, ValidSpec,
-};
+use super::spec::{Builtin, DeviceChoice, JobKind, JobSpec, OptimizerSpec, SpecError, ValidSpec};
 
 /// What a job's data looks like, known before it is loaded.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,7 +113,7 @@ impl DataShape {
     /// targets (a u32 class, f32 regression values, or u32 next-token ids). `None` when the
     /// count overflows 64 bits.
     fn row_bytes(&self) -> Option<u64> {
-        let inputs = model::layers::element_count(&self.sample_shape)? as u64;
+        let inputs = crate::engine::layers::plan::element_count(&self.sample_shape)? as u64;
         let targets = match self.task {
             Task::Classification => 1,
             Task::Regression => self.output as u64,
@@ -203,7 +201,7 @@ pub fn admit(spec: &JobSpec, data: &DataShape, limits: &Limits) -> Result<Cost, 
     // Every part is counted exactly, or not at all (`None`: past 64 bits, so past any limit).
     let weight_bytes = parameters.checked_mul(4 * weight_copies(&spec.optimizer));
     let step_rows = step_rows(spec, data);
-    let activation_bytes = native::planned_buffer_bytes(&plan, &shape, step_rows);
+    let activation_bytes = plan.buffer_bytes(&shape, step_rows);
     let data_bytes = data.held_bytes();
     let memory_bytes = [weight_bytes, activation_bytes, data_bytes]
         .into_iter()
@@ -257,7 +255,7 @@ pub fn check_initial_weights(
     tensors: &HashMap<String, Vec<u64>>,
 ) -> Result<(), SpecError> {
     let plan = model::plan(&spec.model, &data.model_shape())?;
-    model::layers::check_state_dict(&plan.state_dict(), tensors)
+    model::check_state_dict(&plan.state_dict(), tensors)
 }
 
 /// `cuda` needs a build with the `cuda` feature and a visible GPU.
@@ -269,65 +267,6 @@ pub fn check_device(choice: DeviceChoice) -> Result<(), SpecError> {
         ));
     }
     Ok(())
-}
-
-/// Bytes in the largest binary unit that keeps the number at or above 1.
-pub fn bytes_label(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} bytes")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-/// A byte count as given on the command line: a number with an optional unit (`512MiB`,
-/// `4GiB`, `2G`, `1000000`); K, M, G and T are binary, as for memory.
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().map_err(|_| {
-        format!("{text:?} is not a size: give bytes, or a number with KiB, MiB, GiB or TiB")
-    })?;
-    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?}: use KiB, MiB, GiB or TiB"
-            ))
-        }
-    };
-    let bytes = number * scale as f64;
-    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
-        return Err(format!("{text:?} is not a usable size"));
-    }
-    Ok(bytes as u64)
-}
-
-/// A quarter of the machine's memory (`MemTotal` in /proc/meminfo), 4 GiB where that cannot
-/// be read: one job may not take the memory the server and other jobs need.
-pub fn default_job_memory() -> u64 {
-    let total = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            let line = text.lines().find(|line| line.starts_with("MemTotal:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
-        });
-    total.map_or(4 << 30, |bytes| bytes / 4)
 }
 
 /// What a loaded dataset takes in the engine's layout (for the tests against `row_bytes`).
@@ -349,7 +288,8 @@ fn held_bytes(data: &Dataset) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::backend::{BatchOrder, DeviceData};
+    use crate::engine::backend::native::Native;
+    use crate::engine::backend::{Backend, BatchOrder, DeviceData};
     use crate::engine::model::Model;
     use crate::engine::prepare::{load_local_data, prepare, LoadedData};
     use crate::engine::rng::Rng;
@@ -440,23 +380,22 @@ mod tests {
         let train = DeviceData::new(&prepared.train, &device).unwrap();
         let mut optimizer = crate::engine::optim::Optimizer::new(&spec.optimizer, model.vars());
         let batch: Vec<usize> = BatchOrder::new(train.rows, rows, 0).next_batch().to_vec();
-        crate::engine::backend::train_step(
-            &model,
-            &mut optimizer,
-            &train,
-            &batch,
-            0.01,
-            0.9,
-            &mut Rng::new(1),
-        )
-        .unwrap();
-        let allocated = native::workspace_slot(&mut model.backend_state())
-            .as_ref()
-            .expect("the step built its buffers")
-            .allocated_buffer_bytes() as u64;
+        let mut native = Native::new();
+        native
+            .train_step(
+                &model,
+                &mut optimizer,
+                &train,
+                &batch,
+                0.01,
+                0.9,
+                &mut Rng::new(1),
+            )
+            .unwrap();
+        let allocated = native.allocated_buffer_bytes() as u64;
         let model_shape = shape.model_shape();
         let plan = crate::engine::model::plan(&spec.model, &model_shape).unwrap();
-        let planned = native::planned_buffer_bytes(&plan, &model_shape, rows).unwrap();
+        let planned = plan.buffer_bytes(&model_shape, rows).unwrap();
         (
             (cost.parameters, model.parameter_count() as u64),
             planned,
@@ -590,17 +529,5 @@ mod tests {
         if let Err(error) = result {
             assert_eq!(error.field, "device");
         }
-    }
-
-    #[test]
-    fn sizes_parse_with_binary_units() {
-        assert_eq!(parse_bytes("4GiB"), Ok(4 << 30));
-        assert_eq!(parse_bytes("512 MiB"), Ok(512 << 20));
-        assert_eq!(parse_bytes("1.5G"), Ok(3 << 29));
-        assert_eq!(parse_bytes("1000"), Ok(1000));
-        assert!(parse_bytes("lots").is_err());
-        assert!(parse_bytes("4 parsecs").is_err());
-        assert_eq!(bytes_label(3 << 29), "1.5 GiB");
-        assert_eq!(bytes_label(100), "100 bytes");
     }
 }

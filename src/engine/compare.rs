@@ -9,19 +9,22 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::admission::{admit, DataShape};
-use super::backend::{evaluate, train_step, BatchOrder, DeviceData, Evaluation};
+use super::backend::{BatchOrder, DeviceData, Evaluation};
 use super::data::DatasetInfo;
-use super::model::layers::load_initial_weights;
-use super::model::{Model, ModelShape};
+use super::events::{Control, EngineError, Event};
+pub use super::events::{RaceEvent, RacePoint};
+use super::limits::Limits;
+use super::model::load_initial_weights;
+use super::model::ModelShape;
 use super::optim::Optimizer;
 use super::prepare::{prepare, LoadedData};
 use super::rng::Rng;
 use super::schedule::{
     Cosine, CosineWarmRestarts, PlateauTracker, ReduceOnPlateau, Schedule, StepLr, WarmupCosine,
 };
-use super::spec::{JobKind, JobSpec, Limits, Recipe, RecipeSchedule, SpecError, ValidSpec};
-use super::tune::{build_job_model, one_cycle, select_device, tune_with};
-use super::{Control, EngineError, Event};
+use super::spec::{JobKind, JobSpec, Recipe, RecipeSchedule, SpecError, ValidSpec};
+use super::trainer::Trainer;
+use super::tune::{build_job_trainer, one_cycle, select_device, tune_with};
 
 /// Validation points per full run after the start (plus one at step 0).
 pub const RACE_POINTS: usize = 25;
@@ -72,28 +75,6 @@ pub struct RaceRun {
     pub seed: u64,
     pub diverged: bool,
     pub points: Vec<RacePoint>,
-}
-
-/// One validation of a full run. `seconds` is the training time since the run's start
-/// (validation time left out, so that it is the same cost for every recipe).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct RacePoint {
-    pub step: usize,
-    pub seconds: f64,
-    /// `None` once the run has diverged.
-    pub val_loss: Option<f64>,
-    pub val_accuracy: Option<f64>,
-    /// The learning rate in force for the steps after this point.
-    pub lr: f64,
-}
-
-/// A race point as it is measured, for the job's live curve: which recipe and seed it
-/// belongs to, and the point.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RaceEvent {
-    pub recipe: String,
-    pub seed: u64,
-    pub point: RacePoint,
 }
 
 /// What counts as reaching the target: `val_accuracy` at least `value`, or `val_loss` at
@@ -201,10 +182,10 @@ pub fn run_compare(
     let train = DeviceData::new(&prepared.train, &device)?;
     let validation = DeviceData::new(&prepared.validation, &device)?;
     let weights = load_initial_weights(spec.init.as_ref(), loaded.initial_weights.as_deref())?;
-    let mut models = Vec::with_capacity(seeds);
+    let mut trainers = Vec::with_capacity(seeds);
     let mut initial_val_loss = None;
     for seed_index in 0..seeds {
-        let model = build_job_model(
+        let trainer = build_job_trainer(
             spec,
             &shape,
             spec.seed + seed_index as u64,
@@ -212,17 +193,17 @@ pub fn run_compare(
             weights.as_ref(),
         )?;
         if seed_index == 0 {
-            initial_val_loss = Some(evaluate(&model, &validation, cancel)?.loss);
+            initial_val_loss = Some(trainer.evaluate(&validation, cancel)?.loss);
         }
-        let initial = model.snapshot()?;
-        models.push((model, initial));
+        let initial = trainer.model().snapshot()?;
+        trainers.push((trainer, initial));
     }
     let mut results = Vec::with_capacity(recipes.len());
     for (recipe, &lr) in recipes.iter().zip(&lrs) {
         let mut runs = Vec::with_capacity(seeds);
-        for (seed_index, (model, initial)) in models.iter().enumerate() {
+        for (seed_index, (trainer, initial)) in trainers.iter().enumerate() {
             let run = RunSetup {
-                model,
+                trainer,
                 recipe,
                 spec,
                 train: &train,
@@ -233,7 +214,7 @@ pub fn run_compare(
                 steps_per_epoch,
             }
             .run(&mut outer);
-            model.restore(initial)?;
+            trainer.model().restore(initial)?;
             runs.push(run?);
         }
         results.push(summarize_recipe(recipe, lr, runs));
@@ -355,7 +336,7 @@ pub fn evaluation_steps(steps: usize) -> Vec<usize> {
 }
 
 struct RunSetup<'a> {
-    model: &'a Model,
+    trainer: &'a Trainer,
     recipe: &'a Recipe,
     spec: &'a JobSpec,
     train: &'a DeviceData,
@@ -378,7 +359,7 @@ impl RunSetup<'_> {
         );
         let lrs = schedule.curve().lr;
         let mut plateau = plateau_of(self.recipe, self.lr);
-        let mut optimizer = Optimizer::new(&self.recipe.optimizer, self.model.vars());
+        let mut optimizer = Optimizer::new(&self.recipe.optimizer, self.trainer.model().vars());
         let mut order = BatchOrder::new(self.train.rows, self.spec.batch_size, self.seed);
         let mut dropout_rng = Rng::derive(self.seed, 0xd50);
         let default_momentum = self.recipe.optimizer.momentum();
@@ -388,7 +369,9 @@ impl RunSetup<'_> {
             Some(tracker) => tracker.lr(),
             None => lrs[step.min(lrs.len() - 1)],
         };
-        let start = evaluate(self.model, self.validation, control.cancel_flag())?;
+        let start = self
+            .trainer
+            .evaluate(self.validation, control.cancel_flag())?;
         let mut points = Vec::with_capacity(RACE_POINTS + 1);
         self.record(
             control,
@@ -400,8 +383,7 @@ impl RunSetup<'_> {
             while step < until {
                 control.check_cancel()?;
                 let began = Instant::now();
-                let loss = train_step(
-                    self.model,
+                let loss = self.trainer.train_step(
                     &mut optimizer,
                     self.train,
                     order.next_batch(),
@@ -429,7 +411,9 @@ impl RunSetup<'_> {
                     });
                 }
             }
-            let evaluation = evaluate(self.model, self.validation, control.cancel_flag())?;
+            let evaluation = self
+                .trainer
+                .evaluate(self.validation, control.cancel_flag())?;
             if let Some(tracker) = plateau.as_mut() {
                 let metric = match self.recipe.schedule {
                     RecipeSchedule::ReduceOnPlateau {

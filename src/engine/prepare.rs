@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::data::{self, DataError, Dataset, DatasetInfo, Standardizer, Task};
+use super::events::EngineError;
 use super::spec::{Builtin, JobSpec, Normalize, SpecError};
-use super::EngineError;
 
 /// Rows generated for a generator builtin when `samples` is not given.
 pub const DEFAULT_SAMPLES: usize = 4096;

@@ -1,24 +1,15 @@
-//! Leslie Smith's learning-rate range test (DESIGN section 3): one step per point while the
+//! Leslie Smith's learning-rate range test: one step per point while the
 //! learning rate grows, fastai's smoothing, a stop on divergence, and the model and optimizer
 //! put back exactly as they were afterwards.
 
-use serde::{Deserialize, Serialize};
-
-use super::backend::{evaluate, train_step, BatchOrder, DeviceData};
-use super::model::Model;
+use super::backend::{BatchOrder, DeviceData};
+pub use super::events::CurvePoint;
+use super::events::{Control, EngineError, Event};
 use super::optim::Optimizer;
 use super::rng::Rng;
 use super::spec::{RangeLoss, RangeTestSpec};
 use super::suggest::Smoother;
-use super::{Control, EngineError, Event};
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct CurvePoint {
-    pub step: usize,
-    pub lr: f64,
-    pub loss: f64,
-    pub smoothed: f64,
-}
+use super::trainer::Trainer;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RangeTestCurve {
@@ -29,7 +20,7 @@ pub struct RangeTestCurve {
 }
 
 pub struct RangeTestInputs<'a> {
-    pub model: &'a Model,
+    pub trainer: &'a Trainer,
     pub optimizer: &'a mut Optimizer,
     pub train: &'a DeviceData,
     pub validation: &'a DeviceData,
@@ -43,27 +34,27 @@ pub fn run_range_test(
     control: &mut Control<'_>,
 ) -> Result<RangeTestCurve, EngineError> {
     let RangeTestInputs {
-        model,
+        trainer,
         optimizer,
         train,
         validation,
         batch_size,
         seed,
     } = inputs;
-    let saved_weights = model.snapshot()?;
+    let saved_weights = trainer.model().snapshot()?;
     let saved_optimizer = optimizer.state().clone();
     let outcome = range_test_steps(
-        model, optimizer, train, validation, batch_size, seed, spec, control,
+        trainer, optimizer, train, validation, batch_size, seed, spec, control,
     );
     // Put everything back whatever happened, so nothing leaks into the sweep.
-    model.restore(&saved_weights)?;
+    trainer.model().restore(&saved_weights)?;
     optimizer.restore(&saved_optimizer);
     outcome
 }
 
 #[allow(clippy::too_many_arguments)]
 fn range_test_steps(
-    model: &Model,
+    trainer: &Trainer,
     optimizer: &mut Optimizer,
     train: &DeviceData,
     validation: &DeviceData,
@@ -82,8 +73,7 @@ fn range_test_steps(
     for step in 0..spec.steps {
         control.check_cancel()?;
         let lr = spec.lr_at(step);
-        let batch_loss = train_step(
-            model,
+        let batch_loss = trainer.train_step(
             optimizer,
             train,
             order.next_batch(),
@@ -94,7 +84,7 @@ fn range_test_steps(
         let loss = match spec.loss {
             RangeLoss::Train => batch_loss,
             RangeLoss::Validation if batch_loss.is_finite() => {
-                evaluate(model, validation, control.cancel_flag())?.loss
+                trainer.evaluate(validation, control.cancel_flag())?.loss
             }
             RangeLoss::Validation => batch_loss,
         };

@@ -1,4 +1,4 @@
-//! Reading a range-test curve: the four suggestions of DESIGN section 3 (fastai's `valley`,
+//! Reading a range-test curve: the four suggestions (fastai's `valley`,
 //! pytorch-lr-finder's `steepest`, `minimum` and `edge`) and the warnings a user needs when
 //! the curve cannot be trusted. Pure functions on slices, shared by the engine, the API's
 //! `/v1/analyze` and `lrtune analyze`.
@@ -146,7 +146,7 @@ fn minimum_and_edge(lrs: &[f64], smoothed: &[f64], planned_steps: usize) -> Opti
     Some((edge / 10.0, edge))
 }
 
-/// The warnings of DESIGN section 4, each saying what to change.
+/// The warnings a user needs, each saying what to change.
 pub fn warnings(
     lrs: &[f64],
     smoothed: &[f64],

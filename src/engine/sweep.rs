@@ -1,33 +1,20 @@
 //! OneCycle trainings at candidate peak learning rates, each from the same initial weights and
-//! data order, judged on validation loss (DESIGN section 3). This is what checks the range
+//! data order, judged on validation loss. This is what checks the range
 //! test's suggestions instead of trusting one rule. Candidates are judged at the horizon the
 //! recommendation is for, the planned run, as far as the budget allows: a short run favours
 //! high peaks that overfit over a long plan (`plan_search`, `Search::run`).
 
 use serde::{Deserialize, Serialize};
 
-use super::backend::{evaluate, train_step, BatchOrder, DeviceData};
-use super::model::Model;
+use super::backend::{BatchOrder, DeviceData};
+pub use super::events::SweepRun;
+use super::events::{Control, EngineError, Event};
 use super::optim::Optimizer;
 use super::rng::Rng;
 use super::schedule::Schedule;
 use super::spec::OptimizerSpec;
 use super::suggest::Suggestions;
-use super::{Control, EngineError, Event};
-
-/// One training run at one candidate peak with one seed.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct SweepRun {
-    pub peak_lr: f64,
-    pub seed: u64,
-    /// The run's length (its OneCycle's total steps): the horizon it was judged at.
-    pub steps: usize,
-    pub val_loss: f64,
-    pub val_accuracy: Option<f64>,
-    /// Mean training loss over the last tenth of the run.
-    pub train_loss: f64,
-    pub diverged: bool,
-}
+use super::trainer::Trainer;
 
 /// A candidate's runs over all seeds, as the result reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,10 +164,11 @@ pub enum OpenEdge {
 
 /// What a sweep needs to train candidates.
 pub struct Search<'a> {
-    /// The model at its initial weights (the range test's, restored): seed index 0.
-    pub model: &'a Model,
-    /// Builds the model of another seed (its own initialisation).
-    pub build_model: &'a dyn Fn(u64) -> Result<Model, EngineError>,
+    /// The model at its initial weights (the range test's, restored), on its backend: seed
+    /// index 0.
+    pub trainer: &'a Trainer,
+    /// Builds the model of another seed (its own initialisation), on its backend.
+    pub build_trainer: &'a dyn Fn(u64) -> Result<Trainer, EngineError>,
     pub optimizer: &'a OptimizerSpec,
     pub train: &'a DeviceData,
     pub validation: &'a DeviceData,
@@ -450,7 +438,7 @@ fn spacing(candidates: &[f64]) -> f64 {
 struct SeedModels<'s, 'a> {
     search: &'s Search<'a>,
     initial: Vec<Vec<candle_core::Tensor>>,
-    others: Vec<Model>,
+    others: Vec<Trainer>,
 }
 
 impl<'s, 'a> SeedModels<'s, 'a> {
@@ -472,16 +460,16 @@ impl<'s, 'a> SeedModels<'s, 'a> {
         while self.initial.len() <= seed_index {
             let index = self.initial.len();
             if index > 0 {
-                let model = (self.search.build_model)(self.search.seed + index as u64)?;
-                self.others.push(model);
+                let trainer = (self.search.build_trainer)(self.search.seed + index as u64)?;
+                self.others.push(trainer);
             }
-            let model = self.model(index);
-            self.initial.push(model.snapshot()?);
+            let trainer = self.trainer(index);
+            self.initial.push(trainer.model().snapshot()?);
         }
         let search = self.search;
-        let model = self.model(seed_index);
+        let trainer = self.trainer(seed_index);
         let setup = SweepSetup {
-            model,
+            trainer,
             optimizer: search.optimizer,
             train: search.train,
             validation: search.validation,
@@ -495,15 +483,15 @@ impl<'s, 'a> SeedModels<'s, 'a> {
             &(search.schedule_for)(peak_lr, steps),
             control,
         );
-        model.restore(&self.initial[seed_index])?;
+        trainer.model().restore(&self.initial[seed_index])?;
         let run = outcome?;
         control.emit(Event::SweepRun(run));
         Ok(run)
     }
 
-    fn model(&self, seed_index: usize) -> &Model {
+    fn trainer(&self, seed_index: usize) -> &Trainer {
         if seed_index == 0 {
-            self.search.model
+            self.search.trainer
         } else {
             &self.others[seed_index - 1]
         }
@@ -511,7 +499,7 @@ impl<'s, 'a> SeedModels<'s, 'a> {
 }
 
 struct SweepSetup<'a> {
-    model: &'a Model,
+    trainer: &'a Trainer,
     optimizer: &'a OptimizerSpec,
     train: &'a DeviceData,
     validation: &'a DeviceData,
@@ -527,7 +515,7 @@ fn train_candidate(
     schedule: &Schedule,
     control: &mut Control<'_>,
 ) -> Result<SweepRun, EngineError> {
-    let mut optimizer = Optimizer::new(setup.optimizer, setup.model.vars());
+    let mut optimizer = Optimizer::new(setup.optimizer, setup.trainer.model().vars());
     let mut order = BatchOrder::new(setup.train.rows, setup.batch_size, setup.seed);
     let mut dropout_rng = Rng::derive(setup.seed, 0xd50);
     let default_momentum = setup.optimizer.momentum();
@@ -537,8 +525,7 @@ fn train_candidate(
         control.check_cancel()?;
         let lr = schedule.lr_at(step);
         let momentum = schedule.momentum_at(step).unwrap_or(default_momentum);
-        let loss = train_step(
-            setup.model,
+        let loss = setup.trainer.train_step(
             &mut optimizer,
             setup.train,
             order.next_batch(),
@@ -565,7 +552,9 @@ fn train_candidate(
             tail_count += 1;
         }
     }
-    let evaluation = evaluate(setup.model, setup.validation, control.cancel_flag())?;
+    let evaluation = setup
+        .trainer
+        .evaluate(setup.validation, control.cancel_flag())?;
     let diverged = !evaluation.loss.is_finite();
     Ok(SweepRun {
         peak_lr,

@@ -1,5 +1,5 @@
-//! A whole job: range test, sweep, or both (`tune`), and the recommendation built from them
-//! (DESIGN section 4): peak learning rate, band, a OneCycle schedule sized for the planned
+//! A whole job: range test, sweep, or both (`tune`), and the recommendation built from them:
+//! peak learning rate, band, a OneCycle schedule sized for the planned
 //! run, ready-to-paste PyTorch and fastai lines, and the warnings.
 
 use std::sync::atomic::AtomicBool;
@@ -9,24 +9,25 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use super::admission::{admit, check_device, DataShape};
-use super::backend::{evaluate, BatchOrder, DeviceData};
+use super::backend::{BatchOrder, DeviceData};
 use super::data::DatasetInfo;
-use super::model::layers::load_initial_weights;
+use super::events::{Control, EngineError, Event};
+use super::limits::Limits;
+use super::model::load_initial_weights;
 use super::model::{Model, ModelShape};
 use super::optim::Optimizer;
 use super::prepare::{prepare, LoadedData};
 use super::range_test::{run_range_test, CurvePoint, RangeTestInputs};
 use super::schedule::{OneCycle, Schedule};
 use super::spec::{
-    BackendChoice, Budget, Candidates, DeviceChoice, JobKind, JobSpec, Limits, OptimizerSpec,
-    SpecError, ValidSpec,
+    Budget, Candidates, DeviceChoice, JobKind, JobSpec, OptimizerSpec, SpecError, ValidSpec,
 };
 use super::suggest::{self, CurveEnd, Suggestions};
 use super::sweep::{
     auto_candidates, band, final_candidates, plan_search, refine_peak, OpenEdge, Search,
     SweepCandidate, SweepRun,
 };
-use super::{Control, EngineError, Event};
+use super::trainer::Trainer;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobResult {
@@ -171,12 +172,12 @@ pub(crate) fn tune_with(
         task: prepared.train.task(),
     };
     let weights = load_initial_weights(spec.init.as_ref(), fetched_weights.as_deref())?;
-    let build = |seed: u64| build_job_model(spec, &shape, seed, &device, weights.as_ref());
-    let model = build(spec.seed)?;
+    let build = |seed: u64| build_job_trainer(spec, &shape, seed, &device, weights.as_ref());
+    let trainer = build(spec.seed)?;
     let train = DeviceData::new(&prepared.train, &device)?;
     let validation = DeviceData::new(&prepared.validation, &device)?;
     // Where training starts (and, for loaded weights, the check that they loaded right).
-    let initial_val_loss = evaluate(&model, &validation, control.cancel_flag())?.loss;
+    let initial_val_loss = trainer.evaluate(&validation, control.cancel_flag())?.loss;
     let steps_per_epoch = BatchOrder::steps_per_epoch(train.rows, spec.batch_size);
     let plan_steps = spec.plan.epochs * steps_per_epoch;
     let fixed_steps = spec
@@ -224,10 +225,10 @@ pub(crate) fn tune_with(
     let mut range_summary = None;
     if spec.kind != JobKind::Sweep {
         control.emit(Event::Stage("range_test"));
-        let mut optimizer = Optimizer::new(&spec.optimizer, model.vars());
+        let mut optimizer = Optimizer::new(&spec.optimizer, trainer.model().vars());
         let outcome = run_range_test(
             RangeTestInputs {
-                model: &model,
+                trainer: &trainer,
                 optimizer: &mut optimizer,
                 train: &train,
                 validation: &validation,
@@ -305,10 +306,10 @@ pub(crate) fn tune_with(
             .into());
         }
         control.emit(Event::Stage("sweep"));
-        let build_model = |seed: u64| -> Result<Model, EngineError> { build(seed) };
+        let build_trainer = |seed: u64| -> Result<Trainer, EngineError> { build(seed) };
         let search = Search {
-            model: &model,
-            build_model: &build_model,
+            trainer: &trainer,
+            build_trainer: &build_trainer,
             optimizer: &spec.optimizer,
             train: &train,
             validation: &validation,
@@ -392,8 +393,8 @@ pub(crate) fn tune_with(
             data: prepared.info,
             model: ModelSummary {
                 arch: spec.model.arch().to_string(),
-                backend: super::backend::of(&model).name().to_string(),
-                parameters: model.parameter_count(),
+                backend: trainer.backend_name().to_string(),
+                parameters: trainer.model().parameter_count(),
                 device: device_name(&device),
                 steps_per_epoch,
                 estimated_memory_bytes: cost.memory_bytes,
@@ -403,23 +404,20 @@ pub(crate) fn tune_with(
     })
 }
 
-/// A job's model: built for its spec with `seed`, on the backend it asks for, from its
-/// initial weights if it has them.
-pub(crate) fn build_job_model(
+/// A job's model: built for its spec with `seed`, from its initial weights if it has them,
+/// on the backend it asks for.
+pub(crate) fn build_job_trainer(
     spec: &JobSpec,
     shape: &ModelShape,
     seed: u64,
     device: &Device,
     weights: Option<&std::collections::HashMap<String, candle_core::Tensor>>,
-) -> Result<Model, EngineError> {
-    let mut model = Model::build(&spec.model, shape, seed, device)?;
-    if spec.backend == BackendChoice::Candle {
-        model.use_candle();
-    }
+) -> Result<Trainer, EngineError> {
+    let model = Model::build(&spec.model, shape, seed, device)?;
     if let Some(weights) = weights {
         model.load_state_dict(weights)?;
     }
-    Ok(model)
+    Ok(Trainer::new(model, spec.backend))
 }
 
 /// A OneCycle schedule needs a few steps per phase; with too little data per epoch (or too

@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiQuery;
 use super::{uploads, ApiError, AppState, ErrorBody};
-use crate::engine::model::layers::read_safetensors;
+use crate::engine::model::read_safetensors;
 use crate::engine::quote::quoted;
 use crate::store::{new_id, NewWeights, TensorShape, WeightsRow};
 

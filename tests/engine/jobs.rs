@@ -8,6 +8,7 @@ use lrtune::engine::optim::Optimizer;
 use lrtune::engine::range_test::{run_range_test, RangeTestInputs};
 use lrtune::engine::schedule::Schedule;
 use lrtune::engine::spec::{OptimizerSpec, RangeTestSpec};
+use lrtune::engine::trainer::Trainer;
 use lrtune::engine::{self, Control, Event, JobSpec, Limits, SpecError, ValidSpec};
 
 use super::{run, SPIRALS_TUNE};
@@ -112,21 +113,25 @@ fn the_range_test_puts_weights_and_optimizer_state_back() {
         output: loaded.train.output_dim(),
         task: loaded.train.task(),
     };
-    let model = Model::build(&spec.model, &shape, 0, &device).unwrap();
+    let trainer = Trainer::new(
+        Model::build(&spec.model, &shape, 0, &device).unwrap(),
+        spec.backend,
+    );
+    let model = trainer.model();
     let adam = OptimizerSpec::Adam {
         betas: [0.9, 0.999],
         eps: 1e-8,
         weight_decay: 0.0,
     };
     let mut optimizer = Optimizer::new(&adam, model.vars());
-    let before: Vec<Vec<f32>> = weights(&model);
+    let before: Vec<Vec<f32>> = weights(model);
     let state_before = optimizer.state().clone();
     let cancel = AtomicBool::new(false);
     let mut sink = |_: Event| {};
     let mut control = Control::new(&cancel, &mut sink);
     let curve = run_range_test(
         RangeTestInputs {
-            model: &model,
+            trainer: &trainer,
             optimizer: &mut optimizer,
             train: &train,
             validation: &train,
@@ -138,7 +143,7 @@ fn the_range_test_puts_weights_and_optimizer_state_back() {
     )
     .unwrap();
     assert!(curve.points.len() > 20, "the test trained");
-    assert_eq!(weights(&model), before, "weights restored bit for bit");
+    assert_eq!(weights(model), before, "weights restored bit for bit");
     assert_eq!(optimizer.state(), &state_before, "optimizer state restored");
 }
 

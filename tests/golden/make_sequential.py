@@ -16,6 +16,11 @@ seeded, so rerunning gives the same files. To regenerate, from the repo root:
 
     python3 tests/golden/make_sequential.py
 
+or, to add a case without touching the others' records (PyTorch on another machine rounds
+their losses and gradients differently in the last bits; their weights are the same):
+
+    python3 tests/golden/make_sequential.py --only NAME [NAME ...]
+
 Needs torch, safetensors and numpy (``pip install safetensors numpy``;
 safetensors.torch uses numpy when saving).
 """
@@ -23,6 +28,7 @@ safetensors.torch uses numpy when saving).
 import json
 import math
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -138,6 +144,8 @@ def build_layer(layer, shape, vocab):
         return nn.Sigmoid(), shape
     if kind == "silu":
         return nn.SiLU(), shape
+    if kind == "leaky_relu":
+        return nn.LeakyReLU(layer.get("negative_slope", 0.01)), shape
     if kind == "gelu":
         return nn.GELU(approximate=layer.get("approximate", "none")), shape
     if kind == "residual":
@@ -265,6 +273,27 @@ CASES = [
             {"type": "linear", "out": 7},
         ],
     },
+    {
+        "name": "leaky_mlp",
+        "seed": 107,
+        "input_shape": [6],
+        "task": "classification",
+        "outputs": 3,
+        "layers": [
+            {"type": "linear", "out": 8},
+            {"type": "leaky_relu"},
+            {
+                "type": "residual",
+                "layers": [
+                    {"type": "linear", "out": 8},
+                    {"type": "leaky_relu", "negative_slope": 0.2},
+                ],
+            },
+            {"type": "linear", "out": 8},
+            {"type": "leaky_relu", "negative_slope": -0.5},
+            {"type": "linear", "out": 3},
+        ],
+    },
 ]
 
 
@@ -385,8 +414,17 @@ def main():
     torch.set_num_threads(1)
     os.makedirs(WEIGHTS_DIR, exist_ok=True)
 
+    only = set(sys.argv[sys.argv.index("--only") + 1 :]) if "--only" in sys.argv else None
+    kept = {}
+    if only is not None:
+        with open(JSON_PATH) as f:
+            kept = {record["name"]: record for record in json.load(f)["cases"]}
+
     records = []
     for case in CASES:
+        if only is not None and case["name"] not in only:
+            records.append(kept[case["name"]])
+            continue
         record, x, y = run_case(case)
         check_reload(case, record, x, y)
         records.append(record)

@@ -18,6 +18,7 @@ pub use self::npy::read_npy;
 pub use self::text::{read_text, read_text_with_vocab, text_vocabulary, text_windows};
 
 use crate::engine::rng::Rng;
+pub use crate::engine::spec::Task;
 
 /// Stream names for `Rng::derive`, so a split and an epoch shuffle drawn from the same seed
 /// never reuse each other's random numbers.
@@ -27,32 +28,6 @@ const EPOCH_STREAM: u64 = 0x4550_4f43_4800_0002;
 /// Auto-detection calls an integer target with more distinct values than this a regression
 /// target: past it, "classes" are far more likely to be counts or years than categories.
 const MAX_AUTO_CLASSES: usize = 50;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Task {
-    Classification,
-    Regression,
-    LanguageModel,
-}
-
-impl Task {
-    pub const ALL: [Task; 3] = [Task::Classification, Task::Regression, Task::LanguageModel];
-
-    /// The task's name, as in JSON.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Task::Classification => "classification",
-            Task::Regression => "regression",
-            Task::LanguageModel => "language_model",
-        }
-    }
-
-    /// The task named `text` (its JSON name), if any.
-    pub fn parse(text: &str) -> Option<Task> {
-        Task::ALL.into_iter().find(|task| task.as_str() == text)
-    }
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Features {

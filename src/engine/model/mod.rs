@@ -1,19 +1,36 @@
-//! The models a job can ask for (`linear`, `mlp`, `cnn`, `transformer`), built on candle with
-//! weights drawn from the engine's own seeded generator so that a run is reproducible, and the
-//! loss each task trains on.
+//! The model a job trains: its checked plan (a layer list; a preset is built as the list it
+//! expands to) and its weights, drawn from the engine's own seeded generator so that a run is
+//! reproducible, with PyTorch's default initialisation and `state_dict()` names.
+//!
+//! - `plan`: the checked plan of a layer list, planned layer by layer by the families of
+//!   `engine::layers` through `registry`;
+//! - `presets`: the presets as layer lists, with their own checks;
+//! - `checkpoint`: PyTorch weights (safetensors) read, checked and loaded.
+//!
+//! A model knows no backend: `engine::backend` trains it, each backend with what it keeps
+//! between steps, bound to it by `engine::trainer`.
 
-use std::any::Any;
-use std::sync::Mutex;
+use candle_core::{DType, Device, Tensor, Var};
 
-use candle_core::{DType, Device, Module, Tensor, Var, D};
-
-use crate::engine::data::Task;
-
+use crate::engine::events::EngineError;
+use crate::engine::layers::weights::Init;
 use crate::engine::rng::Rng;
-pub mod layers;
+use crate::engine::spec::{ModelSpec, SpecError, Task};
 
-use crate::engine::spec::{Activation, ModelSpec, SpecError};
-use layers::{GeluApproximation, LayerSpec, Sequential};
+pub mod checkpoint;
+#[cfg(test)]
+pub(crate) mod golden;
+pub mod plan;
+#[cfg(test)]
+mod plan_fuzz;
+pub mod presets;
+mod registry;
+#[cfg(test)]
+mod tests;
+
+pub use checkpoint::{check_state_dict, load_initial_weights, read_safetensors};
+pub use plan::{plan_layers, Plan};
+pub use presets::{layer_list, plan};
 
 /// What the model reads and predicts, taken from the training data.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,51 +42,18 @@ pub struct ModelShape {
     pub task: Task,
 }
 
-/// `x W^T + b` on the last dimension: `[rows, inputs]`, or any rank flattened to one matmul.
-pub(crate) fn linear(x: &Tensor, weight: &Var, bias: &Var) -> candle_core::Result<Tensor> {
-    let weight_t = weight.as_tensor().t()?;
-    let y = if x.rank() == 2 {
-        x.matmul(&weight_t)?
-    } else {
-        let dims = x.dims();
-        let (leading, inputs) = dims.split_at(dims.len() - 1);
-        let mut out_shape = leading.to_vec();
-        out_shape.push(weight_t.dim(1)?);
-        x.reshape((leading.iter().product::<usize>(), inputs[0]))?
-            .matmul(&weight_t)?
-            .reshape(out_shape)?
-    };
-    y.broadcast_add(bias.as_tensor())
-}
-
-/// Layer norm over the last dimension (PyTorch's: biased variance, eps 1e-5), then
-/// `* gain + shift`, in stock candle ops so that it runs on any device.
-pub(crate) fn layer_norm(x: &Tensor, gain: &Var, shift: &Var) -> candle_core::Result<Tensor> {
-    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-    let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    centred
-        .broadcast_div(&(variance + layers::NORM_EPS)?.sqrt()?)?
-        .broadcast_mul(gain.as_tensor())?
-        .broadcast_add(shift.as_tensor())
-}
-
 pub struct Model {
-    /// Every model is a layer list; a preset is built as the list it expands to.
-    layers: Sequential,
+    plan: Plan,
     shape: ModelShape,
+    /// Trainable parameters by `state_dict()` name, in `named_parameters()` order.
+    parameters: Vec<(String, Var)>,
+    /// Batch norm's running statistics by name: in the state, not trained (updated in place
+    /// in training mode).
+    buffers: Vec<(String, Var)>,
+    /// The parameters (what the optimizer steps).
     vars: Vec<Var>,
+    buffer_vars: Vec<Var>,
     device: Device,
-    /// Whether the hand-written CPU step runs this model (else candle's autograd).
-    native: bool,
-    /// What the training backend keeps between steps (the native step's buffers), typed by
-    /// the backend: the model does not depend on any backend.
-    backend_state: Mutex<Option<Box<dyn Any + Send>>>,
-}
-
-/// The output of one forward pass and its loss.
-pub struct Forward {
-    pub output: Tensor,
-    pub loss: Tensor,
 }
 
 impl Model {
@@ -81,32 +65,54 @@ impl Model {
         device: &Device,
     ) -> Result<Model, ModelError> {
         let mut rng = Rng::derive(seed, 0x1417);
-        let layers = Sequential::build(&plan(spec, shape)?, &mut rng, device)?;
-        let vars = layers.vars().cloned().collect();
-        let native = device.is_cpu();
+        let plan = plan(spec, shape)?;
+        let mut parameters = Vec::new();
+        let mut buffers = Vec::new();
+        for tensor in plan.tensors() {
+            let var = draw(&tensor.shape, tensor.init, &mut rng, device)?;
+            let list = if tensor.buffer {
+                &mut buffers
+            } else {
+                &mut parameters
+            };
+            list.push((tensor.name, var));
+        }
+        let vars = parameters.iter().map(|(_, var)| var.clone()).collect();
+        let buffer_vars = buffers.iter().map(|(_, var)| var.clone()).collect();
         Ok(Model {
-            layers,
+            plan,
             shape: shape.clone(),
+            parameters,
+            buffers,
             vars,
-            native,
+            buffer_vars,
             device: device.clone(),
-            backend_state: Mutex::new(None),
         })
     }
 
+    /// The parameters in `named_parameters()` order.
     pub fn vars(&self) -> &[Var] {
         &self.vars
     }
 
-    /// Whether the hand-written CPU step trains and evaluates this model: the built-in
-    /// architectures on the CPU, unless [`Model::use_candle`] was called.
-    pub fn runs_native(&self) -> bool {
-        self.native
+    /// The parameters' `state_dict()` names, in [`Model::vars`] order.
+    pub fn parameter_names(&self) -> impl Iterator<Item = &String> {
+        self.parameters.iter().map(|(name, _)| name)
     }
 
-    /// Trains and evaluates through candle's autograd instead of the native step.
-    pub fn use_candle(&mut self) {
-        self.native = false;
+    /// Batch norm's running statistics (part of a snapshot, not of the optimizer's state).
+    pub fn buffers(&self) -> &[Var] {
+        &self.buffer_vars
+    }
+
+    /// The running statistics' `state_dict()` names, in [`Model::buffers`] order.
+    pub fn buffer_names(&self) -> impl Iterator<Item = &String> {
+        self.buffers.iter().map(|(name, _)| name)
+    }
+
+    /// The checked plan the model was built from.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
     }
 
     pub fn parameter_count(&self) -> usize {
@@ -119,17 +125,6 @@ impl Model {
 
     pub fn device(&self) -> &Device {
         &self.device
-    }
-
-    pub(crate) fn layers(&self) -> &Sequential {
-        &self.layers
-    }
-
-    /// The backend's state between steps (one training loop per model, so never contended).
-    pub(crate) fn backend_state(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn Any + Send>>> {
-        self.backend_state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Deep copies of every weight and running statistic (a `Var` clone would share storage
@@ -149,7 +144,7 @@ impl Model {
 
     /// The parameters, then batch norm's running statistics: everything training changes.
     fn state_vars(&self) -> impl Iterator<Item = &Var> {
-        self.vars.iter().chain(self.layers.buffers())
+        self.vars.iter().chain(&self.buffer_vars)
     }
 
     /// Sets the weights from a PyTorch `state_dict()` of the equivalent `nn.Sequential`.
@@ -157,82 +152,22 @@ impl Model {
         &self,
         tensors: &std::collections::HashMap<String, Tensor>,
     ) -> Result<(), SpecError> {
-        self.layers.load_state_dict(tensors)
-    }
-
-    /// Predictions for a batch. `dropout_rng` is `Some` in training mode.
-    pub fn predict(
-        &self,
-        x: &Tensor,
-        dropout_rng: Option<&mut Rng>,
-    ) -> candle_core::Result<Tensor> {
-        self.layers.forward(x, dropout_rng)
-    }
-
-    /// Predictions and the mean loss of the batch for this model's task.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        y: &Tensor,
-        dropout_rng: Option<&mut Rng>,
-    ) -> candle_core::Result<Forward> {
-        let output = self.predict(x, dropout_rng)?;
-        let loss = task_loss(self.shape.task, &output, y)?;
-        Ok(Forward { output, loss })
+        let named: Vec<&(String, Var)> = self.parameters.iter().chain(&self.buffers).collect();
+        checkpoint::load(&named, tensors)
     }
 }
 
-/// Mean cross-entropy for classification and language models, mean squared error for
-/// regression.
-pub fn task_loss(task: Task, output: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
-    match task {
-        Task::Classification => candle_nn::loss::cross_entropy(output, y),
-        Task::Regression => candle_nn::loss::mse(output, y),
-        Task::LanguageModel => {
-            let vocab = output.dim(D::Minus1)?;
-            candle_nn::loss::cross_entropy(&output.reshape(((), vocab))?, &y.flatten_all()?)
-        }
-    }
-}
-
-/// The number of correct predictions in a batch (classification and language models).
-pub fn correct_count(output: &Tensor, y: &Tensor) -> candle_core::Result<usize> {
-    let predicted = output.argmax(D::Minus1)?;
-    let hits = predicted.eq(y)?.to_dtype(DType::F32)?.sum_all()?;
-    Ok(hits.to_scalar::<f32>()? as usize)
-}
-
-/// Inverted dropout with a mask from the engine's seeded generator.
-pub(crate) fn apply_dropout(x: &Tensor, rate: f64, rng: &mut Rng) -> candle_core::Result<Tensor> {
-    let keep = 1.0 - rate;
-    let scale = (1.0 / keep) as f32;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.next_f64() < keep { scale } else { 0.0 })
-        .collect();
-    x * Tensor::from_vec(mask, x.shape(), x.device())?
-}
-
-pub(crate) fn uniform_var(
-    shape: &[usize],
-    bound: f64,
-    rng: &mut Rng,
-    device: &Device,
-) -> candle_core::Result<Var> {
+/// A tensor of `shape` as `init` starts it, drawing from `rng` in order.
+fn draw(shape: &[usize], init: Init, rng: &mut Rng, device: &Device) -> candle_core::Result<Var> {
     let count: usize = shape.iter().product();
-    let values: Vec<f32> = (0..count)
-        .map(|_| rng.uniform(-bound, bound) as f32)
-        .collect();
-    Var::from_tensor(&Tensor::from_vec(values, shape, device)?)
-}
-
-pub(crate) fn normal_var(
-    shape: &[usize],
-    std: f64,
-    rng: &mut Rng,
-    device: &Device,
-) -> candle_core::Result<Var> {
-    let count: usize = shape.iter().product();
-    let values: Vec<f32> = (0..count).map(|_| (rng.normal() * std) as f32).collect();
+    let values: Vec<f32> = match init {
+        Init::Uniform { bound } => (0..count)
+            .map(|_| rng.uniform(-bound, bound) as f32)
+            .collect(),
+        Init::Normal { std } => (0..count).map(|_| (rng.normal() * std) as f32).collect(),
+        Init::Ones => return Var::ones(shape, DType::F32, device),
+        Init::Zeros => return Var::zeros(shape, DType::F32, device),
+    };
     Var::from_tensor(&Tensor::from_vec(values, shape, device)?)
 }
 
@@ -245,165 +180,11 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
-/// The checks of a preset against the data, before its layer list is planned: they name the
-/// preset's own fields (`model.channels[2]`) where a shape error in the list it expands to
-/// could not. A layer list is checked by its plan alone.
-fn check_fits(spec: &ModelSpec, shape: &ModelShape) -> Result<(), SpecError> {
-    let is_tokens = shape.task == Task::LanguageModel;
-    if let ModelSpec::Sequential { .. } = spec {
-        if shape.output == 0 {
-            return Err(SpecError::new("data", "the data has no outputs to predict"));
+impl From<ModelError> for EngineError {
+    fn from(error: ModelError) -> Self {
+        match error {
+            ModelError::Spec(spec) => EngineError::Spec(spec),
+            ModelError::Candle(candle) => EngineError::Candle(candle),
         }
-        return Ok(());
-    }
-    if is_tokens && !matches!(spec, ModelSpec::Transformer { .. }) {
-        return Err(SpecError::new(
-            "model.arch",
-            format!(
-                "a character language model needs arch \"transformer\" or \"sequential\", got \"{}\"",
-                spec.arch()
-            ),
-        ));
-    }
-    if shape.output == 0 {
-        return Err(SpecError::new("data", "the data has no outputs to predict"));
-    }
-    match spec {
-        ModelSpec::Cnn { channels, .. } => {
-            let [_, mut height, mut width] = shape.input[..] else {
-                return Err(SpecError::new(
-                    "model.arch",
-                    format!(
-                        "a cnn needs image data (channels x height x width), but each sample here has shape {:?}: use \"mlp\" or \"linear\"",
-                        shape.input
-                    ),
-                ));
-            };
-            for index in 0..channels.len() {
-                if height < 2 || width < 2 {
-                    return Err(SpecError::new(
-                        format!("model.channels[{index}]"),
-                        format!(
-                            "too many convolutions for {}x{} images: each halves the size; use at most {index}",
-                            shape.input[1], shape.input[2]
-                        ),
-                    ));
-                }
-                height /= 2;
-                width /= 2;
-            }
-        }
-        ModelSpec::Transformer { .. } if !is_tokens => {
-            return Err(SpecError::new(
-                "model.arch",
-                "a transformer is a character language model: give it text data (an uploaded text dataset or a .txt path)",
-            ));
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
-/// The layer list a model spec stands for: a preset as its `torch.nn.Sequential`
-/// equivalent (the same layers, initialisation order and `state_dict()` names), a layer list
-/// as given. [`plan`] runs a preset's own checks first: they give clearer messages than a
-/// shape error in the list it expands to.
-pub fn layer_list(spec: &ModelSpec, shape: &ModelShape) -> Vec<LayerSpec> {
-    let activation = |activation: &Activation| match activation {
-        Activation::Relu => LayerSpec::Relu,
-        // The presets' GELU has always been the tanh form.
-        Activation::Gelu => LayerSpec::Gelu {
-            approximate: GeluApproximation::Tanh,
-        },
-        Activation::Tanh => LayerSpec::Tanh,
-        Activation::Silu => LayerSpec::Silu,
-    };
-    let head = LayerSpec::Linear { out: shape.output };
-    match spec {
-        ModelSpec::Sequential { layers, .. } => layers.clone(),
-        ModelSpec::Linear => vec![LayerSpec::Flatten, head],
-        ModelSpec::Mlp {
-            hidden,
-            activation: act,
-            dropout,
-        } => {
-            let mut layers = vec![LayerSpec::Flatten];
-            for &out in hidden {
-                layers.push(LayerSpec::Linear { out });
-                layers.push(activation(act));
-                if *dropout > 0.0 {
-                    layers.push(LayerSpec::Dropout { p: *dropout });
-                }
-            }
-            layers.push(head);
-            layers
-        }
-        ModelSpec::Cnn { channels, hidden } => {
-            let mut layers = Vec::new();
-            for &out in channels {
-                layers.extend([
-                    LayerSpec::Conv2d {
-                        out,
-                        kernel: 3,
-                        stride: 1,
-                        padding: 1,
-                    },
-                    LayerSpec::Relu,
-                    LayerSpec::MaxPool2d {
-                        size: 2,
-                        stride: None,
-                    },
-                ]);
-            }
-            layers.extend([
-                LayerSpec::Flatten,
-                LayerSpec::Linear { out: *hidden },
-                LayerSpec::Relu,
-                head,
-            ]);
-            layers
-        }
-        ModelSpec::Transformer {
-            d_model,
-            heads,
-            layers: blocks,
-            ..
-        } => {
-            let mut layers = vec![
-                LayerSpec::Embedding {
-                    dim: *d_model,
-                    init_std: 0.02,
-                },
-                LayerSpec::PositionEmbedding,
-            ];
-            layers.extend((0..*blocks).map(|_| LayerSpec::TransformerBlock { heads: *heads }));
-            layers.extend([LayerSpec::LayerNorm, head]);
-            layers
-        }
-    }
-}
-
-/// The checked plan of the model a spec asks for on this data: every shape, the parameter
-/// count and the step memory, without building anything (admission runs it at submit, and
-/// `Model::build` builds from it; the same messages either way).
-pub fn plan(spec: &ModelSpec, shape: &ModelShape) -> Result<layers::Plan, SpecError> {
-    check_fits(spec, shape)?;
-    layers::plan(
-        &layer_list(spec, shape),
-        &shape.input,
-        shape.task,
-        shape.output,
-    )
-    .map_err(|error| match spec {
-        // A preset's spec has no `model.layers` to name: its own sizes are under `model`.
-        ModelSpec::Sequential { .. } => error,
-        _ if error.field.starts_with("model.layers") => SpecError::new("model", error.message),
-        _ => error,
-    })
-}
-
-impl Module for Model {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.predict(x, None)
     }
 }

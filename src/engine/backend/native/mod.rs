@@ -1,6 +1,7 @@
 //! The training step of every model on the CPU, written out by hand instead of recorded on
-//! candle's autograd tape: every layer type of a layer list (`layers`, with the attention
-//! block in `attention`), and so every preset, which expands to one.
+//! candle's autograd tape: the chain of each layer's native node (its family's `native.rs`
+//! under `engine::layers`) over buffers kept between steps (`buffers`), the losses, and the
+//! fused optimizer update.
 //!
 //! candle's tape makes a fresh tensor for every intermediate and every gradient, and adds each
 //! gradient into a freshly zeroed tensor of its own size; on an MLP that bookkeeping cost as
@@ -13,312 +14,21 @@
 //! Non-CPU devices keep the autograd path. The tests hold this step to candle's gradients on
 //! every layer kind.
 
-use std::any::Any;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{CpuStorage, Storage, Tensor};
-use gemm::Parallelism;
 
-use super::{check_canceled, Evaluation, EVAL_CHUNK};
+use super::{Backend, Evaluation, EVAL_CHUNK};
 use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
-use crate::engine::model::layers::{element_count, Plan};
-use crate::engine::model::{Model, ModelShape};
+use crate::engine::events::{check_canceled, EngineError};
+use crate::engine::kernels::math::{exp, max_value, sum};
+use crate::engine::model::Model;
 use crate::engine::optim::Optimizer;
 use crate::engine::rng::Rng;
 use crate::engine::simd::simd_kernel;
-use crate::engine::EngineError;
-use math::{exp, max_value, sum};
 
-mod attention;
-mod conv_block;
-mod layers;
-mod math;
-
-/// Matrix products below this many multiply-adds run on one thread; above it gemm decides how
-/// to split them. With `lrtune bench`, thresholds from 0 to 2^24 gave the same times within the
-/// machine's noise (gemm does not split tiny products much anyway), so this is a guard against
-/// waking the pool for a product that takes microseconds, not a tuned value.
-const PARALLEL_MIN_MACS: usize = 1 << 21;
-/// Inner dimensions from this long may be split in two (see `gemm_into`).
-const SPLIT_K_MIN_DEPTH: usize = 4096;
-/// Matrices with this many values or more have their column sums split in two.
-const PARALLEL_SUM_MIN: usize = 1 << 16;
-
-/// A row-major operand of a matrix product, possibly read transposed through its strides.
-#[derive(Clone, Copy)]
-pub(super) struct Operand<'a> {
-    data: &'a [f32],
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a> Operand<'a> {
-    /// `data` as stored: rows of `cols` values.
-    pub(super) fn plain(data: &'a [f32], cols: usize) -> Self {
-        Self {
-            data,
-            row_stride: cols,
-            col_stride: 1,
-        }
-    }
-
-    /// The transpose of `data`, stored as rows of `stored_cols` values.
-    pub(super) fn transposed(data: &'a [f32], stored_cols: usize) -> Self {
-        Self {
-            data,
-            row_stride: 1,
-            col_stride: stored_cols,
-        }
-    }
-
-    /// This operand read transposed.
-    pub(super) fn t(self) -> Self {
-        Self {
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            ..self
-        }
-    }
-
-    /// Columns `[0, at)` and `[at, ..)`.
-    fn split_columns(self, at: usize) -> (Self, Self) {
-        (
-            self,
-            Self {
-                data: &self.data[at * self.col_stride..],
-                ..self
-            },
-        )
-    }
-
-    /// Rows `[0, at)` and `[at, ..)`.
-    fn split_rows(self, at: usize) -> (Self, Self) {
-        (
-            self,
-            Self {
-                data: &self.data[at * self.row_stride..],
-                ..self
-            },
-        )
-    }
-
-    fn covers(&self, rows: usize, cols: usize) -> bool {
-        rows == 0
-            || cols == 0
-            || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
-    }
-}
-
-/// `dst[m x n] = lhs[m x k] * rhs[k x n]`, row-major `dst`.
-pub(super) fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand) {
-    gemm_into(dst, n, false, m, n, k, lhs, rhs);
-}
-
-/// `dst = lhs * rhs` (or `dst += lhs * rhs` when `accumulate`), where row `i` of the `m x n`
-/// result starts at `dst[i * dst_stride]`. The one `unsafe` block in the crate: gemm takes
-/// raw pointers and strides.
-#[allow(unsafe_code, clippy::too_many_arguments)]
-pub(super) fn gemm_into(
-    dst: &mut [f32],
-    dst_stride: usize,
-    accumulate: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: Operand,
-    rhs: Operand,
-) {
-    assert!(
-        n <= dst_stride && (m == 0 || (m - 1) * dst_stride + n <= dst.len()),
-        "matmul: destination too small"
-    );
-    assert!(
-        lhs.covers(m, k) && rhs.covers(k, n),
-        "matmul: operand too small"
-    );
-    if m == 0 || n == 0 || (k == 0 && accumulate) {
-        return;
-    }
-    if k == 0 {
-        for row in dst.chunks_mut(dst_stride).take(m) {
-            row[..n].fill(0.0);
-        }
-        return;
-    }
-    if k >= SPLIT_K_MIN_DEPTH && k >= 16 * m.max(n) && dst_stride == n {
-        // A product with a long inner dimension and a small result (a weight gradient summed
-        // over a large batch): gemm can only split the result between threads, so split
-        // the inner dimension in halves instead and add them. The split depends only on the
-        // shape, never on the thread count, so the sums do not either.
-        let half = k / 2;
-        let mut upper = vec![0f32; m * n];
-        let (lhs_lo, lhs_hi) = lhs.split_columns(half);
-        let (rhs_lo, rhs_hi) = rhs.split_rows(half);
-        rayon::join(
-            || gemm_into(dst, n, accumulate, m, n, half, lhs_lo, rhs_lo),
-            || matmul(&mut upper, m, n, k - half, lhs_hi, rhs_hi),
-        );
-        for (value, high) in dst[..m * n].iter_mut().zip(&upper) {
-            *value += high;
-        }
-        return;
-    }
-    let parallelism = match rayon::current_num_threads() {
-        threads if threads > 1 && m * n * k >= PARALLEL_MIN_MACS => Parallelism::Rayon(threads),
-        _ => Parallelism::None,
-    };
-    // SAFETY: the asserts above keep every index gemm forms, (rows - 1) * row stride +
-    // (cols - 1) * column stride, inside its slice; `dst` does not alias the operands (it is
-    // borrowed mutably while they are borrowed shared).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_stride as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
-
-/// The f32 rate of this build's matrix product on a `size`^3 problem, in FLOP/s: the best of
-/// repeated products over at least `seconds` (after one warm-up), on the current thread pool.
-/// `lrtune bench` computes its floors from it.
-pub fn matmul_flops(size: usize, seconds: f64) -> f64 {
-    let lhs: Vec<f32> = (0..size * size)
-        .map(|i| (i % 17) as f32 * 0.1 - 0.8)
-        .collect();
-    let rhs: Vec<f32> = (0..size * size)
-        .map(|i| (i % 13) as f32 * 0.1 - 0.6)
-        .collect();
-    let mut out = vec![0f32; size * size];
-    let mut product = || {
-        let started = std::time::Instant::now();
-        matmul(
-            &mut out,
-            size,
-            size,
-            size,
-            Operand::plain(&lhs, size),
-            Operand::plain(&rhs, size),
-        );
-        started.elapsed().as_secs_f64()
-    };
-    product();
-    let (mut best, mut spent) = (f64::INFINITY, 0.0);
-    while spent < seconds {
-        let elapsed = product();
-        best = best.min(elapsed);
-        spent += elapsed;
-    }
-    2.0 * (size as f64).powi(3) / best
-}
-
-/// `out = x W^T + b` for a `[n, inputs]` x and a `[outputs, inputs]` weight.
-pub(super) fn dense_forward(out: &mut [f32], x: &[f32], n: usize, weight: &[f32], bias: &[f32]) {
-    let (outputs, inputs) = (bias.len(), weight.len() / bias.len());
-    matmul(
-        out,
-        n,
-        outputs,
-        inputs,
-        Operand::plain(x, inputs),
-        Operand::transposed(weight, inputs),
-    );
-    bias_forward(out, bias);
-}
-
-/// The gradients of `dense_forward`: dW = dy^T x, db = column sums of dy, and, when there is
-/// somewhere to put it, dx = dy W.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn dense_backward(
-    grad_out: &[f32],
-    x: &[f32],
-    n: usize,
-    weight: &[f32],
-    grad_weight: &mut [f32],
-    grad_bias: &mut [f32],
-    grad_x: Option<&mut [f32]>,
-) {
-    let (outputs, inputs) = (grad_bias.len(), weight.len() / grad_bias.len());
-    matmul(
-        grad_weight,
-        outputs,
-        inputs,
-        n,
-        Operand::transposed(grad_out, outputs),
-        Operand::plain(x, inputs),
-    );
-    column_sums(grad_out, grad_bias);
-    if let Some(grad_x) = grad_x {
-        matmul(
-            grad_x,
-            n,
-            inputs,
-            outputs,
-            Operand::plain(grad_out, outputs),
-            Operand::plain(weight, inputs),
-        );
-    }
-}
-
-simd_kernel! {
-    /// Adds the bias to every row of `z`.
-    pub(super) fn bias_forward(z: &mut [f32], bias: &[f32]) {
-        for row in z.chunks_exact_mut(bias.len()) {
-            for (value, b) in row.iter_mut().zip(bias) {
-                *value += b;
-            }
-        }
-    }
-}
-
-/// Column sums of a row-major `[rows, sums.len()]` matrix into `sums`. A large matrix is
-/// summed as two halves of its rows on two threads, then added; the split depends only on
-/// the size, so the sums do not depend on the thread count.
-pub(super) fn column_sums(values: &[f32], sums: &mut [f32]) {
-    let cols = sums.len();
-    let rows = values.len() / cols.max(1);
-    if values.len() < PARALLEL_SUM_MIN || rows < 2 {
-        column_sums_serial(values, sums);
-        return;
-    }
-    let (top, bottom) = values.split_at(rows / 2 * cols);
-    let mut lower = vec![0f32; cols];
-    rayon::join(
-        || column_sums(top, sums),
-        || column_sums(bottom, &mut lower),
-    );
-    for (sum, low) in sums.iter_mut().zip(&lower) {
-        *sum += low;
-    }
-}
-
-simd_kernel! {
-    fn column_sums_serial(values: &[f32], sums: &mut [f32]) {
-        sums.fill(0.0);
-        for row in values.chunks_exact(sums.len()) {
-            for (sum, value) in sums.iter_mut().zip(row) {
-                *sum += value;
-            }
-        }
-    }
-}
+mod buffers;
 
 simd_kernel! {
     /// Mean cross-entropy over rows of logits; leaves d(loss)/d(logits) in `grad`.
@@ -448,51 +158,47 @@ impl<'a> HostValues<'a> {
 
 /// What the native step keeps between steps, sized for one batch size.
 pub struct Workspace {
-    buffers: Box<layers::Buffers>,
+    buffers: Box<buffers::Buffers>,
     /// One gradient per model variable, in `Model::vars` order.
     pub grads: Vec<Vec<f32>>,
-}
-
-/// The bytes a workspace for batches of `rows` rows takes (buffers, not the gradients), from
-/// the model's plan: admission checks a job's memory with it before anything is built.
-///
-/// The plan counts what each layer keeps (see `layers::Plan::activations_per_sample`); the
-/// batch's input and targets come on top. `None` when the count overflows 64 bits.
-pub fn planned_buffer_bytes(plan: &Plan, shape: &ModelShape, rows: usize) -> Option<u64> {
-    let input = element_count(&shape.input)? as u64;
-    plan.activations_per_sample
-        .checked_add(input)?
-        .checked_add(shape.output as u64)?
-        .checked_mul(rows as u64)?
-        .checked_mul(4)
 }
 
 impl Workspace {
     /// Bytes held by the buffers (not the gradients).
     #[cfg(test)]
-    pub(crate) fn allocated_buffer_bytes(&self) -> usize {
+    fn allocated_buffer_bytes(&self) -> usize {
         self.buffers.allocated_bytes()
     }
 }
 
-/// The native workspace in a model's backend state (created empty on first use).
-pub(crate) fn workspace_slot(state: &mut Option<Box<dyn Any + Send>>) -> &mut Option<Workspace> {
-    state
-        .get_or_insert_with(|| Box::new(None::<Workspace>))
-        .downcast_mut::<Option<Workspace>>()
-        .expect("a model's backend state is the native workspace")
+/// The hand-written CPU step (see the module docs), with its workspace: the buffers of the
+/// model it trains, kept from step to step.
+#[derive(Default)]
+pub struct Native {
+    workspace: Option<Workspace>,
 }
 
-/// The hand-written CPU step (see the module docs).
-pub struct Native;
+impl Native {
+    pub fn new() -> Native {
+        Native::default()
+    }
 
-impl super::Backend for Native {
+    /// Bytes held by the workspace's buffers (not the gradients); 0 before the first step.
+    #[cfg(test)]
+    pub(crate) fn allocated_buffer_bytes(&self) -> usize {
+        self.workspace
+            .as_ref()
+            .map_or(0, Workspace::allocated_buffer_bytes)
+    }
+}
+
+impl Backend for Native {
     fn name(&self) -> &'static str {
         "native"
     }
 
     fn train_step(
-        &self,
+        &mut self,
         model: &Model,
         optimizer: &mut Optimizer,
         data: &DeviceData,
@@ -501,11 +207,10 @@ impl super::Backend for Native {
         momentum: f64,
         dropout_rng: &mut Rng,
     ) -> candle_core::Result<f64> {
+        let workspace = &mut self.workspace;
         // On a pool thread, so that the caller's thread sleeps instead of competing with
         // the pool's threads for the cores between the step's parallel sections.
         on_pool(|| {
-            let mut state = model.backend_state();
-            let workspace = workspace_slot(&mut state);
             let loss = forward_backward(model, workspace, data, rows, dropout_rng)?;
             if loss.is_finite() {
                 let grads = &workspace.as_ref().expect("set by forward_backward").grads;
@@ -516,14 +221,13 @@ impl super::Backend for Native {
     }
 
     fn evaluate(
-        &self,
+        &mut self,
         model: &Model,
         data: &DeviceData,
         cancel: &AtomicBool,
     ) -> Result<Evaluation, EngineError> {
+        let workspace = &mut self.workspace;
         on_pool(|| {
-            let mut state = model.backend_state();
-            let workspace = workspace_slot(&mut state);
             let (loss, accuracy) = evaluate(model, workspace, data, EVAL_CHUNK, cancel)?;
             Ok(Evaluation { loss, accuracy })
         })
@@ -547,7 +251,7 @@ fn workspace_for<'w>(
     if workspace.as_ref().is_none_or(|w| w.buffers.rows() != rows) {
         // Drop the old buffers first, so two sets never coexist (admission counts one).
         *workspace = None;
-        let buffers = Box::new(layers::Buffers::new(model, rows)?);
+        let buffers = Box::new(buffers::Buffers::new(model, rows)?);
         *workspace = Some(Workspace {
             buffers,
             grads: model
@@ -602,7 +306,7 @@ pub fn evaluate(
         rows.extend(start..start + len);
         rows.resize(batch, start + len - 1);
         let (loss, correct) =
-            layers::evaluate_batch(&mut workspace.buffers, &params, data, &rows, len)?;
+            buffers::evaluate_batch(&mut workspace.buffers, &params, data, &rows, len)?;
         loss_sum += loss;
         hits += correct;
     }
@@ -631,7 +335,7 @@ pub fn forward_backward(
         .iter()
         .map(HostValues::f32)
         .collect::<candle_core::Result<Vec<_>>>()?;
-    layers::forward_backward(
+    buffers::forward_backward(
         &mut workspace.buffers,
         &params,
         &mut workspace.grads,
@@ -642,303 +346,4 @@ pub fn forward_backward(
 }
 
 #[cfg(test)]
-pub(super) mod tests {
-    use super::*;
-    use crate::engine::simd::{with_level, Level};
-    use crate::engine::spec::{Activation, ModelSpec};
-
-    /// The native step's loss and gradients against candle's autograd on the same model,
-    /// batch and dropout draws.
-    pub(super) fn assert_matches_autograd(model: &Model, train: &DeviceData, rows: &[usize]) {
-        let mut workspace = None;
-        let native_loss =
-            forward_backward(model, &mut workspace, train, rows, &mut Rng::new(11)).unwrap();
-        let native_grads = workspace.unwrap().grads;
-
-        let (x, y) = train.batch(rows).unwrap();
-        let forward = model.forward(&x, &y, Some(&mut Rng::new(11))).unwrap();
-        let loss = forward.loss.to_scalar::<f32>().unwrap() as f64;
-        let grads = forward.loss.backward().unwrap();
-
-        assert!(
-            (native_loss - loss).abs() <= 1e-5 * loss.abs().max(1.0),
-            "loss: native {native_loss}, autograd {loss}"
-        );
-        for (index, (var, native)) in model.vars().iter().zip(&native_grads).enumerate() {
-            let want = grads
-                .get(var.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            assert_eq!(native.len(), want.len(), "variable {index}");
-            // Relative to the variable's largest gradient; one that is zero in exact arithmetic
-            // (a bias before batch norm) is float noise on both sides, held to 1e-7.
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
-            for (position, (got, want)) in native.iter().zip(&want).enumerate() {
-                assert!(
-                    (got - want).abs() <= 1e-4 * scale,
-                    "variable {index} [{position}]: native {got}, autograd {want} (largest {scale})"
-                );
-            }
-        }
-    }
-
-    /// The native evaluation against candle's on a split whose size is not a multiple of
-    /// the batch (the last batch is padded), after a training step sized the workspace.
-    pub(super) fn assert_evaluation_matches_candle(model: &Model, train: &DeviceData) {
-        let rows: Vec<usize> = (0..train.rows / 2 + 1).collect();
-        let mut workspace = None;
-        forward_backward(model, &mut workspace, train, &rows, &mut Rng::new(1)).unwrap();
-        assert!(!train.rows.is_multiple_of(rows.len()));
-        let (loss, accuracy) =
-            evaluate(model, &mut workspace, train, 256, &AtomicBool::new(false)).unwrap();
-        let want = crate::engine::backend::Backend::evaluate(
-            &crate::engine::backend::Candle,
-            model,
-            train,
-            &AtomicBool::new(false),
-        )
-        .unwrap();
-        assert!(
-            (loss - want.loss).abs() <= 1e-5 * want.loss.abs().max(1.0),
-            "loss: native {loss}, candle {}",
-            want.loss
-        );
-        assert_eq!(accuracy, want.accuracy);
-    }
-
-    /// Random data for a model of `shape`: dense features or token ids.
-    fn random_data(shape: &ModelShape, rows: usize) -> DeviceData {
-        use crate::engine::data::{Dataset, Features, Targets};
-        let mut rng = Rng::new(21);
-        let per_row: usize = shape.input.iter().product();
-        let data = match shape.task {
-            Task::LanguageModel => {
-                let mut ids = || -> Vec<u32> {
-                    (0..rows * per_row)
-                        .map(|_| rng.below(shape.output) as u32)
-                        .collect()
-                };
-                Dataset {
-                    features: Features::Tokens {
-                        ids: ids(),
-                        context: per_row,
-                    },
-                    targets: Targets::Tokens {
-                        ids: ids(),
-                        vocab: shape.output,
-                    },
-                }
-            }
-            task => Dataset {
-                features: Features::Dense {
-                    values: (0..rows * per_row).map(|_| rng.normal() as f32).collect(),
-                    sample_shape: shape.input.clone(),
-                },
-                targets: match task {
-                    Task::Regression => Targets::Values {
-                        values: (0..rows * shape.output)
-                            .map(|_| rng.normal() as f32)
-                            .collect(),
-                        dims: shape.output,
-                    },
-                    _ => Targets::Classes {
-                        labels: (0..rows).map(|_| rng.below(shape.output) as u32).collect(),
-                        classes: shape.output,
-                    },
-                },
-            },
-        };
-        DeviceData::new(&data, &candle_core::Device::Cpu).unwrap()
-    }
-
-    /// One training step's loss and gradients and the evaluation of a fresh model, with every
-    /// kernel on every thread at `level` (gemm picks its own, the same at every level).
-    fn step_at(level: Level, spec: &ModelSpec, shape: &ModelShape) -> (f64, Vec<Vec<f32>>, f64) {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .start_handler(move |_| crate::engine::simd::set_thread_level(level))
-            .build()
-            .unwrap();
-        pool.install(|| {
-            with_level(level, || {
-                let model = Model::build(spec, shape, 4, &candle_core::Device::Cpu).unwrap();
-                let data = random_data(shape, 48);
-                let rows: Vec<usize> = (0..32).map(|i| (i * 5 + 1) % 48).collect();
-                let mut workspace = None;
-                let loss = forward_backward(&model, &mut workspace, &data, &rows, &mut Rng::new(3))
-                    .unwrap();
-                let (eval_loss, _) =
-                    evaluate(&model, &mut workspace, &data, 32, &AtomicBool::new(false)).unwrap();
-                (loss, workspace.unwrap().grads, eval_loss)
-            })
-        })
-    }
-
-    /// The element-wise kernels compute the same IEEE operations at every instruction-set
-    /// level (no fused multiply-adds, reductions in the same order), so a whole step at each
-    /// level this machine supports equals the scalar step bit for bit.
-    #[test]
-    fn every_simd_level_gives_the_scalar_step_bit_for_bit() {
-        let dense = |input: Vec<usize>, output, task| ModelShape {
-            input,
-            output,
-            task,
-        };
-        let mlp = |activation, dropout| ModelSpec::Mlp {
-            hidden: vec![67, 33],
-            activation,
-            dropout,
-        };
-        let cases = [
-            (
-                mlp(Activation::Relu, 0.2),
-                dense(vec![29], 10, Task::Classification),
-            ),
-            (
-                mlp(Activation::Gelu, 0.0),
-                dense(vec![29], 10, Task::Classification),
-            ),
-            (
-                mlp(Activation::Tanh, 0.0),
-                dense(vec![29], 3, Task::Regression),
-            ),
-            (
-                mlp(Activation::Silu, 0.0),
-                dense(vec![29], 10, Task::Classification),
-            ),
-            (
-                ModelSpec::Cnn {
-                    channels: vec![8, 19],
-                    hidden: 24,
-                },
-                dense(vec![3, 9, 11], 10, Task::Classification),
-            ),
-            (
-                ModelSpec::Transformer {
-                    d_model: 48,
-                    heads: 4,
-                    layers: 2,
-                    context: 21,
-                },
-                dense(vec![21], 13, Task::LanguageModel),
-            ),
-            (
-                ModelSpec::Sequential {
-                    layers: serde_json::from_str(
-                        r#"[{"type": "conv2d", "out": 6, "kernel": 3, "stride": 2, "padding": 1},
-                            {"type": "batch_norm"}, {"type": "gelu"},
-                            {"type": "max_pool2d", "size": 2}, {"type": "dropout", "p": 0.2},
-                            {"type": "flatten"}, {"type": "linear", "out": 19},
-                            {"type": "residual", "layers": [
-                                {"type": "layer_norm"}, {"type": "linear", "out": 19},
-                                {"type": "sigmoid"}]},
-                            {"type": "linear", "out": 10}]"#,
-                    )
-                    .unwrap(),
-                    context: None,
-                },
-                dense(vec![3, 13, 11], 10, Task::Classification),
-            ),
-            (
-                ModelSpec::Sequential {
-                    layers: serde_json::from_str(
-                        r#"[{"type": "embedding", "dim": 48, "init_std": 0.02},
-                            {"type": "position_embedding"},
-                            {"type": "transformer_block", "heads": 4},
-                            {"type": "layer_norm"}, {"type": "linear", "out": 13}]"#,
-                    )
-                    .unwrap(),
-                    context: Some(21),
-                },
-                dense(vec![21], 13, Task::LanguageModel),
-            ),
-        ];
-        let levels = Level::supported_levels();
-        eprintln!("levels on this machine: {levels:?}");
-        for (spec, shape) in &cases {
-            let (loss, grads, eval) = step_at(Level::Scalar, spec, shape);
-            assert!(loss.is_finite() && eval.is_finite(), "{spec:?}");
-            for &level in &levels[1..] {
-                let (level_loss, level_grads, level_eval) = step_at(level, spec, shape);
-                assert_eq!(level_loss.to_bits(), loss.to_bits(), "{level:?} {spec:?}");
-                assert_eq!(level_eval.to_bits(), eval.to_bits(), "{level:?} {spec:?}");
-                for (index, (got, want)) in level_grads.iter().zip(&grads).enumerate() {
-                    let same = got
-                        .iter()
-                        .zip(want)
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{level:?} {spec:?}: gradient {index} differs");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn strided_matmul_matches_the_definition() {
-        // lhs read transposed from a [k, m] store, rhs plain [k, n].
-        let (m, n, k) = (3, 4, 5);
-        let lhs_store: Vec<f32> = (0..k * m).map(|i| i as f32 * 0.5 - 3.0).collect();
-        let rhs: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 - 2.0).collect();
-        let mut dst = vec![f32::NAN; m * n];
-        matmul(
-            &mut dst,
-            m,
-            n,
-            k,
-            Operand::transposed(&lhs_store, m),
-            Operand::plain(&rhs, n),
-        );
-        for i in 0..m {
-            for j in 0..n {
-                let want: f32 = (0..k).map(|p| lhs_store[p * m + i] * rhs[p * n + j]).sum();
-                assert_eq!(dst[i * n + j], want, "[{i}, {j}]");
-            }
-        }
-    }
-
-    /// A long inner dimension, accumulating, against an f64 reference: into a contiguous
-    /// destination (the inner dimension is split in halves) and into a strided one (not split;
-    /// the columns past `n` stay untouched).
-    #[test]
-    fn long_accumulating_matmuls_match_the_definition() {
-        let (m, n, k) = (3, 2, 2 * SPLIT_K_MIN_DEPTH + 5);
-        let lhs: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.5)
-            .collect();
-        let rhs_store: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 53) % 13) as f32 / 13.0 - 0.5)
-            .collect();
-        for stride in [n, 5] {
-            let mut dst = vec![1.0f32; m * stride];
-            gemm_into(
-                &mut dst,
-                stride,
-                true,
-                m,
-                n,
-                k,
-                Operand::plain(&lhs, k),
-                Operand::transposed(&rhs_store, k),
-            );
-            for i in 0..m {
-                for j in 0..n {
-                    let want: f64 = 1.0
-                        + (0..k)
-                            .map(|p| f64::from(lhs[i * k + p]) * f64::from(rhs_store[j * k + p]))
-                            .sum::<f64>();
-                    let got = f64::from(dst[i * stride + j]);
-                    assert!(
-                        (got - want).abs() < 1e-3,
-                        "stride {stride} [{i}, {j}]: {got} vs {want}"
-                    );
-                }
-                assert!(dst[i * stride + n..i * stride + stride]
-                    .iter()
-                    .all(|v| *v == 1.0));
-            }
-        }
-    }
-}
+mod tests;

@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::{column_sums, matmul, Operand};
+use crate::engine::kernels::gemm::{column_sums, matmul, Operand};
 use crate::engine::simd::simd_kernel;
 
 /// One stage's buffers for a batch of `rows` images.
@@ -76,7 +76,6 @@ impl ConvBlock {
     }
 
     /// Values held (for the admission test).
-    #[cfg(test)]
     pub(super) fn allocated_bytes(&self) -> usize {
         4 * (self.pixels_in.len()
             + self.columns.len()

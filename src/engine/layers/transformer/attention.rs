@@ -9,8 +9,11 @@
 
 use rayon::prelude::*;
 
-use super::math::{dot, exp, gelu_derivative_with, gelu_tanh, max_value, row_stats, sum};
-use super::{dense_backward, dense_forward, gemm_into, matmul, Operand};
+use crate::engine::kernels::gemm::{dense_backward, dense_forward, gemm_into, matmul, Operand};
+use crate::engine::kernels::math::{dot, exp, gelu_derivative_with, gelu_tanh, max_value, sum};
+use crate::engine::layers::norm::native::{
+    norm_forward_rows, norm_input_grads, norm_parameter_grads,
+};
 use crate::engine::simd::simd_kernel;
 
 /// Variables per block, in the model's order: two layer norms (gain, shift), then the
@@ -40,7 +43,6 @@ impl Norm {
     }
 
     /// Values held: `2 n d + n`.
-    #[cfg(test)]
     pub(super) fn floats(&self) -> usize {
         self.normalized.len() + self.inv_std.len() + self.out.len()
     }
@@ -78,97 +80,6 @@ impl Norm {
             .for_each(|(((grad_x, grad_out), normalized), inv_std)| {
                 norm_input_grads(grad_out, normalized, inv_std, gain, grad_x)
             });
-    }
-}
-
-simd_kernel! {
-    /// Layer norm of rows of `gain.len()` values: `normalized` = (x - mean) / std, `out` =
-    /// normalized * gain + shift, `inv_std` = 1 / std per row.
-    pub(super) fn norm_forward_rows(
-        x: &[f32],
-        gain: &[f32],
-        shift: &[f32],
-        normalized: &mut [f32],
-        out: &mut [f32],
-        inv_std: &mut [f32],
-    ) {
-        let d = gain.len();
-        for (((row, normalized), out), inv_std) in x
-            .chunks_exact(d)
-            .zip(normalized.chunks_exact_mut(d))
-            .zip(out.chunks_exact_mut(d))
-            .zip(inv_std.iter_mut())
-        {
-            let (mean, inverse) = row_stats(row);
-            *inv_std = inverse;
-            for (((value, normalized), out), (g, s)) in row
-                .iter()
-                .zip(normalized.iter_mut())
-                .zip(out.iter_mut())
-                .zip(gain.iter().zip(shift))
-            {
-                *normalized = (value - mean) * inverse;
-                *out = *normalized * g + s;
-            }
-        }
-    }
-}
-
-simd_kernel! {
-    /// A layer norm's gain and shift gradients: column sums of `grad_out * normalized` and of
-    /// `grad_out`.
-    pub(super) fn norm_parameter_grads(
-        grad_out: &[f32],
-        normalized: &[f32],
-        grad_gain: &mut [f32],
-        grad_shift: &mut [f32],
-    ) {
-        let d = grad_gain.len();
-        grad_gain.fill(0.0);
-        grad_shift.fill(0.0);
-        for (g_row, normalized) in grad_out.chunks_exact(d).zip(normalized.chunks_exact(d)) {
-            for ((g, x), (dg, ds)) in g_row
-                .iter()
-                .zip(normalized)
-                .zip(grad_gain.iter_mut().zip(grad_shift.iter_mut()))
-            {
-                *dg += g * x;
-                *ds += g;
-            }
-        }
-    }
-}
-
-simd_kernel! {
-    /// Adds a layer norm's d(loss)/d(x) into `grad_x`, rows of `gain.len()` values.
-    pub(super) fn norm_input_grads(
-        grad_out: &[f32],
-        normalized: &[f32],
-        inv_std: &[f32],
-        gain: &[f32],
-        grad_x: &mut [f32],
-    ) {
-        let d = gain.len();
-        let width = d as f32;
-        for (((dx, g), x), inv_std) in grad_x
-            .chunks_exact_mut(d)
-            .zip(grad_out.chunks_exact(d))
-            .zip(normalized.chunks_exact(d))
-            .zip(inv_std)
-        {
-            // With y = x_hat * gain: dx = inv_std * (dy_hat - mean(dy_hat)
-            // - x_hat * mean(dy_hat * x_hat)), dy_hat = dy * gain.
-            let (mut sum, mut dot) = (0.0f32, 0.0f32);
-            for ((g, x), gain) in g.iter().zip(x).zip(gain) {
-                let dy_hat = g * gain;
-                sum += dy_hat;
-                dot += dy_hat * x;
-            }
-            let (mean, mean_dot) = (sum / width, dot / width);
-            for (((dx, g), x), gain) in dx.iter_mut().zip(g).zip(x).zip(gain) {
-                *dx += inv_std * (g * gain - mean - x * mean_dot);
-            }
-        }
     }
 }
 
@@ -230,11 +141,7 @@ fn head_part<'a>(
     part: usize,
     head: usize,
 ) -> Operand<'a> {
-    Operand {
-        data: &qkv[part * d + head * head_dim..],
-        row_stride: 3 * d,
-        col_stride: 1,
-    }
+    Operand::strided(&qkv[part * d + head * head_dim..], 3 * d)
 }
 
 /// Causal softmax attention for every sequence and head: fills `weights` and writes each
@@ -299,11 +206,7 @@ fn attention_backward(
             for head in 0..heads {
                 let p = &weights[head * time * time..][..time * time];
                 let dp = &mut grad_weights[head * time * time..][..time * time];
-                let grad_out = Operand {
-                    data: &grad_mixed[head * head_dim..],
-                    row_stride: d,
-                    col_stride: 1,
-                };
+                let grad_out = Operand::strided(&grad_mixed[head * head_dim..], d);
                 // dP = dO V^T and dV = P^T dO.
                 matmul(
                     dp,
@@ -396,7 +299,6 @@ impl Scratch {
     }
 
     /// Values held: `9 n d + batch heads time^2` (what admission plans).
-    #[cfg(test)]
     pub(super) fn floats(&self) -> usize {
         self.grad_norm.len()
             + self.grad_qkv.len()
@@ -426,7 +328,6 @@ impl Block {
     }
 
     /// Values held: `2 (2 n d + n) + 17 n d + batch heads time^2` (what admission plans).
-    #[cfg(test)]
     pub(super) fn floats(&self) -> usize {
         self.norm_attention.floats()
             + self.norm_mlp.floats()
@@ -547,112 +448,5 @@ impl Block {
         );
         self.norm_attention
             .backward(grad_norm, p[0], g_norm1_gain, g_norm1_shift, grad);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::AtomicBool;
-
-    use candle_core::Device;
-
-    use crate::engine::backend::native::{evaluate, forward_backward};
-    use crate::engine::batch::DeviceData;
-    use crate::engine::data::{Dataset, Features, Targets, Task};
-    use crate::engine::model::{plan, Model, ModelShape};
-    use crate::engine::rng::Rng;
-    use crate::engine::spec::ModelSpec;
-
-    fn values(model: &Model) -> Vec<Vec<f32>> {
-        model
-            .vars()
-            .iter()
-            .map(|var| var.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
-            .collect()
-    }
-
-    /// The `transformer` preset and the layer list it expands to (embedding with std 0.02,
-    /// position embedding, blocks, layer norm, head) are one model: the same parameters in
-    /// the same order and shapes, and with the same weights the same native loss, gradients
-    /// and evaluation, bit for bit.
-    ///
-    /// A seed does not give both the same random weights: the preset draws its blocks'
-    /// weights before the embeddings (`model::build_layers`), a layer list draws layer by
-    /// layer as `torch.nn.Sequential` does. The same distributions, so expanding the preset
-    /// changes a seed's weights, not what a run finds; here the list takes the preset's.
-    #[test]
-    fn the_transformer_preset_is_a_layer_list() {
-        let (d, heads, layers, time, vocab) = (16, 4, 2, 9, 11);
-        let shape = ModelShape {
-            input: vec![time],
-            output: vocab,
-            task: Task::LanguageModel,
-        };
-        let preset_spec = ModelSpec::Transformer {
-            d_model: d,
-            heads,
-            layers,
-            context: time,
-        };
-        let block = format!(r#"{{"type": "transformer_block", "heads": {heads}}}, "#);
-        let list_spec = ModelSpec::Sequential {
-            layers: serde_json::from_str(&format!(
-                r#"[{{"type": "embedding", "dim": {d}, "init_std": 0.02}},
-                    {{"type": "position_embedding"}}, {}
-                    {{"type": "layer_norm"}}, {{"type": "linear", "out": {vocab}}}]"#,
-                block.repeat(layers)
-            ))
-            .unwrap(),
-            context: Some(time),
-        };
-        let device = Device::Cpu;
-        let preset = Model::build(&preset_spec, &shape, 3, &device).unwrap();
-        let list = Model::build(&list_spec, &shape, 3, &device).unwrap();
-        assert_eq!(
-            plan(&preset_spec, &shape).unwrap().parameters,
-            plan(&list_spec, &shape).unwrap().parameters
-        );
-        assert_eq!(preset.parameter_count(), list.parameter_count());
-        let dims = |model: &Model| -> Vec<Vec<usize>> {
-            model.vars().iter().map(|v| v.dims().to_vec()).collect()
-        };
-        assert_eq!(dims(&preset), dims(&list));
-        let (preset_values, list_values) = (values(&preset), values(&list));
-        for index in [2, 3, 4, 5, 14, 15, 16, 17, 26, 27] {
-            assert_eq!(list_values[index], preset_values[index], "norm {index}");
-        }
-        for (list_var, preset_var) in list.vars().iter().zip(preset.vars()) {
-            list_var.set(preset_var.as_tensor()).unwrap();
-        }
-
-        let mut rng = Rng::new(5);
-        let rows = 12;
-        let mut ids =
-            || -> Vec<u32> { (0..rows * time).map(|_| rng.below(vocab) as u32).collect() };
-        let data = Dataset {
-            features: Features::Tokens {
-                ids: ids(),
-                context: time,
-            },
-            targets: Targets::Tokens { ids: ids(), vocab },
-        };
-        let train = DeviceData::new(&data, &device).unwrap();
-        let batch = [3, 0, 7, 11, 5];
-        let step = |model: &Model| {
-            let mut workspace = None;
-            let loss =
-                forward_backward(model, &mut workspace, &train, &batch, &mut Rng::new(1)).unwrap();
-            let (eval, accuracy) =
-                evaluate(model, &mut workspace, &train, 4, &AtomicBool::new(false)).unwrap();
-            (loss, workspace.unwrap().grads, eval, accuracy)
-        };
-        let (preset_loss, preset_grads, preset_eval, preset_accuracy) = step(&preset);
-        let (list_loss, list_grads, list_eval, list_accuracy) = step(&list);
-        assert_eq!(list_loss.to_bits(), preset_loss.to_bits());
-        assert_eq!(list_eval.to_bits(), preset_eval.to_bits());
-        assert_eq!(list_accuracy, preset_accuracy);
-        for (index, (list, preset)) in list_grads.iter().zip(&preset_grads).enumerate() {
-            assert_eq!(list, preset, "gradient {index}");
-        }
     }
 }

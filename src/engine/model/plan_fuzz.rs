@@ -8,9 +8,10 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use super::*;
-use crate::engine::backend::native::planned_buffer_bytes;
-use crate::engine::model::ModelShape;
+use super::{plan_layers as plan, ModelShape};
+use crate::engine::layers::plan::element_count;
+use crate::engine::rng::Rng;
+use crate::engine::spec::{GeluApproximation, LayerSpec, Task};
 
 /// The largest size a plan may hold (`usize`, 64 bits on the targets lrtune builds for).
 const LIMIT: u128 = usize::MAX as u128;
@@ -247,7 +248,8 @@ fn expected_layer(
         | LayerSpec::Gelu { .. }
         | LayerSpec::Tanh
         | LayerSpec::Sigmoid
-        | LayerSpec::Silu => (dims.clone(), 0),
+        | LayerSpec::Silu
+        | LayerSpec::LeakyRelu { .. } => (dims.clone(), 0),
         LayerSpec::Residual { layers } => {
             let same = Reaching::Values(dims.clone());
             if expected_list(layers, same.clone(), totals)? != same {
@@ -456,7 +458,7 @@ fn check_case(seed: u64) -> Result<(), String> {
             other => Err(format!(
                 "{}: a zero size planned as {:?}",
                 describe(),
-                other.map(|plan| plan.layer_outputs)
+                other.map(|plan| plan.layer_outputs().to_vec())
             )),
         };
     }
@@ -498,7 +500,7 @@ fn check_case(seed: u64) -> Result<(), String> {
                 + wide(outputs))
             .saturating_mul(wide(rows))
             .saturating_mul(4);
-            let got = planned_buffer_bytes(&plan, &shape, rows).map(u128::from);
+            let got = plan.buffer_bytes(&shape, rows).map(u128::from);
             if got != (want <= LIMIT).then_some(want) {
                 return Err(format!(
                     "{}: step memory at {rows} rows {got:?}, expected {want}",
@@ -525,7 +527,7 @@ fn check_case(seed: u64) -> Result<(), String> {
         (want, got) => Err(format!(
             "{}: expected {want:?}, planned {:?}",
             describe(),
-            got.map(|plan| (plan.layer_outputs, plan.parameters))
+            got.map(|plan| (plan.layer_outputs().to_vec(), plan.parameters))
         )),
     }
 }

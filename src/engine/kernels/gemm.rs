@@ -1,0 +1,374 @@
+//! Matrix products through `gemm` with strides instead of transposed copies, and what a
+//! dense layer does with them: `x W^T + b` and its gradients, bias rows and column sums. The
+//! split between threads depends only on the shapes, so a result does not depend on the
+//! thread count.
+
+use gemm::Parallelism;
+
+use crate::engine::simd::simd_kernel;
+
+/// Matrix products below this many multiply-adds run on one thread; above it gemm decides how
+/// to split them. With `lrtune bench`, thresholds from 0 to 2^24 gave the same times within the
+/// machine's noise (gemm does not split tiny products much anyway), so this is a guard against
+/// waking the pool for a product that takes microseconds, not a tuned value.
+const PARALLEL_MIN_MACS: usize = 1 << 21;
+/// Inner dimensions from this long may be split in two (see `gemm_into`).
+const SPLIT_K_MIN_DEPTH: usize = 4096;
+/// Matrices with this many values or more have their column sums split in two.
+const PARALLEL_SUM_MIN: usize = 1 << 16;
+
+/// A row-major operand of a matrix product, possibly read transposed through its strides.
+#[derive(Clone, Copy)]
+pub(crate) struct Operand<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// `data` as stored: rows of `cols` values.
+    pub(crate) fn plain(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// Rows `row_stride` values apart, each read from its start: a block of columns of a
+    /// wider row-major matrix.
+    pub(crate) fn strided(data: &'a [f32], row_stride: usize) -> Self {
+        Self {
+            data,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of `data`, stored as rows of `stored_cols` values.
+    pub(crate) fn transposed(data: &'a [f32], stored_cols: usize) -> Self {
+        Self {
+            data,
+            row_stride: 1,
+            col_stride: stored_cols,
+        }
+    }
+
+    /// This operand read transposed.
+    pub(crate) fn t(self) -> Self {
+        Self {
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Columns `[0, at)` and `[at, ..)`.
+    fn split_columns(self, at: usize) -> (Self, Self) {
+        (
+            self,
+            Self {
+                data: &self.data[at * self.col_stride..],
+                ..self
+            },
+        )
+    }
+
+    /// Rows `[0, at)` and `[at, ..)`.
+    fn split_rows(self, at: usize) -> (Self, Self) {
+        (
+            self,
+            Self {
+                data: &self.data[at * self.row_stride..],
+                ..self
+            },
+        )
+    }
+
+    fn covers(&self, rows: usize, cols: usize) -> bool {
+        rows == 0
+            || cols == 0
+            || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
+    }
+}
+
+/// `dst[m x n] = lhs[m x k] * rhs[k x n]`, row-major `dst`.
+pub(crate) fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand) {
+    gemm_into(dst, n, false, m, n, k, lhs, rhs);
+}
+
+/// `dst = lhs * rhs` (or `dst += lhs * rhs` when `accumulate`), where row `i` of the `m x n`
+/// result starts at `dst[i * dst_stride]`. The one `unsafe` block in the crate: gemm takes
+/// raw pointers and strides.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+pub(crate) fn gemm_into(
+    dst: &mut [f32],
+    dst_stride: usize,
+    accumulate: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Operand,
+) {
+    assert!(
+        n <= dst_stride && (m == 0 || (m - 1) * dst_stride + n <= dst.len()),
+        "matmul: destination too small"
+    );
+    assert!(
+        lhs.covers(m, k) && rhs.covers(k, n),
+        "matmul: operand too small"
+    );
+    if m == 0 || n == 0 || (k == 0 && accumulate) {
+        return;
+    }
+    if k == 0 {
+        for row in dst.chunks_mut(dst_stride).take(m) {
+            row[..n].fill(0.0);
+        }
+        return;
+    }
+    if k >= SPLIT_K_MIN_DEPTH && k >= 16 * m.max(n) && dst_stride == n {
+        // A product with a long inner dimension and a small result (a weight gradient summed
+        // over a large batch): gemm can only split the result between threads, so split
+        // the inner dimension in halves instead and add them. The split depends only on the
+        // shape, never on the thread count, so the sums do not either.
+        let half = k / 2;
+        let mut upper = vec![0f32; m * n];
+        let (lhs_lo, lhs_hi) = lhs.split_columns(half);
+        let (rhs_lo, rhs_hi) = rhs.split_rows(half);
+        rayon::join(
+            || gemm_into(dst, n, accumulate, m, n, half, lhs_lo, rhs_lo),
+            || matmul(&mut upper, m, n, k - half, lhs_hi, rhs_hi),
+        );
+        for (value, high) in dst[..m * n].iter_mut().zip(&upper) {
+            *value += high;
+        }
+        return;
+    }
+    let parallelism = match rayon::current_num_threads() {
+        threads if threads > 1 && m * n * k >= PARALLEL_MIN_MACS => Parallelism::Rayon(threads),
+        _ => Parallelism::None,
+    };
+    // SAFETY: the asserts above keep every index gemm forms, (rows - 1) * row stride +
+    // (cols - 1) * column stride, inside its slice; `dst` does not alias the operands (it is
+    // borrowed mutably while they are borrowed shared).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_stride as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// The f32 rate of this build's matrix product on a `size`^3 problem, in FLOP/s: the best of
+/// repeated products over at least `seconds` (after one warm-up), on the current thread pool.
+/// `lrtune bench` computes its floors from it.
+pub fn matmul_flops(size: usize, seconds: f64) -> f64 {
+    let lhs: Vec<f32> = (0..size * size)
+        .map(|i| (i % 17) as f32 * 0.1 - 0.8)
+        .collect();
+    let rhs: Vec<f32> = (0..size * size)
+        .map(|i| (i % 13) as f32 * 0.1 - 0.6)
+        .collect();
+    let mut out = vec![0f32; size * size];
+    let mut product = || {
+        let started = std::time::Instant::now();
+        matmul(
+            &mut out,
+            size,
+            size,
+            size,
+            Operand::plain(&lhs, size),
+            Operand::plain(&rhs, size),
+        );
+        started.elapsed().as_secs_f64()
+    };
+    product();
+    let (mut best, mut spent) = (f64::INFINITY, 0.0);
+    while spent < seconds {
+        let elapsed = product();
+        best = best.min(elapsed);
+        spent += elapsed;
+    }
+    2.0 * (size as f64).powi(3) / best
+}
+
+/// `out = x W^T + b` for a `[n, inputs]` x and a `[outputs, inputs]` weight.
+pub(crate) fn dense_forward(out: &mut [f32], x: &[f32], n: usize, weight: &[f32], bias: &[f32]) {
+    let (outputs, inputs) = (bias.len(), weight.len() / bias.len());
+    matmul(
+        out,
+        n,
+        outputs,
+        inputs,
+        Operand::plain(x, inputs),
+        Operand::transposed(weight, inputs),
+    );
+    bias_forward(out, bias);
+}
+
+/// The gradients of `dense_forward`: dW = dy^T x, db = column sums of dy, and, when there is
+/// somewhere to put it, dx = dy W.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dense_backward(
+    grad_out: &[f32],
+    x: &[f32],
+    n: usize,
+    weight: &[f32],
+    grad_weight: &mut [f32],
+    grad_bias: &mut [f32],
+    grad_x: Option<&mut [f32]>,
+) {
+    let (outputs, inputs) = (grad_bias.len(), weight.len() / grad_bias.len());
+    matmul(
+        grad_weight,
+        outputs,
+        inputs,
+        n,
+        Operand::transposed(grad_out, outputs),
+        Operand::plain(x, inputs),
+    );
+    column_sums(grad_out, grad_bias);
+    if let Some(grad_x) = grad_x {
+        matmul(
+            grad_x,
+            n,
+            inputs,
+            outputs,
+            Operand::plain(grad_out, outputs),
+            Operand::plain(weight, inputs),
+        );
+    }
+}
+
+simd_kernel! {
+    /// Adds the bias to every row of `z`.
+    pub(crate) fn bias_forward(z: &mut [f32], bias: &[f32]) {
+        for row in z.chunks_exact_mut(bias.len()) {
+            for (value, b) in row.iter_mut().zip(bias) {
+                *value += b;
+            }
+        }
+    }
+}
+
+/// Column sums of a row-major `[rows, sums.len()]` matrix into `sums`. A large matrix is
+/// summed as two halves of its rows on two threads, then added; the split depends only on
+/// the size, so the sums do not depend on the thread count.
+pub(crate) fn column_sums(values: &[f32], sums: &mut [f32]) {
+    let cols = sums.len();
+    let rows = values.len() / cols.max(1);
+    if values.len() < PARALLEL_SUM_MIN || rows < 2 {
+        column_sums_serial(values, sums);
+        return;
+    }
+    let (top, bottom) = values.split_at(rows / 2 * cols);
+    let mut lower = vec![0f32; cols];
+    rayon::join(
+        || column_sums(top, sums),
+        || column_sums(bottom, &mut lower),
+    );
+    for (sum, low) in sums.iter_mut().zip(&lower) {
+        *sum += low;
+    }
+}
+
+simd_kernel! {
+    fn column_sums_serial(values: &[f32], sums: &mut [f32]) {
+        sums.fill(0.0);
+        for row in values.chunks_exact(sums.len()) {
+            for (sum, value) in sums.iter_mut().zip(row) {
+                *sum += value;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_matmul_matches_the_definition() {
+        // lhs read transposed from a [k, m] store, rhs plain [k, n].
+        let (m, n, k) = (3, 4, 5);
+        let lhs_store: Vec<f32> = (0..k * m).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let rhs: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 - 2.0).collect();
+        let mut dst = vec![f32::NAN; m * n];
+        matmul(
+            &mut dst,
+            m,
+            n,
+            k,
+            Operand::transposed(&lhs_store, m),
+            Operand::plain(&rhs, n),
+        );
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|p| lhs_store[p * m + i] * rhs[p * n + j]).sum();
+                assert_eq!(dst[i * n + j], want, "[{i}, {j}]");
+            }
+        }
+    }
+
+    /// A long inner dimension, accumulating, against an f64 reference: into a contiguous
+    /// destination (the inner dimension is split in halves) and into a strided one (not split;
+    /// the columns past `n` stay untouched).
+    #[test]
+    fn long_accumulating_matmuls_match_the_definition() {
+        let (m, n, k) = (3, 2, 2 * SPLIT_K_MIN_DEPTH + 5);
+        let lhs: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.5)
+            .collect();
+        let rhs_store: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 53) % 13) as f32 / 13.0 - 0.5)
+            .collect();
+        for stride in [n, 5] {
+            let mut dst = vec![1.0f32; m * stride];
+            gemm_into(
+                &mut dst,
+                stride,
+                true,
+                m,
+                n,
+                k,
+                Operand::plain(&lhs, k),
+                Operand::transposed(&rhs_store, k),
+            );
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = 1.0
+                        + (0..k)
+                            .map(|p| f64::from(lhs[i * k + p]) * f64::from(rhs_store[j * k + p]))
+                            .sum::<f64>();
+                    let got = f64::from(dst[i * stride + j]);
+                    assert!(
+                        (got - want).abs() < 1e-3,
+                        "stride {stride} [{i}, {j}]: {got} vs {want}"
+                    );
+                }
+                assert!(dst[i * stride + n..i * stride + stride]
+                    .iter()
+                    .all(|v| *v == 1.0));
+            }
+        }
+    }
+}
