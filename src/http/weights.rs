@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiQuery;
 use super::{uploads, ApiError, AppState, ErrorBody};
-use crate::engine::model::read_safetensors;
+use crate::engine::model::inspect_safetensors;
 use crate::engine::quote::quoted;
 use crate::store::{new_id, NewWeights, TensorShape, WeightsRow};
 
@@ -141,9 +141,9 @@ pub async fn upload(
         .into_response())
 }
 
-/// Every tensor's name and shape, sorted by name, from a file parsed completely.
+/// Every tensor's name and shape, sorted by name, from a file checked completely, in place.
 fn describe(body: &[u8]) -> Result<Vec<TensorShape>, ApiError> {
-    let tensors = read_safetensors(body).map_err(|error| ApiError::Unprocessable {
+    let tensors = inspect_safetensors(body).map_err(|error| ApiError::Unprocessable {
         code: "invalid_data",
         field: Some("body".to_string()),
         message: error.message,
@@ -155,15 +155,13 @@ fn describe(body: &[u8]) -> Result<Vec<TensorShape>, ApiError> {
             message: "the safetensors file holds no tensors".to_string(),
         });
     }
-    let mut shapes: Vec<TensorShape> = tensors
+    Ok(tensors
         .into_iter()
-        .map(|(name, tensor)| TensorShape {
+        .map(|(name, dims)| TensorShape {
             name,
-            shape: tensor.dims().iter().map(|&dim| dim as u64).collect(),
+            shape: dims.iter().map(|&dim| dim as u64).collect(),
         })
-        .collect();
-    shapes.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(shapes)
+        .collect())
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 
 use super::{
-    number_label, targets_from_values, DataError, Dataset, DatasetInfo, Features, Targets, Task,
+    number_label, targets_from_values, DataError, Dataset, DatasetInfo, Features, TargetTally, Task,
 };
 use crate::engine::quote::quoted;
 
@@ -73,49 +73,57 @@ impl<'a> CsvFile<'a> {
     /// Checks the header and reads the data rows, as `read_csv` describes.
     pub fn read(self, target: Option<&str>, task: Option<Task>) -> Result<Dataset, DataError> {
         let mut features = Vec::new();
-        let (targets, feature_count) = self.scan(target, task, |value| features.push(value))?;
+        let mut target_values = Vec::new();
+        // Line numbers of the data rows, to name the row of a bad target found later.
+        let mut lines = Vec::new();
+        let scanned = self.scan(
+            target,
+            |value| features.push(value),
+            |value, line| {
+                target_values.push(value);
+                lines.push(line);
+            },
+        )?;
+        let targets = targets_from_values(&target_values, task, "csv", |index| {
+            not_a_label(&scanned.target_column, lines[index], target_values[index])
+        })?;
         Ok(Dataset {
             features: Features::Dense {
                 values: features,
-                sample_shape: vec![feature_count],
+                sample_shape: vec![scanned.feature_count],
             },
             targets,
         })
     }
 
-    /// Every check of [`read`](Self::read), with the same errors, and what the dataset
-    /// would hold, without keeping its features: an upload is checked this way, in about
-    /// a quarter of the memory a read takes.
+    /// Every check of [`read`](Self::read), with the same errors, and what the dataset would
+    /// hold, keeping neither its features nor its targets: an upload is checked this way, in
+    /// little more memory than the file itself.
     pub fn check(self, target: Option<&str>, task: Option<Task>) -> Result<DatasetInfo, DataError> {
-        let mut values = 0usize;
-        let (targets, feature_count) = self.scan(target, task, |_| values += 1)?;
-        let classes = match targets {
-            Targets::Classes { classes, .. } => Some(classes),
-            _ => None,
-        };
-        let task = match targets {
-            Targets::Classes { .. } => Task::Classification,
-            _ => Task::Regression,
-        };
+        let mut tally = TargetTally::default();
+        let scanned = self.scan(target, |_| {}, |value, line| tally.add(value, line))?;
+        let (task, classes) = tally.finish(task, "csv", |line, value| {
+            not_a_label(&scanned.target_column, line, value)
+        })?;
         Ok(DatasetInfo {
-            rows: values / feature_count.max(1),
-            features: feature_count,
-            sample_shape: vec![feature_count],
+            rows: scanned.rows,
+            features: scanned.feature_count,
+            sample_shape: vec![scanned.feature_count],
             classes,
             task,
         })
     }
 
-    /// Checks the header and every data row, handing each feature value to `feature` in row
-    /// order; returns the targets and the number of features per row.
+    /// Checks the header and every data row, handing each feature value to `feature` and each
+    /// target value, with its line, to `target`, in row order.
     fn scan(
         self,
         target: Option<&str>,
-        task: Option<Task>,
         mut feature: impl FnMut(f32),
-    ) -> Result<(Targets, usize), DataError> {
+        mut target_value: impl FnMut(f64, usize),
+    ) -> Result<Scanned, DataError> {
         let CsvFile { mut reader, header } = self;
-        let columns: Vec<String> = header
+        let mut columns: Vec<String> = header
             .iter()
             .enumerate()
             .map(|(index, name)| {
@@ -167,9 +175,7 @@ impl<'a> CsvFile<'a> {
         };
 
         let feature_count = columns.len() - 1;
-        let mut target_values = Vec::new();
-        // Line numbers of the data rows, to name the row of a bad target found later.
-        let mut lines = Vec::new();
+        let mut rows = 0usize;
         let mut record = ::csv::StringRecord::new();
         loop {
             match reader.read_record(&mut record) {
@@ -203,29 +209,41 @@ impl<'a> CsvFile<'a> {
                     message,
                 })?;
                 if index == target_index {
-                    target_values.push(value);
+                    target_value(value, row);
                 } else {
                     feature(value as f32);
                 }
             }
-            lines.push(row);
+            rows += 1;
         }
 
-        if lines.len() < 2 {
+        if rows < 2 {
             return Err(DataError::invalid(
                 "csv",
-                format!("found {} data rows; at least 2 are needed", lines.len()),
+                format!("found {rows} data rows; at least 2 are needed"),
             ));
         }
-        let targets = targets_from_values(&target_values, task, "csv", |index| DataError::Csv {
-            row: lines[index],
-            column: columns[target_index].clone(),
-            message: format!(
-                "{} is not a class label (an integer)",
-                number_label(target_values[index])
-            ),
-        })?;
-        Ok((targets, feature_count))
+        Ok(Scanned {
+            rows,
+            feature_count,
+            target_column: columns.swap_remove(target_index),
+        })
+    }
+}
+
+/// What a scan of every row found.
+struct Scanned {
+    rows: usize,
+    feature_count: usize,
+    target_column: String,
+}
+
+/// The error for a classification target on `line` that is not an integer.
+fn not_a_label(column: &str, line: usize, value: f64) -> DataError {
+    DataError::Csv {
+        row: line,
+        column: column.to_string(),
+        message: format!("{} is not a class label (an integer)", number_label(value)),
     }
 }
 
@@ -266,10 +284,20 @@ fn parse_cell(cell: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::data::Targets;
 
     #[test]
     fn a_check_finds_what_a_read_finds_without_keeping_the_features() {
-        let cases: [(&str, Option<&str>, Option<Task>); 8] = [
+        let many_classes: String = std::iter::once("a,label\n".to_string())
+            .chain((0..60).map(|i| format!("{i},{i}\n")))
+            .collect();
+        let cases: Vec<(&str, Option<&str>, Option<Task>)> = vec![
+            ("a,y\n1,0\n2,1.5\n3,2.5\n", None, Some(Task::Classification)),
+            ("a,y\n1,0\n2,1\n", None, Some(Task::LanguageModel)),
+            ("a,y\n1,0\n2,1\n", None, Some(Task::Regression)),
+            ("a,y\n1,-0\n2,0\n", None, None),
+            (&many_classes, None, None),
+            (&many_classes, None, Some(Task::Classification)),
             ("a,b,label\n1,2,0\n3,4,1\n5,6,1\n", None, None),
             ("a,b,y\n1,2,0.5\n3,4,1.5\n", None, None),
             (

@@ -345,14 +345,8 @@ pub(crate) fn targets_from_values(
     part: &str,
     not_a_label: impl Fn(usize) -> DataError,
 ) -> Result<Targets, DataError> {
-    let is_label = |v: f64| v.fract() == 0.0 && v.abs() < 1e15;
     let task = match task {
-        Some(Task::LanguageModel) => {
-            return Err(DataError::invalid(
-                part,
-                "a language model needs a text corpus, not tabular data",
-            ))
-        }
+        Some(Task::LanguageModel) => return Err(language_model_on_tabular(part)),
         Some(task) => task,
         None => {
             let integers = values.iter().all(|&v| is_label(v));
@@ -374,10 +368,7 @@ pub(crate) fn targets_from_values(
     }
     let distinct = distinct_sorted(values);
     if distinct.len() < 2 {
-        return Err(DataError::invalid(
-            part,
-            "the target has a single class; classification needs at least two",
-        ));
+        return Err(single_class(part));
     }
     let labels = values
         .iter()
@@ -392,6 +383,77 @@ pub(crate) fn targets_from_values(
         labels,
         classes: distinct.len(),
     })
+}
+
+/// What [`targets_from_values`] concludes (the task, the classes, the same errors in the same
+/// order), counted one value at a time: a check that keeps no targets.
+#[derive(Default)]
+pub(crate) struct TargetTally {
+    /// The first value that is not a class label, with the line it came from.
+    first_non_label: Option<(usize, f64)>,
+    /// The distinct labels, while every value so far is one: their bits, with -0 as 0 (equal
+    /// values are one class, as `targets_from_values` dedups them).
+    distinct: std::collections::HashSet<u64>,
+}
+
+impl TargetTally {
+    pub(crate) fn add(&mut self, value: f64, line: usize) {
+        if self.first_non_label.is_some() {
+            return;
+        }
+        if is_label(value) {
+            // -0 + 0 is +0.
+            self.distinct.insert((value + 0.0).to_bits());
+        } else {
+            self.first_non_label = Some((line, value));
+        }
+    }
+
+    /// The task and (for classification) the number of classes; `not_a_label` makes the error
+    /// for a value on a line.
+    pub(crate) fn finish(
+        self,
+        task: Option<Task>,
+        part: &str,
+        not_a_label: impl Fn(usize, f64) -> DataError,
+    ) -> Result<(Task, Option<usize>), DataError> {
+        let task = match task {
+            Some(Task::LanguageModel) => return Err(language_model_on_tabular(part)),
+            Some(task) => task,
+            None if self.first_non_label.is_none() && self.distinct.len() <= MAX_AUTO_CLASSES => {
+                Task::Classification
+            }
+            None => Task::Regression,
+        };
+        if task == Task::Regression {
+            return Ok((Task::Regression, None));
+        }
+        if let Some((line, value)) = self.first_non_label {
+            return Err(not_a_label(line, value));
+        }
+        if self.distinct.len() < 2 {
+            return Err(single_class(part));
+        }
+        Ok((Task::Classification, Some(self.distinct.len())))
+    }
+}
+
+fn is_label(value: f64) -> bool {
+    value.fract() == 0.0 && value.abs() < 1e15
+}
+
+fn language_model_on_tabular(part: &str) -> DataError {
+    DataError::invalid(
+        part,
+        "a language model needs a text corpus, not tabular data",
+    )
+}
+
+fn single_class(part: &str) -> DataError {
+    DataError::invalid(
+        part,
+        "the target has a single class; classification needs at least two",
+    )
 }
 
 /// A number for an error message: plain when short, scientific when huge or tiny, so that

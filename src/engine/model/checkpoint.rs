@@ -94,39 +94,48 @@ pub fn load_initial_weights(
     }
 }
 
-/// Reads a safetensors file's tensors (any float dtype; converted when loaded). A tensor
-/// named twice in the header, or a float tensor holding NaN or an infinity (as the model's
-/// 32-bit floats), is an error naming it: either would otherwise load as something else.
+/// Reads a safetensors file's tensors (any float dtype; converted when loaded), after the
+/// checks of [`inspect_safetensors`].
 pub fn read_safetensors(bytes: &[u8]) -> Result<HashMap<String, Tensor>, SpecError> {
+    inspect_safetensors(bytes)?;
+    candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(unreadable)
+}
+
+/// Every tensor's name and shape, sorted by name, from a file checked as [`read_safetensors`]
+/// loads it, without copying a tensor: an upload is checked in place, so checking it holds
+/// nothing but the upload itself. A tensor named twice in the header, or a float tensor holding
+/// NaN or an infinity (as the model's 32-bit floats), is an error naming it: either would
+/// otherwise load as something else.
+pub fn inspect_safetensors(bytes: &[u8]) -> Result<Vec<(String, Vec<usize>)>, SpecError> {
     check_header_names(bytes)?;
-    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|error| {
-        SpecError::new(
-            WEIGHTS_FIELD,
-            format!("not a readable safetensors file: {error}"),
-        )
-    })?;
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    for name in names {
-        let tensor = &tensors[name];
-        let found = first_non_finite(tensor).map_err(|error| {
-            SpecError::new(
-                WEIGHTS_FIELD,
-                format!("tensor \"{name}\" could not be read: {error}"),
-            )
-        })?;
+    let file = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|error| unreadable(candle_core::Error::from(error)))?;
+    let mut tensors = file.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, view) in &tensors {
+        let found = first_non_finite(name, view)?;
         if let Some((index, value)) = found {
             return Err(SpecError::new(
                 WEIGHTS_FIELD,
                 format!(
                     "tensor \"{name}\" holds {value} at {}: weights must be finite 32-bit \
                      floats",
-                    index_label(index, tensor.dims())
+                    index_label(index, view.shape())
                 ),
             ));
         }
     }
-    Ok(tensors)
+    Ok(tensors
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect())
+}
+
+fn unreadable(error: candle_core::Error) -> SpecError {
+    SpecError::new(
+        WEIGHTS_FIELD,
+        format!("not a readable safetensors file: {error}"),
+    )
 }
 
 /// Refuses a safetensors header (`u64` length, then a JSON object of tensors) that names a
@@ -161,22 +170,69 @@ fn check_header_names(bytes: &[u8]) -> Result<(), SpecError> {
     }
 }
 
-/// The flat index and value of a float tensor's first value that is not finite as an f32.
-fn first_non_finite(tensor: &Tensor) -> candle_core::Result<Option<(usize, f32)>> {
-    if !tensor.dtype().is_float() {
-        return Ok(None);
-    }
-    // A no-op for the f32 tensors PyTorch saves; wider floats are narrowed as the model will.
-    let tensor = tensor.to_dtype(DType::F32)?.contiguous()?;
-    let (storage, layout) = tensor.storage_and_layout();
-    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(values)) = &*storage else {
-        candle_core::bail!("expected f32 values on the CPU");
+/// The first value of a float tensor that is NaN or infinite as a 32-bit float (wider floats
+/// are narrowed as the model will), read from the file's bytes; float types other than the
+/// common four are loaded, that tensor alone, to be read.
+fn first_non_finite(
+    name: &str,
+    view: &safetensors::tensor::TensorView<'_>,
+) -> Result<Option<(usize, f32)>, SpecError> {
+    use safetensors::Dtype;
+    let data = view.data();
+    let found = match view.dtype() {
+        Dtype::F32 => first_in(data, |b: [u8; 4]| f32::from_le_bytes(b)),
+        Dtype::F64 => first_in(data, |b: [u8; 8]| f64::from_le_bytes(b) as f32),
+        Dtype::F16 => first_in(data, |b: [u8; 2]| {
+            half_float(u16::from_le_bytes(b), 0x7c00, 0x03ff, 0x8000)
+        }),
+        Dtype::BF16 => first_in(data, |b: [u8; 2]| {
+            half_float(u16::from_le_bytes(b), 0x7f80, 0x007f, 0x8000)
+        }),
+        _ => {
+            let tensor =
+                candle_core::safetensors::Load::load(view, &Device::Cpu).map_err(unreadable)?;
+            if !tensor.dtype().is_float() {
+                return Ok(None);
+            }
+            let values = tensor
+                .flatten_all()
+                .and_then(|flat| flat.to_dtype(DType::F32))
+                .and_then(|flat| flat.to_vec1::<f32>())
+                .map_err(|error| {
+                    SpecError::new(
+                        WEIGHTS_FIELD,
+                        format!("tensor \"{name}\" could not be read: {error}"),
+                    )
+                })?;
+            values
+                .iter()
+                .position(|value| !value.is_finite())
+                .map(|index| (index, values[index]))
+        }
     };
-    let values = &values[layout.start_offset()..][..tensor.elem_count()];
-    Ok(values
-        .iter()
-        .position(|value| !value.is_finite())
-        .map(|index| (index, values[index])))
+    Ok(found)
+}
+
+/// The first of the little-endian values in `data` that `value` reads as non-finite.
+fn first_in<const N: usize>(data: &[u8], value: impl Fn([u8; N]) -> f32) -> Option<(usize, f32)> {
+    data.chunks_exact(N)
+        .map(|chunk| value(chunk.try_into().expect("chunks of N bytes")))
+        .enumerate()
+        .find(|(_, value)| !value.is_finite())
+}
+
+/// A 16-bit float's value as far as finiteness goes: NaN or a signed infinity when its
+/// exponent bits are all set, else any finite number (0).
+fn half_float(bits: u16, exponent: u16, mantissa: u16, sign: u16) -> f32 {
+    if bits & exponent != exponent {
+        0.0
+    } else if bits & mantissa != 0 {
+        f32::NAN
+    } else if bits & sign != 0 {
+        f32::NEG_INFINITY
+    } else {
+        f32::INFINITY
+    }
 }
 
 /// `[1, 2]` for flat index 5 of shape `[2, 3]`: the index a PyTorch user would type.

@@ -28,7 +28,9 @@ mod registry;
 #[cfg(test)]
 mod tests;
 
-pub use checkpoint::{check_state_dict, load_initial_weights, read_safetensors};
+pub use checkpoint::{
+    check_state_dict, inspect_safetensors, load_initial_weights, read_safetensors,
+};
 pub use plan::{plan_layers, Plan};
 pub use presets::{layer_list, plan};
 

@@ -537,6 +537,54 @@ fn non_finite_weights_and_tensors_named_twice_are_refused_naming_the_tensor() {
 }
 
 #[test]
+fn half_precision_weights_are_checked_in_place_as_the_loader_reads_them() {
+    // 1.0, NaN (f16); 2.0, -inf (bf16): the f16's NaN at [1], the bf16's infinity at [1].
+    let f16 = [0x3c00u16, 0x7e00];
+    let bf16 = [0x4000u16, 0xff80];
+    let bytes: Vec<u8> = f16
+        .iter()
+        .chain(&bf16)
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let header = |a: &str, b: &str| {
+        format!(
+            r#"{{"a": {{"dtype": "{a}", "shape": [2], "data_offsets": [0, 4]}},
+                "b": {{"dtype": "{b}", "shape": [2], "data_offsets": [4, 8]}}}}"#
+        )
+    };
+    let error = inspect_safetensors(&safetensors(&header("F16", "BF16"), &bytes)).unwrap_err();
+    assert_eq!(
+        error.message,
+        "tensor \"a\" holds NaN at [1]: weights must be finite 32-bit floats"
+    );
+    let error = inspect_safetensors(&safetensors(&header("BF16", "BF16"), &bytes)).unwrap_err();
+    // As bf16, 0x7e00 is a finite 1.3e38: the first non-finite value is b's.
+    assert_eq!(
+        error.message,
+        "tensor \"b\" holds -inf at [1]: weights must be finite 32-bit floats"
+    );
+    let finite: Vec<u8> = [0x3c00u16, 0xbc00, 0x4000, 0xc000]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let file = safetensors(&header("F16", "BF16"), &finite);
+    assert_eq!(
+        inspect_safetensors(&file).unwrap(),
+        [("a".to_string(), vec![2]), ("b".to_string(), vec![2])]
+    );
+    // The loader agrees: the same file loads, and the values are the ones checked.
+    let loaded = read_safetensors(&file).unwrap();
+    assert_eq!(
+        loaded["a"]
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        [1.0, -1.0]
+    );
+}
+
+#[test]
 fn missing_extra_and_misshaped_tensors_are_named() {
     let case = golden().into_iter().find(|c| c.name == "cnn_bn").unwrap();
     let model = case.model();
