@@ -58,7 +58,7 @@ pub struct Job {
     /// The spec with every default filled in.
     #[schema(value_type = Object)]
     pub spec: serde_json::Value,
-    /// DESIGN section 4's result, once succeeded.
+    /// The job's result (recommendation, range test, sweep, timing), once succeeded.
     #[schema(value_type = Option<Object>)]
     pub result: Option<serde_json::Value>,
     pub created_at: String,
@@ -107,7 +107,7 @@ impl Job {
 /// Queues a job. The spec is checked completely first: unknown fields, values, limits, and
 /// that the datasets and weights it names exist.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
-    request_body(content = Object, description = "A job spec (DESIGN section 2)"),
+    request_body(content = Object, description = "A job spec (the README's \"The job spec\")"),
     responses(
         (status = 202, body = Job), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 413, body = ErrorBody),

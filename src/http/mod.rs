@@ -1,4 +1,4 @@
-//! The HTTP API (DESIGN section 5): shared state, one router per module merged here, auth,
+//! The HTTP API: shared state, one router per module merged here, auth,
 //! request ids, tracing, metrics, the drain on shutdown, the OpenAPI document and Swagger UI,
 //! and the static files.
 

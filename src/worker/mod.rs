@@ -6,7 +6,9 @@
 //! cancels of the jobs it runs.
 
 mod data;
+mod flusher;
 pub mod priority;
+mod runner;
 mod running;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,69 +20,18 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn, Instrument};
 
 pub use data::{planned_shape, JobDatasets};
+pub use runner::{EngineRunner, JobRunner, RunOutput};
 
 use crate::config::QueueConfig;
 use crate::engine::admission::admit_job;
-use crate::engine::compare::{run_compare, CompareResult};
-use crate::engine::spec::{JobKind, WeightsSource};
-use crate::engine::{self, EngineError, Event, JobOutput, JobSpec, Limits, LoadedData, ValidSpec};
+use crate::engine::spec::WeightsSource;
+use crate::engine::{self, EngineError, Event, JobSpec, Limits, ValidSpec};
 use crate::store::{
-    nan_as_null, Attempt, Change, FinalState, JobError, JobRow, PointRow, ProgressUpdate,
-    RacePointRow, Store, StoreError, SweepRunRow,
+    Attempt, Change, FinalState, JobError, JobRow, ProgressUpdate, Store, StoreError,
 };
 use crate::telemetry::Telemetry;
+use flusher::{stalled, Flusher, WriteSchedule};
 use running::Running;
-
-/// What a job's compute gives: a range test, sweep or tune's output, or a race's result.
-#[derive(Debug, Clone)]
-pub enum RunOutput {
-    Tune(Box<JobOutput>),
-    Race(Box<CompareResult>),
-}
-
-impl From<JobOutput> for RunOutput {
-    fn from(output: JobOutput) -> RunOutput {
-        RunOutput::Tune(Box::new(output))
-    }
-}
-
-impl From<CompareResult> for RunOutput {
-    fn from(result: CompareResult) -> RunOutput {
-        RunOutput::Race(Box::new(result))
-    }
-}
-
-/// Runs one job's compute. The engine in production; tests swap in runners that panic or
-/// block to prove the worker survives them.
-pub trait JobRunner: Send + Sync + 'static {
-    fn run(
-        &self,
-        spec: &ValidSpec,
-        loaded: LoadedData,
-        limits: &Limits,
-        cancel: &AtomicBool,
-        observer: &mut dyn FnMut(Event),
-    ) -> Result<RunOutput, EngineError>;
-}
-
-pub struct EngineRunner;
-
-impl JobRunner for EngineRunner {
-    fn run(
-        &self,
-        spec: &ValidSpec,
-        loaded: LoadedData,
-        limits: &Limits,
-        cancel: &AtomicBool,
-        observer: &mut dyn FnMut(Event),
-    ) -> Result<RunOutput, EngineError> {
-        if spec.kind == JobKind::Compare {
-            run_compare(spec, loaded, limits, cancel, observer).map(RunOutput::from)
-        } else {
-            engine::run_job(spec, loaded, limits, cancel, observer).map(RunOutput::from)
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -683,163 +634,6 @@ impl Worker {
                 })
             }
         }
-    }
-}
-
-/// Collects a running job's events between database writes: each point and sweep run is
-/// handed to exactly one write.
-struct Flusher {
-    attempt: Attempt,
-    stage: Option<String>,
-    done: usize,
-    total: usize,
-    points: Vec<PointRow>,
-    sweep_runs: Vec<SweepRunRow>,
-    race_points: Vec<RacePointRow>,
-    /// Points, sweep runs and race points the engine reported so far.
-    points_seen: usize,
-    sweep_runs_seen: usize,
-    race_points_seen: usize,
-    dirty: bool,
-}
-
-impl Flusher {
-    fn new(attempt: Attempt) -> Flusher {
-        Flusher {
-            attempt,
-            stage: None,
-            done: 0,
-            total: 0,
-            points: Vec::new(),
-            sweep_runs: Vec::new(),
-            race_points: Vec::new(),
-            points_seen: 0,
-            sweep_runs_seen: 0,
-            race_points_seen: 0,
-            dirty: false,
-        }
-    }
-
-    fn observe(&mut self, event: Event) {
-        self.dirty = true;
-        match event {
-            Event::Stage(stage) => self.stage = Some(stage.to_string()),
-            Event::Point(point) => {
-                self.points_seen += 1;
-                self.points.push(PointRow::new(
-                    point.step,
-                    point.lr,
-                    point.loss,
-                    point.smoothed,
-                ));
-            }
-            Event::SweepRun(run) => {
-                self.sweep_runs.push(SweepRunRow {
-                    position: self.sweep_runs_seen as i64,
-                    peak_lr: run.peak_lr,
-                    seed: run.seed as i64,
-                    steps: Some(run.steps as i64),
-                    val_loss: nan_as_null(run.val_loss),
-                    val_accuracy: run.val_accuracy.and_then(nan_as_null),
-                    train_loss: nan_as_null(run.train_loss),
-                    diverged: run.diverged,
-                });
-                self.sweep_runs_seen += 1;
-            }
-            Event::RacePoint(race) => {
-                self.race_points.push(RacePointRow {
-                    position: self.race_points_seen as i64,
-                    recipe: race.recipe,
-                    seed: race.seed as i64,
-                    step: race.point.step as i64,
-                    seconds: race.point.seconds,
-                    val_loss: race.point.val_loss.and_then(nan_as_null),
-                    val_accuracy: race.point.val_accuracy.and_then(nan_as_null),
-                });
-                self.race_points_seen += 1;
-            }
-            Event::Progress { done, total } => {
-                self.done = done;
-                self.total = total;
-            }
-        }
-    }
-
-    fn take_update(&mut self) -> ProgressUpdate {
-        self.dirty = false;
-        ProgressUpdate {
-            stage: self.stage.clone(),
-            done: self.done as i64,
-            total: self.total as i64,
-            points: std::mem::take(&mut self.points),
-            sweep_runs: std::mem::take(&mut self.sweep_runs),
-            race_points: std::mem::take(&mut self.race_points),
-        }
-    }
-
-    /// Rows waiting to be written.
-    fn buffered(&self) -> usize {
-        self.points.len() + self.sweep_runs.len() + self.race_points.len()
-    }
-
-    /// An update that could not be written: its points and runs go first in the next one.
-    fn put_back(&mut self, update: ProgressUpdate) {
-        self.points.splice(0..0, update.points);
-        self.sweep_runs.splice(0..0, update.sweep_runs);
-        self.race_points.splice(0..0, update.race_points);
-        self.dirty = true;
-    }
-}
-
-/// When the next progress write is due: when there is something new, or a heartbeat is due,
-/// and never sooner than the backoff after failed writes (the database is down or full), which
-/// doubles up to 5 s and resets on success.
-struct WriteSchedule {
-    heartbeat_every: Duration,
-    last: Instant,
-    backoff: Duration,
-}
-
-impl WriteSchedule {
-    const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
-    fn new(heartbeat_every: Duration) -> WriteSchedule {
-        WriteSchedule {
-            heartbeat_every,
-            last: Instant::now(),
-            backoff: Duration::ZERO,
-        }
-    }
-
-    fn due(&self, dirty: bool) -> bool {
-        let since = self.last.elapsed();
-        since >= self.backoff && (dirty || since >= self.heartbeat_every)
-    }
-
-    fn done(&mut self, written: bool) {
-        self.last = Instant::now();
-        self.backoff = if written {
-            Duration::ZERO
-        } else {
-            (self.backoff * 2).clamp(Duration::from_millis(250), Self::MAX_BACKOFF)
-        };
-    }
-}
-
-/// The watchdog's verdict on a job that reported nothing for `stall_after`.
-fn stalled(stall_after: Duration, flusher: &Flusher) -> JobError {
-    let stage = flusher.stage.as_deref().unwrap_or("loading the data");
-    error!(stage, step = flusher.done, "no progress: the job stalled");
-    JobError {
-        code: "stalled".into(),
-        message: format!(
-            "no step finished for {} s (stage {stage}, step {} of {}): the job was stopped and is \
-             not retried, since it would stall again",
-            stall_after.as_secs_f64(),
-            flusher.done,
-            flusher.total
-        ),
-        field: None,
     }
 }
 
