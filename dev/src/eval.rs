@@ -4,7 +4,8 @@
 use clap::Args;
 
 use crate::evaluate::{
-    problems, score, summarize, ProblemScore, Summary, SweepOverrides, GRID_PEAKS, GRID_SEEDS,
+    problems, score, summarize, ProblemScore, Summary, SweepOverrides, CHALLENGERS, GRID_PEAKS,
+    GRID_SEEDS,
 };
 use crate::Outcome;
 
@@ -134,12 +135,62 @@ fn report(scores: &[ProblemScore], summary: &Summary) -> String {
             method.method, method.median_log10_error
         ));
     }
+    out.push_str(&challenger_report(scores, summary));
     out.push_str(&format!(
         "tune compute: {:.1} % of the grids' steps (all problems pooled); median {:.1} x the planned run\n",
         summary.compute_share * 100.0,
         summary.median_plan_multiple
     ));
     out.push_str(&format!("wall time: {:.0} s\n", summary.seconds));
+    out
+}
+
+/// The learning-rate-free challengers: per score, each one's final loss over the grid's best
+/// (`+` inside the good band), then hits, median and worst ratio and compute per challenger.
+fn challenger_report(scores: &[ProblemScore], summary: &Summary) -> String {
+    let mut out = format!(
+        "\nchallengers at their defaults, untuned: one planned run each at a fresh seed, final val_loss / grid best\n{:<27} {:>4}",
+        "problem", "seed"
+    );
+    for name in CHALLENGERS {
+        out.push_str(&format!(" {name:>20}"));
+    }
+    out.push('\n');
+    for s in scores {
+        out.push_str(&format!("{:<27} {:>4}", s.problem, s.seed));
+        for challenger in &s.challengers {
+            let ratio = if challenger.loss_ratio.is_finite() {
+                format!("{:.2}x", challenger.loss_ratio)
+            } else {
+                "diverged".to_string()
+            };
+            out.push_str(&format!(
+                " {:>20}",
+                format!("{ratio}{}", if challenger.hit { "+" } else { " " })
+            ));
+        }
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "{:<20} {:>13} {:>13} {:>13} {:>9}\n",
+        "challenger", "hits", "median ratio", "worst ratio", "compute"
+    ));
+    for c in &summary.challengers {
+        let hits = format!(
+            "{}/{} ({:.0} %)",
+            c.hits,
+            summary.scores,
+            100.0 * c.hits as f64 / summary.scores.max(1) as f64
+        );
+        out.push_str(&format!(
+            "{:<20} {hits:>13} {:>12.2}x {:>12.2}x {:>8.1}%\n",
+            c.recipe,
+            c.median_loss_ratio,
+            c.worst_loss_ratio,
+            c.compute_share * 100.0
+        ));
+    }
+    out.push('\n');
     out
 }
 

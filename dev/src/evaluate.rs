@@ -2,6 +2,9 @@
 //! (13 OneCycle peaks a third of a decade apart, 3 seeds, every epoch of the plan) is the
 //! ground truth; a `tune` job and the single range-test rules are scored on whether they land
 //! in the grid's good band, how far they land from its best peak, and what the tune cost.
+//! The learning-rate-free challengers (Prodigy, schedule-free AdamW and SGD) are scored beside
+//! them: one planned run each at their libraries' defaults and a fresh seed, its final
+//! validation loss against the grid's good band.
 
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -9,6 +12,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use lrtune::engine::compare::run_compare;
 use lrtune::engine::data::{self, Dataset, Targets};
 use lrtune::engine::limits::Limits;
 use lrtune::engine::rng::Rng;
@@ -23,6 +27,10 @@ pub const GRID_SEEDS: usize = 3;
 /// The grid's seeds are the tune's seed plus this, so the tune is scored on runs it never saw
 /// (other initial weights and batch orders; the data and its split are the same).
 const GRID_SEED_OFFSET: u64 = 1000;
+/// The challengers' seeds: fresh ones again, neither the tune's nor the grid's.
+const CHALLENGER_SEED_OFFSET: u64 = 2000;
+/// The learning-rate-free recipes scored, untuned, one planned run each.
+pub const CHALLENGERS: [&str; 3] = ["prodigy", "schedule_free_adamw", "schedule_free_sgd"];
 
 const MNIST_CUT_STREAM: u64 = 0x4556_414c_4355_0001;
 const LABEL_NOISE_STREAM: u64 = 0x4556_414c_4e4f_0002;
@@ -312,6 +320,32 @@ impl Pick {
     }
 }
 
+/// A learning-rate-free optimizer at its defaults: one planned run at a fresh seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChallengerScore {
+    pub recipe: String,
+    /// The run's final validation loss; `None` when it diverged.
+    pub val_loss: Option<f64>,
+    /// Within the grid's good band (`val_loss <= grid_best_loss + good_tolerance`).
+    pub hit: bool,
+    /// val_loss / grid_best_loss (infinite when it diverged).
+    pub loss_ratio: f64,
+}
+
+impl ChallengerScore {
+    fn new(recipe: &str, val_loss: Option<f64>, best_loss: f64, tolerance: f64) -> Self {
+        let finite = val_loss.filter(|loss| loss.is_finite());
+        ChallengerScore {
+            recipe: recipe.to_string(),
+            val_loss: finite,
+            hit: finite.is_some_and(|loss| loss <= best_loss + tolerance),
+            loss_ratio: finite.map_or(f64::INFINITY, |loss| {
+                loss / best_loss.abs().max(f64::MIN_POSITIVE)
+            }),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProblemScore {
     pub problem: String,
@@ -341,6 +375,8 @@ pub struct ProblemScore {
     pub minimum: Pick,
     /// The tune's sweep: every candidate it judged, at each horizon it trained to.
     pub tune_sweep: Vec<SweepCandidate>,
+    /// The challengers, in `CHALLENGERS` order; each cost one planned run (`plan_steps`).
+    pub challengers: Vec<ChallengerScore>,
     /// Wall time of the tune and the grid.
     pub seconds: f64,
 }
@@ -424,7 +460,29 @@ pub fn score(
         spec["sweep"]["seeds"] = json!(GRID_SEEDS);
     })?;
     progress(&format!("{}: grid", problem.name));
-    let grid_run = run_job(&grid_spec, loaded, &limits, &cancel, &mut |_: Event| {})?;
+    let grid_run = run_job(
+        &grid_spec,
+        loaded.clone(),
+        &limits,
+        &cancel,
+        &mut |_: Event| {},
+    )?;
+
+    // The challengers race untuned, so the race is just their planned runs.
+    let challenger_spec = spec_with(problem, &limits, |spec| {
+        spec["kind"] = json!("compare");
+        spec["seed"] = json!(seed + CHALLENGER_SEED_OFFSET);
+        spec["recipes"] = json!(CHALLENGERS);
+        spec["seeds"] = json!(1);
+    })?;
+    progress(&format!("{}: challengers", problem.name));
+    let race = run_compare(
+        &challenger_spec,
+        loaded,
+        &limits,
+        &cancel,
+        &mut |_: Event| {},
+    )?;
 
     let best = grid_run
         .result
@@ -473,6 +531,17 @@ pub fn score(
         steepest: Pick::new(suggestions.steepest, &grid, grid_best),
         minimum: Pick::new(suggestions.minimum, &grid, grid_best),
         tune_sweep: tune.result.sweep.clone(),
+        challengers: CHALLENGERS
+            .iter()
+            .map(|name| {
+                let val_loss = race
+                    .recipes
+                    .iter()
+                    .find(|r| r.name == *name)
+                    .and_then(|r| r.final_val_loss.mean);
+                ChallengerScore::new(name, val_loss, best.val_loss, tolerance)
+            })
+            .collect(),
         grid_best_loss: best.val_loss,
         good_tolerance: tolerance,
         grid_best_at_edge: grid_best == lowest || grid_best == highest,
@@ -497,6 +566,18 @@ pub struct MethodSummary {
     pub median_log10_error: f64,
 }
 
+/// How one challenger did over all scores.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChallengerSummary {
+    pub recipe: String,
+    pub hits: usize,
+    /// Median and worst of val_loss / grid best loss (a diverged run is infinitely worse).
+    pub median_loss_ratio: f64,
+    pub worst_loss_ratio: f64,
+    /// Its planned runs' steps over all grids' steps.
+    pub compute_share: f64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Summary {
     /// Scores summarised (problems x seeds).
@@ -506,6 +587,9 @@ pub struct Summary {
     /// All tunes' steps over all grids' steps.
     pub compute_share: f64,
     pub median_plan_multiple: f64,
+    /// The tune's median val_loss / grid best loss is not measured (the tune is scored by
+    /// its learning rate); the challengers are scored by their loss.
+    pub challengers: Vec<ChallengerSummary>,
     pub seconds: f64,
 }
 
@@ -530,11 +614,29 @@ pub fn summarize(scores: &[ProblemScore]) -> Summary {
         .collect();
     let tune_steps: usize = scores.iter().map(|s| s.tune_steps).sum();
     let grid_steps: usize = scores.iter().map(|s| s.grid_steps).sum();
+    let plan_steps: usize = scores.iter().map(|s| s.plan_steps).sum();
+    let challengers = CHALLENGERS
+        .iter()
+        .map(|name| {
+            let mine: Vec<&ChallengerScore> = scores
+                .iter()
+                .flat_map(|s| s.challengers.iter().filter(|c| c.recipe == *name))
+                .collect();
+            ChallengerSummary {
+                recipe: name.to_string(),
+                hits: mine.iter().filter(|c| c.hit).count(),
+                median_loss_ratio: median(mine.iter().map(|c| c.loss_ratio).collect()),
+                worst_loss_ratio: mine.iter().map(|c| c.loss_ratio).fold(f64::NAN, f64::max),
+                compute_share: plan_steps as f64 / grid_steps.max(1) as f64,
+            }
+        })
+        .collect();
     Summary {
         scores: scores.len(),
         methods,
         compute_share: tune_steps as f64 / grid_steps.max(1) as f64,
         median_plan_multiple: median(scores.iter().map(|s| s.plan_multiple).collect()),
+        challengers,
         seconds: scores.iter().map(|s| s.seconds).sum(),
     }
 }
@@ -719,6 +821,11 @@ mod tests {
             steepest: pick(Some(best), true, best),
             minimum: pick(None, false, best),
             tune_sweep: Vec::new(),
+            challengers: vec![
+                ChallengerScore::new("prodigy", Some(2.0), 1.0, 0.05),
+                ChallengerScore::new("schedule_free_adamw", Some(1.04), 1.0, 0.05),
+                ChallengerScore::new("schedule_free_sgd", None, 1.0, 0.05),
+            ],
             seconds: 1.5,
         }
     }
@@ -767,6 +874,35 @@ mod tests {
         // Plan multiples 2.5, 1.5 and 4: the median is 2.5.
         assert!((summary.median_plan_multiple - 2.5).abs() < 1e-12);
         assert!((summary.seconds - 4.5).abs() < 1e-12);
+        // Each challenger ran once per score: (100 + 200 + 300) / 23,400 of the grids' steps.
+        let challenger = |name: &str| {
+            summary
+                .challengers
+                .iter()
+                .find(|c| c.recipe == name)
+                .unwrap_or_else(|| panic!("no {name}"))
+        };
+        assert_eq!(challenger("prodigy").hits, 0);
+        assert_eq!(challenger("prodigy").median_loss_ratio, 2.0);
+        assert_eq!(challenger("schedule_free_adamw").hits, 3);
+        assert!((challenger("schedule_free_adamw").worst_loss_ratio - 1.04).abs() < 1e-12);
+        assert_eq!(challenger("schedule_free_sgd").hits, 0);
+        assert_eq!(
+            challenger("schedule_free_sgd").worst_loss_ratio,
+            f64::INFINITY
+        );
+        assert!((challenger("prodigy").compute_share - 600.0 / 23_400.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_challenger_hits_inside_the_band_and_a_diverged_one_is_infinitely_worse() {
+        let inside = ChallengerScore::new("prodigy", Some(1.05), 1.0, 0.05);
+        assert!(inside.hit);
+        assert!((inside.loss_ratio - 1.05).abs() < 1e-12);
+        assert!(!ChallengerScore::new("prodigy", Some(1.0501), 1.0, 0.05).hit);
+        let diverged = ChallengerScore::new("prodigy", Some(f64::NAN), 1.0, 0.05);
+        assert_eq!((diverged.hit, diverged.val_loss), (false, None));
+        assert_eq!(diverged.loss_ratio, f64::INFINITY);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use anyhow::Context;
 use plotters::prelude::*;
 
 use super::plot::format_lr;
-use crate::engine::compare::CompareResult;
+use crate::engine::compare::{thousands, CompareResult};
 
 /// The table `lrtune run` prints for a race.
 pub fn summary(result: &CompareResult) -> String {
@@ -29,8 +29,8 @@ pub fn summary(result: &CompareResult) -> String {
             result.target.of_recipe.as_deref().unwrap_or("-"),
         );
     }
-    text += "\n| rank | recipe | optimizer | schedule | lr | final val_loss | final val_accuracy | steps to target | seconds to target |\n";
-    text += "|---|---|---|---|---|---|---|---|---|\n";
+    text += "\n| rank | recipe | optimizer | schedule | lr | tuning | final val_loss | final val_accuracy | steps to target | seconds to target |\n";
+    text += "|---|---|---|---|---|---|---|---|---|---|\n";
     for (rank, name) in result.ranking.iter().enumerate() {
         let Some(recipe) = result.recipes.iter().find(|r| &r.name == name) else {
             continue;
@@ -43,13 +43,22 @@ pub fn summary(result: &CompareResult) -> String {
             ),
             _ => "diverged".to_string(),
         };
+        // Prodigy's step size is d * lr: its lr is a multiplier, and d the rate it found.
+        let lr = match recipe.final_d.and_then(|d| d.mean) {
+            Some(d) => format!("{} (d {})", format_lr(recipe.lr), format_lr(d)),
+            None => format_lr(recipe.lr),
+        };
+        let tuning = if recipe.tuned {
+            format!("{} steps", thousands(recipe.tune_steps))
+        } else {
+            "untuned".to_string()
+        };
         text += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {lr} | {tuning} | {} | {} | {} | {} |\n",
             rank + 1,
             recipe.name,
             recipe.optimizer,
             recipe.schedule,
-            format_lr(recipe.lr),
             stat(recipe.final_val_loss.mean, recipe.final_val_loss.std, false),
             recipe
                 .final_val_accuracy
@@ -173,10 +182,13 @@ fn mean_curve(recipe: &crate::engine::compare::RecipeResult, accuracy: bool) -> 
     let Some(first) = recipe.runs.first() else {
         return Vec::new();
     };
+    // Step 0 is the untrained model, far below every trained point: leaving it out lets the
+    // axis zoom to where the recipes differ.
     first
         .points
         .iter()
         .enumerate()
+        .skip_while(|(_, point)| point.step == 0)
         .map_while(|(index, point)| {
             let values: Option<Vec<f64>> = recipe
                 .runs

@@ -51,8 +51,19 @@ pub struct RecipeResult {
     pub optimizer: String,
     /// The schedule's kind (`one_cycle`, `constant`, `reduce_on_plateau`, ...).
     pub schedule: String,
-    /// The tuned learning rate (the schedule's peak, or its starting value).
+    /// The learning rate raced: the tuned one (the schedule's peak, or its starting value),
+    /// or an untuned recipe's fixed one.
     pub lr: f64,
+    /// Whether `lr` was tuned; `false` for a challenger raced at its default.
+    #[serde(default = "tuned_before_challengers")]
+    pub tuned: bool,
+    /// Optimizer steps spent tuning this recipe (range test and sweep); 0 when untuned.
+    #[serde(default)]
+    pub tune_steps: usize,
+    /// Prodigy's final estimate `d` over seeds (its learning rate is `d * lr`); `None` for
+    /// every other optimizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_d: Option<Stat>,
     pub final_val_loss: Stat,
     /// `None` for regression.
     pub final_val_accuracy: Option<Stat>,
@@ -61,6 +72,11 @@ pub struct RecipeResult {
     pub steps_to_target: Option<usize>,
     pub seconds_to_target: Option<f64>,
     pub runs: Vec<RaceRun>,
+}
+
+/// Races stored before untuned recipes existed tuned every recipe.
+fn tuned_before_challengers() -> bool {
+    true
 }
 
 /// Mean and sample standard deviation over seeds; `None` when a run diverged.
@@ -136,15 +152,20 @@ pub fn run_compare(
     }
     let range_steps = spec.range_test.steps;
     let tune_budget = spec.budget.steps_for(plan_steps, range_steps);
+    let tuned = recipes.iter().filter(|recipe| recipe.tune).count();
     let race_steps = recipes.len() * seeds * plan_steps;
-    let total = recipes.len() * tune_budget + race_steps;
+    let total = tuned * tune_budget + race_steps;
 
     let mut outer = Control::new(cancel, observer);
     outer.plan(total);
     let tune_started = Instant::now();
+    // Each recipe's learning rate and the steps spent finding it (none when untuned).
     let mut lrs = Vec::with_capacity(recipes.len());
-    let mut tune_steps = 0;
     for (recipe, tune_spec) in recipes.iter().zip(&tune_specs) {
+        if let Some(lr) = recipe.fixed_lr() {
+            lrs.push((lr, 0));
+            continue;
+        }
         outer.emit(Event::Stage("tune"));
         let offset = outer.steps_done();
         let schedule_for =
@@ -164,9 +185,9 @@ pub fn run_compare(
             (output, inner.steps_done())
         };
         outer.add_done(spent);
-        tune_steps += spent;
-        lrs.push(output.result.recommendation.peak_lr);
+        lrs.push((output.result.recommendation.peak_lr, spent));
     }
+    let tune_steps: usize = lrs.iter().map(|&(_, spent)| spent).sum();
     let tune_seconds = tune_started.elapsed().as_secs_f64();
     // The race's own steps are known exactly from here on.
     outer.plan(outer.steps_done() + race_steps);
@@ -199,7 +220,7 @@ pub fn run_compare(
         trainers.push((trainer, initial));
     }
     let mut results = Vec::with_capacity(recipes.len());
-    for (recipe, &lr) in recipes.iter().zip(&lrs) {
+    for (recipe, &(lr, spent)) in recipes.iter().zip(&lrs) {
         let mut runs = Vec::with_capacity(seeds);
         for (seed_index, (trainer, initial)) in trainers.iter().enumerate() {
             let run = RunSetup {
@@ -217,7 +238,7 @@ pub fn run_compare(
             trainer.model().restore(initial)?;
             runs.push(run?);
         }
-        results.push(summarize_recipe(recipe, lr, runs));
+        results.push(summarize_recipe(recipe, lr, spent, runs));
     }
     let race_seconds = race_started.elapsed().as_secs_f64();
     let (target, ranking, verdict) = judge(&mut results, spec.compare_target(), seeds);
@@ -359,7 +380,10 @@ impl RunSetup<'_> {
         );
         let lrs = schedule.curve().lr;
         let mut plateau = plateau_of(self.recipe, self.lr);
-        let mut optimizer = Optimizer::new(&self.recipe.optimizer, self.trainer.model().vars());
+        let mut optimizer = Optimizer::new(
+            &self.recipe.optimizer_for(self.plan_steps),
+            self.trainer.model().vars(),
+        );
         let mut order = BatchOrder::new(self.train.rows, self.spec.batch_size, self.seed);
         let mut dropout_rng = Rng::derive(self.seed, 0xd50);
         let default_momentum = self.recipe.optimizer.momentum();
@@ -376,7 +400,13 @@ impl RunSetup<'_> {
         self.record(
             control,
             &mut points,
-            point(0, training, start, lr_at(0, &plateau)),
+            point(
+                0,
+                training,
+                start,
+                lr_at(0, &plateau),
+                optimizer.prodigy_d(),
+            ),
         );
         let mut step = 0;
         for until in evaluation_steps(self.plan_steps) {
@@ -402,6 +432,7 @@ impl RunSetup<'_> {
                         val_loss: None,
                         val_accuracy: None,
                         lr: lr_at(step - 1, &plateau),
+                        d: optimizer.prodigy_d(),
                     };
                     self.record(control, &mut points, last);
                     return Ok(RaceRun {
@@ -424,7 +455,13 @@ impl RunSetup<'_> {
                 };
                 tracker.step(metric);
             }
-            let measured = point(step, training, evaluation, lr_at(step, &plateau));
+            let measured = point(
+                step,
+                training,
+                evaluation,
+                lr_at(step, &plateau),
+                optimizer.prodigy_d(),
+            );
             self.record(control, &mut points, measured);
         }
         let diverged = points.last().is_none_or(|p| p.val_loss.is_none());
@@ -448,7 +485,13 @@ impl RunSetup<'_> {
     }
 }
 
-fn point(step: usize, training: Duration, evaluation: Evaluation, lr: f64) -> RacePoint {
+fn point(
+    step: usize,
+    training: Duration,
+    evaluation: Evaluation,
+    lr: f64,
+    d: Option<f64>,
+) -> RacePoint {
     let finite = evaluation.loss.is_finite();
     RacePoint {
         step,
@@ -456,6 +499,7 @@ fn point(step: usize, training: Duration, evaluation: Evaluation, lr: f64) -> Ra
         val_loss: finite.then_some(evaluation.loss),
         val_accuracy: evaluation.accuracy.filter(|_| finite),
         lr,
+        d,
     }
 }
 
@@ -485,7 +529,12 @@ fn stat(values: &[Option<f64>]) -> Stat {
     }
 }
 
-fn summarize_recipe(recipe: &Recipe, lr: f64, runs: Vec<RaceRun>) -> RecipeResult {
+fn summarize_recipe(
+    recipe: &Recipe,
+    lr: f64,
+    tune_steps: usize,
+    runs: Vec<RaceRun>,
+) -> RecipeResult {
     let last = |run: &RaceRun| run.points.last().copied();
     let losses: Vec<Option<f64>> = runs
         .iter()
@@ -499,11 +548,15 @@ fn summarize_recipe(recipe: &Recipe, lr: f64, runs: Vec<RaceRun>) -> RecipeResul
         .iter()
         .flat_map(|run| &run.points)
         .any(|p| p.val_accuracy.is_some());
+    let final_d: Vec<Option<f64>> = runs.iter().map(|run| last(run).and_then(|p| p.d)).collect();
     RecipeResult {
         name: recipe.name.clone(),
         optimizer: recipe.optimizer.name().to_string(),
         schedule: recipe.schedule.kind().to_string(),
         lr,
+        tuned: recipe.tune,
+        tune_steps,
+        final_d: final_d.iter().any(Option::is_some).then(|| stat(&final_d)),
         final_val_loss: stat(&losses),
         final_val_accuracy: classification.then(|| stat(&accuracies)),
         steps_to_target: None,
@@ -584,8 +637,107 @@ pub fn judge(
             }
         }
     }
-    let verdict = verdict(results, &order, &target, accuracy, seeds);
+    let speed_and_best = verdict(results, &order, &target, accuracy, seeds);
+    let verdict = match what_tuning_bought(results, &order, accuracy, seeds) {
+        Some(tuning) => format!("{speed_and_best}; {tuning}"),
+        None => speed_and_best,
+    };
     (target, ranking, verdict)
+}
+
+/// `n` with a comma between thousands: 2,400.
+pub fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// When tuned and untuned recipes race, what the tuning bought: the best tuned recipe against
+/// the best untuned one, on the final metric (within seed noise or not) and on the way to the
+/// target, with the steps the tuning cost. `None` when the race is all one or the other.
+fn what_tuning_bought(
+    results: &[RecipeResult],
+    order: &[usize],
+    accuracy: bool,
+    seeds: usize,
+) -> Option<String> {
+    let best_where = |tuned: bool| {
+        order
+            .iter()
+            .map(|&i| &results[i])
+            .find(|r| r.tuned == tuned)
+    };
+    let (tuned, untuned) = (best_where(true)?, best_where(false)?);
+    let tuned_words = format!(
+        "{} (tuned: {} steps of tuning)",
+        tuned.name,
+        thousands(tuned.tune_steps)
+    );
+    let untuned_words = format!("{} (untuned)", untuned.name);
+    let final_of = |r: &RecipeResult| {
+        if accuracy {
+            r.final_val_accuracy.and_then(|s| s.mean)
+        } else {
+            r.final_val_loss.mean
+        }
+    };
+    let std_of = |r: &RecipeResult| {
+        if accuracy {
+            r.final_val_accuracy.and_then(|s| s.std)
+        } else {
+            r.final_val_loss.std
+        }
+    };
+    let ending = match (final_of(tuned), final_of(untuned)) {
+        (None, None) => return Some(format!("{tuned_words} and {untuned_words} both diverged")),
+        (Some(_), None) => format!("{tuned_words} trains where {untuned_words} diverges"),
+        (None, Some(_)) => format!("{untuned_words} trains where {tuned_words} diverges"),
+        (Some(t), Some(u)) => {
+            let tuned_better = if accuracy { t >= u } else { t <= u };
+            let (winner, loser, w, l) = if tuned_better {
+                (&tuned_words, &untuned_words, t, u)
+            } else {
+                (&untuned_words, &tuned_words, u, t)
+            };
+            let margin = if accuracy {
+                format!("{} points above", percent(w - l))
+            } else {
+                format!(
+                    "with {} % lower loss than",
+                    percent((l - w) / l.abs().max(f64::MIN_POSITIVE))
+                )
+            };
+            let noise = std_of(tuned)
+                .unwrap_or(0.0)
+                .max(std_of(untuned).unwrap_or(0.0));
+            let noise_words = if seeds >= 2 && (w - l).abs() <= noise {
+                ", within seed noise"
+            } else {
+                ""
+            };
+            let paid = if tuned_better {
+                "tuning paid"
+            } else {
+                "tuning did not pay"
+            };
+            format!("{paid}: {winner} ends {margin} {loser}{noise_words}")
+        }
+    };
+    let first = match (tuned.steps_to_target, untuned.steps_to_target) {
+        (Some(t), Some(u)) if u < t => format!("; {} reaches the target first", untuned.name),
+        (Some(t), Some(u)) if t < u => format!("; {} reaches the target first", tuned.name),
+        (Some(_), Some(_)) => "; both reach the target at the same step".to_string(),
+        (Some(_), None) => format!("; only {} reaches the target in every seed", tuned.name),
+        (None, Some(_)) => format!("; only {} reaches the target in every seed", untuned.name),
+        (None, None) => String::new(),
+    };
+    Some(format!("{ending}{first}"))
 }
 
 fn percent(value: f64) -> String {
@@ -726,6 +878,7 @@ mod tests {
                         val_loss: Some(2.0),
                         val_accuracy: Some(0.5),
                         lr: 0.1,
+                        d: None,
                     },
                     RacePoint {
                         step: hit,
@@ -733,6 +886,7 @@ mod tests {
                         val_loss: Some(1.0 - accuracy),
                         val_accuracy: Some(accuracy),
                         lr: 0.1,
+                        d: None,
                     },
                     RacePoint {
                         step: 100,
@@ -740,12 +894,13 @@ mod tests {
                         val_loss: Some(1.0 - accuracy),
                         val_accuracy: Some(accuracy),
                         lr: 0.1,
+                        d: None,
                     },
                 ],
             })
             .collect();
         let recipe = Recipe::named("adam_constant").unwrap();
-        let mut result = summarize_recipe(&recipe, 0.001, runs);
+        let mut result = summarize_recipe(&recipe, 0.001, 1000, runs);
         result.name = name.to_string();
         result
     }
@@ -810,8 +965,12 @@ mod tests {
         diverged.runs[0].points[2].val_loss = None;
         diverged.runs[0].points[2].val_accuracy = None;
         diverged.runs[0].diverged = true;
-        let diverged =
-            summarize_recipe(&Recipe::named("adam_constant").unwrap(), 0.1, diverged.runs);
+        let diverged = summarize_recipe(
+            &Recipe::named("adam_constant").unwrap(),
+            0.1,
+            0,
+            diverged.runs,
+        );
         assert_eq!(diverged.final_val_loss.mean, None);
         let mut results = vec![diverged, recipe("sgd_one_cycle", &[0.9], &[50])];
         let (_, ranking, verdict) = judge(&mut results, 0.98, 1);

@@ -42,6 +42,11 @@ pub struct RacePoint {
     pub val_accuracy: Option<f64>,
     /// The learning rate in force for the steps after this point.
     pub lr: f64,
+    /// Prodigy's estimate `d` at this point (its step size is `d * lr`); `None` for every
+    /// other optimizer. Kept in the race's result; the live points (`race_point` rows and
+    /// events) do not carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d: Option<f64>,
 }
 
 /// A race point as it is measured, for the job's live curve: which recipe and seed it

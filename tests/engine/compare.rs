@@ -252,6 +252,41 @@ fn a_race_spec_names_each_bad_field() {
     assert!(error.message.contains("210 epochs"), "{}", error.message);
     let error = with(r#"{"kind": "tune"}"#);
     assert_eq!(error.field, "recipes", "race fields are refused on a tune");
+
+    // Tuned or not: a fixed lr only without tuning, and one there must be.
+    let error = with(
+        r#"{"recipes": [{"name": "x", "optimizer": {"name": "adam"}, "schedule": {"kind": "constant"}, "lr": 0.001}]}"#,
+    );
+    assert_eq!(error.field, "recipes[0].lr");
+    assert!(error.message.contains("set tune to false"), "{error:?}");
+    let error = with(
+        r#"{"recipes": [{"name": "x", "optimizer": {"name": "sgd"}, "schedule": {"kind": "constant"}, "tune": false}]}"#,
+    );
+    assert_eq!(error.field, "recipes[0].lr");
+    assert!(error.message.contains("sgd has no default"), "{error:?}");
+    let error = with(
+        r#"{"recipes": [{"name": "x", "optimizer": {"name": "adam"}, "schedule": {"kind": "constant"}, "tune": false, "lr": -1}]}"#,
+    );
+    assert_eq!(error.field, "recipes[0].lr");
+    let error = with(
+        r#"{"recipes": [{"name": "x", "optimizer": {"name": "adam"}, "schedule": {"kind": "constant"}, "warmup_fraction": 0.05}]}"#,
+    );
+    assert_eq!(error.field, "recipes[0].warmup_fraction");
+    assert!(error.message.contains("adam has none"), "{error:?}");
+    let error = with(
+        r#"{"recipes": [{"name": "x", "optimizer": {"name": "schedule_free_sgd"}, "schedule": {"kind": "constant"}, "warmup_fraction": 1.0}]}"#,
+    );
+    assert_eq!(error.field, "recipes[0].warmup_fraction");
+    // A challenger may be tuned like any other recipe.
+    let tuned = r#"{"recipes": [{"name": "x", "optimizer": {"name": "prodigy"}, "schedule": {"kind": "cosine"}, "tune": true}]}"#;
+    let base: serde_json::Value = serde_json::from_str(SPIRALS_RACE).unwrap();
+    let mut base = base.as_object().unwrap().clone();
+    let edit: serde_json::Value = serde_json::from_str(tuned).unwrap();
+    base.insert("recipes".into(), edit["recipes"].clone());
+    let spec = ValidSpec::from_value(serde_json::Value::Object(base), &limits).unwrap();
+    let recipe = &spec.compare_recipes()[0];
+    assert!(recipe.tune);
+    assert_eq!(recipe.fixed_lr(), None);
 }
 
 #[test]
@@ -281,7 +316,7 @@ fn a_race_over_the_memory_limit_is_refused_before_any_step() {
 }
 
 #[test]
-fn the_default_race_has_the_five_recipes_and_two_seeds() {
+fn the_default_race_has_the_seven_recipes_and_two_seeds() {
     let spec = ValidSpec::parse(
         r#"{"kind": "compare", "data": {"builtin": "mnist10k"}, "plan": {"epochs": 5}}"#,
         &Limits::default(),
@@ -295,9 +330,14 @@ fn the_default_race_has_the_five_recipes_and_two_seeds() {
             "adam_constant",
             "adam_plateau",
             "sgd_warm_restarts",
-            "adamw_warmup_cosine"
+            "adamw_warmup_cosine",
+            "prodigy",
+            "schedule_free_adamw"
         ]
     );
+    // The classic recipes are tuned; the learning-rate-free ones race at their defaults.
+    let tuned: Vec<bool> = spec.compare_recipes().iter().map(|r| r.tune).collect();
+    assert_eq!(tuned, [true, true, true, true, true, false, false]);
     assert_eq!(spec.compare_seeds(), 2);
     assert_eq!(spec.compare_target(), 0.98);
     // The stored spec (recipes spelled out) parses back to the same race.
@@ -305,4 +345,108 @@ fn the_default_race_has_the_five_recipes_and_two_seeds() {
     stored.recipes = Some(spec.compare_recipes());
     let text = serde_json::to_string(&stored).unwrap();
     assert_eq!(JobSpec::from_json(&text).unwrap(), stored);
+}
+
+/// The challengers raced untuned beside one tuned recipe: no tuning steps for them, Prodigy's
+/// `d` reported, the warm-up set from the run's length, and a verdict on what tuning bought.
+#[test]
+fn untuned_challengers_race_at_their_defaults_and_the_verdict_says_what_tuning_bought() {
+    let spec = ValidSpec::parse(
+        r#"{
+        "kind": "compare",
+        "data": {"builtin": "spirals", "samples": 1024},
+        "model": {"arch": "mlp", "hidden": [32, 32]},
+        "batch_size": 32,
+        "plan": {"epochs": 3},
+        "range_test": {"start_lr": 1e-5, "end_lr": 10, "steps": 60},
+        "sweep": {"count": 3, "epochs": 1},
+        "recipes": ["adam_constant", "prodigy", "schedule_free_adamw", "schedule_free_sgd",
+            {"name": "adam_1e-3", "optimizer": {"name": "adam"}, "schedule": {"kind": "constant"},
+             "tune": false, "lr": 0.001}],
+        "seeds": 2,
+        "target": 0.9
+    }"#,
+        &Limits::default(),
+    )
+    .unwrap();
+    let recipes = spec.compare_recipes();
+    let warmups: Vec<Option<f64>> = recipes.iter().map(|r| r.warmup_fraction).collect();
+    assert_eq!(warmups, [None, None, Some(0.05), Some(0.05), None]);
+    let loaded = engine::load_local_data(&spec).unwrap();
+    let mut progress = Vec::new();
+    let mut observer = |event: Event| {
+        if let Event::Progress { done, total } = event {
+            progress.push((done, total));
+        }
+    };
+    let result = run_compare(
+        &spec,
+        loaded,
+        &Limits::default(),
+        &AtomicBool::new(false),
+        &mut observer,
+    )
+    .expect("race runs");
+    let by_name = |name: &str| result.recipes.iter().find(|r| r.name == name).unwrap();
+    let adam = by_name("adam_constant");
+    assert!(adam.tuned);
+    assert!(adam.tune_steps > 60, "a range test and a sweep");
+    assert_eq!(result.timing.tune_steps, adam.tune_steps);
+    for (name, lr) in [
+        ("prodigy", 1.0),
+        ("schedule_free_adamw", 0.0025),
+        ("schedule_free_sgd", 1.0),
+        ("adam_1e-3", 0.001),
+    ] {
+        let recipe = by_name(name);
+        assert!(!recipe.tuned, "{name}");
+        assert_eq!((recipe.tune_steps, recipe.lr), (0, lr), "{name}");
+        assert_eq!(recipe.runs.len(), 2, "{name}");
+    }
+    assert_eq!(result.timing.race_steps, 5 * 2 * result.timing.plan_steps);
+    // Progress was planned exactly: one recipe's tuning and every run.
+    let (done, total) = *progress.last().unwrap();
+    assert_eq!(done, adam.tune_steps + result.timing.race_steps);
+    assert_eq!(done, total);
+
+    // Prodigy reports its estimate at every point; it starts at d0 and grows.
+    let prodigy = by_name("prodigy");
+    for run in &prodigy.runs {
+        assert_eq!(run.points[0].d, Some(1e-6));
+        let last = run.points.last().unwrap().d.unwrap();
+        assert!(last > 1e-6, "d grew: {last}");
+    }
+    let final_d = prodigy.final_d.expect("prodigy's d");
+    let mean = prodigy
+        .runs
+        .iter()
+        .map(|run| run.points.last().unwrap().d.unwrap())
+        .sum::<f64>()
+        / 2.0;
+    assert!((final_d.mean.unwrap() - mean).abs() < 1e-12);
+    assert!(by_name("schedule_free_adamw").final_d.is_none());
+    assert!(by_name("schedule_free_adamw").runs[0].points[0].d.is_none());
+
+    // The verdict compares the best tuned recipe with the best untuned one, with the cost.
+    assert!(
+        result.verdict.contains(&format!(
+            "adam_constant (tuned: {} steps of tuning)",
+            lrtune::engine::compare::thousands(adam.tune_steps)
+        )),
+        "{}",
+        result.verdict
+    );
+    assert!(
+        result.verdict.contains("tuning paid: ") || result.verdict.contains("tuning did not pay: "),
+        "{}",
+        result.verdict
+    );
+    assert!(result.verdict.contains("(untuned)"), "{}", result.verdict);
+
+    // Stored and read back, as the service keeps it.
+    let json = serde_json::to_value(&result).unwrap();
+    assert_eq!(json["recipes"][1]["tuned"], false);
+    assert!(json["recipes"][1]["final_d"]["mean"].is_f64());
+    let back: CompareResult = serde_json::from_value(json).unwrap();
+    assert_eq!(back, result);
 }

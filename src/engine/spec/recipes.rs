@@ -25,13 +25,26 @@ pub enum ThresholdMode {
     Abs,
 }
 
-/// A training recipe: an optimizer and a schedule, raced at its own tuned learning rate. In a
-/// spec it is the name of a default recipe or an object with all three fields.
+/// A training recipe: an optimizer and a schedule, raced at its own tuned learning rate, or
+/// untuned at a fixed one (the learning-rate-free challengers' claim). In a spec it is the
+/// name of a default recipe or an object with `name`, `optimizer` and `schedule`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Recipe {
     pub name: String,
     pub optimizer: OptimizerSpec,
     pub schedule: RecipeSchedule,
+    /// Tune the learning rate (range test and sweep, on the race's budget) before racing.
+    /// Defaults to true, and to false for an optimizer with a default learning rate of its
+    /// own (Prodigy, schedule-free AdamW and SGD).
+    pub tune: bool,
+    /// The learning rate of an untuned recipe (the schedule's peak or starting value);
+    /// `None`: the optimizer's default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// A schedule-free optimizer's warm-up as a fraction of each run, set as its
+    /// `warmup_steps` when the run's length is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_fraction: Option<f64>,
 }
 
 /// A schedule whose learning rate is the recipe's tuned one and whose length is the run's;
@@ -92,13 +105,30 @@ pub enum RecipeSchedule {
 impl Recipe {
     /// The default race: Adam as most teams use it, against SGD with OneCycle and three
     /// other common recipes.
-    pub const DEFAULTS: [&'static str; 5] = [
+    pub const DEFAULTS: [&'static str; 7] = [
         "sgd_one_cycle",
         "adam_constant",
         "adam_plateau",
         "sgd_warm_restarts",
         "adamw_warmup_cosine",
+        "prodigy",
+        "schedule_free_adamw",
     ];
+
+    /// Every recipe that has a name: the defaults and `schedule_free_sgd`.
+    pub const NAMED: [&'static str; 8] = [
+        "sgd_one_cycle",
+        "adam_constant",
+        "adam_plateau",
+        "sgd_warm_restarts",
+        "adamw_warmup_cosine",
+        "prodigy",
+        "schedule_free_adamw",
+        "schedule_free_sgd",
+    ];
+
+    /// The schedule-free recipes' warm-up: 5 % of the run.
+    pub const SCHEDULE_FREE_WARMUP: f64 = 0.05;
 
     /// A default recipe by name.
     pub fn named(name: &str) -> Option<Recipe> {
@@ -142,13 +172,122 @@ impl Recipe {
                     warmup_fraction: defaults::warmup_fraction(),
                 },
             ),
+            // The learning-rate-free challengers at their libraries' defaults, untuned: Prodigy
+            // with the cosine its README advises, schedule-free with a 5 % warm-up.
+            "prodigy" => (
+                OptimizerSpec::library_default("prodigy"),
+                RecipeSchedule::Cosine { eta_min: 0.0 },
+            ),
+            "schedule_free_adamw" | "schedule_free_sgd" => (
+                OptimizerSpec::library_default(name),
+                RecipeSchedule::Constant,
+            ),
             _ => return None,
         };
+        let tune = optimizer.default_lr().is_none();
+        let warmup_fraction = optimizer
+            .is_schedule_free()
+            .then_some(Self::SCHEDULE_FREE_WARMUP);
         Some(Recipe {
             name: name.to_string(),
             optimizer,
             schedule,
+            tune,
+            lr: None,
+            warmup_fraction,
         })
+    }
+}
+
+impl Recipe {
+    /// The learning rate an untuned recipe races at; `None` for a tuned one.
+    pub fn fixed_lr(&self) -> Option<f64> {
+        if self.tune {
+            None
+        } else {
+            self.lr.or(self.optimizer.default_lr())
+        }
+    }
+
+    /// The recipe's optimizer for a run of `steps`: a schedule-free warm-up given as a
+    /// fraction becomes that many of the run's steps (at least 1).
+    pub fn optimizer_for(&self, steps: usize) -> OptimizerSpec {
+        let mut optimizer = self.optimizer.clone();
+        if let Some(fraction) = self.warmup_fraction {
+            let warmup = ((fraction * steps as f64).round() as usize).max(1);
+            match &mut optimizer {
+                OptimizerSpec::ScheduleFreeAdamw { warmup_steps, .. }
+                | OptimizerSpec::ScheduleFreeSgd { warmup_steps, .. } => *warmup_steps = warmup,
+                _ => {}
+            }
+        }
+        optimizer
+    }
+
+    /// The checks a recipe's own fields need beyond its optimizer's and schedule's; fields
+    /// are named relative to the recipe.
+    fn validate_tuning(&self) -> Result<(), SpecError> {
+        if self.tune {
+            if let Some(lr) = self.lr {
+                return Err(SpecError::new(
+                    "lr",
+                    format!("is tuned (tune is true), so a fixed lr ({lr}) has no use: drop it, or set tune to false"),
+                ));
+            }
+        } else {
+            match self.fixed_lr() {
+                None => {
+                    return Err(SpecError::new(
+                        "lr",
+                        format!(
+                            "an untuned recipe needs a learning rate: {} has no default, so give lr or set tune to true",
+                            self.optimizer.name()
+                        ),
+                    ))
+                }
+                Some(lr) if !(lr.is_finite() && lr > 0.0) => {
+                    return Err(SpecError::new(
+                        "lr",
+                        format!("must be a finite number above 0, got {lr}"),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(fraction) = self.warmup_fraction {
+            if !self.optimizer.is_schedule_free() {
+                return Err(SpecError::new(
+                    "warmup_fraction",
+                    format!(
+                        "is a schedule-free optimizer's warm-up; {} has none (use the warmup_cosine schedule)",
+                        self.optimizer.name()
+                    ),
+                ));
+            }
+            if !(fraction > 0.0 && fraction < 1.0) {
+                return Err(SpecError::new(
+                    "warmup_fraction",
+                    format!("must be strictly between 0 and 1 (of each run), got {fraction}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl OptimizerSpec {
+    /// The optimizer `name` with every field at its default.
+    fn library_default(name: &str) -> OptimizerSpec {
+        serde_json::from_value(serde_json::json!({ "name": name }))
+            .expect("every optimizer has a default for each of its fields")
+    }
+
+    /// Schedule-free AdamW or SGD: trained at y, evaluated at x.
+    pub fn is_schedule_free(&self) -> bool {
+        matches!(
+            self,
+            OptimizerSpec::ScheduleFreeAdamw { .. } | OptimizerSpec::ScheduleFreeSgd { .. }
+        )
     }
 }
 
@@ -159,6 +298,12 @@ struct RecipeObject {
     name: String,
     optimizer: OptimizerSpec,
     schedule: RecipeSchedule,
+    #[serde(default)]
+    tune: Option<bool>,
+    #[serde(default)]
+    lr: Option<f64>,
+    #[serde(default)]
+    warmup_fraction: Option<f64>,
 }
 
 impl<'de> Deserialize<'de> for RecipeChoice {
@@ -170,23 +315,29 @@ impl<'de> Deserialize<'de> for RecipeChoice {
                 write!(
                     f,
                     "a recipe name ({}) or {{name, optimizer, schedule}}",
-                    Recipe::DEFAULTS.join(", ")
+                    Recipe::NAMED.join(", ")
                 )
             }
             fn visit_str<E: de::Error>(self, name: &str) -> Result<RecipeChoice, E> {
                 Recipe::named(name).map(RecipeChoice).ok_or_else(|| {
                     E::custom(format!(
-                        "unknown recipe `{name}`: the defaults are {}; give any other as {{name, optimizer, schedule}}",
-                        Recipe::DEFAULTS.join(", ")
+                        "unknown recipe `{name}`: the named recipes are {}; give any other as {{name, optimizer, schedule}}",
+                        Recipe::NAMED.join(", ")
                     ))
                 })
             }
             fn visit_map<M: de::MapAccess<'de>>(self, map: M) -> Result<RecipeChoice, M::Error> {
                 let object = RecipeObject::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                let tune = object
+                    .tune
+                    .unwrap_or_else(|| object.optimizer.default_lr().is_none());
                 Ok(RecipeChoice(Recipe {
                     name: object.name,
                     optimizer: object.optimizer,
                     schedule: object.schedule,
+                    tune,
+                    lr: object.lr,
+                    warmup_fraction: object.warmup_fraction,
                 }))
             }
         }
@@ -375,6 +526,9 @@ impl JobSpec {
                 .map_err(|error| {
                     SpecError::new(format!("recipes[{index}].{}", error.field), error.message)
                 })?;
+            recipe.validate_tuning().map_err(|error| {
+                SpecError::new(format!("recipes[{index}].{}", error.field), error.message)
+            })?;
             recipe.schedule.validate().map_err(|error| {
                 SpecError::new(
                     format!("recipes[{index}].schedule.{}", error.field),
