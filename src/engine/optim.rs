@@ -1234,7 +1234,7 @@ impl FusedUpdate<'_> {
 }
 
 #[cfg(test)]
-mod challengers;
+pub(crate) mod challengers;
 
 #[cfg(test)]
 mod tests {
@@ -1245,12 +1245,12 @@ mod tests {
     /// The two steps under test: candle's (tensor ops, gradients from autograd) and the
     /// native backend's (gradients in host memory, fused in place).
     #[derive(Debug, Clone, Copy)]
-    pub(super) enum Path {
+    pub(crate) enum Path {
         Candle,
         Host,
     }
 
-    pub(super) fn step(
+    pub(crate) fn step(
         optimizer: &mut Optimizer,
         path: Path,
         vars: &[Var],

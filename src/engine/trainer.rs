@@ -175,3 +175,6 @@ impl Trainer {
         self.backend.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+#[cfg(test)]
+mod tests;

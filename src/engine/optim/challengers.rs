@@ -1,24 +1,17 @@
 //! The learning-rate-free optimizers held to their reference libraries
 //! (tests/golden/challengers.json, from tests/golden/make_challengers.py): Prodigy
 //! (`prodigyopt`) and schedule-free AdamW and SGD (`schedulefree`), each on both steps (candle
-//! tensor ops and the native fused kernels), over 20 steps of a small classifier; the
-//! schedule-free evaluation weights x; and a batch-norm network evaluated at x through the
-//! trainer, its running statistics recomputed there.
-
-use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+//! tensor ops and the native fused kernels), over 20 steps of a small classifier, and the
+//! schedule-free evaluation weights x. The batch-norm case, evaluated at x through the
+//! trainer, is `engine::trainer`'s test, with the helpers here.
 
 use candle_core::{Device, Tensor, Var};
 use serde_json::Value;
 
-use super::tests::{step, Path};
+use super::tests::step;
+pub(crate) use super::tests::Path;
 use super::Optimizer;
-use crate::engine::backend::DeviceData;
-use crate::engine::data::Task;
-use crate::engine::model::{Model, ModelShape};
-use crate::engine::rng::Rng;
-use crate::engine::spec::{defaults, BackendChoice, LayerSpec, ModelSpec, OptimizerSpec};
-use crate::engine::trainer::Trainer;
+use crate::engine::spec::{defaults, OptimizerSpec};
 
 const GOLDEN: &str = include_str!("../../../tests/golden/challengers.json");
 
@@ -28,16 +21,16 @@ const GOLDEN: &str = include_str!("../../../tests/golden/challengers.json");
 /// the last place is 3e-8 at 0.3) and of its steps (Prodigy's d differs from the library's
 /// by 2e-7 relative, from `p0 - p` of nearly equal numbers early on, in steps of 0.15 late
 /// on), so the steps before the last are held from a floor of 2e-2.
-const RELATIVE: f64 = 1e-5;
-const FLOOR: f64 = 1e-3;
-const FLOOR_ON_THE_WAY: f64 = 2e-2;
+pub(crate) const RELATIVE: f64 = 1e-5;
+pub(crate) const FLOOR: f64 = 1e-3;
+pub(crate) const FLOOR_ON_THE_WAY: f64 = 2e-2;
 
-fn cases() -> Vec<Value> {
+pub(crate) fn cases() -> Vec<Value> {
     let golden: Value = serde_json::from_str(GOLDEN).expect("golden file parses");
     golden["cases"].as_array().expect("cases").clone()
 }
 
-fn floats(value: &Value) -> Vec<f64> {
+pub(crate) fn floats(value: &Value) -> Vec<f64> {
     value
         .as_array()
         .expect("a list of numbers")
@@ -46,13 +39,13 @@ fn floats(value: &Value) -> Vec<f64> {
         .collect()
 }
 
-fn singles(value: &Value) -> Vec<f32> {
+pub(crate) fn singles(value: &Value) -> Vec<f32> {
     floats(value).iter().map(|&x| x as f32).collect()
 }
 
 /// The case's optimizer with the library's constructor arguments, absent ones at the
 /// library's defaults (which are lrtune's).
-fn spec(case: &Value) -> OptimizerSpec {
+pub(crate) fn spec(case: &Value) -> OptimizerSpec {
     let options = &case["options"];
     let number = |name: &str, default: f64| options[name].as_f64().unwrap_or(default);
     let flag = |name: &str, default: bool| options[name].as_bool().unwrap_or(default);
@@ -93,7 +86,7 @@ fn spec(case: &Value) -> OptimizerSpec {
 }
 
 /// The largest error of `got` against `want` in units of `max(|want|, FLOOR)`.
-fn relative_error(got: &[f32], want: &[f64]) -> f64 {
+pub(crate) fn relative_error(got: &[f32], want: &[f64]) -> f64 {
     relative_error_from(got, want, FLOOR)
 }
 
@@ -119,7 +112,7 @@ fn network(case: &Value, device: &Device) -> Vec<Var> {
         .collect()
 }
 
-fn batch(case: &Value, x: &str, y: &str, device: &Device) -> (Tensor, Tensor) {
+pub(crate) fn batch(case: &Value, x: &str, y: &str, device: &Device) -> (Tensor, Tensor) {
     let inputs = singles(&case[x]);
     let rows = inputs.len() / 6;
     let labels: Vec<u32> = floats(&case[y]).iter().map(|&v| v as u32).collect();
@@ -145,7 +138,7 @@ fn loss(vars: &[Var], x: &Tensor, y: &Tensor) -> Tensor {
     candle_nn::loss::cross_entropy(&logits, y).unwrap()
 }
 
-fn flat(vars: &[Var]) -> Vec<f32> {
+pub(crate) fn flat(vars: &[Var]) -> Vec<f32> {
     vars.iter()
         .flat_map(|var| {
             var.as_tensor()
@@ -180,7 +173,7 @@ struct Errors {
 /// A step with the recorded gradients (all parameters' concatenated): as host slices, or
 /// through candle's autograd from `sum(param * gradient)`, whose gradient is exactly
 /// `gradient`.
-fn recorded_step(
+pub(crate) fn recorded_step(
     optimizer: &mut Optimizer,
     path: Path,
     vars: &[Var],
@@ -427,259 +420,4 @@ fn a_step_at_x_is_refused() {
     optimizer.eval().unwrap();
     let grads = loss.backward().unwrap();
     assert!(optimizer.step(&grads, 0.01, 0.9).is_err());
-}
-
-/// The BN case's model as lrtune builds it, with the golden initial weights and batch norm's
-/// statistics at PyTorch's start (mean 0, variance 1).
-fn bn_trainer(case: &Value, backend: BackendChoice) -> Trainer {
-    let layers: Vec<LayerSpec> = serde_json::from_value(case["layers"].clone()).unwrap();
-    let shape = ModelShape {
-        input: vec![6],
-        output: 3,
-        task: Task::Classification,
-    };
-    let device = Device::Cpu;
-    let model = Model::build(
-        &ModelSpec::Sequential {
-            layers,
-            context: None,
-        },
-        &shape,
-        0,
-        &device,
-    )
-    .unwrap();
-    let mut tensors = HashMap::new();
-    let initial = case["initial"].as_object().unwrap();
-    for (name, var) in model.parameter_names().zip(model.vars()) {
-        let values = singles(&initial[name]);
-        tensors.insert(
-            name.clone(),
-            Tensor::from_vec(values, var.shape(), &device).unwrap(),
-        );
-    }
-    for (name, var) in model.buffer_names().zip(model.buffers()) {
-        let start = if name.ends_with("running_var") {
-            var.as_tensor().ones_like()
-        } else {
-            var.as_tensor().zeros_like()
-        };
-        tensors.insert(name.clone(), start.unwrap());
-    }
-    model.load_state_dict(&tensors).unwrap();
-    Trainer::new(model, backend)
-}
-
-fn device_data(case: &Value, x: &str, y: &str) -> DeviceData {
-    let (x, y) = batch(case, x, y, &Device::Cpu);
-    DeviceData {
-        rows: x.dim(0).unwrap(),
-        x,
-        y,
-        task: Task::Classification,
-    }
-}
-
-fn batch_norm_case() -> Value {
-    let case = cases()
-        .into_iter()
-        .find(|case| case["name"] == "schedule_free_adamw_batch_norm")
-        .unwrap();
-    assert_eq!(
-        case["bn_passes"].as_u64(),
-        Some(crate::engine::trainer::STATISTICS_BATCHES as u64)
-    );
-    case
-}
-
-fn buffers(trainer: &Trainer) -> Vec<Vec<f32>> {
-    trainer
-        .model()
-        .buffers()
-        .iter()
-        .map(|var| var.as_tensor().to_vec1::<f32>().unwrap())
-        .collect()
-}
-
-/// The BN case's evaluation through `evaluate_with` after its 20 steps: the loss at x (the
-/// statistics recomputed there), and then the weights back at y and the statistics as
-/// training left them. Returns the loss's error.
-fn evaluate_at_x(case: &Value, trainer: &Trainer, optimizer: &mut Optimizer) -> f64 {
-    let train = device_data(case, "x", "y");
-    let validation = device_data(case, "eval_x", "eval_y");
-    let trained = buffers(trainer);
-    let y_params = flat(trainer.model().vars());
-    let evaluation = trainer
-        .evaluate_with(
-            optimizer,
-            &validation,
-            &train,
-            train.rows,
-            &AtomicBool::new(false),
-        )
-        .unwrap();
-    let want = case["eval_loss"].as_f64().unwrap();
-    assert_eq!(buffers(trainer), trained);
-    let back = relative_error(
-        trainer
-            .model()
-            .vars()
-            .iter()
-            .flat_map(|var| {
-                var.as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            })
-            .collect::<Vec<_>>()
-            .as_slice(),
-        &y_params.iter().map(|&v| v as f64).collect::<Vec<_>>(),
-    );
-    assert!(back < 1e-5, "y after the evaluation: {back:e}");
-    // At y with the training statistics the loss differs: x and the recompute mattered.
-    let at_y = trainer
-        .evaluate(&validation, &AtomicBool::new(false))
-        .unwrap();
-    assert!((at_y.loss - want).abs() > 1e-3, "{} at y", at_y.loss);
-    (evaluation.loss - want).abs() / want
-}
-
-#[test]
-fn a_batch_norm_network_is_evaluated_at_x_with_statistics_recomputed_there() {
-    // The library's gradients, as in the other cases; each optimizer step with the backend
-    // whose step uses it (host slices: native; candle's: candle).
-    let case = batch_norm_case();
-    for (backend, path) in [
-        (BackendChoice::Native, Path::Host),
-        (BackendChoice::Candle, Path::Candle),
-    ] {
-        let trainer = bn_trainer(&case, backend);
-        let vars = trainer.model().vars().to_vec();
-        let mut optimizer = Optimizer::new(&spec(&case), &vars);
-        let (lrs, momenta) = (floats(&case["lr"]), floats(&case["momentum"]));
-        let recorded = case["grads_each_step"].as_array().unwrap();
-        for index in 0..lrs.len() {
-            let gradient = singles(&recorded[index]);
-            recorded_step(
-                &mut optimizer,
-                path,
-                &vars,
-                &gradient,
-                lrs[index],
-                momenta[index],
-            );
-        }
-        let after = floats(
-            case["params_after_each_step"]
-                .as_array()
-                .unwrap()
-                .last()
-                .unwrap(),
-        );
-        let params = relative_error(&flat(&vars), &after);
-        // The statistics training left (from the library: recorded steps take no forward
-        // pass).
-        for (name, var) in trainer
-            .model()
-            .buffer_names()
-            .zip(trainer.model().buffers())
-        {
-            let values = singles(&case["running_before_recompute"][name]);
-            var.set(&Tensor::new(values.as_slice(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-        let x_params = {
-            optimizer.eval().unwrap();
-            let x = flat(&vars);
-            optimizer.train().unwrap();
-            relative_error(&x, &floats(&case["eval_params"]))
-        };
-        let loss = evaluate_at_x(&case, &trainer, &mut optimizer);
-        println!(
-            "schedule_free_adamw_batch_norm {path:?}/{backend:?}: params {params:e}, x {x_params:e}, eval loss at x {loss:e}"
-        );
-        assert!(params < RELATIVE && x_params < RELATIVE, "{backend:?}");
-        assert!(loss < RELATIVE, "{backend:?}: eval loss error {loss:e}");
-    }
-}
-
-#[test]
-fn a_batch_norm_network_trained_by_the_engine_follows_the_library() {
-    // Through the backends' own forward and backward passes (see
-    // `training_through_the_network_follows_the_libraries` for the looser bounds).
-    let case = batch_norm_case();
-    let train = device_data(&case, "x", "y");
-    let rows: Vec<usize> = (0..train.rows).collect();
-    for backend in [BackendChoice::Native, BackendChoice::Candle] {
-        let trainer = bn_trainer(&case, backend);
-        let vars = trainer.model().vars().to_vec();
-        let mut optimizer = Optimizer::new(&spec(&case), &vars);
-        let mut dropout_rng = Rng::new(0);
-        let (lrs, momenta) = (floats(&case["lr"]), floats(&case["momentum"]));
-        let golden_losses = floats(&case["losses"]);
-        for index in 0..lrs.len() {
-            let loss = trainer
-                .train_step(
-                    &mut optimizer,
-                    &train,
-                    &rows,
-                    lrs[index],
-                    momenta[index],
-                    &mut dropout_rng,
-                )
-                .unwrap();
-            let want = golden_losses[index];
-            assert!(
-                (loss - want).abs() < 1e-4 * want,
-                "{backend:?} step {index}: loss {loss}, PyTorch {want}"
-            );
-        }
-        let after = floats(
-            case["params_after_each_step"]
-                .as_array()
-                .unwrap()
-                .last()
-                .unwrap(),
-        );
-        let params = relative_error(&flat(&vars), &after);
-        let trained = buffers(&trainer);
-        let mut statistics = 0f64;
-        for (name, values) in trainer.model().buffer_names().zip(&trained) {
-            let want = floats(&case["running_before_recompute"][name]);
-            statistics = statistics.max(relative_error(values, &want));
-        }
-        let loss = evaluate_at_x(&case, &trainer, &mut optimizer);
-        println!(
-            "schedule_free_adamw_batch_norm {backend:?} trained by the engine: params {params:e}, statistics {statistics:e}, eval loss at x {loss:e}"
-        );
-        assert!(params < 1e-3 && statistics < 1e-3, "{backend:?}");
-        assert!(loss < 1e-4, "{backend:?}: eval loss error {loss:e}");
-    }
-}
-
-#[test]
-fn other_optimizers_evaluate_exactly_as_before() {
-    let case = cases()
-        .into_iter()
-        .find(|case| case["name"] == "schedule_free_adamw_batch_norm")
-        .unwrap();
-    let train = device_data(&case, "x", "y");
-    let rows: Vec<usize> = (0..train.rows).collect();
-    let trainer = bn_trainer(&case, BackendChoice::Native);
-    let adam = OptimizerSpec::Adam {
-        betas: defaults::betas(),
-        eps: defaults::eps(),
-        weight_decay: 0.0,
-    };
-    let mut optimizer = Optimizer::new(&adam, trainer.model().vars());
-    trainer
-        .train_step(&mut optimizer, &train, &rows, 0.01, 0.9, &mut Rng::new(0))
-        .unwrap();
-    let cancel = AtomicBool::new(false);
-    let plain = trainer.evaluate(&train, &cancel).unwrap();
-    let with = trainer
-        .evaluate_with(&mut optimizer, &train, &train, 16, &cancel)
-        .unwrap();
-    assert_eq!(plain, with);
 }

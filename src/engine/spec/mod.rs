@@ -461,7 +461,7 @@ pub enum OptimizerSpec {
         eps: f64,
         #[serde(default)]
         weight_decay: f64,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "warmup_steps")]
         warmup_steps: usize,
         #[serde(default)]
         r: f64,
@@ -475,13 +475,21 @@ pub enum OptimizerSpec {
         momentum: f64,
         #[serde(default)]
         weight_decay: f64,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "warmup_steps")]
         warmup_steps: usize,
         #[serde(default)]
         r: f64,
         #[serde(default = "defaults::weight_lr_power")]
         weight_lr_power: f64,
     },
+}
+
+/// A schedule-free optimizer's `warmup_steps`. Inside the internally tagged `OptimizerSpec`
+/// serde no longer knows the field's path, so its error names the field for `path_error`.
+fn warmup_steps<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+    usize::deserialize(deserializer).map_err(|cause| {
+        de::Error::custom(format!("{}{cause}", error::field_prefix("warmup_steps")))
+    })
 }
 
 impl Default for OptimizerSpec {
