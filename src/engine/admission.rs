@@ -149,8 +149,12 @@ pub struct Cost {
 /// state and the copy the range test keeps of it.
 fn weight_copies(optimizer: &OptimizerSpec) -> u64 {
     let state = match optimizer {
-        OptimizerSpec::Sgd { .. } => 1,
-        OptimizerSpec::Adam { .. } | OptimizerSpec::Adamw { .. } => 2,
+        OptimizerSpec::Sgd { .. } | OptimizerSpec::ScheduleFreeSgd { .. } => 1,
+        OptimizerSpec::Adam { .. }
+        | OptimizerSpec::Adamw { .. }
+        | OptimizerSpec::ScheduleFreeAdamw { .. } => 2,
+        // s, p0, exp_avg, exp_avg_sq.
+        OptimizerSpec::Prodigy { .. } => 4,
     };
     3 + 2 * state
 }

@@ -47,7 +47,8 @@ pub struct CompareResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecipeResult {
     pub name: String,
-    /// The optimizer's name (`sgd`, `adam`, `adamw`).
+    /// The optimizer's name (`sgd`, `adam`, `adamw`, `prodigy`, `schedule_free_adamw`,
+    /// `schedule_free_sgd`).
     pub optimizer: String,
     /// The schedule's kind (`one_cycle`, `constant`, `reduce_on_plateau`, ...).
     pub schedule: String,
@@ -393,9 +394,13 @@ impl RunSetup<'_> {
             Some(tracker) => tracker.lr(),
             None => lrs[step.min(lrs.len() - 1)],
         };
-        let start = self
-            .trainer
-            .evaluate(self.validation, control.cancel_flag())?;
+        let start = self.trainer.evaluate_with(
+            &mut optimizer,
+            self.validation,
+            self.train,
+            self.spec.batch_size,
+            control.cancel_flag(),
+        )?;
         let mut points = Vec::with_capacity(RACE_POINTS + 1);
         self.record(
             control,
@@ -442,9 +447,13 @@ impl RunSetup<'_> {
                     });
                 }
             }
-            let evaluation = self
-                .trainer
-                .evaluate(self.validation, control.cancel_flag())?;
+            let evaluation = self.trainer.evaluate_with(
+                &mut optimizer,
+                self.validation,
+                self.train,
+                self.spec.batch_size,
+                control.cancel_flag(),
+            )?;
             if let Some(tracker) = plateau.as_mut() {
                 let metric = match self.recipe.schedule {
                     RecipeSchedule::ReduceOnPlateau {

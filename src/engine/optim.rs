@@ -1,17 +1,26 @@
-//! SGD (momentum, nesterov, L2 weight decay), Adam and AdamW over candle `Var`s, with the
-//! learning rate and momentum / beta1 set before every step. Two forms with the same rounding:
-//! the native step's (host gradients; each parameter updated in one fused in-place pass of
-//! `update.rs`) and the candle step's (stock tensor ops on the parameter's device, where the
-//! optimizer's state stays too).
+//! SGD (momentum, nesterov, L2 weight decay), Adam and AdamW, and the learning-rate-free
+//! Prodigy and schedule-free AdamW and SGD, over candle `Var`s, with the learning rate and
+//! momentum / beta1 set before every step. Two forms with the same rounding: the native step's
+//! (host gradients; each parameter updated in fused in-place passes of `update.rs`) and the
+//! candle step's (stock tensor ops on the parameter's device, where the optimizer's state
+//! stays too).
+//!
+//! Prodigy's step size `d` is global: each step first sums over every parameter, then
+//! updates them. The schedule-free optimizers train the model at `y` and are evaluated at the
+//! average `x`: [`Optimizer::eval`] moves the weights to x and [`Optimizer::train`] back, as
+//! the library's `optimizer.eval()` and `optimizer.train()` do.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor, Var};
 use rayon::prelude::*;
 
 use super::spec::OptimizerSpec;
-use super::update::{adam_update, sgd_update, AdamStep, SgdStep};
+use super::update::{
+    adam_update, prodigy_accumulate, prodigy_apply, schedule_free_update, sgd_update, AdamStep,
+    ProdigyAccumulate, ProdigyApply, ProdigySums, ScheduleFreeStep, SgdStep,
+};
 
 /// One state vector of one parameter: SGD's momentum buffer, Adam's first or second moment.
 #[derive(Debug, Clone)]
@@ -75,8 +84,49 @@ impl PartialEq for Moment {
 /// Per-parameter state.
 #[derive(Debug, Clone, PartialEq)]
 enum ParamState {
-    Sgd { buffer: Moment },
-    Adam { exp_avg: Moment, exp_avg_sq: Moment },
+    Sgd {
+        buffer: Moment,
+    },
+    Adam {
+        exp_avg: Moment,
+        exp_avg_sq: Moment,
+    },
+    Prodigy {
+        /// The weights at the parameter's first step (`None` before it).
+        p0: Option<Moment>,
+        s: Moment,
+        exp_avg: Moment,
+        exp_avg_sq: Moment,
+    },
+    ScheduleFree {
+        /// The parameter's z sequence, starting at its weights at its first step (`None`
+        /// before it).
+        z: Option<Moment>,
+        /// AdamW's second moment (never written by SGD).
+        exp_avg_sq: Moment,
+    },
+}
+
+/// The scalars an optimizer keeps over all parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum GlobalState {
+    None,
+    Prodigy {
+        /// Steps taken (one whose sums were all 0 is not counted, as in the library).
+        k: u64,
+        d: f64,
+        d_max: f64,
+        d_numerator: f64,
+    },
+    ScheduleFree {
+        k: u64,
+        weight_sum: f64,
+        /// -1 before the first step, as in the library.
+        lr_max: f64,
+        /// The beta1 / momentum of the last step: y is formed with it, so x is recovered
+        /// with it (the library reads its group's value at `eval()`).
+        momentum: f64,
+    },
 }
 
 /// Everything needed to put an optimizer back where it was (the range test restores it).
@@ -84,6 +134,7 @@ enum ParamState {
 pub struct OptimizerState {
     steps: u64,
     params: Vec<ParamState>,
+    global: GlobalState,
 }
 
 /// One step's hyper-parameters, the same for every parameter.
@@ -100,26 +151,61 @@ pub struct Optimizer {
     spec: OptimizerSpec,
     vars: Vec<Var>,
     state: OptimizerState,
+    /// The schedule-free momentum the weights were moved to x with, while they are there.
+    at_x: Option<f64>,
 }
 
 impl Optimizer {
     pub fn new(spec: &OptimizerSpec, vars: &[Var]) -> Self {
-        let params = vars
-            .iter()
-            .map(|_| match spec {
-                OptimizerSpec::Sgd { .. } => ParamState::Sgd {
-                    buffer: Moment::Zeros,
-                },
-                OptimizerSpec::Adam { .. } | OptimizerSpec::Adamw { .. } => ParamState::Adam {
-                    exp_avg: Moment::Zeros,
-                    exp_avg_sq: Moment::Zeros,
-                },
-            })
-            .collect();
+        let params =
+            vars.iter()
+                .map(|_| match spec {
+                    OptimizerSpec::Sgd { .. } => ParamState::Sgd {
+                        buffer: Moment::Zeros,
+                    },
+                    OptimizerSpec::Adam { .. } | OptimizerSpec::Adamw { .. } => ParamState::Adam {
+                        exp_avg: Moment::Zeros,
+                        exp_avg_sq: Moment::Zeros,
+                    },
+                    OptimizerSpec::Prodigy { .. } => ParamState::Prodigy {
+                        p0: None,
+                        s: Moment::Zeros,
+                        exp_avg: Moment::Zeros,
+                        exp_avg_sq: Moment::Zeros,
+                    },
+                    OptimizerSpec::ScheduleFreeAdamw { .. }
+                    | OptimizerSpec::ScheduleFreeSgd { .. } => ParamState::ScheduleFree {
+                        z: None,
+                        exp_avg_sq: Moment::Zeros,
+                    },
+                })
+                .collect();
+        let global = match spec {
+            OptimizerSpec::Prodigy { d0, .. } => GlobalState::Prodigy {
+                k: 0,
+                d: *d0,
+                d_max: *d0,
+                d_numerator: 0.0,
+            },
+            OptimizerSpec::ScheduleFreeAdamw { .. } | OptimizerSpec::ScheduleFreeSgd { .. } => {
+                GlobalState::ScheduleFree {
+                    k: 0,
+                    weight_sum: 0.0,
+                    lr_max: -1.0,
+                    momentum: spec.momentum(),
+                }
+            }
+            _ => GlobalState::None,
+        };
         Self {
             spec: spec.clone(),
             vars: vars.to_vec(),
-            state: OptimizerState { steps: 0, params },
+            state: OptimizerState {
+                steps: 0,
+                params,
+                global,
+            },
+            at_x: None,
         }
     }
 
@@ -127,8 +213,62 @@ impl Optimizer {
         &self.state
     }
 
+    /// Puts the optimizer back to a saved state. The weights are the caller's to restore,
+    /// with the optimizer in training mode (a state is always taken there).
     pub fn restore(&mut self, state: &OptimizerState) {
+        debug_assert!(self.at_x.is_none(), "restored while evaluating at x");
         self.state = state.clone();
+    }
+
+    /// Prodigy's current step size `d` (`None` for the other optimizers).
+    pub fn prodigy_d(&self) -> Option<f64> {
+        match self.state.global {
+            GlobalState::Prodigy { d, .. } => Some(d),
+            _ => None,
+        }
+    }
+
+    /// Whether the model is evaluated at other weights than it trains at (the schedule-free
+    /// optimizers' x once they have stepped; before, x is y): callers then evaluate between
+    /// [`Optimizer::eval`] and [`Optimizer::train`].
+    pub fn evaluates_elsewhere(&self) -> bool {
+        matches!(self.state.global, GlobalState::ScheduleFree { k, .. } if k > 0)
+    }
+
+    /// Moves the weights from y, where they train, to x, where a schedule-free optimizer is
+    /// evaluated (`optimizer.eval()`): `y.lerp(z, 1 - 1/beta1)`. A parameter that has not
+    /// stepped stays (its x is y). Nothing for the other optimizers, or when already at x.
+    pub fn eval(&mut self) -> candle_core::Result<()> {
+        let GlobalState::ScheduleFree { momentum, .. } = self.state.global else {
+            return Ok(());
+        };
+        if self.at_x.is_some() {
+            return Ok(());
+        }
+        self.lerp_toward_z(1.0 - 1.0 / momentum)?;
+        self.at_x = Some(momentum);
+        Ok(())
+    }
+
+    /// Moves the weights back from x to y (`optimizer.train()`): `x.lerp(z, 1 - beta1)`.
+    pub fn train(&mut self) -> candle_core::Result<()> {
+        let Some(momentum) = self.at_x else {
+            return Ok(());
+        };
+        self.lerp_toward_z(1.0 - momentum)?;
+        self.at_x = None;
+        Ok(())
+    }
+
+    fn lerp_toward_z(&mut self, weight: f64) -> candle_core::Result<()> {
+        for (var, state) in self.vars.iter().zip(&self.state.params) {
+            if let ParamState::ScheduleFree { z: Some(z), .. } = state {
+                let param = var.as_tensor().detach();
+                let z = z.on_device(&param)?;
+                var.set(&lerp_on_device(&param, &z, weight)?)?;
+            }
+        }
+        Ok(())
     }
 
     /// SGD momentum or Adam beta1 as configured (used when no schedule cycles it).
@@ -140,6 +280,9 @@ impl Optimizer {
     /// candle tensor ops on the parameters' device (the candle backend's step). A parameter
     /// without a gradient is left alone, as PyTorch does.
     pub fn step(&mut self, grads: &GradStore, lr: f64, momentum: f64) -> candle_core::Result<()> {
+        if !matches!(self.state.global, GlobalState::None) {
+            return self.step_global(Gradients::Device(grads), lr, momentum);
+        }
         let rule = self.begin_step(lr, momentum);
         let mut scalars = DeviceScalars::default();
         for (var, state) in self.vars.iter().zip(self.state.params.iter_mut()) {
@@ -164,6 +307,9 @@ impl Optimizer {
                 grads.len(),
                 self.vars.len()
             );
+        }
+        if !matches!(self.state.global, GlobalState::None) {
+            return self.step_global(Gradients::Host(grads), lr, momentum);
         }
         let rule = self.begin_step(lr, momentum);
         let mut scalars = DeviceScalars::default();
@@ -248,8 +394,535 @@ impl Optimizer {
                 decoupled: matches!(self.spec, OptimizerSpec::Adamw { .. }),
                 step: self.state.steps,
             }),
+            OptimizerSpec::Prodigy { .. }
+            | OptimizerSpec::ScheduleFreeAdamw { .. }
+            | OptimizerSpec::ScheduleFreeSgd { .. } => {
+                unreachable!("stepped by step_global")
+            }
         }
     }
+
+    /// A step of Prodigy or a schedule-free optimizer, whose scalars span every parameter.
+    fn step_global(
+        &mut self,
+        grads: Gradients<'_>,
+        lr: f64,
+        momentum: f64,
+    ) -> candle_core::Result<()> {
+        if self.at_x.is_some() {
+            candle_core::bail!("optimizer: a step at x (evaluation weights); call train() first");
+        }
+        for (index, var) in self.vars.iter().enumerate() {
+            if let Some(grad) = grads.host(index) {
+                if grad.len() != var.elem_count() {
+                    candle_core::bail!(
+                        "optimizer: gradient {index} has {} values for {}",
+                        grad.len(),
+                        var.elem_count()
+                    );
+                }
+            }
+        }
+        self.state.steps += 1;
+        match self.spec.clone() {
+            OptimizerSpec::Prodigy {
+                betas,
+                beta3,
+                eps,
+                weight_decay,
+                decouple,
+                d0,
+                d_coef,
+                growth_rate,
+                use_bias_correction,
+                safeguard_warmup,
+            } => {
+                let hyper = ProdigyHyper {
+                    beta1: momentum,
+                    beta2: betas[1],
+                    beta3: beta3.unwrap_or(betas[1].sqrt()),
+                    eps,
+                    weight_decay,
+                    decouple,
+                    d0,
+                    d_coef,
+                    growth_rate: growth_rate.unwrap_or(f64::INFINITY),
+                    use_bias_correction,
+                    safeguard_warmup,
+                };
+                self.prodigy_step(&grads, lr, &hyper)
+            }
+            OptimizerSpec::ScheduleFreeAdamw {
+                betas,
+                eps,
+                weight_decay,
+                warmup_steps,
+                r,
+                weight_lr_power,
+            } => self.schedule_free_step(
+                &grads,
+                lr,
+                momentum,
+                ScheduleFreeHyper {
+                    adam: Some((betas[1], eps)),
+                    weight_decay,
+                    warmup_steps,
+                    r,
+                    weight_lr_power,
+                },
+            ),
+            OptimizerSpec::ScheduleFreeSgd {
+                weight_decay,
+                warmup_steps,
+                r,
+                weight_lr_power,
+                ..
+            } => self.schedule_free_step(
+                &grads,
+                lr,
+                momentum,
+                ScheduleFreeHyper {
+                    adam: None,
+                    weight_decay,
+                    warmup_steps,
+                    r,
+                    weight_lr_power,
+                },
+            ),
+            OptimizerSpec::Sgd { .. }
+            | OptimizerSpec::Adam { .. }
+            | OptimizerSpec::Adamw { .. } => {
+                unreachable!("no global state")
+            }
+        }
+    }
+
+    /// `prodigyopt.Prodigy.step` with `lr` as the group's learning rate: the sums over every
+    /// parameter, the new `d`, then the update.
+    fn prodigy_step(
+        &mut self,
+        grads: &Gradients<'_>,
+        lr: f64,
+        hyper: &ProdigyHyper,
+    ) -> candle_core::Result<()> {
+        let GlobalState::Prodigy {
+            k,
+            d,
+            d_max,
+            d_numerator,
+        } = self.state.global
+        else {
+            unreachable!("state is created from the same spec")
+        };
+        let (beta1, beta2) = (hyper.beta1, hyper.beta2);
+        let bias_correction = if hyper.use_bias_correction {
+            (1.0 - beta2.powf(k as f64 + 1.0)).sqrt() / (1.0 - beta1.powf(k as f64 + 1.0))
+        } else {
+            1.0
+        };
+        let dlr = d * lr * bias_correction;
+        let l2_decay = if hyper.decouple {
+            0.0
+        } else {
+            hyper.weight_decay
+        };
+        let accumulate = ProdigyAccumulate {
+            beta1,
+            beta2,
+            beta3: hyper.beta3,
+            l2_decay,
+            exp_avg_coefficient: d * (1.0 - beta1),
+            exp_avg_sq_coefficient: d * d * (1.0 - beta2),
+            s_coefficient: (d / hyper.d0) * if hyper.safeguard_warmup { d } else { dlr },
+        };
+        // The first pass; with a learning rate of 0 the library leaves the moments alone and
+        // its sums stay 0, so the step ends before the update.
+        let mut sums = ProdigySums::default();
+        for (index, (var, state)) in self.vars.iter().zip(&mut self.state.params).enumerate() {
+            let ParamState::Prodigy {
+                p0,
+                s,
+                exp_avg,
+                exp_avg_sq,
+            } = state
+            else {
+                unreachable!("state is created from the same spec")
+            };
+            let Some(grad) = grads.tensor_or_host(index, var)? else {
+                continue;
+            };
+            if p0.is_none() {
+                *p0 = Some(Moment::Device(var.as_tensor().copy()?));
+            }
+            let p0 = p0.as_mut().expect("set above");
+            if lr <= 0.0 {
+                continue;
+            }
+            sums = sums
+                + match grad {
+                    Grad::Host(grad) if var.device().is_cpu() => {
+                        let len = grad.len();
+                        let update = FusedUpdate::ProdigyAccumulate {
+                            hyper: &accumulate,
+                            p0: RefCell::new(p0.host(len)?),
+                            s: RefCell::new(s.host(len)?),
+                            exp_avg: RefCell::new(exp_avg.host(len)?),
+                            exp_avg_sq: RefCell::new(exp_avg_sq.host(len)?),
+                            sums: Cell::new(ProdigySums::default()),
+                        };
+                        var.as_tensor().inplace_op1(&HostUpdate {
+                            update: &update,
+                            grad,
+                        })?;
+                        let FusedUpdate::ProdigyAccumulate { sums, .. } = update else {
+                            unreachable!("made above")
+                        };
+                        sums.get()
+                    }
+                    grad => {
+                        let grad = grad.tensor(var)?;
+                        prodigy_accumulate_on_device(
+                            &var.as_tensor().detach(),
+                            &grad,
+                            [p0, s, exp_avg, exp_avg_sq],
+                            &accumulate,
+                        )?
+                    }
+                };
+        }
+        let d_numerator = d_numerator * hyper.beta3 + sums.dot * ((d / hyper.d0) * dlr);
+        if sums.s_l1 == 0.0 {
+            // No progress (no gradient, or a learning rate of 0): the library returns here,
+            // neither counting the step nor keeping the numerator's decay.
+            return Ok(());
+        }
+        let (mut d_next, mut d_max_next) = (d, d_max);
+        if lr > 0.0 {
+            let d_hat = hyper.d_coef * d_numerator / sums.s_l1;
+            if d == hyper.d0 {
+                d_next = d.max(d_hat);
+            }
+            d_max_next = d_max.max(d_hat);
+            d_next = d_max_next.min(d_next * hyper.growth_rate);
+        }
+        self.state.global = GlobalState::Prodigy {
+            k: k + 1,
+            d: d_next,
+            d_max: d_max_next,
+            d_numerator,
+        };
+        let momentum_steps = beta1 > 0.0;
+        let apply = ProdigyApply {
+            momentum: momentum_steps,
+            l2_decay,
+            d_eps: d_next * hyper.eps,
+            decay_coefficient: if hyper.decouple {
+                -hyper.weight_decay * dlr
+            } else {
+                0.0
+            },
+            step_value: if momentum_steps { -dlr } else { -dlr * d_next },
+        };
+        for (index, (var, state)) in self.vars.iter().zip(&mut self.state.params).enumerate() {
+            let ParamState::Prodigy {
+                exp_avg,
+                exp_avg_sq,
+                ..
+            } = state
+            else {
+                unreachable!("state is created from the same spec")
+            };
+            let Some(grad) = grads.tensor_or_host(index, var)? else {
+                continue;
+            };
+            match grad {
+                Grad::Host(grad) if var.device().is_cpu() => {
+                    let len = grad.len();
+                    let update = FusedUpdate::ProdigyApply {
+                        hyper: &apply,
+                        exp_avg: RefCell::new(exp_avg.host(len)?),
+                        exp_avg_sq: RefCell::new(exp_avg_sq.host(len)?),
+                    };
+                    var.as_tensor().inplace_op1(&HostUpdate {
+                        update: &update,
+                        grad,
+                    })?;
+                }
+                grad => {
+                    let grad = grad.tensor(var)?;
+                    let param = var.as_tensor().detach();
+                    let updated =
+                        prodigy_apply_on_device(&param, &grad, [exp_avg, exp_avg_sq], &apply)?;
+                    var.set(&updated)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `schedulefree`'s `AdamWScheduleFree.step` / `SGDScheduleFree.step` with `lr` as the
+    /// group's learning rate and `momentum` as its beta1 / momentum.
+    fn schedule_free_step(
+        &mut self,
+        grads: &Gradients<'_>,
+        lr: f64,
+        momentum: f64,
+        hyper: ScheduleFreeHyper,
+    ) -> candle_core::Result<()> {
+        let GlobalState::ScheduleFree {
+            k,
+            weight_sum,
+            lr_max,
+            ..
+        } = self.state.global
+        else {
+            unreachable!("state is created from the same spec")
+        };
+        let warmup = if (k as usize) < hyper.warmup_steps {
+            (k as f64 + 1.0) / hyper.warmup_steps as f64
+        } else {
+            1.0
+        };
+        let lr = lr * warmup;
+        let lr_max = lr.max(lr_max);
+        let weight = (k as f64 + 1.0).powf(hyper.r) * lr_max.powf(hyper.weight_lr_power);
+        let weight_sum = weight_sum + weight;
+        let ckp1 = if weight_sum == 0.0 {
+            0.0
+        } else {
+            weight / weight_sum
+        };
+        let step = ScheduleFreeStep {
+            lr,
+            ckp1,
+            y_coefficient: lr * (momentum * (1.0 - ckp1) - 1.0),
+            weight_decay: hyper.weight_decay,
+            adam: hyper
+                .adam
+                .map(|(beta2, eps)| (beta2, eps, 1.0 - beta2.powf(k as f64 + 1.0))),
+        };
+        self.state.global = GlobalState::ScheduleFree {
+            k: k + 1,
+            weight_sum,
+            lr_max,
+            momentum,
+        };
+        for (index, (var, state)) in self.vars.iter().zip(&mut self.state.params).enumerate() {
+            let ParamState::ScheduleFree { z, exp_avg_sq } = state else {
+                unreachable!("state is created from the same spec")
+            };
+            let Some(grad) = grads.tensor_or_host(index, var)? else {
+                continue;
+            };
+            if z.is_none() {
+                *z = Some(Moment::Device(var.as_tensor().copy()?));
+            }
+            let z = z.as_mut().expect("set above");
+            match grad {
+                Grad::Host(grad) if var.device().is_cpu() => {
+                    let len = grad.len();
+                    let mut none = Vec::new();
+                    let exp_avg_sq = match step.adam {
+                        Some(_) => exp_avg_sq.host(len)?,
+                        None => &mut none,
+                    };
+                    let update = FusedUpdate::ScheduleFree {
+                        hyper: &step,
+                        z: RefCell::new(z.host(len)?),
+                        exp_avg_sq: RefCell::new(exp_avg_sq),
+                    };
+                    var.as_tensor().inplace_op1(&HostUpdate {
+                        update: &update,
+                        grad,
+                    })?;
+                }
+                grad => {
+                    let grad = grad.tensor(var)?;
+                    let param = var.as_tensor().detach();
+                    let updated = schedule_free_on_device(&param, &grad, z, exp_avg_sq, &step)?;
+                    var.set(&updated)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Prodigy's constructor arguments with the step's beta1.
+struct ProdigyHyper {
+    beta1: f64,
+    beta2: f64,
+    beta3: f64,
+    eps: f64,
+    weight_decay: f64,
+    decouple: bool,
+    d0: f64,
+    d_coef: f64,
+    growth_rate: f64,
+    use_bias_correction: bool,
+    safeguard_warmup: bool,
+}
+
+/// A schedule-free optimizer's constructor arguments.
+struct ScheduleFreeHyper {
+    /// AdamW's `(beta2, eps)`; `None` for SGD.
+    adam: Option<(f64, f64)>,
+    weight_decay: f64,
+    warmup_steps: usize,
+    r: f64,
+    weight_lr_power: f64,
+}
+
+/// A step's gradients: candle's (the candle step) or host slices in variable order (the
+/// native step).
+enum Gradients<'a> {
+    Device(&'a GradStore),
+    Host(&'a [Vec<f32>]),
+}
+
+/// One parameter's gradient.
+enum Grad<'a> {
+    Device(Tensor),
+    Host(&'a [f32]),
+}
+
+impl<'a> Gradients<'a> {
+    fn host(&self, index: usize) -> Option<&'a [f32]> {
+        match self {
+            Gradients::Host(grads) => Some(&grads[index]),
+            Gradients::Device(_) => None,
+        }
+    }
+
+    /// The gradient of variable `index`; `None` when candle's has none for it (the library
+    /// skips such a parameter).
+    fn tensor_or_host(&self, index: usize, var: &Var) -> candle_core::Result<Option<Grad<'a>>> {
+        Ok(match self {
+            Gradients::Host(grads) => Some(Grad::Host(&grads[index])),
+            Gradients::Device(store) => store
+                .get(var.as_tensor())
+                .map(|grad| Grad::Device(grad.detach())),
+        })
+    }
+}
+
+impl Grad<'_> {
+    /// The gradient as a tensor shaped and placed like `var`.
+    fn tensor(self, var: &Var) -> candle_core::Result<Tensor> {
+        match self {
+            Grad::Device(grad) => Ok(grad),
+            Grad::Host(grad) => Tensor::from_slice(grad, var.shape(), var.device()),
+        }
+    }
+}
+
+/// A scalar tensor of `value` on `like`'s device and dtype.
+fn scalar_like(value: f64, like: &Tensor) -> candle_core::Result<Tensor> {
+    Tensor::new(value as f32, like.device())?.to_dtype(like.dtype())
+}
+
+/// `update::prodigy_accumulate` as tensor ops; the sums in f64 on the device.
+fn prodigy_accumulate_on_device(
+    param: &Tensor,
+    grad: &Tensor,
+    [p0, s, exp_avg, exp_avg_sq]: [&mut Moment; 4],
+    hyper: &ProdigyAccumulate,
+) -> candle_core::Result<ProdigySums> {
+    let grad = if hyper.l2_decay != 0.0 {
+        (grad + param.affine(hyper.l2_decay, 0.0)?)?
+    } else {
+        grad.clone()
+    };
+    let difference = (p0.on_device(param)? - param)?;
+    let dot = (grad.to_dtype(DType::F64)? * difference.to_dtype(DType::F64)?)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    if hyper.beta1 > 0.0 {
+        let next = (exp_avg.on_device(param)?.affine(hyper.beta1, 0.0)?
+            + grad.affine(hyper.exp_avg_coefficient, 0.0)?)?;
+        *exp_avg = Moment::Device(next);
+    }
+    let next_sq = (exp_avg_sq.on_device(param)?.affine(hyper.beta2, 0.0)?
+        + grad.affine(hyper.exp_avg_sq_coefficient, 0.0)?.mul(&grad)?)?;
+    *exp_avg_sq = Moment::Device(next_sq);
+    let next_s =
+        (s.on_device(param)?.affine(hyper.beta3, 0.0)? + grad.affine(hyper.s_coefficient, 0.0)?)?;
+    let s_l1 = next_s
+        .abs()?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    *s = Moment::Device(next_s);
+    Ok(ProdigySums { dot, s_l1 })
+}
+
+/// `update::prodigy_apply` as tensor ops: the updated parameter.
+fn prodigy_apply_on_device(
+    param: &Tensor,
+    grad: &Tensor,
+    [exp_avg, exp_avg_sq]: [&mut Moment; 2],
+    hyper: &ProdigyApply,
+) -> candle_core::Result<Tensor> {
+    let direction = if hyper.momentum {
+        exp_avg.on_device(param)?
+    } else if hyper.l2_decay != 0.0 {
+        (grad + param.affine(hyper.l2_decay, 0.0)?)?
+    } else {
+        grad.clone()
+    };
+    let denominator = exp_avg_sq
+        .on_device(param)?
+        .sqrt()?
+        .affine(1.0, hyper.d_eps)?;
+    let param = if hyper.decay_coefficient != 0.0 {
+        (param + param.affine(hyper.decay_coefficient, 0.0)?)?
+    } else {
+        param.clone()
+    };
+    &param + direction.affine(hyper.step_value, 0.0)?.div(&denominator)?
+}
+
+/// PyTorch's `lerp` with a scalar weight as tensor ops (`update::lerp`'s two forms).
+fn lerp_on_device(from: &Tensor, to: &Tensor, weight: f64) -> candle_core::Result<Tensor> {
+    let difference = (to - from)?;
+    if weight.abs() < 0.5 {
+        from + difference.affine(weight, 0.0)?
+    } else {
+        to - difference.affine(1.0 - weight, 0.0)?
+    }
+}
+
+/// `update::schedule_free_update` as tensor ops: the updated y.
+fn schedule_free_on_device(
+    y: &Tensor,
+    grad: &Tensor,
+    z: &mut Moment,
+    exp_avg_sq: &mut Moment,
+    step: &ScheduleFreeStep,
+) -> candle_core::Result<Tensor> {
+    let grad = match step.adam {
+        Some((beta2, eps, bias_correction2)) => {
+            let next = (exp_avg_sq.on_device(y)?.affine(beta2, 0.0)?
+                + grad.affine(1.0 - beta2, 0.0)?.mul(grad)?)?;
+            // True divisions, as the host kernel (and the library) do.
+            let denominator = next
+                .broadcast_div(&scalar_like(bias_correction2, y)?)?
+                .sqrt()?
+                .affine(1.0, eps)?;
+            *exp_avg_sq = Moment::Device(next);
+            grad.div(&denominator)?
+        }
+        None => grad.clone(),
+    };
+    let grad = if step.weight_decay != 0.0 {
+        (grad + y.affine(step.weight_decay, 0.0)?)?
+    } else {
+        grad
+    };
+    let z_now = z.on_device(y)?;
+    let y_next = (lerp_on_device(y, &z_now, step.ckp1)? + grad.affine(step.y_coefficient, 0.0)?)?;
+    *z = Moment::Device((z_now - grad.affine(step.lr, 0.0)?)?);
+    Ok(y_next)
 }
 
 /// Scalars the device update divides by, made on the device once per step rather than once
@@ -406,6 +1079,26 @@ enum FusedUpdate<'a> {
         exp_avg: RefCell<&'a mut Vec<f32>>,
         exp_avg_sq: RefCell<&'a mut Vec<f32>>,
     },
+    /// Prodigy's first pass (reads the parameter, leaves it as it is).
+    ProdigyAccumulate {
+        hyper: &'a ProdigyAccumulate,
+        p0: RefCell<&'a mut Vec<f32>>,
+        s: RefCell<&'a mut Vec<f32>>,
+        exp_avg: RefCell<&'a mut Vec<f32>>,
+        exp_avg_sq: RefCell<&'a mut Vec<f32>>,
+        sums: Cell<ProdigySums>,
+    },
+    ProdigyApply {
+        hyper: &'a ProdigyApply,
+        exp_avg: RefCell<&'a mut Vec<f32>>,
+        exp_avg_sq: RefCell<&'a mut Vec<f32>>,
+    },
+    ScheduleFree {
+        hyper: &'a ScheduleFreeStep,
+        z: RefCell<&'a mut Vec<f32>>,
+        /// Empty for SGD.
+        exp_avg_sq: RefCell<&'a mut Vec<f32>>,
+    },
 }
 
 /// Parameters of this many weights or more are updated in chunks of `UPDATE_CHUNK` on the
@@ -466,9 +1159,82 @@ impl FusedUpdate<'_> {
                         adam_update(param, grad, exp_avg, exp_avg_sq, hyper)
                     });
             }
+            FusedUpdate::ProdigyAccumulate {
+                hyper,
+                p0,
+                s,
+                exp_avg,
+                exp_avg_sq,
+                sums,
+            } => {
+                let (p0, mut s) = (p0.borrow(), s.borrow_mut());
+                let (mut exp_avg, mut exp_avg_sq) = (exp_avg.borrow_mut(), exp_avg_sq.borrow_mut());
+                // Chunks of a fixed size whatever the pool, so that the sums round alike.
+                let chunk = UPDATE_CHUNK;
+                let partial: Vec<ProdigySums> = param
+                    .par_chunks(chunk)
+                    .zip(grad.par_chunks(chunk))
+                    .zip(p0.par_chunks(chunk))
+                    .zip(exp_avg.par_chunks_mut(chunk))
+                    .zip(exp_avg_sq.par_chunks_mut(chunk))
+                    .zip(s.par_chunks_mut(chunk))
+                    .map(|(((((param, grad), p0), exp_avg), exp_avg_sq), s)| {
+                        prodigy_accumulate(param, grad, p0, exp_avg, exp_avg_sq, s, hyper)
+                    })
+                    .collect();
+                // Added in chunk order, so the split decides the sums' rounding, not the pool.
+                sums.set(
+                    partial
+                        .into_iter()
+                        .fold(ProdigySums::default(), |a, b| a + b),
+                );
+            }
+            FusedUpdate::ProdigyApply {
+                hyper,
+                exp_avg,
+                exp_avg_sq,
+            } => {
+                let (exp_avg, exp_avg_sq) = (exp_avg.borrow(), exp_avg_sq.borrow());
+                param
+                    .par_chunks_mut(chunk)
+                    .zip(grad.par_chunks(chunk))
+                    .zip(exp_avg.par_chunks(chunk))
+                    .zip(exp_avg_sq.par_chunks(chunk))
+                    .for_each(|(((param, grad), exp_avg), exp_avg_sq)| {
+                        prodigy_apply(param, grad, exp_avg, exp_avg_sq, hyper)
+                    });
+            }
+            FusedUpdate::ScheduleFree {
+                hyper,
+                z,
+                exp_avg_sq,
+            } => {
+                let (mut z, mut exp_avg_sq) = (z.borrow_mut(), exp_avg_sq.borrow_mut());
+                if exp_avg_sq.is_empty() {
+                    // SGD: no second moment to split.
+                    return param
+                        .par_chunks_mut(chunk)
+                        .zip(grad.par_chunks(chunk))
+                        .zip(z.par_chunks_mut(chunk))
+                        .for_each(|((param, grad), z)| {
+                            schedule_free_update(param, grad, z, &mut [], hyper)
+                        });
+                }
+                param
+                    .par_chunks_mut(chunk)
+                    .zip(grad.par_chunks(chunk))
+                    .zip(z.par_chunks_mut(chunk))
+                    .zip(exp_avg_sq.par_chunks_mut(chunk))
+                    .for_each(|(((param, grad), z), exp_avg_sq)| {
+                        schedule_free_update(param, grad, z, exp_avg_sq, hyper)
+                    });
+            }
         }
     }
 }
+
+#[cfg(test)]
+pub(crate) mod challengers;
 
 #[cfg(test)]
 mod tests {
@@ -479,12 +1245,12 @@ mod tests {
     /// The two steps under test: candle's (tensor ops, gradients from autograd) and the
     /// native backend's (gradients in host memory, fused in place).
     #[derive(Debug, Clone, Copy)]
-    enum Path {
+    pub(crate) enum Path {
         Candle,
         Host,
     }
 
-    fn step(
+    pub(crate) fn step(
         optimizer: &mut Optimizer,
         path: Path,
         vars: &[Var],

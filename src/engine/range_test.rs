@@ -84,7 +84,15 @@ fn range_test_steps(
         let loss = match spec.loss {
             RangeLoss::Train => batch_loss,
             RangeLoss::Validation if batch_loss.is_finite() => {
-                trainer.evaluate(validation, control.cancel_flag())?.loss
+                trainer
+                    .evaluate_with(
+                        optimizer,
+                        validation,
+                        train,
+                        batch_size,
+                        control.cancel_flag(),
+                    )?
+                    .loss
             }
             RangeLoss::Validation => batch_loss,
         };

@@ -552,9 +552,13 @@ fn train_candidate(
             tail_count += 1;
         }
     }
-    let evaluation = setup
-        .trainer
-        .evaluate(setup.validation, control.cancel_flag())?;
+    let evaluation = setup.trainer.evaluate_with(
+        &mut optimizer,
+        setup.validation,
+        setup.train,
+        setup.batch_size,
+        control.cancel_flag(),
+    )?;
     let diverged = !evaluation.loss.is_finite();
     Ok(SweepRun {
         peak_lr,

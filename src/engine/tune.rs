@@ -453,7 +453,9 @@ pub fn one_cycle(spec: &JobSpec, peak_lr: f64, total_steps: usize) -> Schedule {
         base_momentum: shape.base_momentum,
         max_momentum: shape.max_momentum,
         momentum_of: Some(match spec.optimizer {
-            OptimizerSpec::Sgd { .. } => super::schedule::MomentumOf::SgdMomentum,
+            OptimizerSpec::Sgd { .. } | OptimizerSpec::ScheduleFreeSgd { .. } => {
+                super::schedule::MomentumOf::SgdMomentum
+            }
             _ => super::schedule::MomentumOf::AdamBeta1,
         }),
     })

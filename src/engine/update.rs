@@ -1,10 +1,12 @@
 //! Optimizer update kernels on plain slices with PyTorch's exact update rules: SGD (momentum,
-//! nesterov, L2 weight decay), Adam and AdamW. Hyper-parameters are passed every step because a
-//! schedule drives the learning rate and the momentum / beta1; each kernel is one fused pass.
+//! nesterov, L2 weight decay), Adam and AdamW; and those of the learning-rate-free libraries:
+//! Prodigy (`prodigyopt`, two passes: the step's sums, then the update) and schedule-free
+//! AdamW and SGD (`schedulefree`). Hyper-parameters are passed every step because a schedule
+//! drives the learning rate and the momentum / beta1; each kernel is one fused pass.
 
 use std::ops::{Add, Div, Mul, Sub};
 
-use super::simd::dispatch;
+use super::simd::{dispatch, simd_kernel};
 
 /// The float types the kernels run on: f32 for training, f64 for checking against references.
 pub trait Real:
@@ -340,6 +342,229 @@ fn adam_kernel<T: Real, const L2_DECAY: bool, const DECOUPLED_DECAY: bool>(
         *v = *v * s.beta2 + s.one_minus_beta2 * g * g;
         let denom = v.sqrt() / s.bias_correction2_sqrt + s.eps;
         *p = *p - s.step_size * *m / denom;
+    }
+}
+
+/// Prodigy's scalars for one step's first pass, as `prodigyopt.Prodigy.step` forms them in
+/// f64 before they meet the f32 tensors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProdigyAccumulate {
+    /// 0 skips the first moment (the library keeps none then).
+    pub beta1: f64,
+    pub beta2: f64,
+    pub beta3: f64,
+    /// L2 weight decay added to the gradient (`decouple: false`), else 0.
+    pub l2_decay: f64,
+    /// `d * (1 - beta1)`.
+    pub exp_avg_coefficient: f64,
+    /// `d * d * (1 - beta2)`.
+    pub exp_avg_sq_coefficient: f64,
+    /// `(d / d0) * dlr`, or `(d / d0) * d` with `safeguard_warmup`.
+    pub s_coefficient: f64,
+}
+
+/// The two sums Prodigy's estimate of `d` needs from one parameter.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProdigySums {
+    /// `dot(grad, p0 - p)`, in f64 (each f32 product is exact there).
+    pub dot: f64,
+    /// `sum |s|` after this step's update of `s`, in f64.
+    pub s_l1: f64,
+}
+
+impl Add for ProdigySums {
+    type Output = ProdigySums;
+    fn add(self, other: ProdigySums) -> ProdigySums {
+        ProdigySums {
+            dot: self.dot + other.dot,
+            s_l1: self.s_l1 + other.s_l1,
+        }
+    }
+}
+
+/// Prodigy's second-pass scalars: the step with the new `d`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProdigyApply {
+    /// Whether the first moment steps (beta1 > 0); otherwise the gradient does.
+    pub momentum: bool,
+    /// As in the first pass (the gradient is decayed again, as the library's in-place one).
+    pub l2_decay: f64,
+    /// `d * eps`, with the new `d`.
+    pub d_eps: f64,
+    /// Decoupled decay: `-weight_decay * dlr` (0 for none).
+    pub decay_coefficient: f64,
+    /// `-dlr`, or `-dlr * d` when the gradient steps.
+    pub step_value: f64,
+}
+
+simd_kernel! {
+    /// Prodigy's first pass over one parameter: the (L2-decayed) gradient into `exp_avg`,
+    /// `exp_avg_sq` and `s`, and the sums of `dot(grad, p0 - p)` and `|s|`.
+    pub fn prodigy_accumulate(
+        param: &[f32],
+        grad: &[f32],
+        p0: &[f32],
+        exp_avg: &mut [f32],
+        exp_avg_sq: &mut [f32],
+        s: &mut [f32],
+        h: &ProdigyAccumulate,
+    ) -> ProdigySums {
+        let len = param.len();
+        assert!(
+            grad.len() == len
+                && p0.len() == len
+                && exp_avg.len() == len
+                && exp_avg_sq.len() == len
+                && s.len() == len,
+            "gradient or state length differs from the parameter's"
+        );
+        let (beta1, beta2, beta3) = (h.beta1 as f32, h.beta2 as f32, h.beta3 as f32);
+        let l2 = h.l2_decay as f32;
+        let (c1, c2, cs) = (
+            h.exp_avg_coefficient as f32,
+            h.exp_avg_sq_coefficient as f32,
+            h.s_coefficient as f32,
+        );
+        let (decay, momentum) = (h.l2_decay != 0.0, h.beta1 > 0.0);
+        let mut sums = ProdigySums::default();
+        for index in 0..len {
+            let p = param[index];
+            let g = if decay { grad[index] + l2 * p } else { grad[index] };
+            sums.dot += f64::from(g) * f64::from(p0[index] - p);
+            if momentum {
+                exp_avg[index] = exp_avg[index] * beta1 + c1 * g;
+            }
+            exp_avg_sq[index] = exp_avg_sq[index] * beta2 + c2 * g * g;
+            let next = s[index] * beta3 + cs * g;
+            s[index] = next;
+            sums.s_l1 += f64::from(next.abs());
+        }
+        sums
+    }
+}
+
+simd_kernel! {
+    /// Prodigy's second pass over one parameter: decoupled decay, then
+    /// `p += step_value * exp_avg / (sqrt(exp_avg_sq) + d * eps)` (the gradient in place of
+    /// `exp_avg` without momentum).
+    pub fn prodigy_apply(
+        param: &mut [f32],
+        grad: &[f32],
+        exp_avg: &[f32],
+        exp_avg_sq: &[f32],
+        h: &ProdigyApply,
+    ) {
+        let len = param.len();
+        assert!(
+            grad.len() == len && exp_avg.len() == len && exp_avg_sq.len() == len,
+            "gradient or state length differs from the parameter's"
+        );
+        let (l2, d_eps) = (h.l2_decay as f32, h.d_eps as f32);
+        let (decay, step) = (h.decay_coefficient as f32, h.step_value as f32);
+        let decoupled = h.decay_coefficient != 0.0;
+        for index in 0..len {
+            let mut p = param[index];
+            let direction = if h.momentum {
+                exp_avg[index]
+            } else if h.l2_decay != 0.0 {
+                grad[index] + l2 * p
+            } else {
+                grad[index]
+            };
+            let denom = exp_avg_sq[index].sqrt() + d_eps;
+            if decoupled {
+                p = p + decay * p;
+            }
+            param[index] = p + step * direction / denom;
+        }
+    }
+}
+
+/// PyTorch's `lerp` with a scalar weight: from whichever end is nearer the weight.
+#[inline(always)]
+fn lerp(from: f32, to: f32, weight: f32) -> f32 {
+    if weight.abs() < 0.5 {
+        from + weight * (to - from)
+    } else {
+        to - (to - from) * (1.0 - weight)
+    }
+}
+
+/// A schedule-free step's scalars, as `schedulefree` forms them in f64.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScheduleFreeStep {
+    /// The warmed-up learning rate, `lr * min(1, (k + 1) / warmup_steps)`.
+    pub lr: f64,
+    /// `c_{k+1}`: how far y moves toward z (the average's new weight over their sum).
+    pub ckp1: f64,
+    /// `lr * (beta1 * (1 - ckp1) - 1)`: the gradient's coefficient in y's update.
+    pub y_coefficient: f64,
+    pub weight_decay: f64,
+    /// AdamW's second moment: `Some((beta2, eps, 1 - beta2^(k+1)))`; `None` for SGD.
+    pub adam: Option<(f64, f64, f64)>,
+}
+
+simd_kernel! {
+    /// One schedule-free step of one parameter held at `y` (the model's weights), its `z` and,
+    /// for AdamW, its second moment: the gradient normalised (AdamW), decayed at y,
+    /// `y = lerp(y, z, ckp1) + y_coefficient * g`, `z -= lr * g`.
+    pub fn schedule_free_update(
+        y: &mut [f32],
+        grad: &[f32],
+        z: &mut [f32],
+        exp_avg_sq: &mut [f32],
+        h: &ScheduleFreeStep,
+    ) {
+        let len = y.len();
+        assert!(
+            grad.len() == len && z.len() == len,
+            "gradient or state length differs from the parameter's"
+        );
+        let (lr, ckp1, y_coefficient) = (h.lr as f32, h.ckp1 as f32, h.y_coefficient as f32);
+        let decay = h.weight_decay as f32;
+        let decayed = h.weight_decay != 0.0;
+        match h.adam {
+            Some((beta2, eps, bias_correction2)) => {
+                assert_eq!(exp_avg_sq.len(), len, "second moment length differs");
+                let (beta2, one_minus_beta2) = (beta2 as f32, (1.0 - beta2) as f32);
+                let (eps, bias_correction2) = (eps as f32, bias_correction2 as f32);
+                for index in 0..len {
+                    let g = grad[index];
+                    let v = exp_avg_sq[index] * beta2 + one_minus_beta2 * g * g;
+                    exp_avg_sq[index] = v;
+                    let denom = (v / bias_correction2).sqrt() + eps;
+                    let mut g = g / denom;
+                    if decayed {
+                        g = g + decay * y[index];
+                    }
+                    y[index] = lerp(y[index], z[index], ckp1) + y_coefficient * g;
+                    z[index] = z[index] - lr * g;
+                }
+            }
+            None => {
+                for index in 0..len {
+                    let g = if decayed {
+                        grad[index] + decay * y[index]
+                    } else {
+                        grad[index]
+                    };
+                    y[index] = lerp(y[index], z[index], ckp1) + y_coefficient * g;
+                    z[index] = z[index] - lr * g;
+                }
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// `param = lerp(param, z, weight)`: a schedule-free parameter from y to x (weight
+    /// `1 - 1/beta1`) or back (weight `1 - beta1`).
+    pub fn lerp_toward(param: &mut [f32], z: &[f32], weight: f64) {
+        assert_eq!(param.len(), z.len(), "z's length differs from the parameter's");
+        let weight = weight as f32;
+        for (p, &z) in param.iter_mut().zip(z) {
+            *p = lerp(*p, z, weight);
+        }
     }
 }
 

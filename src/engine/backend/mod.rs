@@ -42,6 +42,16 @@ pub trait Backend: Send {
         dropout_rng: &mut Rng,
     ) -> candle_core::Result<f64>;
 
+    /// A forward pass in training mode on the batch `rows` and nothing else: batch norm's
+    /// running statistics update (dropout draws from `dropout_rng`), no gradient, no step.
+    fn forward_train(
+        &mut self,
+        model: &Model,
+        data: &DeviceData,
+        rows: &[usize],
+        dropout_rng: &mut Rng,
+    ) -> candle_core::Result<()>;
+
     /// Loss (and accuracy where it means something) on a whole split, in evaluation mode.
     /// A split can take minutes: `cancel` is checked before every chunk of it, and a raised
     /// flag ends the evaluation with [`EngineError::Canceled`].

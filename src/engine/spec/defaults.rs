@@ -44,6 +44,17 @@ pub fn eps() -> f64 {
 pub fn adamw_weight_decay() -> f64 {
     0.01
 }
+/// Prodigy's first estimate of `d` (prodigyopt's).
+pub fn prodigy_d0() -> f64 {
+    1e-6
+}
+pub fn prodigy_d_coef() -> f64 {
+    1.0
+}
+/// The schedule-free optimizers' weighting of the average by the learning rate (schedulefree's).
+pub fn weight_lr_power() -> f64 {
+    2.0
+}
 pub fn recipe_plateau_factor() -> f64 {
     0.1
 }

@@ -31,13 +31,31 @@ pub fn json_error(error: JsonError) -> SpecError {
     }
 }
 
+/// How a field's own deserializer names it in its message, where serde's path stops at a
+/// parent (inside an internally tagged enum): `path_error` appends the name to the path.
+pub(super) fn field_prefix(field: &str) -> String {
+    format!("field `{field}`: ")
+}
+
 /// Turns serde's error into one that names the field by its full path. serde reports an
-/// unknown field at the path of its parent, so the field's own name is appended.
+/// unknown field at the path of its parent, so the field's own name is appended, as is a
+/// field named by its own deserializer (`field_prefix`).
 pub(super) fn path_error<E: fmt::Display>(error: serde_path_to_error::Error<E>) -> SpecError {
-    let message = error.inner().to_string();
+    let mut message = error.inner().to_string();
     let mut field = error.path().to_string();
     if field == "." {
         field.clear();
+    }
+    if let Some((named, rest)) = message
+        .strip_prefix("field `")
+        .and_then(|rest| rest.split_once("`: "))
+    {
+        field = if field.is_empty() {
+            named.to_string()
+        } else {
+            format!("{field}.{named}")
+        };
+        message = rest.to_string();
     }
     if let Some(unknown) = message
         .strip_prefix("unknown field `")

@@ -424,6 +424,72 @@ pub enum OptimizerSpec {
         #[serde(default = "defaults::adamw_weight_decay")]
         weight_decay: f64,
     },
+    /// Prodigy (`prodigyopt.Prodigy`): Adam whose step size `d` is estimated as it trains;
+    /// the learning rate scales `d` (1.0 leaves it as estimated).
+    Prodigy {
+        #[serde(default = "defaults::betas")]
+        betas: [f64; 2],
+        /// `None`: the square root of beta2, as the library does.
+        #[serde(default)]
+        beta3: Option<f64>,
+        #[serde(default = "defaults::eps")]
+        eps: f64,
+        #[serde(default)]
+        weight_decay: f64,
+        /// AdamW-style weight decay (the library's default) rather than L2.
+        #[serde(default = "defaults::enabled")]
+        decouple: bool,
+        #[serde(default = "defaults::prodigy_d0")]
+        d0: f64,
+        #[serde(default = "defaults::prodigy_d_coef")]
+        d_coef: f64,
+        /// The most `d` may grow in a step, as a factor; `None`: unbounded (the library's
+        /// `inf`).
+        #[serde(default)]
+        growth_rate: Option<f64>,
+        #[serde(default)]
+        use_bias_correction: bool,
+        #[serde(default)]
+        safeguard_warmup: bool,
+    },
+    /// Schedule-free AdamW (`schedulefree.AdamWScheduleFree`): trains at `y`, evaluates at
+    /// the average `x`.
+    ScheduleFreeAdamw {
+        #[serde(default = "defaults::betas")]
+        betas: [f64; 2],
+        #[serde(default = "defaults::eps")]
+        eps: f64,
+        #[serde(default)]
+        weight_decay: f64,
+        #[serde(default, deserialize_with = "warmup_steps")]
+        warmup_steps: usize,
+        #[serde(default)]
+        r: f64,
+        #[serde(default = "defaults::weight_lr_power")]
+        weight_lr_power: f64,
+    },
+    /// Schedule-free SGD (`schedulefree.SGDScheduleFree`): trains at `y`, evaluates at the
+    /// average `x`.
+    ScheduleFreeSgd {
+        #[serde(default = "defaults::sgd_momentum")]
+        momentum: f64,
+        #[serde(default)]
+        weight_decay: f64,
+        #[serde(default, deserialize_with = "warmup_steps")]
+        warmup_steps: usize,
+        #[serde(default)]
+        r: f64,
+        #[serde(default = "defaults::weight_lr_power")]
+        weight_lr_power: f64,
+    },
+}
+
+/// A schedule-free optimizer's `warmup_steps`. Inside the internally tagged `OptimizerSpec`
+/// serde no longer knows the field's path, so its error names the field for `path_error`.
+fn warmup_steps<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+    usize::deserialize(deserializer).map_err(|cause| {
+        de::Error::custom(format!("{}{cause}", error::field_prefix("warmup_steps")))
+    })
 }
 
 impl Default for OptimizerSpec {
@@ -442,14 +508,35 @@ impl OptimizerSpec {
             OptimizerSpec::Sgd { .. } => "sgd",
             OptimizerSpec::Adam { .. } => "adam",
             OptimizerSpec::Adamw { .. } => "adamw",
+            OptimizerSpec::Prodigy { .. } => "prodigy",
+            OptimizerSpec::ScheduleFreeAdamw { .. } => "schedule_free_adamw",
+            OptimizerSpec::ScheduleFreeSgd { .. } => "schedule_free_sgd",
         }
     }
 
     /// SGD momentum or Adam's beta1: the value OneCycle cycles.
     pub fn momentum(&self) -> f64 {
         match self {
-            OptimizerSpec::Sgd { momentum, .. } => *momentum,
-            OptimizerSpec::Adam { betas, .. } | OptimizerSpec::Adamw { betas, .. } => betas[0],
+            OptimizerSpec::Sgd { momentum, .. }
+            | OptimizerSpec::ScheduleFreeSgd { momentum, .. } => *momentum,
+            OptimizerSpec::Adam { betas, .. }
+            | OptimizerSpec::Adamw { betas, .. }
+            | OptimizerSpec::Prodigy { betas, .. }
+            | OptimizerSpec::ScheduleFreeAdamw { betas, .. } => betas[0],
+        }
+    }
+
+    /// The reference library's default learning rate for the learning-rate-free optimizers
+    /// (Prodigy 1.0, schedule-free AdamW 0.0025, schedule-free SGD 1.0); `None` for those
+    /// whose learning rate is tuned.
+    pub fn default_lr(&self) -> Option<f64> {
+        match self {
+            OptimizerSpec::Sgd { .. }
+            | OptimizerSpec::Adam { .. }
+            | OptimizerSpec::Adamw { .. } => None,
+            OptimizerSpec::Prodigy { .. } => Some(1.0),
+            OptimizerSpec::ScheduleFreeAdamw { .. } => Some(0.0025),
+            OptimizerSpec::ScheduleFreeSgd { .. } => Some(1.0),
         }
     }
 }

@@ -345,3 +345,145 @@ fn exp_and_linear_range_test_learning_rates_follow_the_formula() {
     range.mode = LrMode::Linear;
     assert!((range.lr_at(2) - (1e-4 + (1.0 - 1e-4) * 0.5)).abs() < 1e-15);
 }
+
+fn optimizer_spec(optimizer: &str) -> String {
+    format!(r#"{{"data": {{"builtin": "spirals"}}, "optimizer": {optimizer}}}"#)
+}
+
+#[test]
+fn the_learning_rate_free_optimizers_take_the_libraries_defaults() {
+    let spec = parse(&optimizer_spec(r#"{"name": "prodigy"}"#)).unwrap();
+    assert_eq!(
+        spec.optimizer,
+        OptimizerSpec::Prodigy {
+            betas: [0.9, 0.999],
+            beta3: None,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            decouple: true,
+            d0: 1e-6,
+            d_coef: 1.0,
+            growth_rate: None,
+            use_bias_correction: false,
+            safeguard_warmup: false,
+        }
+    );
+    spec.validate(&Limits::default()).unwrap();
+    assert_eq!(
+        (spec.optimizer.name(), spec.optimizer.default_lr()),
+        ("prodigy", Some(1.0))
+    );
+    let spec = parse(&optimizer_spec(r#"{"name": "schedule_free_adamw"}"#)).unwrap();
+    assert_eq!(
+        spec.optimizer,
+        OptimizerSpec::ScheduleFreeAdamw {
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            r: 0.0,
+            weight_lr_power: 2.0,
+        }
+    );
+    spec.validate(&Limits::default()).unwrap();
+    assert_eq!(spec.optimizer.default_lr(), Some(0.0025));
+    assert_eq!(spec.optimizer.name(), "schedule_free_adamw");
+    let spec = parse(&optimizer_spec(r#"{"name": "schedule_free_sgd"}"#)).unwrap();
+    assert_eq!(
+        spec.optimizer,
+        OptimizerSpec::ScheduleFreeSgd {
+            momentum: 0.9,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            r: 0.0,
+            weight_lr_power: 2.0,
+        }
+    );
+    spec.validate(&Limits::default()).unwrap();
+    assert_eq!(spec.optimizer.default_lr(), Some(1.0));
+    assert_eq!(spec.optimizer.momentum(), 0.9);
+    assert_eq!(OptimizerSpec::default().default_lr(), None);
+    // The names serialize back as they parse.
+    let text = serde_json::to_string(&spec.optimizer).unwrap();
+    assert!(text.contains(r#""name":"schedule_free_sgd""#), "{text}");
+}
+
+#[test]
+fn a_learning_rate_free_optimizers_bad_values_name_their_field() {
+    for (optimizer, field) in [
+        (r#"{"name": "prodigy", "d0": -1e-6}"#, "optimizer.d0"),
+        (r#"{"name": "prodigy", "d0": 0}"#, "optimizer.d0"),
+        (r#"{"name": "prodigy", "d_coef": 0}"#, "optimizer.d_coef"),
+        (
+            r#"{"name": "prodigy", "betas": [0.9, 1.0]}"#,
+            "optimizer.betas[1]",
+        ),
+        (r#"{"name": "prodigy", "beta3": 1.5}"#, "optimizer.beta3"),
+        (
+            r#"{"name": "prodigy", "growth_rate": 0.5}"#,
+            "optimizer.growth_rate",
+        ),
+        (r#"{"name": "prodigy", "eps": 0}"#, "optimizer.eps"),
+        (
+            r#"{"name": "prodigy", "weight_decay": -0.1}"#,
+            "optimizer.weight_decay",
+        ),
+        (
+            r#"{"name": "schedule_free_adamw", "betas": [-0.1, 0.999]}"#,
+            "optimizer.betas[0]",
+        ),
+        (
+            r#"{"name": "schedule_free_adamw", "betas": [0, 0.999]}"#,
+            "optimizer.betas[0]",
+        ),
+        (
+            r#"{"name": "schedule_free_adamw", "weight_lr_power": -1}"#,
+            "optimizer.weight_lr_power",
+        ),
+        (
+            r#"{"name": "schedule_free_adamw", "r": -0.5}"#,
+            "optimizer.r",
+        ),
+        (
+            r#"{"name": "schedule_free_sgd", "momentum": 0}"#,
+            "optimizer.momentum",
+        ),
+        (
+            r#"{"name": "schedule_free_sgd", "momentum": 1}"#,
+            "optimizer.momentum",
+        ),
+        (
+            r#"{"name": "schedule_free_sgd", "weight_lr_power": -2}"#,
+            "optimizer.weight_lr_power",
+        ),
+    ] {
+        let error = invalid(&optimizer_spec(optimizer));
+        assert_eq!(error.field, field, "{optimizer}: {error}");
+    }
+}
+
+#[test]
+fn a_learning_rate_free_optimizers_unparsable_values_name_their_field() {
+    for (optimizer, field) in [
+        (
+            r#"{"name": "schedule_free_sgd", "warmup_steps": -5}"#,
+            "optimizer.warmup_steps",
+        ),
+        (
+            r#"{"name": "schedule_free_adamw", "warmup_steps": 1.5}"#,
+            "optimizer.warmup_steps",
+        ),
+        (r#"{"name": "prodigy", "lr": 1.0}"#, "optimizer.lr"),
+        (
+            r#"{"name": "schedule_free_adamw", "momentum": 0.9}"#,
+            "optimizer.momentum",
+        ),
+        (
+            r#"{"name": "schedule_free_sgd", "betas": [0.9, 0.99]}"#,
+            "optimizer.betas",
+        ),
+    ] {
+        let error = parse(&optimizer_spec(optimizer)).unwrap_err();
+        assert_eq!(error.field, field, "{optimizer}: {error}");
+    }
+}

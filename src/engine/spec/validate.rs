@@ -264,21 +264,82 @@ impl JobSpec {
                 eps,
                 weight_decay,
             } => {
-                for (index, beta) in betas.iter().enumerate() {
-                    if !(0.0..1.0).contains(beta) {
+                check_betas(betas)?;
+                check_eps(*eps)?;
+                check_weight_decay(*weight_decay)
+            }
+            OptimizerSpec::Prodigy {
+                betas,
+                beta3,
+                eps,
+                weight_decay,
+                decouple: _,
+                d0,
+                d_coef,
+                growth_rate,
+                use_bias_correction: _,
+                safeguard_warmup: _,
+            } => {
+                check_betas(betas)?;
+                if let Some(beta3) = beta3 {
+                    if !(0.0..1.0).contains(beta3) {
                         return Err(SpecError::new(
-                            format!("optimizer.betas[{index}]"),
-                            format!("must be in [0, 1), got {beta}"),
+                            "optimizer.beta3",
+                            format!("must be in [0, 1), got {beta3}"),
                         ));
                     }
                 }
-                if !(eps.is_finite() && *eps > 0.0) {
+                check_eps(*eps)?;
+                check_weight_decay(*weight_decay)?;
+                check_positive("optimizer.d0", *d0)?;
+                check_positive("optimizer.d_coef", *d_coef)?;
+                if let Some(growth_rate) = growth_rate {
+                    // Below 1, d would shrink every step whatever the estimate says.
+                    if !(growth_rate.is_finite() && *growth_rate >= 1.0) {
+                        return Err(SpecError::new(
+                            "optimizer.growth_rate",
+                            format!("must be at least 1 (absent: unbounded), got {growth_rate}"),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            OptimizerSpec::ScheduleFreeAdamw {
+                betas,
+                eps,
+                weight_decay,
+                warmup_steps: _,
+                r,
+                weight_lr_power,
+            } => {
+                check_betas(betas)?;
+                // Evaluation moves the weights to x by a lerp of weight 1 - 1/beta1.
+                if betas[0] == 0.0 {
                     return Err(SpecError::new(
-                        "optimizer.eps",
-                        format!("must be positive, got {eps}"),
+                        "optimizer.betas[0]",
+                        "must be above 0 for a schedule-free optimizer, got 0",
                     ));
                 }
-                check_weight_decay(*weight_decay)
+                check_eps(*eps)?;
+                check_weight_decay(*weight_decay)?;
+                check_averaging(*r, *weight_lr_power)
+            }
+            OptimizerSpec::ScheduleFreeSgd {
+                momentum,
+                weight_decay,
+                warmup_steps: _,
+                r,
+                weight_lr_power,
+            } => {
+                // The library's own check: evaluation divides by the momentum.
+                if !(*momentum > 0.0 && *momentum < 1.0) {
+                    return Err(SpecError::new(
+                        "optimizer.momentum",
+                        format!("must be in (0, 1), got {momentum}"),
+                    ));
+                }
+                check_weight_decay(*weight_decay)?;
+                check_averaging(*r, *weight_lr_power)
             }
         }
     }
@@ -488,6 +549,49 @@ fn check_positive_lr(field: &str, value: f64) -> Result<(), SpecError> {
             format!("a learning rate must be positive and finite, got {value}"),
         ))
     }
+}
+
+fn check_betas(betas: &[f64; 2]) -> Result<(), SpecError> {
+    for (index, beta) in betas.iter().enumerate() {
+        if !(0.0..1.0).contains(beta) {
+            return Err(SpecError::new(
+                format!("optimizer.betas[{index}]"),
+                format!("must be in [0, 1), got {beta}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_eps(eps: f64) -> Result<(), SpecError> {
+    check_positive("optimizer.eps", eps)
+}
+
+fn check_positive(field: &str, value: f64) -> Result<(), SpecError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(SpecError::new(
+            field,
+            format!("must be positive, got {value}"),
+        ))
+    }
+}
+
+/// The schedule-free average's weights, `(k + 1)^r * lr_max^weight_lr_power`.
+fn check_averaging(r: f64, weight_lr_power: f64) -> Result<(), SpecError> {
+    for (field, value) in [
+        ("optimizer.r", r),
+        ("optimizer.weight_lr_power", weight_lr_power),
+    ] {
+        if !(value.is_finite() && value >= 0.0) {
+            return Err(SpecError::new(
+                field,
+                format!("must be zero or positive, got {value}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_weight_decay(value: f64) -> Result<(), SpecError> {

@@ -97,6 +97,17 @@ impl Backend for Candle {
         Ok(loss)
     }
 
+    fn forward_train(
+        &mut self,
+        model: &Model,
+        data: &DeviceData,
+        rows: &[usize],
+        dropout_rng: &mut Rng,
+    ) -> candle_core::Result<()> {
+        let (x, _) = data.batch(rows)?;
+        predict(model, &x, Some(dropout_rng)).map(drop)
+    }
+
     fn evaluate(
         &mut self,
         model: &Model,

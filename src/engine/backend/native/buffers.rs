@@ -167,6 +167,32 @@ pub(super) fn evaluate_batch(
     })
 }
 
+/// The forward pass alone in training mode on the batch `rows` (batch norm's running
+/// statistics update, nothing else is kept); see `super::forward_train`.
+pub(super) fn forward_train(
+    buffers: &mut Buffers,
+    params: &[&[f32]],
+    data: &DeviceData,
+    rows: &[usize],
+    dropout_rng: &mut Rng,
+) -> candle_core::Result<()> {
+    gather(data, rows, buffers)?;
+    let n = rows.len();
+    let Buffers {
+        task,
+        input,
+        tokens,
+        chain,
+        ..
+    } = buffers;
+    let chain_input = if *task == Task::LanguageModel {
+        Input::Tokens(tokens)
+    } else {
+        Input::Values(input)
+    };
+    chain.forward(chain_input, n, params, &mut Some(dropout_rng))
+}
+
 /// Forward and backward pass on the batch `rows`; see `super::forward_backward`.
 pub(super) fn forward_backward(
     buffers: &mut Buffers,

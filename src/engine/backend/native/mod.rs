@@ -220,6 +220,17 @@ impl Backend for Native {
         })
     }
 
+    fn forward_train(
+        &mut self,
+        model: &Model,
+        data: &DeviceData,
+        rows: &[usize],
+        dropout_rng: &mut Rng,
+    ) -> candle_core::Result<()> {
+        let workspace = &mut self.workspace;
+        on_pool(|| forward_train(model, workspace, data, rows, dropout_rng))
+    }
+
     fn evaluate(
         &mut self,
         model: &Model,
@@ -317,6 +328,24 @@ pub fn evaluate(
     let accuracy =
         (data.task != Task::Regression).then(|| hits as f64 / (data.rows * items_per_row) as f64);
     Ok((loss_sum / data.rows as f64, accuracy))
+}
+
+/// The forward pass alone in training mode on the batch `rows`: batch norm's running
+/// statistics update; no gradient is taken.
+pub fn forward_train(
+    model: &Model,
+    workspace: &mut Option<Workspace>,
+    data: &DeviceData,
+    rows: &[usize],
+    dropout_rng: &mut Rng,
+) -> candle_core::Result<()> {
+    let workspace = workspace_for(model, workspace, rows.len())?;
+    let guards = parameter_guards(model)?;
+    let params = guards
+        .iter()
+        .map(HostValues::f32)
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    buffers::forward_train(&mut workspace.buffers, &params, data, rows, dropout_rng)
 }
 
 /// Forward and backward pass on the batch `rows`: returns the batch's mean loss and leaves
