@@ -112,7 +112,10 @@ fn assert_plus_minus(cell: &str, mean: f64, std: f64, unit: &str) {
 const RACE_Y_RANGE: &str = "(() => {
     const u = document.getElementById('race-chart').uplot;
     const later = u.data.slice(1).flatMap(values => values.filter(Number.isFinite).slice(1));
-    return {min: u.scales.y.min, max: u.scales.y.max, low: Math.min(...later), high: Math.max(...later)};
+    return {
+        min: u.scales.y.min, max: u.scales.y.max, log: u.scales.y.distr === 3,
+        low: Math.min(...later), high: Math.max(...later),
+    };
 })()";
 
 /// Puts the race chart's cursor at `fraction` of its width (none: off the chart) and answers
@@ -464,6 +467,18 @@ fn a_race_is_drawn_live_then_shows_its_table_target_and_verdict() {
     race_legend_at(&mut page, Some(0.6));
     page.screenshot(&screenshot_dir().join("race-1280.png"));
 
+    // The loss instead of the accuracy: on a log axis, its legend in plain numbers.
+    page.eval("document.getElementById('race-y-val_loss').click()");
+    page.wait_for(
+        "document.getElementById('race-y-val_loss').getAttribute('aria-pressed') === 'true'",
+        LONG,
+    );
+    assert_eq!(page.eval(&format!("{RACE_Y_RANGE}.log")), true);
+    check_race_chart(&mut page, "loss against seconds at 1280 px");
+    race_legend_at(&mut page, Some(0.6));
+    page.screenshot(&screenshot_dir().join("race-loss-1280.png"));
+    page.eval("document.getElementById('race-y-val_accuracy').click()");
+
     // A phone: the chart follows the width, the page fits, the table scrolls sideways in its
     // box with its header and the recipe column in view, and its last column can be reached.
     page.eval("document.getElementById('race-x-step').click()");
@@ -508,10 +523,72 @@ fn a_race_is_drawn_live_then_shows_its_table_target_and_verdict() {
     }
     page.screenshot(&screenshot_dir().join("race-390-table-scrolled.png"));
     assert_no_console_errors(&mut page, &[]);
+
+    // A result that says how each recipe was tuned (untuned challengers such as prodigy, the
+    // others with their tuning steps) gets a "Tuning" column, and the table still fits. The
+    // engine does not report this yet: the page reads it from the job with the fields added.
+    let mut tuned = browser.page();
+    tuned.before_load(
+        "(() => {
+            const original = window.fetch;
+            window.fetch = async (...args) => {
+                const response = await original(...args);
+                if (!/^\\/v1\\/jobs\\/[^/]+$/.test(new URL(response.url).pathname)) return response;
+                const job = await response.json();
+                (job.result ? job.result.recipes : []).forEach((recipe, index) => {
+                    recipe.tuned = index > 0;
+                    if (index > 0) recipe.tune_steps = 1200 * index;
+                });
+                return new Response(JSON.stringify(job), {status: response.status, headers: response.headers});
+            };
+        })()",
+    );
+    tuned.viewport(1280, 900, false);
+    tuned.navigate(&format!("{}/jobs/{id}", server.address));
+    tuned.wait_for(
+        "document.body.dataset.loaded === 'true' && document.querySelector('#race-body tr')",
+        LONG,
+    );
+    let names = recipes_in_result_order(result);
+    assert_eq!(tuned.text("#race-head-row th.tuning"), "Tuning");
+    assert_eq!(
+        tuned.text(&format!(
+            "#race-body tr[data-recipe='{}'] td.tuning",
+            names[0]
+        )),
+        "untuned"
+    );
+    assert_eq!(
+        tuned.text(&format!(
+            "#race-body tr[data-recipe='{}'] td.tuning",
+            names[1]
+        )),
+        "1,200 steps"
+    );
+    assert_eq!(
+        tuned.eval(
+            "(w => w.scrollWidth <= w.clientWidth)(document.querySelector('.race-table-wrap'))"
+        ),
+        true,
+        "the race table with its Tuning column fits at 1280 px"
+    );
+    tuned.screenshot(&screenshot_dir().join("race-tuning-1280.png"));
+    assert_no_console_errors(&mut tuned, &[]);
 }
 
-/// The race chart's y axis is zoomed to the curves from their second evaluation on, and its
-/// legend shows each recipe's value at the hovered step and its last one away from the chart.
+/// The names of a race result's recipes, in the order they raced.
+fn recipes_in_result_order(result: &serde_json::Value) -> Vec<String> {
+    result["recipes"]
+        .as_array()
+        .expect("recipes")
+        .iter()
+        .map(|recipe| recipe["name"].as_str().expect("a name").to_string())
+        .collect()
+}
+
+/// The race chart's y axis is zoomed to the curves from their second evaluation on (the
+/// accuracy's within 0 to 1, the loss's on a log scale), and its legend shows each recipe's
+/// value at the hovered step and its last one away from the chart.
 fn check_race_chart(page: &mut Page, what: &str) {
     let range = page.eval(RACE_Y_RANGE);
     let number = |key: &str| {
@@ -520,15 +597,20 @@ fn check_race_chart(page: &mut Page, what: &str) {
             .unwrap_or_else(|| panic!("{what}: {range}"))
     };
     let (min, max) = (number("min"), number("max"));
+    let accuracy = range["log"] == false;
     assert!(
-        min > 0.0 && max - min < 1.0,
-        "{what}: the accuracy axis is zoomed in from 0 to 1: {range}"
+        min > 0.0 && (!accuracy || max - min < 1.0),
+        "{what}: the axis is zoomed in from 0 to 1, or a log axis: {range}"
     );
     assert!(
         min <= number("low") && number("high") <= max,
         "{what}: every value from the second evaluation on is in view: {range}"
     );
-    let percent = |text: &str| {
+    // An accuracy as `98.12 %`, a loss as a plain number.
+    let readable = |text: &str| {
+        if !accuracy {
+            return text.parse::<f64>().is_ok_and(|value| value > 0.0);
+        }
         text.strip_suffix(" %")
             .and_then(|number| number.parse::<f64>().ok())
             .is_some_and(|value| (0.0..=100.0).contains(&value))
@@ -540,14 +622,14 @@ fn check_race_chart(page: &mut Page, what: &str) {
             "{what}: the legend names the hovered x: {values:?}"
         );
         assert!(
-            values.len() > 1 && values[1..].iter().all(|value| percent(value)),
+            values.len() > 1 && values[1..].iter().all(|value| readable(value)),
             "{what}: the legend shows every recipe's value at the cursor: {values:?}"
         );
     }
     let values = race_legend_at(page, None);
     assert_eq!(values[0], "last", "{what}: {values:?}");
     assert!(
-        values[1..].iter().all(|value| percent(value)),
+        values[1..].iter().all(|value| readable(value)),
         "{what}: away from the chart, the legend shows the last values: {values:?}"
     );
 }
