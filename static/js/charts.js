@@ -97,6 +97,9 @@ function markX(u, x, color, label, row, dashed) {
   ctx.stroke();
   ctx.setLineDash([]);
   ctx.font = `${Math.round(11 * ratio)}px system-ui, sans-serif`;
+  // uPlot leaves the alignment of the axis it drew last (right, for the y axis); the label's
+  // place below is worked out for left-aligned text.
+  ctx.textAlign = 'left';
   ctx.fillStyle = color;
   const width = ctx.measureText(label).width;
   const right = bbox.left + bbox.width;
@@ -120,6 +123,7 @@ function markPoint(u, x, y, color, label) {
   ctx.fill();
   ctx.stroke();
   ctx.font = `${Math.round(11 * ratio)}px system-ui, sans-serif`;
+  ctx.textAlign = 'left';
   ctx.fillStyle = color;
   const width = ctx.measureText(label).width;
   ctx.fillText(label, Math.max(bbox.left, px - width - 8 * ratio), py - 8 * ratio);
