@@ -1,6 +1,7 @@
-// The job page's three charts, drawn with uPlot (vendored, loaded as the global `uPlot`):
-// loss against learning rate with the suggestions, band and early stop marked; the sweep's
-// validation loss per candidate peak; and the recommended schedule over the planned steps.
+// The job page's charts, drawn with uPlot (vendored, loaded as the global `uPlot`): loss
+// against learning rate with the suggestions, band and early stop marked; the sweep's
+// validation loss per candidate peak; the recommended schedule over the planned steps; and a
+// race's validation curves, one per recipe.
 
 import { loss as fmtLoss, lr as fmtLr, tick } from './format.js';
 
