@@ -23,6 +23,29 @@ export function loss(value) {
   return Number(value.toPrecision(4)).toString();
 }
 
+/**
+ * A mean over seeds with its standard deviation, both to the same decimals: the mean's four
+ * significant figures, or fewer where the std's second significant figure is coarser (a
+ * spread of 0.03 makes a fourth figure noise). `0.1521 ± 0.0001429` reads `0.1521 ± 0.0001`,
+ * `0.1521 ± 0.0312` reads `0.152 ± 0.031`; a std that rounds to nothing reads `± <0.0001`,
+ * one of exactly 0 (the seeds agreed) `± 0.0000`, and none (`null`: one seed) is left out.
+ * `unit` goes after the mean (`98.12 % ± 0.05`).
+ */
+export function plusMinus(mean, std, unit = '') {
+  if (mean === null || mean === undefined || !Number.isFinite(mean)) return '–';
+  const decimalsFor = (value, figures) =>
+    value === 0 ? Infinity : Math.max(0, figures - 1 - Math.floor(Math.log10(Math.abs(value))));
+  const hasSpread = Number.isFinite(std) && std >= 0;
+  const decimals = Math.min(decimalsFor(mean, 4), hasSpread ? decimalsFor(std, 2) : Infinity);
+  // A mean of 0 with no spread has no decimals; 20 is toFixed's limit in older engines.
+  const shown = Number.isFinite(decimals) ? Math.min(decimals, 20) : 0;
+  const text = `${mean.toFixed(shown)}${unit}`;
+  if (!hasSpread) return text;
+  const spread = std.toFixed(shown);
+  if (std > 0 && Number(spread) === 0) return `${text} ± <${(10 ** -shown).toFixed(shown)}`;
+  return `${text} ± ${spread}`;
+}
+
 export function percent(fraction) {
   if (!Number.isFinite(fraction)) return '–';
   return `${Math.round(fraction * 100)} %`;

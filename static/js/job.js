@@ -6,7 +6,7 @@
 
 import { api, readEvents } from './api.js';
 import { RECIPE_COLORS, SUGGESTION_STYLE, raceChart, rangeChart, scheduleChart, sweepChart } from './charts.js';
-import { age, describeError, el, loss, lr, percent, seconds, showMessage } from './format.js';
+import { age, describeError, el, loss, lr, percent, plusMinus, seconds, showMessage } from './format.js';
 
 const ACTIVE = new Set(['queued', 'running']);
 const id = decodeURIComponent(location.pathname.split('/').filter(Boolean)[1] || '');
@@ -26,6 +26,8 @@ const state = {
   racePoints: [],
   raceSeen: new Set(),
   raceX: 'step',
+  // The chart's y: the target's metric unless the reader picks the other one.
+  raceY: null,
   scheduleShown: false,
 };
 
@@ -233,10 +235,16 @@ function raceRecipes() {
   return names;
 }
 
+function hasAccuracy() {
+  return state.racePoints.some((point) => Number.isFinite(point.val_accuracy));
+}
+
+/** The target's metric (accuracy for a classifier), or the one the reader picked. */
 function raceMetric() {
+  if (state.raceY === 'val_loss' || (state.raceY === 'val_accuracy' && hasAccuracy())) return state.raceY;
   const result = resultOf(state.job);
   if (result && result.target) return result.target.metric;
-  return state.racePoints.some((p) => Number.isFinite(p.val_accuracy)) ? 'val_accuracy' : 'val_loss';
+  return hasAccuracy() ? 'val_accuracy' : 'val_loss';
 }
 
 /** Each recipe's curve: the mean over its seeds at each evaluation step. */
@@ -262,10 +270,56 @@ function raceCurves(metric) {
   });
 }
 
-function metricText(mean, std, accuracy) {
-  if (!Number.isFinite(mean)) return 'diverged';
-  if (accuracy) return `${(mean * 100).toFixed(2)} % ± ${(std * 100).toFixed(2)}`;
-  return `${loss(mean)} ± ${loss(std)}`;
+/** A final metric over the seeds; with one seed there is no spread to show. */
+function metricText(stat, accuracy, seeds) {
+  if (!stat || !Number.isFinite(stat.mean)) return stat ? 'diverged' : '–';
+  const std = seeds > 1 && Number.isFinite(stat.std) ? stat.std : null;
+  if (accuracy) return plusMinus(stat.mean * 100, std === null ? null : std * 100, ' %');
+  return plusMinus(stat.mean, std);
+}
+
+/** How a recipe's learning rate was found: `2,400 steps` of tuning, or `untuned`. */
+function tuningText(recipe) {
+  if (recipe.tuned === false) return 'untuned';
+  if (Number.isFinite(recipe.tune_steps)) return `${recipe.tune_steps.toLocaleString('en-US')} steps`;
+  return recipe.tuned === true ? 'tuned' : '–';
+}
+
+/**
+ * The race table's columns: a header, a class for its cells and the cell's text. "Tuning" is
+ * shown only when the result says how each recipe was tuned (older results do not).
+ */
+function raceColumns(recipes, seeds) {
+  const columns = [
+    { label: '#', class: 'num rank', text: (recipe, rank) => String(rank + 1) },
+    { label: 'Recipe', class: 'recipe', text: null },
+    { label: 'Optimizer', class: 'optimizer', text: (recipe) => recipe.optimizer },
+    { label: 'Schedule', class: 'schedule', text: (recipe) => recipe.schedule.replaceAll('_', ' ') },
+    { label: 'Learning rate', class: 'num lr', text: (recipe) => lr(recipe.lr, 3) },
+    {
+      label: 'Tuning',
+      class: 'num tuning',
+      text: tuningText,
+      shown: recipes.some((recipe) => 'tuned' in recipe || 'tune_steps' in recipe),
+    },
+    { label: 'Final val loss', class: 'num final-loss', text: (recipe) => metricText(recipe.final_val_loss, false, seeds) },
+    {
+      label: 'Final val accuracy',
+      class: 'num final-accuracy',
+      text: (recipe) => (recipe.final_val_accuracy ? metricText(recipe.final_val_accuracy, true, seeds) : '–'),
+    },
+    {
+      label: 'Steps to target',
+      class: 'num steps-to-target',
+      text: (recipe) => (Number.isFinite(recipe.steps_to_target) ? String(recipe.steps_to_target) : 'never'),
+    },
+    {
+      label: 'Seconds to target',
+      class: 'num seconds-to-target',
+      text: (recipe) => (Number.isFinite(recipe.seconds_to_target) ? seconds(recipe.seconds_to_target) : 'never'),
+    },
+  ];
+  return columns.filter((column) => column.shown !== false);
 }
 
 function renderRace() {
@@ -275,11 +329,16 @@ function renderRace() {
   const drawn = race.update(raceCurves(metric), {
     x: state.raceX,
     metric,
-    target: target && Number.isFinite(target.value) ? target.value : null,
+    target: target && target.metric === metric && Number.isFinite(target.value) ? target.value : null,
   });
   $('race-empty').hidden = drawn;
   for (const axis of ['step', 'seconds']) {
     $(`race-x-${axis}`).setAttribute('aria-pressed', String(state.raceX === axis));
+  }
+  // A regression race has only the loss to show.
+  $('race-y').hidden = !hasAccuracy();
+  for (const y of ['val_accuracy', 'val_loss']) {
+    $(`race-y-${y}`).setAttribute('aria-pressed', String(metric === y));
   }
   const verdict = result && typeof result.verdict === 'string' ? result.verdict : '';
   $('race-verdict').textContent = verdict;
@@ -300,29 +359,22 @@ function renderRace() {
   if (recipes.length === 0) return;
   const order = raceRecipes();
   const ranking = Array.isArray(result.ranking) ? result.ranking : order;
-  const rows = ranking
-    .map((name) => recipes.find((recipe) => recipe.name === name))
-    .filter(Boolean)
-    .map((recipe, rank) => {
-      const color = RECIPE_COLORS[order.indexOf(recipe.name) % RECIPE_COLORS.length];
+  const ranked = ranking.map((name) => recipes.find((recipe) => recipe.name === name)).filter(Boolean);
+  const columns = raceColumns(ranked, result.seeds);
+  $('race-head-row').replaceChildren(
+    ...columns.map((column) => el('th', { class: column.class, scope: 'col' }, column.label)),
+  );
+  const rows = ranked.map((recipe, rank) => {
+    const color = RECIPE_COLORS[order.indexOf(recipe.name) % RECIPE_COLORS.length];
+    const cells = columns.map((column) => {
+      if (column.text) return el('td', { class: column.class }, column.text(recipe, rank));
       const swatch = el('span', { class: 'swatch' });
       // Through the CSSOM: the page's policy refuses inline style attributes.
       swatch.style.background = color;
-      const accuracy = recipe.final_val_accuracy;
-      return el(
-        'tr',
-        { 'data-recipe': recipe.name },
-        el('td', { class: 'num rank' }, String(rank + 1)),
-        el('td', { class: 'recipe' }, swatch, recipe.name),
-        el('td', {}, recipe.optimizer),
-        el('td', {}, recipe.schedule.replaceAll('_', ' ')),
-        el('td', { class: 'num lr' }, lr(recipe.lr, 3)),
-        el('td', { class: 'num final-loss' }, metricText(recipe.final_val_loss.mean, recipe.final_val_loss.std, false)),
-        el('td', { class: 'num final-accuracy' }, accuracy ? metricText(accuracy.mean, accuracy.std, true) : '–'),
-        el('td', { class: 'num steps-to-target' }, Number.isFinite(recipe.steps_to_target) ? String(recipe.steps_to_target) : 'never'),
-        el('td', { class: 'num seconds-to-target' }, Number.isFinite(recipe.seconds_to_target) ? seconds(recipe.seconds_to_target) : 'never'),
-      );
+      return el('td', { class: column.class }, swatch, recipe.name);
     });
+    return el('tr', { 'data-recipe': recipe.name }, ...cells);
+  });
   $('race-body').replaceChildren(...rows);
 }
 
@@ -449,6 +501,13 @@ async function follow() {
 for (const axis of ['step', 'seconds']) {
   $(`race-x-${axis}`).addEventListener('click', () => {
     state.raceX = axis;
+    if (state.job) renderRace();
+  });
+}
+
+for (const y of ['val_accuracy', 'val_loss']) {
+  $(`race-y-${y}`).addEventListener('click', () => {
+    state.raceY = y;
     if (state.job) renderRace();
   });
 }

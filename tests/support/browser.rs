@@ -301,6 +301,18 @@ impl Page {
         std::fs::write(path, bytes).expect("the screenshot is written");
     }
 
+    /// Runs `script` in every document the page loads from now on, before the page's own.
+    pub fn before_load(&mut self, script: &str) {
+        self.tab
+            .call_method(Cdp::AddScriptToEvaluateOnNewDocument {
+                source: script.to_string(),
+                world_name: None,
+                include_command_line_api: None,
+                run_immediately: None,
+            })
+            .expect("Page.addScriptToEvaluateOnNewDocument");
+    }
+
     /// Puts a file into an `<input type=file>`.
     pub fn set_file(&mut self, selector: &str, file: &Path) {
         let element = self.tab.find_element(selector).expect("the file input");
