@@ -473,7 +473,7 @@ simd_kernel! {
             };
             let denom = exp_avg_sq[index].sqrt() + d_eps;
             if decoupled {
-                p = p + decay * p;
+                p += decay * p;
             }
             param[index] = p + step * direction / denom;
         }
@@ -535,10 +535,10 @@ simd_kernel! {
                     let denom = (v / bias_correction2).sqrt() + eps;
                     let mut g = g / denom;
                     if decayed {
-                        g = g + decay * y[index];
+                        g += decay * y[index];
                     }
                     y[index] = lerp(y[index], z[index], ckp1) + y_coefficient * g;
-                    z[index] = z[index] - lr * g;
+                    z[index] -= lr * g;
                 }
             }
             None => {
@@ -549,7 +549,7 @@ simd_kernel! {
                         grad[index]
                     };
                     y[index] = lerp(y[index], z[index], ckp1) + y_coefficient * g;
-                    z[index] = z[index] - lr * g;
+                    z[index] -= lr * g;
                 }
             }
         }
@@ -855,6 +855,100 @@ mod tests {
         let scalar = run(Level::Scalar);
         for level in Level::supported_levels() {
             let got = run(level);
+            for (index, (got, want)) in got.iter().zip(&scalar).enumerate() {
+                let same = got
+                    .iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{level:?}: array {index} differs from the scalar update"
+                );
+            }
+        }
+    }
+
+    /// The same for the learning-rate-free kernels: three steps of Prodigy's two passes
+    /// (their sums too) and of schedule-free AdamW and SGD.
+    #[test]
+    fn every_simd_level_runs_the_learning_rate_free_kernels_exactly_as_scalar() {
+        use crate::engine::simd::{with_level, Level};
+        let len = 1003;
+        let start: Vec<f32> = (0..len)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let grad_at = |step: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 13 + step * 7) % 29) as f32 / 9.0 - 1.5)
+                .collect()
+        };
+        let run = |level: Level| -> (Vec<Vec<f32>>, Vec<ProdigySums>) {
+            with_level(level, || {
+                let (mut finals, mut sums) = (Vec::new(), Vec::new());
+                for (beta1, l2_decay, decay_coefficient) in
+                    [(0.9, 0.0, 0.0), (0.9, 0.01, 0.0), (0.0, 0.0, -1e-3)]
+                {
+                    let mut param = start.clone();
+                    let p0 = start.clone();
+                    let (mut m, mut v, mut s) = (vec![0f32; len], vec![0f32; len], vec![0f32; len]);
+                    for step in 0..3 {
+                        let grad = grad_at(step);
+                        let d = 1e-3 * (step + 1) as f64;
+                        let accumulate = ProdigyAccumulate {
+                            beta1,
+                            beta2: 0.999,
+                            beta3: 0.999f64.sqrt(),
+                            l2_decay,
+                            exp_avg_coefficient: d * (1.0 - beta1),
+                            exp_avg_sq_coefficient: d * d * 1e-3,
+                            s_coefficient: d * 1e3 * d,
+                        };
+                        let step_sums = prodigy_accumulate(
+                            &param,
+                            &grad,
+                            &p0,
+                            &mut m,
+                            &mut v,
+                            &mut s,
+                            &accumulate,
+                        );
+                        sums.push(step_sums);
+                        let apply = ProdigyApply {
+                            momentum: beta1 > 0.0,
+                            l2_decay,
+                            d_eps: d * 1e-8,
+                            decay_coefficient,
+                            step_value: if beta1 > 0.0 { -d } else { -d * d },
+                        };
+                        prodigy_apply(&mut param, &grad, &m, &v, &apply);
+                    }
+                    finals.extend([param, m, v, s]);
+                }
+                for (adam, weight_decay) in [(Some((0.999, 1e-8)), 0.0), (None, 0.01)] {
+                    let (mut y, mut z) = (start.clone(), start.clone());
+                    let mut v = vec![0f32; len];
+                    for step in 0..3 {
+                        let ckp1 = 1.0 / (step + 1) as f64;
+                        let h = ScheduleFreeStep {
+                            lr: 0.01,
+                            ckp1,
+                            y_coefficient: 0.01 * (0.9 * (1.0 - ckp1) - 1.0),
+                            weight_decay,
+                            adam: adam.map(|(beta2, eps)| {
+                                (beta2, eps, 1.0 - f64::powi(beta2, step as i32 + 1))
+                            }),
+                        };
+                        schedule_free_update(&mut y, &grad_at(step), &mut z, &mut v, &h);
+                    }
+                    finals.extend([y, z, v]);
+                }
+                (finals, sums)
+            })
+        };
+        let (scalar, scalar_sums) = run(Level::Scalar);
+        for level in Level::supported_levels() {
+            let (got, sums) = run(level);
+            assert_eq!(sums, scalar_sums, "{level:?}: Prodigy's sums");
             for (index, (got, want)) in got.iter().zip(&scalar).enumerate() {
                 let same = got
                     .iter()

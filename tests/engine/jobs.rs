@@ -564,3 +564,98 @@ fn a_budget_below_two_plans_judges_the_best_two_short_and_says_so() {
         result.recommendation.warnings
     );
 }
+
+/// A tune of `SPIRALS_TUNE`'s data with `optimizer` and a batch-norm network.
+fn spirals_batch_norm_tune(optimizer: &str) -> String {
+    SPIRALS_TUNE
+        .replace(
+            r#""model": {"arch": "mlp", "hidden": [32, 32]}"#,
+            r#""model": {"arch": "sequential", "layers": [
+                {"type": "linear", "out": 32}, {"type": "batch_norm"}, {"type": "relu"},
+                {"type": "linear", "out": 3}]}"#,
+        )
+        .replace(
+            r#""batch_size": 32,"#,
+            &format!(r#""batch_size": 32, "optimizer": {optimizer},"#),
+        )
+}
+
+#[test]
+fn the_range_test_puts_a_learning_rate_free_optimizer_and_batch_norm_back() {
+    // A validation-loss range test evaluates at every step: for a schedule-free optimizer at
+    // x, batch norm's statistics recomputed there, then back to y with the training ones.
+    for optimizer in [
+        r#"{"name": "prodigy"}"#,
+        r#"{"name": "schedule_free_adamw", "warmup_steps": 5}"#,
+        r#"{"name": "schedule_free_sgd"}"#,
+    ] {
+        let spec = JobSpec::from_json(&spirals_batch_norm_tune(optimizer)).unwrap();
+        let loaded = engine::load_local_data(&spec).unwrap();
+        let device = candle_core::Device::Cpu;
+        let train = DeviceData::new(&loaded.train, &device).unwrap();
+        let shape = ModelShape {
+            input: loaded.train.sample_shape(),
+            output: loaded.train.output_dim(),
+            task: loaded.train.task(),
+        };
+        let trainer = Trainer::new(
+            Model::build(&spec.model, &shape, 0, &device).unwrap(),
+            spec.backend,
+        );
+        let model = trainer.model();
+        assert_eq!(model.buffers().len(), 2);
+        let mut optimizer_state = Optimizer::new(&spec.optimizer, model.vars());
+        let before = (weights(model), buffers(model));
+        let state_before = optimizer_state.state().clone();
+        let cancel = AtomicBool::new(false);
+        let mut sink = |_: Event| {};
+        let mut control = Control::new(&cancel, &mut sink);
+        let range = RangeTestSpec {
+            steps: 30,
+            loss: lrtune::engine::spec::RangeLoss::Validation,
+            ..RangeTestSpec::default()
+        };
+        let curve = run_range_test(
+            RangeTestInputs {
+                trainer: &trainer,
+                optimizer: &mut optimizer_state,
+                train: &train,
+                validation: &train,
+                batch_size: 32,
+                seed: 0,
+            },
+            &range,
+            &mut control,
+        )
+        .unwrap();
+        assert!(curve.points.len() > 5, "{optimizer}: the test trained");
+        assert!(curve.points[0].loss.is_finite(), "{optimizer}");
+        assert_eq!((weights(model), buffers(model)), before, "{optimizer}");
+        assert_eq!(optimizer_state.state(), &state_before, "{optimizer}");
+    }
+}
+
+fn buffers(model: &Model) -> Vec<Vec<f32>> {
+    model
+        .buffers()
+        .iter()
+        .map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_tune_with_each_learning_rate_free_optimizer_runs_to_a_recommendation() {
+    for optimizer in [
+        r#"{"name": "prodigy", "weight_decay": 0.01}"#,
+        r#"{"name": "schedule_free_adamw"}"#,
+        r#"{"name": "schedule_free_sgd", "warmup_steps": 10}"#,
+    ] {
+        let (output, _) = run(&spirals_batch_norm_tune(optimizer));
+        let sweep = &output.result.sweep;
+        assert_eq!(sweep.len(), 3, "{optimizer}");
+        assert!(
+            sweep.iter().any(|candidate| candidate.val_loss.is_finite()),
+            "{optimizer}: {sweep:?}"
+        );
+    }
+}

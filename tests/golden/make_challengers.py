@@ -1,12 +1,13 @@
 """Golden reference data for lrtune's learning-rate-free optimizers.
 
 Trains a small classifier with the reference libraries' own optimizers and writes
-tests/golden/challengers.json, which `src/engine/optim/challengers.rs` (both optimizer paths:
-candle tensor ops and the native fused kernels) and the BN case's trainer test read:
+tests/golden/challengers.json, which src/engine/optim/challengers.rs (both optimizer paths:
+candle tensor ops and the native fused kernels) and the batch-norm case's trainer test
+(src/engine/trainer/tests.rs) read:
 
   * Prodigy (``prodigyopt.Prodigy``) with its defaults; decoupled weight decay with bias
     correction under a cosine learning rate; safeguard_warmup with growth_rate; coupled (L2)
-    weight decay with beta3 and d_coef;
+    weight decay with beta3, d_coef and a cosine learning rate;
   * schedule-free AdamW and SGD (``schedulefree.AdamWScheduleFree``, ``SGDScheduleFree``)
     with their defaults, and with weight decay, warmup_steps 5 and other r /
     weight_lr_power, each with the evaluation weights x (``optimizer.eval()``) after the
@@ -19,21 +20,25 @@ candle tensor ops and the native fused kernels) and the BN case's trainer test r
     ``torch.no_grad()``, then ``model.eval()``.
 
 Each case has the network's initial parameters (``named_parameters()`` order, each
-flattened row-major), the learning rate and beta1 / momentum of every step, the loss and the
-gradients (all parameters' concatenated) before every step and the parameters after every
-step. The Rust tests step with the recorded gradients, so that the optimizer is compared
-alone: through a network's own forward and backward pass, candle's and PyTorch's last-bit
-differences in the gradients are amplified by the Adam-style normalisation of gradients near
-zero and by Prodigy's estimate (``p0 - p`` early on is a difference of nearly equal numbers);
-on ``prodigy_defaults`` the library's own float32 and float64 runs end 2e-2 apart. The library's ``lr`` is set on the group
-before each step, as lrtune passes a schedule's value. Everything is float32 and seeded; the
-records are float64 renderings of float32 values. To regenerate, from the repo root:
+flattened row-major), the learning rate and beta1 / momentum of every step (the library's
+``lr`` is set on the group before each step, as lrtune passes a schedule's value), the loss
+and the gradients (all parameters' concatenated) before every step, and the parameters after
+every step.
+
+The Rust tests step with the recorded gradients, so that the optimizer is compared alone,
+and hold that to 1e-5. Through a network's own forward and backward pass (also tested, more
+loosely), candle's and PyTorch's last-bit differences in the gradients are amplified by the
+Adam-style normalisation of gradients near zero and by Prodigy's estimate (``p0 - p`` early
+on is a difference of nearly equal numbers): on ``prodigy_defaults`` the library's own
+float32 and float64 runs end 2e-2 apart.
+
+Everything is float32 and seeded; values are written as the shortest decimals that read
+back as the same float32. To regenerate, from the repo root:
 
     python3 tests/golden/make_challengers.py
 
 Needs torch, numpy, prodigyopt and schedulefree (``pip install torch numpy prodigyopt
-schedulefree``);
-written with torch 2.x, prodigyopt 1.1.2 and schedulefree 1.4.1.
+schedulefree``); written with torch 2.15, prodigyopt 1.1.2 and schedulefree 1.4.1.
 """
 
 import json
