@@ -725,17 +725,14 @@ fn what_tuning_bought(
             let noise = std_of(tuned)
                 .unwrap_or(0.0)
                 .max(std_of(untuned).unwrap_or(0.0));
-            let noise_words = if seeds >= 2 && (w - l).abs() <= noise {
-                ", within seed noise"
-            } else {
-                ""
-            };
-            let paid = if tuned_better {
+            let paid = if seeds >= 2 && (w - l).abs() <= noise {
+                "what tuning bought is within seed noise"
+            } else if tuned_better {
                 "tuning paid"
             } else {
                 "tuning did not pay"
             };
-            format!("{paid}: {winner} ends {margin} {loser}{noise_words}")
+            format!("{paid}: {winner} ends {margin} {loser}")
         }
     };
     let first = match (tuned.steps_to_target, untuned.steps_to_target) {
@@ -966,6 +963,69 @@ mod tests {
              adam_constant's steps (31 vs 100); sgd_one_cycle and adam_constant finish within \
              seed noise (0.2 points of accuracy apart, seed std 2.8 points)"
         );
+    }
+
+    fn untuned(mut result: RecipeResult) -> RecipeResult {
+        result.tuned = false;
+        result.tune_steps = 0;
+        result
+    }
+
+    #[test]
+    fn the_verdict_says_what_tuning_bought_against_the_best_untuned_recipe() {
+        // The tuned recipe ends 1.2 points above the challenger, beyond the seed spread; the
+        // challenger gets to the target first.
+        let mut results = vec![
+            recipe("sgd_one_cycle", &[0.962, 0.962], &[80, 80]),
+            untuned(recipe("schedule_free_adamw", &[0.95, 0.95], &[40, 40])),
+            untuned(recipe("prodigy", &[0.90, 0.90], &[100, 100])),
+        ];
+        results[0].tune_steps = 2400;
+        let (_, _, verdict) = judge(&mut results, 0.98, 2);
+        assert!(
+            verdict.ends_with(
+                "; tuning paid: sgd_one_cycle (tuned: 2,400 steps of tuning) ends 1.2 points \
+                 above schedule_free_adamw (untuned); schedule_free_adamw reaches the target first"
+            ),
+            "{verdict}"
+        );
+
+        // The challenger ends ahead.
+        let mut results = vec![
+            recipe("adam_constant", &[0.90, 0.90], &[90, 90]),
+            untuned(recipe("prodigy", &[0.95, 0.95], &[40, 40])),
+        ];
+        let (_, _, verdict) = judge(&mut results, 0.98, 2);
+        assert!(
+            verdict.ends_with(
+                "; tuning did not pay: prodigy (untuned) ends 5.0 points above adam_constant \
+                 (tuned: 1,000 steps of tuning); only prodigy reaches the target in every seed"
+            ),
+            "{verdict}"
+        );
+
+        // Within the seeds' spread, neither side is claimed.
+        let mut results = vec![
+            recipe("adam_constant", &[0.95, 0.99], &[30, 32]),
+            untuned(recipe("prodigy", &[0.96, 0.975], &[30, 32])),
+        ];
+        let (_, _, verdict) = judge(&mut results, 0.95, 2);
+        assert!(
+            verdict.ends_with(
+                "; what tuning bought is within seed noise: adam_constant (tuned: 1,000 steps \
+                 of tuning) ends 0.2 points above prodigy (untuned); both reach the target at \
+                 the same step"
+            ),
+            "{verdict}"
+        );
+
+        // All tuned (or all untuned): nothing to say about tuning.
+        let mut results = vec![recipe("adam_constant", &[0.95, 0.95], &[30, 32])];
+        let (_, _, verdict) = judge(&mut results, 0.95, 2);
+        assert!(!verdict.contains("tun"), "{verdict}");
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_234_567), "1,234,567");
     }
 
     #[test]
