@@ -295,7 +295,16 @@ function raceColumns(recipes, seeds) {
     { label: 'Recipe', class: 'recipe', text: null },
     { label: 'Optimizer', class: 'optimizer', text: (recipe) => recipe.optimizer },
     { label: 'Schedule', class: 'schedule', text: (recipe) => recipe.schedule.replaceAll('_', ' ') },
-    { label: 'Learning rate', class: 'num lr', text: (recipe) => lr(recipe.lr, 3) },
+    // Prodigy's learning rate is a multiplier of the step size d it estimates: show both,
+    // on two lines.
+    {
+      label: 'Learning rate',
+      class: 'num lr',
+      text: (recipe) =>
+        recipe.final_d && Number.isFinite(recipe.final_d.mean)
+          ? `${lr(recipe.lr, 3)}\n(d ${lr(recipe.final_d.mean, 3)})`
+          : lr(recipe.lr, 3),
+    },
     {
       label: 'Tuning',
       class: 'num tuning',

@@ -149,6 +149,12 @@ export function setUpForms({ onSubmitted }) {
 
   for (const input of fields) {
     input.addEventListener(input.tagName === 'SELECT' ? 'change' : 'input', () => {
+      if (input.dataset.path === 'optimizer.name') {
+        // Each optimizer has fields of its own (SGD's momentum is not Adam's): a new one
+        // starts from its defaults rather than inheriting fields it would refuse.
+        const name = fieldValue(input);
+        spec.optimizer = name === 'sgd' ? { name, momentum: 0.9 } : { name };
+      }
       setPath(spec, input.dataset.path, fieldValue(input));
       input.classList.remove('invalid');
       writeJson();

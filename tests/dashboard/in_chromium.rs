@@ -325,15 +325,17 @@ fn a_queued_job_is_followed_live_and_a_running_one_can_be_canceled_from_its_page
 fn a_race_is_drawn_live_then_shows_its_table_target_and_verdict() {
     let _one = lock();
     let server = Server::start(None);
-    // The five recipes of examples/race-mnist.json with two seeds each (so that the table
-    // has a spread to show, and its longest names), on a small problem: seconds of racing,
-    // so the page sees it run.
+    // The seven recipes of examples/race-mnist.json, two of them untuned challengers, with
+    // two seeds each (so that the table has a spread to show, and its longest names), on a
+    // small problem: seconds of racing, so the page sees it run.
     let recipes = [
         "sgd_one_cycle",
         "adam_constant",
         "adam_plateau",
         "sgd_warm_restarts",
         "adamw_warmup_cosine",
+        "prodigy",
+        "schedule_free_adamw",
     ];
     let spec = json!({
         "name": "race",
@@ -412,10 +414,13 @@ fn a_race_is_drawn_live_then_shows_its_table_target_and_verdict() {
             "#race-body tr[data-recipe='{}']",
             recipe["name"].as_str().unwrap()
         );
-        assert_eq!(
-            page.text(&format!("{row} td.lr")),
-            sci(recipe["lr"].as_f64().unwrap(), 3)
-        );
+        // Prodigy's multiplier with the step size d it found (mean over seeds).
+        let lr = sci(recipe["lr"].as_f64().unwrap(), 3);
+        let lr = match recipe["final_d"]["mean"].as_f64() {
+            Some(d) => format!("{lr}\n(d {})", sci(d, 3)),
+            None => lr,
+        };
+        assert_eq!(page.text(&format!("{row} td.lr")), lr);
         // Mean ± std over the seeds, the std rounded to the mean's decimals.
         for (cell, stat, scale, unit) in [
             ("final-loss", &recipe["final_val_loss"], 1.0, ""),
@@ -434,9 +439,23 @@ fn a_race_is_drawn_live_then_shows_its_table_target_and_verdict() {
             None => "never".to_string(),
         };
         assert_eq!(page.text(&format!("{row} td.steps-to-target")), steps);
+        // How each recipe got its learning rate: the tuning's steps, or untuned.
+        let tuning = match (recipe["tuned"].as_bool(), recipe["tune_steps"].as_u64()) {
+            (Some(false), _) => "untuned".to_string(),
+            (Some(true), Some(steps)) => format!(
+                "{} steps",
+                lrtune::engine::compare::thousands(steps as usize)
+            ),
+            other => panic!("{row}: tuned and tune_steps missing: {other:?}"),
+        };
+        assert_eq!(page.text(&format!("{row} td.tuning")), tuning, "{row}");
     }
-    // No "Tuning" column: this result does not say how each recipe was tuned.
-    assert_eq!(page.count("#race-head-row th.tuning"), 0);
+    assert_eq!(page.text("#race-head-row th.tuning"), "Tuning");
+    assert!(
+        page.text("#race-body tr[data-recipe='prodigy'] td.lr")
+            .starts_with("1.00\n(d "),
+        "prodigy shows the d it found"
+    );
 
     // Every recipe is a series of the one chart; the x axis switches to seconds.
     let legend = "[...document.querySelectorAll('#race-chart .u-legend .u-series th')].map(cell => cell.textContent.trim())";
@@ -512,7 +531,8 @@ fn a_race_is_drawn_live_then_shows_its_table_target_and_verdict() {
             return {
                 fits,
                 scrolls: getComputedStyle(wrap).overflowX === 'auto',
-                inside: box.right <= 390 && last.right <= box.right + 0.5 && last.left >= box.left,
+                // Within a pixel: scroll offsets are whole pixels, the box's edges are not.
+                inside: box.right <= 390 && last.right <= box.right + 1 && last.left >= box.left,
                 header_shown: head.getBoundingClientRect().top >= box.top && head.getBoundingClientRect().height > 0,
                 recipe_held: Math.abs(recipe.left - box.left) < 1.5,
             };
@@ -528,9 +548,8 @@ fn a_race_is_drawn_live_then_shows_its_table_target_and_verdict() {
     page.screenshot(&screenshot_dir().join("race-390-table-scrolled.png"));
     assert_no_console_errors(&mut page, &[]);
 
-    // A result that says how each recipe was tuned (untuned challengers such as prodigy, the
-    // others with their tuning steps) gets a "Tuning" column, and the table still fits. The
-    // engine does not report this yet: the page reads it from the job with the fields added.
+    // A race stored before untuned recipes existed does not say how each recipe was tuned:
+    // its table has no "Tuning" column, and still fits.
     let mut tuned = browser.page();
     tuned.before_load(
         "(() => {
@@ -539,9 +558,9 @@ fn a_race_is_drawn_live_then_shows_its_table_target_and_verdict() {
                 const response = await original(...args);
                 if (!/^\\/v1\\/jobs\\/[^/]+$/.test(new URL(response.url).pathname)) return response;
                 const job = await response.json();
-                (job.result ? job.result.recipes : []).forEach((recipe, index) => {
-                    recipe.tuned = index > 0;
-                    if (index > 0) recipe.tune_steps = 1200 * index;
+                (job.result ? job.result.recipes : []).forEach((recipe) => {
+                    delete recipe.tuned;
+                    delete recipe.tune_steps;
                 });
                 return new Response(JSON.stringify(job), {status: response.status, headers: response.headers});
             };
@@ -553,30 +572,16 @@ fn a_race_is_drawn_live_then_shows_its_table_target_and_verdict() {
         "document.body.dataset.loaded === 'true' && document.querySelector('#race-body tr')",
         LONG,
     );
-    let names = recipes_in_result_order(result);
-    assert_eq!(tuned.text("#race-head-row th.tuning"), "Tuning");
-    assert_eq!(
-        tuned.text(&format!(
-            "#race-body tr[data-recipe='{}'] td.tuning",
-            names[0]
-        )),
-        "untuned"
-    );
-    assert_eq!(
-        tuned.text(&format!(
-            "#race-body tr[data-recipe='{}'] td.tuning",
-            names[1]
-        )),
-        "1,200 steps"
-    );
+    assert_eq!(tuned.count("#race-head-row th.tuning"), 0);
+    assert_eq!(tuned.count("#race-body td.tuning"), 0);
     assert_eq!(
         tuned.eval(
             "(w => w.scrollWidth <= w.clientWidth)(document.querySelector('.race-table-wrap'))"
         ),
         true,
-        "the race table with its Tuning column fits at 1280 px"
+        "an older race's table fits at 1280 px"
     );
-    tuned.screenshot(&screenshot_dir().join("race-tuning-1280.png"));
+    tuned.screenshot(&screenshot_dir().join("race-older-1280.png"));
     assert_no_console_errors(&mut tuned, &[]);
 }
 
@@ -696,6 +701,10 @@ fn a_job_submitted_from_the_form_appears_in_the_list_and_finishes() {
             set('#f-name', 'from-the-form');
             set('[data-path=\"range_test.steps\"]', '40');
             set('[data-path=\"sweep.count\"]', '2');
+            // Another optimizer starts from its own defaults: SGD's momentum goes.
+            const optimizer = document.querySelector('[data-path=\"optimizer.name\"]');
+            optimizer.value = 'schedule_free_adamw';
+            optimizer.dispatchEvent(new Event('change'));
         })()",
     );
     // The fields and the JSON spec stay in step.
@@ -709,6 +718,10 @@ fn a_job_submitted_from_the_form_appears_in_the_list_and_finishes() {
     assert_eq!(spec["range_test"]["steps"], 40);
     assert_eq!(spec["sweep"]["count"], 2);
     assert_eq!(spec["data"]["builtin"], "spirals");
+    assert_eq!(
+        spec["optimizer"],
+        serde_json::json!({"name": "schedule_free_adamw"})
+    );
 
     page.eval("document.getElementById('submit-button').click()");
     page.wait_for("!document.getElementById('submit-ok').hidden", LONG);
@@ -723,6 +736,7 @@ fn a_job_submitted_from_the_form_appears_in_the_list_and_finishes() {
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0]["name"], "from-the-form");
     assert_eq!(jobs[0]["spec"]["range_test"]["steps"], 40);
+    assert_eq!(jobs[0]["spec"]["optimizer"]["name"], "schedule_free_adamw");
     assert_no_console_errors(&mut page, &[]);
 }
 
