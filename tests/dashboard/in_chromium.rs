@@ -585,16 +585,6 @@ fn a_race_is_drawn_live_then_shows_its_table_target_and_verdict() {
     assert_no_console_errors(&mut tuned, &[]);
 }
 
-/// The names of a race result's recipes, in the order they raced.
-fn recipes_in_result_order(result: &serde_json::Value) -> Vec<String> {
-    result["recipes"]
-        .as_array()
-        .expect("recipes")
-        .iter()
-        .map(|recipe| recipe["name"].as_str().expect("a name").to_string())
-        .collect()
-}
-
 /// The race chart's y axis is zoomed to the curves from a quarter of the way on (the
 /// accuracy's within 0 to 1, the loss's on a log scale), and its legend shows each recipe's
 /// value at the hovered step and its last one away from the chart.
