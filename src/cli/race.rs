@@ -95,6 +95,10 @@ const HEIGHT: u32 = 600;
 /// target as a dashed line.
 pub fn render_svg(title: &str, result: &CompareResult) -> anyhow::Result<String> {
     let accuracy = result.target.metric == "val_accuracy";
+    let x_max = result.timing.plan_steps.max(1) as f64;
+    // The axis is zoomed to the curves from a quarter of the run on, where the recipes
+    // differ; a curve's early points outside it are left out up to its first one inside.
+    let settled = x_max / 4.0;
     let curves: Vec<(String, Vec<(f64, f64)>)> = result
         .recipes
         .iter()
@@ -102,7 +106,7 @@ pub fn render_svg(title: &str, result: &CompareResult) -> anyhow::Result<String>
         .collect();
     let values = curves
         .iter()
-        .flat_map(|(_, points)| points.iter().map(|p| p.1));
+        .flat_map(|(_, points)| points.iter().filter(|p| p.0 >= settled).map(|p| p.1));
     let (mut y_min, mut y_max) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
     });
@@ -116,7 +120,20 @@ pub fn render_svg(title: &str, result: &CompareResult) -> anyhow::Result<String>
     if y_max <= y_min {
         y_max = y_min + 1.0;
     }
-    let x_max = result.timing.plan_steps.max(1) as f64;
+    let margin = (y_max - y_min) * 0.05;
+    let (y_min, y_max) = (y_min - margin, y_max + margin);
+    let curves: Vec<(String, Vec<(f64, f64)>)> = curves
+        .into_iter()
+        .map(|(name, points)| {
+            let inside = |p: &(f64, f64)| (y_min..=y_max).contains(&p.1);
+            let first = points.iter().position(inside).unwrap_or(points.len());
+            let points = points[first..]
+                .iter()
+                .map(|&(x, y)| (x, y.clamp(y_min, y_max)))
+                .collect();
+            (name, points)
+        })
+        .collect();
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
@@ -220,4 +237,61 @@ fn draw_error<E: std::error::Error + Send + Sync + 'static>(
     error: DrawingAreaErrorKind<E>,
 ) -> anyhow::Error {
     anyhow::anyhow!("drawing the plot: {error}")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::engine::compare::run_compare;
+    use crate::engine::{load_local_data, Limits, ValidSpec};
+
+    /// A race of two untuned challengers (no tuning steps, so it takes a moment): the table
+    /// says how each was tuned and shows Prodigy's d; the plot draws both.
+    #[test]
+    fn the_race_table_shows_the_tuning_and_prodigys_d_and_the_plot_both_recipes() {
+        let spec = ValidSpec::parse(
+            r#"{"kind": "compare", "data": {"builtin": "spirals", "samples": 512},
+                "model": {"arch": "mlp", "hidden": [16]}, "batch_size": 32, "plan": {"epochs": 2},
+                "recipes": ["prodigy", "schedule_free_adamw"], "seeds": 1}"#,
+            &Limits::default(),
+        )
+        .unwrap();
+        let loaded = load_local_data(&spec).unwrap();
+        let result = run_compare(
+            &spec,
+            loaded,
+            &Limits::default(),
+            &AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .unwrap();
+        let table = summary(&result);
+        assert!(
+            table.contains("| lr | tuning | final val_loss |"),
+            "{table}"
+        );
+        let row = |name: &str| {
+            table
+                .lines()
+                .find(|line| line.contains(&format!("| {name} |")))
+                .unwrap_or_else(|| panic!("no row for {name}: {table}"))
+                .to_string()
+        };
+        let d = result.recipes[0].final_d.unwrap().mean.unwrap();
+        assert!(
+            row("prodigy").contains(&format!("| 1e0 (d {}) | untuned |", format_lr(d))),
+            "{table}"
+        );
+        assert!(
+            row("schedule_free_adamw").contains("| 2.5e-3 | untuned |"),
+            "{table}"
+        );
+        let svg = render_svg("race", &result).unwrap();
+        assert!(svg.starts_with("<svg"));
+        for name in ["prodigy", "schedule_free_adamw"] {
+            assert!(svg.contains(name), "{name} is in the legend");
+        }
+    }
 }
