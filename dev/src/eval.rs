@@ -124,12 +124,7 @@ fn report(scores: &[ProblemScore], summary: &Summary) -> String {
         "method", "hits"
     ));
     for method in &summary.methods {
-        let hits = format!(
-            "{}/{} ({:.0} %)",
-            method.hits,
-            summary.scores,
-            100.0 * method.hits as f64 / summary.scores.max(1) as f64
-        );
+        let hits = share(method.hits, summary.scores);
         out.push_str(&format!(
             "{:<10} {hits:>13}  {:.2}\n",
             method.method, method.median_log10_error
@@ -176,12 +171,7 @@ fn challenger_report(scores: &[ProblemScore], summary: &Summary) -> String {
         "challenger", "hits", "median ratio", "worst ratio", "compute"
     ));
     for c in &summary.challengers {
-        let hits = format!(
-            "{}/{} ({:.0} %)",
-            c.hits,
-            summary.scores,
-            100.0 * c.hits as f64 / summary.scores.max(1) as f64
-        );
+        let hits = share(c.hits, summary.scores);
         out.push_str(&format!(
             "{:<20} {hits:>13} {:>12.2}x {:>12.2}x {:>8.1}%\n",
             c.recipe,
@@ -192,6 +182,14 @@ fn challenger_report(scores: &[ProblemScore], summary: &Summary) -> String {
     }
     out.push('\n');
     out
+}
+
+/// `hits` of `of`, with its percentage: `15/48 (31 %)`.
+fn share(hits: usize, of: usize) -> String {
+    format!(
+        "{hits}/{of} ({:.0} %)",
+        100.0 * hits as f64 / of.max(1) as f64
+    )
 }
 
 fn mark(hit: bool) -> &'static str {

@@ -75,6 +75,26 @@ pub struct RecipeResult {
     pub runs: Vec<RaceRun>,
 }
 
+impl RecipeResult {
+    /// The final metric the race judges: accuracy for classification, else the loss.
+    fn judged(&self, accuracy: bool) -> Stat {
+        if accuracy {
+            self.final_val_accuracy.unwrap_or(Stat {
+                mean: None,
+                std: None,
+            })
+        } else {
+            self.final_val_loss
+        }
+    }
+}
+
+/// The wider of two recipes' seed spreads on the judged metric (0 where unknown).
+fn seed_noise(a: &RecipeResult, b: &RecipeResult, accuracy: bool) -> f64 {
+    let spread = |r: &RecipeResult| r.judged(accuracy).std.unwrap_or(0.0);
+    spread(a).max(spread(b))
+}
+
 /// Races stored before untuned recipes existed tuned every recipe.
 fn tuned_before_challengers() -> bool {
     true
@@ -689,20 +709,7 @@ fn what_tuning_bought(
         thousands(tuned.tune_steps)
     );
     let untuned_words = format!("{} (untuned)", untuned.name);
-    let final_of = |r: &RecipeResult| {
-        if accuracy {
-            r.final_val_accuracy.and_then(|s| s.mean)
-        } else {
-            r.final_val_loss.mean
-        }
-    };
-    let std_of = |r: &RecipeResult| {
-        if accuracy {
-            r.final_val_accuracy.and_then(|s| s.std)
-        } else {
-            r.final_val_loss.std
-        }
-    };
+    let final_of = |r: &RecipeResult| r.judged(accuracy).mean;
     let ending = match (final_of(tuned), final_of(untuned)) {
         (None, None) => return Some(format!("{tuned_words} and {untuned_words} both diverged")),
         (Some(_), None) => format!("{tuned_words} trains where {untuned_words} diverges"),
@@ -722,9 +729,7 @@ fn what_tuning_bought(
                     percent((l - w) / l.abs().max(f64::MIN_POSITIVE))
                 )
             };
-            let noise = std_of(tuned)
-                .unwrap_or(0.0)
-                .max(std_of(untuned).unwrap_or(0.0));
+            let noise = seed_noise(tuned, untuned, accuracy);
             let paid = if seeds >= 2 && (w - l).abs() <= noise {
                 "what tuning bought is within seed noise"
             } else if tuned_better {
@@ -767,20 +772,7 @@ fn verdict(
     };
     let best = &results[best_index];
     let metric = if accuracy { "accuracy" } else { "loss" };
-    let final_of = |r: &RecipeResult| {
-        if accuracy {
-            r.final_val_accuracy.and_then(|s| s.mean)
-        } else {
-            r.final_val_loss.mean
-        }
-    };
-    let std_of = |r: &RecipeResult| {
-        if accuracy {
-            r.final_val_accuracy.and_then(|s| s.std)
-        } else {
-            r.final_val_loss.std
-        }
-    };
+    let final_of = |r: &RecipeResult| r.judged(accuracy).mean;
     if final_of(best).is_none() {
         return "every recipe diverged: lower plan or check the data".to_string();
     }
@@ -829,9 +821,7 @@ fn verdict(
         return format!("{speed}; {} is best, {} diverged", best.name, second.name);
     };
     let gap = (best_final - second_final).abs();
-    let noise = std_of(best)
-        .unwrap_or(0.0)
-        .max(std_of(second).unwrap_or(0.0));
+    let noise = seed_noise(best, second, accuracy);
     let margin = if accuracy {
         format!("{} points of accuracy", percent(gap))
     } else {
