@@ -38,8 +38,8 @@ pub fn summary(result: &JobResult) -> String {
         let _ = writeln!(out, "sweep (OneCycle, validation loss per candidate peak):");
         let _ = writeln!(
             out,
-            "  {:>10}  {:>7}  {:>10}  {:>9}",
-            "peak_lr", "epochs", "val_loss", "accuracy"
+            "  {:>10}  {:>7}  {:>10}  {:>9}  {:>5}",
+            "peak_lr", "epochs", "val_loss", "accuracy", "seeds"
         );
         for candidate in &result.sweep {
             let loss = if candidate.diverged {
@@ -55,13 +55,15 @@ pub fn summary(result: &JobResult) -> String {
                 "  <- best"
             } else if candidate.in_band {
                 "  in band"
+            } else if candidate.unstable {
+                "  unstable"
             } else {
                 ""
             };
             let _ = writeln!(
                 out,
-                "  {:>10.3e}  {:>7.1}  {:>10}  {:>9}{mark}",
-                candidate.peak_lr, candidate.epochs, loss, accuracy
+                "  {:>10.3e}  {:>7.1}  {:>10}  {:>9}  {:>5}{mark}",
+                candidate.peak_lr, candidate.epochs, loss, accuracy, candidate.seeds
             );
         }
     }
@@ -74,6 +76,12 @@ pub fn summary(result: &JobResult) -> String {
         rec.band[1],
         rec.source.replace('_', " ")
     );
+    if let (Some(edge), Some(distance)) = (rec.stability_edge_lr, rec.edge_distance) {
+        let _ = writeln!(
+            out,
+            "stability edge: {edge:.3e} (instability begins there); the peak is {distance:.1}x below it"
+        );
+    }
     let _ = writeln!(out, "pytorch: {}", rec.pytorch);
     let _ = writeln!(out, "fastai:  {}", rec.fastai);
     for warning in &rec.warnings {

@@ -29,6 +29,11 @@ pub struct SweepRun {
     /// Mean training loss over the last tenth of the run.
     pub train_loss: f64,
     pub diverged: bool,
+    /// The training loss gave back more than half of what it had gained, mid-run (see
+    /// `sweep::SpikeWatch`): a sign the peak is at the edge of stability even if the run
+    /// recovered.
+    #[serde(default)]
+    pub spiked: bool,
 }
 
 /// One validation of a full run. `seconds` is the training time since the run's start

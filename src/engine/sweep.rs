@@ -23,6 +23,9 @@ pub struct SweepCandidate {
     /// The horizon this candidate was trained to, in steps and in epochs.
     pub steps: usize,
     pub epochs: f64,
+    /// Runs (seeds) it was judged on at this horizon.
+    #[serde(default)]
+    pub seeds: usize,
     /// Mean over seeds (infinite when any run diverged).
     pub val_loss: f64,
     pub val_loss_std: f64,
@@ -30,6 +33,10 @@ pub struct SweepCandidate {
     pub diverged: bool,
     pub in_band: bool,
     pub best: bool,
+    /// At or above the stability edge (see [`stability_edge`]): never the best nor in the
+    /// band.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unstable: bool,
 }
 
 /// Candidates for `"auto"`: `count` values log-spaced from valley / 3 to edge, with the one
@@ -183,7 +190,13 @@ pub struct Search<'a> {
     /// The range test's suggestion the auto candidates were placed around: the finalists
     /// when the budget leaves no room to screen.
     pub anchor: Option<f64>,
+    /// The validation set is too small for one seed's loss to separate candidates
+    /// (under [`SMALL_VALIDATION_ROWS`] rows): the best two always get more seeds.
+    pub small_validation: bool,
 }
+
+/// Validation sets with fewer rows give losses too noisy to judge a candidate on one seed.
+pub const SMALL_VALIDATION_ROWS: usize = 100;
 
 /// Every run of a sweep, and what the search concluded.
 pub struct SearchOutcome {
@@ -192,6 +205,8 @@ pub struct SearchOutcome {
     /// Set when the best final candidate is at an end of the range and no step past it was
     /// taken (an explicit list, or no budget left).
     pub open_edge: Option<OpenEdge>,
+    /// Where the runs found instability beginning.
+    pub edge: Option<StabilityEdge>,
 }
 
 /// Most steps past the ends of the range.
@@ -208,8 +223,10 @@ const FINEST_SPACING: f64 = 1.4;
 impl Search<'_> {
     /// Runs the plan within `budget` steps: the screening, the finalists at the final
     /// horizon, then (auto candidates) steps past the end of the range while the best final
-    /// candidate sits at it, then a second seed for the two best when they are within 5 %
-    /// of each other. Each run starts from its seed's initial weights and data order.
+    /// candidate sits at it, then more seeds for the best while it borders the stability
+    /// edge, then a second seed for the two best when they are within 5 % of each other (or
+    /// always, on a small validation set), then probes between the best and a stable
+    /// neighbour. Each run starts from its seed's initial weights and data order.
     pub fn run(
         &self,
         candidates: &[f64],
@@ -227,7 +244,8 @@ impl Search<'_> {
                         runs.push(seeds.train(peak_lr, seed_index, screen_steps, control)?);
                     }
                 }
-                finalists(&judge(candidates, &runs), plan.finalists)
+                let edge = stability_edge(&runs).map(|edge| edge.lr);
+                finalists(&judge(candidates, &runs, edge), plan.finalists)
             }
             None if plan.finalists < candidates.len() => {
                 anchored_finalists(candidates, self.anchor, plan.finalists)
@@ -252,13 +270,16 @@ impl Search<'_> {
         loop {
             let (best, lowest, highest, tried) = final_extremes(&runs, final_steps);
             let Some(best) = best else { break };
+            let unsafe_from =
+                stability_edge(&runs).map_or(f64::INFINITY, |edge| edge.lr / EDGE_MARGIN);
             open_edge = if tried < 2 && !self.extend {
                 None
             } else if best == lowest {
                 Some((OpenEdge::Lower, best / ratio))
-            } else if best == highest && best >= highest_screened {
+            } else if best == highest && best >= highest_screened && best * ratio <= unsafe_from {
                 // Higher peaks screened out at a shorter horizon, which favours high
-                // peaks, would only do worse at the final one: no need to try them.
+                // peaks, would only do worse at the final one, and peaks near the stability
+                // edge are not recommended: no need to try them.
                 Some((OpenEdge::Higher, best * ratio))
             } else {
                 None
@@ -275,34 +296,42 @@ impl Search<'_> {
             }
             extensions += 1;
         }
+        // Risk: while the best borders the stability edge, it gets more seeds (up to
+        // [`MAX_SEEDS`]) before it is trusted: one seed that survived next to a cliff says
+        // little about the next. A seed that fails moves the edge down, and the next best
+        // is checked in turn.
+        if self.seeds < MAX_SEEDS {
+            while let Some(peak) = bordering_best(&runs, final_steps) {
+                let have = seeds_at(&runs, peak, final_steps);
+                if have >= MAX_SEEDS || left(control) < final_steps {
+                    break;
+                }
+                runs.push(seeds.train(peak, have, final_steps, control)?);
+            }
+        }
         // Seed noise: while the best two are within 5 % (or a seed's spread) of each other,
-        // each gets another seed, up to [`MAX_SEEDS`], as far as the budget goes.
+        // each gets another seed, up to [`MAX_SEEDS`], as far as the budget goes. On a small
+        // validation set one seed's loss is mostly noise, so they get them whatever the gap.
         if self.seeds == 1 {
             for seed_index in 1..MAX_SEEDS {
-                let mut at_final = final_candidates(&runs, final_steps);
-                at_final.sort_by(|a, b| a.val_loss.total_cmp(&b.val_loss));
-                let [first, second, ..] = &at_final[..] else {
+                let contenders = contenders(&runs, final_steps);
+                let [first, second, ..] = &contenders[..] else {
                     break;
                 };
                 let noise = (0.05 * first.val_loss.abs())
                     .max(first.val_loss_std)
                     .max(second.val_loss_std);
                 let close = second.val_loss.is_finite() && second.val_loss - first.val_loss < noise;
-                let seeds_of = |peak: f64| {
-                    runs.iter()
-                        .filter(|run| run.steps == final_steps && run.peak_lr == peak)
-                        .count()
-                };
                 let wanted: Vec<(f64, usize)> = [first.peak_lr, second.peak_lr]
                     .into_iter()
-                    .map(|peak| (peak, seeds_of(peak)))
+                    .map(|peak| (peak, seeds_at(&runs, peak, final_steps)))
                     .filter(|&(_, have)| have <= seed_index)
                     .collect();
                 let cost: usize = wanted
                     .iter()
                     .map(|&(_, have)| (seed_index + 1 - have) * final_steps)
                     .sum();
-                if !close || left(control) < cost {
+                if !(close || self.small_validation) || left(control) < cost {
                     break;
                 }
                 for (peak_lr, have) in wanted {
@@ -329,11 +358,47 @@ impl Search<'_> {
             }
         }
         Ok(SearchOutcome {
+            edge: stability_edge(&runs),
             runs,
             final_steps,
             open_edge: open_edge.map(|(edge, _)| edge),
         })
     }
+}
+
+/// Runs at `peak` and horizon `steps`.
+fn seeds_at(runs: &[SweepRun], peak: f64, steps: usize) -> usize {
+    runs.iter()
+        .filter(|run| run.steps == steps && run.peak_lr == peak)
+        .count()
+}
+
+/// The best candidate at `steps` when it borders the stability edge: the next peak tried
+/// above it (at any horizon) is unstable or within [`EDGE_MARGIN`] of the edge.
+fn bordering_best(runs: &[SweepRun], steps: usize) -> Option<f64> {
+    let edge = stability_edge(runs)?;
+    let best = final_candidates(runs, steps)
+        .into_iter()
+        .find(|c| c.best)?
+        .peak_lr;
+    let above = runs
+        .iter()
+        .map(|run| run.peak_lr)
+        .filter(|&peak| peak > best)
+        .reduce(f64::min)?;
+    (above >= edge.lr / EDGE_MARGIN && best < edge.lr).then_some(best)
+}
+
+/// The candidates at `steps` the best may be chosen from (under the stability edge's
+/// margin), best first.
+fn contenders(runs: &[SweepRun], steps: usize) -> Vec<SweepCandidate> {
+    let edge = stability_edge(runs).map(|edge| edge.lr);
+    let judged = judged_at(runs, steps, edge);
+    let limit = eligible_limit(&judged, edge);
+    let mut contenders: Vec<SweepCandidate> =
+        judged.into_iter().filter(|c| c.peak_lr <= limit).collect();
+    contenders.sort_by(|a, b| a.val_loss.total_cmp(&b.val_loss));
+    contenders
 }
 
 /// The candidates carried from a screening to the final horizon: the best screened and the
@@ -370,8 +435,30 @@ fn anchored_finalists(candidates: &[f64], anchor: Option<f64>, count: usize) -> 
     sorted[end.saturating_sub(count)..end].to_vec()
 }
 
-/// The candidates judged at `steps`.
+/// The highest peak the best may be: [`EDGE_MARGIN`] below the edge when a finished
+/// candidate is there, else the highest finished one under the edge, else any.
+fn eligible_limit(judged: &[SweepCandidate], edge: Option<f64>) -> f64 {
+    let Some(edge) = edge else {
+        return f64::INFINITY;
+    };
+    let finished = || judged.iter().filter(|c| c.val_loss.is_finite());
+    if finished().any(|c| c.peak_lr <= edge / EDGE_MARGIN) {
+        return edge / EDGE_MARGIN;
+    }
+    finished()
+        .map(|c| c.peak_lr)
+        .filter(|&peak| peak < edge)
+        .reduce(f64::max)
+        .unwrap_or(f64::INFINITY)
+}
+
+/// The candidates judged at `steps`, with the stability edge of all `runs`.
 pub fn final_candidates(runs: &[SweepRun], steps: usize) -> Vec<SweepCandidate> {
+    judged_at(runs, steps, stability_edge(runs).map(|edge| edge.lr))
+}
+
+/// The candidates judged at `steps`, with a stability edge found beforehand.
+pub fn judged_at(runs: &[SweepRun], steps: usize, edge: Option<f64>) -> Vec<SweepCandidate> {
     let at: Vec<SweepRun> = runs
         .iter()
         .copied()
@@ -380,15 +467,17 @@ pub fn final_candidates(runs: &[SweepRun], steps: usize) -> Vec<SweepCandidate> 
     let mut peaks: Vec<f64> = at.iter().map(|run| run.peak_lr).collect();
     peaks.sort_by(f64::total_cmp);
     peaks.dedup();
-    judge(&peaks, &at)
+    judge(&peaks, &at, edge)
 }
 
 /// The peak halfway (in log space) between the best candidate at `steps` and one of its
 /// neighbours among all peaks tried at any horizon: a neighbour never run at `steps` first,
-/// then the one with the lower loss. None when the best is unknown or both gaps are already
-/// finer than [`FINEST_SPACING`].
+/// then the one with the lower loss; never towards an unstable neighbour. None when the
+/// best is unknown or both gaps are already finer than [`FINEST_SPACING`].
 fn next_probe(runs: &[SweepRun], steps: usize) -> Option<f64> {
-    let judged = final_candidates(runs, steps);
+    let edge = stability_edge(runs).map(|edge| edge.lr);
+    let judged = judged_at(runs, steps, edge);
+    let limit = eligible_limit(&judged, edge);
     let best = judged.iter().find(|c| c.best)?.peak_lr;
     let mut tried: Vec<f64> = runs.iter().map(|run| run.peak_lr).collect();
     tried.sort_by(f64::total_cmp);
@@ -402,6 +491,8 @@ fn next_probe(runs: &[SweepRun], steps: usize) -> Option<f64> {
         .into_iter()
         .flatten()
         .filter(|&peak| (peak / best).ln().abs() > FINEST_SPACING.ln() * 2.0)
+        // Never towards an unstable neighbour, nor to a peak too near the edge to be chosen.
+        .filter(|&peak| edge.is_none_or(|edge| peak < edge) && (peak * best).sqrt() <= limit)
         .map(|peak| {
             let loss = judged
                 .iter()
@@ -521,6 +612,7 @@ fn train_candidate(
     let default_momentum = setup.optimizer.momentum();
     let tail_start = setup.steps - (setup.steps / 10).max(1);
     let (mut tail_sum, mut tail_count) = (0.0, 0usize);
+    let mut spikes = SpikeWatch::new(setup.steps);
     for step in 0..setup.steps {
         control.check_cancel()?;
         let lr = schedule.lr_at(step);
@@ -545,8 +637,10 @@ fn train_candidate(
                 val_accuracy: None,
                 train_loss: loss,
                 diverged: true,
+                spiked: spikes.spiked(),
             });
         }
+        spikes.push(loss);
         if step >= tail_start {
             tail_sum += loss;
             tail_count += 1;
@@ -572,13 +666,164 @@ fn train_candidate(
         val_accuracy: evaluation.accuracy,
         train_loss: tail_sum / tail_count.max(1) as f64,
         diverged,
+        spiked: spikes.spiked(),
     })
+}
+
+/// Watches a run's training loss for a spike: averaged over windows of a 25th of the run (at
+/// least [`SpikeWatch::MIN_WINDOW`] steps, so that one unlucky batch is not a spike), the loss
+/// climbs back more than half way from its lowest window to its first one, after having come
+/// down by at least a fifth. A run at a peak past the edge of stability often recovers by the
+/// end of its OneCycle, as the learning rate anneals, and then looks fine on its final loss;
+/// with another seed it may not recover.
+struct SpikeWatch {
+    window: usize,
+    sum: f64,
+    count: usize,
+    first: Option<f64>,
+    lowest: f64,
+    spiked: bool,
+}
+
+impl SpikeWatch {
+    const MIN_WINDOW: usize = 8;
+
+    fn new(steps: usize) -> Self {
+        Self {
+            window: (steps / 25).max(Self::MIN_WINDOW),
+            sum: 0.0,
+            count: 0,
+            first: None,
+            lowest: f64::INFINITY,
+            spiked: false,
+        }
+    }
+
+    fn push(&mut self, loss: f64) {
+        self.sum += loss;
+        self.count += 1;
+        if self.count < self.window {
+            return;
+        }
+        let mean = self.sum / self.count as f64;
+        (self.sum, self.count) = (0.0, 0);
+        let Some(first) = self.first else {
+            self.first = Some(mean);
+            self.lowest = mean;
+            return;
+        };
+        let gained = first - self.lowest;
+        if gained >= 0.2 * first.abs() && mean > self.lowest + 0.5 * gained {
+            self.spiked = true;
+        }
+        self.lowest = self.lowest.min(mean);
+    }
+
+    fn spiked(&self) -> bool {
+        self.spiked
+    }
+}
+
+/// How many times the best mean loss of the lower peaks (at the same horizon) a run may end
+/// before it counts as unstable: a run that ends twice as bad as a lower peak did not
+/// overfit a little, it lost its way.
+pub const FAR_ABOVE: f64 = 2.0;
+
+/// The recommendation stays at least this factor below the lowest unstable peak: the runs
+/// show where some seeds blow up, not that every seed below that point is safe.
+pub const EDGE_MARGIN: f64 = 2.0;
+
+/// Why a peak counts as unstable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Instability {
+    /// A run's loss became non-finite.
+    Diverged,
+    /// A run's training loss spiked mid-run (see [`SpikeWatch`]).
+    Spiked,
+    /// A run ended more than [`FAR_ABOVE`] times the best mean loss of the lower peaks.
+    FarAbove,
+}
+
+impl Instability {
+    /// What happened, for a warning: "a run diverged".
+    pub fn describe(self) -> &'static str {
+        match self {
+            Instability::Diverged => "a run diverged",
+            Instability::Spiked => "a run's training loss spiked mid-run",
+            Instability::FarAbove => "a run ended more than twice the loss of a lower peak",
+        }
+    }
+}
+
+/// The lowest peak at which instability begins, and what showed it there.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StabilityEdge {
+    pub lr: f64,
+    pub reason: Instability,
+    /// The horizon of the run that showed it.
+    pub steps: usize,
+}
+
+/// The stability edge of a sweep's runs at every horizon: the lowest peak with a run that
+/// diverged, spiked, or ended more than [`FAR_ABOVE`] times the best mean loss of the lower
+/// peaks at its horizon. A run at a short horizon counts as much as one at the plan's: its
+/// peak blew up once, and another seed may at any length. None when every run was stable.
+pub fn stability_edge(runs: &[SweepRun]) -> Option<StabilityEdge> {
+    runs.iter()
+        .filter_map(|run| {
+            let reason = if run.diverged {
+                Instability::Diverged
+            } else if run.spiked {
+                Instability::Spiked
+            } else {
+                let lower = best_mean_below(runs, run.steps, run.peak_lr)?;
+                if run.val_loss > FAR_ABOVE * lower {
+                    Instability::FarAbove
+                } else {
+                    return None;
+                }
+            };
+            Some(StabilityEdge {
+                lr: run.peak_lr,
+                reason,
+                steps: run.steps,
+            })
+        })
+        .min_by(|a, b| a.lr.total_cmp(&b.lr))
+}
+
+/// The lowest mean validation loss of the peaks below `peak` at horizon `steps` (a peak with a
+/// diverged run has none); None without one.
+fn best_mean_below(runs: &[SweepRun], steps: usize, peak: f64) -> Option<f64> {
+    let mut peaks: Vec<f64> = runs
+        .iter()
+        .filter(|run| run.steps == steps && run.peak_lr < peak)
+        .map(|run| run.peak_lr)
+        .collect();
+    peaks.sort_by(f64::total_cmp);
+    peaks.dedup();
+    peaks
+        .into_iter()
+        .filter_map(|lower| {
+            let mine: Vec<&SweepRun> = runs
+                .iter()
+                .filter(|run| run.steps == steps && run.peak_lr == lower)
+                .collect();
+            let mean = mine.iter().map(|run| run.val_loss).sum::<f64>() / mine.len() as f64;
+            mean.is_finite().then_some(mean)
+        })
+        .min_by(f64::total_cmp)
 }
 
 /// Groups runs (of one horizon) by candidate, picks the best (lowest mean validation loss; a
 /// candidate with any diverged run loses) and marks the band: every candidate within 5 % of
 /// the best loss, or within one standard deviation of it across seeds when that is wider.
-pub fn judge(candidates: &[f64], runs: &[SweepRun]) -> Vec<SweepCandidate> {
+/// With a stability edge, the candidates at or above it are unstable, and the best and the
+/// band are chosen among those at least [`EDGE_MARGIN`] below it (among the others under
+/// the edge when none is that far below; among all when none is under it, which the tune
+/// then warns of).
+pub fn judge(candidates: &[f64], runs: &[SweepRun], edge: Option<f64>) -> Vec<SweepCandidate> {
     let mut judged: Vec<SweepCandidate> = candidates
         .iter()
         .map(|&peak_lr| {
@@ -605,6 +850,7 @@ pub fn judge(candidates: &[f64], runs: &[SweepRun]) -> Vec<SweepCandidate> {
             SweepCandidate {
                 peak_lr,
                 steps,
+                seeds: mine.len(),
                 epochs: 0.0,
                 val_loss: mean,
                 val_loss_std: std,
@@ -613,13 +859,16 @@ pub fn judge(candidates: &[f64], runs: &[SweepRun]) -> Vec<SweepCandidate> {
                 diverged,
                 in_band: false,
                 best: false,
+                unstable: edge.is_some_and(|edge| peak_lr >= edge),
             }
         })
         .collect();
+    let limit = eligible_limit(&judged, edge);
+    let eligible = |candidate: &SweepCandidate| candidate.peak_lr <= limit;
     let best = judged
         .iter()
         .enumerate()
-        .filter(|(_, candidate)| candidate.val_loss.is_finite())
+        .filter(|(_, candidate)| candidate.val_loss.is_finite() && eligible(candidate))
         .min_by(|a, b| a.1.val_loss.total_cmp(&b.1.val_loss))
         .map(|(index, _)| index);
     if let Some(best) = best {
@@ -627,8 +876,9 @@ pub fn judge(candidates: &[f64], runs: &[SweepRun]) -> Vec<SweepCandidate> {
         // Seed noise widens the band, never narrows it below 5 %.
         let tolerance = judged[best].val_loss_std.max(0.05 * best_loss.abs());
         for candidate in &mut judged {
-            candidate.in_band =
-                candidate.val_loss.is_finite() && candidate.val_loss <= best_loss + tolerance;
+            candidate.in_band = candidate.val_loss.is_finite()
+                && eligible(candidate)
+                && candidate.val_loss <= best_loss + tolerance;
         }
         judged[best].best = true;
         judged[best].in_band = true;
@@ -639,8 +889,8 @@ pub fn judge(candidates: &[f64], runs: &[SweepRun]) -> Vec<SweepCandidate> {
 /// The best peak between the tested ones: the vertex of the parabola (in log learning rate)
 /// through the best final candidate and its two neighbours, kept nearer the best than
 /// either neighbour (halfway in log space at most), so it only refines the choice the runs
-/// made. None when the best sits at an end, a neighbour diverged, or the three points do
-/// not curve upwards.
+/// made, and never above the best when the neighbour above is unstable. None when the best
+/// sits at an end, a neighbour diverged, or the three points do not curve upwards.
 pub fn refine_peak(judged: &[SweepCandidate]) -> Option<f64> {
     let mut sorted: Vec<&SweepCandidate> = judged.iter().collect();
     sorted.sort_by(|a, b| a.peak_lr.total_cmp(&b.peak_lr));
@@ -664,14 +914,17 @@ pub fn refine_peak(judged: &[SweepCandidate]) -> Option<f64> {
     }
     // p(x) = y0 + slope_left (x - x0) + curvature (x - x0)(x - x1); p'(vertex) = 0.
     let vertex = (x0 + x1) / 2.0 - slope_left / (2.0 * curvature);
-    let vertex = vertex.clamp((x0 + x1) / 2.0, (x1 + x2) / 2.0);
+    let highest = if right.unstable { x1 } else { (x1 + x2) / 2.0 };
+    let vertex = vertex.clamp((x0 + x1) / 2.0, highest);
     Some(vertex.exp())
 }
 
 /// The band's edges: from the lowest to the highest candidate in the band. When only the
 /// best candidate is in it, the band reaches halfway (in log space) to its neighbours, so a
-/// learning rate a little off the tested point is not reported as outside.
-pub fn band(judged: &[SweepCandidate]) -> Option<[f64; 2]> {
+/// learning rate a little off the tested point is not reported as outside; it never
+/// reaches towards an unstable neighbour, and never past [`EDGE_MARGIN`] below the
+/// stability edge `edge`.
+pub fn band(judged: &[SweepCandidate], edge: Option<f64>) -> Option<[f64; 2]> {
     let mut sorted: Vec<&SweepCandidate> = judged.iter().collect();
     sorted.sort_by(|a, b| a.peak_lr.total_cmp(&b.peak_lr));
     let first = sorted.iter().position(|c| c.in_band)?;
@@ -681,11 +934,12 @@ pub fn band(judged: &[SweepCandidate]) -> Option<[f64; 2]> {
         if first > 0 {
             low = (low * sorted[first - 1].peak_lr).sqrt();
         }
-        if last + 1 < sorted.len() {
-            high = (high * sorted[last + 1].peak_lr).sqrt();
+        if let Some(above) = sorted.get(last + 1).filter(|c| !c.unstable) {
+            high = (high * above.peak_lr).sqrt();
         }
     }
-    Some([low, high])
+    let limit = eligible_limit(judged, edge).max(sorted[last].peak_lr);
+    Some([low, high.min(limit)])
 }
 
 #[cfg(test)]
@@ -701,6 +955,7 @@ mod tests {
             val_accuracy: None,
             train_loss: val_loss,
             diverged: !val_loss.is_finite(),
+            spiked: false,
         }
     }
 
@@ -807,7 +1062,7 @@ mod tests {
                 .zip(losses)
                 .map(|(&peak, loss)| run(peak, 0, loss))
                 .collect();
-            judge(&[0.01, 0.1, 1.0], &runs)
+            judge(&[0.01, 0.1, 1.0], &runs, None)
         };
         // Symmetric: the vertex is the best itself.
         let peak = refine_peak(&judged([2.0, 1.0, 2.0])).expect("a vertex");
@@ -867,7 +1122,7 @@ mod tests {
                 .zip(losses)
                 .map(|(&peak, loss)| run(peak, 0, loss))
                 .collect();
-            judge(&candidates, &runs)
+            judge(&candidates, &runs, None)
         };
         assert_eq!(
             finalists(&screened([0.9, 0.5, 0.4, 0.6]), 2),
@@ -917,12 +1172,12 @@ mod tests {
             run(0.1, 0, 0.30),
             run(1.0, 0, f64::INFINITY),
         ];
-        let judged = judge(&candidates, &runs);
+        let judged = judge(&candidates, &runs, None);
         assert!(judged[1].best);
         assert!(judged[2].diverged && !judged[2].in_band);
         assert!(!judged[0].in_band, "0.50 is not within 5 % of 0.30");
         // Alone in the band: it reaches halfway (log) to each neighbour.
-        let [low, high] = band(&judged).unwrap();
+        let [low, high] = band(&judged, None).unwrap();
         assert!((low - (0.01f64 * 0.1).sqrt()).abs() < 1e-12);
         assert!((high - (0.1f64 * 1.0).sqrt()).abs() < 1e-12);
     }
@@ -936,9 +1191,9 @@ mod tests {
             run(0.1, 0, 0.30),
             run(0.3, 0, 0.314),
         ];
-        let judged = judge(&candidates, &runs);
+        let judged = judge(&candidates, &runs, None);
         assert_eq!(judged.iter().filter(|c| c.in_band).count(), 3);
-        assert_eq!(band(&judged), Some([0.03, 0.3]));
+        assert_eq!(band(&judged, None), Some([0.03, 0.3]));
     }
 
     #[test]
@@ -950,9 +1205,159 @@ mod tests {
             run(0.1, 0, 0.30),
             run(0.1, 1, 0.40),
         ];
-        let judged = judge(&candidates, &runs);
+        let judged = judge(&candidates, &runs, None);
         // Means 0.37 and 0.35; std of the best = sqrt(0.005) = 0.0707: 0.37 is inside.
         assert!(judged[1].best);
         assert!(judged[0].in_band);
+    }
+
+    #[test]
+    fn the_stability_edge_is_the_lowest_peak_with_a_diverged_spiked_or_far_worse_run() {
+        let stable = [run(0.01, 0, 0.5), run(0.03, 0, 0.3), run(0.1, 0, 0.35)];
+        assert_eq!(stability_edge(&stable), None, "0.35 is within 2x of 0.3");
+
+        // One seed in two diverged at 0.3: the edge is there, whatever the other seed did.
+        let mut runs = stable.to_vec();
+        runs.extend([
+            run(0.3, 0, 0.32),
+            run(0.3, 1, f64::INFINITY),
+            run(1.0, 0, f64::INFINITY),
+        ]);
+        let edge = stability_edge(&runs).expect("an edge");
+        assert_eq!(
+            (edge.lr, edge.reason, edge.steps),
+            (0.3, Instability::Diverged, 100)
+        );
+
+        // Ending at more than twice the best loss below it is unstable too, at any horizon.
+        let mut far = stable.to_vec();
+        far.push(SweepRun {
+            steps: 30,
+            ..run(0.01, 0, 0.8)
+        });
+        far.push(SweepRun {
+            steps: 30,
+            ..run(0.1, 0, 1.7)
+        });
+        let edge = stability_edge(&far).expect("an edge");
+        assert_eq!(
+            (edge.lr, edge.reason, edge.steps),
+            (0.1, Instability::FarAbove, 30)
+        );
+
+        // A spike counts though the run recovered; a low peak that learned little does not
+        // (it has no lower peak to be far above).
+        let mut spiked = vec![run(0.001, 0, 2.0), run(0.01, 0, 0.3)];
+        spiked.push(SweepRun {
+            spiked: true,
+            ..run(0.03, 0, 0.29)
+        });
+        let edge = stability_edge(&spiked).expect("an edge");
+        assert_eq!((edge.lr, edge.reason), (0.03, Instability::Spiked));
+    }
+
+    #[test]
+    fn a_spike_is_the_smoothed_loss_giving_back_half_its_gain_mid_run() {
+        let watch = |losses: &[f64]| {
+            let mut watch = SpikeWatch::new(losses.len());
+            for &loss in losses {
+                watch.push(loss);
+            }
+            watch.spiked()
+        };
+        // Windows of 8 steps: 2.0, then 0.4, then back to 1.3 (> 0.4 + 0.8): a spike.
+        let mut losses = vec![2.0; 8];
+        losses.extend([0.4; 8]);
+        losses.extend([1.3; 8]);
+        losses.extend([0.3; 8]);
+        assert!(watch(&losses));
+        // Back to 1.1 only (< 1.2): noise, not a spike.
+        losses[16..24].fill(1.1);
+        assert!(!watch(&losses));
+        // One bad batch among eight is averaged out.
+        let mut one_bad = vec![2.0; 8];
+        one_bad.extend([0.2; 24]);
+        one_bad[20] = 6.0;
+        assert!(!watch(&one_bad));
+        // A run that barely learned (2.0 to 1.9) cannot give back half of nothing.
+        let mut flat = vec![2.0; 8];
+        flat.extend([1.9; 8]);
+        flat.extend([1.99; 8]);
+        assert!(!watch(&flat));
+    }
+
+    #[test]
+    fn the_best_and_the_band_stay_a_margin_below_the_stability_edge() {
+        let candidates = [0.01, 0.03, 0.1, 0.3];
+        let runs = [
+            run(0.01, 0, 0.50),
+            run(0.03, 0, 0.31),
+            run(0.1, 0, 0.30),
+            run(0.3, 0, 0.29),
+        ];
+        // The edge at 0.3: 0.3 is unstable (and out of the band though its loss is lowest);
+        // 0.1 is at most 0.15 and is the best.
+        let judged = judge(&candidates, &runs, Some(0.3));
+        assert!(judged[3].unstable && !judged[3].in_band && !judged[3].best);
+        assert!(judged[2].best);
+        assert!(judged[1].in_band, "0.31 is within 5 % of 0.30");
+        assert_eq!(band(&judged, Some(0.3)), Some([0.03, 0.1]));
+        // The edge at 0.12: 0.1 is under it but within the margin (above 0.06); the best is
+        // 0.03, alone in its band, which reaches halfway to each neighbour.
+        let judged = judge(&candidates, &runs, Some(0.12));
+        assert!(judged[1].best && !judged[2].unstable && !judged[2].in_band);
+        let [low, high] = band(&judged, Some(0.12)).expect("a band");
+        assert!((low - (0.01f64 * 0.03).sqrt()).abs() < 1e-12);
+        assert!((high - (0.03f64 * 0.1).sqrt()).abs() < 1e-12, "{high}");
+        // The edge at 0.101: halfway to 0.1 (0.055) is past 0.101 / 2, where the band stops.
+        let judged = judge(&candidates, &runs, Some(0.101));
+        let [_, high] = band(&judged, Some(0.101)).expect("a band");
+        assert!((high - 0.0505).abs() < 1e-12, "{high}");
+        // Nothing finished a margin below the edge (0.075): the highest under it is chosen.
+        let judged = judge(&candidates[2..], &runs[2..], Some(0.15));
+        assert!(judged[0].best && judged[1].unstable);
+    }
+
+    #[test]
+    fn the_refined_peak_and_the_probes_never_reach_towards_an_unstable_neighbour() {
+        // A parabola whose vertex lies above the best (0.1), towards 1.0.
+        let runs = [run(0.01, 0, 2.0), run(0.1, 0, 1.0), run(1.0, 0, 1.2)];
+        let stable = judge(&[0.01, 0.1, 1.0], &runs, None);
+        assert!(refine_peak(&stable).expect("a vertex") > 0.1);
+        let edged = judge(&[0.01, 0.1, 1.0], &runs, Some(1.0));
+        assert!(edged[2].unstable);
+        let peak = refine_peak(&edged).expect("a vertex");
+        assert!(peak <= 0.1 + 1e-15, "{peak}");
+
+        // Probes: without instability the better neighbour (1.0) is probed; with a diverged
+        // run at 1.0 the lower side is, and with both sides unsafe none is.
+        let mut probed = runs.to_vec();
+        assert!((next_probe(&probed, 100).expect("a probe") - 0.1f64.sqrt()).abs() < 1e-12);
+        probed.push(run(1.0, 1, f64::INFINITY));
+        let probe = next_probe(&probed, 100).expect("a probe");
+        assert!((probe - 0.001f64.sqrt()).abs() < 1e-12, "{probe}");
+        let cornered = [run(0.1, 0, 1.0), run(0.3, 0, f64::INFINITY)];
+        assert_eq!(next_probe(&cornered, 100), None);
+    }
+
+    #[test]
+    fn the_best_borders_the_edge_when_the_next_peak_up_is_unstable_or_too_near_it() {
+        let runs = [
+            run(0.01, 0, 0.5),
+            run(0.03, 0, 0.3),
+            run(0.1, 0, f64::INFINITY),
+        ];
+        assert_eq!(bordering_best(&runs, 100), Some(0.03));
+        // A stable peak between the best and the edge, within its margin (0.1 > 0.3 / 2 is
+        // false: 0.1 is safe): the best (0.03) does not border the edge.
+        let gap = [
+            run(0.01, 0, 0.5),
+            run(0.03, 0, 0.3),
+            run(0.1, 0, 0.4),
+            run(0.3, 0, f64::INFINITY),
+        ];
+        assert_eq!(bordering_best(&gap, 100), None);
+        let stable = [run(0.01, 0, 0.5), run(0.03, 0, 0.3)];
+        assert_eq!(bordering_best(&stable, 100), None);
     }
 }

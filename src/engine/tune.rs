@@ -24,8 +24,8 @@ use super::spec::{
 };
 use super::suggest::{self, CurveEnd, Suggestions};
 use super::sweep::{
-    auto_candidates, band, final_candidates, plan_search, refine_peak, OpenEdge, Search,
-    SweepCandidate, SweepRun,
+    auto_candidates, band, final_candidates, judged_at, plan_search, refine_peak, OpenEdge, Search,
+    StabilityEdge, SweepCandidate, SweepRun, EDGE_MARGIN, SMALL_VALIDATION_ROWS,
 };
 use super::trainer::Trainer;
 
@@ -60,6 +60,17 @@ pub struct Recommendation {
     pub judged_at_steps: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub judged_at_epochs: Option<f64>,
+    /// The lowest peak at which a sweep run (at any horizon) diverged, spiked mid-run, or
+    /// ended more than twice the loss of a lower peak: where instability begins. Absent
+    /// when every run was stable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stability_edge_lr: Option<f64>,
+    /// What showed it there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stability_edge_reason: Option<super::sweep::Instability>,
+    /// `stability_edge_lr / peak_lr`: how many times below the edge the peak is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_distance: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -264,6 +275,7 @@ pub(crate) fn tune_with(
     let mut final_judged = Vec::new();
     let mut horizon = None;
     let mut open_edge = None;
+    let mut stability_edge = None;
     if spec.kind != JobKind::RangeTest {
         let candidates = match &spec.sweep.candidates {
             Candidates::List(values) => {
@@ -321,6 +333,7 @@ pub(crate) fn tune_with(
             anchor: range_summary
                 .as_ref()
                 .and_then(|r| r.suggestions.preferred()),
+            small_validation: validation.rows < SMALL_VALIDATION_ROWS,
         };
         let outcome = search.run(&candidates, plan, available, control)?;
         control.skip_steps(usize::MAX);
@@ -339,16 +352,28 @@ pub(crate) fn tune_with(
         }
         horizon = Some(outcome.final_steps);
         open_edge = outcome.open_edge;
+        stability_edge = outcome.edge;
         let screened: Vec<SweepRun> = outcome
             .runs
             .iter()
             .copied()
             .filter(|run| run.steps != outcome.final_steps)
             .collect();
-        let mut screening = final_candidates(&screened, plan.screen_steps.unwrap_or(0));
+        let mut screening = judged_at(
+            &screened,
+            plan.screen_steps.unwrap_or(0),
+            stability_edge.map(|edge| edge.lr),
+        );
         for candidate in &mut screening {
             candidate.best = false;
             candidate.in_band = false;
+        }
+        if validation.rows < SMALL_VALIDATION_ROWS {
+            warnings.push(small_validation_warning(
+                validation.rows,
+                &finals,
+                prepared.train.task() == super::spec::Task::Classification,
+            ));
         }
         final_judged = finals;
         judged = screening.into_iter().chain(final_judged.clone()).collect();
@@ -361,7 +386,10 @@ pub(crate) fn tune_with(
         spec,
         range_summary.as_ref(),
         &final_judged,
-        open_edge,
+        Edges {
+            open: open_edge,
+            stability: stability_edge,
+        },
         plan_steps,
         warnings,
     )?;
@@ -461,19 +489,29 @@ pub fn one_cycle(spec: &JobSpec, peak_lr: f64, total_steps: usize) -> Schedule {
     })
 }
 
+/// What the sweep found at the ends of what it tried: an end it could not look past, and
+/// where instability begins.
+struct Edges {
+    open: Option<OpenEdge>,
+    stability: Option<StabilityEdge>,
+}
+
 fn recommend(
     spec: &JobSpec,
     range: Option<&RangeTestSummary>,
     judged: &[SweepCandidate],
-    open_edge: Option<OpenEdge>,
+    edges: Edges,
     planned_steps: usize,
     mut warnings: Vec<String>,
 ) -> Result<Recommendation, EngineError> {
+    let open_edge = edges.open;
+    let stability = edges.stability;
     // Auto candidates are the tune's own probes, so the peak may lie between them; an
     // explicit list asks which of its values is best.
     let refine = matches!(spec.sweep.candidates, Candidates::Auto);
     let from_sweep = judged.iter().find(|candidate| candidate.best).map(|best| {
-        let band = band(judged).unwrap_or([best.peak_lr, best.peak_lr]);
+        let band =
+            band(judged, stability.map(|edge| edge.lr)).unwrap_or([best.peak_lr, best.peak_lr]);
         // A value no run used is given to three significant digits, inside the band.
         let refined = refine
             .then(|| refine_peak(judged))
@@ -527,6 +565,11 @@ fn recommend(
             .into())
         }
     };
+    // The edge only speaks for a peak the sweep chose.
+    let stability = stability.filter(|_| source == "sweep");
+    if let Some(edge) = stability {
+        warnings.extend(edge_warning(judged, peak_lr, edge));
+    }
     let schedule = one_cycle(spec, peak_lr, planned_steps.max(2));
     let shape = &spec.sweep.schedule;
     let fastai = format!(
@@ -550,7 +593,81 @@ fn recommend(
         warnings,
         judged_at_steps: None,
         judged_at_epochs: None,
+        stability_edge_lr: stability.map(|edge| edge.lr),
+        stability_edge_reason: stability.map(|edge| edge.reason),
+        edge_distance: stability.map(|edge| edge.lr / peak_lr),
     })
+}
+
+/// A peak at most this many times below the stability edge is close to it.
+const CLOSE_TO_EDGE: f64 = 3.0;
+
+/// What the user should know about the stability edge: that the peak had to stay below a
+/// lower loss measured too near the edge, or that it is close to the edge; nothing when it
+/// is far below.
+fn edge_warning(judged: &[SweepCandidate], peak_lr: f64, edge: StabilityEdge) -> Option<String> {
+    let distance = edge.lr / peak_lr;
+    let what = format!(
+        "the stability edge is {:.3e} ({} there, at {} steps)",
+        edge.lr,
+        edge.reason.describe(),
+        edge.steps
+    );
+    if distance <= 1.0 {
+        return Some(format!(
+            "{what}, and no sweep candidate below it finished: the recommendation {peak_lr:.3e} is at or above it; lower the candidates or start_lr"
+        ));
+    }
+    let lowest_loss = judged
+        .iter()
+        .filter(|c| c.val_loss.is_finite())
+        .min_by(|a, b| a.val_loss.total_cmp(&b.val_loss));
+    let best = judged.iter().find(|c| c.best);
+    match (lowest_loss, best) {
+        (Some(lowest), Some(best)) if lowest.peak_lr > best.peak_lr => Some(format!(
+            "{what}: the lowest validation loss ({:.4}) was at {:.3e}, too near the edge to be safe with other seeds, so the recommendation stays {distance:.1}x below the edge (at most 1/{EDGE_MARGIN} of it)",
+            lowest.val_loss, lowest.peak_lr
+        )),
+        _ if distance < CLOSE_TO_EDGE => Some(format!(
+            "{what}: the recommendation is only {distance:.1}x below it; do not round it up, and expect some seeds to diverge above it"
+        )),
+        _ => None,
+    }
+}
+
+/// Warns that a validation set of `rows` rows is too small to separate candidates well, with
+/// what the runs measured: the best candidate's spread over its seeds (and, for
+/// classification, what one row is worth in accuracy).
+fn small_validation_warning(
+    rows: usize,
+    finals: &[SweepCandidate],
+    classification: bool,
+) -> String {
+    let mut detail = Vec::new();
+    if classification && rows > 0 {
+        detail.push(format!(
+            "one row is {:.1} points of accuracy",
+            100.0 / rows as f64
+        ));
+    }
+    let best = finals.iter().find(|c| c.best);
+    if let Some(best) = best.filter(|c| c.val_loss_std > 0.0) {
+        detail.push(format!(
+            "the best candidate's final validation loss varied by {:.0} % (one standard deviation) across its {} seeds, against the 5 % that separates the band from the rest",
+            100.0 * best.val_loss_std / best.val_loss.abs().max(f64::MIN_POSITIVE),
+            best.seeds
+        ));
+    }
+    let detail = if detail.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", detail.join("; "))
+    };
+    let seeds = best.map_or(1, |c| c.seeds);
+    format!(
+        "the validation split has {rows} rows, too few to separate candidates well{detail}: the best was judged on {seeds} {}; a validation set of {SMALL_VALIDATION_ROWS} rows or more (a larger validation_fraction, or more data) would separate them better",
+        if seeds == 1 { "seed" } else { "seeds" }
+    )
 }
 
 /// The job's budget in steps: the spec's, or the default for this plan. A horizon fixed by
@@ -596,4 +713,80 @@ fn round_sig(value: f64) -> f64 {
     let magnitude = value.abs().log10().floor() as i32;
     let factor = 10f64.powi(2 - magnitude);
     (value * factor).round() / factor
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::sweep::Instability;
+
+    fn candidate(peak_lr: f64, val_loss: f64, best: bool) -> SweepCandidate {
+        SweepCandidate {
+            peak_lr,
+            steps: 90,
+            seeds: 1,
+            epochs: 10.0,
+            val_loss,
+            val_loss_std: 0.0,
+            val_accuracy: None,
+            diverged: !val_loss.is_finite(),
+            in_band: best,
+            best,
+            unstable: peak_lr >= 0.3,
+        }
+    }
+
+    #[test]
+    fn the_edge_warning_says_when_the_lowest_loss_was_too_near_the_edge_or_the_peak_is_close() {
+        let edge = StabilityEdge {
+            lr: 0.3,
+            reason: Instability::Diverged,
+            steps: 90,
+        };
+        // The lowest loss (0.28 at 0.2) is within 2x of the edge: the pick stayed at 0.1.
+        let judged = [
+            candidate(0.1, 0.30, true),
+            candidate(0.2, 0.28, false),
+            candidate(0.3, f64::INFINITY, false),
+        ];
+        let warning = edge_warning(&judged, 0.1, edge).expect("a warning");
+        assert!(
+            warning.starts_with(
+                "the stability edge is 3.000e-1 (a run diverged there, at 90 steps): the lowest validation loss (0.2800) was at 2.000e-1"
+            ) && warning.contains("stays 3.0x below the edge"),
+            "{warning}"
+        );
+        // The best is the lowest loss, 2x below the edge: close.
+        let judged = [
+            candidate(0.15, 0.3, true),
+            candidate(0.3, f64::INFINITY, false),
+        ];
+        let warning = edge_warning(&judged, 0.15, edge).expect("a warning");
+        assert!(warning.contains("only 2.0x below it"), "{warning}");
+        // Ten times below: nothing to say.
+        assert_eq!(
+            edge_warning(&[candidate(0.03, 0.3, true)], 0.03, edge),
+            None
+        );
+        // Nothing below the edge finished: the peak is at it.
+        let warning = edge_warning(&[candidate(0.3, 0.3, true)], 0.3, edge).expect("a warning");
+        assert!(warning.contains("is at or above it"), "{warning}");
+    }
+
+    #[test]
+    fn the_small_validation_warning_gives_a_row_in_accuracy_and_the_seed_spread() {
+        let mut best = candidate(0.1, 0.5, true);
+        best.val_loss_std = 0.06;
+        best.seeds = 3;
+        let warning = small_validation_warning(36, &[best], true);
+        assert_eq!(
+            warning,
+            "the validation split has 36 rows, too few to separate candidates well (one row is 2.8 points of accuracy; the best candidate's final validation loss varied by 12 % (one standard deviation) across its 3 seeds, against the 5 % that separates the band from the rest): the best was judged on 3 seeds; a validation set of 100 rows or more (a larger validation_fraction, or more data) would separate them better"
+        );
+        let warning = small_validation_warning(40, &[candidate(0.1, 0.5, true)], false);
+        assert!(
+            warning.starts_with("the validation split has 40 rows, too few to separate candidates well: the best was judged on 1 seed;"),
+            "{warning}"
+        );
+    }
 }

@@ -201,6 +201,11 @@ async function renderRecommendation() {
     ? `${lr(recommendation.band[0])} to ${lr(recommendation.band[1])}`
     : '–';
   $('rec-source').textContent = recommendation.source === 'sweep' ? 'sweep' : 'range test';
+  const edge = recommendation.stability_edge_lr;
+  $('rec-edge').hidden = !Number.isFinite(edge);
+  $('rec-edge').textContent = Number.isFinite(edge)
+    ? `stability edge ${lr(edge)} (${String(recommendation.stability_edge_reason || '').replace(/_/g, ' ')}): the peak is ${recommendation.edge_distance.toFixed(1)}x below it`
+    : '';
   $('rec-pytorch').textContent = recommendation.pytorch || '';
   $('rec-fastai').textContent = recommendation.fastai || '';
   const warnings = recommendation.warnings || [];

@@ -659,3 +659,66 @@ fn a_tune_with_each_learning_rate_free_optimizer_runs_to_a_recommendation() {
         );
     }
 }
+
+#[test]
+fn the_recommendation_stays_a_margin_below_the_stability_edge_and_reports_it() {
+    // SGD with momentum 0.9 on 300 spirals: 10 and 100 blow up for certain; the edge is at 10
+    // or below, where some run first diverged, spiked or ended twice as bad as a lower peak.
+    let (output, events) = run(r#"{
+        "kind": "sweep",
+        "data": {"builtin": "spirals", "samples": 300},
+        "model": {"arch": "mlp", "hidden": [64, 64]},
+        "batch_size": 32,
+        "plan": {"epochs": 10},
+        "sweep": {"candidates": [0.001, 0.01, 0.1, 1.0, 10.0, 100.0], "epochs": 10}
+    }"#);
+    let rec = &output.result.recommendation;
+    let edge = rec.stability_edge_lr.expect("an edge");
+    assert!(edge <= 10.0, "{edge}");
+    assert_eq!(rec.edge_distance, Some(edge / rec.peak_lr));
+    assert!(
+        rec.peak_lr <= edge / 2.0,
+        "{} vs the edge {edge}",
+        rec.peak_lr
+    );
+    assert!(
+        rec.band[1] <= edge / 2.0,
+        "{:?} vs the edge {edge}",
+        rec.band
+    );
+    for candidate in &output.result.sweep {
+        assert_eq!(
+            candidate.unstable,
+            candidate.peak_lr >= edge,
+            "{candidate:?}"
+        );
+        assert!(!(candidate.unstable && (candidate.best || candidate.in_band)));
+        assert!(candidate.seeds >= 1, "{candidate:?}");
+    }
+    // The reason is one of the runs': the run at the edge diverged, spiked or ended far above.
+    let at_edge: Vec<_> = events
+        .iter()
+        .filter_map(|event| match event {
+            Event::SweepRun(run) if run.peak_lr == edge => Some(*run),
+            _ => None,
+        })
+        .collect();
+    let reason = rec.stability_edge_reason.expect("a reason");
+    let json = serde_json::to_value(rec).expect("serializes");
+    assert_eq!(json["stability_edge_lr"], serde_json::json!(edge));
+    match json["stability_edge_reason"].as_str() {
+        Some("diverged") => assert!(at_edge.iter().any(|run| run.diverged)),
+        Some("spiked") => assert!(at_edge.iter().any(|run| run.spiked)),
+        Some("far_above") => assert!(at_edge.iter().all(|run| !run.diverged)),
+        other => panic!("{other:?} for {reason:?}"),
+    }
+    // 60 validation rows: the warning names them and what a row is worth.
+    assert!(
+        rec.warnings
+            .iter()
+            .any(|w| w.starts_with("the validation split has 60 rows")
+                && w.contains("one row is 1.7 points of accuracy")),
+        "{:?}",
+        rec.warnings
+    );
+}
