@@ -93,7 +93,9 @@ impl Problem {
 /// The problems. The first five have plenty of data for their plan; the rest are the regimes
 /// where judging candidates after a short sweep can go wrong (few rows and long plans, label
 /// noise, a tiny regression), plus large data with short plans: 3 epochs of a wide MLP, and
-/// the README's example, whose default budget cannot run two candidates to its end. Batches
+/// the README's example, whose default budget cannot run two candidates to its end. Then the
+/// cliff regimes, where the best peak sits just under the edge past which some seeds blow up,
+/// so that a pick a third of a decade too high fails outright rather than by a little. Batches
 /// and rows are small so that the whole evaluation runs in minutes on two cores.
 pub fn problems() -> Vec<Problem> {
     vec![
@@ -200,6 +202,59 @@ pub fn problems() -> Vec<Problem> {
             data: ProblemData::Spec,
             lowest_third: -9,
         },
+        // Cliff: 180 images, of which 36 judge the run. A few confident mistakes move so
+        // small a validation set's loss a long way, and one seed's blow-up ruins the mean.
+        Problem {
+            name: "cliff-mnist180-mlp64-sgd",
+            spec: r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "mlp", "hidden": [64, 64]},
+                      "optimizer": {"name": "sgd", "momentum": 0.9}, "batch_size": 16, "plan": {"epochs": 10}}"#,
+            data: ProblemData::Custom(|seed| mnist_rows(180, seed)),
+            lowest_third: -12,
+        },
+        // The same cut with a wide MLP, whose larger steps reach the edge at a lower peak.
+        Problem {
+            name: "cliff-mnist180-mlp256-sgd",
+            spec: r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "mlp", "hidden": [256, 256]},
+                      "optimizer": {"name": "sgd", "momentum": 0.9}, "batch_size": 16, "plan": {"epochs": 10}}"#,
+            data: ProblemData::Custom(|seed| mnist_rows(180, seed)),
+            lowest_third: -12,
+        },
+        // And with AdamW, whose step size does not shrink with the gradient near the edge.
+        Problem {
+            name: "cliff-mnist180-mlp256-adamw",
+            spec: r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "mlp", "hidden": [256, 256]},
+                      "optimizer": {"name": "adamw"}, "batch_size": 16, "plan": {"epochs": 10}}"#,
+            data: ProblemData::Custom(|seed| mnist_rows(180, seed)),
+            lowest_third: -15,
+        },
+        // Cliff: a sharp-edged regression. 4,096 rows of Friedman #1 with noise a tenth of the
+        // signal's spread: the best peak is the highest that still converges, and a squared
+        // error has no ceiling once a step overshoots.
+        Problem {
+            name: "cliff-friedman4096-mlp64-sgd",
+            spec: r#"{"data": {"builtin": "sine", "samples": 4096}, "model": {"arch": "mlp", "hidden": [64, 64]},
+                      "optimizer": {"name": "sgd", "momentum": 0.9}, "batch_size": 32, "plan": {"epochs": 10}}"#,
+            data: ProblemData::Custom(|seed| data::friedman1(4096, 0.1, seed)),
+            lowest_third: -11,
+        },
+        Problem {
+            name: "cliff-friedman4096-mlp256-sgd",
+            spec: r#"{"data": {"builtin": "sine", "samples": 4096}, "model": {"arch": "mlp", "hidden": [256, 256]},
+                      "optimizer": {"name": "sgd", "momentum": 0.9}, "batch_size": 32, "plan": {"epochs": 10}}"#,
+            data: ProblemData::Custom(|seed| data::friedman1(4096, 0.1, seed)),
+            lowest_third: -11,
+        },
+        // Cliff: momentum 0.99 on a wide MLP, which multiplies the effective step by a
+        // hundred. OneCycle's momentum cycling is off, or it would replace 0.99 with its
+        // 0.85-0.95.
+        Problem {
+            name: "cliff-mnist2000-mlp256-sgd-m099",
+            spec: r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "mlp", "hidden": [256, 256]},
+                      "optimizer": {"name": "sgd", "momentum": 0.99}, "batch_size": 32, "plan": {"epochs": 8},
+                      "sweep": {"schedule": {"cycle_momentum": false}}}"#,
+            data: ProblemData::Custom(|seed| mnist_rows(2000, seed)),
+            lowest_third: -13,
+        },
         // Held out: added after the sweep's defaults were chosen, and never used to choose
         // them. Iris-sized blobs with a long plan.
         Problem {
@@ -232,6 +287,25 @@ pub fn problems() -> Vec<Problem> {
                       "optimizer": {"name": "adamw"}, "batch_size": 32, "plan": {"epochs": 5}}"#,
             data: ProblemData::Custom(|seed| mnist_rows(1500, seed)),
             lowest_third: -13,
+        },
+        // Held-out cliffs: added with the cliff problems, before the engine's new defaults
+        // were chosen, and never used to choose them. 160 points of spirals, a fifth of
+        // them relabelled, a [128, 128] MLP and constant momentum 0.95.
+        Problem {
+            name: "holdout-cliff-spirals160-noisy-mlp128-sgd-m095",
+            spec: r#"{"data": {"builtin": "spirals", "samples": 160}, "model": {"arch": "mlp", "hidden": [128, 128]},
+                      "optimizer": {"name": "sgd", "momentum": 0.95}, "batch_size": 16, "plan": {"epochs": 20},
+                      "sweep": {"schedule": {"cycle_momentum": false}}}"#,
+            data: ProblemData::Custom(|seed| with_label_noise(data::spirals(160, seed), 0.2, seed)),
+            lowest_third: -10,
+        },
+        // A sharp-edged regression with tanh, which saturates rather than blows up at first.
+        Problem {
+            name: "holdout-cliff-friedman2048-tanh-mlp64-sgd",
+            spec: r#"{"data": {"builtin": "sine", "samples": 2048}, "model": {"arch": "mlp", "hidden": [64, 64], "activation": "tanh"},
+                      "optimizer": {"name": "sgd", "momentum": 0.9}, "batch_size": 32, "plan": {"epochs": 10}}"#,
+            data: ProblemData::Custom(|seed| data::friedman1(2048, 0.1, seed)),
+            lowest_third: -10,
         },
     ]
 }
@@ -768,6 +842,25 @@ mod tests {
         assert_eq!(regression, data::friedman1(200, 0.5, 7));
         assert_eq!(regression.rows(), 200);
         assert_eq!(regression.task(), data::Task::Regression);
+
+        // The cliffs: three models on one 180-image cut, Friedman #1 with little noise.
+        let tiny = custom("cliff-mnist180-mlp64-sgd")(7);
+        assert_eq!(tiny, mnist_rows(180, 7));
+        assert_eq!(tiny, custom("cliff-mnist180-mlp256-adamw")(7));
+        assert_eq!(custom("cliff-mnist2000-mlp256-sgd-m099")(7).rows(), 2000);
+        assert_eq!(
+            custom("cliff-friedman4096-mlp256-sgd")(7),
+            data::friedman1(4096, 0.1, 7)
+        );
+        let spirals = custom("holdout-cliff-spirals160-noisy-mlp128-sgd-m095")(7);
+        let clean = data::spirals(160, 7);
+        assert_eq!(spirals.features, clean.features);
+        let wrong = labels(&spirals)
+            .iter()
+            .zip(labels(&clean))
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(wrong, 32);
     }
 
     #[test]
