@@ -4,7 +4,9 @@
 //! in the grid's good band, how far they land from its best peak, and what the tune cost.
 //! The learning-rate-free challengers (Prodigy, schedule-free AdamW and SGD) are scored beside
 //! them: one planned run each at their libraries' defaults and a fresh seed, its final
-//! validation loss against the grid's good band.
+//! validation loss against the grid's good band. A fresh-seed check trains the tune's
+//! recommended peak again as planned, with seeds no one has seen, and scores its loss the
+//! same way: a pick next to a good grid peak can still sit on a cliff where some seeds blow up.
 
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -29,6 +31,12 @@ pub const GRID_SEEDS: usize = 3;
 const GRID_SEED_OFFSET: u64 = 1000;
 /// The challengers' seeds: fresh ones again, neither the tune's nor the grid's.
 const CHALLENGER_SEED_OFFSET: u64 = 2000;
+/// The fresh-seed check's seeds: fresh ones again, neither the tune's, the grid's nor the
+/// challengers'.
+const FRESH_SEED_OFFSET: u64 = 3000;
+/// Planned runs of the tune's recommended peak in the fresh-seed check: as many as the grid
+/// gives each peak, so the two losses are means of the same size.
+pub const FRESH_SEEDS: usize = GRID_SEEDS;
 /// The learning-rate-free recipes scored, untuned, one planned run each.
 pub const CHALLENGERS: [&str; 3] = ["prodigy", "schedule_free_adamw", "schedule_free_sgd"];
 
@@ -93,7 +101,9 @@ impl Problem {
 /// The problems. The first five have plenty of data for their plan; the rest are the regimes
 /// where judging candidates after a short sweep can go wrong (few rows and long plans, label
 /// noise, a tiny regression), plus large data with short plans: 3 epochs of a wide MLP, and
-/// the README's example, whose default budget cannot run two candidates to its end. Batches
+/// the README's example, whose default budget cannot run two candidates to its end. Then the
+/// cliff regimes, where the best peak sits just under the edge past which some seeds blow up,
+/// so that a pick a third of a decade too high fails outright rather than by a little. Batches
 /// and rows are small so that the whole evaluation runs in minutes on two cores.
 pub fn problems() -> Vec<Problem> {
     vec![
@@ -200,6 +210,59 @@ pub fn problems() -> Vec<Problem> {
             data: ProblemData::Spec,
             lowest_third: -9,
         },
+        // Cliff: 180 images, of which 36 judge the run. A few confident mistakes move so
+        // small a validation set's loss a long way, and one seed's blow-up ruins the mean.
+        Problem {
+            name: "cliff-mnist180-mlp64-sgd",
+            spec: r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "mlp", "hidden": [64, 64]},
+                      "optimizer": {"name": "sgd", "momentum": 0.9}, "batch_size": 16, "plan": {"epochs": 10}}"#,
+            data: ProblemData::Custom(|seed| mnist_rows(180, seed)),
+            lowest_third: -12,
+        },
+        // The same cut with a wide MLP, whose larger steps reach the edge at a lower peak.
+        Problem {
+            name: "cliff-mnist180-mlp256-sgd",
+            spec: r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "mlp", "hidden": [256, 256]},
+                      "optimizer": {"name": "sgd", "momentum": 0.9}, "batch_size": 16, "plan": {"epochs": 10}}"#,
+            data: ProblemData::Custom(|seed| mnist_rows(180, seed)),
+            lowest_third: -12,
+        },
+        // And with AdamW, whose step size does not shrink with the gradient near the edge.
+        Problem {
+            name: "cliff-mnist180-mlp256-adamw",
+            spec: r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "mlp", "hidden": [256, 256]},
+                      "optimizer": {"name": "adamw"}, "batch_size": 16, "plan": {"epochs": 10}}"#,
+            data: ProblemData::Custom(|seed| mnist_rows(180, seed)),
+            lowest_third: -15,
+        },
+        // Cliff: a sharp-edged regression. 4,096 rows of Friedman #1 with noise a tenth of the
+        // signal's spread: the best peak is the highest that still converges, and a squared
+        // error has no ceiling once a step overshoots.
+        Problem {
+            name: "cliff-friedman4096-mlp64-sgd",
+            spec: r#"{"data": {"builtin": "sine", "samples": 4096}, "model": {"arch": "mlp", "hidden": [64, 64]},
+                      "optimizer": {"name": "sgd", "momentum": 0.9}, "batch_size": 32, "plan": {"epochs": 10}}"#,
+            data: ProblemData::Custom(|seed| data::friedman1(4096, 0.1, seed)),
+            lowest_third: -11,
+        },
+        Problem {
+            name: "cliff-friedman4096-mlp256-sgd",
+            spec: r#"{"data": {"builtin": "sine", "samples": 4096}, "model": {"arch": "mlp", "hidden": [256, 256]},
+                      "optimizer": {"name": "sgd", "momentum": 0.9}, "batch_size": 32, "plan": {"epochs": 10}}"#,
+            data: ProblemData::Custom(|seed| data::friedman1(4096, 0.1, seed)),
+            lowest_third: -11,
+        },
+        // Cliff: momentum 0.99 on a wide MLP, which multiplies the effective step by a
+        // hundred. OneCycle's momentum cycling is off, or it would replace 0.99 with its
+        // 0.85-0.95.
+        Problem {
+            name: "cliff-mnist2000-mlp256-sgd-m099",
+            spec: r#"{"data": {"builtin": "mnist10k"}, "model": {"arch": "mlp", "hidden": [256, 256]},
+                      "optimizer": {"name": "sgd", "momentum": 0.99}, "batch_size": 32, "plan": {"epochs": 8},
+                      "sweep": {"schedule": {"cycle_momentum": false}}}"#,
+            data: ProblemData::Custom(|seed| mnist_rows(2000, seed)),
+            lowest_third: -13,
+        },
         // Held out: added after the sweep's defaults were chosen, and never used to choose
         // them. Iris-sized blobs with a long plan.
         Problem {
@@ -232,6 +295,25 @@ pub fn problems() -> Vec<Problem> {
                       "optimizer": {"name": "adamw"}, "batch_size": 32, "plan": {"epochs": 5}}"#,
             data: ProblemData::Custom(|seed| mnist_rows(1500, seed)),
             lowest_third: -13,
+        },
+        // Held-out cliffs: added with the cliff problems, before the engine's new defaults
+        // were chosen, and never used to choose them. 160 points of spirals, a fifth of
+        // them relabelled, a [128, 128] MLP and constant momentum 0.95.
+        Problem {
+            name: "holdout-cliff-spirals160-noisy-mlp128-sgd-m095",
+            spec: r#"{"data": {"builtin": "spirals", "samples": 160}, "model": {"arch": "mlp", "hidden": [128, 128]},
+                      "optimizer": {"name": "sgd", "momentum": 0.95}, "batch_size": 16, "plan": {"epochs": 20},
+                      "sweep": {"schedule": {"cycle_momentum": false}}}"#,
+            data: ProblemData::Custom(|seed| with_label_noise(data::spirals(160, seed), 0.2, seed)),
+            lowest_third: -10,
+        },
+        // A sharp-edged regression with tanh, which saturates rather than blows up at first.
+        Problem {
+            name: "holdout-cliff-friedman2048-tanh-mlp64-sgd",
+            spec: r#"{"data": {"builtin": "sine", "samples": 2048}, "model": {"arch": "mlp", "hidden": [64, 64], "activation": "tanh"},
+                      "optimizer": {"name": "sgd", "momentum": 0.9}, "batch_size": 32, "plan": {"epochs": 10}}"#,
+            data: ProblemData::Custom(|seed| data::friedman1(2048, 0.1, seed)),
+            lowest_third: -10,
         },
     ]
 }
@@ -338,12 +420,55 @@ impl ChallengerScore {
         ChallengerScore {
             recipe: recipe.to_string(),
             val_loss: finite,
-            hit: finite.is_some_and(|loss| loss <= best_loss + tolerance),
-            loss_ratio: finite.map_or(f64::INFINITY, |loss| {
-                loss / best_loss.abs().max(f64::MIN_POSITIVE)
-            }),
+            hit: in_good_band(finite, best_loss, tolerance),
+            loss_ratio: loss_ratio(finite, best_loss),
         }
     }
+}
+
+/// The tune's recommended peak trained as planned again, at seeds that neither the tune, the
+/// grid nor the challengers used: what a user who takes the recommendation gets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FreshScore {
+    pub peak_lr: f64,
+    /// Mean final validation loss over the `FRESH_SEEDS` runs; `None` when any diverged.
+    pub val_loss: Option<f64>,
+    /// Within the grid's good band (`val_loss <= grid_best_loss + good_tolerance`).
+    pub hit: bool,
+    /// val_loss / grid_best_loss (infinite when a run diverged).
+    pub loss_ratio: f64,
+    /// The worst single run's val_loss / grid_best_loss: a mean inside the band can still
+    /// hide one seed that did badly.
+    pub worst_seed_ratio: f64,
+}
+
+impl FreshScore {
+    /// From the runs' mean loss (infinite or NaN when any diverged) and the worst run's.
+    fn new(peak_lr: f64, mean_loss: f64, worst_loss: f64, best_loss: f64, tolerance: f64) -> Self {
+        let finite = Some(mean_loss).filter(|loss| loss.is_finite());
+        FreshScore {
+            peak_lr,
+            val_loss: finite,
+            hit: in_good_band(finite, best_loss, tolerance),
+            loss_ratio: loss_ratio(finite, best_loss),
+            worst_seed_ratio: loss_ratio(
+                Some(worst_loss).filter(|loss| loss.is_finite()),
+                best_loss,
+            ),
+        }
+    }
+}
+
+/// Whether a finite loss is inside the grid's good band; a diverged run (`None`) never is.
+fn in_good_band(loss: Option<f64>, best_loss: f64, tolerance: f64) -> bool {
+    loss.is_some_and(|loss| loss <= best_loss + tolerance)
+}
+
+/// A loss over the grid's best; a diverged run (`None`) is infinitely worse.
+fn loss_ratio(loss: Option<f64>, best_loss: f64) -> f64 {
+    loss.map_or(f64::INFINITY, |loss| {
+        loss / best_loss.abs().max(f64::MIN_POSITIVE)
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -377,7 +502,10 @@ pub struct ProblemScore {
     pub tune_sweep: Vec<SweepCandidate>,
     /// The challengers, in `CHALLENGERS` order; each cost one planned run (`plan_steps`).
     pub challengers: Vec<ChallengerScore>,
-    /// Wall time of the tune and the grid.
+    /// The tune's recommendation on fresh seeds. The evaluation's cost, not the tune's: its
+    /// runs are not in `tune_steps`.
+    pub fresh: FreshScore,
+    /// Wall time of the whole score: the tune, the grid, the challengers and the fresh seeds.
     pub seconds: f64,
 }
 
@@ -403,6 +531,25 @@ impl ProblemScore {
 pub struct SweepOverrides {
     pub count: Option<usize>,
     pub epochs: Option<usize>,
+}
+
+/// The planned run at each of `peaks`, `seeds` times from `seed` on: a sweep of an explicit
+/// list with the plan's epochs, so that nothing is screened, extended or probed.
+fn planned_runs_spec(
+    problem: &Problem,
+    limits: &Limits,
+    peaks: &[f64],
+    plan_epochs: usize,
+    seed: u64,
+    seeds: usize,
+) -> Result<ValidSpec, SpecError> {
+    spec_with(problem, limits, |spec| {
+        spec["kind"] = json!("sweep");
+        spec["seed"] = json!(seed);
+        spec["sweep"]["candidates"] = json!(peaks);
+        spec["sweep"]["epochs"] = json!(plan_epochs);
+        spec["sweep"]["seeds"] = json!(seeds);
+    })
 }
 
 /// The problem's spec with edits applied to its JSON, as a user would write them, so the
@@ -452,13 +599,14 @@ pub fn score(
     )?;
 
     let plan_epochs = tune_spec.plan.epochs;
-    let grid_spec = spec_with(problem, &limits, |spec| {
-        spec["kind"] = json!("sweep");
-        spec["seed"] = json!(seed + GRID_SEED_OFFSET);
-        spec["sweep"]["candidates"] = json!(problem.grid_peaks());
-        spec["sweep"]["epochs"] = json!(plan_epochs);
-        spec["sweep"]["seeds"] = json!(GRID_SEEDS);
-    })?;
+    let grid_spec = planned_runs_spec(
+        problem,
+        &limits,
+        &problem.grid_peaks(),
+        plan_epochs,
+        seed + GRID_SEED_OFFSET,
+        GRID_SEEDS,
+    )?;
     progress(&format!("{}: grid", problem.name));
     let grid_run = run_job(
         &grid_spec,
@@ -478,11 +626,40 @@ pub fn score(
     progress(&format!("{}: challengers", problem.name));
     let race = run_compare(
         &challenger_spec,
-        loaded,
+        loaded.clone(),
         &limits,
         &cancel,
         &mut |_: Event| {},
     )?;
+
+    let recommended = tune.result.recommendation.peak_lr;
+    let fresh_spec = planned_runs_spec(
+        problem,
+        &limits,
+        &[recommended],
+        plan_epochs,
+        seed + FRESH_SEED_OFFSET,
+        FRESH_SEEDS,
+    )?;
+    progress(&format!("{}: fresh seeds", problem.name));
+    // The result keeps the mean over seeds; the worst seed is read off the runs as they end.
+    let mut worst_fresh_loss = f64::NEG_INFINITY;
+    let fresh_run = run_job(
+        &fresh_spec,
+        loaded,
+        &limits,
+        &cancel,
+        &mut |event: Event| {
+            if let Event::SweepRun(run) = event {
+                worst_fresh_loss = worst_fresh_loss.max(run.val_loss);
+            }
+        },
+    )?;
+    let fresh_mean_loss = fresh_run
+        .result
+        .sweep
+        .first()
+        .map_or(f64::INFINITY, |candidate| candidate.val_loss);
 
     let best = grid_run
         .result
@@ -526,7 +703,7 @@ pub fn score(
     Ok(ProblemScore {
         problem: problem.name.to_string(),
         seed,
-        tune: Pick::new(Some(tune.result.recommendation.peak_lr), &grid, grid_best),
+        tune: Pick::new(Some(recommended), &grid, grid_best),
         valley: Pick::new(suggestions.valley, &grid, grid_best),
         steepest: Pick::new(suggestions.steepest, &grid, grid_best),
         minimum: Pick::new(suggestions.minimum, &grid, grid_best),
@@ -542,6 +719,13 @@ pub fn score(
                 ChallengerScore::new(name, val_loss, best.val_loss, tolerance)
             })
             .collect(),
+        fresh: FreshScore::new(
+            recommended,
+            fresh_mean_loss,
+            worst_fresh_loss,
+            best.val_loss,
+            tolerance,
+        ),
         grid_best_loss: best.val_loss,
         good_tolerance: tolerance,
         grid_best_at_edge: grid_best == lowest || grid_best == highest,
@@ -578,17 +762,70 @@ pub struct ChallengerSummary {
     pub compute_share: f64,
 }
 
+/// The tune's two scores side by side over one group of scores: by the grid peak nearest its
+/// recommendation, and by the recommendation trained on fresh seeds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TuneSummary {
+    /// `all`, `held out` (problems named `holdout...`) or `the rest`.
+    pub group: String,
+    pub scores: usize,
+    /// Hits by the grid peak nearest the recommendation, and the median |log10(lr / grid
+    /// best)|: the `tune` method's numbers, over this group.
+    pub grid_hits: usize,
+    pub median_log10_error: f64,
+    /// Hits by the fresh seeds' mean loss.
+    pub fresh_hits: usize,
+    /// Median and worst of the fresh mean loss over the grid's best (a diverged run is
+    /// infinitely worse).
+    pub median_loss_ratio: f64,
+    pub worst_loss_ratio: f64,
+    /// The worst single fresh run over the grid's best.
+    pub worst_seed_ratio: f64,
+}
+
+impl TuneSummary {
+    fn new(group: &str, scores: &[&ProblemScore]) -> Self {
+        let worst = |ratio: fn(&ProblemScore) -> f64| {
+            scores.iter().map(|s| ratio(s)).fold(f64::NAN, f64::max)
+        };
+        TuneSummary {
+            group: group.to_string(),
+            scores: scores.len(),
+            grid_hits: scores.iter().filter(|s| s.tune.hit).count(),
+            median_log10_error: median(
+                scores
+                    .iter()
+                    .map(|s| s.tune.log10_error.unwrap_or(f64::INFINITY))
+                    .collect(),
+            ),
+            fresh_hits: scores.iter().filter(|s| s.fresh.hit).count(),
+            median_loss_ratio: median(scores.iter().map(|s| s.fresh.loss_ratio).collect()),
+            worst_loss_ratio: worst(|s| s.fresh.loss_ratio),
+            worst_seed_ratio: worst(|s| s.fresh.worst_seed_ratio),
+        }
+    }
+}
+
+/// Whether a problem is held out (named `holdout...`): never used to choose the defaults it
+/// judges.
+pub fn held_out(problem: &str) -> bool {
+    problem.starts_with("holdout")
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Summary {
     /// Scores summarised (problems x seeds).
     pub scores: usize,
     /// The tune, then valley, steepest and minimum.
     pub methods: Vec<MethodSummary>,
+    /// The tune by the nearest grid peak and by fresh seeds: all scores, then the held-out
+    /// problems and the rest, each where it has scores.
+    pub tune: Vec<TuneSummary>,
     /// All tunes' steps over all grids' steps.
     pub compute_share: f64,
     pub median_plan_multiple: f64,
-    /// The tune's median val_loss / grid best loss is not measured (the tune is scored by
-    /// its learning rate); the challengers are scored by their loss.
+    /// The challengers, scored by their loss against the grid's best as the fresh seeds
+    /// score the tune.
     pub challengers: Vec<ChallengerSummary>,
     pub seconds: f64,
 }
@@ -631,9 +868,18 @@ pub fn summarize(scores: &[ProblemScore]) -> Summary {
             }
         })
         .collect();
+    let all: Vec<&ProblemScore> = scores.iter().collect();
+    let (held, rest): (Vec<&ProblemScore>, Vec<&ProblemScore>) =
+        scores.iter().partition(|s| held_out(&s.problem));
+    let tune = [("all", all), ("held out", held), ("the rest", rest)]
+        .into_iter()
+        .filter(|(_, group)| !group.is_empty())
+        .map(|(name, group)| TuneSummary::new(name, &group))
+        .collect();
     Summary {
         scores: scores.len(),
         methods,
+        tune,
         compute_share: tune_steps as f64 / grid_steps.max(1) as f64,
         median_plan_multiple: median(scores.iter().map(|s| s.plan_multiple).collect()),
         challengers,
@@ -656,7 +902,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn grid(points: &[(f64, bool)]) -> Vec<GridPoint> {
@@ -768,6 +1014,25 @@ mod tests {
         assert_eq!(regression, data::friedman1(200, 0.5, 7));
         assert_eq!(regression.rows(), 200);
         assert_eq!(regression.task(), data::Task::Regression);
+
+        // The cliffs: three models on one 180-image cut, Friedman #1 with little noise.
+        let tiny = custom("cliff-mnist180-mlp64-sgd")(7);
+        assert_eq!(tiny, mnist_rows(180, 7));
+        assert_eq!(tiny, custom("cliff-mnist180-mlp256-adamw")(7));
+        assert_eq!(custom("cliff-mnist2000-mlp256-sgd-m099")(7).rows(), 2000);
+        assert_eq!(
+            custom("cliff-friedman4096-mlp256-sgd")(7),
+            data::friedman1(4096, 0.1, 7)
+        );
+        let spirals = custom("holdout-cliff-spirals160-noisy-mlp128-sgd-m095")(7);
+        let clean = data::spirals(160, 7);
+        assert_eq!(spirals.features, clean.features);
+        let wrong = labels(&spirals)
+            .iter()
+            .zip(labels(&clean))
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(wrong, 32);
     }
 
     #[test]
@@ -794,7 +1059,8 @@ mod tests {
         }
     }
 
-    fn scored(
+    /// A score made by hand, with grid best 0.01 and best loss 1 (eval.rs's tests use it too).
+    pub(crate) fn scored(
         tune: f64,
         valley: Option<f64>,
         hits: [bool; 2],
@@ -826,6 +1092,7 @@ mod tests {
                 ChallengerScore::new("schedule_free_adamw", Some(1.04), 1.0, 0.05),
                 ChallengerScore::new("schedule_free_sgd", None, 1.0, 0.05),
             ],
+            fresh: FreshScore::new(tune, 1.0, 1.0, 1.0, 0.05),
             seconds: 1.5,
         }
     }
@@ -834,7 +1101,7 @@ mod tests {
     fn the_summary_takes_medians_of_log_errors_and_plan_multiples_and_pools_the_compute() {
         // Grid best 0.01 everywhere. Tune errors: 0, 1, 2/3 (decades); valley: 1/3, none,
         // 1/3 + 1/3. Plan steps 100, 200, 300 (grids of 3,900, 7,800 and 11,700 steps).
-        let scores = vec![
+        let mut scores = vec![
             scored(
                 0.01,
                 Some(0.01 * 10f64.powf(1.0 / 3.0)),
@@ -851,8 +1118,33 @@ mod tests {
                 300,
             ),
         ];
+        // Fresh seeds (grid best loss 1, band 0.05): a hit with one seed at 1.04; a diverged
+        // seed; and, held out, a mean of 1.2 with its worst seed at 1.5.
+        scores[0].fresh = FreshScore::new(0.01, 1.02, 1.04, 1.0, 0.05);
+        scores[1].fresh = FreshScore::new(0.1, f64::INFINITY, f64::INFINITY, 1.0, 0.05);
+        scores[2].problem = "holdout-hand-made".to_string();
+        scores[2].fresh = FreshScore::new(0.002, 1.2, 1.5, 1.0, 0.05);
         let summary = summarize(&scores);
         assert_eq!(summary.scores, 3);
+        let groups: Vec<&str> = summary.tune.iter().map(|t| t.group.as_str()).collect();
+        assert_eq!(groups, ["all", "held out", "the rest"]);
+        let [all, held, rest] = &summary.tune[..] else {
+            panic!("three groups")
+        };
+        assert_eq!((all.scores, all.grid_hits, all.fresh_hits), (3, 1, 1));
+        assert!((all.median_log10_error - 2.0 / 3.0).abs() < 1e-9);
+        assert!((all.median_loss_ratio - 1.2).abs() < 1e-12);
+        assert_eq!(all.worst_loss_ratio, f64::INFINITY);
+        assert_eq!(all.worst_seed_ratio, f64::INFINITY);
+        assert_eq!((held.scores, held.grid_hits, held.fresh_hits), (1, 0, 0));
+        assert!((held.median_loss_ratio - 1.2).abs() < 1e-12);
+        assert!((held.worst_loss_ratio - 1.2).abs() < 1e-12);
+        assert!((held.worst_seed_ratio - 1.5).abs() < 1e-12);
+        assert_eq!((rest.scores, rest.grid_hits, rest.fresh_hits), (2, 1, 1));
+        // Errors 0 and 1 decade; ratios 1.02 and a diverged run's infinity.
+        assert!((rest.median_log10_error - 0.5).abs() < 1e-12);
+        assert_eq!(rest.median_loss_ratio, f64::INFINITY);
+        assert_eq!(rest.worst_loss_ratio, f64::INFINITY);
         let method = |name: &str| {
             summary
                 .methods
@@ -903,6 +1195,36 @@ mod tests {
         let diverged = ChallengerScore::new("prodigy", Some(f64::NAN), 1.0, 0.05);
         assert_eq!((diverged.hit, diverged.val_loss), (false, None));
         assert_eq!(diverged.loss_ratio, f64::INFINITY);
+    }
+
+    #[test]
+    fn a_fresh_check_hits_when_its_mean_is_inside_the_band_and_a_diverged_seed_is_infinitely_worse()
+    {
+        let inside = FreshScore::new(0.01, 1.05, 1.3, 1.0, 0.05);
+        assert_eq!(
+            (inside.peak_lr, inside.val_loss, inside.hit),
+            (0.01, Some(1.05), true)
+        );
+        assert!((inside.loss_ratio - 1.05).abs() < 1e-12);
+        assert!((inside.worst_seed_ratio - 1.3).abs() < 1e-12);
+        assert!(!FreshScore::new(0.01, 1.0501, 1.1, 1.0, 0.05).hit);
+        // A band widened by the grid's seed spread.
+        assert!(FreshScore::new(0.01, 1.25, 1.4, 1.0, 0.3).hit);
+        let diverged = FreshScore::new(0.01, f64::INFINITY, f64::INFINITY, 1.0, 0.05);
+        assert_eq!((diverged.hit, diverged.val_loss), (false, None));
+        assert_eq!(diverged.loss_ratio, f64::INFINITY);
+        assert_eq!(diverged.worst_seed_ratio, f64::INFINITY);
+        let not_a_number = FreshScore::new(0.01, f64::NAN, 1.1, 1.0, 0.05);
+        assert_eq!(
+            (not_a_number.hit, not_a_number.loss_ratio),
+            (false, f64::INFINITY)
+        );
+    }
+
+    #[test]
+    fn held_out_problems_are_the_ones_named_holdout() {
+        assert!(held_out("holdout-cliff-friedman2048-tanh-mlp64-sgd"));
+        assert!(!held_out("cliff-mnist180-mlp64-sgd"));
     }
 
     #[test]
