@@ -93,8 +93,10 @@ pub const FINALISTS: usize = 2;
 /// or between two): chosen by a screening of every candidate at up to a third of the plan
 /// (never under a tenth, nor under `min_steps`), or, when `anchored` (auto candidates around
 /// the range test's valley) and the budget leaves no room to screen, the valley and the
-/// candidate below it. Else, with room for the finalists alone, the same choice without the
-/// spare run. Else the finalists run as long as the budget allows after a screening at a
+/// candidate below it. Else, with room for the finalists alone, the screening without the
+/// spare run; or a screening at a tenth of the plan when it leaves the finalists at least
+/// 90 % of the plan (the valley can sit a decade under the best peak, and a screening finds
+/// that out); or the valley and the candidate below it. Else the finalists run as long as the budget allows after a screening at a
 /// tenth of the plan, or, when even that is too short, every candidate does; the result then
 /// says the horizon is shorter than the plan.
 pub fn plan_search(
@@ -153,9 +155,13 @@ pub fn plan_search(
             final_steps,
         })
     };
+    // A screening whose finalists still run nearly the whole plan beats finalists placed
+    // blind on the range test's valley, which can sit a decade under the best peak.
+    let nearly_whole = || shortened().filter(|plan| plan.final_steps * 10 >= plan_steps * 9);
     screened(finalists + 1)
         .or_else(|| unscreened(finalists + 1))
         .or_else(|| screened(finalists))
+        .or_else(nearly_whole)
         .or_else(|| unscreened(finalists))
         .or_else(shortened)
         .unwrap_or_else(|| every((available / runs).min(plan_steps)))
@@ -223,10 +229,10 @@ const FINEST_SPACING: f64 = 1.4;
 impl Search<'_> {
     /// Runs the plan within `budget` steps: the screening, the finalists at the final
     /// horizon, then (auto candidates) steps past the end of the range while the best final
-    /// candidate sits at it, then more seeds for the best while it borders the stability
-    /// edge, then a second seed for the two best when they are within 5 % of each other (or
-    /// always, on a small validation set), then probes between the best and a stable
-    /// neighbour. Each run starts from its seed's initial weights and data order.
+    /// candidate sits at it, then a second seed for the two best when they are within 5 % of
+    /// each other (or always, on a small validation set), then probes between the best and a
+    /// neighbour, then more seeds for the best while it borders the stability edge. Each
+    /// run starts from its seed's initial weights and data order.
     pub fn run(
         &self,
         candidates: &[f64],
@@ -299,16 +305,25 @@ impl Search<'_> {
         // Risk: while the best borders the stability edge, it gets more seeds (up to
         // [`MAX_SEEDS`]) before it is trusted: one seed that survived next to a cliff says
         // little about the next. A seed that fails moves the edge down, and the next best
-        // is checked in turn.
-        if self.seeds < MAX_SEEDS {
-            while let Some(peak) = bordering_best(&runs, final_steps) {
-                let have = seeds_at(&runs, peak, final_steps);
+        // is checked in turn. After the probes, which may find a new best and which the
+        // budget serves first: a seed of the best bought at the cost of the probe that
+        // would have found a better peak is a poor trade.
+        let seed_the_border = |runs: &mut Vec<SweepRun>,
+                               seeds: &mut SeedModels<'_, '_>,
+                               control: &mut Control<'_>|
+         -> Result<(), EngineError> {
+            if self.seeds >= MAX_SEEDS {
+                return Ok(());
+            }
+            while let Some(peak) = bordering_best(runs, final_steps) {
+                let have = seeds_at(runs, peak, final_steps);
                 if have >= MAX_SEEDS || left(control) < final_steps {
                     break;
                 }
                 runs.push(seeds.train(peak, have, final_steps, control)?);
             }
-        }
+            Ok(())
+        };
         // Seed noise: while the best two are within 5 % (or a seed's spread) of each other,
         // each gets another seed, up to [`MAX_SEEDS`], as far as the budget goes. On a small
         // validation set one seed's loss is mostly noise, so they get them whatever the gap.
@@ -357,6 +372,7 @@ impl Search<'_> {
                 }
             }
         }
+        seed_the_border(&mut runs, &mut seeds, control)?;
         Ok(SearchOutcome {
             edge: stability_edge(&runs),
             runs,
@@ -472,8 +488,9 @@ pub fn judged_at(runs: &[SweepRun], steps: usize, edge: Option<f64>) -> Vec<Swee
 
 /// The peak halfway (in log space) between the best candidate at `steps` and one of its
 /// neighbours among all peaks tried at any horizon: a neighbour never run at `steps` first,
-/// then the one with the lower loss; never towards an unstable neighbour. None when the
-/// best is unknown or both gaps are already finer than [`FINEST_SPACING`].
+/// then the one with the lower loss; never to a peak within [`EDGE_MARGIN`] of the
+/// stability edge. None when the best is unknown or both gaps are already finer than
+/// [`FINEST_SPACING`].
 fn next_probe(runs: &[SweepRun], steps: usize) -> Option<f64> {
     let edge = stability_edge(runs).map(|edge| edge.lr);
     let judged = judged_at(runs, steps, edge);
@@ -491,8 +508,8 @@ fn next_probe(runs: &[SweepRun], steps: usize) -> Option<f64> {
         .into_iter()
         .flatten()
         .filter(|&peak| (peak / best).ln().abs() > FINEST_SPACING.ln() * 2.0)
-        // Never towards an unstable neighbour, nor to a peak too near the edge to be chosen.
-        .filter(|&peak| edge.is_none_or(|edge| peak < edge) && (peak * best).sqrt() <= limit)
+        // Never to a peak too near the stability edge to be chosen.
+        .filter(|&peak| (peak * best).sqrt() <= limit)
         .map(|peak| {
             let loss = judged
                 .iter()
@@ -730,8 +747,10 @@ impl SpikeWatch {
 pub const FAR_ABOVE: f64 = 2.0;
 
 /// The recommendation stays at least this factor below the lowest unstable peak: the runs
-/// show where some seeds blow up, not that every seed below that point is safe.
-pub const EDGE_MARGIN: f64 = 2.0;
+/// show where some seeds blow up, not that every seed below that point is safe. 1.5 keeps a
+/// probe halfway (in log space) to a peak a grid step (2.15x) or more above the best; 2 cost
+/// hits on the evaluation where the best sat 2.4x under the edge (README, Developer tools).
+pub const EDGE_MARGIN: f64 = 1.5;
 
 /// Why a peak counts as unstable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1024,6 +1043,15 @@ mod tests {
             plan_search(5, 1, 1250, None, 2400, 10, true),
             plan_of(Some(125), 2, 887)
         );
+        // A plan of 1,000 steps and 2,400 left: no room to screen before two whole runs,
+        // but a screening at a tenth leaves the finalists 950 steps, 95 % of the plan, and
+        // it beats placing them blind on the valley.
+        for anchored in [false, true] {
+            assert_eq!(
+                plan_search(5, 1, 1000, None, 2400, 10, anchored),
+                plan_of(Some(100), 2, 950)
+            );
+        }
         // 100: the finalists would get 25, under three screenings: every candidate runs 20.
         assert_eq!(
             plan_search(5, 1, 100, None, 100, 10, true),
@@ -1296,24 +1324,27 @@ mod tests {
             run(0.3, 0, 0.29),
         ];
         // The edge at 0.3: 0.3 is unstable (and out of the band though its loss is lowest);
-        // 0.1 is at most 0.15 and is the best.
+        // 0.1 is under 0.3 / 1.5 and is the best.
         let judged = judge(&candidates, &runs, Some(0.3));
         assert!(judged[3].unstable && !judged[3].in_band && !judged[3].best);
         assert!(judged[2].best);
         assert!(judged[1].in_band, "0.31 is within 5 % of 0.30");
         assert_eq!(band(&judged, Some(0.3)), Some([0.03, 0.1]));
-        // The edge at 0.12: 0.1 is under it but within the margin (above 0.06); the best is
+        // The edge at 0.12: 0.1 is under it but within the margin (above 0.08); the best is
         // 0.03, alone in its band, which reaches halfway to each neighbour.
         let judged = judge(&candidates, &runs, Some(0.12));
         assert!(judged[1].best && !judged[2].unstable && !judged[2].in_band);
         let [low, high] = band(&judged, Some(0.12)).expect("a band");
         assert!((low - (0.01f64 * 0.03).sqrt()).abs() < 1e-12);
         assert!((high - (0.03f64 * 0.1).sqrt()).abs() < 1e-12, "{high}");
-        // The edge at 0.101: halfway to 0.1 (0.055) is past 0.101 / 2, where the band stops.
-        let judged = judge(&candidates, &runs, Some(0.101));
-        let [_, high] = band(&judged, Some(0.101)).expect("a band");
-        assert!((high - 0.0505).abs() < 1e-12, "{high}");
-        // Nothing finished a margin below the edge (0.075): the highest under it is chosen.
+        // The edge at 1.0, the best at 0.6 alone in its band, and 0.9 stable but too near the
+        // edge: halfway to 0.9 (0.73) is past 1.0 / EDGE_MARGIN, where the band stops.
+        let near = [run(0.1, 0, 0.5), run(0.6, 0, 0.3), run(0.9, 0, 0.4)];
+        let judged = judge(&[0.1, 0.6, 0.9], &near, Some(1.0));
+        assert!(judged[1].best && !judged[2].unstable);
+        let [_, high] = band(&judged, Some(1.0)).expect("a band");
+        assert!((high - 1.0 / EDGE_MARGIN).abs() < 1e-12, "{high}");
+        // Nothing finished a margin below the edge (0.1): the highest under it is chosen.
         let judged = judge(&candidates[2..], &runs[2..], Some(0.15));
         assert!(judged[0].best && judged[1].unstable);
     }
@@ -1330,13 +1361,14 @@ mod tests {
         assert!(peak <= 0.1 + 1e-15, "{peak}");
 
         // Probes: without instability the better neighbour (1.0) is probed; with a diverged
-        // run at 1.0 the lower side is, and with both sides unsafe none is.
+        // run at 1.0 the lower side is (a diverged peak is never the better side), and with
+        // the only neighbour's halfway point within 2x of the edge, none is.
         let mut probed = runs.to_vec();
         assert!((next_probe(&probed, 100).expect("a probe") - 0.1f64.sqrt()).abs() < 1e-12);
         probed.push(run(1.0, 1, f64::INFINITY));
         let probe = next_probe(&probed, 100).expect("a probe");
         assert!((probe - 0.001f64.sqrt()).abs() < 1e-12, "{probe}");
-        let cornered = [run(0.1, 0, 1.0), run(0.3, 0, f64::INFINITY)];
+        let cornered = [run(0.1, 0, 1.0), run(0.2, 0, f64::INFINITY)];
         assert_eq!(next_probe(&cornered, 100), None);
     }
 
@@ -1348,8 +1380,8 @@ mod tests {
             run(0.1, 0, f64::INFINITY),
         ];
         assert_eq!(bordering_best(&runs, 100), Some(0.03));
-        // A stable peak between the best and the edge, within its margin (0.1 > 0.3 / 2 is
-        // false: 0.1 is safe): the best (0.03) does not border the edge.
+        // A stable peak between the best and the edge, and far enough below it (0.1 is under
+        // 0.3 / 1.5): the best (0.03) does not border the edge.
         let gap = [
             run(0.01, 0, 0.5),
             run(0.03, 0, 0.3),

@@ -625,7 +625,7 @@ fn edge_warning(judged: &[SweepCandidate], peak_lr: f64, edge: StabilityEdge) ->
     let best = judged.iter().find(|c| c.best);
     match (lowest_loss, best) {
         (Some(lowest), Some(best)) if lowest.peak_lr > best.peak_lr => Some(format!(
-            "{what}: the lowest validation loss ({:.4}) was at {:.3e}, too near the edge to be safe with other seeds, so the recommendation stays {distance:.1}x below the edge (at most 1/{EDGE_MARGIN} of it)",
+            "{what}: the lowest validation loss ({:.4}) was at {:.3e}, too near the edge to be safe with other seeds, so the recommendation stays {distance:.1}x below the edge (it stays at least {EDGE_MARGIN}x below)",
             lowest.val_loss, lowest.peak_lr
         )),
         _ if distance < CLOSE_TO_EDGE => Some(format!(

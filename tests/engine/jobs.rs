@@ -8,6 +8,7 @@ use lrtune::engine::optim::Optimizer;
 use lrtune::engine::range_test::{run_range_test, RangeTestInputs};
 use lrtune::engine::schedule::Schedule;
 use lrtune::engine::spec::{OptimizerSpec, RangeTestSpec};
+use lrtune::engine::sweep::EDGE_MARGIN;
 use lrtune::engine::trainer::Trainer;
 use lrtune::engine::{self, Control, Event, JobSpec, Limits, SpecError, ValidSpec};
 
