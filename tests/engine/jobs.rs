@@ -678,12 +678,12 @@ fn the_recommendation_stays_a_margin_below_the_stability_edge_and_reports_it() {
     assert!(edge <= 10.0, "{edge}");
     assert_eq!(rec.edge_distance, Some(edge / rec.peak_lr));
     assert!(
-        rec.peak_lr <= edge / 2.0,
+        rec.peak_lr <= edge / EDGE_MARGIN,
         "{} vs the edge {edge}",
         rec.peak_lr
     );
     assert!(
-        rec.band[1] <= edge / 2.0,
+        rec.band[1] <= edge / EDGE_MARGIN,
         "{:?} vs the edge {edge}",
         rec.band
     );
