@@ -28,6 +28,10 @@ pub struct EvalArgs {
     /// Score the tune with this many sweep epochs instead of the default.
     #[arg(long)]
     pub sweep_epochs: Option<usize>,
+    /// Give the tune this budget, in planned runs (`budget.plan_multiple`), instead of the
+    /// default.
+    #[arg(long)]
+    pub plan_multiple: Option<f64>,
     /// Print every score and the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -37,6 +41,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
     let overrides = SweepOverrides {
         count: args.sweep_count,
         epochs: args.sweep_epochs,
+        plan_multiple: args.plan_multiple,
     };
     let mut scores: Vec<ProblemScore> = Vec::new();
     for problem in problems() {
@@ -48,7 +53,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
                 eprintln!("{stage} (seed {seed})")
             })?;
             eprintln!(
-                "{} seed {seed}: grid best {:.3e}{}, tune {:.3e} ({}, |log10| {:.2}, fresh seeds {} {}, worst seed {}), valley {} steepest {} minimum {}, compute {:.1} % of the grid, {:.1} x the plan ({:.0} s)",
+                "{} seed {seed}: grid best {:.3e}{}, tune {:.3e} ({}, |log10| {:.2}, fresh seeds {} {}, worst seed {}, over the grid's best at the same seeds {} {}), valley {} steepest {} minimum {}, compute {:.1} % of the grid, {:.1} x the plan ({:.0} s)",
                 scored.problem,
                 scored.grid_best,
                 if scored.grid_best_at_edge { " (at the grid's edge)" } else { "" },
@@ -58,6 +63,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
                 ratio(scored.fresh.loss_ratio),
                 mark(scored.fresh.hit),
                 ratio(scored.fresh.worst_seed_ratio),
+                ratio(paired_ratio(&scored)),
+                mark(scored.fresh.paired_hit),
                 mark(scored.valley.hit),
                 mark(scored.steepest.hit),
                 mark(scored.minimum.hit),
@@ -104,10 +111,12 @@ fn report(scores: &[ProblemScore], summary: &Summary) -> String {
          run, judged on final validation loss. A hit: the grid peak nearest the learning rate is\n\
          within 5 % of the best mean loss, or within one seed standard deviation of it if wider.\n\
          fresh: the tune's peak trained as planned at {FRESH_SEEDS} fresh seeds, mean final validation loss\n\
-         over the grid's best (a hit inside the same band); worst: its worst seed's.\n\n"
+         over the grid's best (a hit inside the same band); worst: its worst seed's. paired: the same\n\
+         mean over the grid's best peak's at the same fresh seeds (a hit within the band's allowance);\n\
+         ceiling: how often the grid's best peak itself lands in its band at the fresh seeds.\n\n"
     ));
     out.push_str(&format!(
-        "{:<width$} {:>4} {:>10} {:>10} {:>4} {:>7} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8} {:>6} {:>6}\n",
+        "{:<width$} {:>4} {:>10} {:>10} {:>4} {:>7} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8} {:>6} {:>6}\n",
         "problem",
         "seed",
         "grid best",
@@ -116,6 +125,7 @@ fn report(scores: &[ProblemScore], summary: &Summary) -> String {
         "|log10|",
         "fresh",
         "worst",
+        "paired",
         "valley",
         "steepest",
         "minimum",
@@ -125,7 +135,7 @@ fn report(scores: &[ProblemScore], summary: &Summary) -> String {
     ));
     for s in scores {
         out.push_str(&format!(
-            "{:<width$} {:>4} {:>9.2e}{} {:>10.2e} {:>4} {:>7.2} {:>9} {:>9} {:>10} {:>10} {:>10} {:>7.1}% {:>6.1} {:>5.0}s\n",
+            "{:<width$} {:>4} {:>9.2e}{} {:>10.2e} {:>4} {:>7.2} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>7.1}% {:>6.1} {:>5.0}s\n",
             s.problem,
             s.seed,
             s.grid_best,
@@ -135,6 +145,7 @@ fn report(scores: &[ProblemScore], summary: &Summary) -> String {
             s.tune.log10_error.unwrap_or(f64::INFINITY),
             with_hit(ratio(s.fresh.loss_ratio), s.fresh.hit),
             ratio(s.fresh.worst_seed_ratio),
+            with_hit(ratio(paired_ratio(s)), s.fresh.paired_hit),
             rule(s.valley.lr, s.valley.hit),
             rule(s.steepest.lr, s.steepest.hit),
             rule(s.minimum.lr, s.minimum.hit),
@@ -159,19 +170,29 @@ fn report(scores: &[ProblemScore], summary: &Summary) -> String {
         ));
     }
     out.push_str(&format!(
-        "\n{:<10} {:>13} {:>7} {:>13} {:>13} {:>13} {:>13}\n",
-        "tune", "grid hits", "|log10|", "fresh hits", "median ratio", "worst ratio", "worst seed"
+        "\n{:<10} {:>13} {:>7} {:>13} {:>13} {:>13} {:>13} {:>13} {:>13}\n",
+        "tune",
+        "grid hits",
+        "|log10|",
+        "fresh hits",
+        "median ratio",
+        "worst ratio",
+        "worst seed",
+        "paired hits",
+        "ceiling"
     ));
     for group in &summary.tune {
         out.push_str(&format!(
-            "{:<10} {:>13} {:>7.2} {:>13} {:>13} {:>13} {:>13}\n",
+            "{:<10} {:>13} {:>7.2} {:>13} {:>13} {:>13} {:>13} {:>13} {:>13}\n",
             group.group,
             share(group.grid_hits, group.scores),
             group.median_log10_error,
             share(group.fresh_hits, group.scores),
             ratio(group.median_loss_ratio),
             ratio(group.worst_loss_ratio),
-            ratio(group.worst_seed_ratio)
+            ratio(group.worst_seed_ratio),
+            share(group.paired_hits, group.scores),
+            share(group.reference_hits, group.scores)
         ));
     }
     out.push_str(&challenger_report(scores, summary, width));
@@ -229,6 +250,16 @@ fn ratio(loss_ratio: f64) -> String {
         format!("{loss_ratio:.2}x")
     } else {
         "diverged".to_string()
+    }
+}
+
+/// The pick's fresh mean over the grid's best peak's at the same seeds (infinite when the pick
+/// diverged; 0 when only the reference did).
+fn paired_ratio(s: &ProblemScore) -> f64 {
+    match (s.fresh.val_loss, s.fresh.reference_loss) {
+        (Some(pick), Some(reference)) => pick / reference.abs().max(f64::MIN_POSITIVE),
+        (Some(_), None) => 0.0,
+        (None, _) => f64::INFINITY,
     }
 }
 

@@ -427,7 +427,11 @@ impl ChallengerScore {
 }
 
 /// The tune's recommended peak trained as planned again, at seeds that neither the tune, the
-/// grid nor the challengers used: what a user who takes the recommendation gets.
+/// grid nor the challengers used: what a user who takes the recommendation gets. Beside it, the
+/// grid's best peak trained at the same fresh seeds: the grid's best mean is the lowest of 13
+/// noisy means, so it sits below what that very peak gives on new seeds, and only the paired
+/// comparison asks the question a user has (would the grid's best have done better with my
+/// seeds?) without that selection in the yardstick.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FreshScore {
     pub peak_lr: f64,
@@ -440,23 +444,63 @@ pub struct FreshScore {
     /// The worst single run's val_loss / grid_best_loss: a mean inside the band can still
     /// hide one seed that did badly.
     pub worst_seed_ratio: f64,
+    /// The grid's best peak's mean over the same fresh seeds (`None` when any diverged).
+    pub reference_loss: Option<f64>,
+    /// The paired score: `val_loss <= reference_loss + good_tolerance`.
+    pub paired_hit: bool,
+    /// The grid's best peak itself, at the fresh seeds, inside the grid's good band: how many
+    /// unpaired fresh hits a perfect pick could score.
+    pub reference_hit: bool,
+}
+
+/// A fresh-seed check's runs of one peak: the mean loss (infinite or NaN when any diverged)
+/// and the worst run's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FreshRuns {
+    pub mean_loss: f64,
+    pub worst_loss: f64,
 }
 
 impl FreshScore {
-    /// From the runs' mean loss (infinite or NaN when any diverged) and the worst run's.
-    fn new(peak_lr: f64, mean_loss: f64, worst_loss: f64, best_loss: f64, tolerance: f64) -> Self {
-        let finite = Some(mean_loss).filter(|loss| loss.is_finite());
+    /// From the pick's fresh runs and the grid's best peak's runs at the same seeds.
+    fn new(
+        peak_lr: f64,
+        pick: FreshRuns,
+        reference: FreshRuns,
+        best_loss: f64,
+        tolerance: f64,
+    ) -> Self {
+        let finite = Some(pick.mean_loss).filter(|loss| loss.is_finite());
+        let reference_loss = Some(reference.mean_loss).filter(|loss| loss.is_finite());
         FreshScore {
             peak_lr,
             val_loss: finite,
             hit: in_good_band(finite, best_loss, tolerance),
             loss_ratio: loss_ratio(finite, best_loss),
             worst_seed_ratio: loss_ratio(
-                Some(worst_loss).filter(|loss| loss.is_finite()),
+                Some(pick.worst_loss).filter(|loss| loss.is_finite()),
                 best_loss,
             ),
+            reference_loss,
+            // A reference that diverged on these seeds is beaten by any pick that did not.
+            paired_hit: finite.is_some()
+                && reference_loss
+                    .is_none_or(|reference| in_good_band(finite, reference, tolerance)),
+            reference_hit: in_good_band(reference_loss, best_loss, tolerance),
         }
     }
+}
+
+/// The index of the peak nearest `lr` in log space.
+fn nearest_index(peaks: &[f64], lr: f64) -> usize {
+    (0..peaks.len())
+        .min_by(|&a, &b| {
+            (peaks[a] / lr)
+                .ln()
+                .abs()
+                .total_cmp(&(peaks[b] / lr).ln().abs())
+        })
+        .unwrap_or_default()
 }
 
 /// Whether a finite loss is inside the grid's good band; a diverged run (`None`) never is.
@@ -531,6 +575,8 @@ impl ProblemScore {
 pub struct SweepOverrides {
     pub count: Option<usize>,
     pub epochs: Option<usize>,
+    /// The tune's `budget.plan_multiple` (the default budget otherwise).
+    pub plan_multiple: Option<f64>,
 }
 
 /// The planned run at each of `peaks`, `seeds` times from `seed` on: a sweep of an explicit
@@ -586,6 +632,9 @@ pub fn score(
         if let Some(epochs) = overrides.epochs {
             spec["sweep"]["epochs"] = json!(epochs);
         }
+        if let Some(multiple) = overrides.plan_multiple {
+            spec["budget"] = json!({ "plan_multiple": multiple });
+        }
     })?;
     let loaded = problem.loaded_data(&tune_spec)?;
 
@@ -632,35 +681,6 @@ pub fn score(
         &mut |_: Event| {},
     )?;
 
-    let recommended = tune.result.recommendation.peak_lr;
-    let fresh_spec = planned_runs_spec(
-        problem,
-        &limits,
-        &[recommended],
-        plan_epochs,
-        seed + FRESH_SEED_OFFSET,
-        FRESH_SEEDS,
-    )?;
-    progress(&format!("{}: fresh seeds", problem.name));
-    // The result keeps the mean over seeds; the worst seed is read off the runs as they end.
-    let mut worst_fresh_loss = f64::NEG_INFINITY;
-    let fresh_run = run_job(
-        &fresh_spec,
-        loaded,
-        &limits,
-        &cancel,
-        &mut |event: Event| {
-            if let Event::SweepRun(run) = event {
-                worst_fresh_loss = worst_fresh_loss.max(run.val_loss);
-            }
-        },
-    )?;
-    let fresh_mean_loss = fresh_run
-        .result
-        .sweep
-        .first()
-        .map_or(f64::INFINITY, |candidate| candidate.val_loss);
-
     let best = grid_run
         .result
         .sweep
@@ -676,6 +696,50 @@ pub fn score(
                 ),
             )
         })?;
+    let recommended = tune.result.recommendation.peak_lr;
+    // The pick and the grid's best at the same fresh seeds (one run set when they coincide).
+    let same_peak = (recommended / best.peak_lr - 1.0).abs() < 1e-9;
+    let fresh_peaks = if same_peak {
+        vec![recommended]
+    } else {
+        vec![recommended, best.peak_lr]
+    };
+    let fresh_spec = planned_runs_spec(
+        problem,
+        &limits,
+        &fresh_peaks,
+        plan_epochs,
+        seed + FRESH_SEED_OFFSET,
+        FRESH_SEEDS,
+    )?;
+    progress(&format!("{}: fresh seeds", problem.name));
+    // The result keeps the mean over seeds; the worst seed is read off the runs as they end.
+    let mut worst_fresh_loss = vec![f64::NEG_INFINITY; fresh_peaks.len()];
+    let fresh_run = run_job(
+        &fresh_spec,
+        loaded,
+        &limits,
+        &cancel,
+        &mut |event: Event| {
+            if let Event::SweepRun(run) = event {
+                let index = nearest_index(&fresh_peaks, run.peak_lr);
+                worst_fresh_loss[index] = worst_fresh_loss[index].max(run.val_loss);
+            }
+        },
+    )?;
+    let fresh_runs: Vec<FreshRuns> = fresh_peaks
+        .iter()
+        .zip(&worst_fresh_loss)
+        .map(|(&peak, &worst_loss)| FreshRuns {
+            mean_loss: fresh_run
+                .result
+                .sweep
+                .iter()
+                .find(|c| (c.peak_lr / peak - 1.0).abs() < 1e-9)
+                .map_or(f64::INFINITY, |candidate| candidate.val_loss),
+            worst_loss,
+        })
+        .collect();
     let tolerance = good_tolerance(best.val_loss, best.val_loss_std);
     let grid: Vec<GridPoint> = grid_run
         .result
@@ -721,8 +785,8 @@ pub fn score(
             .collect(),
         fresh: FreshScore::new(
             recommended,
-            fresh_mean_loss,
-            worst_fresh_loss,
+            fresh_runs[0],
+            *fresh_runs.last().expect("one fresh peak at least"),
             best.val_loss,
             tolerance,
         ),
@@ -773,8 +837,13 @@ pub struct TuneSummary {
     /// best)|: the `tune` method's numbers, over this group.
     pub grid_hits: usize,
     pub median_log10_error: f64,
-    /// Hits by the fresh seeds' mean loss.
+    /// Hits by the fresh seeds' mean loss, against the grid's best mean loss.
     pub fresh_hits: usize,
+    /// Hits by the fresh seeds' mean loss against the grid's best peak at the same seeds.
+    pub paired_hits: usize,
+    /// How often the grid's best peak itself, at the fresh seeds, is inside the grid's good
+    /// band: the most unpaired fresh hits any pick could score.
+    pub reference_hits: usize,
     /// Median and worst of the fresh mean loss over the grid's best (a diverged run is
     /// infinitely worse).
     pub median_loss_ratio: f64,
@@ -799,6 +868,8 @@ impl TuneSummary {
                     .collect(),
             ),
             fresh_hits: scores.iter().filter(|s| s.fresh.hit).count(),
+            paired_hits: scores.iter().filter(|s| s.fresh.paired_hit).count(),
+            reference_hits: scores.iter().filter(|s| s.fresh.reference_hit).count(),
             median_loss_ratio: median(scores.iter().map(|s| s.fresh.loss_ratio).collect()),
             worst_loss_ratio: worst(|s| s.fresh.loss_ratio),
             worst_seed_ratio: worst(|s| s.fresh.worst_seed_ratio),
@@ -1092,7 +1163,7 @@ pub(crate) mod tests {
                 ChallengerScore::new("schedule_free_adamw", Some(1.04), 1.0, 0.05),
                 ChallengerScore::new("schedule_free_sgd", None, 1.0, 0.05),
             ],
-            fresh: FreshScore::new(tune, 1.0, 1.0, 1.0, 0.05),
+            fresh: FreshScore::new(tune, runs(1.0, 1.0), runs(1.0, 1.0), 1.0, 0.05),
             seconds: 1.5,
         }
     }
@@ -1118,12 +1189,20 @@ pub(crate) mod tests {
                 300,
             ),
         ];
-        // Fresh seeds (grid best loss 1, band 0.05): a hit with one seed at 1.04; a diverged
-        // seed; and, held out, a mean of 1.2 with its worst seed at 1.5.
-        scores[0].fresh = FreshScore::new(0.01, 1.02, 1.04, 1.0, 0.05);
-        scores[1].fresh = FreshScore::new(0.1, f64::INFINITY, f64::INFINITY, 1.0, 0.05);
+        // Fresh seeds (grid best loss 1, band 0.05): a hit with one seed at 1.04, the grid's
+        // best at 1.0 on the same seeds; a diverged seed, the grid's best at 1.1; and, held
+        // out, a mean of 1.2 with its worst seed at 1.5, the grid's best at 1.18 (a paired hit
+        // only).
+        scores[0].fresh = FreshScore::new(0.01, runs(1.02, 1.04), runs(1.0, 1.01), 1.0, 0.05);
+        scores[1].fresh = FreshScore::new(
+            0.1,
+            runs(f64::INFINITY, f64::INFINITY),
+            runs(1.1, 1.2),
+            1.0,
+            0.05,
+        );
         scores[2].problem = "holdout-hand-made".to_string();
-        scores[2].fresh = FreshScore::new(0.002, 1.2, 1.5, 1.0, 0.05);
+        scores[2].fresh = FreshScore::new(0.002, runs(1.2, 1.5), runs(1.18, 1.3), 1.0, 0.05);
         let summary = summarize(&scores);
         assert_eq!(summary.scores, 3);
         let groups: Vec<&str> = summary.tune.iter().map(|t| t.group.as_str()).collect();
@@ -1132,6 +1211,9 @@ pub(crate) mod tests {
             panic!("three groups")
         };
         assert_eq!((all.scores, all.grid_hits, all.fresh_hits), (3, 1, 1));
+        assert_eq!((all.paired_hits, all.reference_hits), (2, 1));
+        assert_eq!((held.paired_hits, held.reference_hits), (1, 0));
+        assert_eq!((rest.paired_hits, rest.reference_hits), (1, 1));
         assert!((all.median_log10_error - 2.0 / 3.0).abs() < 1e-9);
         assert!((all.median_loss_ratio - 1.2).abs() < 1e-12);
         assert_eq!(all.worst_loss_ratio, f64::INFINITY);
@@ -1200,25 +1282,91 @@ pub(crate) mod tests {
     #[test]
     fn a_fresh_check_hits_when_its_mean_is_inside_the_band_and_a_diverged_seed_is_infinitely_worse()
     {
-        let inside = FreshScore::new(0.01, 1.05, 1.3, 1.0, 0.05);
+        let inside = FreshScore::new(0.01, runs(1.05, 1.3), runs(1.0, 1.0), 1.0, 0.05);
         assert_eq!(
             (inside.peak_lr, inside.val_loss, inside.hit),
             (0.01, Some(1.05), true)
         );
         assert!((inside.loss_ratio - 1.05).abs() < 1e-12);
         assert!((inside.worst_seed_ratio - 1.3).abs() < 1e-12);
-        assert!(!FreshScore::new(0.01, 1.0501, 1.1, 1.0, 0.05).hit);
+        assert!(!FreshScore::new(0.01, runs(1.0501, 1.1), runs(1.0, 1.0), 1.0, 0.05).hit);
         // A band widened by the grid's seed spread.
-        assert!(FreshScore::new(0.01, 1.25, 1.4, 1.0, 0.3).hit);
-        let diverged = FreshScore::new(0.01, f64::INFINITY, f64::INFINITY, 1.0, 0.05);
+        assert!(FreshScore::new(0.01, runs(1.25, 1.4), runs(1.0, 1.0), 1.0, 0.3).hit);
+        let diverged = FreshScore::new(
+            0.01,
+            runs(f64::INFINITY, f64::INFINITY),
+            runs(1.0, 1.0),
+            1.0,
+            0.05,
+        );
         assert_eq!((diverged.hit, diverged.val_loss), (false, None));
         assert_eq!(diverged.loss_ratio, f64::INFINITY);
         assert_eq!(diverged.worst_seed_ratio, f64::INFINITY);
-        let not_a_number = FreshScore::new(0.01, f64::NAN, 1.1, 1.0, 0.05);
+        let not_a_number = FreshScore::new(0.01, runs(f64::NAN, 1.1), runs(1.0, 1.0), 1.0, 0.05);
         assert_eq!(
             (not_a_number.hit, not_a_number.loss_ratio),
             (false, f64::INFINITY)
         );
+    }
+
+    fn runs(mean_loss: f64, worst_loss: f64) -> FreshRuns {
+        FreshRuns {
+            mean_loss,
+            worst_loss,
+        }
+    }
+
+    #[test]
+    fn the_paired_fresh_score_measures_the_pick_against_the_grid_best_on_the_same_seeds() {
+        // Grid best mean 1.0 (band 0.05): on the fresh seeds the grid's best peak itself ends
+        // at 1.28, outside its own band, and the pick at 1.3 is a miss unpaired, a hit paired.
+        let beside = FreshScore::new(0.01, runs(1.3, 1.4), runs(1.28, 1.35), 1.0, 0.05);
+        assert_eq!(
+            (beside.hit, beside.paired_hit, beside.reference_hit),
+            (false, true, false)
+        );
+        assert_eq!(beside.reference_loss, Some(1.28));
+        assert!((beside.loss_ratio - 1.3).abs() < 1e-12);
+        // More than the band above the reference: a miss both ways.
+        let above = FreshScore::new(0.01, runs(1.34, 1.4), runs(1.28, 1.35), 1.0, 0.05);
+        assert_eq!((above.hit, above.paired_hit), (false, false));
+        // A reference that diverged on these seeds loses to any finite pick; a diverged pick
+        // never hits.
+        let reference_diverged = FreshScore::new(
+            0.01,
+            runs(1.5, 1.6),
+            runs(f64::INFINITY, f64::INFINITY),
+            1.0,
+            0.05,
+        );
+        assert_eq!(
+            (
+                reference_diverged.paired_hit,
+                reference_diverged.reference_loss
+            ),
+            (true, None)
+        );
+        let both_diverged = FreshScore::new(
+            0.01,
+            runs(f64::INFINITY, f64::INFINITY),
+            runs(f64::NAN, f64::INFINITY),
+            1.0,
+            0.05,
+        );
+        assert!(!both_diverged.paired_hit);
+        // A reference inside the grid's band counts towards the ceiling.
+        let good_reference = FreshScore::new(0.01, runs(1.2, 1.3), runs(1.04, 1.1), 1.0, 0.05);
+        assert_eq!(
+            (good_reference.reference_hit, good_reference.paired_hit),
+            (true, false)
+        );
+    }
+
+    #[test]
+    fn the_nearest_index_is_taken_in_log_space() {
+        assert_eq!(nearest_index(&[0.1, 0.2], 0.14), 0);
+        assert_eq!(nearest_index(&[0.1, 0.2], 0.15), 1);
+        assert_eq!(nearest_index(&[0.3], 7.0), 0);
     }
 
     #[test]

@@ -196,12 +196,11 @@ pub struct Search<'a> {
     /// The range test's suggestion the auto candidates were placed around: the finalists
     /// when the budget leaves no room to screen.
     pub anchor: Option<f64>,
-    /// The validation set is too small for one seed's loss to separate candidates
-    /// (under [`SMALL_VALIDATION_ROWS`] rows): the best two always get more seeds.
-    pub small_validation: bool,
 }
 
-/// Validation sets with fewer rows give losses too noisy to judge a candidate on one seed.
+/// Validation sets with fewer rows give losses too noisy to separate candidates well: the
+/// result warns. Seeding the best two whatever their gap was measured and did not pay (README,
+/// Developer tools): the budget buys more as probes.
 pub const SMALL_VALIDATION_ROWS: usize = 100;
 
 /// Every run of a sweep, and what the search concluded.
@@ -230,9 +229,9 @@ impl Search<'_> {
     /// Runs the plan within `budget` steps: the screening, the finalists at the final
     /// horizon, then (auto candidates) steps past the end of the range while the best final
     /// candidate sits at it, then a second seed for the two best when they are within 5 % of
-    /// each other (or always, on a small validation set), then probes between the best and a
-    /// neighbour, then more seeds for the best while it borders the stability edge. Each
-    /// run starts from its seed's initial weights and data order.
+    /// each other, then probes between the best and a neighbour, then more seeds for the best
+    /// while it borders the stability edge. Each run starts from its seed's initial weights
+    /// and data order.
     pub fn run(
         &self,
         candidates: &[f64],
@@ -325,8 +324,7 @@ impl Search<'_> {
             Ok(())
         };
         // Seed noise: while the best two are within 5 % (or a seed's spread) of each other,
-        // each gets another seed, up to [`MAX_SEEDS`], as far as the budget goes. On a small
-        // validation set one seed's loss is mostly noise, so they get them whatever the gap.
+        // each gets another seed, up to [`MAX_SEEDS`], as far as the budget goes.
         if self.seeds == 1 {
             for seed_index in 1..MAX_SEEDS {
                 let contenders = contenders(&runs, final_steps);
@@ -346,7 +344,7 @@ impl Search<'_> {
                     .iter()
                     .map(|&(_, have)| (seed_index + 1 - have) * final_steps)
                     .sum();
-                if !(close || self.small_validation) || left(control) < cost {
+                if !close || left(control) < cost {
                     break;
                 }
                 for (peak_lr, have) in wanted {

@@ -333,7 +333,6 @@ pub(crate) fn tune_with(
             anchor: range_summary
                 .as_ref()
                 .and_then(|r| r.suggestions.preferred()),
-            small_validation: validation.rows < SMALL_VALIDATION_ROWS,
         };
         let outcome = search.run(&candidates, plan, available, control)?;
         control.skip_steps(usize::MAX);
@@ -665,7 +664,7 @@ fn small_validation_warning(
     };
     let seeds = best.map_or(1, |c| c.seeds);
     format!(
-        "the validation split has {rows} rows, too few to separate candidates well{detail}: the best was judged on {seeds} {}; a validation set of {SMALL_VALIDATION_ROWS} rows or more (a larger validation_fraction, or more data) would separate them better",
+        "the validation split has {rows} rows, too few to separate candidates well{detail}: the best was judged on {seeds} {}; a validation set of {SMALL_VALIDATION_ROWS} rows or more (a larger validation_fraction, or more data) would separate them better, and a larger budget.plan_multiple lets the sweep place more peaks between them",
         if seeds == 1 { "seed" } else { "seeds" }
     )
 }
@@ -781,7 +780,7 @@ mod tests {
         let warning = small_validation_warning(36, &[best], true);
         assert_eq!(
             warning,
-            "the validation split has 36 rows, too few to separate candidates well (one row is 2.8 points of accuracy; the best candidate's final validation loss varied by 12 % (one standard deviation) across its 3 seeds, against the 5 % that separates the band from the rest): the best was judged on 3 seeds; a validation set of 100 rows or more (a larger validation_fraction, or more data) would separate them better"
+            "the validation split has 36 rows, too few to separate candidates well (one row is 2.8 points of accuracy; the best candidate's final validation loss varied by 12 % (one standard deviation) across its 3 seeds, against the 5 % that separates the band from the rest): the best was judged on 3 seeds; a validation set of 100 rows or more (a larger validation_fraction, or more data) would separate them better, and a larger budget.plan_multiple lets the sweep place more peaks between them"
         );
         let warning = small_validation_warning(40, &[candidate(0.1, 0.5, true)], false);
         assert!(
