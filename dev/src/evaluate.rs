@@ -722,8 +722,15 @@ pub fn score(
         &cancel,
         &mut |event: Event| {
             if let Event::SweepRun(run) = event {
+                // A diverged run is the worst there is (its loss may be NaN, which `max`
+                // would pass over).
+                let loss = if run.diverged || !run.val_loss.is_finite() {
+                    f64::INFINITY
+                } else {
+                    run.val_loss
+                };
                 let index = nearest_index(&fresh_peaks, run.peak_lr);
-                worst_fresh_loss[index] = worst_fresh_loss[index].max(run.val_loss);
+                worst_fresh_loss[index] = worst_fresh_loss[index].max(loss);
             }
         },
     )?;

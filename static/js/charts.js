@@ -16,6 +16,7 @@ export const SUGGESTION_STYLE = {
 const RAW = '#9db4d3';
 const SMOOTHED = '#1f4e8c';
 const PEAK = '#c0392b';
+const UNSTABLE = '#d35400';
 const BAND = 'rgba(46, 160, 67, 0.13)';
 const AXIS_FONT = '12px system-ui, sans-serif';
 
@@ -229,7 +230,8 @@ export function rangeChart(container) {
 
 /**
  * The sweep: mean validation loss per candidate peak at the horizon the winner was judged at
- * (the longest), the shorter screening runs beside it, best marked, band shaded.
+ * (the longest), the shorter screening runs beside it, best marked, band shaded, unstable
+ * candidates marked and the stability edge drawn (dashed) where it is inside the plot.
  */
 export function sweepChart(container) {
   let plot = null;
@@ -249,11 +251,18 @@ export function sweepChart(container) {
         const found = finite.find((c) => c.peak_lr === peak && c.best);
         return found ? found.val_loss : null;
       };
+      // An unstable peak at its longest horizon.
+      const unstableAt = (peak) => {
+        const runs = finite.filter((c) => c.peak_lr === peak && c.unstable);
+        if (runs.length === 0) return null;
+        return runs.reduce((a, b) => ((b.steps || 0) > (a.steps || 0) ? b : a)).val_loss;
+      };
       const data = [
         peaks,
         peaks.map((peak) => lossAt(peak, true)),
         peaks.map((peak) => lossAt(peak, false)),
         peaks.map(bestAt),
+        peaks.map(unstableAt),
       ];
       if (plot) {
         plot.setData(data);
@@ -306,12 +315,20 @@ export function sweepChart(container) {
               points: point(PEAK, 11),
               value: (u, v) => fmtLoss(v),
             },
+            {
+              label: 'unstable',
+              stroke: UNSTABLE,
+              width: 0,
+              points: point(UNSTABLE, 9),
+              value: (u, v) => fmtLoss(v),
+            },
           ],
           hooks: {
             drawClear: [(u) => shadeBand(u, marks.band, BAND)],
             draw: [
               (u) => {
                 if (Number.isFinite(marks.peak)) markX(u, marks.peak, PEAK, `peak ${fmtLr(marks.peak)}`, 0, false);
+                if (Number.isFinite(marks.edge)) markX(u, marks.edge, UNSTABLE, `edge ${fmtLr(marks.edge)}`, 1, true);
               },
             ],
           },

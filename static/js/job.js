@@ -149,7 +149,11 @@ function sweepCandidates() {
 function renderSweep() {
   const result = resultOf(state.job);
   const sweepMarks = result && result.recommendation
-    ? { band: result.recommendation.band, peak: result.recommendation.peak_lr }
+    ? {
+        band: result.recommendation.band,
+        peak: result.recommendation.peak_lr,
+        edge: result.recommendation.stability_edge_lr,
+      }
     : {};
   const candidates = sweepCandidates();
   const drawn = sweep.update(candidates, sweepMarks);
@@ -163,6 +167,26 @@ function renderSweep() {
     empty.textContent = state.job && state.job.kind === 'range_test' ? 'A range_test job has no sweep.' : 'No sweep runs yet.';
     empty.hidden = drawn;
   }
+  renderEdge(result, candidates);
+}
+
+/** The stability edge under the sweep chart, with the unstable candidates that finished. */
+function renderEdge(result, candidates) {
+  const note = $('sweep-unstable');
+  const recommendation = result && result.recommendation;
+  const edge = recommendation && recommendation.stability_edge_lr;
+  if (!Number.isFinite(edge)) {
+    note.hidden = true;
+    return;
+  }
+  const reason = String(recommendation.stability_edge_reason || '').replace(/_/g, ' ');
+  const unstable = [...new Set(candidates
+    .filter((c) => c.unstable && Number.isFinite(c.val_loss))
+    .map((c) => c.peak_lr))].sort((a, b) => a - b);
+  let text = `Stability edge ${lr(edge)} (${reason}, dashed): the peaks at or above it are unstable, and the recommendation keeps a margin below it.`;
+  if (unstable.length > 0) text += ` Unstable, finished (orange): ${unstable.map((peak) => lr(peak)).join(', ')}.`;
+  note.textContent = text;
+  note.hidden = false;
 }
 
 /** Which horizon the winner was judged at, and the screening that came first. */

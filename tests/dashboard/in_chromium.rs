@@ -252,6 +252,77 @@ fn the_job_page_draws_its_charts_and_shows_the_recommended_peak() {
 }
 
 #[test]
+fn the_sweep_names_the_stability_edge_and_the_unstable_candidates_that_finished() {
+    let _one = lock();
+    let server = Server::start(None);
+    let mut spec = named("edged");
+    // A peak of 1,000 diverges: the stability edge, whatever else turns out unstable.
+    spec["sweep"] = json!({"candidates": [0.01, 0.1, 1000.0], "epochs": 1});
+    let job = server.finished_job(&spec);
+    let id = job["id"].as_str().unwrap();
+    let result = &job["result"];
+    let recommendation = &result["recommendation"];
+    let edge = recommendation["stability_edge_lr"].as_f64().unwrap();
+    assert!(edge <= 1000.0, "{recommendation}");
+    let reason = recommendation["stability_edge_reason"].as_str().unwrap();
+    let mut unstable: Vec<f64> = result["sweep"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["unstable"] == json!(true) && c["val_loss"].is_f64())
+        .map(|c| c["peak_lr"].as_f64().unwrap())
+        .collect();
+    unstable.sort_by(f64::total_cmp);
+    unstable.dedup();
+    let mut expected = format!(
+        "Stability edge {} ({}, dashed): the peaks at or above it are unstable, and the recommendation keeps a margin below it.",
+        sci(edge, 2),
+        reason.replace('_', " ")
+    );
+    if !unstable.is_empty() {
+        let peaks: Vec<String> = unstable.iter().map(|&peak| sci(peak, 2)).collect();
+        expected.push_str(&format!(
+            " Unstable, finished (orange): {}.",
+            peaks.join(", ")
+        ));
+    }
+
+    let browser = Browser::launch();
+    let mut page = browser.page();
+    page.viewport(1280, 900, false);
+    page.navigate(&format!("{}/jobs/{id}", server.address));
+    page.wait_for(
+        "document.body.dataset.loaded === 'true' && document.querySelector('#sweep-chart canvas')",
+        LONG,
+    );
+    assert_eq!(page.text("#sweep-unstable"), expected);
+    assert_eq!(
+        page.eval("document.getElementById('sweep-unstable').hidden"),
+        false
+    );
+    // The diverged peak is named under the chart, not plotted.
+    assert!(
+        page.text("#sweep-empty").contains("1.0e3"),
+        "{}",
+        page.text("#sweep-empty")
+    );
+    assert_no_console_errors(&mut page, &[]);
+
+    // A job's note is there exactly when its result has an edge.
+    let calm = server.finished_job(&named("calm"));
+    page.navigate(&format!(
+        "{}/jobs/{}",
+        server.address,
+        calm["id"].as_str().unwrap()
+    ));
+    page.wait_for("document.body.dataset.loaded === 'true'", LONG);
+    assert_eq!(
+        page.eval("document.getElementById('sweep-unstable').hidden"),
+        json!(calm["result"]["recommendation"]["stability_edge_lr"].is_null())
+    );
+}
+
+#[test]
 fn a_queued_job_is_followed_live_and_a_running_one_can_be_canceled_from_its_page() {
     let _one = lock();
     let server = Server::start(None);
