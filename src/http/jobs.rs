@@ -331,6 +331,10 @@ pub struct SweepRun {
     pub val_accuracy: Option<f64>,
     pub train_loss: Option<f64>,
     pub diverged: bool,
+    /// The training loss spiked mid-run (gave back more than half of what it had gained): a
+    /// sign of the stability edge even when the run recovered. Null for runs stored before it
+    /// was recorded.
+    pub spiked: Option<bool>,
 }
 
 impl From<SweepRunRow> for SweepRun {
@@ -343,6 +347,7 @@ impl From<SweepRunRow> for SweepRun {
             val_accuracy: row.val_accuracy,
             train_loss: row.train_loss,
             diverged: row.diverged,
+            spiked: row.spiked,
         }
     }
 }

@@ -225,6 +225,8 @@ pub struct SweepRunRow {
     pub val_accuracy: Option<f64>,
     pub train_loss: Option<f64>,
     pub diverged: bool,
+    /// The training loss spiked mid-run (NULL for runs stored before it was recorded).
+    pub spiked: Option<bool>,
 }
 
 /// One validation point of a compare job's full run, as stored.

@@ -241,13 +241,13 @@ async fn insert_outputs(
         let runs = &update.sweep_runs;
         sqlx::query(
             "INSERT INTO sweep_run (job_id, run, position, peak_lr, seed, steps, val_loss,
-                 val_accuracy, train_loss, diverged)
+                 val_accuracy, train_loss, diverged, spiked)
              SELECT $1, $2, position, peak_lr, seed, steps, val_loss, val_accuracy,
-                 train_loss, diverged
+                 train_loss, diverged, spiked
              FROM UNNEST($3::bigint[], $4::float8[], $5::bigint[], $6::bigint[],
-                 $7::float8[], $8::float8[], $9::float8[], $10::boolean[])
+                 $7::float8[], $8::float8[], $9::float8[], $10::boolean[], $11::boolean[])
                  AS run (position, peak_lr, seed, steps, val_loss, val_accuracy, train_loss,
-                         diverged)
+                         diverged, spiked)
              ON CONFLICT (job_id, position) DO NOTHING",
         )
         .bind(&attempt.job_id)
@@ -260,6 +260,7 @@ async fn insert_outputs(
         .bind(runs.iter().map(|r| r.val_accuracy).collect::<Vec<_>>())
         .bind(runs.iter().map(|r| r.train_loss).collect::<Vec<_>>())
         .bind(runs.iter().map(|r| r.diverged).collect::<Vec<_>>())
+        .bind(runs.iter().map(|r| r.spiked).collect::<Vec<_>>())
         .execute(&mut *connection)
         .await?;
     }

@@ -542,7 +542,8 @@ where
         from_position: i64,
     ) -> Result<Vec<SweepRunRow>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT position, peak_lr, seed, steps, val_loss, val_accuracy, train_loss, diverged
+            "SELECT position, peak_lr, seed, steps, val_loss, val_accuracy, train_loss, diverged,
+                 spiked
              FROM sweep_run WHERE job_id = $1 AND position >= $2 ORDER BY position",
         )
         .bind(job_id)

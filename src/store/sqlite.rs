@@ -312,8 +312,8 @@ async fn insert_outputs(
     for run in &update.sweep_runs {
         sqlx::query(
             "INSERT INTO sweep_run (job_id, run, position, peak_lr, seed, steps, val_loss,
-                 val_accuracy, train_loss, diverged)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                 val_accuracy, train_loss, diverged, spiked)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
              ON CONFLICT (job_id, position) DO NOTHING",
         )
         .bind(&attempt.job_id)
@@ -326,6 +326,7 @@ async fn insert_outputs(
         .bind(run.val_accuracy)
         .bind(run.train_loss)
         .bind(run.diverged)
+        .bind(run.spiked)
         .execute(&mut *connection)
         .await?;
     }

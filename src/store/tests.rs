@@ -194,6 +194,7 @@ fn sweep_run(position: i64) -> SweepRunRow {
         val_accuracy: None,
         train_loss: Some(f64::INFINITY),
         diverged: position == 2,
+        spiked: Some(position == 1),
     }
 }
 
@@ -445,6 +446,17 @@ async fn points_and_sweep_runs_are_written_once_and_read_after_a_cursor(db: &Tes
     assert_eq!(
         store.sweep_runs(&job.id, 2).await.unwrap(),
         vec![sweep_run(2)]
+    );
+    // A run stored before `spiked` was recorded reads back as not known.
+    db.tamper(&format!(
+        "UPDATE sweep_run SET spiked = NULL WHERE job_id = '{}' AND position = 1",
+        job.id
+    ))
+    .await;
+    let runs = store.sweep_runs(&job.id, 1).await.unwrap();
+    assert_eq!(
+        runs.iter().map(|run| run.spiked).collect::<Vec<_>>(),
+        [None, Some(false)]
     );
     let row = store.get_job(&job.id).await.unwrap().unwrap();
     assert_eq!(row.status, JobStatus::Succeeded);

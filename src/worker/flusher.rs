@@ -67,6 +67,7 @@ impl Flusher {
                     val_accuracy: run.val_accuracy.and_then(nan_as_null),
                     train_loss: nan_as_null(run.train_loss),
                     diverged: run.diverged,
+                    spiked: Some(run.spiked),
                 });
                 self.sweep_runs_seen += 1;
             }

@@ -44,6 +44,9 @@ async fn a_tiny_job_is_accepted_runs_and_succeeds_with_one_point_per_step() {
         .collect();
     assert_eq!(steps, (0..steps_run as u64).collect::<Vec<_>>());
     assert_eq!(curve["sweep_runs"].as_array().unwrap().len(), 2);
+    for run in curve["sweep_runs"].as_array().unwrap() {
+        assert!(run["spiked"].is_boolean(), "{run}");
+    }
 
     let csv = app.get(&format!("/v1/jobs/{id}/curve?format=csv")).await;
     assert_eq!(csv.status(), StatusCode::OK);
