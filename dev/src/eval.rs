@@ -63,7 +63,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
                 ratio(scored.fresh.loss_ratio),
                 mark(scored.fresh.hit),
                 ratio(scored.fresh.worst_seed_ratio),
-                ratio(paired_ratio(&scored)),
+                ratio(scored.fresh.paired_ratio()),
                 mark(scored.fresh.paired_hit),
                 mark(scored.valley.hit),
                 mark(scored.steepest.hit),
@@ -145,7 +145,7 @@ fn report(scores: &[ProblemScore], summary: &Summary) -> String {
             s.tune.log10_error.unwrap_or(f64::INFINITY),
             with_hit(ratio(s.fresh.loss_ratio), s.fresh.hit),
             ratio(s.fresh.worst_seed_ratio),
-            with_hit(ratio(paired_ratio(s)), s.fresh.paired_hit),
+            with_hit(ratio(s.fresh.paired_ratio()), s.fresh.paired_hit),
             rule(s.valley.lr, s.valley.hit),
             rule(s.steepest.lr, s.steepest.hit),
             rule(s.minimum.lr, s.minimum.hit),
@@ -250,16 +250,6 @@ fn ratio(loss_ratio: f64) -> String {
         format!("{loss_ratio:.2}x")
     } else {
         "diverged".to_string()
-    }
-}
-
-/// The pick's fresh mean over the grid's best peak's at the same seeds (infinite when the pick
-/// diverged; 0 when only the reference did).
-fn paired_ratio(s: &ProblemScore) -> f64 {
-    match (s.fresh.val_loss, s.fresh.reference_loss) {
-        (Some(pick), Some(reference)) => pick / reference.abs().max(f64::MIN_POSITIVE),
-        (Some(_), None) => 0.0,
-        (None, _) => f64::INFINITY,
     }
 }
 

@@ -353,14 +353,7 @@ fn with_label_noise(mut data: Dataset, fraction: f64, seed: u64) -> Dataset {
 /// log space) is good.
 fn lands_among(lr: Option<f64>, grid: &[GridPoint]) -> bool {
     let Some(lr) = lr else { return false };
-    grid.iter()
-        .min_by(|a, b| {
-            (a.peak_lr / lr)
-                .ln()
-                .abs()
-                .total_cmp(&(b.peak_lr / lr).ln().abs())
-        })
-        .is_some_and(|nearest| nearest.good)
+    nearest_index(grid.iter().map(|p| p.peak_lr), lr).is_some_and(|index| grid[index].good)
 }
 
 /// The good band's allowance above the best mean loss: 5 % of it, or one standard deviation
@@ -489,18 +482,27 @@ impl FreshScore {
             reference_hit: in_good_band(reference_loss, best_loss, tolerance),
         }
     }
+
+    /// The pick's fresh mean over the grid's best peak's at the same seeds: infinite when the
+    /// pick diverged, 0 when only the reference did.
+    pub fn paired_ratio(&self) -> f64 {
+        match self.reference_loss {
+            Some(reference) => loss_ratio(self.val_loss, reference),
+            None if self.val_loss.is_some() => 0.0,
+            None => f64::INFINITY,
+        }
+    }
 }
 
-/// The index of the peak nearest `lr` in log space.
-fn nearest_index(peaks: &[f64], lr: f64) -> usize {
-    (0..peaks.len())
-        .min_by(|&a, &b| {
-            (peaks[a] / lr)
-                .ln()
-                .abs()
-                .total_cmp(&(peaks[b] / lr).ln().abs())
-        })
-        .unwrap_or_default()
+/// The index of the peak nearest `lr` in log space (the first of equally near ones); `None`
+/// without peaks.
+fn nearest_index(peaks: impl IntoIterator<Item = f64>, lr: f64) -> Option<usize> {
+    peaks
+        .into_iter()
+        .map(|peak| (peak / lr).ln().abs())
+        .enumerate()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(index, _)| index)
 }
 
 /// Whether a finite loss is inside the grid's good band; a diverged run (`None`) never is.
@@ -729,8 +731,9 @@ pub fn score(
                 } else {
                     run.val_loss
                 };
-                let index = nearest_index(&fresh_peaks, run.peak_lr);
-                worst_fresh_loss[index] = worst_fresh_loss[index].max(loss);
+                if let Some(index) = nearest_index(fresh_peaks.iter().copied(), run.peak_lr) {
+                    worst_fresh_loss[index] = worst_fresh_loss[index].max(loss);
+                }
             }
         },
     )?;
@@ -1333,6 +1336,7 @@ pub(crate) mod tests {
             (false, true, false)
         );
         assert_eq!(beside.reference_loss, Some(1.28));
+        assert!((beside.paired_ratio() - 1.3 / 1.28).abs() < 1e-12);
         assert!((beside.loss_ratio - 1.3).abs() < 1e-12);
         // More than the band above the reference: a miss both ways.
         let above = FreshScore::new(0.01, runs(1.34, 1.4), runs(1.28, 1.35), 1.0, 0.05);
@@ -1353,6 +1357,7 @@ pub(crate) mod tests {
             ),
             (true, None)
         );
+        assert_eq!(reference_diverged.paired_ratio(), 0.0);
         let both_diverged = FreshScore::new(
             0.01,
             runs(f64::INFINITY, f64::INFINITY),
@@ -1361,6 +1366,7 @@ pub(crate) mod tests {
             0.05,
         );
         assert!(!both_diverged.paired_hit);
+        assert_eq!(both_diverged.paired_ratio(), f64::INFINITY);
         // A reference inside the grid's band counts towards the ceiling.
         let good_reference = FreshScore::new(0.01, runs(1.2, 1.3), runs(1.04, 1.1), 1.0, 0.05);
         assert_eq!(
@@ -1371,9 +1377,10 @@ pub(crate) mod tests {
 
     #[test]
     fn the_nearest_index_is_taken_in_log_space() {
-        assert_eq!(nearest_index(&[0.1, 0.2], 0.14), 0);
-        assert_eq!(nearest_index(&[0.1, 0.2], 0.15), 1);
-        assert_eq!(nearest_index(&[0.3], 7.0), 0);
+        assert_eq!(nearest_index([0.1, 0.2], 0.14), Some(0));
+        assert_eq!(nearest_index([0.1, 0.2], 0.15), Some(1));
+        assert_eq!(nearest_index([0.3], 7.0), Some(0));
+        assert_eq!(nearest_index([], 7.0), None);
     }
 
     #[test]
