@@ -22,7 +22,7 @@ use lrtune::engine::optim::Optimizer;
 use lrtune::engine::rng::Rng;
 use lrtune::engine::spec::{Activation, BackendChoice, ModelSpec, OptimizerSpec};
 use lrtune::engine::trainer::Trainer;
-use lrtune::engine::{self, kernels, simd, Limits, ValidSpec};
+use lrtune::engine::{self, kernels, profile, simd, Limits, ValidSpec};
 
 const PYTORCH_SCRIPT: &str = include_str!("bench_pytorch.py");
 
@@ -54,6 +54,11 @@ pub struct BenchArgs {
     /// Python interpreter for the reference.
     #[arg(long, default_value = "python3")]
     pub python: String,
+    /// Instead of the tables: where one step's time goes, for each case (the batch gather,
+    /// each layer's forward and backward pass, every matrix product, the loss, the optimizer),
+    /// the median over --steps steps, then PyTorch's profiler on the same step.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 struct Case {
@@ -257,6 +262,178 @@ fn time_case(case: &Case, warmup: usize, steps: usize) -> anyhow::Result<Timing>
     })
 }
 
+/// `--profile`: one case's step, its spans' medians over `args.steps` steps as a tree, a
+/// summary by kind of work, and PyTorch's profile of the same step.
+fn profile_case(case: &Case, args: &BenchArgs) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let data = synthetic(case);
+    let shape = ModelShape {
+        input: case.input.clone(),
+        output: case.outputs,
+        task: case.task,
+    };
+    let trainer = Trainer::new(
+        Model::build(&case.model, &shape, 0, &device)?,
+        BackendChoice::Auto,
+    );
+    let train = DeviceData::new(&data, &device)?;
+    let mut optimizer = Optimizer::new(&case.optimizer, trainer.model().vars());
+    let mut order = BatchOrder::new(train.rows, case.batch, 0);
+    let mut dropout = Rng::new(0);
+    let mut steps: Vec<(f64, Vec<profile::Entry>)> = Vec::with_capacity(args.steps);
+    for step in 0..args.warmup + args.steps.max(1) {
+        profile::start();
+        let started = Instant::now();
+        trainer.train_step(
+            &mut optimizer,
+            &train,
+            order.next_batch(),
+            0.01,
+            0.9,
+            &mut dropout,
+        )?;
+        let wall = started.elapsed().as_secs_f64();
+        let entries = profile::finish();
+        if step >= args.warmup {
+            steps.push((wall, entries));
+        }
+    }
+    let layout = |entries: &[profile::Entry]| -> Vec<(usize, String)> {
+        entries
+            .iter()
+            .map(|entry| (entry.depth, entry.label.clone()))
+            .collect()
+    };
+    let first = layout(&steps[0].1);
+    anyhow::ensure!(
+        steps.iter().all(|(_, entries)| layout(entries) == first),
+        "the steps of {} did not all run the same spans",
+        case.name
+    );
+    let median = |values: Vec<f64>| -> f64 {
+        let mut values = values;
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2] * 1000.0
+    };
+    let wall = median(steps.iter().map(|(wall, _)| *wall).collect());
+    println!();
+    println!(
+        "profile of {} ({}): median ms per step over {} steps, {} threads",
+        case.name,
+        case.batch,
+        steps.len(),
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:>8} {:>6}  step (wall time of train_step)",
+        format!("{wall:.3}"),
+        "100%"
+    );
+    for (index, (depth, label)) in first.iter().enumerate() {
+        let ms = median(steps.iter().map(|(_, e)| e[index].seconds).collect());
+        let rate = product_flops(label).map_or(String::new(), |flops| {
+            format!("  {:.0} GFLOP/s", flops / (ms / 1000.0) / 1e9)
+        });
+        println!(
+            "{:>8.3} {:>5.1}%  {}{label}{rate}",
+            ms,
+            100.0 * ms / wall,
+            "  ".repeat(depth + 1)
+        );
+    }
+    // By kind of work, each summed within a step, then the median over the steps. A kind
+    // is the spans whose label starts with one of its prefixes, at the top of the step or
+    // at any depth.
+    let kind = |prefixes: &[&str], top_only: bool| -> f64 {
+        median(
+            steps
+                .iter()
+                .map(|(_, entries)| {
+                    entries
+                        .iter()
+                        .filter(|entry| !top_only || entry.depth == 0)
+                        .filter(|entry| prefixes.iter().any(|p| entry.label.starts_with(p)))
+                        .map(|entry| entry.seconds)
+                        .sum()
+                })
+                .collect(),
+        )
+    };
+    let products = kind(&["product "], false);
+    let copies = kind(&["transpose "], false);
+    let passes = kind(&["forward ", "backward "], true);
+    let top = median(
+        steps
+            .iter()
+            .map(|(wall, e)| {
+                wall - e
+                    .iter()
+                    .filter(|entry| entry.depth == 0)
+                    .map(|entry| entry.seconds)
+                    .sum::<f64>()
+            })
+            .collect(),
+    );
+    println!("by kind (ms per step):");
+    println!("{products:>8.3}  matrix products");
+    println!("{copies:>8.3}  weight copies for the products");
+    println!(
+        "{:>8.3}  element-wise work in the layer passes (their time less their products and copies)",
+        passes - products - copies
+    );
+    for (name, prefix) in [
+        ("gather the batch", "gather"),
+        ("loss", "loss"),
+        ("optimizer", "optimizer"),
+    ] {
+        println!("{:>8.3}  {name}", kind(&[prefix], true));
+    }
+    println!(
+        "{top:>8.3}  outside every span (handing the step to the pool, the step's bookkeeping)"
+    );
+    if !args.no_pytorch {
+        match pytorch_profile(args, case.name) {
+            Ok(table) => println!("\n{table}"),
+            Err(error) => eprintln!("PyTorch profile not run: {error:#}"),
+        }
+    }
+    Ok(())
+}
+
+/// The FLOPs of a span labelled `product MxNxK`.
+fn product_flops(label: &str) -> Option<f64> {
+    let dims: Vec<f64> = label
+        .strip_prefix("product ")?
+        .split('x')
+        .map(|dim| dim.parse().ok())
+        .collect::<Option<_>>()?;
+    (dims.len() == 3).then(|| 2.0 * dims.iter().product::<f64>())
+}
+
+/// bench_pytorch.py's profile of one case, as text.
+fn pytorch_profile(args: &BenchArgs, case: &str) -> anyhow::Result<String> {
+    let dir = tempfile_dir("profile")?;
+    let script = dir.join("bench_pytorch.py");
+    std::fs::write(&script, PYTORCH_SCRIPT)?;
+    let output = Command::new(&args.python)
+        .arg(&script)
+        .arg(args.warmup.to_string())
+        .arg(args.steps.to_string())
+        .args(["--profile", case])
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    let output = output.with_context(|| format!("running {}", args.python))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    anyhow::ensure!(
+        output.status.success(),
+        "{}",
+        stderr.lines().last().unwrap_or("python failed")
+    );
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .trim_end()
+        .to_string())
+}
+
 /// The cases also timed as a whole range-test job on mnist10k (loop included).
 const JOB_CASES: [&str; 3] = [
     "mlp-784-512-512-10-sgd",
@@ -278,6 +455,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
             .is_none_or(|name| case.name.contains(name.as_str()))
     };
     let cases: Vec<Case> = cases().into_iter().filter(wanted).collect();
+    if args.profile {
+        println!("cpu: {}", simd::cpu_model());
+        for case in &cases {
+            profile_case(case, &args)?;
+        }
+        return Ok(Outcome::Ok);
+    }
     let rounds = args.rounds.max(1);
     let job_data = if args.no_job {
         None

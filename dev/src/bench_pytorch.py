@@ -4,7 +4,8 @@ and, when given mnist10k as raw files, a range-test loop written plainly in PyTo
 cases. Prints one JSON object. Run by `lrtune-dev bench` when torch is importable; not part of the
 build.
 
-Arguments: WARMUP STEPS [DATA_DIR ROWS TRAIN_ROWS JOB_STEPS START_LR END_LR JOB_CASES]."""
+Arguments: WARMUP STEPS [DATA_DIR ROWS TRAIN_ROWS JOB_STEPS START_LR END_LR JOB_CASES], or
+WARMUP STEPS --profile CASE for PyTorch's profiler on one case's step (`bench --profile`)."""
 import json
 import statistics
 import sys
@@ -131,21 +132,66 @@ def sgd(m):
     return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
 
 
-results = {}
-m = mlp([784, 512, 512, 10])
-results["mlp-784-512-512-10-sgd"] = time_case(m, torch.randn(128, 784), torch.randint(0, 10, (128,)), sgd(m))
-m = mlp([784, 512, 512, 10])
-results["mlp-784-512-512-10-adamw"] = time_case(
-    m, torch.randn(128, 784), torch.randint(0, 10, (128,)), torch.optim.AdamW(m.parameters(), lr=1e-3))
-m = mlp([64, 128, 128, 10])
-results["mlp-64-128-128-10-sgd"] = time_case(m, torch.randn(128, 64), torch.randint(0, 10, (128,)), sgd(m))
-m = cnn()
-results["cnn-16-32-sgd"] = time_case(m, torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,)), sgd(m))
-m = layers_cnn()
-results["layers-cnn-bn-sgd"] = time_case(m, torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,)), sgd(m))
-m = CharModel(65, 64, 4, 2, 64)
-results["transformer-64x2-adamw"] = time_case(
-    m, torch.randint(0, 65, (32, 64)), torch.randint(0, 65, (32, 64)), torch.optim.AdamW(m.parameters(), lr=1e-3))
+def case_mlp(sizes, optimizer):
+    m = mlp(sizes)
+    return m, torch.randn(128, sizes[0]), torch.randint(0, 10, (128,)), optimizer(m)
+
+
+def case_image(model):
+    return model, torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,)), sgd(model)
+
+
+def case_transformer():
+    m = CharModel(65, 64, 4, 2, 64)
+    return m, torch.randint(0, 65, (32, 64)), torch.randint(0, 65, (32, 64)), adamw(m)
+
+
+def adamw(m):
+    return torch.optim.AdamW(m.parameters(), lr=1e-3)
+
+
+CASES = {
+    "mlp-784-512-512-10-sgd": lambda: case_mlp([784, 512, 512, 10], sgd),
+    "mlp-784-512-512-10-adamw": lambda: case_mlp([784, 512, 512, 10], adamw),
+    "mlp-64-128-128-10-sgd": lambda: case_mlp([64, 128, 128, 10], sgd),
+    "cnn-16-32-sgd": lambda: case_image(cnn()),
+    "layers-cnn-bn-sgd": lambda: case_image(layers_cnn()),
+    "transformer-64x2-adamw": case_transformer,
+}
+
+
+def profile(name):
+    """PyTorch's profiler over STEPS steps of one case (after WARMUP): each op's own CPU time
+    per step, largest first, as a table of text."""
+    model, x, y, optimizer = CASES[name]()
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x), y.flatten()).backward()
+        optimizer.step()
+
+    for _ in range(WARMUP):
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(STEPS):
+            step()
+    ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_cpu_time_total > 0]
+    ops.sort(key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops) / STEPS / 1000
+    lines = [f"pytorch profile of {name}: own CPU time per step, ms (sum {total:.2f}; mean of {STEPS} "
+             f"steps under the profiler, which slows small ops)"]
+    for e in ops[:25]:
+        shapes = " ".join("x".join(map(str, s)) for s in e.input_shapes if s)
+        lines.append(f"{e.self_cpu_time_total / STEPS / 1000:8.3f}  {e.count // STEPS:>3}x  {e.key}  {shapes}")
+    return "\n".join(lines)
+
+
+if JOB and JOB[0] == "--profile":
+    print(profile(JOB[1]))
+    sys.exit(0)
+
+results = {name: time_case(*build()) for name, build in CASES.items()}
 if JOB:
     data_dir, rows, train_rows, job_steps = JOB[0], int(JOB[1]), int(JOB[2]), int(JOB[3])
     start_lr, end_lr, job_cases = float(JOB[4]), float(JOB[5]), JOB[6].split(",")
@@ -157,7 +203,7 @@ if JOB:
     builders = {
         "mlp-784-512-512-10-sgd": lambda: (lambda m: (m, sgd(m)))(
             nn.Sequential(nn.Flatten(), mlp([784, 512, 512, 10]))),
-        "mlp-784-512-512-10-adamw": lambda: (lambda m: (m, torch.optim.AdamW(m.parameters(), lr=1e-3)))(
+        "mlp-784-512-512-10-adamw": lambda: (lambda m: (m, adamw(m)))(
             nn.Sequential(nn.Flatten(), mlp([784, 512, 512, 10]))),
         "cnn-16-32-sgd": lambda: (lambda m: (m, sgd(m)))(cnn()),
     }

@@ -28,6 +28,7 @@ pub mod limits;
 pub mod model;
 pub mod optim;
 pub mod prepare;
+pub mod profile;
 pub mod quote;
 pub mod range_test;
 pub mod rng;

@@ -156,6 +156,11 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
+    /// The optimizer this steps, as the job spec named it.
+    pub fn spec(&self) -> &OptimizerSpec {
+        &self.spec
+    }
+
     pub fn new(spec: &OptimizerSpec, vars: &[Var]) -> Self {
         let params =
             vars.iter()

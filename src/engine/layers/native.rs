@@ -7,6 +7,7 @@ use candle_core::Var;
 
 use super::plan::element_count;
 use super::Layer;
+use crate::engine::profile;
 use crate::engine::rng::Rng;
 
 /// What reaches a node: values, or token ids for an embedding.
@@ -122,6 +123,8 @@ impl<'a> NodeBuild<'a> {
 /// A node: its kernel, its output and the output's gradient for the whole batch.
 pub struct Node {
     kernel: Box<dyn Kernel>,
+    /// The layers it computes, as a profile names them.
+    label: String,
     pub out: Vec<f32>,
     pub grad: Vec<f32>,
 }
@@ -146,6 +149,7 @@ impl Chain {
             let len = batch_len(build.rows, &parts.output)?;
             nodes.push(Node {
                 kernel: parts.kernel,
+                label: describe(&layers[index..=index + parts.fused]),
                 out: vec![0.0; len],
                 grad: vec![0.0; len],
             });
@@ -186,7 +190,10 @@ impl Chain {
             let node_input = before
                 .last()
                 .map_or(input, |previous| Input::Values(&previous.out));
-            let Node { kernel, out, .. } = &mut rest[0];
+            let Node {
+                kernel, out, label, ..
+            } = &mut rest[0];
+            let _span = profile::span(|| format!("forward {label}"));
             kernel.forward(node_input, out, n, params, train)?;
         }
         Ok(())
@@ -216,7 +223,13 @@ impl Chain {
         };
         for index in (0..self.nodes.len()).rev() {
             let (before, rest) = self.nodes.split_at_mut(index);
-            let Node { kernel, out, grad } = &mut rest[0];
+            let Node {
+                kernel,
+                out,
+                grad,
+                label,
+            } = &mut rest[0];
+            let _span = profile::span(|| format!("backward {label}"));
             match before.last_mut() {
                 Some(previous) => {
                     let Node {
@@ -249,6 +262,20 @@ impl Chain {
         let last = self.nodes.last_mut().expect("a layer list has layers");
         (&last.out, &mut last.grad)
     }
+}
+
+/// Layers as a profile names them: their planned values, without the padding of `{:?}`.
+fn describe(layers: &[Box<dyn Layer>]) -> String {
+    layers
+        .iter()
+        .map(|layer| {
+            format!("{layer:?}")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join(" + ")
 }
 
 /// The length of a buffer of `factors` multiplied. The plan and admission refuse a model

@@ -9,6 +9,7 @@ use crate::engine::batch::DeviceData;
 use crate::engine::data::Task;
 use crate::engine::layers::native::{buffer_len, Chain, Input, NodeBuild};
 use crate::engine::model::Model;
+use crate::engine::profile;
 use crate::engine::rng::Rng;
 
 /// The buffers of one batch size.
@@ -202,7 +203,10 @@ pub(super) fn forward_backward(
     rows: &[usize],
     dropout_rng: &mut Rng,
 ) -> candle_core::Result<f64> {
-    gather(data, rows, buffers)?;
+    profile::timed(
+        || "gather the batch".to_string(),
+        || gather(data, rows, buffers),
+    )?;
     let n = rows.len();
     let Buffers {
         task,
@@ -221,10 +225,12 @@ pub(super) fn forward_backward(
     };
     chain.forward(chain_input, n, params, &mut Some(dropout_rng))?;
     let (output, output_grad) = chain.output_and_grad();
+    let loss_span = profile::span(|| "loss and its gradient".to_string());
     let loss = match task {
         Task::Regression => mean_squared_error(output, targets, output_grad),
         _ => cross_entropy(output, labels, *classes, output_grad),
     };
+    drop(loss_span);
     if !loss.is_finite() {
         return Ok(loss);
     }

@@ -25,6 +25,7 @@ use crate::engine::events::{check_canceled, EngineError};
 use crate::engine::kernels::math::{exp, max_value, sum};
 use crate::engine::model::Model;
 use crate::engine::optim::Optimizer;
+use crate::engine::profile;
 use crate::engine::rng::Rng;
 use crate::engine::simd::simd_kernel;
 
@@ -214,6 +215,7 @@ impl Backend for Native {
             let loss = forward_backward(model, workspace, data, rows, dropout_rng)?;
             if loss.is_finite() {
                 let grads = &workspace.as_ref().expect("set by forward_backward").grads;
+                let _span = profile::span(|| format!("optimizer {}", optimizer.spec().name()));
                 optimizer.step_host(grads, lr, momentum)?;
             }
             Ok(loss)
@@ -245,10 +247,17 @@ impl Backend for Native {
     }
 }
 
-/// Runs `f` on a thread of rayon's global pool (the caller blocks without spinning).
+/// Runs `f` on a thread of rayon's global pool (the caller blocks without spinning), with
+/// the caller's profile recorder, if it has one.
 fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let mut result = None;
-    rayon::scope(|_| result = Some(f()));
+    let mut recorder = profile::detach();
+    rayon::scope(|_| {
+        profile::attach(recorder.take());
+        result = Some(f());
+        recorder = profile::detach();
+    });
+    profile::attach(recorder);
     result.expect("the scope ran the closure")
 }
 
