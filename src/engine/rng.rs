@@ -9,6 +9,24 @@ pub struct Rng {
     state: u64,
 }
 
+/// SplitMix64's increment per draw.
+const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// SplitMix64's output function of a state.
+#[inline(always)]
+fn mix(state: u64) -> u64 {
+    let mut z = state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A draw's top 53 bits as a value in [0, 1).
+#[inline(always)]
+fn unit(draw: u64) -> f64 {
+    (draw >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
 impl Rng {
     pub fn new(seed: u64) -> Self {
         Self {
@@ -24,16 +42,29 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.state = self.state.wrapping_add(GAMMA);
+        mix(self.state)
     }
 
     /// Uniform in [0, 1) with 53 bits of precision.
     pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        unit(self.next_u64())
+    }
+
+    /// What the `index`-th `next_f64` from here (0: the next) will return, without drawing:
+    /// SplitMix64's state moves by a constant per draw, so a draw is a function of its
+    /// position, and a long stream can be filled in parallel, identical to drawing it in
+    /// order.
+    #[inline(always)]
+    pub fn peek_f64(&self, index: u64) -> f64 {
+        unit(mix(self
+            .state
+            .wrapping_add(GAMMA.wrapping_mul(index.wrapping_add(1)))))
+    }
+
+    /// Moves past `count` draws, as `count` calls of `next_u64` would.
+    pub fn skip(&mut self, count: u64) {
+        self.state = self.state.wrapping_add(GAMMA.wrapping_mul(count));
     }
 
     /// Uniform in [low, high).
@@ -89,6 +120,18 @@ mod tests {
         let mut order = Rng::new(1).permutation(1000);
         order.sort_unstable();
         assert_eq!(order, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn peeking_and_skipping_follow_the_stream_drawn_in_order() {
+        let mut drawn = Rng::derive(7, 3);
+        let ahead = drawn.clone();
+        for index in 0..100 {
+            assert_eq!(ahead.peek_f64(index), drawn.next_f64(), "draw {index}");
+        }
+        let mut skipped = ahead.clone();
+        skipped.skip(100);
+        assert_eq!(skipped.next_u64(), drawn.next_u64());
     }
 
     #[test]
