@@ -576,8 +576,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
         }
         println!(
             "ms per step in the loop: a {JOB_STEPS}-step range test ({JOB_START_LR:e} to \
-             {JOB_END_LR:e}) run as a job, from its first point to its last ({} timed); torch: \
-             the same loop written plainly (shuffled batches gathered from tensors, lr set and \
+             {JOB_END_LR:e}) run as a job, the median of the {} intervals between its \
+             points; torch: the same loop written plainly (shuffled batches gathered from tensors, lr set and \
              loss read every step, smoothing); fastest of {rounds} rounds",
             job_steps
                 .iter()
@@ -677,8 +677,8 @@ struct JobTiming {
 }
 
 /// A range test of the case's model and optimizer on mnist10k, run as a job through
-/// `engine::run_job` with an observer that keeps every event (as a worker's does): the time
-/// from its first curve point to its last, per step.
+/// `engine::run_job` with an observer that keeps every event (as a worker's does): the
+/// median time from one curve point to the next.
 fn time_range_job(case: &Case) -> anyhow::Result<JobTiming> {
     let spec = serde_json::json!({
         "kind": "range_test",
@@ -704,12 +704,20 @@ fn time_range_job(case: &Case) -> anyhow::Result<JobTiming> {
             events.push(event);
         },
     )?;
-    let (Some(first), Some(last)) = (point_times.first(), point_times.last()) else {
-        anyhow::bail!("the range test of {} recorded no points", case.name);
-    };
-    let intervals = point_times.len().saturating_sub(1).max(1);
+    // The median interval between points, as the bare step is the median step: a mean would
+    // let one step slowed by the rest of the machine move the figure.
+    let mut intervals: Vec<f64> = point_times
+        .windows(2)
+        .map(|pair| (pair[1] - pair[0]).as_secs_f64() * 1000.0)
+        .collect();
+    anyhow::ensure!(
+        !intervals.is_empty(),
+        "the range test of {} recorded under two points",
+        case.name
+    );
+    intervals.sort_by(f64::total_cmp);
     Ok(JobTiming {
-        ms_per_step: (*last - *first).as_secs_f64() * 1000.0 / intervals as f64,
+        ms_per_step: intervals[intervals.len() / 2],
         steps: point_times.len(),
     })
 }

@@ -89,8 +89,7 @@ def time_case(model, x, y, optimizer):
 def range_loop(model, optimizer, x, y, steps, start_lr, end_lr, batch=128, beta=0.98):
     """A range test as one would write it in PyTorch: per epoch a shuffled order, each batch
     gathered from the data tensors by index, the learning rate set every step, the loss read
-    every step and smoothed. Milliseconds per step from the end of the first step to the end of
-    the last."""
+    every step and smoothed. The median milliseconds between the ends of consecutive steps."""
     loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(0)
     rows = x.shape[0]
@@ -113,7 +112,7 @@ def range_loop(model, optimizer, x, y, steps, start_lr, end_lr, batch=128, beta=
         average = beta * average + (1 - beta) * value
         points.append((step, lr, value, average / (1 - beta ** (step + 1))))
         ends.append(time.perf_counter())
-    return (ends[-1] - ends[0]) * 1000 / (steps - 1)
+    return statistics.median((b - a) * 1000 for a, b in zip(ends, ends[1:]))
 
 
 def matmul_gflops(size=512, seconds=0.5):

@@ -108,9 +108,7 @@ impl Kernel for Node {
                     .par_chunks_mut(ELEMENTS_PER_TASK)
                     .zip(grad_out.par_chunks(ELEMENTS_PER_TASK))
                     .zip(self.mask.par_chunks(ELEMENTS_PER_TASK))
-                    .for_each(|((grad_in, grad_out), mask)| {
-                        scale_by_mask(grad_out, mask, grad_in)
-                    });
+                    .for_each(|((grad_in, grad_out), mask)| scale_by_mask(grad_out, mask, grad_in));
             } else {
                 grad_in.copy_from_slice(grad_out);
             }
