@@ -98,6 +98,19 @@ pub(crate) fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand
     gemm_into(dst, n, false, m, n, k, lhs, rhs);
 }
 
+/// `matmul` on the calling thread alone and outside the profile: for a product inside a
+/// parallel loop, one per task.
+pub(crate) fn matmul_serial(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Operand,
+) {
+    product(dst, n, false, m, n, k, lhs, rhs, Parallelism::None);
+}
+
 /// `dst = lhs * rhs` (or `dst += lhs * rhs` when `accumulate`), where row `i` of the `m x n`
 /// result starts at `dst[i * dst_stride]`. The one `unsafe` block in the crate: gemm takes
 /// raw pointers and strides.
@@ -113,7 +126,11 @@ pub(crate) fn gemm_into(
     rhs: Operand,
 ) {
     let _span = profile::span(|| format!("product {m}x{n}x{k}"));
-    product(dst, dst_stride, accumulate, m, n, k, lhs, rhs);
+    let parallelism = match rayon::current_num_threads() {
+        threads if threads > 1 && m * n * k >= PARALLEL_MIN_MACS => Parallelism::Rayon(threads),
+        _ => Parallelism::None,
+    };
+    product(dst, dst_stride, accumulate, m, n, k, lhs, rhs, parallelism);
 }
 
 /// `gemm_into` without its profile span (the halves of a split product may run on another
@@ -128,6 +145,7 @@ fn product(
     k: usize,
     lhs: Operand,
     rhs: Operand,
+    parallelism: Parallelism,
 ) {
     assert!(
         n <= dst_stride && (m == 0 || (m - 1) * dst_stride + n <= dst.len()),
@@ -150,24 +168,40 @@ fn product(
         // A product with a long inner dimension and a small result (a weight gradient summed
         // over a large batch): gemm can only split the result between threads, so split
         // the inner dimension in halves instead and add them. The split depends only on the
-        // shape, never on the thread count, so the sums do not either.
+        // shape, never on the thread count, so the sums do not either (a serial product
+        // takes the halves one after the other).
         let half = k / 2;
         let mut upper = vec![0f32; m * n];
         let (lhs_lo, lhs_hi) = lhs.split_columns(half);
         let (rhs_lo, rhs_hi) = rhs.split_rows(half);
-        rayon::join(
-            || product(dst, n, accumulate, m, n, half, lhs_lo, rhs_lo),
-            || product(&mut upper, n, false, m, n, k - half, lhs_hi, rhs_hi),
-        );
+        let mut low = || product(dst, n, accumulate, m, n, half, lhs_lo, rhs_lo, parallelism);
+        let mut high = || {
+            product(
+                &mut upper,
+                n,
+                false,
+                m,
+                n,
+                k - half,
+                lhs_hi,
+                rhs_hi,
+                parallelism,
+            )
+        };
+        match parallelism {
+            Parallelism::None => {
+                low();
+                high();
+            }
+            _ => {
+                rayon::join(low, high);
+            }
+        }
         for (value, high) in dst[..m * n].iter_mut().zip(&upper) {
             *value += high;
         }
         return;
     }
-    let parallelism = match rayon::current_num_threads() {
-        threads if threads > 1 && m * n * k >= PARALLEL_MIN_MACS => Parallelism::Rayon(threads),
-        _ => Parallelism::None,
-    };
     // SAFETY: the asserts above keep every index gemm forms, (rows - 1) * row stride +
     // (cols - 1) * column stride, inside its slice; `dst` does not alias the operands (it is
     // borrowed mutably while they are borrowed shared).

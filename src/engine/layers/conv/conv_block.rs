@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use crate::engine::kernels::gemm::{column_sums, matmul, Operand};
+use crate::engine::kernels::gemm::{column_sums, matmul, matmul_serial, Operand};
 use crate::engine::simd::simd_kernel;
 
 /// One stage's buffers for a batch of `rows` images.
@@ -115,29 +115,51 @@ impl ConvBlock {
         for_each_weight_index(outputs, channels, |stored, column| {
             self.weight[column] = weight[stored];
         });
-        per_image(x, &mut self.pixels_in, n, |image, pixels| {
-            planes_to_pixels(image, plane, pixels)
-        });
-        per_image(&self.pixels_in, &mut self.columns, n, |image, columns| {
-            im2col_image(image, input, columns)
-        });
-        matmul(
-            &mut self.activated,
-            n * plane,
-            outputs,
-            9 * channels,
-            Operand::plain(&self.columns, 9 * channels),
-            Operand::transposed(&self.weight, 9 * channels),
-        );
-        self.activated
-            .par_chunks_mut(outputs * self.width)
-            .for_each(|values| bias_relu(values, bias));
+        // A few images at a time, each chunk on one thread from its input to its pooled
+        // maps, so that its patches are still in cache when its product reads them (one
+        // product over the whole batch read them back from memory: 107 GFLOP/s in the step
+        // against 180 alone).
+        let images = chunk_images(plane * 9 * channels);
         let pooled_len = self.pooled.len() / n.max(1);
-        self.pooled
-            .par_chunks_mut(pooled_len)
-            .zip(self.winner.par_chunks_mut(pooled_len))
-            .zip(self.activated.par_chunks(plane * outputs))
-            .for_each(|((pooled, winner), image)| max_pool_image(image, output, pooled, winner));
+        let weight = &self.weight;
+        let (columns_len, activated_len) = (plane * 9 * channels, plane * outputs);
+        x[..n * plane * channels]
+            .par_chunks(images * plane * channels)
+            .zip(self.pixels_in.par_chunks_mut(images * plane * channels))
+            .zip(self.columns.par_chunks_mut(images * columns_len))
+            .zip(self.activated.par_chunks_mut(images * activated_len))
+            .zip(self.pooled.par_chunks_mut(images * pooled_len))
+            .zip(self.winner.par_chunks_mut(images * pooled_len))
+            .for_each(|(((((x, pixels), columns), activated), pooled), winner)| {
+                let count = x.len() / (plane * channels);
+                for image in 0..count {
+                    let (from, to) = (image * plane * channels, (image + 1) * plane * channels);
+                    planes_to_pixels(&x[from..to], plane, &mut pixels[from..to]);
+                    im2col_image(
+                        &pixels[from..to],
+                        input,
+                        &mut columns[image * columns_len..(image + 1) * columns_len],
+                    );
+                }
+                matmul_serial(
+                    activated,
+                    count * plane,
+                    outputs,
+                    9 * channels,
+                    Operand::plain(columns, 9 * channels),
+                    Operand::transposed(weight, 9 * channels),
+                );
+                for values in activated.chunks_mut(outputs * self.width) {
+                    bias_relu(values, bias);
+                }
+                for ((pooled, winner), image) in pooled
+                    .chunks_mut(pooled_len)
+                    .zip(winner.chunks_mut(pooled_len))
+                    .zip(activated.chunks(activated_len))
+                {
+                    max_pool_image(image, output, pooled, winner);
+                }
+            });
         let pooled_plane = (self.height / 2) * (self.width / 2);
         per_image(&self.pooled, out, n, |pooled, sample| {
             pixels_to_planes(pooled, pooled_plane, sample)
@@ -202,6 +224,16 @@ impl ConvBlock {
             });
         }
     }
+}
+
+/// Patch values a chunk of the forward pass holds at most (one image always): 384 KiB of
+/// patches, which stay in a core's L2 cache until the chunk's product reads them.
+const CHUNK_PATCH_VALUES: usize = 96 * 1024;
+
+/// Images per chunk of the forward pass, for images of `patch_values` patch values each. It
+/// depends only on the shapes, so the results do not depend on the thread count.
+fn chunk_images(patch_values: usize) -> usize {
+    (CHUNK_PATCH_VALUES / patch_values.max(1)).max(1)
 }
 
 /// Runs `kernel` on each image of a batch in parallel: `inputs` and `outputs` are split
