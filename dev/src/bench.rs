@@ -376,9 +376,9 @@ fn profile_case(case: &Case, args: &BenchArgs) -> anyhow::Result<()> {
     );
     println!("by kind (ms per step):");
     println!("{products:>8.3}  matrix products");
-    println!("{copies:>8.3}  weight copies for the products");
+    println!("{copies:>8.3}  transposes around the products");
     println!(
-        "{:>8.3}  element-wise work in the layer passes (their time less their products and copies)",
+        "{:>8.3}  element-wise work in the layer passes (their time less their products and transposes)",
         passes - products - copies
     );
     for (name, prefix) in [

@@ -64,9 +64,9 @@ fn the_profile_names_every_part_of_an_mlp_step() {
         ],
         "{run}"
     );
-    // The forward products read the transposed weight copy (128 rows): a copy line, then the
-    // product with its rate, nested one level under the layer.
-    let copy = find("transpose the weight 128x64");
+    // The forward products are computed transposed (128 rows): the product with its rate,
+    // then the transpose of its output, nested one level under the layer.
+    let copy = find("transpose the output 128x128");
     let product = find("product 128x128x64");
     assert!(product.contains("GFLOP/s"), "{run}");
     let indent = |line: &str| {
@@ -98,8 +98,8 @@ fn the_profile_names_every_part_of_an_mlp_step() {
         kinds,
         [
             "matrix products",
-            "weight copies for the products",
-            "element-wise work in the layer passes (their time less their products and copies)",
+            "transposes around the products",
+            "element-wise work in the layer passes (their time less their products and transposes)",
             "gather the batch",
             "loss",
             "optimizer",

@@ -144,10 +144,9 @@ pub struct Cost {
     pub data_bytes: u64,
 }
 
-/// Float copies of the weights a job holds at its peak: the live weights, their gradients,
-/// one snapshot (the range test's, then the sweep's initial weights) and the transposed copy
-/// of the dense weights that the native forward pass multiplies with (at most all of them),
-/// plus the optimizer's state and the copy the range test keeps of it.
+/// Float copies of the weights a job holds at its peak: the live weights, their gradients and
+/// one snapshot (the range test's, then the sweep's initial weights), plus the optimizer's
+/// state and the copy the range test keeps of it.
 fn weight_copies(optimizer: &OptimizerSpec) -> u64 {
     let state = match optimizer {
         OptimizerSpec::Sgd { .. } | OptimizerSpec::ScheduleFreeSgd { .. } => 1,
@@ -157,7 +156,7 @@ fn weight_copies(optimizer: &OptimizerSpec) -> u64 {
         // s, p0, exp_avg, exp_avg_sq.
         OptimizerSpec::Prodigy { .. } => 4,
     };
-    4 + 2 * state
+    3 + 2 * state
 }
 
 /// The data is held twice at its peak: loaded and split (while preparing), then the splits
@@ -373,9 +372,8 @@ mod tests {
     }
 
     /// For a spec and its data: the parameters admission counts and the model has, and the
-    /// step buffers admission plans (with the copy of the weights it counts for the forward
-    /// pass) and the native step allocates, for a step at the planned size (the larger of the
-    /// batch and an evaluation chunk).
+    /// step buffers admission plans and the native step allocates, for a step at the planned
+    /// size (the larger of the batch and an evaluation chunk).
     fn planned_and_allocated(spec: &JobSpec, loaded: LoadedData) -> ((u64, u64), u64, u64) {
         let prepared = prepare(spec, loaded).unwrap();
         let shape = DataShape::of_splits(&prepared.train, &prepared.validation);
@@ -401,9 +399,7 @@ mod tests {
         let allocated = native.allocated_buffer_bytes() as u64;
         let model_shape = shape.model_shape();
         let plan = crate::engine::model::plan(&spec.model, &model_shape).unwrap();
-        // The transposed weight copies of the dense layers are counted with the weights
-        // (`weight_copies`): at most one float per parameter.
-        let planned = plan.buffer_bytes(&model_shape, rows).unwrap() + 4 * cost.parameters;
+        let planned = plan.buffer_bytes(&model_shape, rows).unwrap();
         (
             (cost.parameters, model.parameter_count() as u64),
             planned,

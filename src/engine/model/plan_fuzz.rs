@@ -157,7 +157,9 @@ fn expected_layer(
             *next.last_mut().expect("checked") = wide(*out);
             within(product(&next))?;
             totals.add_parameters((inputs + 1) * wide(*out))?;
-            (next, 0)
+            // The output again, transposed (the forward product's own buffer).
+            let kept = product(&next);
+            (next, kept)
         }
         LayerSpec::Conv2d {
             out,

@@ -46,6 +46,12 @@ pub fn plan(out: usize, step: &mut PlanStep<'_>) -> Result<Planned, SpecError> {
 }
 
 impl Layer for Linear {
+    /// The output again, transposed: the forward product's own buffer (see
+    /// `kernels::gemm::dense_forward_transposed`).
+    fn saved_values(&self, output: u64) -> Option<u64> {
+        Some(output)
+    }
+
     fn tensors(&self, tensors: &mut Tensors) {
         // nn.Linear: weight and bias U(-1/sqrt(in), 1/sqrt(in)).
         let init = Init::Uniform {

@@ -1,18 +1,18 @@
-//! The linear layer's native pass: one product for the batch through gemm (with the weight
-//! transposed into the node's own buffer first, see `dense_forward_copied`), the bias added
-//! in place, and the textbook gradients.
+//! The linear layer's native pass: one product for the batch through gemm (computed
+//! transposed into the node's own buffer, see `dense_forward_transposed`), the bias added in
+//! place, and the textbook gradients.
 
 use super::Linear;
-use crate::engine::kernels::gemm::{dense_backward, dense_forward_copied};
-use crate::engine::layers::native::{buffer_len, Input, Kernel, NodeBuild, NodeParts};
+use crate::engine::kernels::gemm::{dense_backward, dense_forward_transposed};
+use crate::engine::layers::native::{batch_len, Input, Kernel, NodeBuild, NodeParts};
 use crate::engine::rng::Rng;
 
 /// Parameters `weight` (an index into the model's) and `weight + 1`.
 struct Node {
     weight: usize,
     inputs: usize,
-    /// The weight transposed, `[inputs, outputs]`, rewritten by every forward pass.
-    weight_t: Vec<f32>,
+    /// The batch's output transposed, `[outputs, rows]`, rewritten by every forward pass.
+    out_t: Vec<f32>,
 }
 
 pub(super) fn node(
@@ -25,7 +25,7 @@ pub(super) fn node(
     let node = Node {
         weight: build.parameters(2),
         inputs: linear.inputs,
-        weight_t: vec![0.0; buffer_len(&[linear.inputs, linear.outputs])?],
+        out_t: vec![0.0; batch_len(build.rows, &output)?],
     };
     Ok(NodeParts::new(node, output))
 }
@@ -41,13 +41,13 @@ impl Kernel for Node {
     ) -> candle_core::Result<()> {
         let x = input.values();
         let weight = self.weight;
-        dense_forward_copied(
+        dense_forward_transposed(
             out,
             x,
             x.len() / self.inputs,
             params[weight],
             params[weight + 1],
-            &mut self.weight_t,
+            &mut self.out_t,
         );
         Ok(())
     }
@@ -79,6 +79,6 @@ impl Kernel for Node {
     }
 
     fn allocated_bytes(&self) -> usize {
-        self.weight_t.len() * 4
+        self.out_t.len() * 4
     }
 }
