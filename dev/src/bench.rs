@@ -5,6 +5,7 @@
 //! levels it dispatched to, the threads and PyTorch's CPU capability, and computes the floors
 //! from a matrix product timed in the same run.
 
+use std::ffi::OsString;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -224,76 +225,80 @@ struct Timing {
     parameters: usize,
 }
 
-fn time_case(case: &Case, warmup: usize, steps: usize) -> anyhow::Result<Timing> {
-    let device = Device::Cpu;
-    let data = synthetic(case);
-    let shape = ModelShape {
-        input: case.input.clone(),
-        output: case.outputs,
-        task: case.task,
-    };
-    let trainer = Trainer::new(
-        Model::build(&case.model, &shape, 0, &device)?,
-        BackendChoice::Auto,
-    );
-    let train = DeviceData::new(&data, &device)?;
-    let mut optimizer = Optimizer::new(&case.optimizer, trainer.model().vars());
-    let mut order = BatchOrder::new(train.rows, case.batch, 0);
-    let mut dropout = Rng::new(0);
-    let mut times = Vec::with_capacity(steps);
-    for step in 0..warmup + steps {
+/// A case's model, optimizer and data, stepped as the bench times and profiles it.
+struct CaseRun {
+    trainer: Trainer,
+    train: DeviceData,
+    optimizer: Optimizer,
+    order: BatchOrder,
+    dropout: Rng,
+}
+
+impl CaseRun {
+    fn new(case: &Case) -> anyhow::Result<CaseRun> {
+        let device = Device::Cpu;
+        let shape = ModelShape {
+            input: case.input.clone(),
+            output: case.outputs,
+            task: case.task,
+        };
+        let trainer = Trainer::new(
+            Model::build(&case.model, &shape, 0, &device)?,
+            BackendChoice::Auto,
+        );
+        let train = DeviceData::new(&synthetic(case), &device)?;
+        let optimizer = Optimizer::new(&case.optimizer, trainer.model().vars());
+        let order = BatchOrder::new(train.rows, case.batch, 0);
+        Ok(CaseRun {
+            trainer,
+            train,
+            optimizer,
+            order,
+            dropout: Rng::new(0),
+        })
+    }
+
+    /// One training step; its wall time in seconds.
+    fn step(&mut self) -> anyhow::Result<f64> {
         let started = Instant::now();
-        trainer.train_step(
-            &mut optimizer,
-            &train,
-            order.next_batch(),
+        self.trainer.train_step(
+            &mut self.optimizer,
+            &self.train,
+            self.order.next_batch(),
             0.01,
             0.9,
-            &mut dropout,
+            &mut self.dropout,
         )?;
+        Ok(started.elapsed().as_secs_f64())
+    }
+}
+
+fn time_case(case: &Case, warmup: usize, steps: usize) -> anyhow::Result<Timing> {
+    let mut run = CaseRun::new(case)?;
+    let mut times = Vec::with_capacity(steps);
+    for step in 0..warmup + steps {
+        let seconds = run.step()?;
         if step >= warmup {
-            times.push(started.elapsed().as_secs_f64() * 1000.0);
+            times.push(seconds * 1000.0);
         }
     }
     times.sort_by(f64::total_cmp);
     Ok(Timing {
         median_ms: times[times.len() / 2],
-        parameters: trainer.model().parameter_count(),
+        parameters: run.trainer.model().parameter_count(),
     })
 }
 
 /// `--profile`: one case's step, its spans' medians over `args.steps` steps as a tree, a
 /// summary by kind of work, and PyTorch's profile of the same step.
 fn profile_case(case: &Case, args: &BenchArgs) -> anyhow::Result<()> {
-    let device = Device::Cpu;
-    let data = synthetic(case);
-    let shape = ModelShape {
-        input: case.input.clone(),
-        output: case.outputs,
-        task: case.task,
-    };
-    let trainer = Trainer::new(
-        Model::build(&case.model, &shape, 0, &device)?,
-        BackendChoice::Auto,
-    );
-    let train = DeviceData::new(&data, &device)?;
-    let mut optimizer = Optimizer::new(&case.optimizer, trainer.model().vars());
-    let mut order = BatchOrder::new(train.rows, case.batch, 0);
-    let mut dropout = Rng::new(0);
+    let mut run = CaseRun::new(case)?;
     let mut steps: Vec<(f64, Vec<profile::Entry>)> = Vec::with_capacity(args.steps);
     for step in 0..args.warmup + args.steps.max(1) {
         profile::start();
-        let started = Instant::now();
-        trainer.train_step(
-            &mut optimizer,
-            &train,
-            order.next_batch(),
-            0.01,
-            0.9,
-            &mut dropout,
-        )?;
-        let wall = started.elapsed().as_secs_f64();
+        let wall = run.step();
         let entries = profile::finish();
+        let wall = wall?;
         if step >= args.warmup {
             steps.push((wall, entries));
         }
@@ -412,26 +417,41 @@ fn product_flops(label: &str) -> Option<f64> {
 
 /// bench_pytorch.py's profile of one case, as text.
 fn pytorch_profile(args: &BenchArgs, case: &str) -> anyhow::Result<String> {
-    let dir = tempfile_dir("profile")?;
+    let stdout = run_pytorch_script(args, "profile", &["--profile".into(), case.into()])?;
+    Ok(String::from_utf8_lossy(&stdout).trim_end().to_string())
+}
+
+/// Runs bench_pytorch.py with `WARMUP STEPS` and then `extra`; its standard output when it
+/// succeeds, else the last line of its standard error.
+fn run_pytorch_script(
+    args: &BenchArgs,
+    purpose: &str,
+    extra: &[OsString],
+) -> anyhow::Result<Vec<u8>> {
+    let dir = tempfile_dir(purpose)?;
     let script = dir.join("bench_pytorch.py");
-    std::fs::write(&script, PYTORCH_SCRIPT)?;
-    let output = Command::new(&args.python)
-        .arg(&script)
-        .arg(args.warmup.to_string())
-        .arg(args.steps.to_string())
-        .args(["--profile", case])
-        .output();
+    let output = std::fs::write(&script, PYTORCH_SCRIPT)
+        .context("writing the PyTorch script")
+        .and_then(|()| {
+            Command::new(&args.python)
+                .arg(&script)
+                .arg(args.warmup.to_string())
+                .arg(args.steps.to_string())
+                .args(extra)
+                .output()
+                .with_context(|| format!("running {}", args.python))
+        });
     let _ = std::fs::remove_dir_all(&dir);
-    let output = output.with_context(|| format!("running {}", args.python))?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let output = output?;
     anyhow::ensure!(
         output.status.success(),
         "{}",
-        stderr.lines().last().unwrap_or("python failed")
+        String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .last()
+            .unwrap_or("python failed")
     );
-    Ok(String::from_utf8_lossy(&output.stdout)
-        .trim_end()
-        .to_string())
+    Ok(output.stdout)
 }
 
 /// The cases also timed as a whole range-test job on mnist10k (loop included).
@@ -723,38 +743,22 @@ fn time_range_job(case: &Case) -> anyhow::Result<JobTiming> {
 }
 
 fn pytorch_reference(args: &BenchArgs, job: Option<&JobData>) -> Option<Value> {
-    let dir = tempfile_dir("script").ok()?;
-    let script = dir.join("bench_pytorch.py");
-    std::fs::write(&script, PYTORCH_SCRIPT).ok()?;
-    let mut command = Command::new(&args.python);
-    command
-        .arg(&script)
-        .arg(args.warmup.to_string())
-        .arg(args.steps.to_string());
-    if let Some(job) = job {
-        command
-            .arg(&job.dir)
-            .arg(job.rows.to_string())
-            .arg(job.train_rows.to_string())
-            .arg(JOB_STEPS.to_string())
-            .arg(JOB_START_LR.to_string())
-            .arg(JOB_END_LR.to_string())
-            .arg(JOB_CASES.join(","));
-    }
-    let output = command.output();
-    let _ = std::fs::remove_dir_all(&dir);
-    match output {
-        Ok(output) if output.status.success() => serde_json::from_slice(&output.stdout).ok(),
-        Ok(output) => {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            eprintln!(
-                "PyTorch reference not run: {}",
-                stderr.lines().last().unwrap_or("python failed")
-            );
-            None
-        }
+    let extra: Vec<OsString> = match job {
+        Some(job) => vec![
+            job.dir.clone().into(),
+            job.rows.to_string().into(),
+            job.train_rows.to_string().into(),
+            JOB_STEPS.to_string().into(),
+            JOB_START_LR.to_string().into(),
+            JOB_END_LR.to_string().into(),
+            JOB_CASES.join(",").into(),
+        ],
+        None => Vec::new(),
+    };
+    match run_pytorch_script(args, "script", &extra) {
+        Ok(stdout) => serde_json::from_slice(&stdout).ok(),
         Err(error) => {
-            eprintln!("PyTorch reference not run: {error}");
+            eprintln!("PyTorch reference not run: {error:#}");
             None
         }
     }
