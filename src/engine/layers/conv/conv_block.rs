@@ -132,14 +132,13 @@ impl ConvBlock {
             .zip(self.winner.par_chunks_mut(images * pooled_len))
             .for_each(|(((((x, pixels), columns), activated), pooled), winner)| {
                 let count = x.len() / (plane * channels);
-                for image in 0..count {
-                    let (from, to) = (image * plane * channels, (image + 1) * plane * channels);
-                    planes_to_pixels(&x[from..to], plane, &mut pixels[from..to]);
-                    im2col_image(
-                        &pixels[from..to],
-                        input,
-                        &mut columns[image * columns_len..(image + 1) * columns_len],
-                    );
+                for ((image, pixels), columns) in x
+                    .chunks(plane * channels)
+                    .zip(pixels.chunks_mut(plane * channels))
+                    .zip(columns.chunks_mut(columns_len))
+                {
+                    planes_to_pixels(image, plane, pixels);
+                    im2col_image(pixels, input, columns);
                 }
                 matmul_serial(
                     activated,
