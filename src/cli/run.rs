@@ -9,9 +9,9 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{plot, race, read_input, report, Outcome};
-use crate::engine::compare::{run_compare, CompareResult};
+use crate::engine::compare::{run_compare_with, CompareResult};
 use crate::engine::spec::JobKind;
-use crate::engine::{self, Event, JobOutput, Limits, ValidSpec};
+use crate::engine::{self, Event, JobOutput, Limits, Trials, ValidSpec};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -30,6 +30,11 @@ pub struct RunArgs {
     /// `compare` job, every recipe's validation curve and the target).
     #[arg(long, value_name = "FILE")]
     pub plot: Option<String>,
+    /// Trials run side by side: the sweep's runs of one stage (its screening, its
+    /// finalists, ...) and a race's runs, each on its share of the cores. The result is the
+    /// same for any number.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub parallel: u16,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<Outcome> {
@@ -37,7 +42,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<Outcome> {
     if spec.kind == JobKind::Compare {
         return run_race(&args, &spec);
     }
-    let output = run_spec(&spec, args.quiet)?;
+    let output = run_spec(&spec, args.quiet, Trials::new(args.parallel.into()))?;
     if let Some(path) = &args.curve {
         write_curve_csv(path, &output.curve)?;
     }
@@ -58,7 +63,7 @@ fn run_race(args: &RunArgs, spec: &ValidSpec) -> anyhow::Result<Outcome> {
             "--curve writes a range-test curve; a compare job has one per recipe's tune and reports its race in --json and --plot"
         );
     }
-    let result = run_compare_spec(spec, args.quiet)?;
+    let result = run_compare_spec(spec, args.quiet, Trials::new(args.parallel.into()))?;
     if let Some(path) = &args.plot {
         race::write_svg(path, "lrtune run: recipe race", &result)?;
     }
@@ -86,29 +91,34 @@ pub fn run_spec_file(path: &str, quiet: bool) -> anyhow::Result<JobOutput> {
             "invalid spec: kind: a compare job races recipes and has no band to check a learning rate against; run it with `lrtune run`, or check a tune spec"
         );
     }
-    run_spec(&spec, quiet)
+    run_spec(&spec, quiet, Trials::serial())
 }
 
 /// Runs a `compare` spec locally, with a progress bar.
-pub fn run_compare_spec(spec: &ValidSpec, quiet: bool) -> anyhow::Result<CompareResult> {
+pub fn run_compare_spec(
+    spec: &ValidSpec,
+    quiet: bool,
+    trials: Trials,
+) -> anyhow::Result<CompareResult> {
     let limits = Limits::default();
     let loaded = engine::load_local_data(spec).map_err(engine_error)?;
     let cancel = AtomicBool::new(false);
     let bar = progress_bar(quiet);
     let mut observer = |event: Event| show_progress(&bar, event);
-    let result = run_compare(spec, loaded, &limits, &cancel, &mut observer).map_err(engine_error);
+    let result = run_compare_with(spec, loaded, &limits, trials, &cancel, &mut observer)
+        .map_err(engine_error);
     bar.finish_and_clear();
     result.context("running the race")
 }
 
-pub fn run_spec(spec: &ValidSpec, quiet: bool) -> anyhow::Result<JobOutput> {
+pub fn run_spec(spec: &ValidSpec, quiet: bool, trials: Trials) -> anyhow::Result<JobOutput> {
     let limits = Limits::default();
     let loaded = engine::load_local_data(spec).map_err(engine_error)?;
     let cancel = Arc::new(AtomicBool::new(false));
     let bar = progress_bar(quiet);
     let mut observer = |event: Event| show_progress(&bar, event);
-    let output =
-        engine::run_job(spec, loaded, &limits, &cancel, &mut observer).map_err(engine_error);
+    let output = engine::run_job_with(spec, loaded, &limits, trials, &cancel, &mut observer)
+        .map_err(engine_error);
     bar.finish_and_clear();
     output.context("running the job")
 }

@@ -19,6 +19,10 @@ pub struct ServeArgs {
     /// run the jobs: `lrtune worker`).
     #[arg(long, env = "LRTUNE_WORKERS", default_value_t = 1)]
     pub workers: usize,
+    /// Threads of the compute pool the jobs train on (default: one per core): with
+    /// `--threads 1`, several workers on one host each train on a core of their own.
+    #[arg(long, env = "LRTUNE_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
     #[command(flatten)]
     pub api: ApiConfig,
     #[command(flatten)]
@@ -34,6 +38,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
         api: args.api,
         queue: args.queue,
         workers: args.workers,
+        threads: args.threads.map(usize::from),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -29,6 +29,10 @@ pub struct WorkerArgs {
     /// port; the bound address is printed).
     #[arg(long, env = "LRTUNE_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
+    /// Threads of the compute pool the jobs train on (default: one per core): with
+    /// `--threads 1`, several workers on one host each train on a core of their own.
+    #[arg(long, env = "LRTUNE_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
     #[command(flatten)]
     pub queue: QueueConfig,
     #[command(flatten)]
@@ -48,6 +52,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<Outcome> {
         workers: args.workers as usize,
         name: worker_name(args.name.as_deref()),
         metrics_addr: args.metrics_addr,
+        threads: args.threads.map(usize::from),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -4,7 +4,7 @@
 //! target and summed up in one sentence.
 
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,12 +18,12 @@ use super::model::load_initial_weights;
 use super::model::ModelShape;
 use super::optim::Optimizer;
 use super::prepare::{prepare, LoadedData};
-use super::rng::Rng;
 use super::schedule::{
     Cosine, CosineWarmRestarts, PlateauTracker, ReduceOnPlateau, Schedule, StepLr, WarmupCosine,
 };
 use super::spec::{JobKind, JobSpec, Recipe, RecipeSchedule, SpecError, ValidSpec};
 use super::trainer::Trainer;
+use super::trial::{TrialData, TrialLoop, Trials};
 use super::tune::{build_job_trainer, one_cycle, select_device, tune_with};
 
 /// Validation points per full run after the start (plus one at step 0).
@@ -137,11 +137,24 @@ pub struct CompareTiming {
     pub steps_per_epoch: usize,
 }
 
-/// Runs a validated `compare` job on its loaded data.
+/// Runs a validated `compare` job on its loaded data, one trial at a time.
 pub fn run_compare(
     spec: &ValidSpec,
     loaded: LoadedData,
     limits: &Limits,
+    cancel: &AtomicBool,
+    observer: &mut dyn FnMut(Event),
+) -> Result<CompareResult, EngineError> {
+    run_compare_with(spec, loaded, limits, Trials::serial(), cancel, observer)
+}
+
+/// [`run_compare`] with each tune's sweep batches and the race's runs run as `trials` says;
+/// the result is the same whatever the number at a time.
+pub fn run_compare_with(
+    spec: &ValidSpec,
+    loaded: LoadedData,
+    limits: &Limits,
+    trials: Trials,
     cancel: &AtomicBool,
     observer: &mut dyn FnMut(Event),
 ) -> Result<CompareResult, EngineError> {
@@ -202,7 +215,14 @@ pub fn run_compare(
                 }
             };
             let mut inner = Control::new(cancel, &mut forward);
-            let output = tune_with(tune_spec, loaded.clone(), limits, &mut inner, &schedule_for)?;
+            let output = tune_with(
+                tune_spec,
+                loaded.clone(),
+                limits,
+                &mut inner,
+                trials,
+                &schedule_for,
+            )?;
             (output, inner.steps_done())
         };
         outer.add_done(spent);
@@ -224,42 +244,44 @@ pub fn run_compare(
     let train = DeviceData::new(&prepared.train, &device)?;
     let validation = DeviceData::new(&prepared.validation, &device)?;
     let weights = load_initial_weights(spec.init.as_ref(), loaded.initial_weights.as_deref())?;
-    let mut trainers = Vec::with_capacity(seeds);
-    let mut initial_val_loss = None;
-    for seed_index in 0..seeds {
-        let trainer = build_job_trainer(
-            spec,
-            &shape,
-            spec.seed + seed_index as u64,
-            &device,
-            weights.as_ref(),
-        )?;
-        if seed_index == 0 {
-            initial_val_loss = Some(trainer.evaluate(&validation, cancel)?.loss);
-        }
-        let initial = trainer.model().snapshot()?;
-        trainers.push((trainer, initial));
+    let build = |seed: u64| build_job_trainer(spec, &shape, seed, &device, weights.as_ref());
+    let initial_val_loss = Some(build(spec.seed)?.evaluate(&validation, cancel)?.loss);
+    // Every recipe x seed is one full run, independent of the others: one batch.
+    let batch: Vec<RaceTrial> = lrs
+        .iter()
+        .enumerate()
+        .flat_map(|(recipe, &(lr, _))| {
+            (0..seeds).map(move |seed_index| RaceTrial {
+                recipe,
+                seed_index,
+                lr,
+            })
+        })
+        .collect();
+    let setup = RunSetup {
+        build_trainer: &build,
+        recipes: &recipes,
+        spec,
+        data: TrialData {
+            train: &train,
+            validation: &validation,
+            batch_size: spec.batch_size,
+        },
+        plan_steps,
+        steps_per_epoch,
+    };
+    let run_one = |trial: &RaceTrial, control: &mut Control<'_>| setup.run(trial, control);
+    let runs = trials.run_batch(&batch, &run_one, &mut outer)?;
+    for run in &runs {
+        // A diverged run's remaining steps were planned work that will not happen.
+        let steps_run = run.points.last().map_or(0, |point| point.step);
+        outer.skip_steps(plan_steps - steps_run);
     }
+    let mut runs = runs.into_iter();
     let mut results = Vec::with_capacity(recipes.len());
     for (recipe, &(lr, spent)) in recipes.iter().zip(&lrs) {
-        let mut runs = Vec::with_capacity(seeds);
-        for (seed_index, (trainer, initial)) in trainers.iter().enumerate() {
-            let run = RunSetup {
-                trainer,
-                recipe,
-                spec,
-                train: &train,
-                validation: &validation,
-                seed: spec.seed + seed_index as u64,
-                lr,
-                plan_steps,
-                steps_per_epoch,
-            }
-            .run(&mut outer);
-            trainer.model().restore(initial)?;
-            runs.push(run?);
-        }
-        results.push(summarize_recipe(recipe, lr, spent, runs));
+        let recipe_runs: Vec<RaceRun> = runs.by_ref().take(seeds).collect();
+        results.push(summarize_recipe(recipe, lr, spent, recipe_runs));
     }
     let race_seconds = race_started.elapsed().as_secs_f64();
     let (target, ranking, verdict) = judge(&mut results, spec.compare_target(), seeds);
@@ -377,105 +399,98 @@ pub fn evaluation_steps(steps: usize) -> Vec<usize> {
         .collect()
 }
 
-struct RunSetup<'a> {
-    trainer: &'a Trainer,
-    recipe: &'a Recipe,
-    spec: &'a JobSpec,
-    train: &'a DeviceData,
-    validation: &'a DeviceData,
-    seed: u64,
+/// One full run of a race: recipe `recipe` at its learning rate `lr`, from the initial
+/// weights and data order of seed index `seed_index`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct RaceTrial {
+    recipe: usize,
+    seed_index: usize,
     lr: f64,
+}
+
+/// What every run of a race shares.
+struct RunSetup<'a> {
+    build_trainer: &'a (dyn Fn(u64) -> Result<Trainer, EngineError> + Sync),
+    recipes: &'a [Recipe],
+    spec: &'a JobSpec,
+    data: TrialData<'a>,
     plan_steps: usize,
     steps_per_epoch: usize,
 }
 
 impl RunSetup<'_> {
     /// One full run from the seed's initial weights and data order.
-    fn run(&self, control: &mut Control<'_>) -> Result<RaceRun, EngineError> {
+    fn run(&self, trial: &RaceTrial, control: &mut Control<'_>) -> Result<RaceRun, EngineError> {
+        let recipe = &self.recipes[trial.recipe];
+        let seed = self.spec.seed + trial.seed_index as u64;
+        let trainer = (self.build_trainer)(seed)?;
         let schedule = recipe_schedule(
             self.spec,
-            self.recipe,
-            self.lr,
+            recipe,
+            trial.lr,
             self.plan_steps,
             self.steps_per_epoch,
         );
         let lrs = schedule.curve().lr;
-        let mut plateau = plateau_of(self.recipe, self.lr);
+        let mut plateau = plateau_of(recipe, trial.lr);
         let mut optimizer = Optimizer::new(
-            &self.recipe.optimizer_for(self.plan_steps),
-            self.trainer.model().vars(),
+            &recipe.optimizer_for(self.plan_steps),
+            trainer.model().vars(),
         );
-        let mut order = BatchOrder::new(self.train.rows, self.spec.batch_size, self.seed);
-        let mut dropout_rng = Rng::derive(self.seed, 0xd50);
-        let default_momentum = self.recipe.optimizer.momentum();
-        let mut training = Duration::ZERO;
+        let mut training = TrialLoop::new(&trainer, self.data, &mut optimizer, seed);
+        let default_momentum = recipe.optimizer.momentum();
         // At the last point, the last step's learning rate.
         let lr_at = |step: usize, plateau: &Option<PlateauTracker>| match plateau {
             Some(tracker) => tracker.lr(),
             None => lrs[step.min(lrs.len() - 1)],
         };
-        let start = self.trainer.evaluate_with(
-            &mut optimizer,
-            self.validation,
-            self.train,
-            self.spec.batch_size,
-            control.cancel_flag(),
-        )?;
+        let record = |control: &mut Control<'_>, points: &mut Vec<RacePoint>, point| {
+            control.emit(Event::RacePoint(RaceEvent {
+                recipe: recipe.name.clone(),
+                seed,
+                point,
+            }));
+            points.push(point);
+        };
+        let start = training.evaluate(control)?;
         let mut points = Vec::with_capacity(RACE_POINTS + 1);
-        self.record(
-            control,
-            &mut points,
-            point(
-                0,
-                training,
-                start,
-                lr_at(0, &plateau),
-                optimizer.prodigy_d(),
-            ),
+        let first = race_point(
+            0,
+            training.training_seconds(),
+            start,
+            lr_at(0, &plateau),
+            training.optimizer().prodigy_d(),
         );
+        record(control, &mut points, first);
         let mut step = 0;
         for until in evaluation_steps(self.plan_steps) {
             while step < until {
-                control.check_cancel()?;
-                let began = Instant::now();
-                let loss = self.trainer.train_step(
-                    &mut optimizer,
-                    self.train,
-                    order.next_batch(),
+                let loss = training.step(
                     lr_at(step, &plateau),
                     schedule.momentum_at(step).unwrap_or(default_momentum),
-                    &mut dropout_rng,
+                    control,
                 )?;
-                training += began.elapsed();
-                control.step_done();
                 step += 1;
                 if !loss.is_finite() {
-                    control.skip_steps(self.plan_steps - step);
                     let last = RacePoint {
                         step,
-                        seconds: training.as_secs_f64(),
+                        seconds: training.training_seconds(),
                         val_loss: None,
                         val_accuracy: None,
                         lr: lr_at(step - 1, &plateau),
-                        d: optimizer.prodigy_d(),
+                        d: training.optimizer().prodigy_d(),
                     };
-                    self.record(control, &mut points, last);
+                    record(control, &mut points, last);
                     return Ok(RaceRun {
-                        seed: self.seed,
+                        seed,
                         diverged: true,
                         points,
                     });
                 }
             }
-            let evaluation = self.trainer.evaluate_with(
-                &mut optimizer,
-                self.validation,
-                self.train,
-                self.spec.batch_size,
-                control.cancel_flag(),
-            )?;
+            let evaluation = training.evaluate(control)?;
             if let Some(tracker) = plateau.as_mut() {
-                let metric = match self.recipe.schedule {
+                let metric = match recipe.schedule {
                     RecipeSchedule::ReduceOnPlateau {
                         mode: super::schedule::PlateauMode::Max,
                         ..
@@ -484,39 +499,27 @@ impl RunSetup<'_> {
                 };
                 tracker.step(metric);
             }
-            let measured = point(
+            let measured = race_point(
                 step,
-                training,
+                training.training_seconds(),
                 evaluation,
                 lr_at(step, &plateau),
-                optimizer.prodigy_d(),
+                training.optimizer().prodigy_d(),
             );
-            self.record(control, &mut points, measured);
+            record(control, &mut points, measured);
         }
         let diverged = points.last().is_none_or(|p| p.val_loss.is_none());
         Ok(RaceRun {
-            seed: self.seed,
+            seed,
             diverged,
             points,
         })
     }
 }
 
-impl RunSetup<'_> {
-    /// Keeps a point in the run and reports it as it is measured.
-    fn record(&self, control: &mut Control<'_>, points: &mut Vec<RacePoint>, point: RacePoint) {
-        control.emit(Event::RacePoint(RaceEvent {
-            recipe: self.recipe.name.clone(),
-            seed: self.seed,
-            point,
-        }));
-        points.push(point);
-    }
-}
-
-fn point(
+fn race_point(
     step: usize,
-    training: Duration,
+    seconds: f64,
     evaluation: Evaluation,
     lr: f64,
     d: Option<f64>,
@@ -524,7 +527,7 @@ fn point(
     let finite = evaluation.loss.is_finite();
     RacePoint {
         step,
-        seconds: training.as_secs_f64(),
+        seconds,
         val_loss: finite.then_some(evaluation.loss),
         val_accuracy: evaluation.accuracy.filter(|_| finite),
         lr,

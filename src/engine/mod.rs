@@ -38,6 +38,7 @@ pub mod spec;
 pub mod suggest;
 pub mod sweep;
 pub mod trainer;
+pub mod trial;
 pub mod tune;
 pub mod update;
 
@@ -45,4 +46,5 @@ pub use events::{Control, CurvePoint, EngineError, Event, SweepRun};
 pub use limits::Limits;
 pub use prepare::{load_local_data, LoadedData};
 pub use spec::{JobSpec, SpecError, ValidSpec};
-pub use tune::{run_job, JobOutput, JobResult, Recommendation};
+pub use trial::Trials;
+pub use tune::{run_job, run_job_with, JobOutput, JobResult, Recommendation};

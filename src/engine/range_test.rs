@@ -2,14 +2,14 @@
 //! learning rate grows, fastai's smoothing, a stop on divergence, and the model and optimizer
 //! put back exactly as they were afterwards.
 
-use super::backend::{BatchOrder, DeviceData};
+use super::backend::DeviceData;
 pub use super::events::CurvePoint;
 use super::events::{Control, EngineError, Event};
 use super::optim::Optimizer;
-use super::rng::Rng;
 use super::spec::{RangeLoss, RangeTestSpec};
 use super::suggest::Smoother;
 use super::trainer::Trainer;
+use super::trial::{TrialData, TrialLoop};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RangeTestCurve {
@@ -63,37 +63,23 @@ fn range_test_steps(
     spec: &RangeTestSpec,
     control: &mut Control<'_>,
 ) -> Result<RangeTestCurve, EngineError> {
-    let mut order = BatchOrder::new(train.rows, batch_size, seed);
-    let mut dropout_rng = Rng::derive(seed, 0xd50);
     let momentum = optimizer.default_momentum();
+    let data = TrialData {
+        train,
+        validation,
+        batch_size,
+    };
+    let mut trial = TrialLoop::new(trainer, data, optimizer, seed);
     let mut smoother = Smoother::new(spec.smoothing);
     let mut best_smoothed = f64::INFINITY;
     let mut points = Vec::with_capacity(spec.steps);
     let mut stop_reason = None;
     for step in 0..spec.steps {
-        control.check_cancel()?;
         let lr = spec.lr_at(step);
-        let batch_loss = trainer.train_step(
-            optimizer,
-            train,
-            order.next_batch(),
-            lr,
-            momentum,
-            &mut dropout_rng,
-        )?;
+        let batch_loss = trial.step(lr, momentum, control)?;
         let loss = match spec.loss {
             RangeLoss::Train => batch_loss,
-            RangeLoss::Validation if batch_loss.is_finite() => {
-                trainer
-                    .evaluate_with(
-                        optimizer,
-                        validation,
-                        train,
-                        batch_size,
-                        control.cancel_flag(),
-                    )?
-                    .loss
-            }
+            RangeLoss::Validation if batch_loss.is_finite() => trial.evaluate(control)?.loss,
             RangeLoss::Validation => batch_loss,
         };
         let smoothed = smoother.push(loss);
@@ -104,7 +90,6 @@ fn range_test_steps(
             smoothed,
         };
         points.push(point);
-        control.step_done();
         control.emit(Event::Point(point));
         if !loss.is_finite() || !smoothed.is_finite() {
             stop_reason = Some(format!("loss became non-finite at lr {lr:.3e}"));

@@ -6,15 +6,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::backend::{BatchOrder, DeviceData};
 pub use super::events::SweepRun;
 use super::events::{Control, EngineError, Event};
 use super::optim::Optimizer;
-use super::rng::Rng;
 use super::schedule::Schedule;
 use super::spec::OptimizerSpec;
 use super::suggest::Suggestions;
 use super::trainer::Trainer;
+use super::trial::{TrialData, TrialLoop};
 
 /// A candidate's runs over all seeds, as the result reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -175,21 +174,42 @@ pub enum OpenEdge {
     Higher,
 }
 
-/// What a sweep needs to train candidates.
-pub struct Search<'a> {
-    /// The model at its initial weights (the range test's, restored), on its backend: seed
-    /// index 0.
-    pub trainer: &'a Trainer,
-    /// Builds the model of another seed (its own initialisation), on its backend.
-    pub build_trainer: &'a dyn Fn(u64) -> Result<Trainer, EngineError>,
-    pub optimizer: &'a OptimizerSpec,
-    pub train: &'a DeviceData,
-    pub validation: &'a DeviceData,
-    pub batch_size: usize,
-    pub seed: u64,
+/// One sweep run to train: a OneCycle (or a race recipe's schedule) at `peak_lr` for
+/// `steps` steps, from the initial weights and data order of seed index `seed_index` (seed
+/// `job seed + seed_index`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CandidateTrial {
+    pub peak_lr: f64,
+    pub seed_index: usize,
+    pub steps: usize,
+}
+
+/// A finished candidate trial: its run, and the optimizer steps it took (fewer than its
+/// length when it diverged), which the budget counts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CandidateResult {
+    pub run: SweepRun,
+    pub steps_run: usize,
+}
+
+/// Trains a batch of independent candidate trials and returns their results in the batch's
+/// order (or why it could not).
+pub type CandidateRunner<'r, E = EngineError> =
+    dyn FnMut(&[CandidateTrial]) -> Result<Vec<CandidateResult>, E> + 'r;
+
+/// What the planner needs next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    /// Trials of the next batch whose results it does not have yet.
+    Trials(Vec<CandidateTrial>),
+    /// Every result it asked for is known: the sweep's outcome.
+    Done(SearchOutcome),
+}
+
+/// The sweep's planner: which candidate trials to run, a batch at a time, decided from the
+/// results of the trials before them alone (never from timing or completion order).
+pub struct Search {
     pub seeds: usize,
-    /// The OneCycle schedule for a peak and a length.
-    pub schedule_for: &'a dyn Fn(f64, usize) -> Schedule,
     /// Whether the range may be extended past its ends (auto candidates; an explicit list
     /// is the user's).
     pub extend: bool,
@@ -204,6 +224,7 @@ pub struct Search<'a> {
 pub const SMALL_VALIDATION_ROWS: usize = 100;
 
 /// Every run of a sweep, and what the search concluded.
+#[derive(Debug, Clone, PartialEq)]
 pub struct SearchOutcome {
     pub runs: Vec<SweepRun>,
     pub final_steps: usize,
@@ -225,32 +246,69 @@ const MAX_SEEDS: usize = 3;
 const MAX_PROBES: usize = 2;
 const FINEST_SPACING: f64 = 1.4;
 
-impl Search<'_> {
+/// The runs so far and the steps they took, fed by batches through the runner.
+struct Ledger<'l, 'r, E> {
+    runner: &'l mut CandidateRunner<'r, E>,
+    runs: Vec<SweepRun>,
+    spent: usize,
+}
+
+impl<E> Ledger<'_, '_, E> {
+    fn train(&mut self, batch: &[CandidateTrial]) -> Result<(), E> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for result in (self.runner)(batch)? {
+            self.spent += result.steps_run;
+            self.runs.push(result.run);
+        }
+        Ok(())
+    }
+}
+
+/// Every seed index below `seeds` at `peak_lr`.
+fn seeds_of(peak_lr: f64, seeds: usize, steps: usize) -> impl Iterator<Item = CandidateTrial> {
+    (0..seeds).map(move |seed_index| CandidateTrial {
+        peak_lr,
+        seed_index,
+        steps,
+    })
+}
+
+impl Search {
     /// Runs the plan within `budget` steps: the screening, the finalists at the final
     /// horizon, then (auto candidates) steps past the end of the range while the best final
     /// candidate sits at it, then a second seed for the two best when they are within 5 % of
     /// each other, then probes between the best and a neighbour, then more seeds for the best
-    /// while it borders the stability edge. Each run starts from its seed's initial weights
-    /// and data order.
-    pub fn run(
+    /// while it borders the stability edge. Each stage's trials are one batch for `runner`
+    /// (the screening's, the finalists', each extension's, each round of seeds, each probe's),
+    /// and each trial starts from its seed's initial weights and data order.
+    pub fn run<E>(
         &self,
         candidates: &[f64],
         plan: SearchPlan,
         budget: usize,
-        control: &mut Control<'_>,
-    ) -> Result<SearchOutcome, EngineError> {
-        let started = control.steps_done();
-        let mut seeds = SeedModels::new(self);
-        let mut runs: Vec<SweepRun> = Vec::new();
+        runner: &mut CandidateRunner<'_, E>,
+    ) -> Result<SearchOutcome, E> {
+        let mut ledger = Ledger {
+            runner,
+            runs: Vec::new(),
+            spent: 0,
+        };
         let finalists = match plan.screen_steps {
             Some(screen_steps) => {
-                for seed_index in 0..self.seeds {
-                    for &peak_lr in candidates {
-                        runs.push(seeds.train(peak_lr, seed_index, screen_steps, control)?);
-                    }
-                }
-                let edge = stability_edge(&runs).map(|edge| edge.lr);
-                finalists(&judge(candidates, &runs, edge), plan.finalists)
+                let batch: Vec<CandidateTrial> = (0..self.seeds)
+                    .flat_map(|seed_index| {
+                        candidates.iter().map(move |&peak_lr| CandidateTrial {
+                            peak_lr,
+                            seed_index,
+                            steps: screen_steps,
+                        })
+                    })
+                    .collect();
+                ledger.train(&batch)?;
+                let edge = stability_edge(&ledger.runs).map(|edge| edge.lr);
+                finalists(&judge(candidates, &ledger.runs, edge), plan.finalists)
             }
             None if plan.finalists < candidates.len() => {
                 anchored_finalists(candidates, self.anchor, plan.finalists)
@@ -258,12 +316,17 @@ impl Search<'_> {
             None => candidates.to_vec(),
         };
         let final_steps = plan.final_steps;
-        for seed_index in 0..self.seeds {
-            for &peak_lr in &finalists {
-                runs.push(seeds.train(peak_lr, seed_index, final_steps, control)?);
-            }
-        }
-        let left = |control: &Control<'_>| budget.saturating_sub(control.steps_done() - started);
+        let batch: Vec<CandidateTrial> = (0..self.seeds)
+            .flat_map(|seed_index| {
+                finalists.iter().map(move |&peak_lr| CandidateTrial {
+                    peak_lr,
+                    seed_index,
+                    steps: final_steps,
+                })
+            })
+            .collect();
+        ledger.train(&batch)?;
+        let left = |ledger: &Ledger<'_, '_, E>| budget.saturating_sub(ledger.spent);
         let ratio = spacing(candidates);
         // Without a screening, the candidates above the finalists were never run.
         let highest_screened = match plan.screen_steps {
@@ -273,10 +336,11 @@ impl Search<'_> {
         let mut open_edge = None;
         let mut extensions = 0;
         loop {
-            let (best, lowest, highest, tried) = final_extremes(&runs, final_steps);
+            let runs = &ledger.runs;
+            let (best, lowest, highest, tried) = final_extremes(runs, final_steps);
             let Some(best) = best else { break };
             let unsafe_from =
-                stability_edge(&runs).map_or(f64::INFINITY, |edge| edge.lr / EDGE_MARGIN);
+                stability_edge(runs).map_or(f64::INFINITY, |edge| edge.lr / EDGE_MARGIN);
             open_edge = if tried < 2 && !self.extend {
                 None
             } else if best == lowest {
@@ -292,42 +356,19 @@ impl Search<'_> {
             let Some((_, next)) = open_edge else { break };
             if !self.extend
                 || extensions == MAX_EXTENSIONS
-                || left(control) < self.seeds * final_steps
+                || left(&ledger) < self.seeds * final_steps
             {
                 break;
             }
-            for seed_index in 0..self.seeds {
-                runs.push(seeds.train(next, seed_index, final_steps, control)?);
-            }
+            let batch: Vec<CandidateTrial> = seeds_of(next, self.seeds, final_steps).collect();
+            ledger.train(&batch)?;
             extensions += 1;
         }
-        // Risk: while the best borders the stability edge, it gets more seeds (up to
-        // [`MAX_SEEDS`]) before it is trusted: one seed that survived next to a cliff says
-        // little about the next. A seed that fails moves the edge down, and the next best
-        // is checked in turn. After the probes, which may find a new best and which the
-        // budget serves first: a seed of the best bought at the cost of the probe that
-        // would have found a better peak is a poor trade.
-        let seed_the_border = |runs: &mut Vec<SweepRun>,
-                               seeds: &mut SeedModels<'_, '_>,
-                               control: &mut Control<'_>|
-         -> Result<(), EngineError> {
-            if self.seeds >= MAX_SEEDS {
-                return Ok(());
-            }
-            while let Some(peak) = bordering_best(runs, final_steps) {
-                let have = seeds_at(runs, peak, final_steps);
-                if have >= MAX_SEEDS || left(control) < final_steps {
-                    break;
-                }
-                runs.push(seeds.train(peak, have, final_steps, control)?);
-            }
-            Ok(())
-        };
         // Seed noise: while the best two are within 5 % (or a seed's spread) of each other,
         // each gets another seed, up to [`MAX_SEEDS`], as far as the budget goes.
         if self.seeds == 1 {
             for seed_index in 1..MAX_SEEDS {
-                let contenders = contenders(&runs, final_steps);
+                let contenders = contenders(&ledger.runs, final_steps);
                 let [first, second, ..] = &contenders[..] else {
                     break;
                 };
@@ -335,23 +376,21 @@ impl Search<'_> {
                     .max(first.val_loss_std)
                     .max(second.val_loss_std);
                 let close = second.val_loss.is_finite() && second.val_loss - first.val_loss < noise;
-                let wanted: Vec<(f64, usize)> = [first.peak_lr, second.peak_lr]
+                let batch: Vec<CandidateTrial> = [first.peak_lr, second.peak_lr]
                     .into_iter()
-                    .map(|peak| (peak, seeds_at(&runs, peak, final_steps)))
-                    .filter(|&(_, have)| have <= seed_index)
+                    .flat_map(|peak_lr| {
+                        let have = seeds_at(&ledger.runs, peak_lr, final_steps);
+                        (have..=seed_index).map(move |seed_index| CandidateTrial {
+                            peak_lr,
+                            seed_index,
+                            steps: final_steps,
+                        })
+                    })
                     .collect();
-                let cost: usize = wanted
-                    .iter()
-                    .map(|&(_, have)| (seed_index + 1 - have) * final_steps)
-                    .sum();
-                if !close || left(control) < cost {
+                if !close || left(&ledger) < batch.len() * final_steps {
                     break;
                 }
-                for (peak_lr, have) in wanted {
-                    for index in have..=seed_index {
-                        runs.push(seeds.train(peak_lr, index, final_steps, control)?);
-                    }
-                }
+                ledger.train(&batch)?;
             }
         }
         // Resolution: the candidates are a factor of 2-3 apart, the good band can be narrower.
@@ -359,24 +398,75 @@ impl Search<'_> {
         // at this horizon first, then the side of the better neighbour.
         if self.extend {
             for _ in 0..MAX_PROBES {
-                if left(control) < self.seeds * final_steps {
+                if left(&ledger) < self.seeds * final_steps {
                     break;
                 }
-                let Some(probe) = next_probe(&runs, final_steps) else {
+                let Some(probe) = next_probe(&ledger.runs, final_steps) else {
                     break;
                 };
-                for seed_index in 0..self.seeds {
-                    runs.push(seeds.train(probe, seed_index, final_steps, control)?);
-                }
+                let batch: Vec<CandidateTrial> = seeds_of(probe, self.seeds, final_steps).collect();
+                ledger.train(&batch)?;
             }
         }
-        seed_the_border(&mut runs, &mut seeds, control)?;
+        // Risk: while the best borders the stability edge, it gets more seeds (up to
+        // [`MAX_SEEDS`]) before it is trusted: one seed that survived next to a cliff says
+        // little about the next. A seed that fails moves the edge down, and the next best
+        // is checked in turn. After the probes, which may find a new best and which the
+        // budget serves first: a seed of the best bought at the cost of the probe that
+        // would have found a better peak is a poor trade. One seed per batch, as each
+        // decides whether the next is needed.
+        if self.seeds < MAX_SEEDS {
+            while let Some(peak_lr) = bordering_best(&ledger.runs, final_steps) {
+                let have = seeds_at(&ledger.runs, peak_lr, final_steps);
+                if have >= MAX_SEEDS || left(&ledger) < final_steps {
+                    break;
+                }
+                ledger.train(&[CandidateTrial {
+                    peak_lr,
+                    seed_index: have,
+                    steps: final_steps,
+                }])?;
+            }
+        }
+        let runs = ledger.runs;
         Ok(SearchOutcome {
             edge: stability_edge(&runs),
             runs,
             final_steps,
             open_edge: open_edge.map(|(edge, _)| edge),
         })
+    }
+
+    /// The planner as a pure function of the results known so far, given in any order: the
+    /// trials of the first batch whose results are not all in `known` (those missing), or
+    /// the outcome once every batch is. It replays [`Search::run`], so a sweep driven batch by
+    /// batch through it (by workers finishing trials in any order) ends exactly as one run
+    /// straight through.
+    pub fn next(
+        &self,
+        candidates: &[f64],
+        plan: SearchPlan,
+        budget: usize,
+        known: &[(CandidateTrial, CandidateResult)],
+    ) -> Next {
+        let result_of =
+            |trial: &CandidateTrial| known.iter().find(|(k, _)| k == trial).map(|(_, r)| *r);
+        let mut replay = |batch: &[CandidateTrial]| {
+            let missing: Vec<CandidateTrial> = batch
+                .iter()
+                .filter(|trial| result_of(trial).is_none())
+                .copied()
+                .collect();
+            if missing.is_empty() {
+                Ok(batch.iter().filter_map(result_of).collect())
+            } else {
+                Err(missing)
+            }
+        };
+        match self.run(candidates, plan, budget, &mut replay) {
+            Ok(outcome) => Next::Done(outcome),
+            Err(missing) => Next::Trials(missing),
+        }
     }
 }
 
@@ -539,121 +629,55 @@ fn spacing(candidates: &[f64]) -> f64 {
     }
 }
 
-/// The model of each seed, built when first needed, with its initial weights to put back
-/// after every run.
-struct SeedModels<'s, 'a> {
-    search: &'s Search<'a>,
-    initial: Vec<Vec<candle_core::Tensor>>,
-    others: Vec<Trainer>,
+/// What every candidate trial of a sweep shares.
+pub struct CandidateSetup<'a> {
+    /// Builds the model of a seed (its own initialisation), on its backend.
+    pub build_trainer: &'a (dyn Fn(u64) -> Result<Trainer, EngineError> + Sync),
+    pub optimizer: &'a OptimizerSpec,
+    pub data: TrialData<'a>,
+    /// The job's seed: seed index i trains with seed + i.
+    pub seed: u64,
+    /// The OneCycle schedule for a peak and a length (a race recipe's own schedule).
+    pub schedule_for: &'a (dyn Fn(f64, usize) -> Schedule + Sync),
 }
 
-impl<'s, 'a> SeedModels<'s, 'a> {
-    fn new(search: &'s Search<'a>) -> Self {
-        Self {
-            search,
-            initial: Vec::new(),
-            others: Vec::new(),
-        }
-    }
-
-    fn train(
-        &mut self,
-        peak_lr: f64,
-        seed_index: usize,
-        steps: usize,
-        control: &mut Control<'_>,
-    ) -> Result<SweepRun, EngineError> {
-        while self.initial.len() <= seed_index {
-            let index = self.initial.len();
-            if index > 0 {
-                let trainer = (self.search.build_trainer)(self.search.seed + index as u64)?;
-                self.others.push(trainer);
-            }
-            let trainer = self.trainer(index);
-            self.initial.push(trainer.model().snapshot()?);
-        }
-        let search = self.search;
-        let trainer = self.trainer(seed_index);
-        let setup = SweepSetup {
-            trainer,
-            optimizer: search.optimizer,
-            train: search.train,
-            validation: search.validation,
-            batch_size: search.batch_size,
-            seed: search.seed + seed_index as u64,
-            steps,
-        };
-        let outcome = train_candidate(
-            &setup,
-            peak_lr,
-            &(search.schedule_for)(peak_lr, steps),
-            control,
-        );
-        trainer.model().restore(&self.initial[seed_index])?;
-        let run = outcome?;
-        control.emit(Event::SweepRun(run));
-        Ok(run)
-    }
-
-    fn trainer(&self, seed_index: usize) -> &Trainer {
-        if seed_index == 0 {
-            self.search.trainer
-        } else {
-            &self.others[seed_index - 1]
-        }
-    }
-}
-
-struct SweepSetup<'a> {
-    trainer: &'a Trainer,
-    optimizer: &'a OptimizerSpec,
-    train: &'a DeviceData,
-    validation: &'a DeviceData,
-    batch_size: usize,
-    /// Data-order seed of this run's seed index.
-    seed: u64,
-    steps: usize,
-}
-
-fn train_candidate(
-    setup: &SweepSetup<'_>,
-    peak_lr: f64,
-    schedule: &Schedule,
+/// Trains one candidate trial from its seed's initial weights and data order, and reports its
+/// run as it ends.
+pub fn train_candidate(
+    setup: &CandidateSetup<'_>,
+    trial: &CandidateTrial,
     control: &mut Control<'_>,
-) -> Result<SweepRun, EngineError> {
-    let mut optimizer = Optimizer::new(setup.optimizer, setup.trainer.model().vars());
-    let mut order = BatchOrder::new(setup.train.rows, setup.batch_size, setup.seed);
-    let mut dropout_rng = Rng::derive(setup.seed, 0xd50);
+) -> Result<CandidateResult, EngineError> {
+    let seed = setup.seed + trial.seed_index as u64;
+    let trainer = (setup.build_trainer)(seed)?;
+    let schedule = (setup.schedule_for)(trial.peak_lr, trial.steps);
+    let mut optimizer = Optimizer::new(setup.optimizer, trainer.model().vars());
+    let mut training = TrialLoop::new(&trainer, setup.data, &mut optimizer, seed);
     let default_momentum = setup.optimizer.momentum();
-    let tail_start = setup.steps - (setup.steps / 10).max(1);
+    let steps = trial.steps;
+    let tail_start = steps - (steps / 10).max(1);
     let (mut tail_sum, mut tail_count) = (0.0, 0usize);
-    let mut spikes = SpikeWatch::new(setup.steps);
-    for step in 0..setup.steps {
-        control.check_cancel()?;
+    let mut spikes = SpikeWatch::new(steps);
+    let finished = |run: SweepRun, steps_run: usize, control: &mut Control<'_>| {
+        control.emit(Event::SweepRun(run));
+        CandidateResult { run, steps_run }
+    };
+    for step in 0..steps {
         let lr = schedule.lr_at(step);
         let momentum = schedule.momentum_at(step).unwrap_or(default_momentum);
-        let loss = setup.trainer.train_step(
-            &mut optimizer,
-            setup.train,
-            order.next_batch(),
-            lr,
-            momentum,
-            &mut dropout_rng,
-        )?;
-        control.step_done();
+        let loss = training.step(lr, momentum, control)?;
         if !loss.is_finite() {
-            // The rest of this run is planned work that will not happen.
-            control.skip_steps(setup.steps - step - 1);
-            return Ok(SweepRun {
-                peak_lr,
-                seed: setup.seed,
-                steps: setup.steps,
+            let run = SweepRun {
+                peak_lr: trial.peak_lr,
+                seed,
+                steps,
                 val_loss: f64::INFINITY,
                 val_accuracy: None,
                 train_loss: loss,
                 diverged: true,
                 spiked: spikes.spiked(),
-            });
+            };
+            return Ok(finished(run, step + 1, control));
         }
         spikes.push(loss);
         if step >= tail_start {
@@ -661,18 +685,12 @@ fn train_candidate(
             tail_count += 1;
         }
     }
-    let evaluation = setup.trainer.evaluate_with(
-        &mut optimizer,
-        setup.validation,
-        setup.train,
-        setup.batch_size,
-        control.cancel_flag(),
-    )?;
+    let evaluation = training.evaluate(control)?;
     let diverged = !evaluation.loss.is_finite();
-    Ok(SweepRun {
-        peak_lr,
-        seed: setup.seed,
-        steps: setup.steps,
+    let run = SweepRun {
+        peak_lr: trial.peak_lr,
+        seed,
+        steps,
         val_loss: if diverged {
             f64::INFINITY
         } else {
@@ -682,7 +700,8 @@ fn train_candidate(
         train_loss: tail_sum / tail_count.max(1) as f64,
         diverged,
         spiked: spikes.spiked(),
-    })
+    };
+    Ok(finished(run, steps, control))
 }
 
 /// Watches a run's training loss for a spike: averaged over windows of a 25th of the run (at
@@ -974,6 +993,164 @@ mod tests {
             diverged: !val_loss.is_finite(),
             spiked: false,
         }
+    }
+
+    /// A trial as the planner asked for it: peak, seed index, steps.
+    type Asked = (f64, usize, usize);
+
+    /// A landscape with its best peak at `best` for the final horizon (100 steps) and a
+    /// higher one for shorter runs, every run diverging from 1.0 on; each batch the planner
+    /// asks for is recorded as (peak, seed index, steps).
+    fn plan_on(
+        search: &Search,
+        candidates: &[f64],
+        plan: SearchPlan,
+        best: f64,
+    ) -> (SearchOutcome, Vec<Vec<Asked>>) {
+        let mut batches = Vec::new();
+        let mut runner = |batch: &[CandidateTrial]| {
+            batches.push(
+                batch
+                    .iter()
+                    .map(|t| (t.peak_lr, t.seed_index, t.steps))
+                    .collect(),
+            );
+            Ok::<_, EngineError>(batch.iter().map(|t| landscape(t, best)).collect())
+        };
+        let outcome = search
+            .run(candidates, plan, 10_000, &mut runner)
+            .expect("the fake runner never fails");
+        (outcome, batches)
+    }
+
+    fn landscape(trial: &CandidateTrial, best: f64) -> CandidateResult {
+        let centre = if trial.steps < 100 { 2.5 * best } else { best };
+        let loss = 0.1 + (trial.peak_lr / centre).log10().powi(2);
+        let val_loss = if trial.peak_lr >= 1.0 {
+            f64::INFINITY
+        } else {
+            loss
+        };
+        let mut run = run(trial.peak_lr, 7 + trial.seed_index as u64, val_loss);
+        run.steps = trial.steps;
+        let steps_run = if run.diverged { 3 } else { trial.steps };
+        CandidateResult { run, steps_run }
+    }
+
+    #[test]
+    fn the_planner_fed_results_one_by_one_in_any_order_ends_as_one_run_straight_through() {
+        for (seeds, candidates, screen_steps, best) in [
+            (1, vec![0.01, 0.03, 0.1, 0.3, 1.0], Some(10), 0.2),
+            (2, vec![0.001, 0.01], None, 0.1),
+        ] {
+            let search = Search {
+                seeds,
+                extend: true,
+                anchor: None,
+            };
+            let plan = SearchPlan {
+                screen_steps,
+                finalists: 2,
+                final_steps: 100,
+            };
+            let (straight, _) = plan_on(&search, &candidates, plan, best);
+            // Each answer gives one missing trial, the batch's last first, and `known` keeps
+            // the results newest first: neither order is the planner's.
+            let mut known = Vec::new();
+            let outcome = loop {
+                match search.next(&candidates, plan, 10_000, &known) {
+                    Next::Trials(missing) => {
+                        let trial = *missing.last().expect("a missing trial");
+                        known.insert(0, (trial, landscape(&trial, best)));
+                    }
+                    Next::Done(outcome) => break outcome,
+                }
+                assert!(known.len() < 100, "the planner asked for too many trials");
+            };
+            assert_eq!(outcome, straight);
+            assert_eq!(known.len(), straight.runs.len());
+        }
+    }
+
+    #[test]
+    fn the_planner_asks_for_each_stage_as_one_batch_decided_from_the_results_before_it() {
+        let search = Search {
+            seeds: 1,
+            extend: true,
+            anchor: None,
+        };
+        let candidates = [0.01, 0.03, 0.1, 0.3, 1.0];
+        let plan = SearchPlan {
+            screen_steps: Some(10),
+            finalists: 2,
+            final_steps: 100,
+        };
+        let (outcome, batches) = plan_on(&search, &candidates, plan, 0.2);
+        let probe_up = (0.3f64 * 1.0).sqrt();
+        let probe_down = (0.3f64 * 0.1).sqrt();
+        assert_eq!(
+            batches,
+            vec![
+                // The screening: every candidate. 1.0 diverges: the edge, so 0.3 is the best
+                // screened, and it and the one below go on to the plan.
+                candidates.iter().map(|&peak| (peak, 0, 10)).collect(),
+                vec![(0.1, 0, 100), (0.3, 0, 100)],
+                // Probes: towards the neighbour never run at the plan first (1.0), then
+                // towards 0.1, as the first probe ended too near the best to probe again.
+                vec![(probe_up, 0, 100)],
+                vec![(probe_down, 0, 100)],
+            ]
+        );
+        assert_eq!(outcome.final_steps, 100);
+        // The first probe ended far above 0.3's loss: the edge came down to it.
+        let edge = outcome.edge.expect("an edge");
+        assert_eq!((edge.lr, edge.reason), (probe_up, Instability::FarAbove));
+        let best = final_candidates(&outcome.runs, 100)
+            .into_iter()
+            .find(|c| c.best)
+            .map(|c| c.peak_lr);
+        assert_eq!(best, Some(probe_down));
+    }
+
+    #[test]
+    fn the_planner_steps_past_the_top_of_the_range_one_batch_of_seeds_at_a_time() {
+        let search = Search {
+            seeds: 2,
+            extend: true,
+            anchor: None,
+        };
+        let candidates = [0.001, 0.01];
+        let plan = SearchPlan {
+            screen_steps: None,
+            finalists: 2,
+            final_steps: 100,
+        };
+        let (outcome, batches) = plan_on(&search, &candidates, plan, 0.1);
+        let seeds = |peak: f64| vec![(peak, 0, 100), (peak, 1, 100)];
+        // Both seeds of both candidates, then 10x up (the candidates' spacing) while the best
+        // is the highest tried: 0.1, then 1.0, which diverges and ends the steps.
+        assert_eq!(
+            batches[..3],
+            [
+                vec![
+                    (0.001, 0, 100),
+                    (0.01, 0, 100),
+                    (0.001, 1, 100),
+                    (0.01, 1, 100)
+                ],
+                seeds(0.1),
+                seeds(1.0),
+            ]
+        );
+        assert_eq!(outcome.open_edge, None);
+        // Then probes below the best (the side of the better neighbour, never towards the
+        // edge at 1.0), then, as the best borders the edge, a third seed of it alone.
+        let first_probe = (0.01f64 * 0.1).sqrt();
+        let second_probe = (first_probe * 0.1).sqrt();
+        assert_eq!(
+            batches[3..],
+            [seeds(first_probe), seeds(second_probe), vec![(0.1, 2, 100)]]
+        );
     }
 
     #[test]

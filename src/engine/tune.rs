@@ -24,10 +24,12 @@ use super::spec::{
 };
 use super::suggest::{self, CurveEnd, Suggestions};
 use super::sweep::{
-    auto_candidates, band, final_candidates, judged_at, plan_search, refine_peak, OpenEdge, Search,
-    StabilityEdge, SweepCandidate, SweepRun, EDGE_MARGIN, SMALL_VALIDATION_ROWS,
+    auto_candidates, band, final_candidates, judged_at, plan_search, refine_peak, train_candidate,
+    CandidateSetup, CandidateTrial, OpenEdge, Search, StabilityEdge, SweepCandidate, SweepRun,
+    EDGE_MARGIN, SMALL_VALIDATION_ROWS,
 };
 use super::trainer::Trainer;
+use super::trial::{TrialData, Trials};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobResult {
@@ -137,11 +139,24 @@ fn device_name(device: &Device) -> String {
 }
 
 /// Runs a validated range test, sweep or tune on its loaded data (a `compare` job runs with
-/// [`super::compare::run_compare`]).
+/// [`super::compare::run_compare`]), one trial at a time.
 pub fn run_job(
     spec: &ValidSpec,
     loaded: LoadedData,
     limits: &Limits,
+    cancel: &AtomicBool,
+    observer: &mut dyn FnMut(Event),
+) -> Result<JobOutput, EngineError> {
+    run_job_with(spec, loaded, limits, Trials::serial(), cancel, observer)
+}
+
+/// [`run_job`] with the sweep's independent trials run as `trials` says (side by side with
+/// [`Trials::new`]); the result is the same whatever the number at a time.
+pub fn run_job_with(
+    spec: &ValidSpec,
+    loaded: LoadedData,
+    limits: &Limits,
+    trials: Trials,
     cancel: &AtomicBool,
     observer: &mut dyn FnMut(Event),
 ) -> Result<JobOutput, EngineError> {
@@ -153,9 +168,14 @@ pub fn run_job(
         .into());
     }
     let mut control = Control::new(cancel, observer);
-    tune_with(spec, loaded, limits, &mut control, &|peak_lr, steps| {
-        one_cycle(spec, peak_lr, steps)
-    })
+    tune_with(
+        spec,
+        loaded,
+        limits,
+        &mut control,
+        trials,
+        &|peak_lr, steps| one_cycle(spec, peak_lr, steps),
+    )
 }
 
 /// The tune's machinery with the sweep's candidates trained on `schedule_for(peak, steps)`
@@ -165,7 +185,8 @@ pub(crate) fn tune_with(
     loaded: LoadedData,
     limits: &Limits,
     control: &mut Control<'_>,
-    schedule_for: &dyn Fn(f64, usize) -> Schedule,
+    trials: Trials,
+    schedule_for: &(dyn Fn(f64, usize) -> Schedule + Sync),
 ) -> Result<JobOutput, EngineError> {
     let started = Instant::now();
     let fetched_weights = loaded.initial_weights.clone();
@@ -185,6 +206,8 @@ pub(crate) fn tune_with(
     let weights = load_initial_weights(spec.init.as_ref(), fetched_weights.as_deref())?;
     let build = |seed: u64| build_job_trainer(spec, &shape, seed, &device, weights.as_ref());
     let trainer = build(spec.seed)?;
+    let backend = trainer.backend_name();
+    let parameters = trainer.model().parameter_count();
     let train = DeviceData::new(&prepared.train, &device)?;
     let validation = DeviceData::new(&prepared.validation, &device)?;
     // Where training starts (and, for loaded weights, the check that they loaded right).
@@ -270,6 +293,8 @@ pub(crate) fn tune_with(
         });
         curve = outcome.points;
     }
+    // Every sweep trial builds its own model: this one would only hold memory from here on.
+    drop(trainer);
 
     let mut judged = Vec::new();
     let mut final_judged = Vec::new();
@@ -318,23 +343,36 @@ pub(crate) fn tune_with(
             .into());
         }
         control.emit(Event::Stage("sweep"));
-        let build_trainer = |seed: u64| -> Result<Trainer, EngineError> { build(seed) };
         let search = Search {
-            trainer: &trainer,
-            build_trainer: &build_trainer,
-            optimizer: &spec.optimizer,
-            train: &train,
-            validation: &validation,
-            batch_size: spec.batch_size,
-            seed: spec.seed,
             seeds: spec.sweep.seeds,
-            schedule_for,
             extend: matches!(spec.sweep.candidates, Candidates::Auto),
             anchor: range_summary
                 .as_ref()
                 .and_then(|r| r.suggestions.preferred()),
         };
-        let outcome = search.run(&candidates, plan, available, control)?;
+        let setup = CandidateSetup {
+            build_trainer: &build,
+            optimizer: &spec.optimizer,
+            data: TrialData {
+                train: &train,
+                validation: &validation,
+                batch_size: spec.batch_size,
+            },
+            seed: spec.seed,
+            schedule_for,
+        };
+        let train_one = |trial: &CandidateTrial, control: &mut Control<'_>| {
+            train_candidate(&setup, trial, control)
+        };
+        let mut runner = |batch: &[CandidateTrial]| {
+            let results = trials.run_batch(batch, &train_one, control)?;
+            // A diverged run's remaining steps were planned work that will not happen.
+            for (trial, result) in batch.iter().zip(&results) {
+                control.skip_steps(trial.steps - result.steps_run);
+            }
+            Ok::<_, EngineError>(results)
+        };
+        let outcome = search.run(&candidates, plan, available, &mut runner)?;
         control.skip_steps(usize::MAX);
         let finals = final_candidates(&outcome.runs, outcome.final_steps);
         if finals.iter().all(|candidate| candidate.diverged) {
@@ -420,8 +458,8 @@ pub(crate) fn tune_with(
             data: prepared.info,
             model: ModelSummary {
                 arch: spec.model.arch().to_string(),
-                backend: trainer.backend_name().to_string(),
-                parameters: trainer.model().parameter_count(),
+                backend: backend.to_string(),
+                parameters,
                 device: device_name(&device),
                 steps_per_epoch,
                 estimated_memory_bytes: cost.memory_bytes,

@@ -33,6 +33,8 @@ pub struct Settings {
     pub limits: Limits,
     /// Jobs run at the same time in this process; 0 for an API replica that runs none.
     pub workers: usize,
+    /// Threads of the compute pool the jobs train on (none: one per core).
+    pub threads: Option<usize>,
 }
 
 impl Default for Settings {
@@ -43,6 +45,7 @@ impl Default for Settings {
             queue: QueueConfig::default(),
             limits: Limits::default(),
             workers: 1,
+            threads: None,
         }
     }
 }
@@ -157,12 +160,15 @@ impl Application {
         let grace = settings.queue.grace;
         let workers = WorkerPool::start(
             store.clone(),
-            WorkerSettings::new(
-                settings.workers,
-                worker_name(None),
-                settings.queue,
-                settings.limits.clone(),
-            ),
+            WorkerSettings {
+                threads: settings.threads,
+                ..WorkerSettings::new(
+                    settings.workers,
+                    worker_name(None),
+                    settings.queue,
+                    settings.limits.clone(),
+                )
+            },
             runner,
             telemetry.clone(),
         );
@@ -240,6 +246,8 @@ pub struct WorkerProcessSettings {
     pub name: String,
     /// Where to serve `/metrics` and `/healthz`; none by default.
     pub metrics_addr: Option<String>,
+    /// Threads of the compute pool the jobs train on (none: one per core).
+    pub threads: Option<usize>,
 }
 
 /// A worker process: claims and runs jobs from the shared database, no API.
@@ -281,12 +289,15 @@ impl WorkerProcess {
         let grace = settings.queue.grace;
         let workers = WorkerPool::start(
             store.clone(),
-            WorkerSettings::new(
-                settings.workers,
-                settings.name,
-                settings.queue,
-                settings.limits,
-            ),
+            WorkerSettings {
+                threads: settings.threads,
+                ..WorkerSettings::new(
+                    settings.workers,
+                    settings.name,
+                    settings.queue,
+                    settings.limits,
+                )
+            },
             runner,
             telemetry.clone(),
         );

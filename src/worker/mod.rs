@@ -45,6 +45,8 @@ pub struct WorkerSettings {
     pub flush_every: Duration,
     /// How often an idle worker looks for work without being woken.
     pub poll_every: Duration,
+    /// Threads of the compute pool that trains (none: one per core).
+    pub threads: Option<usize>,
 }
 
 impl WorkerSettings {
@@ -56,6 +58,7 @@ impl WorkerSettings {
             limits,
             flush_every: Duration::from_millis(250),
             poll_every: Duration::from_millis(500),
+            threads: None,
         }
     }
 
@@ -108,7 +111,7 @@ impl WorkerPool {
         telemetry: Arc<Telemetry>,
     ) -> WorkerPool {
         if settings.workers > 0 {
-            priority::lower_compute_pool();
+            priority::lower_compute_pool(settings.threads);
         }
         let (stop_claiming, stop) = watch::channel(false);
         let running = Arc::new(Running::default());

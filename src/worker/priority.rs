@@ -20,10 +20,12 @@ pub fn lower_this_thread() {
 }
 
 /// Builds rayon's global pool, which runs the training step's parallel kernels and matrix
-/// products, with every thread at [`COMPUTE_NICE`]. Only the first call in a process builds
-/// it (a second server in the same process, as in tests, shares the pool).
-pub fn lower_compute_pool() {
+/// products, with every thread at [`COMPUTE_NICE`]: `threads` of them (by default one per
+/// core). Only the first call in a process builds it (a second server in the same process,
+/// as in tests, shares the pool).
+pub fn lower_compute_pool(threads: Option<usize>) {
     let built = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.unwrap_or(0))
         .thread_name(|index| format!("lrtune-compute-{index}"))
         .start_handler(|_| lower_this_thread())
         .build_global();

@@ -449,3 +449,28 @@ async fn sigterm_drains_a_worker_its_unfinished_job_goes_back_to_the_queue_uncou
     let (_, curve) = client.get(&base, &format!("/v1/jobs/{id}/curve")).await;
     assert_eq!(curve["points"], json!([]), "the partial curve is gone");
 }
+
+/// Threads of the process named as rayon's compute pool names them.
+fn compute_threads(process: &Lrtune) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", process.pid())).expect("/proc");
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("lrtune-compute"))
+        .count()
+}
+
+#[test]
+fn a_worker_trains_on_as_many_compute_threads_as_threads_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("lrtune.db");
+    let db = db.to_str().unwrap();
+    for threads in [1, 3] {
+        let worker = Lrtune::worker(db, "threads", &["--threads", &threads.to_string()]);
+        // The pool is built as the worker starts; its threads may take a moment to show.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while compute_threads(&worker) != threads && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(compute_threads(&worker), threads);
+    }
+}

@@ -202,3 +202,32 @@ fn run_plot_draws_the_curve_the_suggestions_and_the_band() {
         ],
     );
 }
+
+#[test]
+fn run_gives_the_same_result_with_trials_side_by_side_and_refuses_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(dir.path(), "spec.json", &tiny_spec().to_string());
+    let result = |parallel: &str| {
+        let run = lrtune(&["run", &spec, "--json", "-q", "--parallel", parallel], &[]);
+        assert_eq!(run.code, 0, "{run}");
+        let mut result: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON");
+        result.as_object_mut().unwrap().remove("timing");
+        result
+    };
+    let serial = result("1");
+    assert!(serial["sweep"].as_array().unwrap().len() >= 2, "{serial}");
+    assert_eq!(result("3"), serial);
+
+    let refused = [
+        (vec!["run", spec.as_str(), "--parallel", "0"], "--parallel"),
+        (
+            vec!["worker", "--db", "unused.db", "--threads", "0"],
+            "--threads",
+        ),
+    ];
+    for (args, flag) in refused {
+        let run = lrtune(&args, &[]);
+        assert_eq!(run.code, 2, "{run}");
+        assert!(run.stderr.contains(flag), "{run}");
+    }
+}

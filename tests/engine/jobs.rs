@@ -10,9 +10,11 @@ use lrtune::engine::schedule::Schedule;
 use lrtune::engine::spec::{OptimizerSpec, RangeTestSpec};
 use lrtune::engine::sweep::EDGE_MARGIN;
 use lrtune::engine::trainer::Trainer;
-use lrtune::engine::{self, Control, Event, JobSpec, Limits, SpecError, ValidSpec};
+use lrtune::engine::{
+    self, Control, Event, JobSpec, Limits, SpecError, SweepRun, Trials, ValidSpec,
+};
 
-use super::{run, SPIRALS_TUNE};
+use super::{run, run_with, SPIRALS_TUNE};
 
 #[test]
 fn a_tune_on_mnist10k_recommends_its_best_sweep_candidate_with_a_band_around_it() {
@@ -101,6 +103,58 @@ fn the_same_spec_and_seed_give_the_same_result() {
     let other_seed = SPIRALS_TUNE.replace("\"batch_size\": 32", "\"batch_size\": 32, \"seed\": 9");
     let (third, _) = run(&other_seed);
     assert_ne!(first.curve, third.curve);
+}
+
+#[test]
+fn the_result_is_the_same_whatever_the_number_of_trials_run_side_by_side() {
+    // The default budget: a screening, finalists at the plan, then seeds, probes or steps
+    // past the range as the results call for, each stage one batch.
+    let spec = r#"{
+        "data": {"builtin": "spirals", "samples": 1024},
+        "model": {"arch": "mlp", "hidden": [32, 32]},
+        "batch_size": 32,
+        "plan": {"epochs": 6},
+        "range_test": {"start_lr": 1e-5, "end_lr": 10, "steps": 60},
+        "sweep": {"count": 5}
+    }"#;
+    let (serial, serial_events) = run_with(spec, Trials::serial());
+    let (side_by_side, side_events) = run_with(spec, Trials::new(3));
+    assert_eq!(serial.curve, side_by_side.curve);
+    assert_eq!(serial.result.sweep, side_by_side.result.sweep);
+    assert_eq!(
+        serial.result.recommendation,
+        side_by_side.result.recommendation
+    );
+    assert_eq!(
+        serial.result.timing.total_steps,
+        side_by_side.result.timing.total_steps
+    );
+    // The same runs were reported, in the order they finished.
+    let runs = |events: &[Event]| {
+        let mut runs: Vec<SweepRun> = events
+            .iter()
+            .filter_map(|event| match event {
+                Event::SweepRun(run) => Some(*run),
+                _ => None,
+            })
+            .collect();
+        runs.sort_by(|a, b| {
+            (a.steps, a.seed)
+                .cmp(&(b.steps, b.seed))
+                .then(a.peak_lr.total_cmp(&b.peak_lr))
+        });
+        runs
+    };
+    let reported = runs(&serial_events);
+    assert!(reported.len() > 5, "{} runs", reported.len());
+    assert_eq!(reported, runs(&side_events));
+    // Side by side, progress still counts every step once.
+    let last_progress = side_events.iter().rev().find_map(|event| match event {
+        Event::Progress { done, total } => Some((*done, *total)),
+        _ => None,
+    });
+    let steps = side_by_side.result.timing.total_steps;
+    assert_eq!(last_progress, Some((steps, steps)));
 }
 
 #[test]

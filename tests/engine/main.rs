@@ -11,17 +11,29 @@ mod support;
 
 use std::sync::atomic::AtomicBool;
 
-use lrtune::engine::{self, Event, JobOutput, Limits, ValidSpec};
+use lrtune::engine::{self, Event, JobOutput, Limits, Trials, ValidSpec};
 
 /// Parses, validates, loads and runs a spec, collecting its events.
 pub fn run(spec_json: &str) -> (JobOutput, Vec<Event>) {
+    run_with(spec_json, Trials::serial())
+}
+
+/// [`run`] with the sweep's trials run as `trials` says.
+pub fn run_with(spec_json: &str, trials: Trials) -> (JobOutput, Vec<Event>) {
     let spec = ValidSpec::parse(spec_json, &Limits::default()).expect("a valid spec");
     let loaded = engine::load_local_data(&spec).expect("data loads");
     let cancel = AtomicBool::new(false);
     let mut events = Vec::new();
     let mut observer = |event: Event| events.push(event);
-    let output = engine::run_job(&spec, loaded, &Limits::default(), &cancel, &mut observer)
-        .expect("job runs");
+    let output = engine::run_job_with(
+        &spec,
+        loaded,
+        &Limits::default(),
+        trials,
+        &cancel,
+        &mut observer,
+    )
+    .expect("job runs");
     (output, events)
 }
 
