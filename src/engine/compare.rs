@@ -193,41 +193,52 @@ pub fn run_compare_with(
     let mut outer = Control::new(cancel, observer);
     outer.plan(total);
     let tune_started = Instant::now();
-    // Each recipe's learning rate and the steps spent finding it (none when untuned).
-    let mut lrs = Vec::with_capacity(recipes.len());
-    for (recipe, tune_spec) in recipes.iter().zip(&tune_specs) {
-        if let Some(lr) = recipe.fixed_lr() {
-            lrs.push((lr, 0));
-            continue;
-        }
-        outer.emit(Event::Stage("tune"));
-        let offset = outer.steps_done();
+    // The recipes' tunes are independent of each other: one batch. Side by side, each
+    // tune's own sweep runs one trial at a time, on the tune's share of the threads.
+    let tuned: Vec<usize> = (0..recipes.len())
+        .filter(|&index| recipes[index].fixed_lr().is_none())
+        .collect();
+    let tune_trials = if trials.parallel() > 1 && tuned.len() > 1 {
+        Trials::serial()
+    } else {
+        trials
+    };
+    let tune_one = |&index: &usize, control: &mut Control<'_>| {
+        let recipe = &recipes[index];
         let schedule_for =
             |peak: f64, steps: usize| recipe_schedule(spec, recipe, peak, steps, steps_per_epoch);
-        let (output, spent) = {
-            // The tune's own progress, shifted onto the race's: its points stay its own.
-            let mut forward = |event: Event| {
-                if let Event::Progress { done, .. } = event {
-                    outer.emit(Event::Progress {
-                        done: offset + done,
-                        total: total.max(offset + done),
-                    });
-                }
-            };
-            let mut inner = Control::new(cancel, &mut forward);
-            let output = tune_with(
-                tune_spec,
-                loaded.clone(),
-                limits,
-                &mut inner,
-                trials,
-                &schedule_for,
-            )?;
-            (output, inner.steps_done())
+        // The tune's steps count as the race's; its points, stages and plan stay its own.
+        let cancel = control.cancel_flag();
+        let mut counted = 0;
+        let mut forward = |event: Event| {
+            if let Event::Progress { done, .. } = event {
+                control.add_done(done.saturating_sub(counted));
+                counted = done;
+            }
         };
-        outer.add_done(spent);
-        lrs.push((output.result.recommendation.peak_lr, spent));
+        let mut inner = Control::new(cancel, &mut forward);
+        let output = tune_with(
+            &tune_specs[index],
+            loaded.clone(),
+            limits,
+            &mut inner,
+            tune_trials,
+            &schedule_for,
+        )?;
+        Ok((output.result.recommendation.peak_lr, inner.steps_done()))
+    };
+    if !tuned.is_empty() {
+        outer.emit(Event::Stage("tune"));
     }
+    let mut tunes = trials.run_batch(&tuned, &tune_one, &mut outer)?.into_iter();
+    // Each recipe's learning rate and the steps spent finding it (none when untuned).
+    let lrs: Vec<(f64, usize)> = recipes
+        .iter()
+        .filter_map(|recipe| match recipe.fixed_lr() {
+            Some(lr) => Some((lr, 0)),
+            None => tunes.next(),
+        })
+        .collect();
     let tune_steps: usize = lrs.iter().map(|&(_, spent)| spent).sum();
     let tune_seconds = tune_started.elapsed().as_secs_f64();
     // The race's own steps are known exactly from here on.

@@ -1,7 +1,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use lrtune::engine::compare::{evaluation_steps, run_compare, CompareResult, RACE_POINTS};
-use lrtune::engine::{self, EngineError, Event, JobSpec, Limits, ValidSpec};
+use lrtune::engine::compare::{
+    evaluation_steps, run_compare, run_compare_with, CompareResult, RACE_POINTS,
+};
+use lrtune::engine::{self, EngineError, Event, JobSpec, Limits, Trials, ValidSpec};
 
 /// A small race on spirals: two default recipes and a custom plateau one, two seeds.
 const SPIRALS_RACE: &str = r#"{
@@ -455,4 +457,59 @@ fn untuned_challengers_race_at_their_defaults_and_the_verdict_says_what_tuning_b
     assert!(json["recipes"][1]["final_d"]["mean"].is_f64());
     let back: CompareResult = serde_json::from_value(json).unwrap();
     assert_eq!(back, result);
+}
+
+/// The race's result with every timing (seconds) left out.
+fn without_timing(result: &CompareResult) -> serde_json::Value {
+    fn strip(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                map.retain(|key, _| key != "timing" && !key.contains("seconds"));
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(result).unwrap();
+    strip(&mut value);
+    value
+}
+
+#[test]
+fn a_race_run_side_by_side_gives_the_same_result_and_counts_every_step_once() {
+    let spec = ValidSpec::parse(SPIRALS_RACE, &Limits::default()).unwrap();
+    let race_with = |trials: Trials| {
+        let loaded = engine::load_local_data(&spec).unwrap();
+        let cancel = AtomicBool::new(false);
+        let mut last = None;
+        let mut observer = |event: Event| {
+            if let Event::Progress { done, total } = event {
+                last = Some((done, total));
+            }
+        };
+        let result = run_compare_with(
+            &spec,
+            loaded,
+            &Limits::default(),
+            trials,
+            &cancel,
+            &mut observer,
+        )
+        .expect("race runs");
+        (result, last)
+    };
+    let (serial, serial_progress) = race_with(Trials::serial());
+    let (side_by_side, progress) = race_with(Trials::new(3));
+    assert_eq!(without_timing(&side_by_side), without_timing(&serial));
+    let steps = serial.timing.tune_steps + serial.timing.race_steps;
+    assert_eq!(serial_progress, Some((steps, steps)));
+    assert_eq!(progress, Some((steps, steps)));
+    assert_eq!(
+        (
+            side_by_side.timing.tune_steps,
+            side_by_side.timing.race_steps
+        ),
+        (serial.timing.tune_steps, serial.timing.race_steps)
+    );
 }
