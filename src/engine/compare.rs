@@ -286,7 +286,7 @@ pub fn run_compare_with(
     for run in &runs {
         // A diverged run's remaining steps were planned work that will not happen.
         let steps_run = run.points.last().map_or(0, |point| point.step);
-        outer.skip_steps(plan_steps - steps_run);
+        outer.skip_steps(plan_steps.saturating_sub(steps_run));
     }
     let mut runs = runs.into_iter();
     let mut results = Vec::with_capacity(recipes.len());

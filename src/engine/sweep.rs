@@ -266,13 +266,17 @@ impl<E> Ledger<'_, '_, E> {
     }
 }
 
-/// Every seed index below `seeds` at `peak_lr`.
-fn seeds_of(peak_lr: f64, seeds: usize, steps: usize) -> impl Iterator<Item = CandidateTrial> {
-    (0..seeds).map(move |seed_index| CandidateTrial {
-        peak_lr,
-        seed_index,
-        steps,
-    })
+/// Every seed index below `seeds` at each of `peaks`, a seed's peaks together.
+fn every_seed(peaks: &[f64], seeds: usize, steps: usize) -> Vec<CandidateTrial> {
+    (0..seeds)
+        .flat_map(|seed_index| {
+            peaks.iter().map(move |&peak_lr| CandidateTrial {
+                peak_lr,
+                seed_index,
+                steps,
+            })
+        })
+        .collect()
 }
 
 impl Search {
@@ -297,16 +301,7 @@ impl Search {
         };
         let finalists = match plan.screen_steps {
             Some(screen_steps) => {
-                let batch: Vec<CandidateTrial> = (0..self.seeds)
-                    .flat_map(|seed_index| {
-                        candidates.iter().map(move |&peak_lr| CandidateTrial {
-                            peak_lr,
-                            seed_index,
-                            steps: screen_steps,
-                        })
-                    })
-                    .collect();
-                ledger.train(&batch)?;
+                ledger.train(&every_seed(candidates, self.seeds, screen_steps))?;
                 let edge = stability_edge(&ledger.runs).map(|edge| edge.lr);
                 finalists(&judge(candidates, &ledger.runs, edge), plan.finalists)
             }
@@ -316,16 +311,7 @@ impl Search {
             None => candidates.to_vec(),
         };
         let final_steps = plan.final_steps;
-        let batch: Vec<CandidateTrial> = (0..self.seeds)
-            .flat_map(|seed_index| {
-                finalists.iter().map(move |&peak_lr| CandidateTrial {
-                    peak_lr,
-                    seed_index,
-                    steps: final_steps,
-                })
-            })
-            .collect();
-        ledger.train(&batch)?;
+        ledger.train(&every_seed(&finalists, self.seeds, final_steps))?;
         let left = |ledger: &Ledger<'_, '_, E>| budget.saturating_sub(ledger.spent);
         let ratio = spacing(candidates);
         // Without a screening, the candidates above the finalists were never run.
@@ -360,8 +346,7 @@ impl Search {
             {
                 break;
             }
-            let batch: Vec<CandidateTrial> = seeds_of(next, self.seeds, final_steps).collect();
-            ledger.train(&batch)?;
+            ledger.train(&every_seed(&[next], self.seeds, final_steps))?;
             extensions += 1;
         }
         // Seed noise: while the best two are within 5 % (or a seed's spread) of each other,
@@ -404,8 +389,7 @@ impl Search {
                 let Some(probe) = next_probe(&ledger.runs, final_steps) else {
                     break;
                 };
-                let batch: Vec<CandidateTrial> = seeds_of(probe, self.seeds, final_steps).collect();
-                ledger.train(&batch)?;
+                ledger.train(&every_seed(&[probe], self.seeds, final_steps))?;
             }
         }
         // Risk: while the best borders the stability edge, it gets more seeds (up to
