@@ -138,7 +138,7 @@ fn show_progress(bar: &ProgressBar, event: Event) {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         }
-        Event::Point(_) | Event::SweepRun(_) | Event::RacePoint(_) => {}
+        Event::Point(_) | Event::SweepRun(_) | Event::RacePoint(_) | Event::Trial(_) => {}
     }
 }
 

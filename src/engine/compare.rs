@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::admission::{admit, DataShape};
 use super::backend::{BatchOrder, DeviceData, Evaluation};
 use super::data::DatasetInfo;
-use super::events::{Control, EngineError, Event};
+use super::events::{Control, EngineError, Event, TrialInfo, TrialKind, TrialOutcome};
 pub use super::events::{RaceEvent, RacePoint};
 use super::limits::Limits;
 use super::model::load_initial_weights;
@@ -209,14 +209,21 @@ pub fn run_compare_with(
             |peak: f64, steps: usize| recipe_schedule(spec, recipe, peak, steps, steps_per_epoch);
         // The tune's steps count as the race's; its points, stages and plan stay its own.
         let cancel = control.cancel_flag();
+        let counter = control.trial_counter();
         let mut counted = 0;
-        let mut forward = |event: Event| {
-            if let Event::Progress { done, .. } = event {
+        // Its trials are the race's, named by their recipe.
+        let mut forward = |event: Event| match event {
+            Event::Progress { done, .. } => {
                 control.add_done(done.saturating_sub(counted));
                 counted = done;
             }
+            Event::Trial(mut trial) => {
+                trial.info.recipe = Some(recipe.name.clone());
+                control.emit(Event::Trial(trial));
+            }
+            _ => {}
         };
-        let mut inner = Control::new(cancel, &mut forward);
+        let mut inner = Control::with_trials(cancel, &mut forward, counter);
         let output = tune_with(
             &tune_specs[index],
             loaded.clone(),
@@ -281,7 +288,29 @@ pub fn run_compare_with(
         plan_steps,
         steps_per_epoch,
     };
-    let run_one = |trial: &RaceTrial, control: &mut Control<'_>| setup.run(trial, control);
+    let run_one = |trial: &RaceTrial, control: &mut Control<'_>| {
+        let info = TrialInfo {
+            kind: TrialKind::Race,
+            lr: Some(trial.lr),
+            recipe: Some(recipes[trial.recipe].name.clone()),
+            seed: spec.seed + trial.seed_index as u64,
+            steps: plan_steps,
+        };
+        control.trial(
+            info,
+            |control| setup.run(trial, control),
+            |run, seconds| {
+                let last = run.points.last();
+                TrialOutcome {
+                    steps_run: last.map_or(0, |point| point.step),
+                    seconds,
+                    val_loss: last.and_then(|point| point.val_loss),
+                    val_accuracy: last.and_then(|point| point.val_accuracy),
+                    diverged_at: run.diverged.then(|| last.map_or(0, |point| point.step)),
+                }
+            },
+        )
+    };
     let runs = trials.run_batch(&batch, &run_one, &mut outer)?;
     for run in &runs {
         // A diverged run's remaining steps were planned work that will not happen.

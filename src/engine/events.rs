@@ -2,7 +2,9 @@
 //! points, progress), the cancel flag it checks, and the errors that end it. A leaf the
 //! training loops import; it knows no loop, model or backend.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +65,80 @@ pub struct RaceEvent {
     pub point: RacePoint,
 }
 
+/// What kind of training a trial is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrialKind {
+    /// The range test's ramp.
+    RangeTest,
+    /// One OneCycle run of the sweep at a candidate peak (a screening, final, extension,
+    /// seed or probe run).
+    Sweep,
+    /// One full run of a race's recipe.
+    Race,
+}
+
+impl TrialKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrialKind::RangeTest => "range_test",
+            TrialKind::Sweep => "sweep",
+            TrialKind::Race => "race",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<TrialKind> {
+        [TrialKind::RangeTest, TrialKind::Sweep, TrialKind::Race]
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
+    }
+}
+
+/// What describes a trial: its kind, the learning rate it runs at (a sweep run's peak, a race
+/// run's recipe rate), the recipe it belongs to (a compare job's), its seed and its length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrialInfo {
+    pub kind: TrialKind,
+    pub lr: Option<f64>,
+    pub recipe: Option<String>,
+    pub seed: u64,
+    pub steps: usize,
+}
+
+/// How a finished trial went: the steps it took, its wall time (validation included), its
+/// final validation, and the step its loss stopped being finite at, if it did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrialOutcome {
+    pub steps_run: usize,
+    pub seconds: f64,
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    pub diverged_at: Option<usize>,
+}
+
+/// Where a trial is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TrialState {
+    Running,
+    Succeeded(TrialOutcome),
+    /// It ended with an error (the job's), after `seconds`.
+    Failed {
+        seconds: f64,
+    },
+    Canceled {
+        seconds: f64,
+    },
+}
+
+/// A trial that started or ended. `index` is its place in the job, in the order trials
+/// started (from 0); side by side, trials of one batch may start in any order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrialEvent {
+    pub index: usize,
+    pub info: TrialInfo,
+    pub state: TrialState,
+}
+
 /// What a running job reports as it goes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -72,6 +148,8 @@ pub enum Event {
     SweepRun(SweepRun),
     /// A validation point of one of a race's full runs (`compare` jobs).
     RacePoint(RaceEvent),
+    /// A trial started or ended.
+    Trial(TrialEvent),
     /// Steps done out of the steps planned for the whole job.
     Progress {
         done: usize,
@@ -98,6 +176,9 @@ pub struct Control<'a> {
     observer: &'a mut dyn FnMut(Event),
     done: usize,
     total: usize,
+    /// The job's trials started so far, shared with the controls of its nested work (a
+    /// batch's slots, a race's tunes), so that every trial of the job has its own index.
+    trials: Arc<AtomicUsize>,
 }
 
 impl<'a> Control<'a> {
@@ -107,7 +188,54 @@ impl<'a> Control<'a> {
             observer,
             done: 0,
             total: 0,
+            trials: Arc::default(),
         }
+    }
+
+    /// The job's trial counter, for the controls of work nested in this one's job.
+    pub(crate) fn trial_counter(&self) -> Arc<AtomicUsize> {
+        self.trials.clone()
+    }
+
+    /// [`Control::new`] sharing a job's trial counter (a batch's slots, a race's tunes).
+    pub(crate) fn with_trials(
+        cancel: &'a AtomicBool,
+        observer: &'a mut dyn FnMut(Event),
+        trials: Arc<AtomicUsize>,
+    ) -> Self {
+        Self {
+            cancel,
+            observer,
+            done: 0,
+            total: 0,
+            trials,
+        }
+    }
+
+    /// Runs one trial described by `info`, reporting it as it starts and as it ends (with
+    /// what `outcome` reads from its result, or how it failed).
+    pub(crate) fn trial<R>(
+        &mut self,
+        info: TrialInfo,
+        run: impl FnOnce(&mut Control<'a>) -> Result<R, EngineError>,
+        outcome: impl FnOnce(&R, f64) -> TrialOutcome,
+    ) -> Result<R, EngineError> {
+        let index = self.trials.fetch_add(1, Ordering::Relaxed);
+        self.emit(Event::Trial(TrialEvent {
+            index,
+            info: info.clone(),
+            state: TrialState::Running,
+        }));
+        let began = Instant::now();
+        let result = run(self);
+        let seconds = began.elapsed().as_secs_f64();
+        let state = match &result {
+            Ok(value) => TrialState::Succeeded(outcome(value, seconds)),
+            Err(EngineError::Canceled) => TrialState::Canceled { seconds },
+            Err(_) => TrialState::Failed { seconds },
+        };
+        self.emit(Event::Trial(TrialEvent { index, info, state }));
+        result
     }
 
     pub(crate) fn check_cancel(&self) -> Result<(), EngineError> {

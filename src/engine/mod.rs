@@ -42,7 +42,10 @@ pub mod trial;
 pub mod tune;
 pub mod update;
 
-pub use events::{Control, CurvePoint, EngineError, Event, SweepRun};
+pub use events::{
+    Control, CurvePoint, EngineError, Event, SweepRun, TrialEvent, TrialInfo, TrialKind,
+    TrialOutcome, TrialState,
+};
 pub use limits::Limits;
 pub use prepare::{load_local_data, LoadedData};
 pub use spec::{JobSpec, SpecError, ValidSpec};

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use super::events::SweepRun;
-use super::events::{Control, EngineError, Event};
+use super::events::{Control, EngineError, Event, TrialInfo, TrialKind, TrialOutcome};
 use super::optim::Optimizer;
 use super::schedule::Schedule;
 use super::spec::OptimizerSpec;
@@ -625,9 +625,34 @@ pub struct CandidateSetup<'a> {
     pub schedule_for: &'a (dyn Fn(f64, usize) -> Schedule + Sync),
 }
 
-/// Trains one candidate trial from its seed's initial weights and data order, and reports its
-/// run as it ends.
+/// Trains one candidate trial from its seed's initial weights and data order, and reports it
+/// as it starts and its run as it ends.
 pub fn train_candidate(
+    setup: &CandidateSetup<'_>,
+    trial: &CandidateTrial,
+    control: &mut Control<'_>,
+) -> Result<CandidateResult, EngineError> {
+    let info = TrialInfo {
+        kind: TrialKind::Sweep,
+        lr: Some(trial.peak_lr),
+        recipe: None,
+        seed: setup.seed + trial.seed_index as u64,
+        steps: trial.steps,
+    };
+    control.trial(
+        info,
+        |control| train_candidate_steps(setup, trial, control),
+        |result, seconds| TrialOutcome {
+            steps_run: result.steps_run,
+            seconds,
+            val_loss: Some(result.run.val_loss).filter(|loss| loss.is_finite()),
+            val_accuracy: result.run.val_accuracy,
+            diverged_at: result.run.diverged.then_some(result.steps_run),
+        },
+    )
+}
+
+fn train_candidate_steps(
     setup: &CandidateSetup<'_>,
     trial: &CandidateTrial,
     control: &mut Control<'_>,

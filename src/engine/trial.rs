@@ -154,13 +154,14 @@ impl Trials {
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let cancel = control.cancel_flag();
+        let counter = control.trial_counter();
         let (sender, receiver) = mpsc::channel::<Message<R>>();
         let mut results: Vec<Option<Result<R, EngineError>>> =
             std::iter::repeat_with(|| None).take(batch.len()).collect();
         std::thread::scope(|scope| {
             for slot in 0..slots {
                 let sender = sender.clone();
-                let (next, failed) = (&next, &failed);
+                let (next, failed, counter) = (&next, &failed, &counter);
                 scope.spawn(move || {
                     let work = || loop {
                         if failed.load(Ordering::Relaxed) {
@@ -172,7 +173,7 @@ impl Trials {
                             // The receiver lives until every slot has ended.
                             let _ = sender.send(Message::Event(slot, event));
                         };
-                        let mut inner = Control::new(cancel, &mut forward);
+                        let mut inner = Control::with_trials(cancel, &mut forward, counter.clone());
                         let result = run(trial, &mut inner);
                         if result.is_err() {
                             failed.store(true, Ordering::Relaxed);

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::admission::{admit, check_device, DataShape};
 use super::backend::{BatchOrder, DeviceData};
 use super::data::DatasetInfo;
-use super::events::{Control, EngineError, Event};
+use super::events::{Control, EngineError, Event, TrialInfo, TrialKind, TrialOutcome};
 use super::limits::Limits;
 use super::model::load_initial_weights;
 use super::model::{Model, ModelShape};
@@ -260,17 +260,31 @@ pub(crate) fn tune_with(
     if spec.kind != JobKind::Sweep {
         control.emit(Event::Stage("range_test"));
         let mut optimizer = Optimizer::new(&spec.optimizer, trainer.model().vars());
-        let outcome = run_range_test(
-            RangeTestInputs {
-                trainer: &trainer,
-                optimizer: &mut optimizer,
-                train: &train,
-                validation: &validation,
-                batch_size: spec.batch_size,
-                seed: spec.seed,
+        let info = TrialInfo {
+            kind: TrialKind::RangeTest,
+            lr: None,
+            recipe: None,
+            seed: spec.seed,
+            steps: spec.range_test.steps,
+        };
+        let inputs = RangeTestInputs {
+            trainer: &trainer,
+            optimizer: &mut optimizer,
+            train: &train,
+            validation: &validation,
+            batch_size: spec.batch_size,
+            seed: spec.seed,
+        };
+        let outcome = control.trial(
+            info,
+            |control| run_range_test(inputs, &spec.range_test, control),
+            |curve, seconds| TrialOutcome {
+                steps_run: curve.points.len(),
+                seconds,
+                val_loss: None,
+                val_accuracy: None,
+                diverged_at: curve.stopped_early.then_some(curve.points.len()),
             },
-            &spec.range_test,
-            control,
         )?;
         control.skip_steps(spec.range_test.steps - outcome.points.len());
         let lrs: Vec<f64> = outcome.points.iter().map(|p| p.lr).collect();

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{parse_column, StoreError};
 use crate::engine::spec::JobKind;
+use crate::engine::{TrialEvent, TrialKind, TrialState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -243,6 +244,154 @@ pub struct RacePointRow {
     pub val_accuracy: Option<f64>,
 }
 
+/// Where a trial is, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TrialStatus {
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+impl TrialStatus {
+    pub const ALL: [TrialStatus; 4] = [
+        TrialStatus::Running,
+        TrialStatus::Succeeded,
+        TrialStatus::Failed,
+        TrialStatus::Canceled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrialStatus::Running => "running",
+            TrialStatus::Succeeded => "succeeded",
+            TrialStatus::Failed => "failed",
+            TrialStatus::Canceled => "canceled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<TrialStatus> {
+        TrialStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == text)
+    }
+}
+
+/// A trial as the engine reported it: written as it starts, and again as it ends (the row's
+/// one change). What a finished trial measured is `None` while it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrialUpdate {
+    pub position: i64,
+    pub kind: TrialKind,
+    pub lr: Option<f64>,
+    pub recipe: Option<String>,
+    pub seed: i64,
+    pub steps: i64,
+    pub status: TrialStatus,
+    pub seconds: Option<f64>,
+    pub steps_run: Option<i64>,
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    pub diverged_at: Option<i64>,
+}
+
+impl TrialUpdate {
+    pub fn from_event(event: &TrialEvent) -> TrialUpdate {
+        let info = &event.info;
+        let (status, seconds, outcome) = match event.state {
+            TrialState::Running => (TrialStatus::Running, None, None),
+            TrialState::Succeeded(outcome) => {
+                (TrialStatus::Succeeded, Some(outcome.seconds), Some(outcome))
+            }
+            TrialState::Failed { seconds } => (TrialStatus::Failed, Some(seconds), None),
+            TrialState::Canceled { seconds } => (TrialStatus::Canceled, Some(seconds), None),
+        };
+        TrialUpdate {
+            position: event.index as i64,
+            kind: info.kind,
+            lr: info.lr,
+            recipe: info.recipe.clone(),
+            seed: info.seed as i64,
+            steps: info.steps as i64,
+            status,
+            seconds,
+            steps_run: outcome.map(|o| o.steps_run as i64),
+            val_loss: outcome.and_then(|o| o.val_loss).and_then(nan_as_null),
+            val_accuracy: outcome.and_then(|o| o.val_accuracy).and_then(nan_as_null),
+            diverged_at: outcome.and_then(|o| o.diverged_at).map(|step| step as i64),
+        }
+    }
+}
+
+/// A stored trial: what it was, where it ran and how it went.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrialRow {
+    pub position: i64,
+    /// The job's attempt that ran it.
+    pub run: i64,
+    pub kind: TrialKind,
+    pub lr: Option<f64>,
+    pub recipe: Option<String>,
+    pub seed: i64,
+    pub steps: i64,
+    pub status: TrialStatus,
+    pub worker: Option<String>,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub seconds: Option<f64>,
+    pub steps_run: Option<i64>,
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    pub diverged_at: Option<i64>,
+}
+
+/// A trial row as read, before its kind and status are checked.
+#[derive(sqlx::FromRow)]
+pub(crate) struct TrialRecord {
+    position: i64,
+    run: i64,
+    kind: String,
+    lr: Option<f64>,
+    recipe: Option<String>,
+    seed: i64,
+    steps: i64,
+    status: String,
+    worker: Option<String>,
+    started_at: String,
+    finished_at: Option<String>,
+    seconds: Option<f64>,
+    steps_run: Option<i64>,
+    val_loss: Option<f64>,
+    val_accuracy: Option<f64>,
+    diverged_at: Option<i64>,
+}
+
+impl TryFrom<TrialRecord> for TrialRow {
+    type Error = StoreError;
+
+    fn try_from(record: TrialRecord) -> Result<TrialRow, StoreError> {
+        Ok(TrialRow {
+            position: record.position,
+            run: record.run,
+            kind: parse_column("trial.kind", &record.kind, TrialKind::parse)?,
+            lr: record.lr,
+            recipe: record.recipe,
+            seed: record.seed,
+            steps: record.steps,
+            status: parse_column("trial.status", &record.status, TrialStatus::parse)?,
+            worker: record.worker,
+            started_at: record.started_at,
+            finished_at: record.finished_at,
+            seconds: record.seconds,
+            steps_run: record.steps_run,
+            val_loss: record.val_loss,
+            val_accuracy: record.val_accuracy,
+            diverged_at: record.diverged_at,
+        })
+    }
+}
+
 /// What a running worker writes every few hundred milliseconds, and once more with the
 /// attempt's end: each curve point and sweep run is in exactly one update, so it is written
 /// once.
@@ -257,12 +406,14 @@ pub struct ProgressUpdate {
     pub sweep_runs: Vec<SweepRunRow>,
     /// Race points measured since the last update (`compare` jobs).
     pub race_points: Vec<RacePointRow>,
+    /// Trials that started or ended since the last update, in that order.
+    pub trials: Vec<TrialUpdate>,
 }
 
 impl ProgressUpdate {
     /// The points, sweep runs and race points it carries.
     pub fn rows(&self) -> usize {
-        self.points.len() + self.sweep_runs.len() + self.race_points.len()
+        self.points.len() + self.sweep_runs.len() + self.race_points.len() + self.trials.len()
     }
 }
 

@@ -53,7 +53,8 @@ use tokio::sync::broadcast;
 pub use dataset::{DataFormat, DatasetRow, NewDataset, StoredDataset};
 pub use job::{
     can_transition, nan_as_null, Attempt, FinalState, JobError, JobRow, JobStatus, ListFilter,
-    NewJob, PointRow, ProgressUpdate, RacePointRow, ReapOutcome, SweepRunRow,
+    NewJob, PointRow, ProgressUpdate, RacePointRow, ReapOutcome, SweepRunRow, TrialRow,
+    TrialStatus, TrialUpdate,
 };
 pub use weights::{NewWeights, StoredWeights, TensorShape, WeightsRow};
 
@@ -505,6 +506,27 @@ impl Store {
         from_position: i64,
     ) -> Result<Vec<SweepRunRow>, StoreError> {
         dispatch!(self, store => store.sweep_runs(job_id, from_position).await)
+    }
+
+    /// A job's trials, in the order they started.
+    pub async fn trials(&self, job_id: &str) -> Result<Vec<TrialRow>, StoreError> {
+        dispatch!(self, store => store.trials(job_id).await)
+    }
+
+    /// How many trials of all jobs are in each status (every status listed, zeros included).
+    pub async fn count_trials_by_status(&self) -> Result<Vec<(TrialStatus, i64)>, StoreError> {
+        let counted = dispatch!(self, store => store.count_trials_by_status().await)?;
+        let mut counts: Vec<(TrialStatus, i64)> = TrialStatus::ALL
+            .into_iter()
+            .map(|status| (status, 0))
+            .collect();
+        for (text, count) in counted {
+            let status = parse_column("trial.status", &text, TrialStatus::parse)?;
+            if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == status) {
+                slot.1 = count;
+            }
+        }
+        Ok(counts)
     }
 
     /// A compare job's race points from `position` on, in the order they were measured.

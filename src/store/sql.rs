@@ -19,13 +19,13 @@ use sqlx::{
 };
 
 use super::dataset::{shape_json, DatasetRecord, StoredRecord};
-use super::job::JobRecord;
+use super::job::{JobRecord, TrialRecord};
 use super::parts;
 use super::weights::{shapes_json, StoredWeightsRecord, WeightsRecord};
 use super::{
     Attempt, DatasetRow, Deletion, FinalState, JobRow, ListFilter, Listed, NewDataset, NewJob,
     NewWeights, PointRow, ProgressUpdate, RacePointRow, ReapOutcome, StoreError, StoredDataset,
-    StoredWeights, SweepRunRow, WeightsRow,
+    StoredWeights, SweepRunRow, TrialRow, TrialStatus, TrialUpdate, WeightsRow,
 };
 
 /// What one database needs beyond the shared statements.
@@ -259,6 +259,8 @@ where
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> Option<i64>: Encode<'q, DB> + Type<DB>,
     for<'q> f64: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<f64>: Encode<'q, DB> + Type<DB>,
+    for<'q> bool: Encode<'q, DB>,
     for<'q> Vec<u8>: Encode<'q, DB> + Type<DB>,
     for<'q> Option<Vec<u8>>: Encode<'q, DB> + Type<DB>,
     usize: ColumnIndex<DB::Row>,
@@ -277,6 +279,7 @@ where
     for<'r> PointRow: FromRow<'r, DB::Row>,
     for<'r> SweepRunRow: FromRow<'r, DB::Row>,
     for<'r> RacePointRow: FromRow<'r, DB::Row>,
+    for<'r> TrialRecord: FromRow<'r, DB::Row>,
 {
     /// Begins a write transaction, after the store's check.
     pub(super) async fn begin_write(&self) -> Result<WriteTx<DB>, StoreError> {
@@ -395,6 +398,8 @@ where
             return Ok(None);
         };
         DB::insert_outputs(tx.conn(), attempt, update).await?;
+        self.write_trials(tx.conn(), attempt, &update.trials)
+            .await?;
         tx.commit().await?;
         Ok(Some(cancel_requested))
     }
@@ -461,7 +466,18 @@ where
         }
         match state {
             FinalState::Requeue => delete_outputs(tx.conn(), &attempt.job_id).await?,
-            _ => DB::insert_outputs(tx.conn(), attempt, last).await?,
+            _ => {
+                DB::insert_outputs(tx.conn(), attempt, last).await?;
+                self.write_trials(tx.conn(), attempt, &last.trials).await?;
+                // A trial the engine was stopped in without reporting its end (a panic, a
+                // computation abandoned) ends with its job.
+                let ended = match state {
+                    FinalState::Canceled => TrialStatus::Canceled,
+                    _ => TrialStatus::Failed,
+                };
+                self.end_running_trials(tx.conn(), &attempt.job_id, ended)
+                    .await?;
+            }
         }
         tx.commit().await?;
         Ok(true)
@@ -517,6 +533,10 @@ where
         for id in &requeued {
             delete_outputs(tx.conn(), id).await?;
         }
+        for id in &failed {
+            self.end_running_trials(tx.conn(), id, TrialStatus::Failed)
+                .await?;
+        }
         tx.commit().await?;
         Ok(ReapOutcome { requeued, failed })
     }
@@ -550,6 +570,89 @@ where
         .bind(from_position)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    /// Writes each trial as it started or ended. A trial's row is inserted as it starts and
+    /// changed once, as it ends; a retried write (its first try committed) changes nothing,
+    /// since an ended trial is not written over.
+    async fn write_trials(
+        &self,
+        connection: &mut DB::Connection,
+        attempt: &Attempt,
+        trials: &[TrialUpdate],
+    ) -> Result<(), StoreError> {
+        for trial in trials {
+            sqlx::query(self.sql(
+                "INSERT INTO trial (job_id, run, position, kind, lr, recipe, seed, steps,
+                     status, worker, started_at, finished_at, seconds, steps_run, val_loss,
+                     val_accuracy, diverged_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
+                     (SELECT worker FROM job WHERE id = $1), {{now}},
+                     CASE WHEN $10 THEN {{now}} END, $11, $12, $13, $14, $15)
+                 ON CONFLICT (job_id, position) DO UPDATE SET status = excluded.status,
+                     finished_at = excluded.finished_at, seconds = excluded.seconds,
+                     steps_run = excluded.steps_run, val_loss = excluded.val_loss,
+                     val_accuracy = excluded.val_accuracy, diverged_at = excluded.diverged_at
+                 WHERE trial.status = 'running'",
+            ))
+            .bind(&attempt.job_id)
+            .bind(attempt.number)
+            .bind(trial.position)
+            .bind(trial.kind.as_str())
+            .bind(trial.lr)
+            .bind(trial.recipe.as_deref())
+            .bind(trial.seed)
+            .bind(trial.steps)
+            .bind(trial.status.as_str())
+            .bind(trial.status != TrialStatus::Running)
+            .bind(trial.seconds)
+            .bind(trial.steps_run)
+            .bind(trial.val_loss)
+            .bind(trial.val_accuracy)
+            .bind(trial.diverged_at)
+            .execute(&mut *connection)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the job's trials still marked running, as `status`.
+    async fn end_running_trials(
+        &self,
+        connection: &mut DB::Connection,
+        job_id: &str,
+        status: TrialStatus,
+    ) -> Result<(), StoreError> {
+        sqlx::query(self.sql(
+            "UPDATE trial SET status = $1, finished_at = {{now}}
+             WHERE job_id = $2 AND status = 'running'",
+        ))
+        .bind(status.as_str())
+        .bind(job_id)
+        .execute(&mut *connection)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn trials(&self, job_id: &str) -> Result<Vec<TrialRow>, StoreError> {
+        let records: Vec<TrialRecord> = sqlx::query_as(self.sql(
+            "SELECT position, run, kind, lr, recipe, seed, steps, status, worker,
+                 {{time started_at}}, {{time finished_at}}, seconds, steps_run, val_loss,
+                 val_accuracy, diverged_at
+             FROM trial WHERE job_id = $1 ORDER BY position",
+        ))
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        records.into_iter().map(TrialRow::try_from).collect()
+    }
+
+    pub(super) async fn count_trials_by_status(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT status, count(*) FROM trial GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     pub(super) async fn race_points(
@@ -886,6 +989,7 @@ where
         "DELETE FROM curve_point WHERE job_id = $1",
         "DELETE FROM sweep_run WHERE job_id = $1",
         "DELETE FROM race_point WHERE job_id = $1",
+        "DELETE FROM trial WHERE job_id = $1",
     ] {
         sqlx::query(table)
             .bind(job_id)

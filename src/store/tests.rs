@@ -11,6 +11,7 @@ use super::scratch::ScratchDatabase;
 use super::*;
 use crate::engine::data::Task;
 use crate::engine::spec::JobKind;
+use crate::engine::TrialKind;
 
 struct TestDb {
     url: DatabaseUrl,
@@ -140,6 +141,7 @@ store_suite!(
     concurrent_claims_from_two_processes_never_take_a_job_twice,
     points_and_sweep_runs_are_written_once_and_read_after_a_cursor,
     race_points_are_written_once_read_after_a_cursor_and_dropped_with_a_requeue,
+    trials_are_written_as_they_start_and_end_once_and_dropped_with_a_requeue,
     a_requeue_at_shutdown_deletes_the_outputs_and_does_not_count_the_attempt,
     an_attempt_that_lost_its_job_cannot_write,
     an_expired_lease_is_queued_again_counting_the_attempt_then_failed_when_spent,
@@ -210,6 +212,7 @@ fn update(
         points,
         sweep_runs: runs.into_iter().map(sweep_run).collect(),
         race_points: Vec::new(),
+        trials: Vec::new(),
     }
 }
 
@@ -535,6 +538,116 @@ async fn race_points_are_written_once_read_after_a_cursor_and_dropped_with_a_req
     assert_eq!(store.race_points(&job.id, 0).await.unwrap().len(), 6);
 }
 
+fn trial(position: i64, status: TrialStatus) -> TrialUpdate {
+    let finished = status != TrialStatus::Running;
+    TrialUpdate {
+        position,
+        kind: if position == 0 {
+            TrialKind::RangeTest
+        } else {
+            TrialKind::Sweep
+        },
+        lr: (position > 0).then_some(0.01 * position as f64),
+        recipe: (position == 2).then(|| "adam_one_cycle".to_string()),
+        seed: 7 + position,
+        steps: 40,
+        status,
+        seconds: finished.then_some(1.5),
+        steps_run: finished.then_some(40 - position),
+        val_loss: (status == TrialStatus::Succeeded && position > 0).then_some(0.25),
+        val_accuracy: None,
+        diverged_at: (status == TrialStatus::Succeeded && position == 2).then_some(38),
+    }
+}
+
+fn trial_update(trials: impl IntoIterator<Item = TrialUpdate>) -> ProgressUpdate {
+    ProgressUpdate {
+        stage: Some("sweep".into()),
+        trials: trials.into_iter().collect(),
+        ..ProgressUpdate::default()
+    }
+}
+
+async fn trials_are_written_as_they_start_and_end_once_and_dropped_with_a_requeue(db: &TestDb) {
+    use TrialStatus::{Canceled, Running, Succeeded};
+    let store = db.open().await;
+    submit(&store, "tune").await;
+    let job = claim(&store, "w@h").await;
+    let attempt = job.attempt();
+    // The range test starts and ends, and a sweep run starts, in one write.
+    let first = [trial(0, Running), trial(0, Succeeded), trial(1, Running)];
+    store
+        .record_progress(&attempt, &trial_update(first.clone()), LEASE)
+        .await
+        .unwrap();
+    let stored = store.trials(&job.id).await.unwrap();
+    assert_eq!(stored.len(), 2);
+    let range = &stored[0];
+    assert_eq!(
+        (range.position, range.run, range.kind, range.status),
+        (0, 1, TrialKind::RangeTest, Succeeded)
+    );
+    assert_eq!(range.worker.as_deref(), Some("w@h"));
+    assert_eq!((range.seconds, range.steps_run), (Some(1.5), Some(40)));
+    assert!(range.finished_at.as_deref() >= Some(range.started_at.as_str()));
+    let running = &stored[1];
+    assert_eq!(
+        (running.status, running.lr, running.seed),
+        (Running, Some(0.01), 8)
+    );
+    assert_eq!((running.finished_at.clone(), running.seconds), (None, None));
+    assert_eq!(
+        store.count_trials_by_status().await.unwrap(),
+        vec![
+            (Running, 1),
+            (Succeeded, 1),
+            (TrialStatus::Failed, 0),
+            (Canceled, 0)
+        ]
+    );
+
+    // A retried write (its first try committed) changes nothing: an ended trial stays ended.
+    store
+        .record_progress(&attempt, &trial_update(first), LEASE)
+        .await
+        .unwrap();
+    assert_eq!(store.trials(&job.id).await.unwrap(), stored);
+
+    // The last trials end with the attempt's final write.
+    assert!(store
+        .finish_attempt(
+            &attempt,
+            &FinalState::Canceled,
+            &trial_update([trial(2, Running), trial(2, Succeeded), trial(1, Canceled)]),
+        )
+        .await
+        .unwrap());
+    let stored = store.trials(&job.id).await.unwrap();
+    let statuses: Vec<TrialStatus> = stored.iter().map(|t| t.status).collect();
+    assert_eq!(statuses, vec![Succeeded, Canceled, Succeeded]);
+    assert_eq!(stored[2].recipe.as_deref(), Some("adam_one_cycle"));
+    assert_eq!(
+        (stored[2].val_loss, stored[2].diverged_at),
+        (Some(0.25), Some(38))
+    );
+    assert_eq!(stored[1].val_loss, None);
+
+    // A requeue drops the attempt's trials with its other outputs.
+    submit(&store, "requeued").await;
+    let other = claim(&store, "w@h").await;
+    store
+        .record_progress(&other.attempt(), &trial_update([trial(0, Running)]), LEASE)
+        .await
+        .unwrap();
+    assert_eq!(store.trials(&other.id).await.unwrap().len(), 1);
+    assert!(store
+        .finish_attempt(&other.attempt(), &FinalState::Requeue, &trial_update([]))
+        .await
+        .unwrap());
+    assert!(store.trials(&other.id).await.unwrap().is_empty());
+    assert_eq!(store.trials(&job.id).await.unwrap().len(), 3);
+}
+
 async fn a_requeue_at_shutdown_deletes_the_outputs_and_does_not_count_the_attempt(db: &TestDb) {
     let store = db.open().await;
     submit(&store, "job").await;
@@ -613,6 +726,7 @@ async fn an_expired_lease_is_queued_again_counting_the_attempt_then_failed_when_
     let mut progress = update(0..3, [0]);
     progress.done = 3;
     progress.total = 30;
+    progress.trials = vec![trial(0, TrialStatus::Running)];
     store
         .record_progress(&job.attempt(), &progress, Duration::from_millis(1500))
         .await
@@ -636,11 +750,13 @@ async fn an_expired_lease_is_queued_again_counting_the_attempt_then_failed_when_
         "partial curve deleted"
     );
     assert!(store.sweep_runs(&job.id, 0).await.unwrap().is_empty());
+    assert!(store.trials(&job.id).await.unwrap().is_empty());
 
     let again = claim(&store, "w@h").await;
     assert_eq!(again.attempts, 2);
     let mut progress = update(0..5, []);
     progress.total = 30;
+    progress.trials = vec![trial(0, TrialStatus::Running)];
     store
         .record_progress(&again.attempt(), &progress, Duration::from_millis(1500))
         .await
@@ -659,6 +775,11 @@ async fn an_expired_lease_is_queued_again_counting_the_attempt_then_failed_when_
          memory: giving up"
     );
     assert!(row.finished_at.is_some());
+    // The trial the worker died in ended with its job.
+    let trials = store.trials(&job.id).await.unwrap();
+    assert_eq!(trials.len(), 1);
+    assert_eq!((trials[0].run, trials[0].status), (2, TrialStatus::Failed));
+    assert!(trials[0].finished_at.is_some());
 }
 
 async fn two_processes_reaping_at_once_take_an_expired_job_exactly_once(db: &TestDb) {

@@ -8,6 +8,7 @@ use tracing::error;
 use crate::engine::Event;
 use crate::store::{
     nan_as_null, Attempt, JobError, PointRow, ProgressUpdate, RacePointRow, SweepRunRow,
+    TrialUpdate,
 };
 
 /// Collects a running job's events between database writes: each point and sweep run is
@@ -20,6 +21,7 @@ pub(super) struct Flusher {
     points: Vec<PointRow>,
     sweep_runs: Vec<SweepRunRow>,
     race_points: Vec<RacePointRow>,
+    trials: Vec<TrialUpdate>,
     /// Points, sweep runs and race points the engine reported so far.
     pub(super) points_seen: usize,
     sweep_runs_seen: usize,
@@ -37,6 +39,7 @@ impl Flusher {
             points: Vec::new(),
             sweep_runs: Vec::new(),
             race_points: Vec::new(),
+            trials: Vec::new(),
             points_seen: 0,
             sweep_runs_seen: 0,
             race_points_seen: 0,
@@ -83,6 +86,7 @@ impl Flusher {
                 });
                 self.race_points_seen += 1;
             }
+            Event::Trial(trial) => self.trials.push(TrialUpdate::from_event(&trial)),
             Event::Progress { done, total } => {
                 self.done = done;
                 self.total = total;
@@ -99,12 +103,13 @@ impl Flusher {
             points: std::mem::take(&mut self.points),
             sweep_runs: std::mem::take(&mut self.sweep_runs),
             race_points: std::mem::take(&mut self.race_points),
+            trials: std::mem::take(&mut self.trials),
         }
     }
 
     /// Rows waiting to be written.
     pub(super) fn buffered(&self) -> usize {
-        self.points.len() + self.sweep_runs.len() + self.race_points.len()
+        self.points.len() + self.sweep_runs.len() + self.race_points.len() + self.trials.len()
     }
 
     /// An update that could not be written: its points and runs go first in the next one.
@@ -112,6 +117,7 @@ impl Flusher {
         self.points.splice(0..0, update.points);
         self.sweep_runs.splice(0..0, update.sweep_runs);
         self.race_points.splice(0..0, update.race_points);
+        self.trials.splice(0..0, update.trials);
         self.dirty = true;
     }
 }
