@@ -13,7 +13,7 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::store::JobStatus;
+use crate::store::{JobStatus, TrialStatus};
 
 /// Upper bounds of the job duration buckets, in seconds: from a tiny job to a long sweep.
 const JOB_SECONDS: [f64; 10] = [0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0];
@@ -53,6 +53,10 @@ impl Telemetry {
     fn describe(&self) {
         with_local_recorder(&self.recorder, || {
             metrics::describe_gauge!("lrtune_jobs", "Jobs in the database by status.");
+            metrics::describe_gauge!(
+                "lrtune_trials",
+                "Trials (training runs of jobs) in the database by status."
+            );
             metrics::describe_histogram!(
                 "lrtune_job_duration_seconds",
                 metrics::Unit::Seconds,
@@ -102,13 +106,16 @@ impl Telemetry {
         });
     }
 
-    /// The Prometheus text, with the store's job counts.
-    pub fn render(&self, jobs: &[(JobStatus, i64)]) -> String {
+    /// The Prometheus text, with the store's job and trial counts.
+    pub fn render(&self, jobs: &[(JobStatus, i64)], trials: &[(TrialStatus, i64)]) -> String {
         with_local_recorder(&self.recorder, || {
             // Registered before the first job finishes, so that a scrape always has them.
             counter!("lrtune_steps_total").increment(0);
             for (status, count) in jobs {
                 gauge!("lrtune_jobs", "status" => status.as_str()).set(*count as f64);
+            }
+            for (status, count) in trials {
+                gauge!("lrtune_trials", "status" => status.as_str()).set(*count as f64);
             }
         });
         self.handle.render()

@@ -19,9 +19,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use super::drain::{self, Phase};
-use super::jobs::{find, CurvePoint, RacePoint, SweepRun};
+use super::jobs::{find, CurvePoint, RacePoint, SweepRun, Trial};
 use super::{ApiError, AppState, ErrorBody};
-use crate::store::{Change, JobError, JobRow, JobStatus, StoreError};
+use crate::store::{Change, JobError, JobRow, JobStatus, StoreError, TrialStatus};
 
 pub fn router() -> axum::Router<AppState> {
     Router::new().route("/jobs/{id}/events", get(events))
@@ -44,6 +44,7 @@ enum JobEvent {
     Point(CurvePoint),
     SweepRun(SweepRun),
     RacePoint(RacePoint),
+    Trial(Box<Trial>),
 }
 
 impl JobEvent {
@@ -54,6 +55,7 @@ impl JobEvent {
             JobEvent::Point(_) => "point",
             JobEvent::SweepRun(_) => "sweep_run",
             JobEvent::RacePoint(_) => "race_point",
+            JobEvent::Trial(_) => "trial",
         }
     }
 
@@ -115,6 +117,8 @@ struct Cursor {
     last_step: i64,
     sweep_runs: i64,
     race_points: i64,
+    /// The status each trial was last sent with, by its index (none: not sent yet).
+    trials: Vec<Option<TrialStatus>>,
 }
 
 /// Whether the stream goes on.
@@ -144,6 +148,7 @@ async fn follow(
         last_step: -1,
         sweep_runs: 0,
         race_points: 0,
+        trials: Vec::new(),
     };
     if let Next::End = catch_up(state, &id, job, &mut cursor, sender).await? {
         return Ok(());
@@ -201,6 +206,7 @@ async fn catch_up(
         cursor.last_step = -1;
         cursor.sweep_runs = 0;
         cursor.race_points = 0;
+        cursor.trials.clear();
     }
     if job.status.is_finished() && cursor.status == JobStatus::Queued && job.started_at.is_some() {
         // It started and finished between two reads: say it ran before its points do.
@@ -239,6 +245,22 @@ async fn catch_up(
     for point in state.store.race_points(id, cursor.race_points).await? {
         cursor.race_points = point.position + 1;
         if !sent(JobEvent::RacePoint(point.into())).await {
+            return Ok(Next::End);
+        }
+    }
+    for trial in state.store.trials(id).await? {
+        let Ok(index) = usize::try_from(trial.position) else {
+            continue;
+        };
+        if cursor.trials.get(index) == Some(&Some(trial.status)) {
+            continue;
+        }
+        if cursor.trials.len() <= index {
+            // Side by side, a later trial's row may be written before an earlier one's.
+            cursor.trials.resize(index + 1, None);
+        }
+        cursor.trials[index] = Some(trial.status);
+        if !sent(JobEvent::Trial(Box::new(trial.into()))).await {
             return Ok(Next::End);
         }
     }

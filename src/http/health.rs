@@ -133,7 +133,8 @@ pub async fn render_metrics(
     telemetry: &Telemetry,
 ) -> Result<impl IntoResponse, ApiError> {
     let jobs = store.count_jobs_by_status().await?;
-    let text = telemetry.render(&jobs);
+    let trials = store.count_trials_by_status().await?;
+    let text = telemetry.render(&jobs, &trials);
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -15,10 +15,10 @@ use super::{ApiError, AppState, ErrorBody};
 use crate::engine::admission::{admit_job, check_initial_weights};
 use crate::engine::quote::quoted;
 use crate::engine::spec::{JobKind, WeightsSource};
-use crate::engine::ValidSpec;
+use crate::engine::{TrialKind, ValidSpec};
 use crate::store::{
     new_id, DataFormat, JobError, JobRow, JobStatus, ListFilter, NewJob, PointRow, RacePointRow,
-    SweepRunRow,
+    SweepRunRow, TrialRow, TrialStatus,
 };
 use crate::worker::planned_shape;
 
@@ -27,6 +27,7 @@ pub fn router() -> Router<AppState> {
         .route("/jobs", post(submit).get(list))
         .route("/jobs/{id}", get(show))
         .route("/jobs/{id}/curve", get(curve))
+        .route("/jobs/{id}/trials", get(trials))
         .route("/jobs/{id}/cancel", post(cancel))
 }
 
@@ -444,6 +445,109 @@ pub async fn curve(
         race_points: race_points.into_iter().map(RacePoint::from).collect(),
     })
     .into_response())
+}
+
+/// What kind of training a trial is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TrialKindView {
+    /// The range test's ramp.
+    RangeTest,
+    /// One OneCycle run of the sweep at a candidate peak.
+    Sweep,
+    /// One full run of a race's recipe (a `compare` job).
+    Race,
+}
+
+impl From<TrialKind> for TrialKindView {
+    fn from(kind: TrialKind) -> TrialKindView {
+        match kind {
+            TrialKind::RangeTest => TrialKindView::RangeTest,
+            TrialKind::Sweep => TrialKindView::Sweep,
+            TrialKind::Race => TrialKindView::Race,
+        }
+    }
+}
+
+/// One training run of a job: its range test, a sweep run at a candidate peak, or a race
+/// run of a recipe.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Trial {
+    /// Its place in the job, in the order the trials started (from 0).
+    pub index: i64,
+    pub kind: TrialKindView,
+    /// A sweep run's peak learning rate, a race run's rate; null for the range test.
+    pub lr: Option<f64>,
+    /// The recipe a compare job's trial belongs to; null for other jobs.
+    pub recipe: Option<String>,
+    pub seed: i64,
+    /// Its planned length in optimizer steps.
+    pub steps: i64,
+    pub status: TrialStatus,
+    /// The worker that ran it.
+    pub worker: Option<String>,
+    /// The job's attempt it ran in.
+    pub attempt: i64,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    /// Wall seconds from its start to its end (validation included); null while it runs.
+    pub seconds: Option<f64>,
+    /// The steps it took: fewer than `steps` when its loss stopped being finite.
+    pub steps_run: Option<i64>,
+    /// Its final validation loss; null while it runs, for the range test, or once diverged.
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    /// The step its loss stopped being finite at (the range test: where it stopped early).
+    pub diverged_at: Option<i64>,
+}
+
+impl From<TrialRow> for Trial {
+    fn from(row: TrialRow) -> Trial {
+        Trial {
+            index: row.position,
+            kind: row.kind.into(),
+            lr: row.lr,
+            recipe: row.recipe,
+            seed: row.seed,
+            steps: row.steps,
+            status: row.status,
+            worker: row.worker,
+            attempt: row.run,
+            started_at: row.started_at,
+            finished_at: row.finished_at,
+            seconds: row.seconds,
+            steps_run: row.steps_run,
+            val_loss: row.val_loss,
+            val_accuracy: row.val_accuracy,
+            diverged_at: row.diverged_at,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TrialList {
+    pub job_id: String,
+    pub status: JobStatus,
+    /// Every trial of the job's current attempt so far, in the order they started.
+    pub trials: Vec<Trial>,
+}
+
+/// The job's trials: each training run (range test, sweep run, race run) with its seed,
+/// length, status, worker, seconds and final validation loss.
+#[utoipa::path(get, path = "/v1/jobs/{id}/trials", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, body = TrialList), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub async fn trials(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<TrialList>, ApiError> {
+    let job = find(&state, &id).await?;
+    let trials = state.store.trials(&id).await?;
+    Ok(Json(TrialList {
+        job_id: id,
+        status: job.status,
+        trials: trials.into_iter().map(Trial::from).collect(),
+    }))
 }
 
 /// Stops a queued or running job: a running one within a step, in whichever process runs it

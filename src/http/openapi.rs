@@ -15,7 +15,8 @@ use super::{datasets, error, events, health, jobs, tools, weights, AppState};
 #[openapi(
     info(title = "lrtune", description = "Finds the learning rate before you train: LR range tests and OneCycle sweeps."),
     paths(
-        jobs::submit, jobs::list, jobs::show, jobs::curve, events::events, jobs::cancel,
+        jobs::submit, jobs::list, jobs::show, jobs::curve, jobs::trials, events::events,
+        jobs::cancel,
         datasets::upload, datasets::list, datasets::show, datasets::delete,
         weights::upload, weights::list, weights::show, weights::delete,
         tools::analyze, tools::schedules,
@@ -23,7 +24,8 @@ use super::{datasets, error, events, health, jobs, tools, weights, AppState};
     ),
     components(schemas(
         error::ErrorBody, error::ErrorDetail, jobs::Job, jobs::JobList, jobs::Progress,
-        jobs::Curve, jobs::CurvePoint, jobs::SweepRun, jobs::RacePoint, datasets::DatasetView, datasets::DatasetList, tools::AnalyzeRequest,
+        jobs::Curve, jobs::CurvePoint, jobs::SweepRun, jobs::RacePoint, jobs::Trial,
+        jobs::TrialList, jobs::TrialKindView, crate::store::TrialStatus, datasets::DatasetView, datasets::DatasetList, tools::AnalyzeRequest,
         weights::WeightsView, weights::WeightsList, weights::TensorView,
         health::Health, jobs::CurveFormat, crate::store::DataFormat, datasets::UploadTask,
         crate::store::JobStatus, crate::store::JobError,

@@ -48,6 +48,34 @@ async fn a_tiny_job_is_accepted_runs_and_succeeds_with_one_point_per_step() {
         assert!(run["spiked"].is_boolean(), "{run}");
     }
 
+    // Every training run is a trial: the range test, then the sweep's runs in order.
+    let (status, listed) = json_of(app.get(&format!("/v1/jobs/{id}/trials")).await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed["job_id"], id);
+    let trials = listed["trials"].as_array().unwrap();
+    let kinds: Vec<&str> = trials.iter().map(|t| t["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["range_test", "sweep", "sweep"], "{listed}");
+    for (index, trial) in trials.iter().enumerate() {
+        assert_eq!(trial["index"], index, "{trial}");
+        assert_eq!(trial["status"], "succeeded", "{trial}");
+        assert_eq!(trial["attempt"], 1, "{trial}");
+        assert_eq!(trial["worker"], job["worker"], "{trial}");
+        assert!(trial["seconds"].as_f64().unwrap() > 0.0, "{trial}");
+        assert!(trial["finished_at"].is_string(), "{trial}");
+    }
+    let range = &trials[0];
+    assert_eq!(range["lr"], serde_json::Value::Null);
+    assert_eq!(range["steps"], job["spec"]["range_test"]["steps"]);
+    assert_eq!(range["steps_run"], steps_run);
+    for (trial, run) in trials[1..].iter().zip(curve["sweep_runs"].as_array().unwrap()) {
+        assert_eq!(trial["lr"], run["peak_lr"], "{trial} {run}");
+        assert_eq!(trial["seed"], run["seed"], "{trial} {run}");
+        assert_eq!(trial["steps"], run["steps"], "{trial} {run}");
+        assert_eq!(trial["val_loss"], run["val_loss"], "{trial} {run}");
+        assert_eq!(trial["steps_run"], run["steps"], "{trial} {run}");
+        assert_eq!(trial["diverged_at"], serde_json::Value::Null, "{trial}");
+    }
+
     let csv = app.get(&format!("/v1/jobs/{id}/curve?format=csv")).await;
     assert_eq!(csv.status(), StatusCode::OK);
     assert!(csv.headers()["content-type"]
@@ -350,7 +378,7 @@ async fn events_stream_progress_points_sweep_runs_and_the_final_status() {
     release.store(true, Ordering::SeqCst);
     let events = read_events(response, Duration::from_secs(30)).await;
     let names: BTreeSet<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
-    for expected in ["status", "progress", "point", "sweep_run"] {
+    for expected in ["status", "progress", "point", "sweep_run", "trial"] {
         assert!(
             names.contains(expected),
             "no {expected} event in {events:?}"
@@ -358,6 +386,17 @@ async fn events_stream_progress_points_sweep_runs_and_the_final_status() {
     }
     let points = events.iter().filter(|(name, _)| name == "point").count();
     assert_eq!(points, 30);
+    // Each trial's last event says it succeeded (one that started and ended between two
+    // reads of the store is sent once, ended).
+    let mut last_status = Vec::new();
+    for (_, trial) in events.iter().filter(|(name, _)| name == "trial") {
+        let index = trial["index"].as_u64().unwrap() as usize;
+        if last_status.len() <= index {
+            last_status.resize(index + 1, String::new());
+        }
+        last_status[index] = trial["status"].as_str().unwrap().to_string();
+    }
+    assert_eq!(last_status, ["succeeded"; 3], "{events:?}");
     let (last_name, last) = events.last().unwrap();
     assert_eq!(last_name, "status");
     assert_eq!(last["status"], "succeeded");
