@@ -67,7 +67,10 @@ async fn a_tiny_job_is_accepted_runs_and_succeeds_with_one_point_per_step() {
     assert_eq!(range["lr"], serde_json::Value::Null);
     assert_eq!(range["steps"], job["spec"]["range_test"]["steps"]);
     assert_eq!(range["steps_run"], steps_run);
-    for (trial, run) in trials[1..].iter().zip(curve["sweep_runs"].as_array().unwrap()) {
+    for (trial, run) in trials[1..]
+        .iter()
+        .zip(curve["sweep_runs"].as_array().unwrap())
+    {
         assert_eq!(trial["lr"], run["peak_lr"], "{trial} {run}");
         assert_eq!(trial["seed"], run["seed"], "{trial} {run}");
         assert_eq!(trial["steps"], run["steps"], "{trial} {run}");

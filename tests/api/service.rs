@@ -125,7 +125,10 @@ async fn health_is_ok_and_metrics_count_jobs_and_requests() {
         text.contains("lrtune_trials{status=\"succeeded\"} 3"),
         "{text}"
     );
-    assert!(text.contains("lrtune_trials{status=\"running\"} 0"), "{text}");
+    assert!(
+        text.contains("lrtune_trials{status=\"running\"} 0"),
+        "{text}"
+    );
     assert!(text.contains("lrtune_steps_total"));
     assert!(
         text.contains(

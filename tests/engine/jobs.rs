@@ -11,7 +11,8 @@ use lrtune::engine::spec::{OptimizerSpec, RangeTestSpec};
 use lrtune::engine::sweep::EDGE_MARGIN;
 use lrtune::engine::trainer::Trainer;
 use lrtune::engine::{
-    self, Control, Event, JobSpec, Limits, SpecError, SweepRun, Trials, ValidSpec,
+    self, Control, Event, JobSpec, Limits, SpecError, SweepRun, TrialKind, TrialState, Trials,
+    ValidSpec,
 };
 
 use super::{run, run_with, SPIRALS_TUNE};
@@ -155,6 +156,55 @@ fn the_result_is_the_same_whatever_the_number_of_trials_run_side_by_side() {
     });
     let steps = side_by_side.result.timing.total_steps;
     assert_eq!(last_progress, Some((steps, steps)));
+    // Every run is a trial that said it started and how it ended: each index once each way,
+    // the range test first, the sweep's runs as reported, the steps adding up to the job's.
+    let trials = |events: &[Event]| {
+        let mut started = Vec::new();
+        let mut ended = Vec::new();
+        for event in events {
+            if let Event::Trial(trial) = event {
+                match trial.state {
+                    TrialState::Running => started.push(trial.index),
+                    TrialState::Succeeded(outcome) => ended.push((trial.clone(), outcome)),
+                    other => panic!("trial {} ended {other:?}", trial.index),
+                }
+            }
+        }
+        started.sort_unstable();
+        assert_eq!(started, (0..ended.len()).collect::<Vec<_>>());
+        ended.sort_by_key(|(trial, _)| trial.index);
+        ended
+    };
+    for (events, result) in [(&serial_events, &serial), (&side_events, &side_by_side)] {
+        let ended = trials(events);
+        assert_eq!(ended.len(), reported.len() + 1);
+        assert_eq!(ended[0].0.info.kind, TrialKind::RangeTest);
+        assert_eq!(ended[0].1.steps_run, result.curve.len());
+        let mut runs: Vec<(f64, u64, usize, Option<f64>)> = ended[1..]
+            .iter()
+            .map(|(trial, outcome)| {
+                assert_eq!(trial.info.kind, TrialKind::Sweep);
+                assert!(outcome.seconds > 0.0);
+                (
+                    trial.info.lr.unwrap(),
+                    trial.info.seed,
+                    trial.info.steps,
+                    outcome.val_loss,
+                )
+            })
+            .collect();
+        runs.sort_by(|a, b| (a.2, a.1).cmp(&(b.2, b.1)).then(a.0.total_cmp(&b.0)));
+        let expected: Vec<(f64, u64, usize, Option<f64>)> = reported
+            .iter()
+            .map(|run| {
+                let loss = Some(run.val_loss).filter(|loss| loss.is_finite());
+                (run.peak_lr, run.seed, run.steps, loss)
+            })
+            .collect();
+        assert_eq!(runs, expected);
+        let steps: usize = ended.iter().map(|(_, outcome)| outcome.steps_run).sum();
+        assert_eq!(steps, result.result.timing.total_steps);
+    }
 }
 
 #[test]
