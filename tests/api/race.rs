@@ -130,6 +130,47 @@ async fn a_compare_job_runs_through_the_service_with_the_race_result_and_its_cur
     assert_eq!(stored.len(), 2 * 25);
     assert_eq!(stored, result_points(result));
 
+    // Each recipe's tune (a range test and two sweep runs), then the race's runs: trials
+    // named by their recipe.
+    let (status, listed) = json_of(app.get(&format!("/v1/jobs/{id}/trials")).await).await;
+    assert_eq!(status, StatusCode::OK);
+    let trials: Vec<(&str, &str, &str)> = listed["trials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["kind"].as_str().unwrap(),
+                t["recipe"].as_str().unwrap(),
+                t["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let tune = |recipe| {
+        [
+            ("range_test", recipe, "succeeded"),
+            ("sweep", recipe, "succeeded"),
+            ("sweep", recipe, "succeeded"),
+        ]
+    };
+    let mut expected = Vec::new();
+    expected.extend(tune("sgd_one_cycle"));
+    expected.extend(tune("adam_constant"));
+    expected.push(("race", "sgd_one_cycle", "succeeded"));
+    expected.push(("race", "adam_constant", "succeeded"));
+    assert_eq!(trials, expected, "{listed}");
+    for (race, recipe) in listed["trials"].as_array().unwrap()[6..]
+        .iter()
+        .zip(["sgd_one_cycle", "adam_constant"])
+    {
+        assert_eq!(
+            (race["steps"].as_i64(), race["steps_run"].as_i64()),
+            (Some(24), Some(24))
+        );
+        let last = stored.iter().rev().find(|point| point.0 == recipe).unwrap();
+        assert_eq!(race["val_loss"], last.3, "{race}");
+    }
+
     let csv = app.get(&format!("/v1/jobs/{id}/curve?format=csv")).await;
     assert_eq!(csv.status(), StatusCode::OK);
     let text = csv.text().await.unwrap();
@@ -243,6 +284,16 @@ async fn a_running_race_stops_within_a_step_when_canceled() {
     let (_, curve) = json_of(app.get(&format!("/v1/jobs/{id}/curve")).await).await;
     let kept = curve["race_points"].as_array().unwrap().len();
     assert!(kept >= seen && kept < 2 * 26, "{kept} points kept");
+    // The race run the cancel stopped ended with the job; no trial is left running.
+    let (_, listed) = json_of(app.get(&format!("/v1/jobs/{id}/trials")).await).await;
+    let statuses: Vec<&str> = listed["trials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["status"].as_str().unwrap())
+        .collect();
+    assert!(!statuses.contains(&"running"), "{listed}");
+    assert_eq!(statuses.last(), Some(&"canceled"), "{listed}");
 }
 
 #[tokio::test]
