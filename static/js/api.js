@@ -118,6 +118,7 @@ export const api = {
   jobs: (query = '') => send('GET', `/v1/jobs${query}`),
   job: (id) => send('GET', `/v1/jobs/${encodeURIComponent(id)}`),
   curve: (id) => send('GET', `/v1/jobs/${encodeURIComponent(id)}/curve`),
+  trials: (id) => send('GET', `/v1/jobs/${encodeURIComponent(id)}/trials`),
   submit: (spec) => send('POST', '/v1/jobs', { json: spec }),
   cancel: (id) => send('POST', `/v1/jobs/${encodeURIComponent(id)}/cancel`),
   datasets: () => send('GET', '/v1/datasets'),

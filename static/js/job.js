@@ -29,6 +29,8 @@ const state = {
   // The chart's y: the target's metric unless the reader picks the other one.
   raceY: null,
   scheduleShown: false,
+  // By index; side by side, a later trial may be heard of before an earlier one.
+  trials: [],
 };
 
 function isRace(job) {
@@ -416,8 +418,52 @@ function renderRace() {
   $('race-body').replaceChildren(...rows);
 }
 
+const TRIAL_KINDS = { range_test: 'range test', sweep: 'sweep run', race: 'race run' };
+
+function trialSteps(trial) {
+  if (trial.steps_run == null || trial.steps_run === trial.steps) return String(trial.steps);
+  return `${trial.steps_run} of ${trial.steps}`;
+}
+
+function trialOutcome(trial) {
+  if (trial.diverged_at != null && trial.kind !== 'range_test') return `diverged at step ${trial.diverged_at}`;
+  return trial.val_loss == null ? '–' : loss(trial.val_loss);
+}
+
+function renderTrials() {
+  const trials = state.trials.filter(Boolean);
+  $('trials').hidden = trials.length === 0;
+  const counts = {};
+  for (const trial of trials) counts[trial.status] = (counts[trial.status] || 0) + 1;
+  const workers = new Set(trials.filter((t) => t.status === 'running').map((t) => t.worker));
+  const running = counts.running ? ` · ${counts.running} running on ${workers.size} worker${workers.size === 1 ? '' : 's'}` : '';
+  $('trials-summary').textContent = trials.length === 0
+    ? 'No trial has started yet.'
+    : `${trials.length} trial${trials.length === 1 ? '' : 's'}: ${counts.succeeded || 0} done${running}` +
+      (counts.failed ? ` · ${counts.failed} failed` : '') + (counts.canceled ? ` · ${counts.canceled} canceled` : '');
+  const rows = trials.map((trial) => el('tr', { 'data-status': trial.status },
+    el('td', { class: 'num' }, String(trial.index)),
+    el('td', {}, TRIAL_KINDS[trial.kind] || trial.kind),
+    el('td', { class: 'num' }, trial.lr == null ? '–' : lr(trial.lr)),
+    el('td', {}, trial.recipe || '–'),
+    el('td', { class: 'num' }, String(trial.seed)),
+    el('td', { class: 'num' }, trialSteps(trial)),
+    el('td', {}, el('span', { class: `status status-${trial.status}` }, trial.status)),
+    el('td', {}, trial.worker || '–'),
+    el('td', { class: 'num' }, trial.seconds == null ? '–' : seconds(trial.seconds)),
+    el('td', { class: 'num' }, trialOutcome(trial)),
+  ));
+  $('trials-body').replaceChildren(...rows);
+}
+
+function setTrials(trials) {
+  state.trials = [];
+  for (const trial of trials) state.trials[trial.index] = trial;
+}
+
 function renderAll() {
   renderHead(state.job);
+  renderTrials();
   const racing = isRace(state.job);
   $('race').hidden = !racing;
   for (const section of document.querySelectorAll('.tune-only')) section.hidden = racing;
@@ -431,8 +477,9 @@ function renderAll() {
 }
 
 async function loadAll() {
-  const [job, curve] = await Promise.all([api.job(id), api.curve(id)]);
+  const [job, curve, trials] = await Promise.all([api.job(id), api.curve(id), api.trials(id)]);
   state.job = job;
+  setTrials(trials.trials);
   state.points = curve.points;
   state.sweepRuns = curve.sweep_runs;
   setRacePoints(curve.race_points || []);
@@ -470,6 +517,9 @@ function onEvent(name, data) {
       state.racePoints.push(data);
     }
     redrawSoon();
+  } else if (name === 'trial') {
+    state.trials[data.index] = data;
+    renderTrials();
   } else if (name === 'progress') {
     state.job.progress = { ...state.job.progress, ...data };
     renderProgress(state.job.progress, state.job.status);

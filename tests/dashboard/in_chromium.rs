@@ -229,6 +229,23 @@ fn the_job_page_draws_its_charts_and_shows_the_recommended_peak() {
     let warnings = recommendation["warnings"].as_array().unwrap().len() as u64;
     assert_eq!(page.count("#rec-warnings li"), warnings);
     assert!(page.text("#schedule-empty").contains("steps"));
+    // Every training run is listed: the range test first, then the sweep's runs, all done.
+    let (_, trials) = server.json("GET", &format!("/v1/jobs/{id}/trials"), None);
+    let count = trials["trials"].as_array().unwrap().len();
+    assert!(count >= 5, "{trials}");
+    assert_eq!(page.count("#trials-body tr"), count as u64);
+    assert_eq!(
+        page.count("#trials-body tr[data-status='succeeded']"),
+        count as u64
+    );
+    assert_eq!(
+        page.text("#trials-body tr:first-child td:nth-child(2)"),
+        "range test"
+    );
+    assert_eq!(
+        page.text("#trials-summary"),
+        format!("{count} trials: {count} done")
+    );
     // A finished job offers no cancel button.
     assert_eq!(
         page.eval("document.getElementById('cancel-button').hidden"),
@@ -243,8 +260,9 @@ fn the_job_page_draws_its_charts_and_shows_the_recommended_peak() {
         LONG,
     );
     page.screenshot(&screenshot_dir().join("job-390.png"));
+    // The trials table scrolls sideways in its box, like the race's.
     assert_eq!(
-        too_wide(&mut page, 390),
+        too_wide_outside_scrollers(&mut page, 390),
         json!([]),
         "the job page fits a phone"
     );
