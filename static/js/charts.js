@@ -18,6 +18,7 @@ const SMOOTHED = '#1f4e8c';
 const PEAK = '#c0392b';
 const UNSTABLE = '#d35400';
 const BAND = 'rgba(46, 160, 67, 0.13)';
+const RUNNING = '#6c757d';
 const AXIS_FONT = '12px system-ui, sans-serif';
 
 function chartHeight(container) {
@@ -329,6 +330,8 @@ export function sweepChart(container) {
               (u) => {
                 if (Number.isFinite(marks.peak)) markX(u, marks.peak, PEAK, `peak ${fmtLr(marks.peak)}`, 0, false);
                 if (Number.isFinite(marks.edge)) markX(u, marks.edge, UNSTABLE, `edge ${fmtLr(marks.edge)}`, 1, true);
+                // The candidates training now, dotted.
+                (marks.running || []).forEach((peak, index) => markX(u, peak, RUNNING, index === 0 ? 'running' : '', 2, true));
               },
             ],
           },

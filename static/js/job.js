@@ -150,6 +150,7 @@ function sweepCandidates() {
 
 function renderSweep() {
   const result = resultOf(state.job);
+  const running = state.trials.filter((t) => t && t.kind === 'sweep' && t.status === 'running');
   const sweepMarks = result && result.recommendation
     ? {
         band: result.recommendation.band,
@@ -157,8 +158,14 @@ function renderSweep() {
         edge: result.recommendation.stability_edge_lr,
       }
     : {};
+  sweepMarks.running = running.map((t) => t.lr);
   const candidates = sweepCandidates();
   const drawn = sweep.update(candidates, sweepMarks);
+  const note = $('sweep-running');
+  note.hidden = running.length === 0;
+  note.textContent = `Training now (dotted): ${running
+    .map((t) => `${lr(t.lr)} (seed ${t.seed}, ${t.steps} steps) on ${t.worker || 'a worker'}`)
+    .join(', ')}.`;
   renderHorizon(result, candidates);
   const diverged = candidates.filter((c) => c.diverged || !Number.isFinite(c.val_loss));
   const empty = $('sweep-empty');
@@ -520,6 +527,7 @@ function onEvent(name, data) {
   } else if (name === 'trial') {
     state.trials[data.index] = data;
     renderTrials();
+    redrawSoon();
   } else if (name === 'progress') {
     state.job.progress = { ...state.job.progress, ...data };
     renderProgress(state.job.progress, state.job.status);

@@ -380,11 +380,20 @@ fn a_queued_job_is_followed_live_and_a_running_one_can_be_canceled_from_its_page
         "document.getElementById('job-status').textContent === 'running' &&          document.querySelector('#range-chart canvas') &&          document.getElementById('job-progress-text').textContent.includes('step')",
         LONG,
     );
+    // Its range test is a trial, shown running on this process's worker.
+    running.wait_for(
+        "document.getElementById('trials-summary').textContent === '1 trial: 0 done · 1 running on 1 worker' &&          document.querySelector(\"#trials-body tr[data-status='running']\")",
+        LONG,
+    );
     running.viewport(1280, 900, false);
     running.screenshot(&screenshot_dir().join("job-running-1280.png"));
     running.eval("document.getElementById('cancel-button').click()");
     running.wait_for(
         "document.getElementById('job-status').textContent === 'canceled'",
+        LONG,
+    );
+    running.wait_for(
+        "document.getElementById('trials-summary').textContent === '1 trial: 0 done · 1 canceled'",
         LONG,
     );
     running.wait_for("document.getElementById('cancel-button').hidden", LONG);
