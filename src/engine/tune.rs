@@ -25,8 +25,8 @@ use super::spec::{
 use super::suggest::{self, CurveEnd, Suggestions};
 use super::sweep::{
     auto_candidates, band, final_candidates, judged_at, plan_search, refine_peak, train_candidate,
-    CandidateSetup, CandidateTrial, OpenEdge, Search, StabilityEdge, SweepCandidate, SweepRun,
-    EDGE_MARGIN, SMALL_VALIDATION_ROWS,
+    CandidateSetup, CandidateTrial, OpenEdge, Search, SearchPlan, StabilityEdge, SweepCandidate,
+    SweepRun, EDGE_MARGIN, SMALL_VALIDATION_ROWS,
 };
 use super::trainer::Trainer;
 use super::trial::{TrialData, Trials};
@@ -179,7 +179,9 @@ pub fn run_job_with(
 }
 
 /// The tune's machinery with the sweep's candidates trained on `schedule_for(peak, steps)`
-/// (OneCycle for a tune; a recipe's own schedule in a race).
+/// (OneCycle for a tune; a recipe's own schedule in a race), as a sequence of stages: set up
+/// (data, model, plan and budget, all checked before a step is taken), the range test, the
+/// sweep (the planner's batches of trials), and the recommendation read from both.
 pub(crate) fn tune_with(
     spec: &ValidSpec,
     loaded: LoadedData,
@@ -189,297 +191,434 @@ pub(crate) fn tune_with(
     schedule_for: &(dyn Fn(f64, usize) -> Schedule + Sync),
 ) -> Result<JobOutput, EngineError> {
     let started = Instant::now();
-    let fetched_weights = loaded.initial_weights.clone();
-    let prepared = prepare(spec, loaded)?;
-    // Nothing is built before the job's cost is known to fit the limits.
-    let cost = admit(
-        spec,
-        &DataShape::of_splits(&prepared.train, &prepared.validation),
-        limits,
+    let (setup, trainer) = TuneSetup::new(spec, loaded, limits, control)?;
+    control.plan(setup.planned_steps());
+    let range = range_stage(&setup, trainer, control)?;
+    let sweep = sweep_stage(
+        &setup,
+        range.summary.as_ref(),
+        trials,
+        schedule_for,
+        control,
     )?;
-    let device = select_device(spec.device)?;
-    let shape = ModelShape {
-        input: prepared.train.sample_shape(),
-        output: prepared.train.output_dim(),
-        task: prepared.train.task(),
-    };
-    let weights = load_initial_weights(spec.init.as_ref(), fetched_weights.as_deref())?;
-    let build = |seed: u64| build_job_trainer(spec, &shape, seed, &device, weights.as_ref());
-    let trainer = build(spec.seed)?;
-    let backend = trainer.backend_name();
-    let parameters = trainer.model().parameter_count();
-    let train = DeviceData::new(&prepared.train, &device)?;
-    let validation = DeviceData::new(&prepared.validation, &device)?;
-    // Where training starts (and, for loaded weights, the check that they loaded right).
-    let initial_val_loss = trainer.evaluate(&validation, control.cancel_flag())?.loss;
-    let steps_per_epoch = BatchOrder::steps_per_epoch(train.rows, spec.batch_size);
-    let plan_steps = spec.plan.epochs * steps_per_epoch;
-    let fixed_steps = spec
-        .sweep
-        .epochs
-        .map(|epochs| epochs.min(spec.plan.epochs) * steps_per_epoch);
-    if let Some(steps) = fixed_steps {
-        check_schedule_length(spec, steps, "sweep.epochs")?;
-    }
-    check_schedule_length(spec, plan_steps, "plan.epochs")?;
-    let candidate_count = match &spec.sweep.candidates {
-        Candidates::Auto => spec.sweep.count,
-        Candidates::List(values) => values.len(),
-    };
-    let range_steps = if spec.kind == JobKind::Sweep {
-        0
-    } else {
-        spec.range_test.steps
-    };
-    let budget = job_budget(spec, plan_steps, fixed_steps, candidate_count, range_steps)
-        // The server's bound on sweep epochs caps a budget-driven sweep too.
-        .min(range_steps.saturating_add(limits.max_sweep_epochs.saturating_mul(steps_per_epoch)));
-    let min_steps = shortest_schedule(spec, plan_steps);
-    let anchored = spec.kind == JobKind::Tune && matches!(spec.sweep.candidates, Candidates::Auto);
-    let planned_sweep = if spec.kind == JobKind::RangeTest {
-        0
-    } else {
-        let available = budget.saturating_sub(range_steps);
-        let plan = plan_search(
-            candidate_count,
-            spec.sweep.seeds,
-            plan_steps,
-            fixed_steps,
-            available,
-            min_steps,
-            anchored,
-        );
-        plan.screen_steps.unwrap_or(0) * candidate_count * spec.sweep.seeds
-            + plan.finalists * spec.sweep.seeds * plan.final_steps
-    };
-    control.plan(range_steps + planned_sweep);
-
-    let mut warnings = Vec::new();
-    let mut curve = Vec::new();
-    let mut range_summary = None;
-    if spec.kind != JobKind::Sweep {
-        control.emit(Event::Stage("range_test"));
-        let mut optimizer = Optimizer::new(&spec.optimizer, trainer.model().vars());
-        let info = TrialInfo {
-            kind: TrialKind::RangeTest,
-            lr: None,
-            recipe: None,
-            seed: spec.seed,
-            steps: spec.range_test.steps,
-        };
-        let inputs = RangeTestInputs {
-            trainer: &trainer,
-            optimizer: &mut optimizer,
-            train: &train,
-            validation: &validation,
-            batch_size: spec.batch_size,
-            seed: spec.seed,
-        };
-        let outcome = control.trial(
-            info,
-            |control| run_range_test(inputs, &spec.range_test, control),
-            |curve, seconds| TrialOutcome {
-                steps_run: curve.points.len(),
-                seconds,
-                val_loss: None,
-                val_accuracy: None,
-                diverged_at: curve.stopped_early.then_some(curve.points.len()),
-            },
-        )?;
-        control.skip_steps(spec.range_test.steps - outcome.points.len());
-        let lrs: Vec<f64> = outcome.points.iter().map(|p| p.lr).collect();
-        let smoothed: Vec<f64> = outcome.points.iter().map(|p| p.smoothed).collect();
-        let suggestions = suggest::suggest(&lrs, &smoothed, spec.range_test.steps);
-        warnings.extend(suggest::warnings(
-            &lrs,
-            &smoothed,
-            &suggestions,
-            CurveEnd {
-                planned_steps: spec.range_test.steps,
-                stopped_early: outcome.stopped_early,
-            },
-        ));
-        range_summary = Some(RangeTestSummary {
-            suggestions,
-            stopped_early: outcome.stopped_early,
-            stop_reason: outcome.stop_reason,
-            steps_run: outcome.points.len(),
-        });
-        curve = outcome.points;
-    }
-    // Every sweep trial builds its own model: this one would only hold memory from here on.
-    drop(trainer);
-
-    let mut judged = Vec::new();
-    let mut final_judged = Vec::new();
-    let mut horizon = None;
-    let mut open_edge = None;
-    let mut stability_edge = None;
-    if spec.kind != JobKind::RangeTest {
-        let candidates = match &spec.sweep.candidates {
-            Candidates::List(values) => {
-                let mut values = values.clone();
-                values.sort_by(f64::total_cmp);
-                values.dedup();
-                values
-            }
-            Candidates::Auto => {
-                let suggestions = range_summary
-                    .as_ref()
-                    .map(|r| r.suggestions)
-                    .unwrap_or_default();
-                auto_candidates(&suggestions, spec.sweep.count).ok_or_else(|| {
-                    SpecError::new(
-                        "range_test",
-                        "the range test gave no suggestion to place sweep candidates around (see its warnings): widen start_lr..end_lr or give sweep.candidates",
-                    )
-                })?
-            }
-        };
-        let available = budget.saturating_sub(control.steps_done());
-        let plan = plan_search(
-            candidates.len(),
-            spec.sweep.seeds,
-            plan_steps,
-            fixed_steps,
-            available,
-            min_steps,
-            anchored,
-        );
-        if fixed_steps.is_none() && plan.final_steps < min_steps {
-            return Err(SpecError::new(
-                "budget",
-                format!(
-                    "{budget} steps leave {available} for the sweep after the range test: too few for {} candidates of at least {min_steps} steps; raise budget.plan_multiple or budget.steps",
-                    candidates.len() * spec.sweep.seeds
-                ),
-            )
-            .into());
-        }
-        control.emit(Event::Stage("sweep"));
-        let search = Search {
-            seeds: spec.sweep.seeds,
-            extend: matches!(spec.sweep.candidates, Candidates::Auto),
-            anchor: range_summary
-                .as_ref()
-                .and_then(|r| r.suggestions.preferred()),
-        };
-        let setup = CandidateSetup {
-            build_trainer: &build,
-            optimizer: &spec.optimizer,
-            data: TrialData {
-                train: &train,
-                validation: &validation,
-                batch_size: spec.batch_size,
-            },
-            seed: spec.seed,
-            schedule_for,
-        };
-        let train_one = |trial: &CandidateTrial, control: &mut Control<'_>| {
-            train_candidate(&setup, trial, control)
-        };
-        let mut runner = |batch: &[CandidateTrial]| {
-            let results = trials.run_batch(batch, &train_one, control)?;
-            // A diverged run's remaining steps were planned work that will not happen.
-            for (trial, result) in batch.iter().zip(&results) {
-                control.skip_steps(trial.steps - result.steps_run);
-            }
-            Ok::<_, EngineError>(results)
-        };
-        let outcome = search.run(&candidates, plan, available, &mut runner)?;
-        control.skip_steps(usize::MAX);
-        let finals = final_candidates(&outcome.runs, outcome.final_steps);
-        if finals.iter().all(|candidate| candidate.diverged) {
-            warnings.push(
-                "every sweep candidate diverged: lower the candidates or start_lr".to_string(),
-            );
-        }
-        if outcome.final_steps < plan_steps {
-            warnings.push(format!(
-                "the candidates were judged after {} of the planned {} epochs, as the budget ({budget} steps) allows: a peak judged early tends to be too high for the whole run; raise budget.plan_multiple to judge at the plan",
-                epochs_label(outcome.final_steps, steps_per_epoch),
-                spec.plan.epochs
-            ));
-        }
-        horizon = Some(outcome.final_steps);
-        open_edge = outcome.open_edge;
-        stability_edge = outcome.edge;
-        let screened: Vec<SweepRun> = outcome
-            .runs
-            .iter()
-            .copied()
-            .filter(|run| run.steps != outcome.final_steps)
-            .collect();
-        let mut screening = judged_at(
-            &screened,
-            plan.screen_steps.unwrap_or(0),
-            stability_edge.map(|edge| edge.lr),
-        );
-        for candidate in &mut screening {
-            candidate.best = false;
-            candidate.in_band = false;
-        }
-        if validation.rows < SMALL_VALIDATION_ROWS {
-            warnings.push(small_validation_warning(
-                validation.rows,
-                &finals,
-                prepared.train.task() == super::spec::Task::Classification,
-            ));
-        }
-        final_judged = finals;
-        judged = screening.into_iter().chain(final_judged.clone()).collect();
-        for candidate in &mut judged {
-            candidate.epochs = candidate.steps as f64 / steps_per_epoch.max(1) as f64;
-        }
-    }
-
+    let mut warnings = range.warnings;
+    warnings.extend(sweep.warnings);
     let mut recommendation = recommend(
         spec,
-        range_summary.as_ref(),
-        &final_judged,
+        range.summary.as_ref(),
+        &sweep.finals,
         Edges {
-            open: open_edge,
-            stability: stability_edge,
+            open: sweep.open_edge,
+            stability: sweep.stability_edge,
         },
-        plan_steps,
+        setup.plan_steps,
         warnings,
     )?;
     if recommendation.source == "sweep" {
-        recommendation.judged_at_steps = horizon;
-        recommendation.judged_at_epochs =
-            horizon.map(|steps| steps as f64 / steps_per_epoch.max(1) as f64);
+        recommendation.judged_at_steps = sweep.horizon;
+        recommendation.judged_at_epochs = sweep
+            .horizon
+            .map(|steps| steps as f64 / setup.steps_per_epoch.max(1) as f64);
     }
     let seconds = started.elapsed().as_secs_f64();
     let total_steps = control.steps_done();
     Ok(JobOutput {
         result: JobResult {
-            initial_val_loss: Some(initial_val_loss),
+            initial_val_loss: Some(setup.initial_val_loss),
             recommendation,
-            range_test: range_summary,
-            sweep: judged,
+            range_test: range.summary,
+            sweep: sweep.judged,
             timing: Timing {
                 seconds,
                 total_steps,
-                budget_steps: budget,
-                plan_steps,
-                plan_multiple: total_steps as f64 / plan_steps.max(1) as f64,
+                budget_steps: setup.budget,
+                plan_steps: setup.plan_steps,
+                plan_multiple: total_steps as f64 / setup.plan_steps.max(1) as f64,
                 steps_per_second: if seconds > 0.0 {
                     total_steps as f64 / seconds
                 } else {
                     0.0
                 },
             },
-            data: prepared.info,
             model: ModelSummary {
                 arch: spec.model.arch().to_string(),
-                backend: backend.to_string(),
-                parameters,
-                device: device_name(&device),
-                steps_per_epoch,
-                estimated_memory_bytes: cost.memory_bytes,
+                backend: setup.backend.to_string(),
+                parameters: setup.parameters,
+                device: device_name(&setup.device),
+                steps_per_epoch: setup.steps_per_epoch,
+                estimated_memory_bytes: setup.memory_bytes,
             },
+            data: setup.info,
         },
-        curve,
+        curve: range.curve,
+    })
+}
+
+/// What every stage of a tune works with, set up and checked before the first step: the
+/// data on its device, how a trial's model is built, the plan's lengths and the budget.
+struct TuneSetup<'s> {
+    spec: &'s ValidSpec,
+    info: DatasetInfo,
+    classification: bool,
+    device: Device,
+    shape: ModelShape,
+    weights: Option<std::collections::HashMap<String, candle_core::Tensor>>,
+    train: DeviceData,
+    validation: DeviceData,
+    backend: &'static str,
+    parameters: usize,
+    memory_bytes: u64,
+    initial_val_loss: f64,
+    steps_per_epoch: usize,
+    plan_steps: usize,
+    /// The sweep's run length when the spec fixes it (`sweep.epochs`).
+    fixed_steps: Option<usize>,
+    range_steps: usize,
+    candidate_count: usize,
+    budget: usize,
+    /// The shortest run a OneCycle of the spec's shape allows.
+    min_steps: usize,
+    /// Whether the sweep's candidates hang off the range test's suggestion.
+    anchored: bool,
+}
+
+impl<'s> TuneSetup<'s> {
+    /// Prepares the data, admits the job (nothing is built before its cost is known to fit
+    /// the limits), builds the range test's model and works out the plan. Every check a spec
+    /// can fail happens here, before a step is taken.
+    fn new(
+        spec: &'s ValidSpec,
+        loaded: LoadedData,
+        limits: &Limits,
+        control: &Control<'_>,
+    ) -> Result<(TuneSetup<'s>, Trainer), EngineError> {
+        let fetched_weights = loaded.initial_weights.clone();
+        let prepared = prepare(spec, loaded)?;
+        let cost = admit(
+            spec,
+            &DataShape::of_splits(&prepared.train, &prepared.validation),
+            limits,
+        )?;
+        let device = select_device(spec.device)?;
+        let shape = ModelShape {
+            input: prepared.train.sample_shape(),
+            output: prepared.train.output_dim(),
+            task: prepared.train.task(),
+        };
+        let weights = load_initial_weights(spec.init.as_ref(), fetched_weights.as_deref())?;
+        let trainer = build_job_trainer(spec, &shape, spec.seed, &device, weights.as_ref())?;
+        let train = DeviceData::new(&prepared.train, &device)?;
+        let validation = DeviceData::new(&prepared.validation, &device)?;
+        // Where training starts (and, for loaded weights, the check that they loaded right).
+        let initial_val_loss = trainer.evaluate(&validation, control.cancel_flag())?.loss;
+        let steps_per_epoch = BatchOrder::steps_per_epoch(train.rows, spec.batch_size);
+        let plan_steps = spec.plan.epochs * steps_per_epoch;
+        let fixed_steps = spec
+            .sweep
+            .epochs
+            .map(|epochs| epochs.min(spec.plan.epochs) * steps_per_epoch);
+        if let Some(steps) = fixed_steps {
+            check_schedule_length(spec, steps, "sweep.epochs")?;
+        }
+        check_schedule_length(spec, plan_steps, "plan.epochs")?;
+        let candidate_count = match &spec.sweep.candidates {
+            Candidates::Auto => spec.sweep.count,
+            Candidates::List(values) => values.len(),
+        };
+        let range_steps = if spec.kind == JobKind::Sweep {
+            0
+        } else {
+            spec.range_test.steps
+        };
+        let budget = job_budget(spec, plan_steps, fixed_steps, candidate_count, range_steps)
+            // The server's bound on sweep epochs caps a budget-driven sweep too.
+            .min(
+                range_steps.saturating_add(limits.max_sweep_epochs.saturating_mul(steps_per_epoch)),
+            );
+        let setup = TuneSetup {
+            spec,
+            info: prepared.info,
+            classification: prepared.train.task() == super::spec::Task::Classification,
+            backend: trainer.backend_name(),
+            parameters: trainer.model().parameter_count(),
+            memory_bytes: cost.memory_bytes,
+            device,
+            shape,
+            weights,
+            train,
+            validation,
+            initial_val_loss,
+            steps_per_epoch,
+            plan_steps,
+            fixed_steps,
+            range_steps,
+            candidate_count,
+            budget,
+            min_steps: shortest_schedule(spec, plan_steps),
+            anchored: spec.kind == JobKind::Tune
+                && matches!(spec.sweep.candidates, Candidates::Auto),
+        };
+        Ok((setup, trainer))
+    }
+
+    /// A trial's model, from `seed`.
+    fn build(&self, seed: u64) -> Result<Trainer, EngineError> {
+        build_job_trainer(
+            self.spec,
+            &self.shape,
+            seed,
+            &self.device,
+            self.weights.as_ref(),
+        )
+    }
+
+    fn data(&self) -> TrialData<'_> {
+        TrialData {
+            train: &self.train,
+            validation: &self.validation,
+            batch_size: self.spec.batch_size,
+        }
+    }
+
+    /// The sweep's plan for `available` steps.
+    fn search_plan(&self, candidates: usize, available: usize) -> SearchPlan {
+        plan_search(
+            candidates,
+            self.spec.sweep.seeds,
+            self.plan_steps,
+            self.fixed_steps,
+            available,
+            self.min_steps,
+            self.anchored,
+        )
+    }
+
+    /// The steps the job plans before it knows how its runs go: the range test's, then the
+    /// sweep's screening and finalists at the budget's plan.
+    fn planned_steps(&self) -> usize {
+        if self.spec.kind == JobKind::RangeTest {
+            return self.range_steps;
+        }
+        let seeds = self.spec.sweep.seeds;
+        let plan = self.search_plan(
+            self.candidate_count,
+            self.budget.saturating_sub(self.range_steps),
+        );
+        self.range_steps
+            + plan.screen_steps.unwrap_or(0) * self.candidate_count * seeds
+            + plan.finalists * seeds * plan.final_steps
+    }
+}
+
+/// The range test's part of the result: its summary and curve (none for a `sweep` job), and
+/// what it warns of.
+struct RangeStage {
+    summary: Option<RangeTestSummary>,
+    curve: Vec<CurvePoint>,
+    warnings: Vec<String>,
+}
+
+/// The range test, one trial on the job's first model (dropped once it has run: every sweep
+/// trial builds its own).
+fn range_stage(
+    setup: &TuneSetup<'_>,
+    trainer: Trainer,
+    control: &mut Control<'_>,
+) -> Result<RangeStage, EngineError> {
+    let spec = setup.spec;
+    if spec.kind == JobKind::Sweep {
+        return Ok(RangeStage {
+            summary: None,
+            curve: Vec::new(),
+            warnings: Vec::new(),
+        });
+    }
+    control.emit(Event::Stage("range_test"));
+    let mut optimizer = Optimizer::new(&spec.optimizer, trainer.model().vars());
+    let info = TrialInfo {
+        kind: TrialKind::RangeTest,
+        lr: None,
+        recipe: None,
+        seed: spec.seed,
+        steps: spec.range_test.steps,
+    };
+    let inputs = RangeTestInputs {
+        trainer: &trainer,
+        optimizer: &mut optimizer,
+        train: &setup.train,
+        validation: &setup.validation,
+        batch_size: spec.batch_size,
+        seed: spec.seed,
+    };
+    let outcome = control.trial(
+        info,
+        |control| run_range_test(inputs, &spec.range_test, control),
+        |curve, seconds| TrialOutcome {
+            steps_run: curve.points.len(),
+            seconds,
+            val_loss: None,
+            val_accuracy: None,
+            diverged_at: curve.stopped_early.then_some(curve.points.len()),
+        },
+    )?;
+    control.skip_steps(spec.range_test.steps - outcome.points.len());
+    let lrs: Vec<f64> = outcome.points.iter().map(|p| p.lr).collect();
+    let smoothed: Vec<f64> = outcome.points.iter().map(|p| p.smoothed).collect();
+    let suggestions = suggest::suggest(&lrs, &smoothed, spec.range_test.steps);
+    let warnings = suggest::warnings(
+        &lrs,
+        &smoothed,
+        &suggestions,
+        CurveEnd {
+            planned_steps: spec.range_test.steps,
+            stopped_early: outcome.stopped_early,
+        },
+    );
+    Ok(RangeStage {
+        summary: Some(RangeTestSummary {
+            suggestions,
+            stopped_early: outcome.stopped_early,
+            stop_reason: outcome.stop_reason,
+            steps_run: outcome.points.len(),
+        }),
+        curve: outcome.points,
+        warnings,
+    })
+}
+
+/// The sweep's part of the result: every candidate as judged (the screening's, then the
+/// finalists'), the finalists alone, the horizon they were judged at, the edges it found, and
+/// what it warns of. Empty for a `range_test` job.
+#[derive(Default)]
+struct SweepStage {
+    judged: Vec<SweepCandidate>,
+    finals: Vec<SweepCandidate>,
+    horizon: Option<usize>,
+    open_edge: Option<OpenEdge>,
+    stability_edge: Option<StabilityEdge>,
+    warnings: Vec<String>,
+}
+
+/// The sweep: the candidates (the spec's list, or placed around the range test's
+/// suggestions), then the planner's batches of trials run as `trials` says, within what the
+/// range test left of the budget.
+fn sweep_stage(
+    setup: &TuneSetup<'_>,
+    range: Option<&RangeTestSummary>,
+    trials: Trials,
+    schedule_for: &(dyn Fn(f64, usize) -> Schedule + Sync),
+    control: &mut Control<'_>,
+) -> Result<SweepStage, EngineError> {
+    let spec = setup.spec;
+    if spec.kind == JobKind::RangeTest {
+        return Ok(SweepStage::default());
+    }
+    let candidates = match &spec.sweep.candidates {
+        Candidates::List(values) => {
+            let mut values = values.clone();
+            values.sort_by(f64::total_cmp);
+            values.dedup();
+            values
+        }
+        Candidates::Auto => {
+            let suggestions = range.map(|r| r.suggestions).unwrap_or_default();
+            auto_candidates(&suggestions, spec.sweep.count).ok_or_else(|| {
+                SpecError::new(
+                    "range_test",
+                    "the range test gave no suggestion to place sweep candidates around (see its warnings): widen start_lr..end_lr or give sweep.candidates",
+                )
+            })?
+        }
+    };
+    let (budget, plan_steps, steps_per_epoch) =
+        (setup.budget, setup.plan_steps, setup.steps_per_epoch);
+    let available = budget.saturating_sub(control.steps_done());
+    let plan = setup.search_plan(candidates.len(), available);
+    if setup.fixed_steps.is_none() && plan.final_steps < setup.min_steps {
+        return Err(SpecError::new(
+            "budget",
+            format!(
+                "{budget} steps leave {available} for the sweep after the range test: too few for {} candidates of at least {} steps; raise budget.plan_multiple or budget.steps",
+                candidates.len() * spec.sweep.seeds,
+                setup.min_steps
+            ),
+        )
+        .into());
+    }
+    control.emit(Event::Stage("sweep"));
+    let search = Search {
+        seeds: spec.sweep.seeds,
+        extend: matches!(spec.sweep.candidates, Candidates::Auto),
+        anchor: range.and_then(|r| r.suggestions.preferred()),
+    };
+    let build = |seed: u64| setup.build(seed);
+    let candidate_setup = CandidateSetup {
+        build_trainer: &build,
+        optimizer: &spec.optimizer,
+        data: setup.data(),
+        seed: spec.seed,
+        schedule_for,
+    };
+    let train_one = |trial: &CandidateTrial, control: &mut Control<'_>| {
+        train_candidate(&candidate_setup, trial, control)
+    };
+    let mut runner = |batch: &[CandidateTrial]| {
+        let results = trials.run_batch(batch, &train_one, control)?;
+        // A diverged run's remaining steps were planned work that will not happen.
+        for (trial, result) in batch.iter().zip(&results) {
+            control.skip_steps(trial.steps - result.steps_run);
+        }
+        Ok::<_, EngineError>(results)
+    };
+    let outcome = search.run(&candidates, plan, available, &mut runner)?;
+    control.skip_steps(usize::MAX);
+
+    let mut warnings = Vec::new();
+    let finals = final_candidates(&outcome.runs, outcome.final_steps);
+    if finals.iter().all(|candidate| candidate.diverged) {
+        warnings
+            .push("every sweep candidate diverged: lower the candidates or start_lr".to_string());
+    }
+    if outcome.final_steps < plan_steps {
+        warnings.push(format!(
+            "the candidates were judged after {} of the planned {} epochs, as the budget ({budget} steps) allows: a peak judged early tends to be too high for the whole run; raise budget.plan_multiple to judge at the plan",
+            epochs_label(outcome.final_steps, steps_per_epoch),
+            spec.plan.epochs
+        ));
+    }
+    let screened: Vec<SweepRun> = outcome
+        .runs
+        .iter()
+        .copied()
+        .filter(|run| run.steps != outcome.final_steps)
+        .collect();
+    let mut screening = judged_at(
+        &screened,
+        plan.screen_steps.unwrap_or(0),
+        outcome.edge.map(|edge| edge.lr),
+    );
+    for candidate in &mut screening {
+        candidate.best = false;
+        candidate.in_band = false;
+    }
+    if setup.validation.rows < SMALL_VALIDATION_ROWS {
+        warnings.push(small_validation_warning(
+            setup.validation.rows,
+            &finals,
+            setup.classification,
+        ));
+    }
+    let mut judged: Vec<SweepCandidate> = screening.into_iter().chain(finals.clone()).collect();
+    for candidate in &mut judged {
+        candidate.epochs = candidate.steps as f64 / steps_per_epoch.max(1) as f64;
+    }
+    Ok(SweepStage {
+        judged,
+        finals,
+        horizon: Some(outcome.final_steps),
+        open_edge: outcome.open_edge,
+        stability_edge: outcome.edge,
+        warnings,
     })
 }
 
