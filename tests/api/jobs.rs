@@ -246,6 +246,7 @@ async fn an_unknown_job_is_a_404_on_every_route() {
     for path in [
         "/v1/jobs/job_missing",
         "/v1/jobs/job_missing/curve",
+        "/v1/jobs/job_missing/trials",
         "/v1/jobs/job_missing/events",
     ] {
         let (status, body) = json_of(app.get(path).await).await;
@@ -302,6 +303,11 @@ async fn a_queued_job_is_canceled_at_once_and_a_second_cancel_is_a_409() {
     .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     assert_eq!(body["status"], "canceled");
+    // It never ran: no trial.
+    let (status, listed) = json_of(app.get(&format!("/v1/jobs/{id}/trials")).await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed["trials"], json!([]));
+    assert_eq!(listed["status"], "canceled");
     let (status, body) = json_of(
         app.post_json(&format!("/v1/jobs/{id}/cancel"), &json!({}))
             .await,
