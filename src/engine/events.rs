@@ -1,6 +1,6 @@
 //! What a running job says and hears: the events it reports (curve points, sweep runs, race
-//! points, progress), the cancel flag it checks, and the errors that end it. A leaf the
-//! training loops import; it knows no loop, model or backend.
+//! points, trials as they start and end, progress), the cancel flag it checks, and the errors
+//! that end it. A leaf the training loops import; it knows no loop, model or backend.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
