@@ -138,6 +138,21 @@ impl Client {
             took < Duration::from_secs(2),
             "the worker stopped after {took:?}"
         );
+        // The trial it was in (its range test) ended with it, on its worker.
+        let listed: Value = self
+            .http
+            .get(format!("{base}/v1/jobs/{id}/trials"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let trials = listed["trials"].as_array().unwrap();
+        assert_eq!(trials.len(), 1, "{listed}");
+        assert_eq!(trials[0]["kind"], "range_test", "{listed}");
+        assert_eq!(trials[0]["status"], "canceled", "{listed}");
+        assert_eq!(trials[0]["worker"], job["worker"], "{listed}");
         job
     }
 }
@@ -179,6 +194,39 @@ async fn assert_written_once(pool: &sqlx::PgPool, job: &Value) {
         .unwrap();
     let expected = job["result"]["sweep"].as_array().map_or(0, Vec::len) as i64;
     assert_eq!(sweep, expected, "job {id}: sweep runs");
+    // Its trials, the range test and each sweep run, are the last attempt's alone, all ended,
+    // all on the worker that finished the job.
+    let trials = sqlx::query(
+        "SELECT count(*) AS trials, count(DISTINCT run) AS runs, max(run) AS run,
+                count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+                count(DISTINCT worker) AS workers, max(worker) AS worker
+         FROM trial WHERE job_id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        trials.get::<i64, _>("trials"),
+        1 + expected,
+        "job {id}: trials"
+    );
+    assert_eq!(trials.get::<i64, _>("succeeded"), 1 + expected, "job {id}");
+    assert_eq!(
+        trials.get::<i64, _>("runs"),
+        1,
+        "job {id}: one attempt's trials"
+    );
+    assert_eq!(
+        trials.get::<i64, _>("run"),
+        job["attempts"].as_i64().unwrap()
+    );
+    assert_eq!(trials.get::<i64, _>("workers"), 1, "job {id}");
+    assert_eq!(
+        trials.get::<Option<String>, _>("worker").as_deref(),
+        job["worker"].as_str(),
+        "job {id}"
+    );
 }
 
 /// On a PostgreSQL database of each test's own (see tests/support).
