@@ -183,13 +183,7 @@ pub struct Control<'a> {
 
 impl<'a> Control<'a> {
     pub fn new(cancel: &'a AtomicBool, observer: &'a mut dyn FnMut(Event)) -> Self {
-        Self {
-            cancel,
-            observer,
-            done: 0,
-            total: 0,
-            trials: Arc::default(),
-        }
+        Self::with_trials(cancel, observer, Arc::default())
     }
 
     /// The job's trial counter, for the controls of work nested in this one's job.

@@ -227,6 +227,23 @@ fn without_password(url: &str) -> String {
     }
 }
 
+/// Every status of `all` with its count from `counted` (the rows of a `GROUP BY status`), 0
+/// for a status no row has; a status `parse` does not know is a corrupt row.
+fn every_status<S: Copy + PartialEq, const N: usize>(
+    all: [S; N],
+    counted: Vec<(String, i64)>,
+    parse: impl Fn(&str) -> Result<S, StoreError>,
+) -> Result<Vec<(S, i64)>, StoreError> {
+    let mut counts: Vec<(S, i64)> = all.into_iter().map(|status| (status, 0)).collect();
+    for (text, count) in counted {
+        let status = parse(&text)?;
+        if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == status) {
+            slot.1 = count;
+        }
+    }
+    Ok(counts)
+}
+
 /// What a delete of an upload (a dataset, weights) did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Deletion {
@@ -386,18 +403,10 @@ impl Store {
     /// Every status with its number of jobs (0 included).
     pub async fn count_jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
         let counted = dispatch!(self, store => store.count_jobs_by_status().await)?;
-        let mut counts: Vec<(JobStatus, i64)> = JobStatus::ALL
-            .into_iter()
-            .map(|status| (status, 0))
-            .collect();
-        for (status, count) in counted {
-            let status = JobStatus::parse(&status)
-                .ok_or_else(|| StoreError::Corrupt(format!("job status {status:?}")))?;
-            if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == status) {
-                slot.1 = count;
-            }
-        }
-        Ok(counts)
+        every_status(JobStatus::ALL, counted, |status| {
+            JobStatus::parse(status)
+                .ok_or_else(|| StoreError::Corrupt(format!("job status {status:?}")))
+        })
     }
 
     /// Claims the oldest queued job for `worker` in one statement, with a lease of `lease`
@@ -516,17 +525,9 @@ impl Store {
     /// How many trials of all jobs are in each status (every status listed, zeros included).
     pub async fn count_trials_by_status(&self) -> Result<Vec<(TrialStatus, i64)>, StoreError> {
         let counted = dispatch!(self, store => store.count_trials_by_status().await)?;
-        let mut counts: Vec<(TrialStatus, i64)> = TrialStatus::ALL
-            .into_iter()
-            .map(|status| (status, 0))
-            .collect();
-        for (text, count) in counted {
-            let status = parse_column("trial.status", &text, TrialStatus::parse)?;
-            if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == status) {
-                slot.1 = count;
-            }
-        }
-        Ok(counts)
+        every_status(TrialStatus::ALL, counted, |text| {
+            parse_column("trial.status", text, TrialStatus::parse)
+        })
     }
 
     /// A compare job's race points from `position` on, in the order they were measured.
